@@ -1,0 +1,42 @@
+"""pgtq: a PostgreSQL task queue with a sync and an async API over one job model."""
+
+from pgtq.app import App
+from pgtq.errors import (
+    AlreadyEnqueued,
+    ConfigurationError,
+    DatabaseUnreachable,
+    InvalidArguments,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    PgtqError,
+    SchemaNotMigrated,
+    UnknownTask,
+)
+from pgtq.jobs import Job, JobContext, JobManager, Status
+from pgtq.retry import Retry
+from pgtq.tasks import Deferrer, Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyEnqueued",
+    "App",
+    "ConfigurationError",
+    "DatabaseUnreachable",
+    "Deferrer",
+    "InvalidArguments",
+    "Job",
+    "JobContext",
+    "JobFailed",
+    "JobManager",
+    "JobNotFound",
+    "JobTimeout",
+    "PgtqError",
+    "Retry",
+    "SchemaNotMigrated",
+    "Status",
+    "Task",
+    "UnknownTask",
+    "__version__",
+]

@@ -1,0 +1,231 @@
+"""``pgtq.App``: the registry of tasks and the owner of the two connectors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from pgtq import statements
+from pgtq.connectors import (
+    AsyncConnector,
+    SyncConnector,
+    create_async_engine_for,
+    create_sync_engine,
+)
+from pgtq.errors import ConfigurationError, UnknownTask
+from pgtq.jobs import JobManager
+from pgtq.retry import Retry
+from pgtq.schema import DEFAULT_SCHEMA, InvalidSchemaName, validate_schema_name
+from pgtq.tasks import Task
+
+if TYPE_CHECKING:
+    from pgtq.worker import WorkerStats
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DSN_ENV = "PGTQ_DSN"
+
+
+class App:
+    """Tasks, and the database they are queued in.
+
+    Give a DSN, a SQLAlchemy ``Engine``, an ``AsyncEngine``, or both engines; the missing side
+    is derived from the URL (psycopg 3 for sync, asyncpg for async unless the URL names
+    psycopg). With none of them, ``PGTQ_DSN`` is read. Engines you pass are yours: pgtq never
+    disposes them.
+    """
+
+    def __init__(
+        self,
+        dsn: str | URL | None = None,
+        *,
+        engine: Engine | None = None,
+        async_engine: AsyncEngine | None = None,
+        schema: str = DEFAULT_SCHEMA,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        try:
+            self.schema = validate_schema_name(schema)
+        except InvalidSchemaName as exc:
+            raise ConfigurationError(str(exc)) from None
+        if dsn is None and engine is None and async_engine is None:
+            dsn = os.environ.get(DSN_ENV) or None
+        self._url: URL | None = make_url(dsn) if dsn is not None else None
+        self._engine = engine
+        self._async_engine = async_engine
+        self.connect_timeout = connect_timeout
+        self.statements = statements.statements_for(self.schema)
+        self.tasks: dict[str, Task[Any]] = {}
+        self.jobs = JobManager(self)
+        self._sync: SyncConnector | None = None
+        # An asyncpg connection belongs to the event loop that opened it, so an app-owned
+        # async engine is made per loop (a worker thread's loop, a test's loop, ...).
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncConnector] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    # -- where the database is ------------------------------------------------------------------
+
+    @property
+    def url(self) -> URL:
+        if self._url is not None:
+            return self._url
+        if self._engine is not None:
+            return self._engine.url
+        if self._async_engine is not None:
+            return self._async_engine.url
+        raise ConfigurationError(
+            f"no database configured: pass pgtq.App(dsn=...) or an engine, or set {DSN_ENV}"
+        )
+
+    @property
+    def sync(self) -> SyncConnector:
+        """The sync connector (made on first use)."""
+        if self._sync is None:
+            if self._engine is not None:
+                self._sync = SyncConnector(self._engine, schema=self.schema, owned=False)
+            else:
+                engine = create_sync_engine(self.url, self.connect_timeout)
+                self._sync = SyncConnector(engine, schema=self.schema, owned=True)
+        return self._sync
+
+    def async_connector(self) -> AsyncConnector:
+        """The async connector of the running event loop (made on first use in that loop)."""
+        loop = asyncio.get_running_loop()
+        connector = self._async.get(loop)
+        if connector is None:
+            if self._async_engine is not None:
+                connector = AsyncConnector(self._async_engine, schema=self.schema, owned=False)
+            else:
+                engine = create_async_engine_for(self.url, self.connect_timeout)
+                connector = AsyncConnector(engine, schema=self.schema, owned=True)
+            self._async[loop] = connector
+        return connector
+
+    # -- opening and closing ----------------------------------------------------------------------
+
+    def open(self) -> App:
+        """Connect once, so a bad DSN fails here with a clear message rather than later."""
+        self.sync.run(statements.is_migrated(self.statements))
+        return self
+
+    def close(self) -> None:
+        """Dispose of the engines pgtq made (never of yours)."""
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+    async def open_async(self) -> App:
+        await self.async_connector().run(statements.is_migrated(self.statements))
+        return self
+
+    async def close_async(self) -> None:
+        connector = self._async.pop(asyncio.get_running_loop(), None)
+        if connector is not None:
+            await connector.close()
+        self.close()
+
+    def __enter__(self) -> App:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> App:
+        return await self.open_async()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close_async()
+
+    # -- tasks ------------------------------------------------------------------------------------
+
+    @overload
+    def task(self, func: F, /) -> Task[Any]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        retry: Retry | int | None = None,
+        timeout: float | None = None,
+        pass_context: bool | None = None,
+    ) -> Callable[[F], Task[Any]]: ...
+
+    def task(
+        self,
+        func: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        retry: Retry | int | None = None,
+        timeout: float | None = None,
+        pass_context: bool | None = None,
+    ) -> Task[Any] | Callable[[F], Task[Any]]:
+        """Register a sync or async function as a task (``@app.task`` or ``@app.task(...)``)."""
+
+        def register(f: F) -> Task[Any]:
+            task_name = name or f.__name__
+            if task_name in self.tasks:
+                raise ConfigurationError(
+                    f"a task named {task_name!r} is already registered "
+                    f"({self.tasks[task_name].func.__module__}); pass name=... to tell them apart"
+                )
+            task: Task[Any] = Task(
+                self, f, name=task_name, queue=queue, priority=priority, retry=retry,
+                timeout=timeout, pass_context=pass_context,
+            )
+            self.tasks[task_name] = task
+            return task
+
+        return register(func) if func is not None else register
+
+    def get_task(self, name: str) -> Task[Any]:
+        try:
+            return self.tasks[name]
+        except KeyError:
+            known = ", ".join(sorted(self.tasks)) or "none"
+            raise UnknownTask(f"no task named {name!r} (known tasks: {known})") from None
+
+    # -- schema -----------------------------------------------------------------------------------
+
+    def migrate(self, connection: Connection | None = None) -> None:
+        """Upgrade pgtq's schema to the newest revision (what ``pgtq migrate`` does)."""
+        from pgtq import migrations
+
+        self.sync.run_in_transaction(lambda conn: migrations.upgrade(conn, self.schema), connection)
+
+    async def migrate_async(self) -> None:
+        from pgtq import migrations
+
+        await self.async_connector().run_in_transaction(
+            lambda conn: migrations.upgrade(conn, self.schema)
+        )
+
+    # -- workers ----------------------------------------------------------------------------------
+
+    def run_worker(self, **options: Any) -> WorkerStats:
+        """Run a worker in this thread until stopped (SIGTERM/SIGINT) or, with wait=False, drained.
+
+        The worker is asynchronous (uvloop when installed): sync tasks run in its thread pool.
+        """
+        from pgtq.worker import run_in_new_loop
+
+        options.setdefault("install_signal_handlers", True)
+        return run_in_new_loop(self, options)
+
+    async def run_worker_async(self, **options: Any) -> WorkerStats:
+        """Run a worker on the running loop; cancelling this coroutine shuts it down gracefully."""
+        from pgtq.worker import Worker
+
+        return await Worker(self, **options).run()

@@ -1,0 +1,53 @@
+"""Exceptions a user of pgtq can catch. Each message says what to do next."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PgtqError(Exception):
+    """Base class of every error pgtq raises on purpose."""
+
+
+class ConfigurationError(PgtqError):
+    """The app is set up in a way that cannot work (no DSN, bad schema name, …)."""
+
+
+class DatabaseUnreachable(PgtqError):
+    """PostgreSQL could not be reached at the configured host and port."""
+
+
+class SchemaNotMigrated(PgtqError):
+    """pgtq's tables are missing: ``pgtq migrate`` has not been run on this database."""
+
+
+class UnknownTask(PgtqError, LookupError):
+    """No task of that name is registered on the app."""
+
+
+class InvalidArguments(PgtqError, TypeError):
+    """A task was deferred with arguments it cannot take or that do not serialize to JSON."""
+
+
+class AlreadyEnqueued(PgtqError):
+    """A job with the same ``queueing_lock`` is already waiting."""
+
+
+class JobNotFound(PgtqError, LookupError):
+    """No job has that id."""
+
+
+class JobFailed(PgtqError):
+    """The awaited job ended without success; ``error`` is the stored error record."""
+
+    def __init__(self, job_id: int, status: str, error: dict[str, Any] | None) -> None:
+        self.job_id = job_id
+        self.status = status
+        self.error = error or {}
+        detail = self.error.get("message") or status
+        kind = self.error.get("type")
+        super().__init__(f"job {job_id} ended {status}: " + (f"{kind}: {detail}" if kind else detail))
+
+
+class JobTimeout(PgtqError, TimeoutError):
+    """``wait`` gave up before the job reached a final status."""

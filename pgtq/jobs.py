@@ -1,0 +1,155 @@
+"""Jobs as a user sees them: ``Job``, ``Status``, the ``JobContext`` a task receives, and
+``app.jobs`` (the :class:`JobManager`) to inspect and control them.
+
+Every sync/async pair below is a shell around one query from ``pgtq.statements``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pgtq import statements
+from pgtq.errors import JobFailed, JobNotFound, JobTimeout
+from pgtq.model import ClaimedJob, Job, Status
+
+if TYPE_CHECKING:
+    from pgtq.app import App
+
+__all__ = ["Job", "JobContext", "JobManager", "Status"]
+
+
+@dataclass(eq=False)
+class JobContext:
+    """What a running task knows about its job, and how it learns it should stop."""
+
+    job_id: int
+    task_name: str
+    queue: str
+    attempt: int
+    worker_id: str
+    app: App
+    args: dict[str, Any] = field(default_factory=dict)
+    start_timestamp: float = field(default_factory=time.time)
+    _abort: threading.Event = field(default_factory=threading.Event, repr=False)
+    _abort_reason: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def for_job(cls, job: ClaimedJob, app: App, worker_id: str) -> JobContext:
+        return cls(
+            job_id=job.id, task_name=job.task_name, queue=job.queue, attempt=job.attempts,
+            worker_id=worker_id, app=app, args=job.args,
+        )
+
+    def should_abort(self) -> bool:
+        """True once the job was aborted, timed out, or the worker is shutting down."""
+        return self._abort.is_set()
+
+    def abort_reason(self) -> str | None:
+        """Why ``should_abort()`` turned true: ``"requested"``, ``"timeout"`` or ``"shutdown"``."""
+        return self._abort_reason
+
+    def request_abort(self, reason: str) -> bool:
+        """Set by the worker; the first reason wins. Returns whether this call set it."""
+        if self._abort.is_set():
+            return False
+        self._abort_reason = reason
+        self._abort.set()
+        return True
+
+
+_PENDING = object()
+
+
+def _settle(job_id: int, job: Job | None) -> Any:
+    """What ``wait`` returns for this state of the job: its result, an error, or _PENDING."""
+    if job is None:
+        raise JobNotFound(f"no job with id {job_id}")
+    if job.status == Status.SUCCEEDED:
+        return job.result
+    if job.status.is_final:
+        raise JobFailed(job_id, job.status.value, job.error)
+    return _PENDING
+
+
+def _poll_delays() -> Iterator[float]:
+    """Short first (most jobs finish fast), then capped, so a long wait costs little."""
+    delay = 0.005
+    while True:
+        yield delay
+        delay = min(delay * 1.5, 0.25)
+
+
+def _timeout(job_id: int, timeout: float | None) -> JobTimeout:
+    return JobTimeout(f"job {job_id} did not finish within {timeout} s")
+
+
+class JobManager:
+    """``app.jobs``: read and control jobs from sync or async code."""
+
+    def __init__(self, app: App) -> None:
+        self._app = app
+
+    @property
+    def _s(self) -> statements.Statements:
+        return self._app.statements
+
+    def get(self, job_id: int) -> Job | None:
+        return self._app.sync.run(statements.get_job(self._s, job_id))
+
+    async def get_async(self, job_id: int) -> Job | None:
+        return await self._app.async_connector().run(statements.get_job(self._s, job_id))
+
+    def abort(self, job_id: int) -> Status | None:
+        """A waiting job is cancelled at once; a running one is asked to stop (see JobContext).
+
+        Returns the status after the request (``cancelled`` or ``doing``), or None when the job
+        had already ended.
+        """
+        return self._app.sync.run(statements.abort_job(self._s, job_id))
+
+    async def abort_async(self, job_id: int) -> Status | None:
+        return await self._app.async_connector().run(statements.abort_job(self._s, job_id))
+
+    def retry(self, job_id: int) -> bool:
+        """Put a failed, aborted or cancelled job back to ``todo``. False if it was not one."""
+        return self._app.sync.run(statements.retry_job(self._s, job_id))
+
+    async def retry_async(self, job_id: int) -> bool:
+        return await self._app.async_connector().run(statements.retry_job(self._s, job_id))
+
+    def counts(self) -> dict[tuple[str, Status], int]:
+        """Jobs per (queue, status)."""
+        return self._app.sync.run(statements.status_counts(self._s))
+
+    async def counts_async(self) -> dict[tuple[str, Status], int]:
+        return await self._app.async_connector().run(statements.status_counts(self._s))
+
+    def wait(self, job_id: int, timeout: float | None = None) -> Any:
+        """Block until the job is final: its result, or JobFailed; JobTimeout past ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for delay in _poll_delays():
+            outcome = _settle(job_id, self.get(job_id))
+            if outcome is not _PENDING:
+                return outcome
+            if deadline is not None and time.monotonic() >= deadline:
+                raise _timeout(job_id, timeout)
+            time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def wait_async(self, job_id: int, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for delay in _poll_delays():
+            outcome = _settle(job_id, await self.get_async(job_id))
+            if outcome is not _PENDING:
+                return outcome
+            if deadline is not None and time.monotonic() >= deadline:
+                raise _timeout(job_id, timeout)
+            await asyncio.sleep(
+                delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
+            )
+        raise AssertionError("unreachable")  # pragma: no cover

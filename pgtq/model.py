@@ -1,0 +1,79 @@
+"""The job model as plain data: what a row means, with no I/O and no pgtq imports.
+
+``statements`` maps rows to these objects, ``jobs`` re-exports them for users.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import traceback
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+class Status(str, enum.Enum):
+    TODO = "todo"
+    DOING = "doing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    ABORTED = "aborted"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.ABORTED})
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: int
+    queue: str
+    task_name: str
+    args: dict[str, Any]
+    status: Status
+    priority: int
+    scheduled_at: datetime | None
+    lock: str | None
+    queueing_lock: str | None
+    attempts: int
+    worker_id: str | None
+    abort_requested: bool
+    result: Any
+    error: dict[str, Any] | None
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """What the worker needs of a job it has just claimed: the hot path's small row."""
+
+    id: int
+    queue: str
+    task_name: str
+    args: dict[str, Any]
+    attempts: int
+    priority: int
+    lock: str | None
+
+
+def error_record(exc: BaseException, *, with_traceback: bool = True) -> dict[str, Any]:
+    """The JSON stored for a failed attempt: enough to understand it without the worker's log."""
+    record: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    if with_traceback:
+        record["traceback"] = "".join(traceback.format_exception(exc))
+    return record
+
+
+def dumps(value: Any) -> str:
+    """JSON the way pgtq stores it: strict (no NaN), compact."""
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)

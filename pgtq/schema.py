@@ -1,0 +1,156 @@
+"""The tables, defined once.
+
+This module is the truth the Alembic revisions in ``alembic/versions/`` must match (a drift
+test compares them). Tables live in their own PostgreSQL schema, so the definitions are built
+per schema name by :func:`tables_for`; ``metadata`` holds them for the default schema.
+
+It imports nothing of pgtq's.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+DEFAULT_SCHEMA = "pgtq"
+
+#: Every status a job can have. A status changes only in ``pgtq/statements.py``.
+STATUSES = ("todo", "doing", "succeeded", "failed", "cancelled", "aborted")
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class InvalidSchemaName(ValueError):
+    """The schema name is not a plain lower-case PostgreSQL identifier."""
+
+
+def validate_schema_name(name: str) -> str:
+    """Accept only plain identifiers, so the name is safe in DDL, channel names and URLs."""
+    if not isinstance(name, str) or not _IDENTIFIER.match(name) or name.startswith("pg_"):
+        raise InvalidSchemaName(
+            f"invalid schema name {name!r}: use a lower-case PostgreSQL identifier "
+            "(letters, digits and '_', at most 63 characters, not starting with 'pg_')"
+        )
+    return name
+
+
+def notify_channel(schema: str) -> str:
+    """The LISTEN/NOTIFY channel that announces new jobs (payload: the queue name)."""
+    return f"pgtq_{schema}"
+
+
+@dataclass(frozen=True)
+class Tables:
+    schema: str
+    metadata: sa.MetaData
+    jobs: sa.Table
+    workers: sa.Table
+
+
+@lru_cache(maxsize=None)
+def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
+    validate_schema_name(schema)
+    metadata = sa.MetaData(schema=schema)
+    statuses = ", ".join(f"'{s}'" for s in STATUSES)
+    jobs = sa.Table(
+        "jobs",
+        metadata,
+        sa.Column("id", sa.BigInteger, sa.Identity(always=False), primary_key=True),
+        sa.Column("queue", sa.Text, nullable=False, server_default="default"),
+        sa.Column("task_name", sa.Text, nullable=False),
+        sa.Column("args", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+        sa.Column("status", sa.Text, nullable=False, server_default="todo"),
+        sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("scheduled_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("lock", sa.Text, nullable=True),
+        sa.Column("queueing_lock", sa.Text, nullable=True),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("worker_id", sa.Text, nullable=True),
+        sa.Column("abort_requested", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Column("result", JSONB, nullable=True),
+        sa.Column("error", JSONB, nullable=True),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.CheckConstraint(f"status IN ({statuses})", name="jobs_status_check"),
+        # The claim index holds only waiting jobs: it stays small however many finished
+        # jobs the table keeps.
+        sa.Index(
+            "jobs_claim_idx",
+            "queue",
+            sa.text("priority DESC"),
+            "id",
+            postgresql_where=sa.text("status = 'todo'"),
+        ),
+        # At most one running job per lock, enforced by the database itself.
+        sa.Index(
+            "jobs_lock_doing_idx",
+            "lock",
+            unique=True,
+            postgresql_where=sa.text("status = 'doing' AND lock IS NOT NULL"),
+        ),
+        # At most one waiting job per queueing lock.
+        sa.Index(
+            "jobs_queueing_lock_todo_idx",
+            "queueing_lock",
+            unique=True,
+            postgresql_where=sa.text("status = 'todo' AND queueing_lock IS NOT NULL"),
+        ),
+        # The jobs a worker holds: abort polling and rescue look them up.
+        sa.Index(
+            "jobs_worker_doing_idx",
+            "worker_id",
+            postgresql_where=sa.text("status = 'doing'"),
+        ),
+    )
+    workers = sa.Table(
+        "workers",
+        metadata,
+        sa.Column("id", sa.Text, primary_key=True),
+        sa.Column("hostname", sa.Text, nullable=False),
+        sa.Column("pid", sa.Integer, nullable=False),
+        sa.Column("queues", sa.ARRAY(sa.Text), nullable=True),
+        sa.Column(
+            "started_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
+        sa.Column(
+            "last_heartbeat",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=sa.func.now(),
+        ),
+    )
+    return Tables(schema=schema, metadata=metadata, jobs=jobs, workers=workers)
+
+
+#: The default schema's tables, for Alembic's ``target_metadata`` in a user's project.
+metadata = tables_for(DEFAULT_SCHEMA).metadata
+
+#: Runs after jobs are inserted: one NOTIFY per queue with due jobs, per statement. PostgreSQL
+#: folds identical notifications of one transaction into one, so a transaction that defers
+#: many jobs sends at most one per queue. Kept in SQL so any insert path (COPY, raw SQL) wakes
+#: the workers.
+NOTIFY_FUNCTION_SQL = """
+CREATE OR REPLACE FUNCTION {schema}.notify_jobs_inserted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('pgtq_' || TG_TABLE_SCHEMA, q.queue)
+    FROM (SELECT DISTINCT queue FROM new_jobs
+          WHERE scheduled_at IS NULL OR scheduled_at <= now()) AS q;
+    RETURN NULL;
+END;
+$$
+"""
+
+NOTIFY_TRIGGER_SQL = """
+CREATE TRIGGER jobs_notify_inserted
+AFTER INSERT ON {schema}.jobs
+REFERENCING NEW TABLE AS new_jobs
+FOR EACH STATEMENT EXECUTE FUNCTION {schema}.notify_jobs_inserted()
+"""

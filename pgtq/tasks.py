@@ -1,0 +1,233 @@
+"""Tasks and how jobs are deferred: ``defer`` / ``defer_async`` and their ``_many`` forms.
+
+Everything that decides (argument checks, JSON encoding, schedule) is the pure
+:meth:`Deferrer.encode`; the four ``defer*`` methods only choose a connector.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from pgtq import statements
+from pgtq.errors import ConfigurationError, InvalidArguments
+from pgtq.model import dumps
+from pgtq.retry import Retry, as_retry
+
+if TYPE_CHECKING:
+    from pgtq.app import App
+    from pgtq.jobs import JobContext
+
+R = TypeVar("R")
+
+RESERVED_ARGUMENTS = frozenset({"connection"})
+
+
+@dataclass(frozen=True, slots=True)
+class JobOptions:
+    """What ``configure()`` can change for the jobs it defers."""
+
+    queue: str
+    priority: int = 0
+    schedule_at: datetime | None = None
+    lock: str | None = None
+    queueing_lock: str | None = None
+
+
+def _wants_context(func: Callable[..., Any]) -> bool:
+    """A task gets a JobContext when its first parameter is annotated so or named ctx/context."""
+    params = list(inspect.signature(func).parameters.values())
+    if not params or params[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        return False
+    first = params[0]
+    annotation = first.annotation
+    if isinstance(annotation, str):
+        named = annotation.rsplit(".", 1)[-1] == "JobContext"
+    else:
+        named = getattr(annotation, "__name__", "") == "JobContext"
+    return named or first.name in ("ctx", "context")
+
+
+class Task(Generic[R]):
+    """A function registered on an app. Calling it runs it directly; ``defer`` enqueues it."""
+
+    def __init__(
+        self,
+        app: App,
+        func: Callable[..., R] | Callable[..., Awaitable[R]],
+        *,
+        name: str,
+        queue: str = "default",
+        priority: int = 0,
+        retry: Retry | int | None = None,
+        timeout: float | None = None,
+        pass_context: bool | None = None,
+    ) -> None:
+        self.app = app
+        self.func = func
+        self.name = name
+        self.is_async = inspect.iscoroutinefunction(func)
+        self.retry = as_retry(retry)
+        self.timeout = timeout
+        self.pass_context = _wants_context(func) if pass_context is None else pass_context
+        self.signature = inspect.signature(func)
+        self.defaults = JobOptions(queue=queue, priority=priority)
+        clash = RESERVED_ARGUMENTS & set(self.signature.parameters)
+        if clash:
+            raise ConfigurationError(
+                f"task {name!r}: the argument name(s) {sorted(clash)} are reserved by defer()"
+            )
+        if timeout is not None and timeout <= 0:
+            raise ConfigurationError(f"task {name!r}: timeout must be > 0 seconds")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<pgtq.Task {self.name!r} queue={self.defaults.queue!r}>"
+
+    def configure(
+        self,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        schedule_at: datetime | None = None,
+        schedule_in: timedelta | float | None = None,
+        lock: str | None = None,
+        queueing_lock: str | None = None,
+    ) -> Deferrer:
+        if schedule_at is not None and schedule_in is not None:
+            raise InvalidArguments("give schedule_at or schedule_in, not both")
+        if schedule_in is not None:
+            seconds = (
+                schedule_in.total_seconds() if isinstance(schedule_in, timedelta) else schedule_in
+            )
+            schedule_at = datetime.now(timezone.utc) + timedelta(seconds=seconds)
+        if schedule_at is not None and schedule_at.tzinfo is None:
+            raise InvalidArguments(
+                "schedule_at must be timezone-aware (e.g. datetime.now(timezone.utc))"
+            )
+        options = replace(
+            self.defaults,
+            queue=self.defaults.queue if queue is None else queue,
+            priority=self.defaults.priority if priority is None else priority,
+            schedule_at=schedule_at,
+            lock=lock,
+            queueing_lock=queueing_lock,
+        )
+        return Deferrer(self, options)
+
+    # The task's own defaults; ``configure()`` for anything else.
+    def defer(self, *args: Any, connection: Connection | None = None, **kwargs: Any) -> int:
+        return self.configure().defer(*args, connection=connection, **kwargs)
+
+    async def defer_async(
+        self, *args: Any, connection: AsyncConnection | None = None, **kwargs: Any
+    ) -> int:
+        return await self.configure().defer_async(*args, connection=connection, **kwargs)
+
+    def defer_many(
+        self, arguments: Iterable[Mapping[str, Any]], *, connection: Connection | None = None
+    ) -> list[int]:
+        return self.configure().defer_many(arguments, connection=connection)
+
+    async def defer_many_async(
+        self, arguments: Iterable[Mapping[str, Any]], *, connection: AsyncConnection | None = None
+    ) -> list[int]:
+        return await self.configure().defer_many_async(arguments, connection=connection)
+
+    def check_arguments(self, kwargs: Mapping[str, Any]) -> None:
+        """Raise InvalidArguments unless the function can be called with these arguments."""
+        try:
+            if self.pass_context:
+                self.signature.bind(None, **kwargs)
+            else:
+                self.signature.bind(**kwargs)
+        except TypeError as exc:
+            raise InvalidArguments(f"task {self.name!r}: {exc}") from None
+
+
+def _no_positional(task: Task[Any], args: tuple[Any, ...]) -> None:
+    if args:
+        raise InvalidArguments(
+            f"task {task.name!r} takes keyword arguments only when deferred "
+            f"(got {len(args)} positional): write defer(name=value, ...)"
+        )
+
+
+class Deferrer:
+    """A task with job options fixed: what ``Task.configure()`` returns."""
+
+    def __init__(self, task: Task[Any], options: JobOptions) -> None:
+        self.task = task
+        self.options = options
+
+    def encode(self, arguments: Iterable[Mapping[str, Any]]) -> statements.JobRows:
+        """Check and encode jobs before anything is written: the one place defer decides."""
+        rows = statements.JobRows([], [], [], [], [], [], [])
+        o = self.options
+        for kwargs in arguments:
+            if not isinstance(kwargs, Mapping):
+                raise InvalidArguments(
+                    f"task {self.task.name!r}: defer_many takes mappings of keyword arguments, "
+                    f"got {type(kwargs).__name__}"
+                )
+            self.task.check_arguments(kwargs)
+            try:
+                encoded = dumps(dict(kwargs))
+            except (TypeError, ValueError) as exc:
+                raise InvalidArguments(
+                    f"task {self.task.name!r}: arguments must be JSON-serializable: {exc}"
+                ) from None
+            rows.queue.append(o.queue)
+            rows.task_name.append(self.task.name)
+            rows.args.append(encoded)
+            rows.priority.append(o.priority)
+            rows.scheduled_at.append(o.schedule_at)
+            rows.lock.append(o.lock)
+            rows.queueing_lock.append(o.queueing_lock)
+        return rows
+
+    def _insert(self, rows: statements.JobRows) -> statements.Query[list[int]]:
+        return statements.insert_jobs(self.task.app.statements, rows)
+
+    def defer(self, *args: Any, connection: Connection | None = None, **kwargs: Any) -> int:
+        _no_positional(self.task, args)
+        return self.task.app.sync.run(self._insert(self.encode([kwargs])), connection)[0]
+
+    async def defer_async(
+        self, *args: Any, connection: AsyncConnection | None = None, **kwargs: Any
+    ) -> int:
+        _no_positional(self.task, args)
+        query = self._insert(self.encode([kwargs]))
+        return (await self.task.app.async_connector().run(query, connection))[0]
+
+    def defer_many(
+        self, arguments: Iterable[Mapping[str, Any]], *, connection: Connection | None = None
+    ) -> list[int]:
+        rows = self.encode(arguments)
+        return self.task.app.sync.run(self._insert(rows), connection) if rows.args else []
+
+    async def defer_many_async(
+        self, arguments: Iterable[Mapping[str, Any]], *, connection: AsyncConnection | None = None
+    ) -> list[int]:
+        rows = self.encode(arguments)
+        if not rows.args:
+            return []
+        return await self.task.app.async_connector().run(self._insert(rows), connection)
+
+
+def call_task(task: Task[Any], ctx: JobContext, args: Mapping[str, Any]) -> Any:
+    """Call the task function (sync or async: an async one returns its coroutine)."""
+    if task.pass_context:
+        return task.func(ctx, **args)
+    return task.func(**args)
