@@ -235,8 +235,10 @@ class AsyncConnector:
             conn = await engine.connect()
         except _CONNECT_ERRORS as exc:
             raise self._errors.unreachable(exc) from None
-        async with conn:
+        try:
             yield conn
+        finally:
+            await conn.close()
 
     async def _execute(self, conn: AsyncConnection, query: Query[T]) -> T:
         async def go() -> T:
@@ -255,9 +257,7 @@ class AsyncConnector:
 
     async def listen(self, channels: list[str], on_notify: Callable[[str, str], None]) -> Listener:
         """LISTEN on a connection of its own (taken out of the pool, closed by ``close()``)."""
-        async with self._connect_listener() as conn:
-            raw = await conn.get_raw_connection()
-            driver: Any = raw.driver_connection
+        async with self._connect_listener() as (conn, driver):
             task: asyncio.Task[None] | None = None
             if hasattr(driver, "add_listener"):  # asyncpg
                 for channel in channels:
@@ -278,14 +278,15 @@ class AsyncConnector:
         raise AssertionError("unreachable")  # pragma: no cover
 
     @contextlib.asynccontextmanager
-    async def _connect_listener(self) -> AsyncIterator[AsyncConnection]:
+    async def _connect_listener(self) -> AsyncIterator[tuple[AsyncConnection, Any]]:
         try:
             conn = await self.engine.connect()
         except _CONNECT_ERRORS as exc:
             raise self._errors.unreachable(exc) from None
         raw = await conn.get_raw_connection()
+        driver = raw.driver_connection
         raw.detach()  # never goes back to the pool: LISTEN state stays on this connection
-        yield conn
+        yield conn, driver
 
     async def close(self) -> None:
         if self.owned:

@@ -96,7 +96,7 @@ class Statements:
             sa.column("scheduled_at", sa.DateTime(timezone=True)),
             sa.column("lock", sa.Text),
             sa.column("queueing_lock", sa.Text),
-        )
+        ).render_derived("new_jobs")
         select = sa.select(
             rows.c.queue,
             rows.c.task_name,
@@ -213,7 +213,7 @@ class Statements:
             sa.column("result", sa.Text),
             sa.column("error", sa.Text),
             sa.column("retry_in", sa.Float),
-        )
+        ).render_derived("outcomes")
         retrying = u.c.status == TODO
         return (
             sa.update(j)

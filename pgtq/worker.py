@@ -1,0 +1,502 @@
+"""The worker: claims jobs in batches, runs them, writes their outcomes in batches.
+
+One asyncio loop (uvloop when installed) does all the I/O:
+
+- the *fetcher* claims up to the free slots in one statement whenever a NOTIFY arrives, a
+  slot frees up, or ``fetch_job_polling_interval`` passes;
+- each job runs as an asyncio task: async tasks on the loop, sync tasks in a thread pool;
+- the *completer* writes every outcome gathered since its last write in one statement,
+  guarded so a job that is no longer this worker's is never overwritten;
+- the *abort poller* and the listener turn abort requests into cancellation (async tasks) or
+  ``ctx.should_abort()`` (sync tasks); a heartbeat keeps the worker's row fresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pgtq import statements
+from pgtq.errors import ConfigurationError, SchemaNotMigrated
+from pgtq.jobs import JobContext
+from pgtq.model import ClaimedJob, Status, dumps, error_record
+from pgtq.tasks import Task, call_task
+
+if TYPE_CHECKING:
+    from pgtq.app import App
+    from pgtq.connectors import AsyncConnector, Listener
+
+logger = logging.getLogger("pgtq.worker")
+
+Hook = Callable[[], Any]
+
+
+@dataclass
+class WorkerStats:
+    """What a worker did: returned by ``run_worker``."""
+
+    processed: int = 0
+    by_status: Counter[str] = field(default_factory=Counter)
+    elapsed: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt ended, as it will be written."""
+
+    status: Status
+    result: str | None = None
+    error: str | None = None
+    retry_in: float | None = None
+
+    @property
+    def label(self) -> str:
+        return "retried" if self.status == Status.TODO else self.status.value
+
+
+class UnknownTaskError(Exception):
+    """Stored as the error of a job whose task this worker does not have."""
+
+
+class JobTimeoutError(Exception):
+    """Stored as the error of an attempt that ran past its task's ``timeout``."""
+
+
+def decide(
+    task: Task[Any] | None,
+    job: ClaimedJob,
+    *,
+    result: Any = None,
+    exc: BaseException | None = None,
+    abort_reason: str | None = None,
+) -> Outcome:
+    """The outcome of an attempt: pure, so both kinds of task share it (and tests reach it).
+
+    A job whose abort was requested ends ``aborted`` even if its task ignored the request and
+    returned. A timeout is a failure that follows the retry policy. A shutdown puts the job
+    back to ``todo`` (its attempt stays counted).
+    """
+    if abort_reason == "shutdown":
+        err = error_record(exc or RuntimeError("worker shut down"), with_traceback=False)
+        return Outcome(Status.TODO, error=dumps(err), retry_in=0.0)
+    if abort_reason == "requested":
+        err = {"type": "Aborted", "message": "the job was aborted on request"}
+        return Outcome(Status.ABORTED, error=dumps(err))
+    if abort_reason == "timeout":
+        seconds = task.timeout if task is not None else None
+        exc = JobTimeoutError(f"the job ran past its timeout of {seconds} s")
+    if exc is None:
+        try:
+            return Outcome(Status.SUCCEEDED, result=dumps(result))
+        except (TypeError, ValueError) as ser:
+            exc = TypeError(f"the task's return value is not JSON-serializable: {ser}")
+    err_json = dumps(error_record(exc))
+    if task is not None:
+        delay = task.retry.delay(job.attempts, exc)
+        if delay is not None:
+            return Outcome(Status.TODO, error=err_json, retry_in=delay)
+    return Outcome(Status.FAILED, error=err_json)
+
+
+@dataclass(eq=False)
+class _Running:
+    job: ClaimedJob
+    ctx: JobContext
+    task: Task[Any] | None
+    future: asyncio.Task[None] | None = None
+
+
+class Worker:
+    def __init__(
+        self,
+        app: App,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 10,
+        batch_size: int | None = None,
+        fetch_job_polling_interval: float = 5.0,
+        abort_job_polling_interval: float = 1.0,
+        shutdown_graceful_timeout: float | None = 30.0,
+        heartbeat_interval: float = 10.0,
+        startup_hooks: Iterable[Hook] = (),
+        shutdown_hooks: Iterable[Hook] = (),
+        wait: bool = True,
+        install_signal_handlers: bool = False,
+        worker_id: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigurationError("concurrency must be at least 1")
+        self.app = app
+        self.queues = list(queues) if queues else None
+        self.concurrency = concurrency
+        self.batch_size = batch_size or concurrency
+        self.fetch_interval = fetch_job_polling_interval
+        self.abort_interval = abort_job_polling_interval
+        self.graceful_timeout = shutdown_graceful_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.startup_hooks = list(startup_hooks)
+        self.shutdown_hooks = list(shutdown_hooks)
+        self.wait = wait
+        self.install_signal_handlers = install_signal_handlers
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.stats = WorkerStats()
+        self._s = app.statements
+        self._running: dict[int, _Running] = {}
+        self._outcomes = statements.Outcomes.empty()
+        self._pool: ThreadPoolExecutor | None = None
+        self._connector: AsyncConnector | None = None
+
+    # -- the run ------------------------------------------------------------------------------
+
+    async def run(self) -> WorkerStats:
+        started = time.monotonic()
+        self._wakeup = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._flush = asyncio.Event()
+        self._changed = asyncio.Event()  # a job finished or outcomes were written
+        self._write_lock = asyncio.Lock()
+        connector = self._connector = self.app.async_connector()
+        if not await connector.run(statements.is_migrated(self._s)):
+            raise SchemaNotMigrated(
+                f"pgtq's tables are missing in schema {self.app.schema!r}: "
+                "run `pgtq migrate` (or app.migrate()) first"
+            )
+        if any(not t.is_async for t in self.app.tasks.values()):
+            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="pgtq-job")
+        await connector.run(
+            statements.register_worker(
+                self._s, self.worker_id, socket.gethostname(), os.getpid(), self.queues
+            )
+        )
+        listener = await self._listen(connector)
+        background: list[asyncio.Task[None]] = []
+        removers = self._add_signal_handlers() if self.install_signal_handlers else []
+        logger.info("worker %s started", self.worker_id, extra={"worker": self.worker_id})
+        try:
+            await _run_hooks(self.startup_hooks)
+            background = [
+                asyncio.create_task(self._complete_loop(), name="pgtq-completer"),
+                asyncio.create_task(self._abort_poll_loop(), name="pgtq-abort-poller"),
+                asyncio.create_task(self._heartbeat_loop(), name="pgtq-heartbeat"),
+            ]
+            try:
+                await self._fetch_loop()
+            except asyncio.CancelledError:
+                # Cancelling run_worker_async is a graceful shutdown, then the cancel goes on.
+                self._stopping.set()
+                await self._shutdown(background)
+                raise
+            await self._shutdown(background)
+        finally:
+            for remove in removers:
+                remove()
+            for bg in background:
+                bg.cancel()
+            if listener is not None:
+                await listener.close()
+            with contextlib.suppress(Exception):
+                await connector.run(statements.unregister_worker(self._s, self.worker_id))
+            with contextlib.suppress(Exception):
+                await _run_hooks(self.shutdown_hooks)
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+            self.stats.elapsed = time.monotonic() - started
+            logger.info("worker %s stopped", self.worker_id, extra={"worker": self.worker_id})
+        return self.stats
+
+    def stop(self) -> None:
+        """Stop claiming; running jobs get ``shutdown_graceful_timeout`` to finish."""
+        self._stopping.set()
+        self._wakeup.set()
+
+    async def _listen(self, connector: AsyncConnector) -> Listener | None:
+        try:
+            return await connector.listen(
+                [self._s.channel, self._s.abort_channel], self._on_notify
+            )
+        except Exception:  # polling still finds the jobs
+            logger.warning("LISTEN failed; polling every %s s", self.fetch_interval, exc_info=True)
+            return None
+
+    def _on_notify(self, channel: str, payload: str) -> None:
+        if channel == self._s.channel:
+            if self.queues is None or payload in self.queues:
+                self._wakeup.set()
+        elif channel == self._s.abort_channel:
+            with contextlib.suppress(ValueError):
+                self._request_abort(int(payload), "requested")
+
+    # -- fetching -------------------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        assert self._connector is not None
+        while not self._stopping.is_set():
+            self._changed.clear()
+            free = self.concurrency - len(self._running)
+            claimed: list[ClaimedJob] = []
+            if free > 0:
+                self._wakeup.clear()
+                asked = min(free, self.batch_size)
+                got = await self._claim(asked)
+                if got is None:
+                    continue  # the claim failed and was waited out: try again
+                claimed = got
+                for job in claimed:
+                    self._start(job)
+                if claimed and len(claimed) == asked:
+                    continue  # there may be more waiting
+            if not self.wait and not claimed and self._drained():
+                return
+            await self._sleep_until_work(free_slots=free > 0)
+
+    def _drained(self) -> bool:
+        """Nothing running and every outcome written (a retry due now is then claimable)."""
+        return not self._running and not self._outcomes and not self._write_lock.locked()
+
+    async def _claim(self, limit: int) -> list[ClaimedJob] | None:
+        """Claim up to ``limit`` jobs; None when the claim failed (and should be tried again)."""
+        assert self._connector is not None
+        query = statements.claim_jobs(self._s, self.worker_id, self.queues, limit)
+        try:
+            return await self._connector.run(query)
+        except Exception as exc:
+            if "jobs_lock_doing_idx" in str(exc):
+                # Another worker claimed a job of the same lock at the same instant.
+                logger.debug("lock conflict while claiming; claiming again")
+                return None
+            logger.exception("claiming jobs failed; retrying in 1 s")
+            await asyncio.wait([asyncio.ensure_future(self._stopping.wait())], timeout=1.0)
+            return None
+
+    async def _sleep_until_work(self, *, free_slots: bool) -> None:
+        """Wait for a NOTIFY, a free slot, a stop, or the polling interval."""
+        waiters = [self._stopping.wait(), self._changed.wait()]
+        if free_slots:
+            waiters.append(self._wakeup.wait())
+        tasks = [asyncio.ensure_future(w) for w in waiters]
+        try:
+            await asyncio.wait(tasks, timeout=self.fetch_interval, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    # -- running jobs ---------------------------------------------------------------------------
+
+    def _start(self, job: ClaimedJob) -> None:
+        ctx = JobContext.for_job(job, self.app, self.worker_id)
+        running = _Running(job, ctx, self.app.tasks.get(job.task_name))
+        self._running[job.id] = running
+        running.future = asyncio.create_task(self._run_job(running), name=f"pgtq-job-{job.id}")
+
+    async def _run_job(self, running: _Running) -> None:
+        job, ctx, task = running.job, running.ctx, running.task
+        extra = {"job_id": job.id, "task": job.task_name, "queue": job.queue,
+                 "attempt": job.attempts, "worker": self.worker_id}
+        started = time.monotonic()
+        result: Any = None
+        exc: BaseException | None = None
+        try:
+            if task is None:
+                exc = UnknownTaskError(
+                    f"no task named {job.task_name!r} is registered on this worker's app"
+                )
+            elif task.is_async:
+                result = await self._call_async(task, ctx, job)
+            else:
+                result = await self._call_sync(task, ctx, job)
+        except asyncio.CancelledError:
+            if ctx.abort_reason() is None:  # cancelled from outside: treat as shutdown
+                ctx.request_abort("shutdown")
+        except Exception as e:
+            exc = e
+        outcome = decide(task, job, result=result, exc=exc, abort_reason=ctx.abort_reason())
+        self._record(job.id, outcome)
+        logger.log(
+            logging.INFO if outcome.status == Status.SUCCEEDED else logging.WARNING,
+            "job %s %s %s in %.3f s", job.id, job.task_name, outcome.label,
+            time.monotonic() - started, extra=extra,
+        )
+
+    async def _call_async(self, task: Task[Any], ctx: JobContext, job: ClaimedJob) -> Any:
+        coro = call_task(task, ctx, job.args)
+        if task.timeout is None:
+            return await coro
+        try:
+            async with asyncio.timeout(task.timeout):
+                return await coro
+        except TimeoutError:
+            ctx.request_abort("timeout")
+            return None
+
+    async def _call_sync(self, task: Task[Any], ctx: JobContext, job: ClaimedJob) -> Any:
+        assert self._pool is not None
+        loop = asyncio.get_running_loop()
+        timer = (
+            loop.call_later(task.timeout, ctx.request_abort, "timeout")
+            if task.timeout is not None else None
+        )
+        try:
+            # A sync task cannot be interrupted: shield it so a cancel (shutdown) waits for the
+            # thread, which sees ctx.should_abort() turn true.
+            future = loop.run_in_executor(self._pool, call_task, task, ctx, job.args)
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            ctx.request_abort("shutdown")
+            with contextlib.suppress(BaseException):
+                return await future
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _record(self, job_id: int, outcome: Outcome) -> None:
+        self._outcomes.add(job_id, outcome.status, outcome.result, outcome.error, outcome.retry_in)
+        self.stats.processed += 1
+        self.stats.by_status[outcome.label] += 1
+        self._running.pop(job_id, None)
+        self._flush.set()
+        self._changed.set()
+
+    def _request_abort(self, job_id: int, reason: str) -> None:
+        running = self._running.get(job_id)
+        if running is None or not running.ctx.request_abort(reason):
+            return
+        if running.task is not None and running.task.is_async and running.future is not None:
+            running.future.cancel()
+
+    # -- writing outcomes -----------------------------------------------------------------------
+
+    async def _complete_loop(self) -> None:
+        while True:
+            await self._flush.wait()
+            await self._write_outcomes()
+
+    async def _write_outcomes(self) -> None:
+        """Write what is buffered; on failure keep it and try again (nothing is dropped)."""
+        assert self._connector is not None
+        delay = 0.05
+        async with self._write_lock:
+            while self._outcomes:
+                self._flush.clear()
+                batch, self._outcomes = self._outcomes, statements.Outcomes.empty()
+                query = statements.complete_jobs(self._s, self.worker_id, batch)
+                try:
+                    await self._connector.run(query)
+                except asyncio.CancelledError:
+                    self._merge_back(batch)
+                    raise
+                except Exception:
+                    logger.exception("writing %s outcomes failed; retrying", len(batch))
+                    self._merge_back(batch)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        self._changed.set()
+
+    def _merge_back(self, batch: statements.Outcomes) -> None:
+        newer = self._outcomes
+        self._outcomes = batch
+        for i in range(len(newer)):
+            self._outcomes.add(newer.ids[i], Status(newer.statuses[i]), newer.results[i],
+                               newer.errors[i], newer.retry_in[i])
+
+    # -- abort polling and heartbeats -----------------------------------------------------------
+
+    async def _abort_poll_loop(self) -> None:
+        assert self._connector is not None
+        while True:
+            await asyncio.sleep(self.abort_interval)
+            if not self._running:
+                continue
+            try:
+                ids = await self._connector.run(statements.abort_requested_ids(self._s, self.worker_id))
+            except Exception:
+                logger.warning("polling for aborted jobs failed", exc_info=True)
+                continue
+            for job_id in ids:
+                self._request_abort(job_id, "requested")
+
+    async def _heartbeat_loop(self) -> None:
+        assert self._connector is not None
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            try:
+                await self._connector.run(statements.heartbeat(self._s, self.worker_id))
+            except Exception:
+                logger.warning("heartbeat failed", exc_info=True)
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    async def _shutdown(self, background: list[asyncio.Task[None]]) -> None:
+        """Let running jobs finish (up to the grace period), abort the rest, write everything."""
+        futures = [r.future for r in self._running.values() if r.future is not None]
+        if futures:
+            _, pending = await asyncio.wait(futures, timeout=self.graceful_timeout)
+            for running in list(self._running.values()):
+                self._request_abort(running.job.id, "shutdown")
+            if pending:
+                await asyncio.wait(pending)
+        await self._write_outcomes()
+
+    def _add_signal_handlers(self) -> list[Callable[[], None]]:
+        loop = asyncio.get_running_loop()
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        count = 0
+
+        def on_signal() -> None:
+            nonlocal count
+            count += 1
+            if count == 1:
+                logger.info("stopping: waiting for running jobs (signal again to stop now)")
+                self.stop()
+            else:
+                self.graceful_timeout = 0
+                for running in list(self._running.values()):
+                    self._request_abort(running.job.id, "shutdown")
+
+        removers: list[Callable[[], None]] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+            removers.append(lambda s=sig: loop.remove_signal_handler(s))  # type: ignore[misc]
+        return removers
+
+
+async def _run_hooks(hooks: Iterable[Hook]) -> None:
+    for hook in hooks:
+        value = hook()
+        if isinstance(value, Awaitable):
+            await value
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def run_in_new_loop(app: App, options: dict[str, Any]) -> WorkerStats:
+    """``App.run_worker``: the async worker on a loop of its own (uvloop when installed)."""
+
+    async def main() -> WorkerStats:
+        try:
+            return await Worker(app, **options).run()
+        finally:
+            await app.close_async()
+
+    with asyncio.Runner(loop_factory=_new_event_loop) as runner:
+        return runner.run(main())
