@@ -126,10 +126,14 @@ class App:
         return self
 
     async def close_async(self) -> None:
+        await self.close_loop_connector()
+        self.close()
+
+    async def close_loop_connector(self) -> None:
+        """Dispose of the running loop's async engine (if pgtq made it), before the loop ends."""
         connector = self._async.pop(asyncio.get_running_loop(), None)
         if connector is not None:
             await connector.close()
-        self.close()
 
     def __enter__(self) -> App:
         return self.open()

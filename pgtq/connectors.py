@@ -128,6 +128,19 @@ class _Translator:
         return exc
 
 
+C = TypeVar("C")
+
+
+def _checked(connection: Any, kind: type[C], methods: str) -> C:
+    """A user's connection must match the API they called: a mix-up fails loudly, not late."""
+    if not isinstance(connection, kind):
+        raise TypeError(
+            f"connection= takes a SQLAlchemy {kind.__name__} with {methods} methods, "
+            f"got {type(connection).__name__}"
+        )
+    return connection
+
+
 _CONNECT_ERRORS = (sa_exc.OperationalError, sa_exc.InterfaceError, OSError, asyncio.TimeoutError)
 
 
@@ -145,14 +158,14 @@ class SyncConnector:
 
     def run(self, query: Query[T], connection: Connection | None = None) -> T:
         if connection is not None:
-            return self._execute(connection, query)
+            return self._execute(_checked(connection, Connection, "the sync"), query)
         with self._connect(self._autocommit) as conn:
             return self._execute(conn, query)
 
     def run_in_transaction(self, fn: Callable[[Connection], T], connection: Connection | None = None) -> T:
         """Run ``fn`` in one transaction: the caller's, or a new one committed at the end."""
         if connection is not None:
-            return self._call(fn, connection)
+            return self._call(fn, _checked(connection, Connection, "the sync"))
         with self._connect(self.engine) as conn, conn.begin():
             return self._call(fn, conn)
 
@@ -216,7 +229,7 @@ class AsyncConnector:
 
     async def run(self, query: Query[T], connection: AsyncConnection | None = None) -> T:
         if connection is not None:
-            return await self._execute(connection, query)
+            return await self._execute(_checked(connection, AsyncConnection, "the *_async"), query)
         async with self._connect(self._autocommit) as conn:
             return await self._execute(conn, query)
 
@@ -225,7 +238,8 @@ class AsyncConnector:
     ) -> T:
         """Run the sync function ``fn`` in one transaction, through SQLAlchemy's greenlet bridge."""
         if connection is not None:
-            return await self._call(lambda: connection.run_sync(fn))
+            user = _checked(connection, AsyncConnection, "the *_async")
+            return await self._call(lambda: user.run_sync(fn))
         async with self._connect(self.engine) as conn, conn.begin():
             return await self._call(lambda: conn.run_sync(fn))
 

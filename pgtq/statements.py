@@ -140,16 +140,20 @@ class Statements:
             .with_for_update(skip_locked=True)
             .cte("candidates")
         )
-        first_of_lock = (
-            sa.select(candidates.c.id)
+        rank = (
+            sa.func.row_number()
+            .over(partition_by=candidates.c.lock,
+                  order_by=(candidates.c.priority.desc(), candidates.c.id))
+            .label("rank")
+        )
+        ranked = (
+            sa.select(candidates.c.id, rank)
             .where(candidates.c.lock.is_not(None))
-            .distinct(candidates.c.lock)
-            .order_by(candidates.c.lock, candidates.c.priority.desc(), candidates.c.id)
-            .subquery("first_of_lock")
+            .subquery("ranked")
         )
         picked = sa.union_all(
             sa.select(candidates.c.id).where(candidates.c.lock.is_(None)),
-            sa.select(first_of_lock.c.id),
+            sa.select(ranked.c.id).where(ranked.c.rank == 1),
         ).cte("picked")
         claimed = (
             sa.update(j)

@@ -496,7 +496,7 @@ def run_in_new_loop(app: App, options: dict[str, Any]) -> WorkerStats:
         try:
             return await Worker(app, **options).run()
         finally:
-            await app.close_async()
+            await app.close_loop_connector()
 
     with asyncio.Runner(loop_factory=_new_event_loop) as runner:
         return runner.run(main())

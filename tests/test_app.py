@@ -1,0 +1,138 @@
+"""Setting up an App: DSN, engines, schema name, errors that say what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import pgtq
+from pgtq.connectors import async_url, sync_url
+from tests.sides import Side
+
+
+def test_urls_are_derived_for_each_side() -> None:
+    assert sync_url("postgresql://u:p@h:5433/db").drivername == "postgresql+psycopg"
+    assert async_url("postgresql://u:p@h:5433/db").drivername == "postgresql+asyncpg"
+    assert async_url("postgresql+asyncpg://h/db").drivername == "postgresql+asyncpg"
+    # A URL that names psycopg keeps psycopg on the async side too.
+    assert async_url("postgresql+psycopg://h/db").drivername == "postgresql+psycopg"
+    assert sync_url("postgresql+asyncpg://u:p@h/db").render_as_string(hide_password=False) == (
+        "postgresql+psycopg://u:p@h/db"
+    )
+    with pytest.raises(pgtq.ConfigurationError, match="PostgreSQL"):
+        sync_url("mysql://h/db")
+
+
+@pytest.mark.parametrize("how", ["dsn", "engine", "async_engine", "both", "psycopg_async"])
+async def test_every_way_to_build_an_app_defers_on_both_sides(
+    how: str, dsn: str, sql: Any
+) -> None:
+    engine = sa.create_engine(sync_url(dsn)) if how in ("engine", "both") else None
+    aengine = None
+    if how in ("async_engine", "both"):
+        aengine = create_async_engine(async_url(dsn))
+    if how == "psycopg_async":
+        aengine = create_async_engine(async_url(sync_url(dsn)))
+        assert aengine.url.drivername == "postgresql+psycopg"
+    app = pgtq.App(dsn if how == "dsn" else None, engine=engine, async_engine=aengine)
+
+    @app.task
+    def noop(n: int) -> int:
+        return n
+
+    await noop.defer_async(n=1)
+    noop.defer(n=2)
+    stats = await app.run_worker_async(wait=False)
+    assert stats.by_status["succeeded"] == 2
+    await app.close_async()
+    assert sql("SELECT count(*) FROM pgtq.jobs WHERE status = 'succeeded'") == [(2,)]
+    # The user's engines are theirs: still usable after the app closed.
+    if engine is not None:
+        with engine.connect() as conn:
+            assert conn.scalar(sa.text("SELECT 1")) == 1
+        engine.dispose()
+    if aengine is not None:
+        async with aengine.connect() as aconn:
+            assert await aconn.scalar(sa.text("SELECT 1")) == 1
+        await aengine.dispose()
+
+
+async def test_context_managers_open_and_close(dsn: str) -> None:
+    with pgtq.App(dsn) as app:
+        assert app.jobs.get(1) is None
+    async with pgtq.App(dsn) as app:
+        assert await app.jobs.get_async(1) is None
+
+
+@pytest.mark.parametrize("name", ["Bad-Name", "1abc", "pg_catalog", "a; drop", "x" * 64, ""])
+def test_invalid_schema_names_are_refused(name: str) -> None:
+    with pytest.raises(pgtq.ConfigurationError, match="invalid schema name"):
+        pgtq.App("postgresql://localhost/x", schema=name)
+
+
+async def test_custom_schema(side: Side, make_database: Any) -> None:
+    app = pgtq.App(make_database(), schema="jobs_here")
+    await side.migrate(app)
+
+    @app.task
+    def noop() -> str:
+        return "ok"
+
+    job_id = await side.defer(noop)
+    await side.run_worker(app, wait=False)
+    assert await side.wait(app, job_id) == "ok"
+    await app.close_async()
+
+
+async def test_unreachable_database_names_host_and_port(side: Side) -> None:
+    app = pgtq.App("postgresql://postgres@127.0.0.1:1/nowhere", connect_timeout=2)
+
+    @app.task
+    def noop() -> None: ...
+
+    with pytest.raises(pgtq.DatabaseUnreachable, match=r"127\.0\.0\.1:1/nowhere") as info:
+        await side.defer(noop)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    await app.close_async()
+
+
+async def test_unmigrated_database_says_to_migrate(side: Side, make_database: Any) -> None:
+    app = pgtq.App(make_database())
+
+    @app.task
+    def noop() -> None: ...
+
+    with pytest.raises(pgtq.SchemaNotMigrated, match="pgtq migrate"):
+        await side.defer(noop)
+    await app.close_async()
+
+
+def test_no_database_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PGTQ_DSN", raising=False)
+    app = pgtq.App()
+    with pytest.raises(pgtq.ConfigurationError, match="PGTQ_DSN"):
+        app.jobs.get(1)
+
+
+def test_dsn_from_the_environment(monkeypatch: pytest.MonkeyPatch, dsn: str) -> None:
+    monkeypatch.setenv("PGTQ_DSN", dsn)
+    with pgtq.App() as app:
+        assert app.jobs.get(1) is None
+
+
+def test_task_registration_errors() -> None:
+    app = pgtq.App("postgresql://localhost/x")
+
+    @app.task
+    def same() -> None: ...
+
+    with pytest.raises(pgtq.ConfigurationError, match="already registered"):
+        app.task(name="same")(lambda: None)
+    with pytest.raises(pgtq.ConfigurationError, match="reserved"):
+        app.task(lambda connection: None)
+    with pytest.raises(pgtq.UnknownTask, match="known tasks: same"):
+        app.get_task("other")
+    assert same() is None  # a task is still a plain callable

@@ -1,0 +1,158 @@
+"""Deferring jobs: every behaviour once, through the sync and the async API (``side``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import pgtq
+from pgtq.connectors import async_url, sync_url
+from tests.sides import Side
+
+
+@pytest.fixture
+def tasks(app: pgtq.App) -> dict[str, pgtq.Task[Any]]:
+    @app.task(queue="emails", priority=3)
+    def send_email(to: str, subject: str = "hi") -> None: ...
+
+    @app.task()
+    async def resize(ctx: pgtq.JobContext, image_id: int) -> dict[str, int]:
+        return {"image_id": image_id}
+
+    return {"send_email": send_email, "resize": resize}
+
+
+async def test_defer_stores_the_job(side: Side, app: pgtq.App, tasks: Any, sql: Any) -> None:
+    job_id = await side.defer(tasks["send_email"], to="a@example.com")
+    job = await side.get(app, job_id)
+    assert job is not None
+    assert (job.task_name, job.queue, job.priority, job.status) == (
+        "send_email", "emails", 3, pgtq.Status.TODO)
+    assert job.args == {"to": "a@example.com"}
+    assert job.attempts == 0
+    assert sql("SELECT count(*) FROM pgtq.jobs") == [(1,)]
+
+
+async def test_defer_many_returns_ids_in_order(side: Side, app: pgtq.App, tasks: Any) -> None:
+    ids = await side.defer_many(tasks["resize"], [{"image_id": i} for i in range(300)])
+    assert len(ids) == 300 and ids == sorted(ids)
+    for i in (0, 150, 299):
+        job = await side.get(app, ids[i])
+        assert job is not None and job.args == {"image_id": i}
+    assert await side.defer_many(tasks["resize"], []) == []
+
+
+async def test_configure_sets_job_options(side: Side, app: pgtq.App, tasks: Any) -> None:
+    at = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    job_id = await side.defer(
+        tasks["send_email"].configure(queue="bulk", priority=-5, schedule_at=at, lock="box-1",
+                                      queueing_lock="user-1"),
+        to="x",
+    )
+    job = await side.get(app, job_id)
+    assert job is not None
+    assert (job.queue, job.priority, job.scheduled_at, job.lock, job.queueing_lock) == (
+        "bulk", -5, at, "box-1", "user-1")
+
+    before = datetime.now(timezone.utc)
+    later = await side.defer(tasks["send_email"].configure(schedule_in=timedelta(minutes=5)), to="y")
+    job = await side.get(app, later)
+    assert job is not None and job.scheduled_at is not None
+    assert timedelta(minutes=4) < job.scheduled_at - before < timedelta(minutes=6)
+
+
+async def test_queueing_lock_refuses_a_second_waiting_job(
+    side: Side, app: pgtq.App, tasks: Any, sql: Any
+) -> None:
+    locked = tasks["send_email"].configure(queueing_lock="user-42")
+    first = await side.defer(locked, to="a")
+    with pytest.raises(pgtq.AlreadyEnqueued):
+        await side.defer(locked, to="b")
+    with pytest.raises(pgtq.AlreadyEnqueued):
+        await side.defer_many(locked, [{"to": "c"}])
+    assert sql("SELECT id FROM pgtq.jobs") == [(first,)]
+    # Once the first is no longer waiting, the key is free again.
+    sql("UPDATE pgtq.jobs SET status = 'succeeded'")
+    await side.defer(locked, to="d")
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda t: ((1,), {}), "keyword arguments only"),
+        (lambda t: ((), {"to": object()}), "JSON-serializable"),
+        (lambda t: ((), {"to": float("nan")}), "JSON-serializable"),
+        (lambda t: ((), {}), "missing a required argument"),
+        (lambda t: ((), {"to": "a", "cc": "b"}), "unexpected keyword argument"),
+    ],
+    ids=["positional", "object", "nan", "missing", "unexpected"],
+)
+async def test_bad_arguments_are_refused_before_writing(
+    side: Side, app: pgtq.App, tasks: Any, sql: Any, call: Any, message: str
+) -> None:
+    args, kwargs = call(None)
+    task = tasks["send_email"]
+    with pytest.raises(pgtq.InvalidArguments, match=message):
+        await side.call(task, "defer", *args, **kwargs)
+    if not args:
+        with pytest.raises(pgtq.InvalidArguments, match=message):
+            await side.defer_many(task, [{"to": "fine"}, kwargs])
+    assert sql("SELECT count(*) FROM pgtq.jobs") == [(0,)]
+
+
+async def test_naive_schedule_at_is_refused(app: pgtq.App, tasks: Any) -> None:
+    with pytest.raises(pgtq.InvalidArguments, match="timezone-aware"):
+        tasks["send_email"].configure(schedule_at=datetime(2030, 1, 1))
+
+
+@pytest.mark.parametrize("commit", [True, False], ids=["commit", "rollback"])
+async def test_defer_in_the_callers_transaction(
+    side: Side, app: pgtq.App, tasks: Any, sql: Any, dsn: str, commit: bool
+) -> None:
+    """The job commits or rolls back with the caller's own writes."""
+    sql("CREATE TABLE IF NOT EXISTS orders (id int)")
+    sql("TRUNCATE orders")
+    task = tasks["send_email"]
+    if side.name == "sync":
+        engine = sa.create_engine(sync_url(dsn))
+
+        def work() -> None:
+            with engine.connect() as conn:
+                conn.execute(sa.text("INSERT INTO orders VALUES (1)"))
+                task.defer(to="a", connection=conn)
+                conn.commit() if commit else conn.rollback()
+
+        await asyncio.to_thread(work)
+        engine.dispose()
+    else:
+        aengine = create_async_engine(async_url(dsn))
+        async with aengine.connect() as aconn:
+            await aconn.execute(sa.text("INSERT INTO orders VALUES (1)"))
+            await task.defer_async(to="a", connection=aconn)
+            await (aconn.commit() if commit else aconn.rollback())
+        await aengine.dispose()
+    expected = 1 if commit else 0
+    assert sql("SELECT count(*) FROM orders") == [(expected,)]
+    assert sql("SELECT count(*) FROM pgtq.jobs") == [(expected,)]
+
+
+async def test_wrong_kind_of_connection_is_a_clear_error(
+    app: pgtq.App, tasks: Any, dsn: str
+) -> None:
+    aengine = create_async_engine(async_url(dsn))
+    async with aengine.connect() as aconn:
+        with pytest.raises(TypeError, match="Connection with the sync methods"):
+            tasks["send_email"].defer(to="a", connection=aconn)
+    await aengine.dispose()
+
+
+async def test_args_are_stored_as_json(side: Side, app: pgtq.App, tasks: Any, sql: Any) -> None:
+    await side.defer(tasks["send_email"], to="ünïcode ✓", subject='quote " and \\')
+    [(stored,)] = sql("SELECT args::text FROM pgtq.jobs")
+    assert json.loads(stored) == {"to": "ünïcode ✓", "subject": 'quote " and \\'}

@@ -1,0 +1,316 @@
+"""The worker, run through ``run_worker`` (sync, in a thread) and ``run_worker_async``."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+import pgtq
+from tests.conftest import eventually
+from tests.sides import Side
+
+
+async def test_runs_sync_and_async_tasks_and_stores_results(side: Side, app: pgtq.App) -> None:
+    seen_threads: dict[str, str] = {}
+
+    @app.task
+    def add(a: int, b: int) -> int:
+        seen_threads["add"] = threading.current_thread().name
+        return a + b
+
+    @app.task
+    async def shout(word: str) -> dict[str, str]:
+        seen_threads["shout"] = threading.current_thread().name
+        return {"word": word.upper()}
+
+    a = await side.defer(add, a=2, b=3)
+    b = await side.defer(shout, word="hey")
+    stats = await side.run_worker(app, wait=False)
+    assert stats.by_status["succeeded"] == 2
+    assert await side.wait(app, a) == 5
+    assert await side.wait(app, b) == {"word": "HEY"}
+    assert seen_threads["add"].startswith("pgtq-job")  # sync tasks run in the pool
+    assert not seen_threads["shout"].startswith("pgtq-job")  # async ones on the loop
+    job = await side.get(app, a)
+    assert job is not None and job.status == pgtq.Status.SUCCEEDED and job.attempts == 1
+    assert job.started_at is not None and job.finished_at is not None
+
+
+async def test_context_is_passed_to_tasks_that_ask(side: Side, app: pgtq.App) -> None:
+    got: list[pgtq.JobContext] = []
+
+    @app.task(queue="q1")
+    def with_ctx(ctx: pgtq.JobContext, n: int) -> None:
+        got.append(ctx)
+
+    @app.task
+    async def named_ctx(context, n: int) -> int:  # type: ignore[no-untyped-def]
+        got.append(context)
+        return n
+
+    job_id = await side.defer(with_ctx, n=1)
+    await side.defer(named_ctx, n=2)
+    await side.run_worker(app, wait=False)
+    ctx = next(c for c in got if c.task_name == "with_ctx")
+    assert (ctx.job_id, ctx.queue, ctx.attempt) == (job_id, "q1", 1)
+    assert ctx.worker_id and ctx.start_timestamp <= time.time()
+    assert ctx.should_abort() is False
+    assert {c.task_name for c in got} == {"with_ctx", "named_ctx"}
+
+
+async def test_priority_order(side: Side, app: pgtq.App) -> None:
+    order: list[int] = []
+
+    @app.task
+    def record(p: int) -> None:
+        order.append(p)
+
+    for p in (0, 5, -3, 10, 5):
+        await side.defer(record.configure(priority=p), p=p)
+    await side.run_worker(app, wait=False, concurrency=1)
+    assert order == [10, 5, 5, 0, -3]
+
+
+async def test_only_listed_queues_are_worked(side: Side, app: pgtq.App) -> None:
+    @app.task
+    def noop() -> None: ...
+
+    keep = await side.defer(noop.configure(queue="other"))
+    done = await side.defer(noop.configure(queue="mine"))
+    await side.run_worker(app, wait=False, queues=["mine"])
+    assert (await side.get(app, done)).status == pgtq.Status.SUCCEEDED  # type: ignore[union-attr]
+    assert (await side.get(app, keep)).status == pgtq.Status.TODO  # type: ignore[union-attr]
+
+
+async def test_future_jobs_wait_and_never_block_their_lock(side: Side, app: pgtq.App) -> None:
+    @app.task
+    def noop() -> None: ...
+
+    later = await side.defer(noop.configure(schedule_in=timedelta(hours=1), lock="L"))
+    now = await side.defer(noop.configure(lock="L"))
+    stats = await side.run_worker(app, wait=False)
+    assert stats.processed == 1
+    assert (await side.get(app, now)).status == pgtq.Status.SUCCEEDED  # type: ignore[union-attr]
+    assert (await side.get(app, later)).status == pgtq.Status.TODO  # type: ignore[union-attr]
+
+
+async def test_jobs_sharing_a_lock_never_overlap(side: Side, app: pgtq.App, sql: Any) -> None:
+    running: dict[str, int] = {}
+    overlaps: list[str] = []
+    guard = threading.Lock()
+
+    @app.task
+    def locked(key: str) -> None:
+        with guard:
+            running[key] = running.get(key, 0) + 1
+            if running[key] > 1:
+                overlaps.append(key)
+        time.sleep(0.005)
+        with guard:
+            running[key] -= 1
+
+    for i in range(60):
+        await side.defer(locked.configure(lock=f"k{i % 3}"), key=f"k{i % 3}")
+    stats = await side.run_worker(app, wait=False, concurrency=10)
+    assert stats.by_status["succeeded"] == 60
+    assert overlaps == []
+
+
+async def test_failure_is_stored_and_retried_by_policy(side: Side, app: pgtq.App) -> None:
+    @app.task(retry=pgtq.Retry(max_attempts=3, base=0, jitter=0))
+    def flaky(ctx: pgtq.JobContext) -> int:
+        if ctx.attempt < 3:
+            raise ValueError(f"attempt {ctx.attempt} failed")
+        return ctx.attempt
+
+    @app.task
+    async def broken() -> None:
+        raise KeyError("nope")
+
+    ok = await side.defer(flaky)
+    bad = await side.defer(broken)
+    stats = await side.run_worker(app, wait=False)
+    assert stats.by_status == {"retried": 2, "succeeded": 1, "failed": 1}
+    assert await side.wait(app, ok) == 3
+    with pytest.raises(pgtq.JobFailed) as info:
+        await side.wait(app, bad)
+    error = info.value.error
+    assert error["type"] == "KeyError" and error["message"] == "'nope'"
+    assert "Traceback" in error["traceback"] and "broken" in error["traceback"]
+    job = await side.get(app, bad)
+    assert job is not None and job.status == pgtq.Status.FAILED and job.attempts == 1
+
+
+async def test_unknown_task_fails_clearly_and_the_worker_goes_on(
+    side: Side, app: pgtq.App, sql: Any
+) -> None:
+    @app.task
+    def known() -> str:
+        return "ok"
+
+    sql("INSERT INTO pgtq.jobs (task_name, args) VALUES ('gone_task', '{}')")
+    [(ghost,)] = sql("SELECT id FROM pgtq.jobs")
+    fine = await side.defer(known)
+    stats = await side.run_worker(app, wait=False)
+    assert stats.by_status == {"failed": 1, "succeeded": 1}
+    with pytest.raises(pgtq.JobFailed, match="no task named 'gone_task'"):
+        await side.wait(app, ghost)
+    assert await side.wait(app, fine) == "ok"
+
+
+async def test_result_that_is_not_json_fails_the_job(side: Side, app: pgtq.App) -> None:
+    @app.task
+    def returns_set() -> Any:
+        return {1, 2}
+
+    job_id = await side.defer(returns_set)
+    await side.run_worker(app, wait=False)
+    with pytest.raises(pgtq.JobFailed, match="not JSON-serializable"):
+        await side.wait(app, job_id)
+
+
+async def test_notify_wakes_an_idle_worker(app: pgtq.App) -> None:
+    """A job deferred while the worker sleeps is picked up long before the 60 s poll."""
+    done = asyncio.Event()
+
+    @app.task
+    async def ping() -> None:
+        done.set()
+
+    worker = asyncio.create_task(app.run_worker_async(fetch_job_polling_interval=60))
+    await eventually(lambda: _worker_registered(app), timeout=10)
+    await ping.defer_async()
+    await asyncio.wait_for(done.wait(), timeout=10)
+    worker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await worker
+
+
+async def test_polling_finds_jobs_that_no_notify_announced(app: pgtq.App) -> None:
+    """A job scheduled a moment ahead sends no NOTIFY when it falls due: polling finds it."""
+    done = asyncio.Event()
+
+    @app.task
+    async def later() -> None:
+        done.set()
+
+    worker = asyncio.create_task(app.run_worker_async(fetch_job_polling_interval=0.2))
+    await later.configure(schedule_in=0.3).defer_async()
+    await asyncio.wait_for(done.wait(), timeout=10)
+    worker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await worker
+
+
+async def _worker_registered(app: pgtq.App) -> bool:
+    import sqlalchemy as sa
+
+    async with app.async_connector().engine.connect() as conn:
+        count = await conn.scalar(sa.text("SELECT count(*) FROM pgtq.workers"))
+    return bool(count)
+
+
+async def test_abort(side: Side, app: pgtq.App) -> None:
+    """Waiting → cancelled at once; running async → cancelled; running sync → should_abort."""
+    started = {"sync": threading.Event(), "async": asyncio.Event()}
+    saw_abort: list[str | None] = []
+
+    @app.task
+    def slow_sync(ctx: pgtq.JobContext) -> None:
+        started["sync"].set()
+        deadline = time.monotonic() + 30
+        while not ctx.should_abort() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        saw_abort.append(ctx.abort_reason())
+
+    @app.task
+    async def slow_async() -> None:
+        started["async"].set()
+        await asyncio.sleep(30)
+
+    waiting = await side.defer(slow_sync.configure(schedule_in=timedelta(hours=1)))
+    assert await side.abort(app, waiting) == pgtq.Status.CANCELLED
+    a = await side.defer(slow_async)
+    s = await side.defer(slow_sync)
+    worker = asyncio.create_task(app.run_worker_async(abort_job_polling_interval=0.1))
+    await asyncio.wait_for(started["async"].wait(), timeout=10)
+    await eventually(started["sync"].is_set)
+    assert await side.abort(app, a) == pgtq.Status.DOING
+    assert await side.abort(app, s) == pgtq.Status.DOING
+    for job_id in (a, s):
+        with pytest.raises(pgtq.JobFailed) as info:
+            await side.wait(app, job_id, timeout=10)
+        assert info.value.status == "aborted"
+    assert saw_abort == ["requested"]
+    assert await side.abort(app, a) is None  # already final
+    job = await side.get(app, waiting)
+    assert job is not None and job.status == pgtq.Status.CANCELLED
+    worker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await worker
+
+
+async def test_retry_puts_a_failed_job_back(side: Side, app: pgtq.App) -> None:
+    calls: list[int] = []
+
+    @app.task
+    def once_broken() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("first")
+        return "second"
+
+    job_id = await side.defer(once_broken)
+    await side.run_worker(app, wait=False)
+    with pytest.raises(pgtq.JobFailed):
+        await side.wait(app, job_id)
+    assert await side.retry(app, job_id) is True
+    assert await side.retry(app, job_id) is False  # already waiting
+    await side.run_worker(app, wait=False)
+    assert await side.wait(app, job_id) == "second"
+
+
+async def test_wait_times_out(side: Side, app: pgtq.App) -> None:
+    @app.task
+    def never_run() -> None: ...
+
+    job_id = await side.defer(never_run)
+    with pytest.raises(pgtq.JobTimeout):
+        await side.wait(app, job_id, timeout=0.1)
+    with pytest.raises(pgtq.JobNotFound):
+        await side.wait(app, 999_999, timeout=1)
+
+
+async def test_worker_on_unmigrated_database_says_to_migrate(
+    side: Side, make_database: Any
+) -> None:
+    app = pgtq.App(make_database())
+    with pytest.raises(pgtq.SchemaNotMigrated, match="pgtq migrate"):
+        await side.run_worker(app, wait=False)
+    await app.close_async()
+
+
+async def test_cancelling_the_worker_lets_running_jobs_finish(app: pgtq.App) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @app.task
+    async def finishing() -> str:
+        started.set()
+        await release.wait()
+        return "done"
+
+    job_id = await finishing.defer_async()
+    worker = asyncio.create_task(app.run_worker_async(shutdown_graceful_timeout=10))
+    await asyncio.wait_for(started.wait(), timeout=10)
+    worker.cancel()
+    await asyncio.sleep(0)
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await worker
+    assert await app.jobs.wait_async(job_id, timeout=1) == "done"
+    assert not await _worker_registered(app)
