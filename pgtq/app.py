@@ -162,11 +162,11 @@ class App:
         retry: Retry | int | None = None,
         timeout: float | None = None,
         pass_context: bool | None = None,
-    ) -> Callable[[F], Task[Any]]: ...
+    ) -> Callable[[Callable[..., Any]], Task[Any]]: ...
 
-    def task(
+    def task(  # type: ignore[misc]  # mypy misreads the keyword-only overload
         self,
-        func: F | None = None,
+        func: Callable[..., Any] | None = None,
         /,
         *,
         name: str | None = None,
@@ -175,10 +175,10 @@ class App:
         retry: Retry | int | None = None,
         timeout: float | None = None,
         pass_context: bool | None = None,
-    ) -> Task[Any] | Callable[[F], Task[Any]]:
+    ) -> Task[Any] | Callable[[Callable[..., Any]], Task[Any]]:
         """Register a sync or async function as a task (``@app.task`` or ``@app.task(...)``)."""
 
-        def register(f: F) -> Task[Any]:
+        def register(f: Callable[..., Any]) -> Task[Any]:
             task_name = name or f.__name__
             if task_name in self.tasks:
                 raise ConfigurationError(
@@ -186,8 +186,14 @@ class App:
                     f"({self.tasks[task_name].func.__module__}); pass name=... to tell them apart"
                 )
             task: Task[Any] = Task(
-                self, f, name=task_name, queue=queue, priority=priority, retry=retry,
-                timeout=timeout, pass_context=pass_context,
+                self,
+                f,
+                name=task_name,
+                queue=queue,
+                priority=priority,
+                retry=retry,
+                timeout=timeout,
+                pass_context=pass_context,
             )
             self.tasks[task_name] = task
             return task

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -51,7 +51,11 @@ def async_url(url: str | URL) -> URL:
     """The async URL for the same database: asyncpg, unless the URL names psycopg."""
     u = make_url(url)
     _check_postgres(u)
-    driver = "psycopg" if u.drivername in ("postgresql+psycopg", "postgresql+psycopg_async") else "asyncpg"
+    driver = (
+        "psycopg"
+        if u.drivername in ("postgresql+psycopg", "postgresql+psycopg_async")
+        else "asyncpg"
+    )
     query = dict(u.query)
     if driver == "asyncpg":
         query = {k: v for k, v in query.items() if k not in _ASYNCPG_UNSUPPORTED}
@@ -79,10 +83,13 @@ def create_sync_engine(url: str | URL, connect_timeout: float) -> Engine:
     )
 
 
-def create_async_engine_for(url: str | URL, connect_timeout: float, pool_size: int = 10) -> AsyncEngine:
+def create_async_engine_for(
+    url: str | URL, connect_timeout: float, pool_size: int = 10
+) -> AsyncEngine:
     u = async_url(url)
     args: dict[str, Any] = (
-        {"timeout": connect_timeout} if u.drivername == ASYNC_DRIVERS["asyncpg"]
+        {"timeout": connect_timeout}
+        if u.drivername == ASYNC_DRIVERS["asyncpg"]
         else {"connect_timeout": max(1, int(connect_timeout))}
     )
     return create_async_engine(
@@ -162,7 +169,9 @@ class SyncConnector:
         with self._connect(self._autocommit) as conn:
             return self._execute(conn, query)
 
-    def run_in_transaction(self, fn: Callable[[Connection], T], connection: Connection | None = None) -> T:
+    def run_in_transaction(
+        self, fn: Callable[[Connection], T], connection: Connection | None = None
+    ) -> T:
         """Run ``fn`` in one transaction: the caller's, or a new one committed at the end."""
         if connection is not None:
             return self._call(fn, _checked(connection, Connection, "the sync"))
@@ -260,7 +269,7 @@ class AsyncConnector:
 
         return await self._call(go)
 
-    async def _call(self, go: Callable[[], Any]) -> Any:
+    async def _call(self, go: Callable[[], Awaitable[T]]) -> T:
         try:
             return await go()
         except sa_exc.DBAPIError as exc:

@@ -46,7 +46,9 @@ class JobFailed(PgtqError):
         self.error = error or {}
         detail = self.error.get("message") or status
         kind = self.error.get("type")
-        super().__init__(f"job {job_id} ended {status}: " + (f"{kind}: {detail}" if kind else detail))
+        super().__init__(
+            f"job {job_id} ended {status}: " + (f"{kind}: {detail}" if kind else detail)
+        )
 
 
 class JobTimeout(PgtqError, TimeoutError):

@@ -41,8 +41,13 @@ class JobContext:
     @classmethod
     def for_job(cls, job: ClaimedJob, app: App, worker_id: str) -> JobContext:
         return cls(
-            job_id=job.id, task_name=job.task_name, queue=job.queue, attempt=job.attempts,
-            worker_id=worker_id, app=app, args=job.args,
+            job_id=job.id,
+            task_name=job.task_name,
+            queue=job.queue,
+            attempt=job.attempts,
+            worker_id=worker_id,
+            app=app,
+            args=job.args,
         )
 
     def should_abort(self) -> bool:
@@ -138,7 +143,9 @@ class JobManager:
                 return outcome
             if deadline is not None and time.monotonic() >= deadline:
                 raise _timeout(job_id, timeout)
-            time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
+            time.sleep(
+                delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
+            )
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def wait_async(self, job_id: int, timeout: float | None = None) -> Any:

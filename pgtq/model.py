@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     TODO = "todo"
     DOING = "doing"
     SUCCEEDED = "succeeded"
@@ -24,9 +24,6 @@ class Status(str, enum.Enum):
     @property
     def is_final(self) -> bool:
         return self in FINAL_STATUSES
-
-    def __str__(self) -> str:
-        return self.value
 
 
 FINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.ABORTED})

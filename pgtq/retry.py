@@ -41,7 +41,7 @@ class Retry:
         if attempt >= self.max_attempts or not isinstance(exc, self.retry_on):
             return None
         if self.backoff == "exponential":
-            raw = self.base * 2 ** (attempt - 1)
+            raw = self.base * 2.0 ** (attempt - 1)
         elif self.backoff == "linear":
             raw = self.base * attempt
         else:

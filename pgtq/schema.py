@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
@@ -51,7 +51,7 @@ class Tables:
     workers: sa.Table
 
 
-@lru_cache(maxsize=None)
+@cache
 def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
     validate_schema_name(schema)
     metadata = sa.MetaData(schema=schema)

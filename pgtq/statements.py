@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cached_property, lru_cache
-from typing import Any, Generic, TypeVar
+from functools import cache, cached_property
+from typing import Any, Generic, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
@@ -26,7 +26,6 @@ from pgtq.schema import Tables, notify_channel, tables_for
 T = TypeVar("T")
 
 
-
 def _status(status: Status) -> sa.ColumnElement[str]:
     # Rendered as a literal, never a parameter: the planner must see ``status = 'todo'`` to
     # use the partial indexes, also in a prepared statement's generic plan.
@@ -36,7 +35,7 @@ def _status(status: Status) -> sa.ColumnElement[str]:
 TODO, DOING = _status(Status.TODO), _status(Status.DOING)
 SUCCEEDED, FAILED = _status(Status.SUCCEEDED), _status(Status.FAILED)
 CANCELLED, ABORTED = _status(Status.CANCELLED), _status(Status.ABORTED)
-ONE_SECOND = sa.literal_column("interval '1 second'")
+ONE_SECOND: sa.ColumnElement[Any] = sa.literal_column("interval '1 second'")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,23 +79,27 @@ class Statements:
     def insert_jobs(self) -> sa.Insert:
         """Insert many jobs from parallel arrays in one statement (the insert trigger notifies)."""
         j = self.jobs
-        rows = sa.func.unnest(
-            _array("queue", sa.Text()),
-            _array("task_name", sa.Text()),
-            _array("args", sa.Text()),
-            _array("priority", sa.Integer()),
-            _array("scheduled_at", sa.DateTime(timezone=True)),
-            _array("lock", sa.Text()),
-            _array("queueing_lock", sa.Text()),
-        ).table_valued(
-            sa.column("queue", sa.Text),
-            sa.column("task_name", sa.Text),
-            sa.column("args", sa.Text),
-            sa.column("priority", sa.Integer),
-            sa.column("scheduled_at", sa.DateTime(timezone=True)),
-            sa.column("lock", sa.Text),
-            sa.column("queueing_lock", sa.Text),
-        ).render_derived("new_jobs")
+        rows = (
+            sa.func.unnest(
+                _array("queue", sa.Text()),
+                _array("task_name", sa.Text()),
+                _array("args", sa.Text()),
+                _array("priority", sa.Integer()),
+                _array("scheduled_at", sa.DateTime(timezone=True)),
+                _array("lock", sa.Text()),
+                _array("queueing_lock", sa.Text()),
+            )
+            .table_valued(
+                sa.column("queue", sa.Text),
+                sa.column("task_name", sa.Text),
+                sa.column("args", sa.Text),
+                sa.column("priority", sa.Integer),
+                sa.column("scheduled_at", sa.DateTime(timezone=True)),
+                sa.column("lock", sa.Text),
+                sa.column("queueing_lock", sa.Text),
+            )
+            .render_derived("new_jobs")
+        )
         select = sa.select(
             rows.c.queue,
             rows.c.task_name,
@@ -106,7 +109,15 @@ class Statements:
             rows.c.lock,
             rows.c.queueing_lock,
         )
-        columns = ["queue", "task_name", "args", "priority", "scheduled_at", "lock", "queueing_lock"]
+        columns = [
+            "queue",
+            "task_name",
+            "args",
+            "priority",
+            "scheduled_at",
+            "lock",
+            "queueing_lock",
+        ]
         return sa.insert(j).from_select(columns, select).returning(j.c.id)
 
     # -- claim -----------------------------------------------------------------------------
@@ -142,8 +153,10 @@ class Statements:
         )
         rank = (
             sa.func.row_number()
-            .over(partition_by=candidates.c.lock,
-                  order_by=(candidates.c.priority.desc(), candidates.c.id))
+            .over(
+                partition_by=candidates.c.lock,
+                order_by=(candidates.c.priority.desc(), candidates.c.id),
+            )
             .label("rank")
         )
         ranked = (
@@ -181,7 +194,7 @@ class Statements:
 
     @cached_property
     def release(self) -> sa.Update:
-        """Give back claimed jobs that never started (shutdown): ``doing → todo``, attempt undone."""
+        """Give back claimed jobs that never started: ``doing → todo``, attempt undone."""
         j = self.jobs
         return (
             sa.update(j)
@@ -190,7 +203,9 @@ class Statements:
                 j.c.status == DOING,
                 j.c.worker_id == sa.bindparam("worker_id", type_=sa.Text),
             )
-            .values(status=TODO, attempts=j.c.attempts - 1, worker_id=sa.null(), started_at=sa.null())
+            .values(
+                status=TODO, attempts=j.c.attempts - 1, worker_id=sa.null(), started_at=sa.null()
+            )
             .returning(j.c.id)
         )
 
@@ -205,19 +220,23 @@ class Statements:
         that was rescued or re-queued meanwhile is never overwritten.
         """
         j = self.jobs
-        u = sa.func.unnest(
-            _array("ids", sa.BigInteger()),
-            _array("statuses", sa.Text()),
-            _array("results", sa.Text()),
-            _array("errors", sa.Text()),
-            _array("retry_in", sa.Float()),
-        ).table_valued(
-            sa.column("id", sa.BigInteger),
-            sa.column("status", sa.Text),
-            sa.column("result", sa.Text),
-            sa.column("error", sa.Text),
-            sa.column("retry_in", sa.Float),
-        ).render_derived("outcomes")
+        u = (
+            sa.func.unnest(
+                _array("ids", sa.BigInteger()),
+                _array("statuses", sa.Text()),
+                _array("results", sa.Text()),
+                _array("errors", sa.Text()),
+                _array("retry_in", sa.Float()),
+            )
+            .table_valued(
+                sa.column("id", sa.BigInteger),
+                sa.column("status", sa.Text),
+                sa.column("result", sa.Text),
+                sa.column("error", sa.Text),
+                sa.column("retry_in", sa.Float),
+            )
+            .render_derived("outcomes")
+        )
         retrying = u.c.status == TODO
         return (
             sa.update(j)
@@ -243,8 +262,13 @@ class Statements:
 
     # -- control ---------------------------------------------------------------------------
 
-    def _notify_each(self, changed: sa.CTE, channel: str, payload: sa.ColumnElement[Any],
-                     when: sa.ColumnElement[bool]) -> sa.Select[Any]:
+    def _notify_each(
+        self,
+        changed: sa.CTE,
+        channel: str,
+        payload: sa.ColumnElement[Any],
+        when: sa.ColumnElement[bool],
+    ) -> sa.Select[Any]:
         """Select the changed rows, sending one NOTIFY per row that matches ``when``."""
         sent = (
             sa.select(sa.func.count(sa.func.pg_notify(channel, payload)).label("sent"))
@@ -263,8 +287,10 @@ class Statements:
         was_todo = j.c.status == TODO
         changed = (
             sa.update(j)
-            .where(j.c.id == sa.bindparam("job_id", type_=sa.BigInteger),
-                   sa.or_(j.c.status == TODO, j.c.status == DOING))
+            .where(
+                j.c.id == sa.bindparam("job_id", type_=sa.BigInteger),
+                sa.or_(j.c.status == TODO, j.c.status == DOING),
+            )
             .values(
                 status=sa.case((was_todo, CANCELLED), else_=j.c.status),
                 abort_requested=sa.case((was_todo, j.c.abort_requested), else_=sa.true()),
@@ -283,11 +309,18 @@ class Statements:
         j = self.jobs
         changed = (
             sa.update(j)
-            .where(j.c.id == sa.bindparam("job_id", type_=sa.BigInteger),
-                   sa.or_(j.c.status == FAILED, j.c.status == ABORTED,
-                          j.c.status == CANCELLED))
-            .values(status=TODO, scheduled_at=sa.null(), worker_id=sa.null(),
-                    abort_requested=sa.false(), started_at=sa.null(), finished_at=sa.null())
+            .where(
+                j.c.id == sa.bindparam("job_id", type_=sa.BigInteger),
+                sa.or_(j.c.status == FAILED, j.c.status == ABORTED, j.c.status == CANCELLED),
+            )
+            .values(
+                status=TODO,
+                scheduled_at=sa.null(),
+                worker_id=sa.null(),
+                abort_requested=sa.false(),
+                started_at=sa.null(),
+                finished_at=sa.null(),
+            )
             .returning(j.c.id, j.c.status, j.c.queue)
             .cte("changed")
         )
@@ -325,8 +358,10 @@ class Statements:
     def register_worker(self) -> sa.Insert:
         w = self.t.workers
         return sa.insert(w).values(
-            id=sa.bindparam("worker_id"), hostname=sa.bindparam("hostname"),
-            pid=sa.bindparam("pid"), queues=sa.bindparam("queues", type_=ARRAY(sa.Text)),
+            id=sa.bindparam("worker_id"),
+            hostname=sa.bindparam("hostname"),
+            pid=sa.bindparam("pid"),
+            queues=sa.bindparam("queues", type_=ARRAY(sa.Text)),
         )
 
     @cached_property
@@ -344,7 +379,7 @@ class Statements:
         return sa.delete(w).where(w.c.id == sa.bindparam("worker_id", type_=sa.Text))
 
 
-@lru_cache(maxsize=None)
+@cache
 def statements_for(schema: str) -> Statements:
     return Statements(tables_for(schema))
 
@@ -441,8 +476,14 @@ class Outcomes:
     def empty(cls) -> Outcomes:
         return cls([], [], [], [], [])
 
-    def add(self, job_id: int, status: Status, result: str | None = None,
-            error: str | None = None, retry_in: float | None = None) -> None:
+    def add(
+        self,
+        job_id: int,
+        status: Status,
+        result: str | None = None,
+        error: str | None = None,
+        retry_in: float | None = None,
+    ) -> None:
         self.ids.append(job_id)
         self.statuses.append(status.value)
         self.results.append(result)
@@ -492,16 +533,22 @@ def is_migrated(s: Statements) -> Query[bool]:
 
 
 def status_counts(s: Statements) -> Query[dict[tuple[str, Status], int]]:
-    return Query(
-        s.status_counts, {}, lambda r: {(q, Status(st)): n for q, st, n in r}
-    )
+    def mapper(result: Result[Any]) -> dict[tuple[str, Status], int]:
+        rows = [cast(tuple[str, str, int], tuple(row)) for row in result]
+        return {(queue, Status(status)): count for queue, status, count in rows}
+
+    return Query(s.status_counts, {}, mapper)
 
 
 def register_worker(
     s: Statements, worker_id: str, hostname: str, pid: int, queues: Sequence[str] | None
 ) -> Query[int]:
-    params = {"worker_id": worker_id, "hostname": hostname, "pid": pid,
-              "queues": list(queues) if queues else None}
+    params = {
+        "worker_id": worker_id,
+        "hostname": hostname,
+        "pid": pid,
+        "queues": list(queues) if queues else None,
+    }
     return Query(s.register_worker, params, lambda r: r.rowcount)  # type: ignore[attr-defined]
 
 

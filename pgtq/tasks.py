@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy.engine import Connection
@@ -111,7 +111,7 @@ class Task(Generic[R]):
             seconds = (
                 schedule_in.total_seconds() if isinstance(schedule_in, timedelta) else schedule_in
             )
-            schedule_at = datetime.now(timezone.utc) + timedelta(seconds=seconds)
+            schedule_at = datetime.now(UTC) + timedelta(seconds=seconds)
         if schedule_at is not None and schedule_at.tzinfo is None:
             raise InvalidArguments(
                 "schedule_at must be timezone-aware (e.g. datetime.now(timezone.utc))"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -223,9 +224,7 @@ class Worker:
 
     async def _listen(self, connector: AsyncConnector) -> Listener | None:
         try:
-            return await connector.listen(
-                [self._s.channel, self._s.abort_channel], self._on_notify
-            )
+            return await connector.listen([self._s.channel, self._s.abort_channel], self._on_notify)
         except Exception:  # polling still finds the jobs
             logger.warning("LISTEN failed; polling every %s s", self.fetch_interval, exc_info=True)
             return None
@@ -287,7 +286,9 @@ class Worker:
             waiters.append(self._wakeup.wait())
         tasks = [asyncio.ensure_future(w) for w in waiters]
         try:
-            await asyncio.wait(tasks, timeout=self.fetch_interval, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                tasks, timeout=self.fetch_interval, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for t in tasks:
                 t.cancel()
@@ -302,8 +303,13 @@ class Worker:
 
     async def _run_job(self, running: _Running) -> None:
         job, ctx, task = running.job, running.ctx, running.task
-        extra = {"job_id": job.id, "task": job.task_name, "queue": job.queue,
-                 "attempt": job.attempts, "worker": self.worker_id}
+        extra = {
+            "job_id": job.id,
+            "task": job.task_name,
+            "queue": job.queue,
+            "attempt": job.attempts,
+            "worker": self.worker_id,
+        }
         started = time.monotonic()
         result: Any = None
         exc: BaseException | None = None
@@ -325,8 +331,12 @@ class Worker:
         self._record(job.id, outcome)
         logger.log(
             logging.INFO if outcome.status == Status.SUCCEEDED else logging.WARNING,
-            "job %s %s %s in %.3f s", job.id, job.task_name, outcome.label,
-            time.monotonic() - started, extra=extra,
+            "job %s %s %s in %.3f s",
+            job.id,
+            job.task_name,
+            outcome.label,
+            time.monotonic() - started,
+            extra=extra,
         )
 
     async def _call_async(self, task: Task[Any], ctx: JobContext, job: ClaimedJob) -> Any:
@@ -345,7 +355,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         timer = (
             loop.call_later(task.timeout, ctx.request_abort, "timeout")
-            if task.timeout is not None else None
+            if task.timeout is not None
+            else None
         )
         try:
             # A sync task cannot be interrupted: shield it so a cancel (shutdown) waits for the
@@ -408,8 +419,13 @@ class Worker:
         newer = self._outcomes
         self._outcomes = batch
         for i in range(len(newer)):
-            self._outcomes.add(newer.ids[i], Status(newer.statuses[i]), newer.results[i],
-                               newer.errors[i], newer.retry_in[i])
+            self._outcomes.add(
+                newer.ids[i],
+                Status(newer.statuses[i]),
+                newer.results[i],
+                newer.errors[i],
+                newer.retry_in[i],
+            )
 
     # -- abort polling and heartbeats -----------------------------------------------------------
 
@@ -420,7 +436,9 @@ class Worker:
             if not self._running:
                 continue
             try:
-                ids = await self._connector.run(statements.abort_requested_ids(self._s, self.worker_id))
+                ids = await self._connector.run(
+                    statements.abort_requested_ids(self._s, self.worker_id)
+                )
             except Exception:
                 logger.warning("polling for aborted jobs failed", exc_info=True)
                 continue
@@ -449,7 +467,7 @@ class Worker:
                 await asyncio.wait(pending)
         await self._write_outcomes()
 
-    def _add_signal_handlers(self) -> list[Callable[[], None]]:
+    def _add_signal_handlers(self) -> list[Callable[[], object]]:
         loop = asyncio.get_running_loop()
         if threading.current_thread() is not threading.main_thread():
             return []
@@ -466,10 +484,10 @@ class Worker:
                 for running in list(self._running.values()):
                     self._request_abort(running.job.id, "shutdown")
 
-        removers: list[Callable[[], None]] = []
+        removers: list[Callable[[], object]] = []
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
-            removers.append(lambda s=sig: loop.remove_signal_handler(s))  # type: ignore[misc]
+            removers.append(functools.partial(loop.remove_signal_handler, sig))
         return removers
 
 

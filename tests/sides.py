@@ -25,8 +25,9 @@ class Side:
     async def defer(self, deferrer: Any, **kwargs: Any) -> int:
         return int(await self.call(deferrer, "defer", **kwargs))
 
-    async def defer_many(self, deferrer: Any, arguments: Iterable[Mapping[str, Any]],
-                         **kwargs: Any) -> list[int]:
+    async def defer_many(
+        self, deferrer: Any, arguments: Iterable[Mapping[str, Any]], **kwargs: Any
+    ) -> list[int]:
         return list(await self.call(deferrer, "defer_many", list(arguments), **kwargs))
 
     async def get(self, app: pgtq.App, job_id: int) -> pgtq.Job | None:

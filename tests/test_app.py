@@ -27,9 +27,7 @@ def test_urls_are_derived_for_each_side() -> None:
 
 
 @pytest.mark.parametrize("how", ["dsn", "engine", "async_engine", "both", "psycopg_async"])
-async def test_every_way_to_build_an_app_defers_on_both_sides(
-    how: str, dsn: str, sql: Any
-) -> None:
+async def test_every_way_to_build_an_app_defers_on_both_sides(how: str, dsn: str, sql: Any) -> None:
     engine = sa.create_engine(sync_url(dsn)) if how in ("engine", "both") else None
     aengine = None
     if how in ("async_engine", "both"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -33,7 +33,11 @@ async def test_defer_stores_the_job(side: Side, app: pgtq.App, tasks: Any, sql: 
     job = await side.get(app, job_id)
     assert job is not None
     assert (job.task_name, job.queue, job.priority, job.status) == (
-        "send_email", "emails", 3, pgtq.Status.TODO)
+        "send_email",
+        "emails",
+        3,
+        pgtq.Status.TODO,
+    )
     assert job.args == {"to": "a@example.com"}
     assert job.attempts == 0
     assert sql("SELECT count(*) FROM pgtq.jobs") == [(1,)]
@@ -49,19 +53,27 @@ async def test_defer_many_returns_ids_in_order(side: Side, app: pgtq.App, tasks:
 
 
 async def test_configure_sets_job_options(side: Side, app: pgtq.App, tasks: Any) -> None:
-    at = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    at = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
     job_id = await side.defer(
-        tasks["send_email"].configure(queue="bulk", priority=-5, schedule_at=at, lock="box-1",
-                                      queueing_lock="user-1"),
+        tasks["send_email"].configure(
+            queue="bulk", priority=-5, schedule_at=at, lock="box-1", queueing_lock="user-1"
+        ),
         to="x",
     )
     job = await side.get(app, job_id)
     assert job is not None
     assert (job.queue, job.priority, job.scheduled_at, job.lock, job.queueing_lock) == (
-        "bulk", -5, at, "box-1", "user-1")
+        "bulk",
+        -5,
+        at,
+        "box-1",
+        "user-1",
+    )
 
-    before = datetime.now(timezone.utc)
-    later = await side.defer(tasks["send_email"].configure(schedule_in=timedelta(minutes=5)), to="y")
+    before = datetime.now(UTC)
+    later = await side.defer(
+        tasks["send_email"].configure(schedule_in=timedelta(minutes=5)), to="y"
+    )
     job = await side.get(app, later)
     assert job is not None and job.scheduled_at is not None
     assert timedelta(minutes=4) < job.scheduled_at - before < timedelta(minutes=6)
