@@ -314,3 +314,16 @@ async def test_cancelling_the_worker_lets_running_jobs_finish(app: pgtq.App) -> 
         await worker
     assert await app.jobs.wait_async(job_id, timeout=1) == "done"
     assert not await _worker_registered(app)
+
+
+async def test_run_worker_uses_uvloop_when_installed(app: pgtq.App) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    seen: list[type] = []
+
+    @app.task
+    async def which_loop() -> None:
+        seen.append(type(asyncio.get_running_loop()))
+
+    await which_loop.defer_async()
+    await asyncio.to_thread(app.run_worker, wait=False, install_signal_handlers=False)
+    assert seen == [uvloop.Loop]
