@@ -158,16 +158,16 @@ class Worker:
         self._outcomes = statements.Outcomes.empty()
         self._pool: ThreadPoolExecutor | None = None
         self._connector: AsyncConnector | None = None
+        self._wakeup = asyncio.Event()  # a NOTIFY announced new jobs
+        self._stopping = asyncio.Event()
+        self._flush = asyncio.Event()  # outcomes wait to be written
+        self._changed = asyncio.Event()  # a job finished or outcomes were written
+        self._write_lock = asyncio.Lock()
 
     # -- the run ------------------------------------------------------------------------------
 
     async def run(self) -> WorkerStats:
         started = time.monotonic()
-        self._wakeup = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._flush = asyncio.Event()
-        self._changed = asyncio.Event()  # a job finished or outcomes were written
-        self._write_lock = asyncio.Lock()
         connector = self._connector = self.app.async_connector()
         if not await connector.run(statements.is_migrated(self._s)):
             raise SchemaNotMigrated(
