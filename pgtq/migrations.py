@@ -1,0 +1,230 @@
+"""pgtq's Alembic revisions, run on their own or inside a user's Alembic project.
+
+The revisions live in the top-level ``alembic/`` directory of a checkout; the wheel copies that
+directory to ``pgtq/_alembic/``. They carry the branch label ``pgtq`` so that they can sit beside
+an application's own revisions (``alembic upgrade heads`` runs both).
+
+On their own (``pgtq migrate``, ``App.migrate``), the revisions keep their version table
+``alembic_version`` inside pgtq's schema, so pgtq's history never mixes with the application's.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import alembic.command
+import alembic.context
+import sqlalchemy as sa
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection
+from sqlalchemy.schema import SchemaItem
+
+from pgtq.connectors import sync_url
+from pgtq.errors import ConfigurationError
+from pgtq.schema import DEFAULT_SCHEMA, tables_for, validate_schema_name
+
+__all__ = [
+    "SCHEMA_ATTRIBUTE",
+    "SCHEMA_ENV",
+    "SCRIPT_DIR",
+    "VERSIONS_DIR",
+    "VERSION_TABLE",
+    "MigrationConflict",
+    "current",
+    "downgrade",
+    "heads",
+    "include_object",
+    "revision_schema",
+    "sql",
+    "upgrade",
+    "version_location",
+]
+
+
+def _script_dir() -> Path:
+    """Inside the wheel (``pgtq/_alembic``), else the checkout's top-level ``alembic/``."""
+    packaged = Path(__file__).resolve().parent / "_alembic"
+    if (packaged / "versions").is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "alembic"
+
+
+#: The directory holding ``env.py`` and ``script.py.mako``.
+SCRIPT_DIR: Path = _script_dir()
+#: pgtq's revisions: add this to ``version_locations`` in your own Alembic project.
+VERSIONS_DIR: Path = SCRIPT_DIR / "versions"
+
+#: The ``Config.attributes`` key that tells the revisions which schema to build.
+SCHEMA_ATTRIBUTE = "pgtq_schema"
+#: The environment variable read by the revisions when no attribute is set (your own project).
+SCHEMA_ENV = "PGTQ_SCHEMA"
+#: pgtq's own version table, kept inside pgtq's schema.
+VERSION_TABLE = "alembic_version"
+
+# Alembic's ``context`` and ``op`` are module-level proxies: two migrations in two threads of
+# one process would overwrite each other's. Re-entrant, so that a second migration on the same
+# thread (another coroutine inside AsyncConnection.run_sync) cannot deadlock the event loop; it
+# is not serialized either, so do not run two migrations at once on one event loop.
+_ALEMBIC_LOCK = threading.RLock()
+
+
+class MigrationConflict(ConfigurationError):
+    """pgtq's tables exist but pgtq's own version table does not know them."""
+
+
+def version_location() -> str:
+    """``VERSIONS_DIR`` as a string, for ``version_locations`` set in code."""
+    return str(VERSIONS_DIR)
+
+
+def revision_schema() -> str:
+    """The schema a revision builds: set by :func:`upgrade`, else ``PGTQ_SCHEMA``, else ``pgtq``.
+
+    Revisions call it inside ``upgrade()``/``downgrade()``, where Alembic's context is set.
+    """
+    try:
+        attributes: dict[Any, Any] = alembic.context.config.attributes
+    except AttributeError:  # no migration is running: Alembic's proxy is not installed
+        attributes = {}
+    name = attributes.get(SCHEMA_ATTRIBUTE) or os.environ.get(SCHEMA_ENV) or DEFAULT_SCHEMA
+    return validate_schema_name(name)
+
+
+def include_object(
+    obj: SchemaItem, name: str | None, type_: str, reflected: bool, compare_to: SchemaItem | None
+) -> bool:
+    """``include_object`` for a user's env.py: autogenerate leaves pgtq's schema alone.
+
+    pgtq's tables change only through pgtq's revisions; without this filter, autogenerate
+    with ``include_schemas=True`` (or with ``pgtq.schema.metadata`` in ``target_metadata``)
+    would copy pgtq's tables, or their removal, into the application's revisions.
+    """
+    if type_ == "table":
+        return getattr(obj, "schema", None) != revision_schema()
+    return True
+
+
+def _config(schema: str, connection: Connection | None = None, **kwargs: Any) -> Config:
+    cfg = Config(**kwargs)
+    cfg.set_main_option("script_location", str(SCRIPT_DIR).replace("%", "%%"))
+    cfg.set_main_option("path_separator", "newline")
+    cfg.set_main_option("version_locations", str(VERSIONS_DIR).replace("%", "%%"))
+    cfg.attributes[SCHEMA_ATTRIBUTE] = schema
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def upgrade(connection: Connection, schema: str = DEFAULT_SCHEMA, revision: str = "heads") -> None:
+    """Upgrade pgtq's schema on ``connection``, inside the caller's transaction (not committed).
+
+    Concurrent upgrades of the same schema wait for each other (an advisory lock held until the
+    caller's transaction ends), so every worker of a fleet may migrate at startup.
+    """
+    validate_schema_name(schema)
+    _lock_and_create_schema(connection, schema)
+    if not current(connection, schema) and sa.inspect(connection).has_table("jobs", schema):
+        raise MigrationConflict(
+            f"the table {schema}.jobs exists but {schema}.{VERSION_TABLE} has no pgtq "
+            "revision: it is probably managed by your own Alembic project (pgtq's revisions "
+            "in its version_locations), so run `alembic upgrade heads` there instead of "
+            "`pgtq migrate` / app.migrate()"
+        )
+    with _ALEMBIC_LOCK:
+        alembic.command.upgrade(_config(schema, connection), revision)
+
+
+def downgrade(connection: Connection, schema: str = DEFAULT_SCHEMA, revision: str = "base") -> None:
+    """Downgrade pgtq's schema; ``base`` drops pgtq's tables but keeps the schema itself."""
+    validate_schema_name(schema)
+    _lock_and_create_schema(connection, schema)
+    with _ALEMBIC_LOCK:
+        alembic.command.downgrade(_config(schema, connection), revision)
+
+
+def current(connection: Connection, schema: str = DEFAULT_SCHEMA) -> set[str]:
+    """The revisions pgtq's version table records (empty when never migrated)."""
+    validate_schema_name(schema)
+    context = MigrationContext.configure(
+        connection, opts={"version_table_schema": schema, "version_table": VERSION_TABLE}
+    )
+    return set(context.get_current_heads())
+
+
+def heads() -> set[str]:
+    """The newest revisions this version of pgtq ships: ``current()`` equals it when migrated."""
+    return set(ScriptDirectory(str(SCRIPT_DIR), version_locations=[VERSIONS_DIR]).get_heads())
+
+
+def sql(schema: str = DEFAULT_SCHEMA, revision: str = "heads") -> str:
+    """The upgrade as a SQL script (Alembic's offline mode), for a DBA to review and run."""
+    validate_schema_name(schema)
+    buffer = io.StringIO()
+    with _ALEMBIC_LOCK:
+        alembic.command.upgrade(_config(schema, output_buffer=buffer), revision, sql=True)
+    return buffer.getvalue()
+
+
+def _lock_and_create_schema(connection: Connection, schema: str) -> None:
+    for statement in _prologue(schema):
+        connection.execute(sa.text(statement))
+
+
+def _prologue(schema: str) -> list[str]:
+    """Serialize migrations of one schema, then make sure the version table has a home."""
+    return [
+        f"SELECT pg_advisory_xact_lock(hashtext('pgtq.migrate'), hashtext('{schema}'))",
+        f'CREATE SCHEMA IF NOT EXISTS "{schema}"',
+    ]
+
+
+def run_env() -> None:
+    """The body of pgtq's ``alembic/env.py``: online on the caller's connection, or offline.
+
+    Without a connection in ``config.attributes`` (a developer running the ``alembic`` command
+    on ``alembic/alembic.ini``), it connects to ``sqlalchemy.url`` or ``PGTQ_DSN``.
+    """
+    schema = revision_schema()
+    options: dict[str, Any] = {
+        "version_table": VERSION_TABLE,
+        "version_table_schema": schema,
+        "target_metadata": tables_for(schema).metadata,
+        "include_schemas": True,
+        "include_name": lambda name, type_, parents: type_ != "schema" or name == schema,
+        "compare_server_default": True,
+    }
+    config = alembic.context.config
+    if alembic.context.is_offline_mode():
+        alembic.context.configure(dialect_name="postgresql", literal_binds=True, **options)
+        with alembic.context.begin_transaction():
+            for statement in _prologue(schema):
+                alembic.context.execute(statement)
+            alembic.context.run_migrations()
+        return
+
+    connection: Connection | None = config.attributes.get("connection")
+    if connection is not None:
+        _run_online(connection, schema, options)
+        return
+    url = config.get_main_option("sqlalchemy.url") or os.environ.get("PGTQ_DSN")
+    if not url:
+        raise ConfigurationError("set sqlalchemy.url or PGTQ_DSN to run pgtq's revisions")
+    engine = sa.create_engine(sync_url(url), poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            _lock_and_create_schema(conn, schema)
+            _run_online(conn, schema, options)
+    finally:
+        engine.dispose()
+
+
+def _run_online(connection: Connection, schema: str, options: dict[str, Any]) -> None:
+    alembic.context.configure(connection=connection, **options)
+    with alembic.context.begin_transaction():
+        alembic.context.run_migrations()
