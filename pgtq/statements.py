@@ -9,7 +9,7 @@ pure function that turns its result into a value, and either connector runs it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache, cached_property
@@ -40,18 +40,22 @@ ONE_SECOND: sa.ColumnElement[Any] = sa.literal_column("interval '1 second'")
 
 @dataclass(frozen=True, slots=True)
 class Query(Generic[T]):
-    """A statement, its parameters and the pure mapping of its result: what a twin runs."""
+    """A statement, its parameters and the pure mapping of its result: what a twin runs.
+
+    The mapper gets a SQLAlchemy ``Result``, or on the worker's fast path a list of driver
+    records: mappers of hot-path queries only iterate rows and index them by position.
+    """
 
     statement: Executable
     params: dict[str, Any]
-    mapper: Callable[[Result[Any]], T]
+    mapper: Callable[[Any], T]
 
 
 def _array(name: str, item: sa.types.TypeEngine[Any]) -> sa.BindParameter[Any]:
     return sa.bindparam(name, type_=ARRAY(item))
 
 
-def _id_list(result: Result[Any]) -> list[int]:
+def _id_list(result: Iterable[Sequence[Any]]) -> list[int]:
     return sorted(row[0] for row in result)
 
 
@@ -549,12 +553,12 @@ def register_worker(
         "pid": pid,
         "queues": list(queues) if queues else None,
     }
-    return Query(s.register_worker, params, lambda r: r.rowcount)  # type: ignore[attr-defined]
+    return Query(s.register_worker, params, lambda r: r.rowcount)
 
 
 def heartbeat(s: Statements, worker_id: str) -> Query[int]:
-    return Query(s.heartbeat, {"worker_id": worker_id}, lambda r: r.rowcount)  # type: ignore[attr-defined]
+    return Query(s.heartbeat, {"worker_id": worker_id}, lambda r: r.rowcount)
 
 
 def unregister_worker(s: Statements, worker_id: str) -> Query[int]:
-    return Query(s.unregister_worker, {"worker_id": worker_id}, lambda r: r.rowcount)  # type: ignore[attr-defined]
+    return Query(s.unregister_worker, {"worker_id": worker_id}, lambda r: r.rowcount)

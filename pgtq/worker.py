@@ -37,7 +37,7 @@ from pgtq.tasks import Task, call_task
 
 if TYPE_CHECKING:
     from pgtq.app import App
-    from pgtq.connectors import AsyncConnector, Listener
+    from pgtq.connectors import AsyncConnector, DedicatedConnection, Listener
 
 logger = logging.getLogger("pgtq.worker")
 
@@ -158,6 +158,10 @@ class Worker:
         self._outcomes = statements.Outcomes.empty()
         self._pool: ThreadPoolExecutor | None = None
         self._connector: AsyncConnector | None = None
+        # Claims and completions each have a connection of their own, so a claim and a
+        # completion write are in flight at the same time.
+        self._claimer: DedicatedConnection | None = None
+        self._completer: DedicatedConnection | None = None
         self._wakeup = asyncio.Event()  # a NOTIFY announced new jobs
         self._stopping = asyncio.Event()
         self._flush = asyncio.Event()  # outcomes wait to be written
@@ -181,6 +185,8 @@ class Worker:
                 self._s, self.worker_id, socket.gethostname(), os.getpid(), self.queues
             )
         )
+        self._claimer = await connector.dedicated()
+        self._completer = await connector.dedicated()
         listener = await self._listen(connector)
         background: list[asyncio.Task[None]] = []
         removers = self._add_signal_handlers() if self.install_signal_handlers else []
@@ -207,6 +213,8 @@ class Worker:
                 bg.cancel()
             if listener is not None:
                 await listener.close()
+            for conn in (self._claimer, self._completer):
+                await conn.close()
             with contextlib.suppress(Exception):
                 await connector.run(statements.unregister_worker(self._s, self.worker_id))
             with contextlib.suppress(Exception):
@@ -266,10 +274,10 @@ class Worker:
 
     async def _claim(self, limit: int) -> list[ClaimedJob] | None:
         """Claim up to ``limit`` jobs; None when the claim failed (and should be tried again)."""
-        assert self._connector is not None
+        assert self._claimer is not None
         query = statements.claim_jobs(self._s, self.worker_id, self.queues, limit)
         try:
-            return await self._connector.run(query)
+            return await self._claimer.run(query)
         except Exception as exc:
             if "jobs_lock_doing_idx" in str(exc):
                 # Another worker claimed a job of the same lock at the same instant.
@@ -396,7 +404,7 @@ class Worker:
 
     async def _write_outcomes(self) -> None:
         """Write what is buffered; on failure keep it and try again (nothing is dropped)."""
-        assert self._connector is not None
+        assert self._completer is not None
         delay = 0.05
         async with self._write_lock:
             while self._outcomes:
@@ -404,7 +412,7 @@ class Worker:
                 batch, self._outcomes = self._outcomes, statements.Outcomes.empty()
                 query = statements.complete_jobs(self._s, self.worker_id, batch)
                 try:
-                    await self._connector.run(query)
+                    await self._completer.run(query)
                 except asyncio.CancelledError:
                     self._merge_back(batch)
                     raise

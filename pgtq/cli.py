@@ -1,0 +1,550 @@
+"""The ``pgtq`` command: run workers, defer jobs, migrate, inspect jobs, try the demo.
+
+A face over the public API, nothing more. Every error pgtq raises on purpose becomes one line
+``Error: ...`` on stderr and exit code 1: the message already says what to do next, so a
+traceback would only hide it (``-v`` shows it anyway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+from rich.text import Text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, make_url
+
+from pgtq.app import DSN_ENV, App
+from pgtq.connectors import describe
+from pgtq.errors import ConfigurationError, JobNotFound, PgtqError
+from pgtq.model import Job, Status
+from pgtq.schema import DEFAULT_SCHEMA
+
+__all__ = ["AppNotFound", "cli", "load_app", "main"]
+
+cli = typer.Typer(
+    name="pgtq",
+    help="pgtq: a PostgreSQL task queue.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+jobs_cli = typer.Typer(help="Inspect and control jobs.", no_args_is_help=True)
+cli.add_typer(jobs_cli, name="jobs")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+#: When the embedded PostgreSQL is a command's last resort for a database.
+Embedded = Literal["always", "if-present"]
+
+
+class AppNotFound(ConfigurationError):
+    """``MODULE:APP`` did not lead to a ``pgtq.App``."""
+
+
+@dataclass
+class _State:
+    verbose: bool = False
+
+
+_state = _State()
+
+
+# -- options shared by several commands ----------------------------------------------------------
+
+DsnOption = Annotated[
+    str | None,
+    typer.Option(
+        "--dsn",
+        envvar=DSN_ENV,
+        show_envvar=True,
+        help="Database URL (default: PGTQ_DSN, else the app's own).",
+    ),
+]
+SchemaOption = Annotated[
+    str | None, typer.Option("--schema", help="pgtq's PostgreSQL schema (default: pgtq).")
+]
+AppOption = Annotated[
+    str | None,
+    typer.Option("--app", metavar="MODULE:APP", help="Take the database and schema from an app."),
+]
+AppArgument = Annotated[
+    str, typer.Argument(metavar="MODULE:APP", help="Where the app is, e.g. myproject.tasks:app.")
+]
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(Text.assemble(("Error: ", "bold red"), _one_line(message)), soft_wrap=True)
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _reporting_errors() -> Iterator[None]:
+    """Turn pgtq's errors into one line on stderr and exit code 1 (``-v``: the traceback)."""
+    try:
+        yield
+    except PgtqError as exc:
+        if _state.verbose:
+            raise
+        raise _fail(str(exc) or type(exc).__name__) from None
+    except sa_exc.ArgumentError as exc:  # a DSN SQLAlchemy cannot parse
+        if _state.verbose:
+            raise
+        raise _fail(f"invalid database URL: {exc}") from None
+    except sa_exc.DBAPIError as exc:
+        if _state.verbose:
+            raise
+        orig = exc.orig if exc.orig is not None else exc
+        first = (str(orig).strip() or type(orig).__name__).splitlines()[0]
+        raise _fail(f"database error: {first}") from None
+    except KeyboardInterrupt:
+        err.print("Interrupted.")
+        raise typer.Exit(130) from None
+
+
+# -- apps and databases ---------------------------------------------------------------------------
+
+
+def load_app(path: str) -> App:
+    """Import ``module:attribute`` (the current directory first on ``sys.path``) as a pgtq App."""
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise AppNotFound(
+            f"{path!r} is not an app path: write MODULE:ATTRIBUTE, e.g. myproject.tasks:app"
+        )
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        missing = (exc.name or "") if isinstance(exc, ModuleNotFoundError) else ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            raise AppNotFound(
+                f"cannot import {module_name!r} (from {path!r}): no module named {missing!r} "
+                f"in {cwd} or on sys.path"
+            ) from exc
+        raise AppNotFound(
+            f"importing {module_name!r} failed: {type(exc).__name__}: {exc} "
+            "(run with -v for the traceback)"
+        ) from exc
+    obj: Any = module
+    for part in attribute.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AppNotFound(
+                f"module {module_name!r} has no attribute {attribute!r} (from {path!r})"
+            ) from None
+    if not isinstance(obj, App):
+        raise AppNotFound(f"{path!r} is not a pgtq.App (got {type(obj).__name__})")
+    return obj
+
+
+def _has_database(app: App) -> bool:
+    try:
+        app.url  # noqa: B018 - raises when the app has no DSN and no engine
+    except ConfigurationError:
+        return False
+    return True
+
+
+def _use_dsn(app: App, dsn: str | URL | None) -> None:
+    """Point an app at another database: what ``--dsn`` / ``PGTQ_DSN`` mean for a loaded app.
+
+    App has no public way to do this yet, so its connectors are reset here; they are created
+    again on first use.
+    """
+    if not dsn:
+        return
+    url = make_url(dsn)
+    if app._url == url and app._engine is None and app._async_engine is None:
+        return
+    app.close()
+    app._url = url
+    app._engine = None
+    app._async_engine = None
+    app._async.clear()
+
+
+def _embedded_url() -> str:
+    from pgtq import embedded
+
+    dsn = embedded.embedded_dsn()
+    err.print(f"Using the embedded PostgreSQL in {embedded.DEFAULT_PATH}", soft_wrap=True)
+    return dsn
+
+
+def _target_app(
+    dsn: str | None, app_path: str | None, schema: str | None, *, embedded: Embedded
+) -> App:
+    """The app a command works on: the one at ``--app``/``MODULE:APP``, or a bare one."""
+    app = load_app(app_path) if app_path else App(None, schema=schema or DEFAULT_SCHEMA)
+    if schema is not None and schema != app.schema:
+        app = App(app.url if _has_database(app) else None, schema=schema)
+    return _with_database(app, dsn, app_path, embedded=embedded)
+
+
+def _with_database(app: App, dsn: str | None, app_path: str | None, *, embedded: Embedded) -> App:
+    """Give the app its database: ``--dsn``/``PGTQ_DSN``, else its own, else the embedded one.
+
+    ``embedded`` says when the embedded PostgreSQL is the last resort: ``"always"`` (started
+    if need be) or ``"if-present"`` (only when ./.pgtq already holds one, as after
+    ``pgtq migrate`` or ``pgtq demo`` without a DSN).
+    """
+    from pgtq import embedded as embedded_pg
+
+    _use_dsn(app, dsn)
+    if not _has_database(app) and (
+        embedded == "always" or (embedded == "if-present" and embedded_pg.is_initialized())
+    ):
+        _use_dsn(app, _embedded_url())
+    if not _has_database(app):
+        where = f"{app_path} has no DSN: " if app_path else ""
+        raise ConfigurationError(f"no database configured: {where}pass --dsn or set {DSN_ENV}")
+    return app
+
+
+@contextlib.contextmanager
+def _logging_to_stderr() -> Iterator[None]:
+    """Show pgtq's log (job outcomes, worker start and stop) while a command runs."""
+    handler = RichHandler(
+        console=Console(stderr=True), show_path=False, markup=False, rich_tracebacks=False
+    )
+    logger = logging.getLogger("pgtq")
+    previous = logger.level
+    logger.setLevel(logging.DEBUG if _state.verbose else logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def _version(value: bool) -> None:
+    if value:
+        from pgtq import __version__
+
+        out.print(f"pgtq {__version__}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _root(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show tracebacks and debug logs.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """pgtq: a PostgreSQL task queue."""
+    _state.verbose = verbose
+
+
+@cli.command()
+def worker(
+    app_path: AppArgument,
+    queue: Annotated[
+        list[str] | None,
+        typer.Option("--queue", "-q", help="A queue to take jobs from (repeat; default: all)."),
+    ] = None,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-c", min=1, help="Jobs run at the same time.")
+    ] = 10,
+    one_shot: Annotated[
+        bool, typer.Option("--one-shot", help="Run the jobs that are due, then exit.")
+    ] = False,
+    fetch_job_polling_interval: Annotated[
+        float, typer.Option(min=0.01, help="Seconds between polls when no NOTIFY arrives.")
+    ] = 5.0,
+    abort_job_polling_interval: Annotated[
+        float, typer.Option(min=0.01, help="Seconds between checks for aborted jobs.")
+    ] = 1.0,
+    shutdown_graceful_timeout: Annotated[
+        float,
+        typer.Option(min=0, help="On SIGTERM/SIGINT, seconds running jobs get (inf: no limit)."),
+    ] = 30.0,
+    dsn: DsnOption = None,
+) -> None:
+    """Run a worker until SIGTERM/SIGINT (or, with --one-shot, until no job is due)."""
+    with _reporting_errors():
+        app = _target_app(dsn, app_path, None, embedded="if-present")
+        queues = list(queue) if queue else None
+        err.print(
+            f"pgtq worker: {len(app.tasks)} task(s) from {app_path}, "
+            f"queues {', '.join(queues) if queues else 'all'}, concurrency {concurrency}, "
+            f"database {describe(app.url)}",
+            soft_wrap=True,
+        )
+        with _logging_to_stderr(), contextlib.closing(app):
+            stats = app.run_worker(
+                queues=queues,
+                concurrency=concurrency,
+                fetch_job_polling_interval=fetch_job_polling_interval,
+                abort_job_polling_interval=abort_job_polling_interval,
+                shutdown_graceful_timeout=(
+                    None if math.isinf(shutdown_graceful_timeout) else shutdown_graceful_timeout
+                ),
+                wait=not one_shot,
+                install_signal_handlers=True,
+            )
+        detail = ", ".join(f"{name} {n}" for name, n in sorted(stats.by_status.items()))
+        err.print(
+            f"pgtq worker: processed {stats.processed} job(s)"
+            + (f" ({detail})" if detail else "")
+            + f" in {stats.elapsed:.2f} s",
+            soft_wrap=True,
+        )
+
+
+class _InvalidJson(PgtqError, ValueError):
+    """The ``defer`` arguments are not a JSON object."""
+
+
+def parse_arguments(text: str) -> dict[str, Any]:
+    """The JSON object of keyword arguments given on the command line."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _InvalidJson(
+            f"the task arguments are not valid JSON ({exc}): give an object such as "
+            """'{"to": "a@example.com"}'"""
+        ) from None
+    if not isinstance(value, dict):
+        raise _InvalidJson(
+            f"the task arguments must be a JSON object of keyword arguments, "
+            f"""such as '{{"to": "a@example.com"}}', not a JSON {type(value).__name__}"""
+        )
+    return value
+
+
+@cli.command()
+def defer(
+    app_path: AppArgument,
+    task_name: Annotated[str, typer.Argument(metavar="TASK", help="The task's name.")],
+    arguments: Annotated[
+        str, typer.Argument(metavar="JSON", help="""Keyword arguments, e.g. '{"to": "a@x"}'.""")
+    ] = "{}",
+    queue: Annotated[str | None, typer.Option(help="Queue (default: the task's).")] = None,
+    priority: Annotated[int | None, typer.Option(help="Higher runs first.")] = None,
+    lock: Annotated[str | None, typer.Option(help="Jobs sharing it never run together.")] = None,
+    queueing_lock: Annotated[
+        str | None, typer.Option(help="At most one waiting job with this key.")
+    ] = None,
+    schedule_in: Annotated[
+        float | None, typer.Option("--in", metavar="SECONDS", help="Run no sooner than this.")
+    ] = None,
+    dsn: DsnOption = None,
+) -> None:
+    """Defer one job of a task and print its id."""
+    with _reporting_errors():
+        app = load_app(app_path)
+        task = app.get_task(task_name)
+        kwargs = parse_arguments(arguments)
+        deferrer = task.configure(
+            queue=queue,
+            priority=priority,
+            lock=lock,
+            queueing_lock=queueing_lock,
+            schedule_in=schedule_in,
+        )
+        # Validates the arguments before any connection is made.
+        deferrer.encode([kwargs])
+        _with_database(app, dsn, app_path, embedded="if-present")
+        try:
+            job_id = deferrer.defer_many([kwargs])[0]
+        finally:
+            app.close()
+        out.print(
+            f"Deferred {task.name} as job {job_id} on queue {deferrer.options.queue!r}",
+            soft_wrap=True,
+        )
+
+
+@cli.command()
+def migrate(
+    dsn: DsnOption = None,
+    schema: SchemaOption = None,
+    app_path: AppOption = None,
+    sql: Annotated[
+        bool, typer.Option("--sql", help="Print the SQL instead of running it.")
+    ] = False,
+) -> None:
+    """Create or upgrade pgtq's tables to the newest revision.
+
+    With no --dsn, PGTQ_DSN or --app, the embedded PostgreSQL in ./.pgtq is used.
+    """
+    with _reporting_errors():
+        if sql:
+            target_schema = schema or (load_app(app_path).schema if app_path else DEFAULT_SCHEMA)
+            from pgtq import migrations
+
+            render = getattr(migrations, "sql", None)
+            if render is None:
+                raise ConfigurationError("this version of pgtq cannot print its migration SQL")
+            out.print(render(target_schema), markup=False, soft_wrap=True)
+            return
+        app = _target_app(dsn, app_path, schema, embedded="always")
+        try:
+            app.migrate()
+        finally:
+            app.close()
+        out.print(
+            f"pgtq schema {app.schema!r} at {describe(app.url)} is up to date", soft_wrap=True
+        )
+
+
+@cli.command()
+def demo(
+    jobs: Annotated[int, typer.Option("--jobs", "-n", min=3, help="How many jobs to run.")] = 200,
+    dsn: DsnOption = None,
+) -> None:
+    """Defer and run sample jobs: on PGTQ_DSN, or on the embedded PostgreSQL in ./.pgtq."""
+    from pgtq.demo import run_demo
+
+    with _reporting_errors():
+        run_demo(dsn or None, jobs=jobs, console=out)
+
+
+# -- pgtq jobs ... --------------------------------------------------------------------------------
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def job_table(job: Job, *, traceback: bool = False) -> Table:
+    """A job as a two-column table (field, value)."""
+    table = Table(title=f"Job {job.id}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    rows: list[tuple[str, Any]] = [
+        ("task", job.task_name),
+        ("queue", job.queue),
+        ("status", job.status.value + (" (abort requested)" if job.abort_requested else "")),
+        ("attempts", job.attempts),
+        ("priority", job.priority),
+        ("args", _json(job.args)),
+        ("scheduled at", job.scheduled_at),
+        ("lock", job.lock),
+        ("queueing lock", job.queueing_lock),
+        ("worker", job.worker_id),
+        ("created at", job.created_at),
+        ("started at", job.started_at),
+        ("finished at", job.finished_at),
+    ]
+    if job.result is not None:
+        rows.append(("result", _json(job.result)))
+    if job.error:
+        kind, message = job.error.get("type"), job.error.get("message")
+        rows.append(("error", f"{kind}: {message}" if kind else str(message)))
+        if traceback and job.error.get("traceback"):
+            rows.append(("traceback", str(job.error["traceback"]).rstrip()))
+    for name, value in rows:
+        if value is not None:
+            table.add_row(name, Text(str(value)))
+    return table
+
+
+@jobs_cli.command("show")
+def jobs_show(
+    job_id: Annotated[int, typer.Argument(metavar="ID")],
+    traceback: Annotated[
+        bool, typer.Option("--traceback", help="Show the stored traceback of a failure.")
+    ] = False,
+    dsn: DsnOption = None,
+    app_path: AppOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """Show one job."""
+    with _reporting_errors():
+        app = _target_app(dsn, app_path, schema, embedded="if-present")
+        try:
+            job = app.jobs.get(job_id)
+        finally:
+            app.close()
+        if job is None:
+            raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
+        out.print(job_table(job, traceback=traceback))
+
+
+@jobs_cli.command("abort")
+def jobs_abort(
+    job_id: Annotated[int, typer.Argument(metavar="ID")],
+    dsn: DsnOption = None,
+    app_path: AppOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """Cancel a waiting job, or ask a running one to stop."""
+    with _reporting_errors():
+        app = _target_app(dsn, app_path, schema, embedded="if-present")
+        try:
+            status = app.jobs.abort(job_id)
+            job = app.jobs.get(job_id) if status is None else None
+        finally:
+            app.close()
+        if status is not None:
+            what = "cancelled" if status is Status.CANCELLED else "asked to stop (running)"
+            out.print(f"Job {job_id} {what}")
+        elif job is None:
+            raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
+        else:
+            raise PgtqError(f"job {job_id} already ended ({job.status.value}): nothing to abort")
+
+
+@jobs_cli.command("retry")
+def jobs_retry(
+    job_id: Annotated[int, typer.Argument(metavar="ID")],
+    dsn: DsnOption = None,
+    app_path: AppOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """Put a failed, aborted or cancelled job back in its queue."""
+    with _reporting_errors():
+        app = _target_app(dsn, app_path, schema, embedded="if-present")
+        try:
+            retried = app.jobs.retry(job_id)
+            job = None if retried else app.jobs.get(job_id)
+        finally:
+            app.close()
+        if retried:
+            out.print(f"Job {job_id} is waiting again")
+        elif job is None:
+            raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
+        else:
+            raise PgtqError(
+                f"job {job_id} is {job.status.value}: only failed, aborted or cancelled jobs "
+                "can be retried"
+            )
+
+
+def main() -> None:
+    """The ``pgtq`` console script."""
+    cli(prog_name="pgtq")

@@ -1,0 +1,337 @@
+"""``pgtq demo``: defer a few hundred sample jobs and watch a worker run them.
+
+It shows, in a few seconds and with nothing to set up, what pgtq does: sync and async tasks
+side by side, a failure retried into a success, a running job aborted, and the throughput.
+The demo's tasks live on an app made by :func:`demo_app`, so importing this module registers
+nothing. Its jobs go to a queue of their own (``pgtq_demo``), so running it on a real
+database never touches anyone else's jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from rich.console import Console, Group, RenderableType
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import Result
+
+from pgtq.app import DSN_ENV, App
+from pgtq.connectors import describe
+from pgtq.errors import PgtqError
+from pgtq.jobs import JobContext
+from pgtq.model import FINAL_STATUSES, Status
+from pgtq.retry import Retry
+from pgtq.statements import Query
+
+QUEUE = "pgtq_demo"
+
+#: How long the long-running job would run if nobody aborted it.
+LONG_JOB_SECONDS = 30.0
+
+#: The demo gives up when no job has finished for this long (a stuck worker, not a slow one).
+STALL_TIMEOUT = 30.0
+
+
+class DemoFailed(PgtqError):
+    """The demo's worker stopped or stalled before every job was final."""
+
+
+@dataclass(frozen=True)
+class DemoSummary:
+    """How the demo's jobs ended: what ``pgtq demo`` prints, and what tests check."""
+
+    total: int
+    by_status: dict[str, int]
+    retried: int
+    elapsed: float
+    database: str
+    aborted_job_id: int
+    worker_by_status: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def jobs_per_second(self) -> float:
+        return self.total / self.elapsed if self.elapsed > 0 else 0.0
+
+
+def demo_app(dsn: str) -> App:
+    """A fresh app with the demo's sample tasks (a mix of sync and async)."""
+    app = App(dsn)
+
+    @app.task(queue=QUEUE)
+    def sleep_sync(ctx: JobContext, ms: int) -> int:
+        """A sync task: runs in the worker's thread pool."""
+        time.sleep(ms / 1000)
+        return ms
+
+    @app.task(queue=QUEUE)
+    async def sleep_async(ctx: JobContext, ms: int) -> int:
+        """An async task: runs on the worker's event loop."""
+        await asyncio.sleep(ms / 1000)
+        return ms
+
+    @app.task(queue=QUEUE)
+    async def noop(ctx: JobContext, n: int) -> dict[str, int]:
+        return {"n": n, "square": n * n}
+
+    @app.task(queue=QUEUE, retry=Retry(max_attempts=3, backoff="fixed", base=0.1, jitter=0))
+    async def flaky(ctx: JobContext) -> dict[str, int]:
+        """Fails its first attempt on purpose; the retry policy runs it again."""
+        if ctx.attempt == 1:
+            raise RuntimeError("a transient failure (the demo fails the first attempt on purpose)")
+        return {"succeeded_on_attempt": ctx.attempt}
+
+    @app.task(queue=QUEUE)
+    def long_running(ctx: JobContext, seconds: float) -> str:
+        """Works in small steps and stops when asked: how a sync task honours an abort."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if ctx.should_abort():
+                return "stopped early"
+            time.sleep(0.01)
+        return "ran to the end"
+
+    return app
+
+
+def _demo_arguments(count: int) -> dict[str, list[dict[str, Any]]]:
+    """The quick jobs: half no-ops, half sleeps of 1-3 ms (async and sync alike)."""
+    spread: dict[str, list[dict[str, Any]]] = {"noop": [], "sleep_async": [], "sleep_sync": []}
+    for i in range(count):
+        if i % 4 in (0, 2):
+            spread["noop"].append({"n": i})
+        elif i % 4 == 1:
+            spread["sleep_async"].append({"ms": 1 + i % 3})
+        else:
+            spread["sleep_sync"].append({"ms": 1 + i % 3})
+    return spread
+
+
+def _id_ranges(ids: list[int]) -> list[tuple[int, int]]:
+    """Sorted ids as runs of consecutive ids: a bulk defer gets a run, so the runs are few."""
+    ranges: list[tuple[int, int]] = []
+    for job_id in sorted(ids):
+        if ranges and job_id == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], job_id)
+        else:
+            ranges.append((job_id, job_id))
+    return ranges
+
+
+def _progress_query(app: App, ids: list[int]) -> Query[dict[Status, tuple[int, int]]]:
+    """Per status: how many of these jobs have it, and how many of those needed a retry.
+
+    The jobs are picked by id ranges rather than a list of every id: the query runs many
+    times a second on the worker's own event loop, so it must stay cheap for a large run.
+    """
+    jobs = app.statements.jobs
+    ranges = _id_ranges(ids)
+    if len(ranges) <= 32:
+        where = sa.or_(*(jobs.c.id.between(lo, hi) for lo, hi in ranges))
+        params: dict[str, Any] = {}
+    else:  # ids interleaved with another run's: fall back to the list
+        where = jobs.c.id == sa.any_(sa.bindparam("ids", type_=ARRAY(sa.BigInteger())))
+        params = {"ids": ids}
+    statement = (
+        sa.select(
+            jobs.c.status,
+            sa.func.count(),
+            sa.func.count().filter(jobs.c.attempts > 1),
+        )
+        .where(where)
+        .group_by(jobs.c.status)
+    )
+
+    def mapper(result: Result[Any]) -> dict[Status, tuple[int, int]]:
+        counts: dict[Status, tuple[int, int]] = {}
+        for row in result:
+            status, n, retried = tuple(row)
+            counts[Status(status)] = (n, retried)
+        return counts
+
+    return Query(statement, params, mapper)
+
+
+def _resolve_dsn(dsn: str | None, console: Console) -> str:
+    dsn = dsn or os.environ.get(DSN_ENV) or None
+    if dsn is not None:
+        return dsn
+    from pgtq import embedded
+
+    with console.status("Starting the embedded PostgreSQL…"):
+        url = embedded.embedded_dsn()
+    console.print(f"Using the embedded PostgreSQL in {embedded.DEFAULT_PATH}")
+    return url
+
+
+def run_demo(
+    dsn: str | None = None, jobs: int = 200, *, console: Console | None = None
+) -> DemoSummary:
+    """Migrate, defer ``jobs`` sample jobs, run a worker until all are final, print a summary.
+
+    The database is ``dsn``, else ``PGTQ_DSN``, else the embedded PostgreSQL in ./.pgtq.
+    """
+    if jobs < 3:
+        raise ValueError("the demo needs at least 3 jobs")
+    console = console or Console()
+    url = _resolve_dsn(dsn, console)
+    with _quiet_worker_log():
+        summary = asyncio.run(_run(demo_app(url), jobs, console))
+    console.print(render_summary(summary), soft_wrap=True)
+    return summary
+
+
+@contextlib.contextmanager
+def _quiet_worker_log() -> Iterator[None]:
+    """The demo fails and aborts jobs on purpose: no warnings about them on the terminal.
+
+    (A logging setup of the user's own still receives them: this only stops Python's
+    last-resort handler from printing them.)
+    """
+    handler = logging.NullHandler()
+    logger = logging.getLogger("pgtq")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+async def _run(app: App, jobs: int, console: Console) -> DemoSummary:
+    try:
+        await app.migrate_async()
+        return await _defer_and_watch(app, jobs, console)
+    finally:
+        await app.close_async()
+
+
+async def _defer_and_watch(app: App, jobs: int, console: Console) -> DemoSummary:
+    database = describe(app.url)
+    left = sum(
+        n
+        for (queue, status), n in (await app.jobs.counts_async()).items()
+        if queue == QUEUE and status in (Status.TODO, Status.DOING)
+    )
+    if left:
+        console.print(
+            f"[dim]{left} job(s) of an interrupted demo are still queued: they run too, "
+            "but are not counted.[/]"
+        )
+    console.print(f"Deferring {jobs} jobs to queue {QUEUE!r} at {database}")
+    started = time.monotonic()
+    # The long job goes first with a high priority, so the worker claims it at once.
+    long_id = (
+        await app.tasks["long_running"].configure(priority=10).defer_async(seconds=LONG_JOB_SECONDS)
+    )
+    ids = [long_id, await app.tasks["flaky"].defer_async()]
+    for name, arguments in _demo_arguments(jobs - 2).items():
+        ids += await app.tasks[name].defer_many_async(arguments)
+
+    worker = asyncio.create_task(
+        app.run_worker_async(
+            queues=[QUEUE],
+            concurrency=10,
+            fetch_job_polling_interval=0.1,  # the retry is due 0.1 s after its failure
+            abort_job_polling_interval=0.2,
+            shutdown_graceful_timeout=5.0,
+            install_signal_handlers=False,
+        ),
+        name="pgtq-demo-worker",
+    )
+    query = _progress_query(app, ids)
+    connector = app.async_connector()
+    abort_sent = False
+    counts: dict[Status, tuple[int, int]] = {}
+    try:
+        with Progress(
+            TextColumn("[bold]jobs"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("final"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            bar = progress.add_task("jobs", total=len(ids))
+            last_final, last_change = -1, time.monotonic()
+            while True:
+                if worker.done():
+                    worker.result()  # raises what stopped it (e.g. SchemaNotMigrated)
+                    raise DemoFailed("the demo's worker stopped before every job was final")
+                counts = await connector.run(query)
+                if not abort_sent and counts.get(Status.DOING, (0, 0))[0]:
+                    job = await app.jobs.get_async(long_id)
+                    if job is not None and job.status == Status.DOING:
+                        await app.jobs.abort_async(long_id)
+                        abort_sent = True
+                final = sum(n for status, (n, _) in counts.items() if status in FINAL_STATUSES)
+                progress.update(bar, completed=final)
+                if final == len(ids):
+                    break
+                now = time.monotonic()
+                if final != last_final:
+                    last_final, last_change = final, now
+                elif now - last_change > STALL_TIMEOUT:
+                    raise DemoFailed(
+                        f"no demo job finished for {STALL_TIMEOUT:.0f} s ({final} of {len(ids)} "
+                        "final): is another worker holding them?"
+                    )
+                await asyncio.sleep(0.05)
+        elapsed = time.monotonic() - started
+    finally:
+        worker_stats = await _stop(worker)
+    return DemoSummary(
+        total=len(ids),
+        by_status={status.value: n for status, (n, _) in counts.items()},
+        retried=sum(retried for _, retried in counts.values()),
+        elapsed=elapsed,
+        database=database,
+        aborted_job_id=long_id,
+        worker_by_status=dict(worker_stats) if worker_stats is not None else {},
+    )
+
+
+async def _stop(worker: asyncio.Task[Any]) -> Counter[str] | None:
+    """Cancel the worker (a graceful shutdown) and wait for it; its counts if it returned them."""
+    if not worker.done():
+        worker.cancel()
+    try:
+        stats = await worker
+    except asyncio.CancelledError:
+        return None
+    except Exception:  # already raised by the watch loop, or nothing left to report
+        logging.getLogger("pgtq.demo").debug("the demo's worker failed", exc_info=True)
+        return None
+    by_status: Counter[str] = stats.by_status
+    return by_status
+
+
+def render_summary(summary: DemoSummary) -> RenderableType:
+    """How the jobs of this run ended, and how fast."""
+    table = Table(min_width=30)
+    table.add_column("status")
+    table.add_column("jobs", justify="right")
+    styles = {"succeeded": "green", "failed": "red", "aborted": "yellow", "cancelled": "yellow"}
+    for status in (Status.SUCCEEDED, Status.FAILED, Status.ABORTED, Status.CANCELLED):
+        n = summary.by_status.get(status.value, 0)
+        if n or status in (Status.SUCCEEDED, Status.FAILED):
+            table.add_row(f"[{styles[status.value]}]{status.value}[/]", str(n))
+    table.add_row("[dim]needed a retry[/]", f"[dim]{summary.retried}[/]")
+    return Group(
+        Text.from_markup(
+            f"[bold]pgtq demo[/]: {summary.total} jobs in {summary.elapsed:.2f} s "
+            f"([bold]{summary.jobs_per_second:,.0f} jobs/s[/]) on {summary.database}"
+        ),
+        table,
+        Text(f"Inspect the aborted job: pgtq jobs show {summary.aborted_job_id}", style="dim"),
+    )
