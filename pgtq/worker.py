@@ -111,6 +111,9 @@ def decide(
     return Outcome(Status.FAILED, error=err_json)
 
 
+_NOT_RUN = ClaimedJob(0, "", "", {}, 0, 0, None)
+
+
 @dataclass(eq=False)
 class _Running:
     job: ClaimedJob
@@ -127,6 +130,7 @@ class Worker:
         queues: Sequence[str] | None = None,
         concurrency: int = 10,
         batch_size: int | None = None,
+        prefetch: int | None = None,
         fetch_job_polling_interval: float = 5.0,
         abort_job_polling_interval: float = 1.0,
         shutdown_graceful_timeout: float | None = 30.0,
@@ -142,7 +146,9 @@ class Worker:
         self.app = app
         self.queues = list(queues) if queues else None
         self.concurrency = concurrency
-        self.batch_size = batch_size or concurrency
+        self.batch_size = batch_size or min(concurrency, 100)
+        # Jobs claimed ahead of free slots, so the next claim overlaps running jobs.
+        self.prefetch = self.batch_size if prefetch is None else prefetch
         self.fetch_interval = fetch_job_polling_interval
         self.abort_interval = abort_job_polling_interval
         self.graceful_timeout = shutdown_graceful_timeout
@@ -155,6 +161,7 @@ class Worker:
         self.stats = WorkerStats()
         self._s = app.statements
         self._running: dict[int, _Running] = {}
+        self._buffer: dict[int, ClaimedJob] = {}  # claimed, not started yet (in claim order)
         self._outcomes = statements.Outcomes.empty()
         self._pool: ThreadPoolExecutor | None = None
         self._connector: AsyncConnector | None = None
@@ -167,6 +174,7 @@ class Worker:
         self._flush = asyncio.Event()  # outcomes wait to be written
         self._changed = asyncio.Event()  # a job finished or outcomes were written
         self._write_lock = asyncio.Lock()
+        self._writes = 0  # completion writes done so far
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -248,29 +256,44 @@ class Worker:
     # -- fetching -------------------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
-        assert self._connector is not None
         while not self._stopping.is_set():
             self._changed.clear()
-            free = self.concurrency - len(self._running)
+            self._start_buffered()
+            room = self.concurrency + self.prefetch - len(self._running) - len(self._buffer)
             claimed: list[ClaimedJob] = []
-            if free > 0:
+            writes_before = self._writes
+            if room > 0:
                 self._wakeup.clear()
-                asked = min(free, self.batch_size)
+                asked = min(room, self.batch_size)
                 got = await self._claim(asked)
                 if got is None:
                     continue  # the claim failed and was waited out: try again
                 claimed = got
                 for job in claimed:
-                    self._start(job)
-                if claimed and len(claimed) == asked:
+                    self._buffer[job.id] = job
+                self._start_buffered()
+                if len(claimed) == asked:
                     continue  # there may be more waiting
-            if not self.wait and not claimed and self._drained():
+            # Drained: nothing running or left to write, and no write landed during the claim
+            # (it may have made a retry due that the claim could not yet see).
+            if not self.wait and not claimed and self._drained() and writes_before == self._writes:
                 return
-            await self._sleep_until_work(free_slots=free > 0)
+            await self._sleep_until_work(free_slots=room > 0)
+
+    def _start_buffered(self) -> None:
+        """Run claimed jobs while there are free slots; the rest wait in the buffer."""
+        while self._buffer and len(self._running) < self.concurrency:
+            job_id = next(iter(self._buffer))
+            self._start(self._buffer.pop(job_id))
 
     def _drained(self) -> bool:
         """Nothing running and every outcome written (a retry due now is then claimable)."""
-        return not self._running and not self._outcomes and not self._write_lock.locked()
+        return (
+            not self._running
+            and not self._buffer
+            and not self._outcomes
+            and not self._write_lock.locked()
+        )
 
     async def _claim(self, limit: int) -> list[ClaimedJob] | None:
         """Claim up to ``limit`` jobs; None when the claim failed (and should be tried again)."""
@@ -389,6 +412,9 @@ class Worker:
         self._changed.set()
 
     def _request_abort(self, job_id: int, reason: str) -> None:
+        if reason == "requested" and self._buffer.pop(job_id, None) is not None:
+            self._record(job_id, decide(None, _NOT_RUN, abort_reason=reason))
+            return
         running = self._running.get(job_id)
         if running is None or not running.ctx.request_abort(reason):
             return
@@ -413,6 +439,7 @@ class Worker:
                 query = statements.complete_jobs(self._s, self.worker_id, batch)
                 try:
                     await self._completer.run(query)
+                    self._writes += 1
                 except asyncio.CancelledError:
                     self._merge_back(batch)
                     raise
@@ -466,6 +493,7 @@ class Worker:
 
     async def _shutdown(self, background: list[asyncio.Task[None]]) -> None:
         """Let running jobs finish (up to the grace period), abort the rest, write everything."""
+        await self._release_buffered()
         futures = [r.future for r in self._running.values() if r.future is not None]
         if futures:
             _, pending = await asyncio.wait(futures, timeout=self.graceful_timeout)
@@ -474,6 +502,18 @@ class Worker:
             if pending:
                 await asyncio.wait(pending)
         await self._write_outcomes()
+
+    async def _release_buffered(self) -> None:
+        """Claimed jobs that never started go back to ``todo`` at once, attempt undone."""
+        assert self._claimer is not None
+        if not self._buffer:
+            return
+        ids, self._buffer = list(self._buffer), {}
+        try:
+            await self._claimer.run(statements.release_jobs(self._s, self.worker_id, ids))
+        except Exception:
+            # Still ours and ``doing``: a rescue puts them back once this worker is gone.
+            logger.exception("releasing %s unstarted jobs failed", len(ids))
 
     def _add_signal_handlers(self) -> list[Callable[[], object]]:
         loop = asyncio.get_running_loop()

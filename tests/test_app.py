@@ -134,3 +134,24 @@ def test_task_registration_errors() -> None:
     with pytest.raises(pgtq.UnknownTask, match="known tasks: same"):
         app.get_task("other")
     assert same() is None  # a task is still a plain callable
+
+
+async def test_a_pooled_connection_killed_while_idle_is_replaced(
+    side: Side, app: pgtq.App, sql: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection idle past PING_AFTER_IDLE is pinged on checkout; a dead one is replaced."""
+    import pgtq.connectors
+
+    monkeypatch.setattr(pgtq.connectors, "PING_AFTER_IDLE", 0.0)
+
+    @app.task
+    def noop() -> None: ...
+
+    await side.defer(noop)
+    killed = sql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    assert killed[0][0] >= 1
+    await side.defer(noop)
+    assert sql("SELECT count(*) FROM pgtq.jobs") == [(2,)]
