@@ -108,6 +108,17 @@ class App:
             self._async[loop] = connector
         return connector
 
+    def use_dsn(self, dsn: str | URL) -> None:
+        """Point the app at another database (``pgtq --dsn``): engines are made again on use.
+
+        Engines the app made are disposed of; engines you passed are forgotten, not disposed.
+        """
+        self.close()
+        self._url = make_url(dsn)
+        self._engine = None
+        self._async_engine = None
+        self._async.clear()
+
     # -- opening and closing ----------------------------------------------------------------------
 
     def open(self) -> App:

@@ -171,21 +171,9 @@ def _has_database(app: App) -> bool:
 
 
 def _use_dsn(app: App, dsn: str | URL | None) -> None:
-    """Point an app at another database: what ``--dsn`` / ``PGTQ_DSN`` mean for a loaded app.
-
-    App has no public way to do this yet, so its connectors are reset here; they are created
-    again on first use.
-    """
-    if not dsn:
-        return
-    url = make_url(dsn)
-    if app._url == url and app._engine is None and app._async_engine is None:
-        return
-    app.close()
-    app._url = url
-    app._engine = None
-    app._async_engine = None
-    app._async.clear()
+    """Point a loaded app at the database ``--dsn`` / ``PGTQ_DSN`` names."""
+    if dsn and not (app._url == make_url(dsn) and app._engine is None):
+        app.use_dsn(dsn)
 
 
 def _embedded_url() -> str:
@@ -406,10 +394,7 @@ def migrate(
             target_schema = schema or (load_app(app_path).schema if app_path else DEFAULT_SCHEMA)
             from pgtq import migrations
 
-            render = getattr(migrations, "sql", None)
-            if render is None:
-                raise ConfigurationError("this version of pgtq cannot print its migration SQL")
-            out.print(render(target_schema), markup=False, soft_wrap=True)
+            typer.echo(migrations.sql(target_schema))
             return
         app = _target_app(dsn, app_path, schema, embedded="always")
         try:

@@ -14,31 +14,28 @@ import contextlib
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import sqlalchemy as sa
 from rich.console import Console, Group, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.engine import Result
 
+from pgtq import statements
 from pgtq.app import DSN_ENV, App
 from pgtq.connectors import describe
 from pgtq.errors import PgtqError
 from pgtq.jobs import JobContext
 from pgtq.model import FINAL_STATUSES, Status
 from pgtq.retry import Retry
-from pgtq.statements import Query
 
 QUEUE = "pgtq_demo"
 
-#: How long the long-running job would run if nobody aborted it.
-LONG_JOB_SECONDS = 30.0
+#: How long the long-running job would run if nobody aborted it (shorter than STALL_TIMEOUT,
+#: so a broken abort shows as a success in the summary rather than as a stalled demo).
+LONG_JOB_SECONDS = 20.0
 
 #: The demo gives up when no job has finished for this long (a stuck worker, not a slow one).
 STALL_TIMEOUT = 30.0
@@ -58,7 +55,6 @@ class DemoSummary:
     elapsed: float
     database: str
     aborted_job_id: int
-    worker_by_status: dict[str, int] = field(default_factory=dict)
 
     @property
     def jobs_per_second(self) -> float:
@@ -118,61 +114,16 @@ def _demo_arguments(count: int) -> dict[str, list[dict[str, Any]]]:
     return spread
 
 
-def _id_ranges(ids: list[int]) -> list[tuple[int, int]]:
-    """Sorted ids as runs of consecutive ids: a bulk defer gets a run, so the runs are few."""
-    ranges: list[tuple[int, int]] = []
-    for job_id in sorted(ids):
-        if ranges and job_id == ranges[-1][1] + 1:
-            ranges[-1] = (ranges[-1][0], job_id)
-        else:
-            ranges.append((job_id, job_id))
-    return ranges
-
-
-def _progress_query(app: App, ids: list[int]) -> Query[dict[Status, tuple[int, int]]]:
-    """Per status: how many of these jobs have it, and how many of those needed a retry.
-
-    The jobs are picked by id ranges rather than a list of every id: the query runs many
-    times a second on the worker's own event loop, so it must stay cheap for a large run.
-    """
-    jobs = app.statements.jobs
-    ranges = _id_ranges(ids)
-    if len(ranges) <= 32:
-        where = sa.or_(*(jobs.c.id.between(lo, hi) for lo, hi in ranges))
-        params: dict[str, Any] = {}
-    else:  # ids interleaved with another run's: fall back to the list
-        where = jobs.c.id == sa.any_(sa.bindparam("ids", type_=ARRAY(sa.BigInteger())))
-        params = {"ids": ids}
-    statement = (
-        sa.select(
-            jobs.c.status,
-            sa.func.count(),
-            sa.func.count().filter(jobs.c.attempts > 1),
-        )
-        .where(where)
-        .group_by(jobs.c.status)
-    )
-
-    def mapper(result: Result[Any]) -> dict[Status, tuple[int, int]]:
-        counts: dict[Status, tuple[int, int]] = {}
-        for row in result:
-            status, n, retried = tuple(row)
-            counts[Status(status)] = (n, retried)
-        return counts
-
-    return Query(statement, params, mapper)
-
-
-def _resolve_dsn(dsn: str | None, console: Console) -> str:
+def _resolve_dsn(dsn: str | None, console: Console) -> tuple[str, str | None]:
+    """The database URL, and how to name it when it is the embedded one."""
     dsn = dsn or os.environ.get(DSN_ENV) or None
     if dsn is not None:
-        return dsn
+        return dsn, None
     from pgtq import embedded
 
     with console.status("Starting the embedded PostgreSQL…"):
         url = embedded.embedded_dsn()
-    console.print(f"Using the embedded PostgreSQL in {embedded.DEFAULT_PATH}")
-    return url
+    return url, f"the embedded PostgreSQL in {embedded.DEFAULT_PATH}"
 
 
 def run_demo(
@@ -185,9 +136,10 @@ def run_demo(
     if jobs < 3:
         raise ValueError("the demo needs at least 3 jobs")
     console = console or Console()
-    url = _resolve_dsn(dsn, console)
+    url, label = _resolve_dsn(dsn, console)
+    app = demo_app(url)
     with _quiet_worker_log():
-        summary = asyncio.run(_run(demo_app(url), jobs, console))
+        summary = asyncio.run(_run(app, jobs, console, label or describe(app.url)))
     console.print(render_summary(summary), soft_wrap=True)
     return summary
 
@@ -208,16 +160,15 @@ def _quiet_worker_log() -> Iterator[None]:
         logger.removeHandler(handler)
 
 
-async def _run(app: App, jobs: int, console: Console) -> DemoSummary:
+async def _run(app: App, jobs: int, console: Console, database: str) -> DemoSummary:
     try:
         await app.migrate_async()
-        return await _defer_and_watch(app, jobs, console)
+        return await _defer_and_watch(app, jobs, console, database)
     finally:
         await app.close_async()
 
 
-async def _defer_and_watch(app: App, jobs: int, console: Console) -> DemoSummary:
-    database = describe(app.url)
+async def _defer_and_watch(app: App, jobs: int, console: Console, database: str) -> DemoSummary:
     left = sum(
         n
         for (queue, status), n in (await app.jobs.counts_async()).items()
@@ -249,7 +200,7 @@ async def _defer_and_watch(app: App, jobs: int, console: Console) -> DemoSummary
         ),
         name="pgtq-demo-worker",
     )
-    query = _progress_query(app, ids)
+    query = statements.status_counts_of(app.statements, ids)
     connector = app.async_connector()
     abort_sent = False
     counts: dict[Status, tuple[int, int]] = {}
@@ -289,7 +240,7 @@ async def _defer_and_watch(app: App, jobs: int, console: Console) -> DemoSummary
                 await asyncio.sleep(0.05)
         elapsed = time.monotonic() - started
     finally:
-        worker_stats = await _stop(worker)
+        await _stop(worker)
     return DemoSummary(
         total=len(ids),
         by_status={status.value: n for status, (n, _) in counts.items()},
@@ -297,23 +248,19 @@ async def _defer_and_watch(app: App, jobs: int, console: Console) -> DemoSummary
         elapsed=elapsed,
         database=database,
         aborted_job_id=long_id,
-        worker_by_status=dict(worker_stats) if worker_stats is not None else {},
     )
 
 
-async def _stop(worker: asyncio.Task[Any]) -> Counter[str] | None:
-    """Cancel the worker (a graceful shutdown) and wait for it; its counts if it returned them."""
+async def _stop(worker: asyncio.Task[Any]) -> None:
+    """Cancel the worker (a graceful shutdown: it ends its running jobs) and wait for it."""
     if not worker.done():
         worker.cancel()
     try:
-        stats = await worker
+        await worker
     except asyncio.CancelledError:
-        return None
-    except Exception:  # already raised by the watch loop, or nothing left to report
+        pass
+    except Exception:  # already raised by the watch loop; nothing more to report
         logging.getLogger("pgtq.demo").debug("the demo's worker failed", exc_info=True)
-        return None
-    by_status: Counter[str] = stats.by_status
-    return by_status
 
 
 def render_summary(summary: DemoSummary) -> RenderableType:

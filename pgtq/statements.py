@@ -353,6 +353,16 @@ class Statements:
         return sa.select(j.c.queue, j.c.status, sa.func.count()).group_by(j.c.queue, j.c.status)
 
     @cached_property
+    def status_counts_of(self) -> sa.Select[Any]:
+        """Per status, how many of ``:ids`` have it and how many of those needed a retry."""
+        j = self.jobs
+        return (
+            sa.select(j.c.status, sa.func.count(), sa.func.count().filter(j.c.attempts > 1))
+            .where(j.c.id == sa.any_(_array("ids", sa.BigInteger())))
+            .group_by(j.c.status)
+        )
+
+    @cached_property
     def migrated(self) -> sa.Select[Any]:
         return sa.select(sa.func.to_regclass(f"{self.t.schema}.jobs").is_not(None))
 
@@ -542,6 +552,13 @@ def status_counts(s: Statements) -> Query[dict[tuple[str, Status], int]]:
         return {(queue, Status(status)): count for queue, status, count in rows}
 
     return Query(s.status_counts, {}, mapper)
+
+
+def status_counts_of(s: Statements, ids: Sequence[int]) -> Query[dict[Status, tuple[int, int]]]:
+    def mapper(result: Iterable[Sequence[Any]]) -> dict[Status, tuple[int, int]]:
+        return {Status(row[0]): (row[1], row[2]) for row in result}
+
+    return Query(s.status_counts_of, {"ids": list(ids)}, mapper)
 
 
 def register_worker(

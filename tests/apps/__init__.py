@@ -1,0 +1,1 @@
+"""Sample apps the CLI tests load by import path (``tests.apps.basic:app``)."""

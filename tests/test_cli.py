@@ -1,0 +1,387 @@
+"""The ``pgtq`` command: what a user types, what ends up in the database, and how errors read.
+
+Most tests run the command in-process with typer's CliRunner; the ones about what a user sees
+in a terminal (one line, no traceback) run ``python -m pgtq`` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy.engine import URL
+from typer.testing import CliRunner, Result
+
+from pgtq.cli import cli
+from tests.conftest import libpq
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = "tests.apps.basic:app"
+UNREACHABLE = "postgresql://postgres@127.0.0.1:1/x"
+
+SQL = Callable[..., list[tuple[Any, ...]]]
+
+
+@pytest.fixture(autouse=True)
+def fresh_app_modules() -> Iterator[None]:
+    """Each in-process run imports the sample apps anew, as each real ``pgtq`` process does."""
+    yield
+    for name in [m for m in sys.modules if m.startswith("tests.apps.") or m == "myapp"]:
+        del sys.modules[name]
+
+
+def invoke(*args: str, dsn: str | None = None) -> Result:
+    """Run ``pgtq ARGS`` in-process; PGTQ_DSN is ``dsn`` (unset when None)."""
+    return CliRunner().invoke(cli, list(args), env={"PGTQ_DSN": dsn})
+
+
+def run_pgtq(
+    *args: str, dsn: str | None = None, cwd: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m pgtq ARGS`` as a user would, in a process of its own."""
+    env = {k: v for k, v in os.environ.items() if k != "PGTQ_DSN"}
+    env["PYTHONPATH"] = str(ROOT)
+    env["COLUMNS"] = "200"
+    if dsn is not None:
+        env["PGTQ_DSN"] = dsn
+    return subprocess.run(
+        [sys.executable, "-m", "pgtq", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def assert_one_error_line(stderr: str, *fragments: str) -> None:
+    lines = error_lines(stderr)
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("Error: "), stderr
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0], stderr
+
+
+# -- defer ----------------------------------------------------------------------------------------
+
+
+def test_defer_stores_the_job(dsn: str, sql: SQL) -> None:
+    result = invoke("defer", APP, "add", '{"a": 1, "b": 2}', dsn=dsn)
+    assert result.exit_code == 0, result.output
+    assert "job 1" in result.stdout
+    assert sql("SELECT task_name, args, status, queue FROM pgtq.jobs") == [
+        ("add", {"a": 1, "b": 2}, "todo", "default")
+    ]
+
+
+def test_defer_takes_the_dsn_option_over_the_environment(dsn: str, sql: SQL) -> None:
+    result = CliRunner().invoke(
+        cli, ["defer", APP, "add", '{"a": 1, "b": 2}', "--dsn", dsn], env={"PGTQ_DSN": UNREACHABLE}
+    )
+    assert result.exit_code == 0, result.output
+    assert sql("SELECT count(*) FROM pgtq.jobs") == [(1,)]
+
+
+def test_defer_with_job_options(dsn: str, sql: SQL) -> None:
+    result = invoke(
+        "defer", APP, "greet", '{"name": "Ada"}',
+        "--queue", "vip", "--priority", "5", "--lock", "L", "--queueing-lock", "Q", "--in", "60",
+        dsn=dsn,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = sql(
+        "SELECT queue, priority, lock, queueing_lock, scheduled_at > now() + interval '50 s' "
+        "FROM pgtq.jobs"
+    )
+    assert rows == [("vip", 5, "L", "Q", True)]
+
+
+def test_defer_unknown_task_lists_the_known_ones_and_writes_nothing(dsn: str, sql: SQL) -> None:
+    proc = run_pgtq("defer", APP, "nope", "{}", dsn=dsn)
+    assert proc.returncode == 1
+    assert_one_error_line(proc.stderr, "nope", "add, greet")
+    assert proc.stdout == ""
+    assert sql("SELECT count(*) FROM pgtq.jobs") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragment"),
+    [
+        ('{"a": 1', "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('"text"', "JSON object"),
+        ('{"a": 1}', "missing a required argument: 'b'"),
+        ('{"a": 1, "b": 2, "c": 3}', "'c'"),
+    ],
+)
+def test_defer_rejects_bad_arguments_in_one_line(
+    dsn: str, sql: SQL, arguments: str, fragment: str
+) -> None:
+    result = invoke("defer", APP, "add", arguments, dsn=dsn)
+    assert result.exit_code == 1
+    assert_one_error_line(result.stderr, fragment)
+    assert sql("SELECT count(*) FROM pgtq.jobs") == [(0,)]
+
+
+# -- loading the app ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "fragment"),
+    [
+        ("tests.apps.nothere:app", "cannot import 'tests.apps.nothere'"),
+        ("tests.apps.basic", "MODULE:ATTRIBUTE"),
+        ("tests.apps.basic:nope", "no attribute 'nope'"),
+        ("tests.apps.basic:not_an_app", "not a pgtq.App"),
+        ("tests.apps.broken:app", "broken on purpose"),
+    ],
+)
+def test_a_bad_app_path_is_one_clear_line(dsn: str, path: str, fragment: str) -> None:
+    result = invoke("worker", path, "--one-shot", dsn=dsn)
+    assert result.exit_code == 1
+    assert_one_error_line(result.stderr, fragment)
+
+
+def test_an_app_in_the_current_directory_is_found(dsn: str, sql: SQL, tmp_path: Path) -> None:
+    (tmp_path / "myapp.py").write_text(
+        "import pgtq\napp = pgtq.App()\n\n@app.task()\ndef hello(who: str) -> str:\n"
+        "    return 'hi ' + who\n"
+    )
+    proc = run_pgtq("defer", "myapp:app", "hello", '{"who": "you"}', dsn=dsn, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sql("SELECT task_name FROM pgtq.jobs") == [("hello",)]
+
+
+def test_no_database_anywhere_says_how_to_give_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./.pgtq here
+    result = invoke("worker", APP, "--one-shot")
+    assert result.exit_code == 1
+    assert_one_error_line(result.stderr, "--dsn", "PGTQ_DSN")
+
+
+# -- migrate --------------------------------------------------------------------------------------
+
+
+def _tables(url: URL, schema: str) -> set[str]:
+    with psycopg.connect(libpq(url)) as conn:
+        rows = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (schema,)
+        ).fetchall()
+    return {name for (name,) in rows}
+
+
+def test_migrate_a_fresh_database(make_database: Callable[[], URL]) -> None:
+    url = make_database()
+    dsn = url.render_as_string(hide_password=False)
+    result = invoke("migrate", "--dsn", dsn)
+    assert result.exit_code == 0, result.output
+    assert "up to date" in result.stdout
+    assert {"jobs", "workers"} <= _tables(url, "pgtq")
+    again = invoke("migrate", "--dsn", dsn)  # already at head: nothing to do, no error
+    assert again.exit_code == 0, again.output
+
+
+def test_migrate_another_schema(make_database: Callable[[], URL]) -> None:
+    url = make_database()
+    result = invoke("migrate", "--schema", "queue_b", dsn=url.render_as_string(hide_password=False))
+    assert result.exit_code == 0, result.output
+    assert {"jobs", "workers"} <= _tables(url, "queue_b")
+    assert _tables(url, "pgtq") == set()
+
+
+def test_migrate_takes_the_database_from_an_app(make_database: Callable[[], URL]) -> None:
+    url = make_database()
+    result = invoke("migrate", "--app", APP, dsn=url.render_as_string(hide_password=False))
+    assert result.exit_code == 0, result.output
+    assert "jobs" in _tables(url, "pgtq")
+
+
+def test_migrate_sql_prints_the_script_without_a_database(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke("migrate", "--sql", "--schema", "other")
+    assert result.exit_code == 0, result.output
+    assert "CREATE TABLE" in result.stdout
+    assert "other" in result.stdout
+    assert not (tmp_path / ".pgtq").exists()
+
+
+# -- errors a user sees -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["migrate", "--dsn", UNREACHABLE],
+        ["defer", APP, "add", '{"a": 1, "b": 2}', "--dsn", UNREACHABLE],
+        ["worker", APP, "--one-shot", "--dsn", UNREACHABLE],
+        ["jobs", "show", "1", "--dsn", UNREACHABLE],
+    ],
+    ids=["migrate", "defer", "worker", "jobs-show"],
+)
+def test_an_unreachable_database_is_one_line_naming_host_and_port(args: list[str]) -> None:
+    proc = run_pgtq(*args)
+    assert proc.returncode == 1
+    lines = [line for line in error_lines(proc.stderr) if line.startswith("Error: ")]
+    assert len(lines) == 1, proc.stderr
+    assert "127.0.0.1:1" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_verbose_shows_the_traceback() -> None:
+    proc = run_pgtq("-v", "migrate", "--dsn", UNREACHABLE)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr
+    assert "DatabaseUnreachable" in proc.stderr
+
+
+def test_worker_on_a_database_never_migrated_says_run_pgtq_migrate(
+    make_database: Callable[[], URL],
+) -> None:
+    dsn = make_database().render_as_string(hide_password=False)
+    result = invoke("worker", APP, "--one-shot", "--dsn", dsn)
+    assert result.exit_code == 1
+    lines = [line for line in error_lines(result.stderr) if line.startswith("Error: ")]
+    assert len(lines) == 1, result.stderr
+    assert "pgtq migrate" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_defer_on_a_database_never_migrated_says_run_pgtq_migrate(
+    make_database: Callable[[], URL],
+) -> None:
+    dsn = make_database().render_as_string(hide_password=False)
+    result = invoke("defer", APP, "add", '{"a": 1, "b": 2}', dsn=dsn)
+    assert result.exit_code == 1
+    assert_one_error_line(result.stderr, "pgtq migrate")
+
+
+# -- worker ---------------------------------------------------------------------------------------
+
+
+def test_worker_one_shot_drains_the_due_jobs(dsn: str, sql: SQL) -> None:
+    for args in (
+        ["add", '{"a": 1, "b": 2}'],
+        ["greet", '{"name": "Ada"}'],
+        ["add", '{"a": 2, "b": 2}'],
+    ):
+        assert invoke("defer", APP, *args, dsn=dsn).exit_code == 0
+    assert invoke("defer", APP, "add", '{"a": 0, "b": 0}', "--in", "3600", dsn=dsn).exit_code == 0
+    result = invoke("worker", APP, "--one-shot", dsn=dsn)
+    assert result.exit_code == 0, result.output
+    assert "processed 3 job(s)" in result.stderr
+    assert sql("SELECT id, status, result FROM pgtq.jobs ORDER BY id") == [
+        (1, "succeeded", 3),
+        (2, "succeeded", "hello Ada"),
+        (3, "succeeded", 4),
+        (4, "todo", None),  # not due yet: a one-shot worker leaves it
+    ]
+
+
+def test_worker_takes_only_its_queues(dsn: str, sql: SQL) -> None:
+    assert invoke("defer", APP, "add", '{"a": 1, "b": 2}', dsn=dsn).exit_code == 0
+    assert invoke("defer", APP, "greet", '{"name": "Ada"}', dsn=dsn).exit_code == 0
+    result = invoke("worker", APP, "--one-shot", "--queue", "greetings", "-c", "2", dsn=dsn)
+    assert result.exit_code == 0, result.output
+    assert sql("SELECT task_name, status FROM pgtq.jobs ORDER BY id") == [
+        ("add", "todo"),
+        ("greet", "succeeded"),
+    ]
+
+
+def test_worker_process_drains_and_exits(dsn: str, sql: SQL) -> None:
+    assert invoke("defer", APP, "add", '{"a": 20, "b": 22}', dsn=dsn).exit_code == 0
+    proc = run_pgtq("worker", APP, "--one-shot", "--dsn", dsn)
+    assert proc.returncode == 0, proc.stderr
+    assert sql("SELECT status, result FROM pgtq.jobs") == [("succeeded", 42)]
+
+
+def test_worker_runs_until_sigterm_then_exits_cleanly(dsn: str, sql: SQL) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PGTQ_DSN"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgtq", "worker", APP, "--dsn", dsn],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert invoke("defer", APP, "add", '{"a": 1, "b": 1}', dsn=dsn).exit_code == 0
+        deadline = time.monotonic() + 20
+        while sql("SELECT status FROM pgtq.jobs") != [("succeeded",)]:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the worker did not run the job"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "processed 1 job(s)" in stderr
+    assert "Traceback" not in stderr
+    assert sql("SELECT count(*) FROM pgtq.workers") == [(0,)]
+
+
+# -- jobs -----------------------------------------------------------------------------------------
+
+
+def test_jobs_show(dsn: str) -> None:
+    assert invoke("defer", APP, "add", '{"a": 1, "b": 2}', dsn=dsn).exit_code == 0
+    result = invoke("jobs", "show", "1", dsn=dsn)
+    assert result.exit_code == 0, result.output
+    for fragment in ("Job 1", "add", "todo", '{"a": 1, "b": 2}'):
+        assert fragment in result.stdout
+
+
+def test_jobs_show_an_unknown_id(dsn: str) -> None:
+    result = invoke("jobs", "show", "999", dsn=dsn)
+    assert result.exit_code == 1
+    assert_one_error_line(result.stderr, "no job with id 999")
+
+
+def test_jobs_abort_then_retry(dsn: str, sql: SQL) -> None:
+    assert invoke("defer", APP, "add", '{"a": 1, "b": 2}', dsn=dsn).exit_code == 0
+    aborted = invoke("jobs", "abort", "1", dsn=dsn)
+    assert aborted.exit_code == 0, aborted.output
+    assert sql("SELECT status FROM pgtq.jobs") == [("cancelled",)]
+    again = invoke("jobs", "abort", "1", dsn=dsn)
+    assert again.exit_code == 1
+    assert_one_error_line(again.stderr, "already ended")
+    retried = invoke("jobs", "retry", "1", dsn=dsn)
+    assert retried.exit_code == 0, retried.output
+    assert sql("SELECT status FROM pgtq.jobs") == [("todo",)]
+
+
+# -- the command itself ---------------------------------------------------------------------------
+
+
+def test_python_dash_m_pgtq() -> None:
+    proc = run_pgtq("--help")
+    assert proc.returncode == 0, proc.stderr
+    for command in ("worker", "defer", "migrate", "jobs", "demo"):
+        assert command in proc.stdout
+
+
+def test_version() -> None:
+    import pgtq
+
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert pgtq.__version__ in result.stdout
