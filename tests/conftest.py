@@ -2,7 +2,8 @@
 
 The server is found in this order: ``PGTQ_TEST_DSN`` (a server URL whose user may create
 databases), PostgreSQL on 127.0.0.1:5432, else an embedded one from ``pgserver`` started in a
-temporary directory. Each run creates its own databases and drops them at the end.
+temporary directory (``PGTQ_TEST_SERVER=embedded`` forces that, to check the fallback). Each
+run creates its own databases and drops them at the end.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def server_url() -> Iterator[URL]:
     if env:
         yield make_url(env).set(drivername="postgresql")
         return
-    if _reachable("127.0.0.1", 5432):
+    if os.environ.get("PGTQ_TEST_SERVER") != "embedded" and _reachable("127.0.0.1", 5432):
         yield make_url("postgresql://postgres@127.0.0.1:5432/postgres")
         return
     pgserver = pytest.importorskip("pgserver", reason="no PostgreSQL server and no pgserver")
