@@ -79,10 +79,17 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.CheckConstraint(f"status IN ({statuses})", name="jobs_status_check"),
-        # The claim index holds only waiting jobs: it stays small however many finished
-        # jobs the table keeps.
+        # The claim indexes hold only waiting jobs: they stay small however many finished
+        # jobs the table keeps, and give the claim its order without a sort. One serves a
+        # worker of every queue (or several), the other a worker of one queue.
         sa.Index(
             "jobs_claim_idx",
+            sa.text("priority DESC"),
+            "id",
+            postgresql_where=sa.text("status = 'todo'"),
+        ),
+        sa.Index(
+            "jobs_queue_claim_idx",
             "queue",
             sa.text("priority DESC"),
             "id",

@@ -127,9 +127,11 @@ class Statements:
     # -- claim -----------------------------------------------------------------------------
 
     def claim(self, queues: Sequence[str] | None) -> sa.Select[Any]:
-        return self._claim_all if not queues else self._claim_some
+        if not queues:
+            return self._claim_all
+        return self._claim_one if len(queues) == 1 else self._claim_some
 
-    def _claim_statement(self, *, filter_queues: bool) -> sa.Select[Any]:
+    def _claim_statement(self, *, queues: str) -> sa.Select[Any]:
         """Claim up to ``:limit`` due jobs in priority order, in one statement.
 
         ``todo → doing``. SKIP LOCKED lets workers claim side by side; a job whose ``lock``
@@ -145,7 +147,9 @@ class Statements:
         )
         due = sa.or_(j.c.scheduled_at.is_(None), j.c.scheduled_at <= sa.func.now())
         where = [j.c.status == TODO, due, lock_free]
-        if filter_queues:
+        if queues == "one":  # equality, so the (queue, priority, id) index gives the order
+            where.append(j.c.queue == sa.bindparam("queue", type_=sa.Text))
+        elif queues == "some":
             where.append(j.c.queue == sa.any_(_array("queues", sa.Text())))
         candidates = (
             sa.select(j.c.id, j.c.lock, j.c.priority)
@@ -190,11 +194,15 @@ class Statements:
 
     @cached_property
     def _claim_all(self) -> sa.Select[Any]:
-        return self._claim_statement(filter_queues=False)
+        return self._claim_statement(queues="all")
+
+    @cached_property
+    def _claim_one(self) -> sa.Select[Any]:
+        return self._claim_statement(queues="one")
 
     @cached_property
     def _claim_some(self) -> sa.Select[Any]:
-        return self._claim_statement(filter_queues=True)
+        return self._claim_statement(queues="some")
 
     @cached_property
     def release(self) -> sa.Update:
@@ -471,7 +479,9 @@ def claim_jobs(
     s: Statements, worker_id: str, queues: Sequence[str] | None, limit: int
 ) -> Query[list[ClaimedJob]]:
     params: dict[str, Any] = {"worker_id": worker_id, "limit": limit}
-    if queues:
+    if queues and len(queues) == 1:
+        params["queue"] = queues[0]
+    elif queues:
         params["queues"] = list(queues)
     return Query(s.claim(queues), params, lambda r: [to_claimed(row) for row in r])
 

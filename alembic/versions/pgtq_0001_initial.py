@@ -90,6 +90,13 @@ def upgrade() -> None:
     op.create_index(
         "jobs_claim_idx",
         "jobs",
+        [sa.text("priority DESC"), "id"],
+        schema=schema,
+        postgresql_where=sa.text("status = 'todo'"),
+    )
+    op.create_index(
+        "jobs_queue_claim_idx",
+        "jobs",
         ["queue", sa.text("priority DESC"), "id"],
         schema=schema,
         postgresql_where=sa.text("status = 'todo'"),
