@@ -20,6 +20,7 @@ from pgtq.connectors import (
 )
 from pgtq.errors import ConfigurationError, UnknownTask
 from pgtq.jobs import JobManager
+from pgtq.queues import QueueManager
 from pgtq.retry import Retry
 from pgtq.schema import DEFAULT_SCHEMA, InvalidSchemaName, validate_schema_name
 from pgtq.tasks import Task
@@ -63,6 +64,7 @@ class App:
         self.statements = statements.statements_for(self.schema)
         self.tasks: dict[str, Task[Any]] = {}
         self.jobs = JobManager(self)
+        self.queues = QueueManager(self)
         self._sync: SyncConnector | None = None
         # An asyncpg connection belongs to the event loop that opened it, so an app-owned
         # async engine is made per loop (a worker thread's loop, a test's loop, ...).

@@ -237,11 +237,13 @@ class SyncConnector:
 
 
 class Listener:
-    """A dedicated connection that LISTENs; ``close()`` ends it."""
+    """A dedicated connection that LISTENs. ``lost`` is set when the connection dies (the
+    caller listens again); ``close()`` ends it."""
 
-    def __init__(self, conn: AsyncConnection, task: asyncio.Task[None] | None) -> None:
+    def __init__(self, conn: AsyncConnection) -> None:
         self._conn = conn
-        self._task = task
+        self._task: asyncio.Task[None] | None = None
+        self.lost = asyncio.Event()
         self.closed = asyncio.Event()
 
     async def close(self) -> None:
@@ -310,23 +312,31 @@ class AsyncConnector:
     async def listen(self, channels: list[str], on_notify: Callable[[str, str], None]) -> Listener:
         """LISTEN on a connection of its own (taken out of the pool, closed by ``close()``)."""
         conn, driver = await self._open_detached()
-        task: asyncio.Task[None] | None = None
-        if hasattr(driver, "add_listener"):  # asyncpg
-            for channel in channels:
-                await driver.add_listener(
-                    channel, lambda _c, _pid, ch, payload: on_notify(ch, payload)
-                )
-        else:  # psycopg
-            await driver.set_autocommit(True)
-            for channel in channels:
-                await driver.execute(f'LISTEN "{channel}"')
+        listener = Listener(conn)
+        try:
+            if hasattr(driver, "add_listener"):  # asyncpg
+                driver.add_termination_listener(lambda _conn: listener.lost.set())
+                for channel in channels:
+                    await driver.add_listener(
+                        channel, lambda _c, _pid, ch, payload: on_notify(ch, payload)
+                    )
+            else:  # psycopg
+                await driver.set_autocommit(True)
+                for channel in channels:
+                    await driver.execute(f'LISTEN "{channel}"')
 
-            async def pump() -> None:
-                async for n in driver.notifies():
-                    on_notify(n.channel, n.payload)
+                async def pump() -> None:
+                    try:
+                        async for n in driver.notifies():
+                            on_notify(n.channel, n.payload)
+                    finally:
+                        listener.lost.set()
 
-            task = asyncio.create_task(pump(), name="pgtq-listener")
-        return Listener(conn, task)
+                listener._task = asyncio.create_task(pump(), name="pgtq-listener")
+        except BaseException:
+            await listener.close()
+            raise
+        return listener
 
     async def _open_detached(self) -> tuple[AsyncConnection, Any]:
         """A connection taken out of the pool for good, and its driver connection."""

@@ -7,19 +7,24 @@ Every sync/async pair below is a shell around one query from ``pgtq.statements``
 from __future__ import annotations
 
 import asyncio
+import builtins
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.engine import Connection
+
 from pgtq import statements
-from pgtq.errors import JobFailed, JobNotFound, JobTimeout
+from pgtq.errors import JobFailed, JobNotFound, JobTimeout, PgtqError
 from pgtq.model import ClaimedJob, Job, Status
+from pgtq.reports import Stats
 
 if TYPE_CHECKING:
     from pgtq.app import App
 
-__all__ = ["Job", "JobContext", "JobManager", "Status"]
+__all__ = ["InvalidFilter", "Job", "JobContext", "JobManager", "Status"]
 
 
 @dataclass(eq=False)
@@ -159,3 +164,160 @@ class JobManager:
                 delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
             )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    # == operations: list, stats, clean-up, cancel ===============================================
+
+    def list(
+        self,
+        *,
+        queue: str | None = None,
+        status: StatusFilter = None,
+        task: str | None = None,
+        lock: str | None = None,
+        limit: int = 100,
+        after: int | None = None,
+        newest_first: bool = False,
+    ) -> builtins.list[Job]:
+        """One page of jobs matching every filter given, in id order.
+
+        Keyset pagination: pass the last id of a page as ``after`` to get the next one (with
+        ``newest_first``, pages go from the newest job back). ``status`` takes one status or
+        several.
+        """
+        query = _list_query(self._s, queue, status, task, lock, limit, after, newest_first)
+        return self._app.sync.run(query)
+
+    async def list_async(
+        self,
+        *,
+        queue: str | None = None,
+        status: StatusFilter = None,
+        task: str | None = None,
+        lock: str | None = None,
+        limit: int = 100,
+        after: int | None = None,
+        newest_first: bool = False,
+    ) -> builtins.list[Job]:
+        query = _list_query(self._s, queue, status, task, lock, limit, after, newest_first)
+        return await self._app.async_connector().run(query)
+
+    def stats(self, window: float = 60.0) -> Stats:
+        """Per queue: counts, the wait of the oldest due job, jobs/s over ``window`` seconds;
+        and the workers with their heartbeat age and running jobs. Cheap on a big table: see
+        :data:`pgtq.reports.COUNTED_STATUSES`."""
+        return self._app.sync.run_in_transaction(_stats_reader(self._s, window))
+
+    async def stats_async(self, window: float = 60.0) -> Stats:
+        return await self._app.async_connector().run_in_transaction(_stats_reader(self._s, window))
+
+    def delete_old_jobs(
+        self,
+        older_than: timedelta | float,
+        *,
+        include_failed: bool = False,
+        include_cancelled: bool = False,
+        queue: str | None = None,
+    ) -> int:
+        """Delete jobs that ended more than ``older_than`` (seconds or a timedelta) ago.
+
+        Succeeded jobs always; failed ones with ``include_failed``; cancelled and aborted ones
+        with ``include_cancelled``. Waiting and running jobs never. Returns how many went.
+        """
+        query = _delete_query(self._s, older_than, include_failed, include_cancelled, queue)
+        return self._app.sync.run(query)
+
+    async def delete_old_jobs_async(
+        self,
+        older_than: timedelta | float,
+        *,
+        include_failed: bool = False,
+        include_cancelled: bool = False,
+        queue: str | None = None,
+    ) -> int:
+        query = _delete_query(self._s, older_than, include_failed, include_cancelled, queue)
+        return await self._app.async_connector().run(query)
+
+    def cancel(self, job_id: int) -> bool:
+        """Cancel a waiting job (``todo → cancelled``). False if it is not waiting: a running
+        job is stopped with :meth:`abort`."""
+        return self._app.sync.run(statements.cancel_job(self._s, job_id))
+
+    async def cancel_async(self, job_id: int) -> bool:
+        return await self._app.async_connector().run(statements.cancel_job(self._s, job_id))
+
+
+#: ``status=`` of ``list``: a status, its name, or several of them.
+StatusFilter = Status | str | Iterable[Status | str] | None
+
+
+class InvalidFilter(PgtqError, ValueError):
+    """A filter of ``list`` or ``delete_old_jobs`` cannot be used as given."""
+
+
+def parse_statuses(status: StatusFilter) -> builtins.list[Status] | None:
+    """``status=`` as a list of Status, rejecting unknown names with the known ones."""
+    if status is None:
+        return None
+    given = [status] if isinstance(status, str) else builtins.list(status)
+    try:
+        return [Status(s) for s in given]
+    except ValueError:
+        known = ", ".join(s.value for s in Status)
+        raise InvalidFilter(f"unknown status in {given!r}: use one of {known}") from None
+
+
+def _list_query(
+    s: statements.Statements,
+    queue: str | None,
+    status: StatusFilter,
+    task: str | None,
+    lock: str | None,
+    limit: int,
+    after: int | None,
+    newest_first: bool,
+) -> statements.Query[builtins.list[Job]]:
+    if limit < 1:
+        raise InvalidFilter(f"limit must be at least 1, got {limit}")
+    return statements.list_jobs(
+        s,
+        queue=queue,
+        statuses=parse_statuses(status),
+        task=task,
+        lock=lock,
+        limit=limit,
+        after=after,
+        newest_first=newest_first,
+    )
+
+
+def _delete_query(
+    s: statements.Statements,
+    older_than: timedelta | float,
+    include_failed: bool,
+    include_cancelled: bool,
+    queue: str | None,
+) -> statements.Query[int]:
+    seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
+    if seconds < 0:
+        raise InvalidFilter(f"older_than must not be negative, got {older_than!r}")
+    kept = [Status.SUCCEEDED]
+    if include_failed:
+        kept.append(Status.FAILED)
+    if include_cancelled:
+        kept += [Status.CANCELLED, Status.ABORTED]
+    return statements.delete_old_jobs(s, float(seconds), tuple(kept), queue)
+
+
+def _stats_reader(s: statements.Statements, window: float) -> Callable[[Connection], Stats]:
+    """``stats()``'s reads as one function over a connection, run in one transaction."""
+    if window <= 0:
+        raise InvalidFilter(f"window must be positive, got {window}")
+    queries = statements.stats_queries(s, window)
+
+    def read(conn: Connection) -> Stats:
+        counts, finished, workers, paused = (
+            q.mapper(conn.execute(q.statement, q.params)) for q in queries
+        )
+        return statements.to_stats(window, counts, finished, workers, paused)
+
+    return read

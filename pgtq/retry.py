@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -62,3 +62,14 @@ def as_retry(value: Retry | int | None) -> Retry:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"retry must be a pgtq.Retry or an int, got {value!r}")
     return Retry(max_attempts=value)
+
+
+def backoff_delays(
+    first: float = 0.1, cap: float = 5.0, rand: Callable[[], float] = random.random
+) -> Iterator[float]:
+    """Capped exponential delays with full jitter, for reconnecting: a fleet that lost its
+    database does not come back in one burst."""
+    delay = first
+    while True:
+        yield delay / 2 + delay / 2 * rand()
+        delay = min(delay * 2, cap)

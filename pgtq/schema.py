@@ -49,6 +49,7 @@ class Tables:
     metadata: sa.MetaData
     jobs: sa.Table
     workers: sa.Table
+    queues: sa.Table
 
 
 @cache
@@ -133,7 +134,30 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
             server_default=sa.func.now(),
         ),
     )
-    return Tables(schema=schema, metadata=metadata, jobs=jobs, workers=workers)
+    # -- operations (pgtq_0002): paused queues, and the indexes behind stats and clean-up --
+    queues = sa.Table(
+        "queues",
+        metadata,
+        sa.Column("name", sa.Text, primary_key=True),
+        sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Column("paused_at", sa.DateTime(timezone=True), nullable=True),
+    )
+    # Finished jobs by end time: the rate over the last minute and ``delete_old_jobs`` read a
+    # range of it. Partial, so inserting and claiming jobs (finished_at NULL) never touch it.
+    sa.Index(
+        "jobs_finished_at_idx",
+        jobs.c.finished_at,
+        postgresql_where=sa.text("finished_at IS NOT NULL"),
+    )
+    # Jobs that ended badly, per queue: counted by ``stats`` and listed by ``jobs list`` without
+    # a scan of the succeeded ones. Written only when a job ends so, never on the hot path.
+    sa.Index(
+        "jobs_unsuccessful_idx",
+        jobs.c.queue,
+        jobs.c.status,
+        postgresql_where=sa.text("status IN ('failed', 'aborted', 'cancelled')"),
+    )
+    return Tables(schema=schema, metadata=metadata, jobs=jobs, workers=workers, queues=queues)
 
 
 #: The default schema's tables, for Alembic's ``target_metadata`` in a user's project.

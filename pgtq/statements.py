@@ -10,17 +10,27 @@ pure function that turns its result into a value, and either connector runs it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import cache, cached_property
 from typing import Any, Generic, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Result
 from sqlalchemy.sql import Executable
+from sqlalchemy.sql.dml import ReturningDelete
 
 from pgtq.model import ClaimedJob, Job, Status
+from pgtq.reports import (
+    COUNTED_STATUSES,
+    QueueInfo,
+    QueueStats,
+    RunningJob,
+    Stats,
+    WorkerInfo,
+)
 from pgtq.schema import Tables, notify_channel, tables_for
 
 T = TypeVar("T")
@@ -400,6 +410,206 @@ class Statements:
         w = self.t.workers
         return sa.delete(w).where(w.c.id == sa.bindparam("worker_id", type_=sa.Text))
 
+    @cached_property
+    def forget_dead_workers(self) -> ReturningDelete[Any]:
+        """Remove workers silent for ``:after`` seconds: their running jobs become orphans."""
+        w = self.t.workers
+        silent_since = sa.func.now() - sa.bindparam("after", type_=sa.Float) * ONE_SECOND
+        return sa.delete(w).where(w.c.last_heartbeat < silent_since).returning(w.c.id)
+
+    @cached_property
+    def orphaned_jobs(self) -> sa.Select[Any]:
+        """Running jobs whose worker has no row: it died, or was declared dead.
+
+        They are rescued with the guarded ``complete`` under their old worker's id, so a
+        rescue racing the worker's own late write (or another rescuer) changes a job once.
+        """
+        j, w = self.jobs, self.t.workers
+        return sa.select(
+            j.c.id,
+            j.c.queue,
+            j.c.task_name,
+            j.c.args,
+            j.c.attempts,
+            j.c.priority,
+            j.c.lock,
+            j.c.worker_id,
+        ).where(j.c.status == DOING, ~sa.exists().where(w.c.id == j.c.worker_id))
+
+    # == operations (pgtq_0002): list, stats, clean-up, cancel, queues ==========================
+    # Statements keyed by their filters are built once per key: statuses stay SQL literals, so
+    # the partial indexes match, and SQLAlchemy's compiled cache sees the same objects.
+
+    @cached_property
+    def _built(self) -> dict[tuple[Any, ...], Any]:
+        return {}
+
+    def list_jobs(self, key: ListKey) -> sa.Select[Any]:
+        """Jobs matching the filters in ``key``, in id order, one page (keyset on id)."""
+        found = self._built.get(("list", key))
+        if found is None:
+            j = self.jobs
+            where: list[sa.ColumnElement[bool]] = []
+            if key.queue:
+                where.append(j.c.queue == sa.bindparam("queue", type_=sa.Text))
+            if key.statuses:
+                where.append(j.c.status.in_([_status(s) for s in key.statuses]))
+            if key.task:
+                where.append(j.c.task_name == sa.bindparam("task", type_=sa.Text))
+            if key.lock:
+                where.append(j.c.lock == sa.bindparam("lock", type_=sa.Text))
+            after = sa.bindparam("after", type_=sa.BigInteger)
+            if key.after:
+                where.append(j.c.id < after if key.newest_first else j.c.id > after)
+            found = (
+                sa.select(j)
+                .where(*where)
+                .order_by(j.c.id.desc() if key.newest_first else j.c.id)
+                .limit(sa.bindparam("limit", type_=sa.Integer))
+            )
+            self._built["list", key] = found
+        return found
+
+    @cached_property
+    def queue_counts(self) -> sa.CompoundSelect[Any]:
+        """Per queue: waiting (with the wait of the oldest due one), running, ended badly.
+
+        Three arms, each over a partial index (``jobs_queue_claim_idx``, ``jobs_worker_doing_idx``,
+        ``jobs_unsuccessful_idx``): succeeded jobs, most of a big table, are never read.
+        """
+        j = self.jobs
+        due = sa.or_(j.c.scheduled_at.is_(None), j.c.scheduled_at <= sa.func.now())
+        waited = sa.func.now() - sa.func.min(sa.func.coalesce(j.c.scheduled_at, j.c.created_at))
+        no_age = sa.cast(sa.null(), sa.Float)
+        waiting = (
+            sa.select(
+                j.c.queue,
+                TODO.label("status"),
+                sa.func.count().label("n"),
+                sa.cast(sa.extract("epoch", waited).filter(due), sa.Float).label("oldest"),
+            )
+            .where(j.c.status == TODO)
+            .group_by(j.c.queue)
+        )
+        running = (
+            sa.select(j.c.queue, DOING.label("status"), sa.func.count(), no_age)
+            .where(j.c.status == DOING)
+            .group_by(j.c.queue)
+        )
+        ended_badly = (
+            sa.select(j.c.queue, j.c.status, sa.func.count(), no_age)
+            .where(j.c.status.in_([FAILED, ABORTED, CANCELLED]))
+            .group_by(j.c.queue, j.c.status)
+        )
+        return sa.union_all(waiting, running, ended_badly)
+
+    @cached_property
+    def finished_counts(self) -> sa.Select[Any]:
+        """Jobs finished in the last ``:window`` seconds per (queue, task): the rates.
+
+        A range of ``jobs_finished_at_idx``; cancelled jobs never ran and are not counted.
+        """
+        j = self.jobs
+        since = sa.func.now() - sa.bindparam("window", type_=sa.Float) * ONE_SECOND
+        return (
+            sa.select(j.c.queue, j.c.task_name, sa.func.count())
+            .where(j.c.finished_at >= since, j.c.status != CANCELLED)
+            .group_by(j.c.queue, j.c.task_name)
+        )
+
+    @cached_property
+    def workers_running(self) -> sa.Select[Any]:
+        """Every worker with its heartbeat age and, one row each, the jobs it runs."""
+        w, j = self.t.workers, self.jobs
+        age = sa.cast(sa.extract("epoch", sa.func.now() - w.c.last_heartbeat), sa.Float)
+        return (
+            sa.select(
+                w.c.id,
+                w.c.hostname,
+                w.c.pid,
+                w.c.queues,
+                w.c.started_at,
+                w.c.last_heartbeat,
+                age.label("heartbeat_age"),
+                j.c.id.label("job_id"),
+                j.c.task_name,
+                j.c.queue,
+                j.c.started_at.label("job_started_at"),
+            )
+            .select_from(w.outerjoin(j, sa.and_(j.c.worker_id == w.c.id, j.c.status == DOING)))
+            .order_by(w.c.started_at, w.c.id, j.c.id)
+        )
+
+    @cached_property
+    def paused_queues(self) -> sa.Select[Any]:
+        q = self.t.queues
+        return sa.select(q.c.name).where(q.c.paused)
+
+    def delete_old(self, statuses: tuple[Status, ...], by_queue: bool) -> sa.Delete:
+        """Delete jobs that ended over ``:older_than`` seconds ago with one of ``statuses``."""
+        found = self._built.get(("delete_old", statuses, by_queue))
+        if found is None:
+            j = self.jobs
+            before = sa.func.now() - sa.bindparam("older_than", type_=sa.Float) * ONE_SECOND
+            where = [j.c.finished_at < before, j.c.status.in_([_status(s) for s in statuses])]
+            if by_queue:
+                where.append(j.c.queue == sa.bindparam("queue", type_=sa.Text))
+            found = sa.delete(j).where(*where)
+            self._built["delete_old", statuses, by_queue] = found
+        return found
+
+    @cached_property
+    def cancel(self) -> sa.Update:
+        """``todo → cancelled``; a running job is left alone (that is ``abort``)."""
+        j = self.jobs
+        return (
+            sa.update(j)
+            .where(j.c.id == sa.bindparam("job_id", type_=sa.BigInteger), j.c.status == TODO)
+            .values(status=CANCELLED, finished_at=sa.func.now())
+            .returning(j.c.id)
+        )
+
+    @cached_property
+    def pause_queue(self) -> sa.Insert:
+        """Mark a queue paused (workers stop claiming its jobs); returns a row if it changed."""
+        q = self.t.queues
+        insert = pg_insert(q).values(
+            name=sa.bindparam("name", type_=sa.Text), paused=True, paused_at=sa.func.now()
+        )
+        return insert.on_conflict_do_update(
+            index_elements=[q.c.name],
+            set_={"paused": True, "paused_at": sa.func.now()},
+            where=~q.c.paused,
+        ).returning(q.c.name)
+
+    @cached_property
+    def resume_queue(self) -> sa.Select[Any]:
+        """Unpause a queue and NOTIFY its workers at once; returns how many rows changed."""
+        q = self.t.queues
+        changed = (
+            sa.update(q)
+            .where(q.c.name == sa.bindparam("name", type_=sa.Text), q.c.paused)
+            .values(paused=False, paused_at=sa.null())
+            .returning(q.c.name)
+            .cte("changed")
+        )
+        return sa.select(sa.func.count(sa.func.pg_notify(self.channel, changed.c.name)))
+
+    @cached_property
+    def list_queues(self) -> sa.Select[Any]:
+        """Queues paused or resumed once, and queues with waiting or running jobs."""
+        q, j = self.t.queues, self.jobs
+        known = sa.union(
+            sa.select(q.c.name),
+            sa.select(j.c.queue).where(j.c.status == TODO).distinct(),
+            sa.select(j.c.queue).where(j.c.status == DOING).distinct(),
+        ).subquery("known")
+        return (
+            sa.select(known.c.name, sa.func.coalesce(q.c.paused, sa.false()), q.c.paused_at)
+            .select_from(known.outerjoin(q, q.c.name == known.c.name))
+            .order_by(known.c.name)
+        )
+
 
 @cache
 def statements_for(schema: str) -> Statements:
@@ -587,5 +797,143 @@ def heartbeat(s: Statements, worker_id: str) -> Query[int]:
     return Query(s.heartbeat, {"worker_id": worker_id}, lambda r: r.rowcount)
 
 
+def forget_dead_workers(s: Statements, after: float) -> Query[list[str]]:
+    return Query(s.forget_dead_workers, {"after": after}, lambda rows: [r[0] for r in rows])
+
+
+def orphaned_jobs(s: Statements) -> Query[list[tuple[str, ClaimedJob]]]:
+    """(old worker id, job) of every running job whose worker is gone."""
+    return Query(s.orphaned_jobs, {}, lambda rows: [(r[7], to_claimed(r)) for r in rows])
+
+
 def unregister_worker(s: Statements, worker_id: str) -> Query[int]:
     return Query(s.unregister_worker, {"worker_id": worker_id}, lambda r: r.rowcount)
+
+
+# == operations (pgtq_0002): list, stats, clean-up, cancel, queues ================================
+
+
+@dataclass(frozen=True, slots=True)
+class ListKey:
+    """Which filters a ``list_jobs`` statement has (their values are parameters)."""
+
+    queue: bool = False
+    statuses: tuple[Status, ...] | None = None
+    task: bool = False
+    lock: bool = False
+    after: bool = False
+    newest_first: bool = False
+
+
+def list_jobs(
+    s: Statements,
+    *,
+    queue: str | None = None,
+    statuses: Sequence[Status] | None = None,
+    task: str | None = None,
+    lock: str | None = None,
+    limit: int = 100,
+    after: int | None = None,
+    newest_first: bool = False,
+) -> Query[list[Job]]:
+    key = ListKey(
+        queue=queue is not None,
+        statuses=tuple(sorted(set(statuses))) if statuses else None,
+        task=task is not None,
+        lock=lock is not None,
+        after=after is not None,
+        newest_first=newest_first,
+    )
+    params: dict[str, Any] = {"limit": limit}
+    for name, value in (("queue", queue), ("task", task), ("lock", lock), ("after", after)):
+        if value is not None:
+            params[name] = value
+    return Query(s.list_jobs(key), params, lambda r: [to_job(row) for row in r])
+
+
+def stats_queries(s: Statements, window: float) -> tuple[Query[Any], ...]:
+    """The reads behind ``stats()``, run in one transaction; ``to_stats`` combines them."""
+    return (
+        Query(s.queue_counts, {}, lambda r: [tuple(row) for row in r]),
+        Query(s.finished_counts, {"window": window}, lambda r: [tuple(row) for row in r]),
+        Query(s.workers_running, {}, lambda r: [row._mapping for row in r]),
+        Query(s.paused_queues, {}, lambda r: {row[0] for row in r}),
+    )
+
+
+def to_stats(
+    window: float,
+    counts: Iterable[tuple[str, str, int, float | None]],
+    finished: Iterable[tuple[str, str, int]],
+    workers: Iterable[Any],
+    paused: set[str],
+) -> Stats:
+    """Combine the results of ``stats_queries`` (pure)."""
+    per_queue: dict[str, dict[Status, int]] = {}
+    oldest: dict[str, float] = {}
+    for queue, status, n, age in counts:
+        per_queue.setdefault(queue, {})[Status(status)] = n
+        if age is not None:
+            oldest[queue] = max(0.0, age)
+    rates = {(queue, task): n / window for queue, task, n in finished if n}
+    names = set(per_queue) | paused | {queue for queue, _ in rates}
+    queues = {}
+    for name in sorted(names):
+        found = per_queue.get(name, {})
+        queue_rates = [r for (q, _), r in rates.items() if q == name]
+        queues[name] = QueueStats(
+            name=name,
+            counts={status: found.get(status, 0) for status in COUNTED_STATUSES},
+            oldest_waiting=oldest.get(name),
+            rate=sum(queue_rates) if queue_rates else None,
+            paused=name in paused,
+        )
+    return Stats(window=window, queues=queues, rates=rates, workers=_to_workers(workers))
+
+
+def _to_workers(rows: Iterable[Any]) -> tuple[WorkerInfo, ...]:
+    workers: dict[str, WorkerInfo] = {}
+    running: dict[str, list[RunningJob]] = {}
+    for m in rows:
+        if m["id"] not in workers:
+            workers[m["id"]] = WorkerInfo(
+                id=m["id"],
+                hostname=m["hostname"],
+                pid=m["pid"],
+                queues=tuple(m["queues"]) if m["queues"] is not None else None,
+                started_at=m["started_at"],
+                last_heartbeat=m["last_heartbeat"],
+                heartbeat_age=max(0.0, m["heartbeat_age"]),
+            )
+            running[m["id"]] = []
+        if m["job_id"] is not None:
+            running[m["id"]].append(
+                RunningJob(m["job_id"], m["task_name"], m["queue"], m["job_started_at"])
+            )
+    return tuple(replace(w, running=tuple(running[w.id])) for w in workers.values())
+
+
+def delete_old_jobs(
+    s: Statements, older_than: float, statuses: tuple[Status, ...], queue: str | None = None
+) -> Query[int]:
+    params: dict[str, Any] = {"older_than": older_than}
+    if queue is not None:
+        params["queue"] = queue
+    statement = s.delete_old(tuple(sorted(set(statuses))), queue is not None)
+    return Query(statement, params, lambda r: r.rowcount)
+
+
+def cancel_job(s: Statements, job_id: int) -> Query[bool]:
+    return Query(s.cancel, {"job_id": job_id}, lambda r: r.first() is not None)
+
+
+def pause_queue(s: Statements, name: str) -> Query[bool]:
+    return Query(s.pause_queue, {"name": name}, lambda r: r.first() is not None)
+
+
+def resume_queue(s: Statements, name: str) -> Query[bool]:
+    return Query(s.resume_queue, {"name": name}, lambda r: bool(_one_or_none(r)))
+
+
+def list_queues(s: Statements) -> Query[list[QueueInfo]]:
+    return Query(s.list_queues, {}, lambda r: [QueueInfo(row[0], row[1], row[2]) for row in r])

@@ -33,11 +33,12 @@ from pgtq import statements
 from pgtq.errors import ConfigurationError, SchemaNotMigrated
 from pgtq.jobs import JobContext
 from pgtq.model import ClaimedJob, Status, dumps, error_record
+from pgtq.retry import backoff_delays
 from pgtq.tasks import Task, call_task
 
 if TYPE_CHECKING:
     from pgtq.app import App
-    from pgtq.connectors import AsyncConnector, DedicatedConnection, Listener
+    from pgtq.connectors import AsyncConnector, DedicatedConnection
 
 logger = logging.getLogger("pgtq.worker")
 
@@ -65,6 +66,14 @@ class Outcome:
     @property
     def label(self) -> str:
         return "retried" if self.status == Status.TODO else self.status.value
+
+
+#: How long aborted jobs get to stop at shutdown before the worker gives them back and leaves.
+SHUTDOWN_ABORT_GRACE = 1.0
+
+
+class WorkerLostError(Exception):
+    """Stored as the error of an attempt whose worker died (or went silent) while running it."""
 
 
 class UnknownTaskError(Exception):
@@ -134,7 +143,8 @@ class Worker:
         fetch_job_polling_interval: float = 5.0,
         abort_job_polling_interval: float = 1.0,
         shutdown_graceful_timeout: float | None = 30.0,
-        heartbeat_interval: float = 10.0,
+        heartbeat_interval: float = 5.0,
+        rescue_after: float = 30.0,
         startup_hooks: Iterable[Hook] = (),
         shutdown_hooks: Iterable[Hook] = (),
         wait: bool = True,
@@ -153,6 +163,8 @@ class Worker:
         self.abort_interval = abort_job_polling_interval
         self.graceful_timeout = shutdown_graceful_timeout
         self.heartbeat_interval = heartbeat_interval
+        # A worker silent this long is dead: any live worker puts its running jobs back.
+        self.rescue_after = rescue_after
         self.startup_hooks = list(startup_hooks)
         self.shutdown_hooks = list(shutdown_hooks)
         self.wait = wait
@@ -175,6 +187,8 @@ class Worker:
         self._changed = asyncio.Event()  # a job finished or outcomes were written
         self._write_lock = asyncio.Lock()
         self._writes = 0  # completion writes done so far
+        self._hurry = asyncio.Event()  # a second signal: stop waiting for running jobs
+        self._claim_delays = backoff_delays()
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -188,14 +202,9 @@ class Worker:
             )
         if any(not t.is_async for t in self.app.tasks.values()):
             self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="pgtq-job")
-        await connector.run(
-            statements.register_worker(
-                self._s, self.worker_id, socket.gethostname(), os.getpid(), self.queues
-            )
-        )
+        await self._register()
         self._claimer = await connector.dedicated()
         self._completer = await connector.dedicated()
-        listener = await self._listen(connector)
         background: list[asyncio.Task[None]] = []
         removers = self._add_signal_handlers() if self.install_signal_handlers else []
         logger.info("worker %s started", self.worker_id, extra={"worker": self.worker_id})
@@ -205,6 +214,7 @@ class Worker:
                 asyncio.create_task(self._complete_loop(), name="pgtq-completer"),
                 asyncio.create_task(self._abort_poll_loop(), name="pgtq-abort-poller"),
                 asyncio.create_task(self._heartbeat_loop(), name="pgtq-heartbeat"),
+                asyncio.create_task(self._listen_loop(), name="pgtq-listener"),
             ]
             try:
                 await self._fetch_loop()
@@ -219,8 +229,7 @@ class Worker:
                 remove()
             for bg in background:
                 bg.cancel()
-            if listener is not None:
-                await listener.close()
+            await asyncio.gather(*background, return_exceptions=True)
             for conn in (self._claimer, self._completer):
                 await conn.close()
             with contextlib.suppress(Exception):
@@ -238,12 +247,27 @@ class Worker:
         self._stopping.set()
         self._wakeup.set()
 
-    async def _listen(self, connector: AsyncConnector) -> Listener | None:
-        try:
-            return await connector.listen([self._s.channel, self._s.abort_channel], self._on_notify)
-        except Exception:  # polling still finds the jobs
-            logger.warning("LISTEN failed; polling every %s s", self.fetch_interval, exc_info=True)
-            return None
+    async def _listen_loop(self) -> None:
+        """LISTEN, and LISTEN again after the connection is lost (polling covers the gap)."""
+        assert self._connector is not None
+        delays = backoff_delays()
+        while True:
+            try:
+                listener = await self._connector.listen(
+                    [self._s.channel, self._s.abort_channel], self._on_notify
+                )
+            except Exception as exc:
+                delay = next(delays)
+                logger.warning("LISTEN failed (%s); polling, retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            delays = backoff_delays()
+            self._wakeup.set()  # jobs may have been deferred while nobody listened
+            try:
+                await listener.lost.wait()
+                logger.warning("the LISTEN connection was lost; reconnecting")
+            finally:
+                await listener.close()
 
     def _on_notify(self, channel: str, payload: str) -> None:
         if channel == self._s.channel:
@@ -300,14 +324,19 @@ class Worker:
         assert self._claimer is not None
         query = statements.claim_jobs(self._s, self.worker_id, self.queues, limit)
         try:
-            return await self._claimer.run(query)
+            claimed = await self._claimer.run(query)
+            self._claim_delays = backoff_delays()
+            return claimed
         except Exception as exc:
             if "jobs_lock_doing_idx" in str(exc):
                 # Another worker claimed a job of the same lock at the same instant.
                 logger.debug("lock conflict while claiming; claiming again")
                 return None
-            logger.exception("claiming jobs failed; retrying in 1 s")
-            await asyncio.wait([asyncio.ensure_future(self._stopping.wait())], timeout=1.0)
+            delay = next(self._claim_delays)
+            logger.warning("claiming jobs failed (%s); retrying in %.1f s", exc, delay)
+            stop = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait([stop], timeout=delay)
+            stop.cancel()
             return None
 
     async def _sleep_until_work(self, *, free_slots: bool) -> None:
@@ -374,10 +403,13 @@ class Worker:
         coro = call_task(task, ctx, job.args)
         if task.timeout is None:
             return await coro
+        deadline = asyncio.timeout(task.timeout)
         try:
-            async with asyncio.timeout(task.timeout):
+            async with deadline:
                 return await coro
         except TimeoutError:
+            if not deadline.expired():
+                raise  # the task's own TimeoutError: an ordinary failure
             ctx.request_abort("timeout")
             return None
 
@@ -404,16 +436,20 @@ class Worker:
                 timer.cancel()
 
     def _record(self, job_id: int, outcome: Outcome) -> None:
+        """Buffer the outcome of a job this worker still holds (an abandoned one is not)."""
+        if self._running.pop(job_id, None) is not None:
+            self._buffer_outcome(job_id, outcome)
+
+    def _buffer_outcome(self, job_id: int, outcome: Outcome) -> None:
         self._outcomes.add(job_id, outcome.status, outcome.result, outcome.error, outcome.retry_in)
         self.stats.processed += 1
         self.stats.by_status[outcome.label] += 1
-        self._running.pop(job_id, None)
         self._flush.set()
         self._changed.set()
 
     def _request_abort(self, job_id: int, reason: str) -> None:
         if reason == "requested" and self._buffer.pop(job_id, None) is not None:
-            self._record(job_id, decide(None, _NOT_RUN, abort_reason=reason))
+            self._buffer_outcome(job_id, decide(None, _NOT_RUN, abort_reason=reason))
             return
         running = self._running.get(job_id)
         if running is None or not running.ctx.request_abort(reason):
@@ -481,27 +517,98 @@ class Worker:
                 self._request_abort(job_id, "requested")
 
     async def _heartbeat_loop(self) -> None:
+        """Beat, and rescue the jobs of workers that stopped beating."""
         assert self._connector is not None
         while True:
-            await asyncio.sleep(self.heartbeat_interval)
             try:
-                await self._connector.run(statements.heartbeat(self._s, self.worker_id))
-            except Exception:
-                logger.warning("heartbeat failed", exc_info=True)
+                if not await self._connector.run(statements.heartbeat(self._s, self.worker_id)):
+                    # Declared dead (a long pause?): our jobs were rescued; be alive again.
+                    logger.warning(
+                        "worker %s had been declared dead; registering again", self.worker_id
+                    )
+                    await self._register()
+                await self._rescue()
+            except Exception as exc:
+                logger.warning("heartbeat or rescue failed: %s", exc)
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def _register(self) -> None:
+        assert self._connector is not None
+        query = statements.register_worker(
+            self._s, self.worker_id, socket.gethostname(), os.getpid(), self.queues
+        )
+        await self._connector.run(query)
+
+    async def _rescue(self) -> int:
+        """Put back the running jobs of dead workers, with their retry policy; the count."""
+        assert self._connector is not None
+        run = self._connector.run
+        dead = await run(statements.forget_dead_workers(self._s, self.rescue_after))
+        orphans = await run(statements.orphaned_jobs(self._s))
+        if not orphans:
+            return 0
+        by_worker: dict[str, statements.Outcomes] = {}
+        for old_worker, job in orphans:
+            lost = WorkerLostError(
+                f"worker {old_worker} stopped sending heartbeats while running this job; "
+                f"rescued by {self.worker_id}"
+            )
+            task = self.app.tasks.get(job.task_name)
+            # A task this worker does not know goes back as is: a worker that knows it decides.
+            outcome = (
+                decide(task, job, exc=lost)
+                if task is not None
+                else Outcome(
+                    Status.TODO, error=dumps(error_record(lost, with_traceback=False)), retry_in=0.0
+                )
+            )
+            outcomes = by_worker.setdefault(old_worker, statements.Outcomes.empty())
+            outcomes.add(job.id, outcome.status, outcome.result, outcome.error, outcome.retry_in)
+        rescued = 0
+        for old_worker, outcomes in by_worker.items():
+            done = await run(statements.complete_jobs(self._s, old_worker, outcomes))
+            rescued += len(done)
+        if rescued:
+            logger.warning(
+                "rescued %s job(s) of dead worker(s) %s",
+                rescued,
+                ", ".join(dead) or "unknown",
+                extra={"worker": self.worker_id},
+            )
+        self.stats.by_status["rescued"] += rescued
+        return rescued
 
     # -- shutdown -------------------------------------------------------------------------------
 
     async def _shutdown(self, background: list[asyncio.Task[None]]) -> None:
-        """Let running jobs finish (up to the grace period), abort the rest, write everything."""
+        """Stop claiming, give back what never started, let running jobs finish within the
+        grace period, abort the rest (they go back to ``todo``), and write every outcome."""
         await self._release_buffered()
-        futures = [r.future for r in self._running.values() if r.future is not None]
-        if futures:
-            _, pending = await asyncio.wait(futures, timeout=self.graceful_timeout)
-            for running in list(self._running.values()):
-                self._request_abort(running.job.id, "shutdown")
-            if pending:
-                await asyncio.wait(pending)
+        await self._wait_running(self.graceful_timeout)
+        if self._running:
+            for job_id in list(self._running):
+                self._request_abort(job_id, "shutdown")
+            await self._wait_running(SHUTDOWN_ABORT_GRACE)
+        for job_id, running in list(self._running.items()):
+            # A sync task that ignores should_abort(): its thread cannot be stopped. Give the
+            # job back now; whatever the thread returns later is not written.
+            logger.warning("job %s did not stop; giving it back", job_id)
+            self._running.pop(job_id)
+            self._buffer_outcome(job_id, decide(running.task, running.job, abort_reason="shutdown"))
         await self._write_outcomes()
+
+    async def _wait_running(self, timeout: float | None) -> None:
+        """Until every running job is done, ``timeout`` passes, or a second signal."""
+        futures = [r.future for r in self._running.values() if r.future is not None]
+        if not futures:
+            return
+        waiters = {
+            asyncio.ensure_future(asyncio.wait(futures)),
+            asyncio.ensure_future(self._hurry.wait()),
+        }
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
 
     async def _release_buffered(self) -> None:
         """Claimed jobs that never started go back to ``todo`` at once, attempt undone."""
@@ -528,9 +635,9 @@ class Worker:
                 logger.info("stopping: waiting for running jobs (signal again to stop now)")
                 self.stop()
             else:
-                self.graceful_timeout = 0
-                for running in list(self._running.values()):
-                    self._request_abort(running.job.id, "shutdown")
+                logger.info("stopping now: running jobs go back to the queue")
+                self.stop()
+                self._hurry.set()
 
         removers: list[Callable[[], object]] = []
         for sig in (signal.SIGTERM, signal.SIGINT):

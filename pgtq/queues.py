@@ -1,0 +1,50 @@
+"""``app.queues``: pause and resume queues, from sync or async code.
+
+A paused queue keeps its jobs and takes new ones; workers just stop claiming them until it is
+resumed (jobs already running finish). Resuming wakes the workers at once with a NOTIFY.
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import TYPE_CHECKING
+
+from pgtq import statements
+from pgtq.reports import QueueInfo
+
+if TYPE_CHECKING:
+    from pgtq.app import App
+
+__all__ = ["QueueInfo", "QueueManager"]
+
+
+class QueueManager:
+    """``app.queues``: every twin is one query from ``pgtq.statements``."""
+
+    def __init__(self, app: App) -> None:
+        self._app = app
+
+    @property
+    def _s(self) -> statements.Statements:
+        return self._app.statements
+
+    def pause(self, name: str) -> bool:
+        """Stop workers from claiming the queue's jobs. False if it was already paused."""
+        return self._app.sync.run(statements.pause_queue(self._s, name))
+
+    async def pause_async(self, name: str) -> bool:
+        return await self._app.async_connector().run(statements.pause_queue(self._s, name))
+
+    def resume(self, name: str) -> bool:
+        """Let workers claim the queue's jobs again. False if it was not paused."""
+        return self._app.sync.run(statements.resume_queue(self._s, name))
+
+    async def resume_async(self, name: str) -> bool:
+        return await self._app.async_connector().run(statements.resume_queue(self._s, name))
+
+    def list(self) -> builtins.list[QueueInfo]:
+        """Queues ever paused, and queues with waiting or running jobs, by name."""
+        return self._app.sync.run(statements.list_queues(self._s))
+
+    async def list_async(self) -> builtins.list[QueueInfo]:
+        return await self._app.async_connector().run(statements.list_queues(self._s))

@@ -1,0 +1,133 @@
+"""What the operations API reports: queue statistics, live workers, queues. Plain data, no I/O.
+
+``app.jobs.stats()`` returns a :class:`Stats`; ``app.queues.list()`` returns
+:class:`QueueInfo` rows. ``statements`` builds them from rows, the CLI, the dashboard and the
+metrics read them. Like ``pgtq.model`` it imports nothing of pgtq's but the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from pgtq.model import Status
+
+__all__ = [
+    "COUNTED_STATUSES",
+    "STALE_AFTER",
+    "QueueInfo",
+    "QueueStats",
+    "RunningJob",
+    "Stats",
+    "WorkerInfo",
+]
+
+#: The statuses ``stats()`` counts. Succeeded jobs are left out on purpose: on a table that
+#: keeps its history they are nearly every row, and counting them is a scan of the whole
+#: table (``app.jobs.counts()`` does it when you need the exact total); the rates tell how
+#: fast jobs succeed.
+COUNTED_STATUSES: tuple[Status, ...] = (
+    Status.TODO,
+    Status.DOING,
+    Status.FAILED,
+    Status.ABORTED,
+    Status.CANCELLED,
+)
+
+#: A worker beats every 10 s: one silent for longer than this is shown as stale.
+STALE_AFTER = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """One queue, as ``stats()`` saw it."""
+
+    name: str
+    #: Jobs per status, for each of :data:`COUNTED_STATUSES` (0 when none).
+    counts: Mapping[Status, int]
+    #: Seconds the oldest due waiting job has waited; None when no job is due.
+    oldest_waiting: float | None = None
+    #: Jobs finished per second over the window; None (not 0) when none finished in it.
+    rate: float | None = None
+    paused: bool = False
+
+    @property
+    def waiting(self) -> int:
+        return self.counts.get(Status.TODO, 0)
+
+    @property
+    def doing(self) -> int:
+        return self.counts.get(Status.DOING, 0)
+
+    @property
+    def failed(self) -> int:
+        return self.counts.get(Status.FAILED, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class RunningJob:
+    """A job a worker is running (status ``doing``)."""
+
+    id: int
+    task_name: str
+    queue: str
+    started_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A worker's row and the jobs it runs. Ages are measured by the database's clock."""
+
+    id: str
+    hostname: str
+    pid: int
+    queues: tuple[str, ...] | None  # None: every queue
+    started_at: datetime
+    last_heartbeat: datetime
+    heartbeat_age: float
+    running: tuple[RunningJob, ...] = ()
+
+    def is_alive(self, stale_after: float = STALE_AFTER) -> bool:
+        """Whether the worker beat recently (a dead one stays listed until it is rescued)."""
+        return self.heartbeat_age <= stale_after
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """A snapshot of the queues: counts, waiting times, throughput and workers."""
+
+    #: Seconds over which the rates are measured (finished jobs, by ``finished_at``).
+    window: float
+    queues: Mapping[str, QueueStats] = field(default_factory=dict)
+    #: Jobs per second per (queue, task) over the window; a pair is ABSENT when none of its
+    #: jobs finished in the window, never 0.
+    rates: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    workers: tuple[WorkerInfo, ...] = ()
+
+    def rate(self, queue: str | None = None, task: str | None = None) -> float | None:
+        """Jobs per second of a queue, a task, both or everything; None when there is no data."""
+        picked = [
+            r
+            for (q, t), r in self.rates.items()
+            if (queue is None or q == queue) and (task is None or t == task)
+        ]
+        return sum(picked) if picked else None
+
+    def live_workers(self, stale_after: float = STALE_AFTER) -> tuple[WorkerInfo, ...]:
+        return tuple(w for w in self.workers if w.is_alive(stale_after))
+
+    def count(self, status: Status, queue: str | None = None) -> int:
+        """Jobs with a status (one of :data:`COUNTED_STATUSES`), in a queue or in all."""
+        return sum(
+            q.counts.get(status, 0) for q in self.queues.values() if queue in (None, q.name)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueInfo:
+    """A queue ``app.queues.list()`` knows: paused or resumed once, or holding live jobs."""
+
+    name: str
+    paused: bool
+    paused_at: datetime | None
