@@ -479,14 +479,15 @@ class Statements:
         """
         j = self.jobs
         due = sa.or_(j.c.scheduled_at.is_(None), j.c.scheduled_at <= sa.func.now())
-        waited = sa.func.now() - sa.func.min(sa.func.coalesce(j.c.scheduled_at, j.c.created_at))
+        due_since = sa.func.coalesce(j.c.scheduled_at, j.c.created_at)
+        waited = sa.func.now() - sa.func.min(due_since).filter(due)
         no_age = sa.cast(sa.null(), sa.Float)
         waiting = (
             sa.select(
                 j.c.queue,
                 TODO.label("status"),
                 sa.func.count().label("n"),
-                sa.cast(sa.extract("epoch", waited).filter(due), sa.Float).label("oldest"),
+                sa.cast(sa.extract("epoch", waited), sa.Float).label("oldest"),
             )
             .where(j.c.status == TODO)
             .group_by(j.c.queue)
@@ -574,7 +575,7 @@ class Statements:
         """Mark a queue paused (workers stop claiming its jobs); returns a row if it changed."""
         q = self.t.queues
         insert = pg_insert(q).values(
-            name=sa.bindparam("name", type_=sa.Text), paused=True, paused_at=sa.func.now()
+            name=sa.bindparam("queue_name", type_=sa.Text), paused=True, paused_at=sa.func.now()
         )
         return insert.on_conflict_do_update(
             index_elements=[q.c.name],
@@ -588,7 +589,7 @@ class Statements:
         q = self.t.queues
         changed = (
             sa.update(q)
-            .where(q.c.name == sa.bindparam("name", type_=sa.Text), q.c.paused)
+            .where(q.c.name == sa.bindparam("queue_name", type_=sa.Text), q.c.paused)
             .values(paused=False, paused_at=sa.null())
             .returning(q.c.name)
             .cte("changed")
@@ -928,11 +929,11 @@ def cancel_job(s: Statements, job_id: int) -> Query[bool]:
 
 
 def pause_queue(s: Statements, name: str) -> Query[bool]:
-    return Query(s.pause_queue, {"name": name}, lambda r: r.first() is not None)
+    return Query(s.pause_queue, {"queue_name": name}, lambda r: r.first() is not None)
 
 
 def resume_queue(s: Statements, name: str) -> Query[bool]:
-    return Query(s.resume_queue, {"name": name}, lambda r: bool(_one_or_none(r)))
+    return Query(s.resume_queue, {"queue_name": name}, lambda r: bool(_one_or_none(r)))
 
 
 def list_queues(s: Statements) -> Query[list[QueueInfo]]:

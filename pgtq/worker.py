@@ -210,6 +210,7 @@ class Worker:
         logger.info("worker %s started", self.worker_id, extra={"worker": self.worker_id})
         try:
             await _run_hooks(self.startup_hooks)
+            await self._rescue()  # jobs a crashed worker left: before claiming anything
             background = [
                 asyncio.create_task(self._complete_loop(), name="pgtq-completer"),
                 asyncio.create_task(self._abort_poll_loop(), name="pgtq-abort-poller"),
@@ -520,6 +521,7 @@ class Worker:
         """Beat, and rescue the jobs of workers that stopped beating."""
         assert self._connector is not None
         while True:
+            await asyncio.sleep(self.heartbeat_interval)
             try:
                 if not await self._connector.run(statements.heartbeat(self._s, self.worker_id)):
                     # Declared dead (a long pause?): our jobs were rescued; be alive again.
@@ -530,7 +532,6 @@ class Worker:
                 await self._rescue()
             except Exception as exc:
                 logger.warning("heartbeat or rescue failed: %s", exc)
-            await asyncio.sleep(self.heartbeat_interval)
 
     async def _register(self) -> None:
         assert self._connector is not None

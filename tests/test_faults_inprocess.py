@@ -1,0 +1,201 @@
+"""Faults a worker survives, driven in-process: timeouts, dead workers, lost connections,
+shutdown of jobs that will not stop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import pgtq
+from pgtq import worker as worker_module
+from tests.conftest import eventually
+from tests.sides import Side
+
+
+async def test_timeouts_fail_the_attempt_and_follow_the_retry_policy(
+    side: Side, app: pgtq.App
+) -> None:
+    @app.task(timeout=0.2, retry=pgtq.Retry(max_attempts=2, base=0, jitter=0))
+    async def slow_async(ctx: pgtq.JobContext) -> str:
+        if ctx.attempt == 1:
+            await asyncio.sleep(30)
+        return "second try"
+
+    saw: list[str | None] = []
+
+    @app.task(timeout=0.2)
+    def slow_sync(ctx: pgtq.JobContext) -> None:
+        deadline = time.monotonic() + 30
+        while not ctx.should_abort() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        saw.append(ctx.abort_reason())
+
+    @app.task(timeout=5)
+    async def own_timeout() -> None:
+        raise TimeoutError("the task's own")
+
+    a = await side.defer(slow_async)
+    s = await side.defer(slow_sync)
+    o = await side.defer(own_timeout)
+    await side.run_worker(app, wait=False)
+    assert await side.wait(app, a) == "second try"
+    with pytest.raises(pgtq.JobFailed, match=r"timeout of 0\.2 s") as info:
+        await side.wait(app, s)
+    assert info.value.error["type"] == "JobTimeoutError"
+    assert saw == ["timeout"]
+    with pytest.raises(pgtq.JobFailed) as own:
+        await side.wait(app, o)
+    assert own.value.error["type"] == "TimeoutError"
+
+
+async def test_jobs_of_a_dead_worker_are_rescued(side: Side, app: pgtq.App, sql: Any) -> None:
+    """A worker row silent past rescue_after: its running job goes back, attempt counted."""
+
+    @app.task(retry=pgtq.Retry(max_attempts=3, base=0))
+    def survivor() -> str:
+        return "done"
+
+    @app.task  # no retry: a rescue fails it, with the reason
+    def fragile() -> None: ...
+
+    ok = await side.defer(survivor)
+    bad = await side.defer(fragile)
+    sql(
+        "INSERT INTO pgtq.workers (id, hostname, pid, last_heartbeat) "
+        "VALUES ('ghost', 'h', 1, now() - interval '1 hour')"
+    )
+    sql("UPDATE pgtq.jobs SET status = 'doing', attempts = 1, worker_id = 'ghost'")
+    stats = await side.run_worker(app, wait=False, rescue_after=60)
+    assert stats.by_status["rescued"] == 2
+    assert await side.wait(app, ok) == "done"
+    job = await side.get(app, ok)
+    assert job is not None and job.attempts == 2
+    with pytest.raises(pgtq.JobFailed, match="stopped sending heartbeats") as info:
+        await side.wait(app, bad)
+    assert info.value.error["type"] == "WorkerLostError"
+    assert sql("SELECT count(*) FROM pgtq.workers") == [(0,)]
+
+
+async def test_a_live_worker_is_not_rescued(app: pgtq.App, sql: Any) -> None:
+    @app.task
+    def noop() -> None: ...
+
+    await noop.defer_async()
+    sql(
+        "INSERT INTO pgtq.workers (id, hostname, pid) VALUES ('alive', 'h', 1);"
+        "UPDATE pgtq.jobs SET status = 'doing', attempts = 1, worker_id = 'alive'"
+    )
+    stats = await app.run_worker_async(wait=False, rescue_after=60)
+    assert stats.by_status["rescued"] == 0
+    assert sql("SELECT status, worker_id FROM pgtq.jobs") == [("doing", "alive")]
+
+
+async def test_rescue_never_overwrites_a_job_its_worker_finished(app: pgtq.App, sql: Any) -> None:
+    """The rescue and the old worker's late write race: the job changes once."""
+    from pgtq import statements
+
+    @app.task
+    def noop() -> None: ...
+
+    job_id = await noop.defer_async()
+    sql("UPDATE pgtq.jobs SET status = 'succeeded', attempts = 1, worker_id = 'ghost'")
+    outcomes = statements.Outcomes.empty()
+    outcomes.add(job_id, pgtq.Status.TODO, error='{"type": "WorkerLostError"}', retry_in=0.0)
+    s = app.statements
+    written = await app.async_connector().run(statements.complete_jobs(s, "ghost", outcomes))
+    assert written == []
+    assert sql("SELECT status FROM pgtq.jobs") == [("succeeded",)]
+
+
+async def test_the_listener_comes_back_after_its_connection_is_killed(
+    app: pgtq.App, sql: Any
+) -> None:
+    """Kill every pgtq connection but the test's: NOTIFY wakes the worker again soon after.
+
+    The polling interval is 60 s, so a pickup within the deadline proves the listener is back.
+    """
+    done = asyncio.Event()
+
+    @app.task
+    async def ping() -> None:
+        done.set()
+
+    worker = asyncio.create_task(app.run_worker_async(fetch_job_polling_interval=60))
+
+    def listening() -> bool:
+        rows = sql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'")
+        return bool(rows[0][0])
+
+    await eventually(listening)
+    sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    await eventually(listening, timeout=15)
+    await ping.defer_async()
+    await asyncio.wait_for(done.wait(), timeout=15)
+    worker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await worker
+
+
+async def test_shutdown_gives_back_a_sync_job_that_ignores_should_abort(
+    app: pgtq.App, sql: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_module, "SHUTDOWN_ABORT_GRACE", 0.2)
+    started, release = threading.Event(), threading.Event()
+
+    @app.task
+    def stubborn() -> None:
+        started.set()
+        release.wait(30)
+
+    job_id = await stubborn.defer_async()
+    worker = asyncio.create_task(app.run_worker_async(shutdown_graceful_timeout=0.2))
+    await eventually(started.is_set)
+    begun = time.monotonic()
+    worker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await worker
+    assert time.monotonic() - begun < 5
+    release.set()
+    job = await app.jobs.get_async(job_id)
+    assert job is not None and job.status == pgtq.Status.TODO and job.attempts == 1
+    assert job.error is not None and "shut down" in job.error["message"]
+
+
+async def test_shutdown_puts_unfinished_jobs_back_with_the_attempt_counted(
+    side: Side, app: pgtq.App
+) -> None:
+    """Past the grace period async jobs are cancelled, sync ones see should_abort()."""
+    started = {"a": asyncio.Event(), "s": threading.Event()}
+    reasons: list[str | None] = []
+
+    @app.task
+    async def long_async() -> None:
+        started["a"].set()
+        await asyncio.sleep(30)
+
+    @app.task
+    def long_sync(ctx: pgtq.JobContext) -> None:
+        started["s"].set()
+        while not ctx.should_abort():
+            time.sleep(0.01)
+        reasons.append(ctx.abort_reason())
+
+    a = await side.defer(long_async)
+    s = await side.defer(long_sync)
+    worker = asyncio.create_task(app.run_worker_async(shutdown_graceful_timeout=0.3))
+    await asyncio.wait_for(started["a"].wait(), 10)
+    await eventually(started["s"].is_set)
+    worker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await worker
+    assert reasons == ["shutdown"]
+    for job_id in (a, s):
+        job = await side.get(app, job_id)
+        assert job is not None and (job.status, job.attempts) == (pgtq.Status.TODO, 1)
