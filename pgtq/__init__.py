@@ -14,6 +14,7 @@ from pgtq.errors import (
     UnknownTask,
 )
 from pgtq.jobs import Job, JobContext, JobManager, Status
+from pgtq.model import JobEvent
 from pgtq.retry import Retry
 from pgtq.tasks import Deferrer, Task
 
@@ -28,6 +29,7 @@ __all__ = [
     "InvalidArguments",
     "Job",
     "JobContext",
+    "JobEvent",
     "JobFailed",
     "JobManager",
     "JobNotFound",

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 
 from pgtq import statements
 from pgtq.errors import JobFailed, JobNotFound, JobTimeout, PgtqError
-from pgtq.model import ClaimedJob, Job, Status
+from pgtq.model import ClaimedJob, Job, JobEvent, Status
 from pgtq.reports import Stats
 
 if TYPE_CHECKING:
@@ -137,6 +137,21 @@ class JobManager:
 
     async def counts_async(self) -> dict[tuple[str, Status], int]:
         return await self._app.async_connector().run(statements.status_counts(self._s))
+
+    def history(self, job_id: int) -> list[JobEvent]:
+        """Every status change of the job, oldest first (each failed attempt with its error)."""
+        return self._app.sync.run(statements.job_history(self._s, job_id))
+
+    async def history_async(self, job_id: int) -> list[JobEvent]:
+        return await self._app.async_connector().run(statements.job_history(self._s, job_id))
+
+    def set_history(self, enabled: bool) -> None:
+        """Record history (the default) or not, for every client of the database: off, the
+        triggers are disabled and cost nothing. Needs the owner of pgtq's tables."""
+        self._app.sync.run(statements.set_history(self._s, enabled))
+
+    async def set_history_async(self, enabled: bool) -> None:
+        await self._app.async_connector().run(statements.set_history(self._s, enabled))
 
     def wait(self, job_id: int, timeout: float | None = None) -> Any:
         """Block until the job is final: its result, or JobFailed; JobTimeout past ``timeout``."""

@@ -51,6 +51,20 @@ class Job:
 
 
 @dataclass(frozen=True, slots=True)
+class JobEvent:
+    """One status change of a job, from ``job_events`` (``deferred``, ``started``,
+    ``succeeded``, ``failed``, ``retried``, ``rescued``, ``released``, ``aborted``,
+    ``cancelled``). ``error`` is the failed attempt's error record."""
+
+    job_id: int
+    type: str
+    at: datetime
+    attempt: int
+    worker_id: str | None
+    error: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimedJob:
     """What the worker needs of a job it has just claimed: the hot path's small row."""
 

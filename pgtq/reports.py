@@ -119,9 +119,7 @@ class Stats:
 
     def count(self, status: Status, queue: str | None = None) -> int:
         """Jobs with a status (one of :data:`COUNTED_STATUSES`), in a queue or in all."""
-        return sum(
-            q.counts.get(status, 0) for q in self.queues.values() if queue in (None, q.name)
-        )
+        return sum(q.counts.get(status, 0) for q in self.queues.values() if queue in (None, q.name))
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,7 @@ class Tables:
     jobs: sa.Table
     workers: sa.Table
     queues: sa.Table
+    job_events: sa.Table
 
 
 @cache
@@ -157,7 +158,27 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         jobs.c.status,
         postgresql_where=sa.text("status IN ('failed', 'aborted', 'cancelled')"),
     )
-    return Tables(schema=schema, metadata=metadata, jobs=jobs, workers=workers, queues=queues)
+    # -- history (pgtq_0003): every status change, written by triggers on ``jobs`` -------------
+    job_events = sa.Table(
+        "job_events",
+        metadata,
+        sa.Column("id", sa.BigInteger, sa.Identity(always=False), primary_key=True),
+        sa.Column("job_id", sa.BigInteger, nullable=False),
+        sa.Column("type", sa.Text, nullable=False),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+        sa.Column("attempt", sa.Integer, nullable=False),
+        sa.Column("worker_id", sa.Text, nullable=True),
+        sa.Column("error", JSONB, nullable=True),
+        sa.Index("job_events_job_idx", "job_id", "id"),
+    )
+    return Tables(
+        schema=schema,
+        metadata=metadata,
+        jobs=jobs,
+        workers=workers,
+        queues=queues,
+        job_events=job_events,
+    )
 
 
 #: The default schema's tables, for Alembic's ``target_metadata`` in a user's project.
@@ -178,6 +199,10 @@ BEGIN
 END;
 $$
 """
+
+#: The names of the triggers that write ``job_events``: ``app.jobs.set_history(False)``
+#: disables them (no cost at all while off).
+HISTORY_TRIGGERS = ("jobs_history_inserted", "jobs_history_updated")
 
 NOTIFY_TRIGGER_SQL = """
 CREATE TRIGGER jobs_notify_inserted

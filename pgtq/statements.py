@@ -22,7 +22,7 @@ from sqlalchemy.engine import Result
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.dml import ReturningDelete
 
-from pgtq.model import ClaimedJob, Job, Status
+from pgtq.model import ClaimedJob, Job, JobEvent, Status
 from pgtq.reports import (
     COUNTED_STATUSES,
     QueueInfo,
@@ -31,7 +31,7 @@ from pgtq.reports import (
     Stats,
     WorkerInfo,
 )
-from pgtq.schema import Tables, notify_channel, tables_for
+from pgtq.schema import HISTORY_TRIGGERS, Tables, notify_channel, tables_for
 
 T = TypeVar("T")
 
@@ -409,6 +409,23 @@ class Statements:
     def unregister_worker(self) -> sa.Delete:
         w = self.t.workers
         return sa.delete(w).where(w.c.id == sa.bindparam("worker_id", type_=sa.Text))
+
+    # -- history --------------------------------------------------------------------------
+
+    @cached_property
+    def job_history(self) -> sa.Select[Any]:
+        e = self.t.job_events
+        return (
+            sa.select(e.c.job_id, e.c.type, e.c.at, e.c.attempt, e.c.worker_id, e.c.error)
+            .where(e.c.job_id == sa.bindparam("job_id", type_=sa.BigInteger))
+            .order_by(e.c.id)
+        )
+
+    def set_history(self, enabled: bool) -> sa.TextClause:
+        """Turn the history triggers on or off for every client of the database."""
+        verb = "ENABLE" if enabled else "DISABLE"
+        actions = ", ".join(f"{verb} TRIGGER {name}" for name in HISTORY_TRIGGERS)
+        return sa.text(f'ALTER TABLE "{self.t.schema}".jobs {actions}')
 
     @cached_property
     def forget_dead_workers(self) -> ReturningDelete[Any]:
@@ -796,6 +813,14 @@ def register_worker(
 
 def heartbeat(s: Statements, worker_id: str) -> Query[int]:
     return Query(s.heartbeat, {"worker_id": worker_id}, lambda r: r.rowcount)
+
+
+def job_history(s: Statements, job_id: int) -> Query[list[JobEvent]]:
+    return Query(s.job_history, {"job_id": job_id}, lambda rows: [JobEvent(*r) for r in rows])
+
+
+def set_history(s: Statements, enabled: bool) -> Query[None]:
+    return Query(s.set_history(enabled), {}, lambda _rows: None)
 
 
 def forget_dead_workers(s: Statements, after: float) -> Query[list[str]]:

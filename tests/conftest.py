@@ -91,7 +91,9 @@ def migrated_url(make_database: Callable[[], URL]) -> URL:
 def dsn(migrated_url: URL) -> str:
     """The test database's URL, with pgtq's tables emptied for this test."""
     with psycopg.connect(_libpq(migrated_url), autocommit=True) as conn:
-        conn.execute("TRUNCATE pgtq.jobs, pgtq.workers RESTART IDENTITY")
+        conn.execute(
+            "TRUNCATE pgtq.jobs, pgtq.workers, pgtq.queues, pgtq.job_events RESTART IDENTITY"
+        )
     return migrated_url.render_as_string(hide_password=False)
 
 
