@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from sqlalchemy.engine import URL, Connection, Engine, make_url
@@ -23,7 +24,7 @@ from pgtq.jobs import JobManager
 from pgtq.queues import QueueManager
 from pgtq.retry import Retry
 from pgtq.schema import DEFAULT_SCHEMA, InvalidSchemaName, validate_schema_name
-from pgtq.tasks import Task
+from pgtq.tasks import Middleware, Task
 
 if TYPE_CHECKING:
     from pgtq.worker import WorkerStats
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 DSN_ENV = "PGTQ_DSN"
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(fn)
 
 
 class App:
@@ -50,7 +55,11 @@ class App:
         async_engine: AsyncEngine | None = None,
         schema: str = DEFAULT_SCHEMA,
         connect_timeout: float = 10.0,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
+        #: App-wide middleware: each wraps the tasks of its own kind (sync or async), outside
+        #: a task's own middleware. Applied to tasks registered after it.
+        self.middleware = list(middleware)
         try:
             self.schema = validate_schema_name(schema)
         except InvalidSchemaName as exc:
@@ -175,6 +184,7 @@ class App:
         retry: Retry | int | None = None,
         timeout: float | None = None,
         pass_context: bool | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> Callable[[Callable[..., Any]], Task[Any]]: ...
 
     def task(  # type: ignore[misc]  # mypy misreads the keyword-only overload
@@ -188,6 +198,7 @@ class App:
         retry: Retry | int | None = None,
         timeout: float | None = None,
         pass_context: bool | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> Task[Any] | Callable[[Callable[..., Any]], Task[Any]]:
         """Register a sync or async function as a task (``@app.task`` or ``@app.task(...)``)."""
 
@@ -207,6 +218,10 @@ class App:
                 retry=retry,
                 timeout=timeout,
                 pass_context=pass_context,
+                middleware=[
+                    *(m for m in self.middleware if _is_async(m) == _is_async(f)),
+                    *middleware,
+                ],
             )
             self.tasks[task_name] = task
             return task

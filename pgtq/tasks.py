@@ -7,7 +7,7 @@ Everything that decides (argument checks, JSON encoding, schedule) is the pure
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -71,6 +71,7 @@ class Task(Generic[R]):
         retry: Retry | int | None = None,
         timeout: float | None = None,
         pass_context: bool | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         self.app = app
         self.func = func
@@ -88,6 +89,15 @@ class Task(Generic[R]):
             )
         if timeout is not None and timeout <= 0:
             raise ConfigurationError(f"task {name!r}: timeout must be > 0 seconds")
+        kind = "async" if self.is_async else "sync"
+        for mw in middleware:
+            if inspect.iscoroutinefunction(mw) != self.is_async:
+                raise ConfigurationError(
+                    f"task {name!r} is {kind}, middleware {getattr(mw, '__name__', mw)!r} is "
+                    f"not: a sync middleware wraps sync tasks (in their thread), an async one "
+                    "wraps async tasks (on the loop)"
+                )
+        self.middleware = tuple(middleware)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.func(*args, **kwargs)
@@ -226,8 +236,17 @@ class Deferrer:
         return await self.task.app.async_connector().run(self._insert(rows), connection)
 
 
+#: ``middleware(ctx, call_next)``: runs around a task; ``call_next()`` runs the rest of the
+#: chain and the task, and returns its result (an async middleware awaits it).
+Middleware = Callable[["JobContext", Callable[[], Any]], Any]
+
+
 def call_task(task: Task[Any], ctx: JobContext, args: Mapping[str, Any]) -> Any:
-    """Call the task function (sync or async: an async one returns its coroutine)."""
-    if task.pass_context:
-        return task.func(ctx, **args)
-    return task.func(**args)
+    """Call the task through its middleware (an async task returns its coroutine)."""
+
+    def call(i: int) -> Any:
+        if i == len(task.middleware):
+            return task.func(ctx, **args) if task.pass_context else task.func(**args)
+        return task.middleware[i](ctx, lambda: call(i + 1))
+
+    return call(0)
