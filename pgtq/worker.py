@@ -70,6 +70,8 @@ class Outcome:
 
 #: How long aborted jobs get to stop at shutdown before the worker gives them back and leaves.
 SHUTDOWN_ABORT_GRACE = 1.0
+#: How long a shutdown keeps trying to write outcomes to a database that does not answer.
+SHUTDOWN_WRITE_TIMEOUT = 10.0
 
 
 class WorkerLostError(Exception):
@@ -465,10 +467,16 @@ class Worker:
             await self._flush.wait()
             await self._write_outcomes()
 
-    async def _write_outcomes(self) -> None:
-        """Write what is buffered; on failure keep it and try again (nothing is dropped)."""
+    async def _write_outcomes(self, give_up_after: float | None = None) -> None:
+        """Write what is buffered; on failure keep it and try again (nothing is dropped).
+
+        The write is guarded: a job rescued by another worker meanwhile is left alone. With
+        ``give_up_after`` (shutdown), stop trying after that many seconds: the jobs stay
+        ``doing`` under this worker's id and are rescued once its heartbeat is stale.
+        """
         assert self._completer is not None
-        delay = 0.05
+        delays = backoff_delays(first=0.05)
+        deadline = None if give_up_after is None else time.monotonic() + give_up_after
         async with self._write_lock:
             while self._outcomes:
                 self._flush.clear()
@@ -480,11 +488,24 @@ class Worker:
                 except asyncio.CancelledError:
                     self._merge_back(batch)
                     raise
-                except Exception:
-                    logger.exception("writing %s outcomes failed; retrying", len(batch))
+                except Exception as exc:
                     self._merge_back(batch)
+                    if deadline is not None and time.monotonic() >= deadline:
+                        logger.error(
+                            "could not write %s outcomes before shutting down (%s); their "
+                            "jobs will be rescued",
+                            len(self._outcomes),
+                            exc,
+                        )
+                        return
+                    delay = next(delays)
+                    logger.warning(
+                        "writing %s outcomes failed (%s); retrying in %.2f s",
+                        len(batch),
+                        exc,
+                        delay,
+                    )
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
         self._changed.set()
 
     def _merge_back(self, batch: statements.Outcomes) -> None:
