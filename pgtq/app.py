@@ -56,7 +56,11 @@ class App:
         schema: str = DEFAULT_SCHEMA,
         connect_timeout: float = 10.0,
         middleware: Sequence[Middleware] = (),
+        prepared_statements: bool = True,
     ) -> None:
+        #: False behind PgBouncer in transaction mode: engines pgtq makes then never keep
+        #: prepared statements (yours are yours to configure).
+        self.prepared_statements = prepared_statements
         #: App-wide middleware: each wraps the tasks of its own kind (sync or async), outside
         #: a task's own middleware. Applied to tasks registered after it.
         self.middleware = list(middleware)
@@ -102,7 +106,9 @@ class App:
             if self._engine is not None:
                 self._sync = SyncConnector(self._engine, schema=self.schema, owned=False)
             else:
-                engine = create_sync_engine(self.url, self.connect_timeout)
+                engine = create_sync_engine(
+                    self.url, self.connect_timeout, prepared_statements=self.prepared_statements
+                )
                 self._sync = SyncConnector(engine, schema=self.schema, owned=True)
         return self._sync
 
@@ -114,7 +120,9 @@ class App:
             if self._async_engine is not None:
                 connector = AsyncConnector(self._async_engine, schema=self.schema, owned=False)
             else:
-                engine = create_async_engine_for(self.url, self.connect_timeout)
+                engine = create_async_engine_for(
+                    self.url, self.connect_timeout, prepared_statements=self.prepared_statements
+                )
                 connector = AsyncConnector(engine, schema=self.schema, owned=True)
             self._async[loop] = connector
         return connector

@@ -105,23 +105,37 @@ def _ping_when_idle(engine: Engine) -> None:
     event.listen(engine.pool, "checkin", on_checkin)
 
 
-def create_sync_engine(url: str | URL, connect_timeout: float) -> Engine:
-    engine = sa.create_engine(
-        sync_url(url), connect_args={"connect_timeout": max(1, int(connect_timeout))}
-    )
+def create_sync_engine(
+    url: str | URL, connect_timeout: float, *, prepared_statements: bool = True
+) -> Engine:
+    args: dict[str, Any] = {"connect_timeout": max(1, int(connect_timeout))}
+    if not prepared_statements:
+        args["prepare_threshold"] = None  # psycopg: never prepare (PgBouncer transaction mode)
+    engine = sa.create_engine(sync_url(url), connect_args=args)
     _ping_when_idle(engine)
     return engine
 
 
 def create_async_engine_for(
-    url: str | URL, connect_timeout: float, pool_size: int = 10
+    url: str | URL,
+    connect_timeout: float,
+    *,
+    pool_size: int = 10,
+    prepared_statements: bool = True,
 ) -> AsyncEngine:
+    """The async engine pgtq makes; ``prepared_statements=False`` for PgBouncer in transaction
+    mode, where a prepared statement may land on another server connection."""
     u = async_url(url)
-    args: dict[str, Any] = (
-        {"timeout": connect_timeout}
-        if u.drivername == ASYNC_DRIVERS["asyncpg"]
-        else {"connect_timeout": max(1, int(connect_timeout))}
-    )
+    args: dict[str, Any]
+    if u.drivername == ASYNC_DRIVERS["asyncpg"]:
+        args = {"timeout": connect_timeout}
+        if not prepared_statements:
+            args["statement_cache_size"] = 0  # asyncpg: unnamed statements only
+            u = u.update_query_dict({"prepared_statement_cache_size": "0"})
+    else:
+        args = {"connect_timeout": max(1, int(connect_timeout))}
+        if not prepared_statements:
+            args["prepare_threshold"] = None
     engine = create_async_engine(u, pool_size=pool_size, max_overflow=pool_size, connect_args=args)
     _ping_when_idle(engine.sync_engine)
     return engine

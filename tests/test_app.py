@@ -155,3 +155,22 @@ async def test_a_pooled_connection_killed_while_idle_is_replaced(
     assert killed[0][0] >= 1
     await side.defer(noop)
     assert sql("SELECT count(*) FROM pgtq.jobs") == [(2,)]
+
+
+async def test_without_prepared_statements_for_pgbouncer(side: Side, dsn: str) -> None:
+    """prepared_statements=False: drivers never keep prepared statements; everything works."""
+    app = pgtq.App(dsn, prepared_statements=False)
+
+    @app.task
+    async def echo(n: int) -> int:
+        return n
+
+    job_id = await side.defer(echo, n=5)
+    await side.run_worker(app, wait=False)
+    assert await side.wait(app, job_id) == 5
+    with app.sync.engine.connect() as conn:
+        assert conn.connection.driver_connection.prepare_threshold is None  # type: ignore[union-attr]
+    async with app.async_connector().engine.connect() as aconn:
+        raw = await aconn.get_raw_connection()
+        assert raw.driver_connection._stmt_cache.get_max_size() == 0  # type: ignore[union-attr]
+    await app.close_async()
