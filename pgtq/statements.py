@@ -156,7 +156,10 @@ class Statements:
             ~sa.exists().where(running.c.lock == j.c.lock, running.c.status == DOING),
         )
         due = sa.or_(j.c.scheduled_at.is_(None), j.c.scheduled_at <= sa.func.now())
-        where = [j.c.status == TODO, due, lock_free]
+        q = self.t.queues
+        # Paused queues: one hashed lookup per statement (the queues table is tiny).
+        not_paused = j.c.queue.not_in(sa.select(q.c.name).where(q.c.paused))
+        where = [j.c.status == TODO, due, lock_free, not_paused]
         if queues == "one":  # equality, so the (queue, priority, id) index gives the order
             where.append(j.c.queue == sa.bindparam("queue", type_=sa.Text))
         elif queues == "some":

@@ -327,3 +327,18 @@ async def test_run_worker_uses_uvloop_when_installed(app: pgtq.App) -> None:
     await which_loop.defer_async()
     await asyncio.to_thread(app.run_worker, wait=False, install_signal_handlers=False)
     assert seen == [uvloop.Loop]
+
+
+async def test_a_paused_queue_is_not_worked(side: Side, app: pgtq.App) -> None:
+    @app.task
+    def noop() -> None: ...
+
+    held = await side.defer(noop.configure(queue="held"))
+    free = await side.defer(noop.configure(queue="free"))
+    await side.call(app.queues, "pause", "held")
+    await side.run_worker(app, wait=False)
+    assert (await side.get(app, held)).status == pgtq.Status.TODO  # type: ignore[union-attr]
+    assert (await side.get(app, free)).status == pgtq.Status.SUCCEEDED  # type: ignore[union-attr]
+    await side.call(app.queues, "resume", "held")
+    await side.run_worker(app, wait=False)
+    assert (await side.get(app, held)).status == pgtq.Status.SUCCEEDED  # type: ignore[union-attr]
