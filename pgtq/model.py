@@ -40,6 +40,7 @@ class Job:
     scheduled_at: datetime | None
     lock: str | None
     queueing_lock: str | None
+    concurrency_key: str | None
     attempts: int
     worker_id: str | None
     abort_requested: bool

@@ -51,6 +51,8 @@ class Tables:
     workers: sa.Table
     queues: sa.Table
     job_events: sa.Table
+    periodic_ticks: sa.Table
+    limit_buckets: sa.Table
 
 
 @cache
@@ -70,6 +72,8 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         sa.Column("scheduled_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("lock", sa.Text, nullable=True),
         sa.Column("queueing_lock", sa.Text, nullable=True),
+        # pgtq_0004: jobs sharing a key run at most ``cap`` at a time (a lock is cap 1).
+        sa.Column("concurrency_key", sa.Text, nullable=True),
         sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
         sa.Column("worker_id", sa.Text, nullable=True),
         sa.Column("abort_requested", sa.Boolean, nullable=False, server_default=sa.false()),
@@ -142,6 +146,9 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         sa.Column("name", sa.Text, primary_key=True),
         sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("paused_at", sa.DateTime(timezone=True), nullable=True),
+        # pgtq_0004: fleet-wide limits of the queue, enforced in the claim.
+        sa.Column("concurrency", sa.Integer, nullable=True),
+        sa.Column("rate_limit", sa.Float, nullable=True),  # jobs started per second
     )
     # Finished jobs by end time: the rate over the last minute and ``delete_old_jobs`` read a
     # range of it. Partial, so inserting and claiming jobs (finished_at NULL) never touch it.
@@ -157,6 +164,32 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         jobs.c.queue,
         jobs.c.status,
         postgresql_where=sa.text("status IN ('failed', 'aborted', 'cancelled')"),
+    )
+    # -- control (pgtq_0004): periodic ticks, rate-limit buckets, running jobs per key --------
+    sa.Index(
+        "jobs_key_doing_idx",
+        jobs.c.concurrency_key,
+        postgresql_where=sa.text("status = 'doing' AND concurrency_key IS NOT NULL"),
+    )
+    # One row per (periodic task, tick): the primary key makes each tick deferred once,
+    # however many workers run the scheduler.
+    periodic_ticks = sa.Table(
+        "periodic_ticks",
+        metadata,
+        sa.Column("task_name", sa.Text, primary_key=True),
+        sa.Column("periodic_id", sa.Text, primary_key=True, server_default=""),
+        sa.Column("tick_at", sa.DateTime(timezone=True), primary_key=True),
+        sa.Column("job_id", sa.BigInteger, nullable=True),
+    )
+    # Token buckets of the rate limits (``queue:<name>`` or ``task:<name>``).
+    limit_buckets = sa.Table(
+        "limit_buckets",
+        metadata,
+        sa.Column("key", sa.Text, primary_key=True),
+        sa.Column("tokens", sa.Float, nullable=False),
+        sa.Column(
+            "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
     )
     # -- history (pgtq_0003): every status change, written by triggers on ``jobs`` -------------
     job_events = sa.Table(
@@ -178,6 +211,8 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         workers=workers,
         queues=queues,
         job_events=job_events,
+        periodic_ticks=periodic_ticks,
+        limit_buckets=limit_buckets,
     )
 
 

@@ -78,6 +78,20 @@ def _rowcount(result: Result[Any]) -> int:
     return len(result.all())
 
 
+#: The columns ``defer`` writes, in the order of ``JobRows``' arrays (``args`` is JSON text,
+#: cast to jsonb in the statement).
+INSERT_COLUMNS: tuple[tuple[str, sa.types.TypeEngine[Any]], ...] = (
+    ("queue", sa.Text()),
+    ("task_name", sa.Text()),
+    ("args", sa.Text()),
+    ("priority", sa.Integer()),
+    ("scheduled_at", sa.DateTime(timezone=True)),
+    ("lock", sa.Text()),
+    ("queueing_lock", sa.Text()),
+    ("concurrency_key", sa.Text()),
+)
+
+
 class Statements:
     """The statements of one schema. Built lazily, once per schema."""
 
@@ -94,44 +108,14 @@ class Statements:
         """Insert many jobs from parallel arrays in one statement (the insert trigger notifies)."""
         j = self.jobs
         rows = (
-            sa.func.unnest(
-                _array("queue", sa.Text()),
-                _array("task_name", sa.Text()),
-                _array("args", sa.Text()),
-                _array("priority", sa.Integer()),
-                _array("scheduled_at", sa.DateTime(timezone=True)),
-                _array("lock", sa.Text()),
-                _array("queueing_lock", sa.Text()),
-            )
-            .table_valued(
-                sa.column("queue", sa.Text),
-                sa.column("task_name", sa.Text),
-                sa.column("args", sa.Text),
-                sa.column("priority", sa.Integer),
-                sa.column("scheduled_at", sa.DateTime(timezone=True)),
-                sa.column("lock", sa.Text),
-                sa.column("queueing_lock", sa.Text),
-            )
+            sa.func.unnest(*(_array(name, kind) for name, kind in INSERT_COLUMNS))
+            .table_valued(*(sa.column(name, kind) for name, kind in INSERT_COLUMNS))
             .render_derived("new_jobs")
         )
         select = sa.select(
-            rows.c.queue,
-            rows.c.task_name,
-            sa.cast(rows.c.args, JSONB),
-            rows.c.priority,
-            rows.c.scheduled_at,
-            rows.c.lock,
-            rows.c.queueing_lock,
+            *(sa.cast(rows.c[n], JSONB) if n == "args" else rows.c[n] for n, _ in INSERT_COLUMNS)
         )
-        columns = [
-            "queue",
-            "task_name",
-            "args",
-            "priority",
-            "scheduled_at",
-            "lock",
-            "queueing_lock",
-        ]
+        columns = [name for name, _ in INSERT_COLUMNS]
         return sa.insert(j).from_select(columns, select).returning(j.c.id)
 
     # -- claim -----------------------------------------------------------------------------
@@ -652,6 +636,7 @@ def to_job(row: Any) -> Job:
         scheduled_at=m["scheduled_at"],
         lock=m["lock"],
         queueing_lock=m["queueing_lock"],
+        concurrency_key=m["concurrency_key"],
         attempts=m["attempts"],
         worker_id=m["worker_id"],
         abort_requested=m["abort_requested"],
@@ -681,17 +666,14 @@ class JobRows:
     scheduled_at: list[datetime | None]
     lock: list[str | None]
     queueing_lock: list[str | None]
+    concurrency_key: list[str | None]
+
+    @classmethod
+    def empty(cls) -> JobRows:
+        return cls(*([] for _ in INSERT_COLUMNS))
 
     def as_params(self) -> dict[str, Any]:
-        return {
-            "queue": self.queue,
-            "task_name": self.task_name,
-            "args": self.args,
-            "priority": self.priority,
-            "scheduled_at": self.scheduled_at,
-            "lock": self.lock,
-            "queueing_lock": self.queueing_lock,
-        }
+        return {name: getattr(self, name) for name, _ in INSERT_COLUMNS}
 
 
 def insert_jobs(s: Statements, rows: JobRows) -> Query[list[int]]:

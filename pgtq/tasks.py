@@ -38,6 +38,7 @@ class JobOptions:
     schedule_at: datetime | None = None
     lock: str | None = None
     queueing_lock: str | None = None
+    concurrency_key: str | None = None
 
 
 def _wants_context(func: Callable[..., Any]) -> bool:
@@ -114,6 +115,7 @@ class Task(Generic[R]):
         schedule_in: timedelta | float | None = None,
         lock: str | None = None,
         queueing_lock: str | None = None,
+        concurrency_key: str | None = None,
     ) -> Deferrer:
         if schedule_at is not None and schedule_in is not None:
             raise InvalidArguments("give schedule_at or schedule_in, not both")
@@ -133,6 +135,7 @@ class Task(Generic[R]):
             schedule_at=schedule_at,
             lock=lock,
             queueing_lock=queueing_lock,
+            concurrency_key=concurrency_key,
         )
         return Deferrer(self, options)
 
@@ -183,7 +186,7 @@ class Deferrer:
 
     def encode(self, arguments: Iterable[Mapping[str, Any]]) -> statements.JobRows:
         """Check and encode jobs before anything is written: the one place defer decides."""
-        rows = statements.JobRows([], [], [], [], [], [], [])
+        rows = statements.JobRows.empty()
         o = self.options
         for kwargs in arguments:
             if not isinstance(kwargs, Mapping):
@@ -205,6 +208,7 @@ class Deferrer:
             rows.scheduled_at.append(o.schedule_at)
             rows.lock.append(o.lock)
             rows.queueing_lock.append(o.queueing_lock)
+            rows.concurrency_key.append(o.concurrency_key)
         return rows
 
     def _insert(self, rows: statements.JobRows) -> statements.Query[list[int]]:

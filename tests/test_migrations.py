@@ -186,7 +186,7 @@ def test_downgrade_to_base_then_upgrade_again(engine: Engine) -> None:
         migrations.upgrade(conn, "pgtq")
     with engine.begin() as conn:
         assert migrations.current(conn, "pgtq") == HEADS
-        assert tables_in(conn, "pgtq") == {"alembic_version", "job_events", "jobs", "queues", "workers"}
+        assert tables_in(conn, "pgtq") == {"alembic_version", "job_events", "jobs", "limit_buckets", "periodic_ticks", "queues", "workers"}
 
 
 def test_upgrade_leaves_the_callers_transaction_open(engine: Engine) -> None:
@@ -259,7 +259,7 @@ def test_offline_sql_builds_the_same_schema(make_database: Callable[[], URL]) ->
         with eng.begin() as conn:
             assert migrations.current(conn, "jobs_custom") == HEADS
             migrations.upgrade(conn, "jobs_custom")  # nothing left to do
-            assert tables_in(conn, "jobs_custom") == {"alembic_version", "job_events", "jobs", "queues", "workers"}
+            assert tables_in(conn, "jobs_custom") == {"alembic_version", "job_events", "jobs", "limit_buckets", "periodic_ticks", "queues", "workers"}
     finally:
         eng.dispose()
 
