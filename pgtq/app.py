@@ -57,7 +57,11 @@ class App:
         connect_timeout: float = 10.0,
         middleware: Sequence[Middleware] = (),
         prepared_statements: bool = True,
+        result_max_bytes: int | None = 1_000_000,
     ) -> None:
+        #: A task result larger than this (as JSON) fails its job with a clear error: results
+        #: live in the jobs table, which must stay small to stay fast. None: no limit.
+        self.result_max_bytes = result_max_bytes
         #: False behind PgBouncer in transaction mode: engines pgtq makes then never keep
         #: prepared statements (yours are yours to configure).
         self.prepared_statements = prepared_statements
@@ -193,6 +197,7 @@ class App:
         timeout: float | None = None,
         pass_context: bool | None = None,
         middleware: Sequence[Middleware] = (),
+        transactional: bool = False,
     ) -> Callable[[Callable[..., Any]], Task[Any]]: ...
 
     def task(  # type: ignore[misc]  # mypy misreads the keyword-only overload
@@ -207,6 +212,7 @@ class App:
         timeout: float | None = None,
         pass_context: bool | None = None,
         middleware: Sequence[Middleware] = (),
+        transactional: bool = False,
     ) -> Task[Any] | Callable[[Callable[..., Any]], Task[Any]]:
         """Register a sync or async function as a task (``@app.task`` or ``@app.task(...)``)."""
 
@@ -230,6 +236,7 @@ class App:
                     *(m for m in self.middleware if _is_async(m) == _is_async(f)),
                     *middleware,
                 ],
+                transactional=transactional,
             )
             self.tasks[task_name] = task
             return task

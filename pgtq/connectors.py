@@ -212,6 +212,13 @@ class SyncConnector:
         with self._connect(self._autocommit) as conn:
             return self._execute(conn, query)
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A connection in a transaction: committed when the block ends, rolled back if it
+        raises (a transactional task's own writes and its job's completion share it)."""
+        with self._connect(self.engine) as conn, conn.begin():
+            yield conn
+
     def run_in_transaction(
         self, fn: Callable[[Connection], T], connection: Connection | None = None
     ) -> T:
@@ -286,6 +293,11 @@ class AsyncConnector:
             return await self._execute(_checked(connection, AsyncConnection, "the *_async"), query)
         async with self._connect(self._autocommit) as conn:
             return await self._execute(conn, query)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        async with self._connect(self.engine) as conn, conn.begin():
+            yield conn
 
     async def run_in_transaction(
         self, fn: Callable[[Connection], T], connection: AsyncConnection | None = None

@@ -42,6 +42,9 @@ class JobContext:
     # A plain attribute: set once by the worker's loop, read by the task's thread (atomic in
     # CPython); cheaper per job than a threading.Event.
     _abort_reason: str | None = field(default=None, repr=False)
+    #: For a ``transactional=True`` task: the connection whose transaction also completes
+    #: the job (a SQLAlchemy ``Connection`` for a sync task, ``AsyncConnection`` for async).
+    connection: Any = field(default=None, repr=False)
 
     @classmethod
     def for_job(cls, job: ClaimedJob, app: App, worker_id: str) -> JobContext:

@@ -20,7 +20,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Result
 from sqlalchemy.sql import Executable
-from sqlalchemy.sql.dml import ReturningDelete
+from sqlalchemy.sql.dml import ReturningDelete, ReturningUpdate
 
 from pgtq.model import ClaimedJob, Job, JobEvent, Status
 from pgtq.reports import (
@@ -221,39 +221,55 @@ class Statements:
     # -- complete --------------------------------------------------------------------------
 
     @cached_property
-    def complete(self) -> sa.Update:
+    def complete(self) -> ReturningUpdate[Any]:
         """Write a batch of outcomes in one statement.
 
         ``doing → succeeded | failed | aborted``, or ``doing → todo`` for a retry (``retry_in``
         seconds from now). Guarded by ``status = 'doing' AND worker_id = :worker_id``: a job
         that was rescued or re-queued meanwhile is never overwritten.
         """
+        return self._complete_update(self._outcomes())
+
+    @cached_property
+    def complete_deleting(self) -> sa.Select[Any]:
+        """``complete``, except that jobs ending in one of ``:delete_statuses`` are deleted
+        (a worker's ``delete_jobs`` option), with the same guard."""
         j = self.jobs
-        u = (
-            sa.func.unnest(
-                _array("ids", sa.BigInteger()),
-                _array("statuses", sa.Text()),
-                _array("results", sa.Text()),
-                _array("errors", sa.Text()),
-                _array("retry_in", sa.Float()),
-            )
-            .table_valued(
-                sa.column("id", sa.BigInteger),
-                sa.column("status", sa.Text),
-                sa.column("result", sa.Text),
-                sa.column("error", sa.Text),
-                sa.column("retry_in", sa.Float),
-            )
+        u = self._outcomes()
+        deleting = u.c.status == sa.any_(_array("delete_statuses", sa.Text()))
+        deleted = (
+            sa.delete(j)
+            .where(j.c.id == u.c.id, deleting, *self._held_by_worker())
+            .returning(j.c.id)
+            .cte("deleted")
+        )
+        updated = self._complete_update(u, ~deleting).cte("updated")
+        return sa.union_all(sa.select(deleted.c.id), sa.select(updated.c.id)).subquery().select()
+
+    def _outcomes(self) -> Any:
+        columns = (
+            ("ids", "id", sa.BigInteger()),
+            ("statuses", "status", sa.Text()),
+            ("results", "result", sa.Text()),
+            ("errors", "error", sa.Text()),
+            ("retry_in", "retry_in", sa.Float()),
+        )
+        return (
+            sa.func.unnest(*(_array(param, kind) for param, _, kind in columns))
+            .table_valued(*(sa.column(name, kind) for _, name, kind in columns))
             .render_derived("outcomes")
         )
+
+    def _held_by_worker(self) -> tuple[sa.ColumnElement[bool], ...]:
+        j = self.jobs
+        return (j.c.status == DOING, j.c.worker_id == sa.bindparam("worker_id", type_=sa.Text))
+
+    def _complete_update(self, u: Any, *where: sa.ColumnElement[bool]) -> ReturningUpdate[Any]:
+        j = self.jobs
         retrying = u.c.status == TODO
         return (
             sa.update(j)
-            .where(
-                j.c.id == u.c.id,
-                j.c.status == DOING,
-                j.c.worker_id == sa.bindparam("worker_id", type_=sa.Text),
-            )
+            .where(j.c.id == u.c.id, *self._held_by_worker(), *where)
             .values(
                 status=u.c.status,
                 result=sa.cast(u.c.result, JSONB),
@@ -550,16 +566,21 @@ class Statements:
         q = self.t.queues
         return sa.select(q.c.name).where(q.c.paused)
 
-    def delete_old(self, statuses: tuple[Status, ...], by_queue: bool) -> sa.Delete:
-        """Delete jobs that ended over ``:older_than`` seconds ago with one of ``statuses``."""
+    def delete_old(self, statuses: tuple[Status, ...], by_queue: bool) -> sa.Select[Any]:
+        """Delete jobs that ended over ``:older_than`` seconds ago with one of ``statuses``,
+        and their history; select how many jobs went."""
         found = self._built.get(("delete_old", statuses, by_queue))
         if found is None:
-            j = self.jobs
+            j, events = self.jobs, self.t.job_events
             before = sa.func.now() - sa.bindparam("older_than", type_=sa.Float) * ONE_SECOND
             where = [j.c.finished_at < before, j.c.status.in_([_status(s) for s in statuses])]
             if by_queue:
                 where.append(j.c.queue == sa.bindparam("queue", type_=sa.Text))
-            found = sa.delete(j).where(*where)
+            gone = sa.delete(j).where(*where).returning(j.c.id).cte("gone")
+            history = (
+                sa.delete(events).where(events.c.job_id.in_(sa.select(gone.c.id))).cte("history")
+            )
+            found = sa.select(sa.func.count()).select_from(gone).add_cte(history)
             self._built["delete_old", statuses, by_queue] = found
         return found
 
@@ -731,8 +752,11 @@ class Outcomes:
         return len(self.ids)
 
 
-def complete_jobs(s: Statements, worker_id: str, outcomes: Outcomes) -> Query[list[int]]:
-    params = {
+def complete_jobs(
+    s: Statements, worker_id: str, outcomes: Outcomes, delete_statuses: Sequence[str] = ()
+) -> Query[list[int]]:
+    """Write outcomes; jobs ending in ``delete_statuses`` are deleted instead."""
+    params: dict[str, Any] = {
         "worker_id": worker_id,
         "ids": outcomes.ids,
         "statuses": outcomes.statuses,
@@ -740,6 +764,9 @@ def complete_jobs(s: Statements, worker_id: str, outcomes: Outcomes) -> Query[li
         "errors": outcomes.errors,
         "retry_in": outcomes.retry_in,
     }
+    if delete_statuses:
+        params["delete_statuses"] = list(delete_statuses)
+        return Query(s.complete_deleting, params, _id_list)
     return Query(s.complete, params, _id_list)
 
 
@@ -931,7 +958,7 @@ def delete_old_jobs(
     if queue is not None:
         params["queue"] = queue
     statement = s.delete_old(tuple(sorted(set(statuses))), queue is not None)
-    return Query(statement, params, lambda r: r.rowcount)
+    return Query(statement, params, lambda r: int(_one_or_none(r)))
 
 
 def cancel_job(s: Statements, job_id: int) -> Query[bool]:

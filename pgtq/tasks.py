@@ -73,9 +73,13 @@ class Task(Generic[R]):
         timeout: float | None = None,
         pass_context: bool | None = None,
         middleware: Sequence[Middleware] = (),
+        transactional: bool = False,
     ) -> None:
         self.app = app
         self.func = func
+        #: The task gets ``ctx.connection`` (a ``Connection`` in its thread, or an
+        #: ``AsyncConnection``); its writes and its job's success commit together.
+        self.transactional = transactional
         self.name = name
         self.is_async = inspect.iscoroutinefunction(func)
         self.retry = as_retry(retry)

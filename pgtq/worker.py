@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pgtq import statements
 from pgtq.errors import ConfigurationError, SchemaNotMigrated
@@ -43,6 +43,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger("pgtq.worker")
 
 Hook = Callable[[], Any]
+
+_DELETE_STATUSES: dict[str, tuple[str, ...]] = {
+    "never": (),
+    "successful": (Status.SUCCEEDED.value,),
+    "always": (Status.SUCCEEDED.value, Status.FAILED.value, Status.ABORTED.value),
+}
 
 
 @dataclass
@@ -78,6 +84,10 @@ class WorkerLostError(Exception):
     """Stored as the error of an attempt whose worker died (or went silent) while running it."""
 
 
+class ResultTooLarge(Exception):
+    """Stored as the error of a job whose result is over ``App(result_max_bytes=...)``."""
+
+
 class UnknownTaskError(Exception):
     """Stored as the error of a job whose task this worker does not have."""
 
@@ -110,10 +120,21 @@ def decide(
         seconds = task.timeout if task is not None else None
         exc = JobTimeoutError(f"the job ran past its timeout of {seconds} s")
     if exc is None:
+        # A result that cannot be stored fails the job at once: running it again would not
+        # change the result, so the retry policy does not apply.
         try:
-            return Outcome(Status.SUCCEEDED, result=dumps(result))
+            encoded = "null" if result is None else dumps(result)
         except (TypeError, ValueError) as ser:
-            exc = TypeError(f"the task's return value is not JSON-serializable: {ser}")
+            bad = TypeError(f"the task's return value is not JSON-serializable: {ser}")
+            return Outcome(Status.FAILED, error=dumps(error_record(bad, with_traceback=False)))
+        limit = task.app.result_max_bytes if task is not None else None
+        if limit is not None and len(encoded) > limit:
+            big = ResultTooLarge(
+                f"the task's result is {len(encoded):,} bytes of JSON, over the app's "
+                f"result_max_bytes of {limit:,}: store large data elsewhere and return a key"
+            )
+            return Outcome(Status.FAILED, error=dumps(error_record(big, with_traceback=False)))
+        return Outcome(Status.SUCCEEDED, result=encoded)
     err_json = dumps(error_record(exc))
     if task is not None:
         delay = task.retry.delay(job.attempts, exc)
@@ -123,6 +144,22 @@ def decide(
 
 
 _NOT_RUN = ClaimedJob(0, "", "", {}, 0, 0, None)
+_DECIDED = object()  # the outcome is already known (a transactional task's failure)
+
+
+@dataclass(frozen=True, slots=True)
+class _Committed:
+    """A transactional task succeeded and its job's success was committed with its writes."""
+
+    outcome: Outcome
+
+
+class _NotCommitted(Exception):
+    """Rolls a transactional task's writes back; ``outcome`` is still to be written (None: the
+    job is no longer this worker's)."""
+
+    def __init__(self, outcome: Outcome | None) -> None:
+        self.outcome = outcome
 
 
 @dataclass(eq=False)
@@ -147,6 +184,7 @@ class Worker:
         shutdown_graceful_timeout: float | None = 30.0,
         heartbeat_interval: float = 5.0,
         rescue_after: float = 30.0,
+        delete_jobs: Literal["never", "successful", "always"] = "never",
         startup_hooks: Iterable[Hook] = (),
         shutdown_hooks: Iterable[Hook] = (),
         wait: bool = True,
@@ -167,6 +205,10 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval
         # A worker silent this long is dead: any live worker puts its running jobs back.
         self.rescue_after = rescue_after
+        if delete_jobs not in _DELETE_STATUSES:
+            raise ConfigurationError("delete_jobs must be 'never', 'successful' or 'always'")
+        # Jobs ending so are deleted instead of kept (their history stays in job_events).
+        self._delete_statuses = _DELETE_STATUSES[delete_jobs]
         self.startup_hooks = list(startup_hooks)
         self.shutdown_hooks = list(shutdown_hooks)
         self.wait = wait
@@ -381,6 +423,8 @@ class Worker:
                 exc = UnknownTaskError(
                     f"no task named {job.task_name!r} is registered on this worker's app"
                 )
+            elif task.transactional and task.is_async:
+                result = await self._call_async_in_transaction(task, ctx, job)
             elif task.is_async:
                 result = await self._call_async(task, ctx, job)
             else:
@@ -388,10 +432,24 @@ class Worker:
         except asyncio.CancelledError:
             if ctx.abort_reason() is None:  # cancelled from outside: treat as shutdown
                 ctx.request_abort("shutdown")
+        except _NotCommitted as nc:
+            if nc.outcome is None:  # the job is no longer ours: nothing to write
+                self._running.pop(job.id, None)
+                self._changed.set()
+                return
+            result, exc = _DECIDED, None
+            outcome = nc.outcome
         except Exception as e:
             exc = e
-        outcome = decide(task, job, result=result, exc=exc, abort_reason=ctx.abort_reason())
-        self._record(job.id, outcome)
+        if isinstance(result, _Committed):
+            outcome = result.outcome  # written with the task's own transaction
+            if self._running.pop(job.id, None) is not None:
+                self._count(outcome)
+                self._changed.set()
+        else:
+            if result is not _DECIDED:
+                outcome = decide(task, job, result=result, exc=exc, abort_reason=ctx.abort_reason())
+            self._record(job.id, outcome)
         logger.log(
             logging.INFO if outcome.status == Status.SUCCEEDED else logging.WARNING,
             "job %s %s %s in %.3f s",
@@ -427,7 +485,12 @@ class Worker:
         try:
             # A sync task cannot be interrupted: shield it so a cancel (shutdown) waits for the
             # thread, which sees ctx.should_abort() turn true.
-            future = loop.run_in_executor(self._pool, call_task, task, ctx, job.args)
+            if task.transactional:
+                future = loop.run_in_executor(
+                    self._pool, self._call_sync_in_transaction, task, ctx, job
+                )
+            else:
+                future = loop.run_in_executor(self._pool, call_task, task, ctx, job.args)
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             ctx.request_abort("shutdown")
@@ -438,6 +501,42 @@ class Worker:
             if timer is not None:
                 timer.cancel()
 
+    # -- transactional tasks: the task's writes and its job's success commit together --------
+
+    def _success_query(
+        self, task: Task[Any], ctx: JobContext, job: ClaimedJob, result: Any
+    ) -> tuple[Outcome, statements.Query[list[int]]]:
+        outcome = decide(task, job, result=result, abort_reason=ctx.abort_reason())
+        if outcome.status != Status.SUCCEEDED:
+            raise _NotCommitted(outcome)  # roll the task's writes back
+        single = statements.Outcomes.empty()
+        single.add(job.id, outcome.status, outcome.result)
+        return outcome, statements.complete_jobs(
+            self._s, self.worker_id, single, self._delete_statuses
+        )
+
+    def _call_sync_in_transaction(self, task: Task[Any], ctx: JobContext, job: ClaimedJob) -> Any:
+        """In the task's thread."""
+        with self.app.sync.transaction() as conn:
+            ctx.connection = conn
+            result = call_task(task, ctx, job.args)
+            outcome, query = self._success_query(task, ctx, job, result)
+            if not self.app.sync.run(query, connection=conn):
+                raise _NotCommitted(None)  # rescued or aborted meanwhile: roll back
+            return _Committed(outcome)
+
+    async def _call_async_in_transaction(
+        self, task: Task[Any], ctx: JobContext, job: ClaimedJob
+    ) -> Any:
+        assert self._connector is not None
+        async with self._connector.transaction() as conn:
+            ctx.connection = conn
+            result = await self._call_async(task, ctx, job)
+            outcome, query = self._success_query(task, ctx, job, result)
+            if not await self._connector.run(query, connection=conn):
+                raise _NotCommitted(None)
+            return _Committed(outcome)
+
     def _record(self, job_id: int, outcome: Outcome) -> None:
         """Buffer the outcome of a job this worker still holds (an abandoned one is not)."""
         if self._running.pop(job_id, None) is not None:
@@ -445,10 +544,13 @@ class Worker:
 
     def _buffer_outcome(self, job_id: int, outcome: Outcome) -> None:
         self._outcomes.add(job_id, outcome.status, outcome.result, outcome.error, outcome.retry_in)
-        self.stats.processed += 1
-        self.stats.by_status[outcome.label] += 1
+        self._count(outcome)
         self._flush.set()
         self._changed.set()
+
+    def _count(self, outcome: Outcome) -> None:
+        self.stats.processed += 1
+        self.stats.by_status[outcome.label] += 1
 
     def _request_abort(self, job_id: int, reason: str) -> None:
         if reason == "requested" and self._buffer.pop(job_id, None) is not None:
@@ -481,7 +583,9 @@ class Worker:
             while self._outcomes:
                 self._flush.clear()
                 batch, self._outcomes = self._outcomes, statements.Outcomes.empty()
-                query = statements.complete_jobs(self._s, self.worker_id, batch)
+                query = statements.complete_jobs(
+                    self._s, self.worker_id, batch, self._delete_statuses
+                )
                 try:
                     await self._completer.run(query)
                     self._writes += 1
