@@ -7,6 +7,7 @@ import inspect
 import os
 import weakref
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from sqlalchemy.engine import URL, Connection, Engine, make_url
@@ -27,6 +28,10 @@ from pgtq.schema import DEFAULT_SCHEMA, InvalidSchemaName, validate_schema_name
 from pgtq.tasks import Middleware, Task
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from datetime import tzinfo
+
+    from pgtq.periodic import PeriodicTask
     from pgtq.worker import WorkerStats
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -80,6 +85,8 @@ class App:
         self.connect_timeout = connect_timeout
         self.statements = statements.statements_for(self.schema)
         self.tasks: dict[str, Task[Any]] = {}
+        #: The schedules declared with ``@app.periodic`` (run by ``periodic.run_scheduler``).
+        self.periodic_tasks: list[PeriodicTask] = []
         self.jobs = JobManager(self)
         self.queues = QueueManager(self)
         self._sync: SyncConnector | None = None
@@ -198,6 +205,9 @@ class App:
         pass_context: bool | None = None,
         middleware: Sequence[Middleware] = (),
         transactional: bool = False,
+        concurrency: int | None = None,
+        rate_limit: str | float | None = None,
+        key_concurrency: int | None = None,
     ) -> Callable[[Callable[..., Any]], Task[Any]]: ...
 
     def task(  # type: ignore[misc]  # mypy misreads the keyword-only overload
@@ -213,6 +223,9 @@ class App:
         pass_context: bool | None = None,
         middleware: Sequence[Middleware] = (),
         transactional: bool = False,
+        concurrency: int | None = None,
+        rate_limit: str | float | None = None,
+        key_concurrency: int | None = None,
     ) -> Task[Any] | Callable[[Callable[..., Any]], Task[Any]]:
         """Register a sync or async function as a task (``@app.task`` or ``@app.task(...)``)."""
 
@@ -237,6 +250,9 @@ class App:
                     *middleware,
                 ],
                 transactional=transactional,
+                concurrency=concurrency,
+                rate_limit=rate_limit,
+                key_concurrency=key_concurrency,
             )
             self.tasks[task_name] = task
             return task
@@ -249,6 +265,66 @@ class App:
         except KeyError:
             known = ", ".join(sorted(self.tasks)) or "none"
             raise UnknownTask(f"no task named {name!r} (known tasks: {known})") from None
+
+    def periodic(
+        self,
+        *,
+        cron: str,
+        periodic_id: str = "",
+        timezone: str | tzinfo = "UTC",
+        max_delay: timedelta | float | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Callable[[Task[Any]], Task[Any]]:
+        """Defer a task at each tick of a cron schedule (``@app.periodic(...)`` above
+        ``@app.task(...)``); each tick is deferred once, however many workers run.
+
+        ``cron``: 5 fields, or 6 with seconds as the sixth (see :mod:`pgtq.periodic`); a bad
+        expression raises ``ConfigurationError`` naming it. The task gets ``timestamp`` (the
+        tick, in epoch seconds) and ``kwargs``. ``periodic_id`` tells apart several schedules
+        of one task. ``timezone``: the cron's wall clock (an IANA name). Ticks more than
+        ``max_delay`` (a timedelta or seconds; default 10 minutes) old, after an outage, are
+        skipped.
+        """
+        from pgtq import periodic
+
+        def declare(task: Task[Any]) -> Task[Any]:
+            periodic.declare(
+                self,
+                task,
+                cron=cron,
+                periodic_id=periodic_id,
+                timezone=timezone,
+                max_delay=periodic.DEFAULT_MAX_DELAY if max_delay is None else max_delay,
+                kwargs=kwargs,
+            )
+            return task
+
+        return declare
+
+    def add_cleanup_task(
+        self,
+        *,
+        cron: str = "0 * * * *",
+        older_than: timedelta | float = timedelta(days=7),
+        include_failed: bool = False,
+        include_cancelled: bool = False,
+        queue: str = "default",
+        timezone: str | tzinfo = "UTC",
+    ) -> Task[Any]:
+        """Register the builtin periodic task ``pgtq.cleanup``: at each tick it deletes jobs
+        that ended more than ``older_than`` ago (succeeded ones; failed ones with
+        ``include_failed``; cancelled and aborted ones with ``include_cancelled``)."""
+        from pgtq import periodic
+
+        return periodic.add_cleanup_task(
+            self,
+            cron=cron,
+            older_than=older_than,
+            include_failed=include_failed,
+            include_cancelled=include_cancelled,
+            queue=queue,
+            timezone=timezone,
+        )
 
     # -- schema -----------------------------------------------------------------------------------
 

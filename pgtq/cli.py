@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import typer
@@ -43,6 +44,8 @@ cli = typer.Typer(
 )
 jobs_cli = typer.Typer(help="Inspect and control jobs.", no_args_is_help=True)
 cli.add_typer(jobs_cli, name="jobs")
+queues_cli = typer.Typer(help="Pause and resume queues.", no_args_is_help=True)
+cli.add_typer(queues_cli, name="queues")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -279,12 +282,22 @@ def worker(
         float,
         typer.Option(min=0, help="On SIGTERM/SIGINT, seconds running jobs get (inf: no limit)."),
     ] = 30.0,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=65535, help="Serve Prometheus metrics on this port (pgtq[prometheus])."
+        ),
+    ] = None,
+    metrics_addr: Annotated[
+        str, typer.Option(help="Address the metrics server listens on.")
+    ] = "0.0.0.0",
     dsn: DsnOption = None,
 ) -> None:
     """Run a worker until SIGTERM/SIGINT (or, with --one-shot, until no job is due)."""
     with _reporting_errors():
         app = _target_app(dsn, app_path, None, embedded="if-present")
         queues = list(queue) if queue else None
+        metrics_server = _serve_metrics(app, metrics_port, metrics_addr)
         err.print(
             f"pgtq worker: {len(app.tasks)} task(s) from {app_path}, "
             f"queues {', '.join(queues) if queues else 'all'}, concurrency {concurrency}, "
@@ -303,6 +316,8 @@ def worker(
                 wait=not one_shot,
                 install_signal_handlers=True,
             )
+        if metrics_server is not None:
+            metrics_server.shutdown()
         detail = ", ".join(f"{name} {n}" for name, n in sorted(stats.by_status.items()))
         err.print(
             f"pgtq worker: processed {stats.processed} job(s)"
@@ -310,6 +325,22 @@ def worker(
             + f" in {stats.elapsed:.2f} s",
             soft_wrap=True,
         )
+
+
+def _serve_metrics(app: App, port: int | None, addr: str) -> Any:
+    """Start the ``/metrics`` server of ``--metrics-port`` (None without it)."""
+    if port is None:
+        return None
+    try:
+        from pgtq import metrics
+    except ImportError as exc:
+        raise ConfigurationError(f"--metrics-port: {exc}") from None
+    try:
+        server = metrics.serve(app, port, addr)
+    except OSError as exc:
+        raise ConfigurationError(f"--metrics-port: cannot listen on {addr}:{port}: {exc}") from None
+    err.print(f"pgtq worker: metrics on http://{addr}:{server.server_port}/metrics", soft_wrap=True)
+    return server
 
 
 class _InvalidJson(PgtqError, ValueError):
@@ -333,6 +364,18 @@ def parse_arguments(text: str) -> dict[str, Any]:
     return value
 
 
+def parse_datetime(text: str) -> datetime:
+    """``--at``: an ISO 8601 date and time; without an offset it is the local time."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise _InvalidJson(
+            f"--at {text!r} is not an ISO 8601 date and time, such as 2030-01-31T09:30 "
+            "or 2030-01-31T09:30:00+01:00"
+        ) from None
+    return value if value.tzinfo is not None else value.astimezone()
+
+
 @cli.command()
 def defer(
     app_path: AppArgument,
@@ -349,6 +392,14 @@ def defer(
     schedule_in: Annotated[
         float | None, typer.Option("--in", metavar="SECONDS", help="Run no sooner than this.")
     ] = None,
+    schedule_at: Annotated[
+        str | None,
+        typer.Option(
+            "--at",
+            metavar="DATETIME",
+            help="Run no sooner than this ISO 8601 time (local time unless it has an offset).",
+        ),
+    ] = None,
     dsn: DsnOption = None,
 ) -> None:
     """Defer one job of a task and print its id."""
@@ -362,6 +413,7 @@ def defer(
             lock=lock,
             queueing_lock=queueing_lock,
             schedule_in=schedule_in,
+            schedule_at=parse_datetime(schedule_at) if schedule_at is not None else None,
         )
         # Validates the arguments before any connection is made.
         deferrer.encode([kwargs])
@@ -384,12 +436,19 @@ def migrate(
     sql: Annotated[
         bool, typer.Option("--sql", help="Print the SQL instead of running it.")
     ] = False,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Change nothing; exit 1 unless the schema is at the head."),
+    ] = False,
 ) -> None:
     """Create or upgrade pgtq's tables to the newest revision.
 
     With no --dsn, PGTQ_DSN or --app, the embedded PostgreSQL in ./.pgtq is used.
     """
     with _reporting_errors():
+        if check:
+            _check_migrations(_target_app(dsn, app_path, schema, embedded="if-present"))
+            return
         if sql:
             target_schema = schema or (load_app(app_path).schema if app_path else DEFAULT_SCHEMA)
             from pgtq import migrations
@@ -404,6 +463,27 @@ def migrate(
         out.print(
             f"pgtq schema {app.schema!r} at {describe(app.url)} is up to date", soft_wrap=True
         )
+
+
+class NotAtHead(PgtqError):
+    """``pgtq migrate --check``: the schema is behind (or ahead of) this pgtq's revisions."""
+
+
+def _check_migrations(app: App) -> None:
+    from pgtq import migrations
+
+    try:
+        found = app.sync.run_in_transaction(lambda conn: migrations.current(conn, app.schema))
+    finally:
+        app.close()
+    heads = migrations.heads()
+    where = f"pgtq schema {app.schema!r} at {describe(app.url)}"
+    if found != heads:
+        at = ", ".join(sorted(found)) or "not migrated"
+        raise NotAtHead(
+            f"{where} is at {at}, this pgtq needs {', '.join(sorted(heads))}: run `pgtq migrate`"
+        )
+    out.print(f"{where} is at head ({', '.join(sorted(heads))})", soft_wrap=True)
 
 
 @cli.command()
@@ -528,6 +608,211 @@ def jobs_retry(
                 f"job {job_id} is {job.status.value}: only failed, aborted or cancelled jobs "
                 "can be retried"
             )
+
+
+@jobs_cli.command("list")
+def jobs_list(
+    queue: Annotated[str | None, typer.Option("--queue", "-q", help="Only this queue.")] = None,
+    status: Annotated[
+        list[str] | None,
+        typer.Option("--status", "-s", help="Only this status (repeat for several)."),
+    ] = None,
+    task: Annotated[str | None, typer.Option("--task", "-t", help="Only this task.")] = None,
+    lock: Annotated[str | None, typer.Option(help="Only jobs with this lock.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="At most this many.")] = 20,
+    after: Annotated[
+        int | None, typer.Option(metavar="ID", help="The page after this job id.")
+    ] = None,
+    oldest_first: Annotated[
+        bool, typer.Option("--oldest-first", help="Oldest jobs first (default: newest).")
+    ] = False,
+    dsn: DsnOption = None,
+    app_path: AppOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """List jobs, newest first, as a table (page with --after)."""
+    with _reporting_errors():
+        app = _target_app(dsn, app_path, schema, embedded="if-present")
+        try:
+            jobs = app.jobs.list(
+                queue=queue,
+                status=status or None,
+                task=task,
+                lock=lock,
+                limit=limit,
+                after=after,
+                newest_first=not oldest_first,
+            )
+        finally:
+            app.close()
+        out.print(jobs_table(jobs))
+        if len(jobs) == limit:
+            out.print(f"[dim]More: --after {jobs[-1].id}[/]", soft_wrap=True)
+
+
+_STATUS_STYLES = {
+    Status.TODO: "cyan",
+    Status.DOING: "blue",
+    Status.SUCCEEDED: "green",
+    Status.FAILED: "red",
+    Status.ABORTED: "yellow",
+    Status.CANCELLED: "yellow",
+}
+
+
+def _when(value: datetime | None) -> str:
+    """Local time; the date only when it is not today."""
+    if value is None:
+        return ""
+    local = value.astimezone()
+    today = datetime.now(local.tzinfo).date()
+    return local.strftime("%H:%M:%S" if local.date() == today else "%Y-%m-%d %H:%M")
+
+
+def jobs_table(jobs: list[Job]) -> Table:
+    """Jobs as rows: what ``pgtq jobs list`` prints."""
+    table = Table(show_lines=False)
+    table.add_column("id", justify="right", style="bold", no_wrap=True)
+    table.add_column("task", no_wrap=True)
+    table.add_column("queue", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("try", justify="right", no_wrap=True)
+    table.add_column("args", overflow="fold")
+    table.add_column("since", no_wrap=True)
+    for job in jobs:
+        status = Text(job.status.value, style=_STATUS_STYLES.get(job.status, ""))
+        if job.abort_requested:
+            status.append(" (abort requested)")
+        table.add_row(
+            str(job.id),
+            job.task_name,
+            job.queue,
+            status,
+            str(job.attempts),
+            Text(_json(job.args)),
+            _when(job.finished_at or job.started_at or job.created_at),
+        )
+    if not jobs:
+        table.add_row("", Text("no job matches", style="dim"), "", "", "", "", "")
+    return table
+
+
+@jobs_cli.command("cancel")
+def jobs_cancel(
+    job_id: Annotated[int, typer.Argument(metavar="ID")],
+    dsn: DsnOption = None,
+    app_path: AppOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """Cancel a waiting job (a running one is stopped with `jobs abort`)."""
+    with _reporting_errors():
+        app = _target_app(dsn, app_path, schema, embedded="if-present")
+        try:
+            cancelled = app.jobs.cancel(job_id)
+            job = None if cancelled else app.jobs.get(job_id)
+        finally:
+            app.close()
+        if cancelled:
+            out.print(f"Job {job_id} cancelled")
+        elif job is None:
+            raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
+        else:
+            hint = ": use `pgtq jobs abort` to stop it" if job.status is Status.DOING else ""
+            raise PgtqError(f"job {job_id} is {job.status.value}, not waiting{hint}")
+
+
+# -- pgtq queues ... ------------------------------------------------------------------------------
+
+QueueArgument = Annotated[str, typer.Argument(metavar="QUEUE", help="The queue's name.")]
+
+
+@queues_cli.command("pause")
+def queues_pause(
+    name: QueueArgument,
+    dsn: DsnOption = None,
+    app_path: AppOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """Stop workers from taking the queue's jobs (running ones finish)."""
+    with _reporting_errors():
+        app = _target_app(dsn, app_path, schema, embedded="if-present")
+        try:
+            changed = app.queues.pause(name)
+        finally:
+            app.close()
+        out.print(f"Queue {name!r} " + ("paused" if changed else "was already paused"))
+
+
+@queues_cli.command("resume")
+def queues_resume(
+    name: QueueArgument,
+    dsn: DsnOption = None,
+    app_path: AppOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """Let workers take the queue's jobs again."""
+    with _reporting_errors():
+        app = _target_app(dsn, app_path, schema, embedded="if-present")
+        try:
+            changed = app.queues.resume(name)
+        finally:
+            app.close()
+        out.print(f"Queue {name!r} " + ("resumed" if changed else "was not paused"))
+
+
+@queues_cli.command("list")
+def queues_list(
+    dsn: DsnOption = None,
+    app_path: AppOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """Queues with waiting or running jobs, and paused ones."""
+    with _reporting_errors():
+        app = _target_app(dsn, app_path, schema, embedded="if-present")
+        try:
+            queues = app.queues.list()
+        finally:
+            app.close()
+        table = Table()
+        table.add_column("queue", style="bold")
+        table.add_column("state")
+        table.add_column("paused since")
+        for q in queues:
+            state = Text("paused", style="yellow") if q.paused else Text("active", style="green")
+            table.add_row(q.name, state, _when(q.paused_at))
+        if not queues:
+            table.add_row(Text("no queue", style="dim"), "", "")
+        out.print(table)
+
+
+# -- pgtq stats -----------------------------------------------------------------------------------
+
+
+@cli.command()
+def stats(
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="A live dashboard, redrawn until Ctrl+C.")
+    ] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between redraws with --watch.")
+    ] = 1.0,
+    dsn: DsnOption = None,
+    app_path: AppOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """Queues (waiting, doing, failed, oldest wait, jobs/s) and live workers."""
+    from pgtq import dashboard
+
+    with _reporting_errors():
+        app = _target_app(dsn, app_path, schema, embedded="if-present")
+        title = f"pgtq  ·  {describe(app.url)}  ·  schema {app.schema}"
+        with contextlib.closing(app):
+            first = app.jobs.stats()  # a bad DSN fails here, as one line, not in the dashboard
+            if not watch:
+                out.print(dashboard.render(first, title=title))
+                return
+            with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how a dashboard ends
+                dashboard.watch(app.jobs.stats, console=out, title=title, interval=interval)
 
 
 def main() -> None:

@@ -194,6 +194,12 @@ def _checked(connection: Any, kind: type[C], methods: str) -> C:
 _CONNECT_ERRORS = (sa_exc.OperationalError, sa_exc.InterfaceError, OSError, asyncio.TimeoutError)
 
 
+def execute(connection: Connection, query: Query[T]) -> T:
+    """Run one query on a connection a multi-step function was given (inside
+    ``run_in_transaction``, on either side)."""
+    return query.mapper(connection.execute(query.statement, query.params))
+
+
 # -- the sync connector -----------------------------------------------------------------------
 
 

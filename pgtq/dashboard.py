@@ -28,6 +28,7 @@ TICKS = "▁▂▃▄▅▆▇█"
 BUCKET_SECONDS = 10.0
 SPARK_WIDTH = 30
 ALL = "all queues"
+NO_DATA = "\N{EN DASH}"  # no data, which is not zero
 
 
 @dataclass
@@ -36,9 +37,10 @@ class History:
 
     span: float = BUCKET_SECONDS * SPARK_WIDTH
     samples: dict[str, deque[tuple[float, float]]] = field(default_factory=dict)
+    last: float = 0.0  # when the newest sample was taken: the right edge of the sparklines
 
     def add(self, stats: Stats, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
+        now = self.last = time.monotonic() if now is None else now
         rates = {name: q.rate for name, q in stats.queues.items()}
         rates[ALL] = stats.rate()
         for name in set(rates) | set(self.samples):
@@ -49,7 +51,7 @@ class History:
 
     def buckets(self, name: str, now: float | None = None) -> list[float | None]:
         """Mean rate per bucket, oldest first; None where no sample fell."""
-        now = time.monotonic() if now is None else now
+        now = self.last if now is None else now
         sums = [0.0] * SPARK_WIDTH
         counts = [0] * SPARK_WIDTH
         for at, rate in self.samples.get(name, ()):
@@ -76,7 +78,7 @@ def sparkline(values: list[float | None]) -> str:
 
 def _seconds(value: float | None) -> str:
     if value is None:
-        return "–"
+        return NO_DATA
     if value < 60:
         return f"{value:.1f} s"
     if value < 3600:
@@ -85,7 +87,7 @@ def _seconds(value: float | None) -> str:
 
 
 def _rate(value: float | None) -> str:
-    return "–" if value is None else f"{value:,.1f}" if value >= 10 else f"{value:.2f}"
+    return NO_DATA if value is None else f"{value:,.1f}" if value >= 10 else f"{value:.2f}"
 
 
 def _running(worker: WorkerInfo) -> str:
@@ -94,23 +96,30 @@ def _running(worker: WorkerInfo) -> str:
     names: dict[str, int] = {}
     for job in worker.running:
         names[job.task_name] = names.get(job.task_name, 0) + 1
-    detail = ", ".join(f"{name} ×{n}" if n > 1 else name for name, n in sorted(names.items()))
+    detail = ", ".join(f"{name} x{n}" if n > 1 else name for name, n in sorted(names.items()))
     return f"{len(worker.running)}: {detail}"
 
 
-def queues_table(stats: Stats, history: History | None = None) -> Table:
-    table = Table(title="Queues", title_justify="left", expand=False)
-    table.add_column("queue", style="bold")
-    table.add_column("state")
-    table.add_column("waiting", justify="right")
-    table.add_column("doing", justify="right")
-    table.add_column("failed", justify="right")
-    table.add_column("oldest wait", justify="right")
-    table.add_column(f"jobs/s ({stats.window:.0f} s)", justify="right")
-    if history is not None:
-        table.add_column(f"jobs/s, last {history.span / 60:.0f} min", no_wrap=True)
+def spark_width_for(console_width: int) -> int:
+    """Room left for the sparklines once the numbers are drawn (0: no sparkline column)."""
+    return max(0, min(SPARK_WIDTH, console_width - 80))
+
+
+def queues_table(
+    stats: Stats, history: History | None = None, spark_width: int = SPARK_WIDTH
+) -> Table:
+    title = f"Queues (oldest: wait of the oldest due job; jobs/s over {stats.window:.0f} s)"
+    table = Table(title=title, title_justify="left", expand=False)
+    table.add_column("queue", style="bold", overflow="fold")
+    for name in ("state", "waiting", "doing", "failed", "oldest", "jobs/s"):
+        table.add_column(name, justify="left" if name == "state" else "right", no_wrap=True)
+    if history is None or spark_width <= 0:
+        history = None
+    else:
+        minutes = history.span / 60
+        table.add_column(f"last {minutes:.0f} min", no_wrap=True, min_width=spark_width)
     for q in stats.queues.values():
-        row = [
+        row: list[RenderableType] = [
             q.name,
             Text("paused", style="yellow") if q.paused else Text("active", style="green"),
             str(q.waiting),
@@ -120,13 +129,13 @@ def queues_table(stats: Stats, history: History | None = None) -> Table:
             _rate(q.rate),
         ]
         if history is not None:
-            row.append(Text(sparkline(history.buckets(q.name)), style="cyan"))
+            row.append(Text(sparkline(history.buckets(q.name)[-spark_width:]), style="cyan"))
         table.add_row(*row)
     if not stats.queues:
         table.add_row(Text("no jobs yet", style="dim"), *[""] * (len(table.columns) - 1))
     elif len(stats.queues) > 1:
         oldest = [q.oldest_waiting for q in stats.queues.values() if q.oldest_waiting is not None]
-        total = [
+        total: list[RenderableType] = [
             Text(ALL, style="dim"),
             "",
             str(sum(q.waiting for q in stats.queues.values())),
@@ -136,7 +145,7 @@ def queues_table(stats: Stats, history: History | None = None) -> Table:
             _rate(stats.rate()),
         ]
         if history is not None:
-            total.append(Text(sparkline(history.buckets(ALL)), style="cyan"))
+            total.append(Text(sparkline(history.buckets(ALL)[-spark_width:]), style="cyan"))
         table.add_row(*total, style="dim", end_section=False)
     return table
 
@@ -177,6 +186,7 @@ def render(
     title: str = "pgtq",
     error: str | None = None,
     at: datetime | None = None,
+    width: int = 120,
 ) -> RenderableType:
     """The whole dashboard. ``error``: why the last refresh failed (the data shown is older)."""
     stamp = (at or datetime.now()).strftime("%H:%M:%S")
@@ -184,7 +194,7 @@ def render(
     parts: list[RenderableType] = [header]
     if error:
         parts.append(Text(f"refresh failed, showing older data: {error}", style="bold red"))
-    parts += [queues_table(stats, history), workers_table(stats)]
+    parts += [queues_table(stats, history, spark_width_for(width)), workers_table(stats)]
     stale = [w for w in stats.workers if not w.is_alive()]
     if stale:
         parts.append(
@@ -222,7 +232,8 @@ def watch(
                 history.add(stats)
             except Exception as exc:  # shown on screen, then tried again
                 error = " ".join(str(exc).split()) or type(exc).__name__
-            live.update(render(stats, history, title=title, error=error), refresh=True)
+            frame = render(stats, history, title=title, error=error, width=console.width)
+            live.update(frame, refresh=True)
             drawn += 1
             if refreshes is not None and drawn >= refreshes:
                 break

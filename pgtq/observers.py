@@ -10,14 +10,23 @@ raises is logged and skipped, never allowed to fail a job.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pgtq.jobs import JobContext
     from pgtq.model import ClaimedJob
 
-__all__ = ["JobObserver", "add", "installed", "job_finished", "job_started", "remove"]
+__all__ = [
+    "JobObserver",
+    "add",
+    "installed",
+    "job_finished",
+    "job_started",
+    "remove",
+    "set_trace_injector",
+    "trace_context",
+]
 
 logger = logging.getLogger("pgtq.observers")
 
@@ -113,8 +122,29 @@ def job_finished(
         return
     for observer, state in reversed(started):
         try:
-            observer.job_finished(
-                job, ctx, state, status=status, duration=duration, error=error
-            )
+            observer.job_finished(job, ctx, state, status=status, duration=duration, error=error)
         except Exception:
             logger.exception("job observer %r failed on job %s", observer, job.id)
+
+
+# -- the defer side: what travels in the job so its span links to the one that deferred it ------
+
+_injector: Callable[[], dict[str, str] | None] | None = None
+
+
+def set_trace_injector(injector: Callable[[], dict[str, str] | None] | None) -> None:
+    """Set by ``pgtq.tracing.install()``; None turns it off."""
+    global _injector
+    _injector = injector
+
+
+def trace_context() -> dict[str, str] | None:
+    """The carrier ``defer`` stores with a job (W3C ``traceparent``), None when tracing is off
+    or no span is active. Costs one check when tracing is not installed."""
+    if _injector is None:
+        return None
+    try:
+        return _injector()
+    except Exception:
+        logger.exception("reading the trace context failed; the job is deferred without it")
+        return None

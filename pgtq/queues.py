@@ -10,6 +10,7 @@ import builtins
 from typing import TYPE_CHECKING
 
 from pgtq import statements
+from pgtq.limits import parse_rate
 from pgtq.reports import QueueInfo
 
 if TYPE_CHECKING:
@@ -48,3 +49,23 @@ class QueueManager:
 
     async def list_async(self) -> builtins.list[QueueInfo]:
         return await self._app.async_connector().run(statements.list_queues(self._s))
+
+    def set_limits(
+        self, name: str, *, concurrency: int | None = None, rate_limit: str | float | None = None
+    ) -> None:
+        """Fleet-wide limits of the queue, enforced in every worker's claim: at most
+        ``concurrency`` jobs running at once, at most ``rate_limit`` starts (``"100/s"``,
+        ``"30/m"``). None removes a limit."""
+        self._app.sync.run(self._limits_query(name, concurrency, rate_limit))
+
+    async def set_limits_async(
+        self, name: str, *, concurrency: int | None = None, rate_limit: str | float | None = None
+    ) -> None:
+        await self._app.async_connector().run(self._limits_query(name, concurrency, rate_limit))
+
+    def _limits_query(
+        self, name: str, concurrency: int | None, rate_limit: str | float | None
+    ) -> statements.Query[None]:
+        if concurrency is not None and concurrency < 1:
+            raise ValueError("a queue's concurrency must be at least 1 (pause it instead)")
+        return statements.set_queue_limits(self._s, name, concurrency, parse_rate(rate_limit))

@@ -198,7 +198,14 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         sa.Column("id", sa.BigInteger, sa.Identity(always=False), primary_key=True),
         sa.Column("job_id", sa.BigInteger, nullable=False),
         sa.Column("type", sa.Text, nullable=False),
-        sa.Column("at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+        # The clock when the change was written (not the transaction's start): a claim that
+        # waited for a lock is recorded after what it waited for.
+        sa.Column(
+            "at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=sa.func.clock_timestamp(),
+        ),
         sa.Column("attempt", sa.Integer, nullable=False),
         sa.Column("worker_id", sa.Text, nullable=True),
         sa.Column("error", JSONB, nullable=True),

@@ -9,7 +9,7 @@ pure function that turns its result into a value, and either connector runs it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import cache, cached_property
@@ -125,14 +125,9 @@ class Statements:
             return self._claim_all
         return self._claim_one if len(queues) == 1 else self._claim_some
 
-    def _claim_statement(self, *, queues: str) -> sa.Select[Any]:
-        """Claim up to ``:limit`` due jobs in priority order, in one statement.
-
-        ``todo → doing``. SKIP LOCKED lets workers claim side by side; a job whose ``lock``
-        has a running job is passed over, and of several jobs sharing a lock only the first
-        is taken. Two workers racing for one lock are stopped by the unique index on running
-        locks (the loser retries its claim).
-        """
+    def _claimable(self, queues: str) -> list[sa.ColumnElement[bool]]:
+        """What makes a job claimable now: waiting, due, its lock free, its queue not paused,
+        and (``one`` / ``some``) in the worker's queues."""
         j = self.jobs
         running = j.alias("running")
         lock_free = sa.or_(
@@ -148,9 +143,39 @@ class Statements:
             where.append(j.c.queue == sa.bindparam("queue", type_=sa.Text))
         elif queues == "some":
             where.append(j.c.queue == sa.any_(_array("queues", sa.Text())))
+        return where
+
+    def _take(self, picked: sa.CTE) -> sa.Select[Any]:
+        """``todo → doing`` for the picked ids, returned in priority order."""
+        j = self.jobs
+        claimed = (
+            sa.update(j)
+            .where(j.c.id == picked.c.id)
+            .values(
+                status=DOING,
+                attempts=j.c.attempts + 1,
+                worker_id=sa.bindparam("worker_id", type_=sa.Text),
+                started_at=sa.func.now(),
+            )
+            .returning(
+                j.c.id, j.c.queue, j.c.task_name, j.c.args, j.c.attempts, j.c.priority, j.c.lock
+            )
+            .cte("claimed")
+        )
+        return sa.select(claimed).order_by(claimed.c.priority.desc(), claimed.c.id)
+
+    def _claim_statement(self, *, queues: str) -> sa.Select[Any]:
+        """Claim up to ``:limit`` due jobs in priority order, in one statement.
+
+        ``todo → doing``. SKIP LOCKED lets workers claim side by side; a job whose ``lock``
+        has a running job is passed over, and of several jobs sharing a lock only the first
+        is taken. Two workers racing for one lock are stopped by the unique index on running
+        locks (the loser retries its claim).
+        """
+        j = self.jobs
         candidates = (
             sa.select(j.c.id, j.c.lock, j.c.priority)
-            .where(*where)
+            .where(*self._claimable(queues))
             .order_by(j.c.priority.desc(), j.c.id)
             .limit(sa.bindparam("limit", type_=sa.Integer))
             .with_for_update(skip_locked=True)
@@ -173,21 +198,170 @@ class Statements:
             sa.select(candidates.c.id).where(candidates.c.lock.is_(None)),
             sa.select(ranked.c.id).where(ranked.c.rank == 1),
         ).cte("picked")
-        claimed = (
-            sa.update(j)
-            .where(j.c.id == picked.c.id)
-            .values(
-                status=DOING,
-                attempts=j.c.attempts + 1,
-                worker_id=sa.bindparam("worker_id", type_=sa.Text),
-                started_at=sa.func.now(),
+        return self._take(picked)
+
+    def claim_limited(self, queues: Sequence[str] | None) -> sa.Select[Any]:
+        return self._claim_limited_some if queues else self._claim_limited_all
+
+    @cached_property
+    def _claim_limited_all(self) -> sa.Select[Any]:
+        return self._claim_limited_statement(queues="all")
+
+    @cached_property
+    def _claim_limited_some(self) -> sa.Select[Any]:
+        return self._claim_limited_statement(queues="some")
+
+    def _claim_limited_statement(self, *, queues: str) -> sa.Select[Any]:
+        """The claim under fleet-wide limits (run under the limits advisory lock).
+
+        ``:allow_keys`` / ``:allow_n``: how many more jobs each limited task (``task:x``) and
+        queue (``queue:y``) may start (from ``pgtq.limits.allowances``); ``:keycap_tasks`` /
+        ``:keycap_n``: tasks whose jobs sharing a ``concurrency_key`` run at most n at once.
+        Up to ``:scan`` candidates are looked at to fill ``:limit`` slots.
+        """
+        j = self.jobs
+        allow = (
+            sa.select(
+                sa.func.unnest(_array("allow_keys", sa.Text())).label("key"),
+                sa.func.unnest(_array("allow_n", sa.Integer())).label("n"),
             )
-            .returning(
-                j.c.id, j.c.queue, j.c.task_name, j.c.args, j.c.attempts, j.c.priority, j.c.lock
-            )
-            .cte("claimed")
+        ).cte("allow")
+        full = sa.select(allow.c.key).where(allow.c.n <= 0)
+        task_key = sa.literal("task:") + j.c.task_name
+        queue_key = sa.literal("queue:") + j.c.queue
+        candidates = (
+            sa.select(j.c.id, j.c.lock, j.c.priority, j.c.task_name, j.c.queue, j.c.concurrency_key)
+            .where(*self._claimable(queues), task_key.not_in(full), queue_key.not_in(full))
+            .order_by(j.c.priority.desc(), j.c.id)
+            .limit(sa.bindparam("scan", type_=sa.Integer))
+            .with_for_update(skip_locked=True)
+            .cte("candidates")
         )
-        return sa.select(claimed).order_by(claimed.c.priority.desc(), claimed.c.id)
+        c = candidates.c
+        order = (c.priority.desc(), c.id)
+
+        def rank(column: Any, name: str) -> Any:
+            return sa.func.row_number().over(partition_by=column, order_by=order).label(name)
+
+        ranked = sa.select(
+            c.id,
+            c.priority,
+            c.lock,
+            c.task_name,
+            c.queue,
+            c.concurrency_key,
+            rank(c.task_name, "rt"),
+            rank(c.queue, "rq"),
+            rank(c.concurrency_key, "rk"),
+            rank(c.lock, "rl"),
+        ).subquery("ranked")
+        running = j.alias("running_keys")
+        key_running = (
+            sa.select(running.c.concurrency_key.label("key"), sa.func.count().label("n"))
+            .where(running.c.status == DOING, running.c.concurrency_key.is_not(None))
+            .group_by(running.c.concurrency_key)
+            .subquery("key_running")
+        )
+        keycaps = (
+            sa.select(
+                sa.func.unnest(_array("keycap_tasks", sa.Text())).label("task"),
+                sa.func.unnest(_array("keycap_n", sa.Integer())).label("n"),
+            )
+        ).subquery("keycaps")
+        at, aq = allow.alias("allow_task"), allow.alias("allow_queue")
+        r = ranked.c
+        picked = (
+            sa.select(r.id)
+            .select_from(
+                ranked.outerjoin(at, at.c.key == sa.literal("task:") + r.task_name)
+                .outerjoin(aq, aq.c.key == sa.literal("queue:") + r.queue)
+                .outerjoin(keycaps, keycaps.c.task == r.task_name)
+                .outerjoin(key_running, key_running.c.key == r.concurrency_key)
+            )
+            .where(
+                sa.or_(at.c.n.is_(None), r.rt <= at.c.n),
+                sa.or_(aq.c.n.is_(None), r.rq <= aq.c.n),
+                sa.or_(r.lock.is_(None), r.rl == 1),
+                sa.or_(
+                    r.concurrency_key.is_(None),
+                    keycaps.c.n.is_(None),
+                    r.rk + sa.func.coalesce(key_running.c.n, 0) <= keycaps.c.n,
+                ),
+            )
+            .order_by(r.priority.desc(), r.id)
+            .limit(sa.bindparam("limit", type_=sa.Integer))
+            .cte("picked")
+        )
+        return self._take(picked)
+
+    @cached_property
+    def limits_lock(self) -> sa.Select[Any]:
+        """The transaction-level lock every limited claim of this schema takes first."""
+        return sa.select(
+            sa.func.pg_advisory_xact_lock(sa.func.hashtext(f"pgtq:{self.t.schema}:limits"))
+        )
+
+    @cached_property
+    def running_counts(self) -> sa.Select[Any]:
+        """Jobs ``doing`` per limited task and queue (keys ``task:x`` / ``queue:y``)."""
+        j = self.jobs
+        by_task = (
+            sa.select((sa.literal("task:") + j.c.task_name).label("key"), sa.func.count())
+            .where(j.c.status == DOING, j.c.task_name == sa.any_(_array("tasks", sa.Text())))
+            .group_by(j.c.task_name)
+        )
+        by_queue = (
+            sa.select((sa.literal("queue:") + j.c.queue).label("key"), sa.func.count())
+            .where(j.c.status == DOING, j.c.queue == sa.any_(_array("queue_names", sa.Text())))
+            .group_by(j.c.queue)
+        )
+        return sa.union_all(by_task, by_queue).subquery().select()
+
+    @cached_property
+    def read_buckets(self) -> sa.Select[Any]:
+        b = self.t.limit_buckets
+        # The wall clock, not the transaction's start: a claim may have waited for the lock.
+        elapsed = sa.func.extract("epoch", sa.func.clock_timestamp() - b.c.updated_at)
+        return sa.select(b.c.key, b.c.tokens, elapsed).where(
+            b.c.key == sa.any_(_array("keys", sa.Text()))
+        )
+
+    @cached_property
+    def write_buckets(self) -> Any:
+        b = self.t.limit_buckets
+        rows = (
+            sa.func.unnest(_array("keys", sa.Text()), _array("tokens", sa.Float()))
+            .table_valued(sa.column("key", sa.Text), sa.column("tokens", sa.Float))
+            .render_derived("charged")
+        )
+        stmt = pg_insert(b).from_select(
+            ["key", "tokens", "updated_at"],
+            sa.select(rows.c.key, rows.c.tokens, sa.func.clock_timestamp()),
+        )
+        return stmt.on_conflict_do_update(
+            index_elements=[b.c.key],
+            set_={"tokens": stmt.excluded.tokens, "updated_at": sa.func.clock_timestamp()},
+        )
+
+    @cached_property
+    def set_queue_limits(self) -> Any:
+        q = self.t.queues
+        stmt = pg_insert(q).values(
+            name=sa.bindparam("name", type_=sa.Text),
+            concurrency=sa.bindparam("concurrency", type_=sa.Integer),
+            rate_limit=sa.bindparam("rate_limit", type_=sa.Float),
+        )
+        return stmt.on_conflict_do_update(
+            index_elements=[q.c.name],
+            set_={"concurrency": stmt.excluded.concurrency, "rate_limit": stmt.excluded.rate_limit},
+        )
+
+    @cached_property
+    def queue_limits(self) -> sa.Select[Any]:
+        q = self.t.queues
+        return sa.select(q.c.name, q.c.concurrency, q.c.rate_limit).where(
+            sa.or_(q.c.concurrency.is_not(None), q.c.rate_limit.is_not(None))
+        )
 
     @cached_property
     def _claim_all(self) -> sa.Select[Any]:
@@ -636,6 +810,71 @@ class Statements:
             .order_by(known.c.name)
         )
 
+    # -- periodic --------------------------------------------------------------------------
+    # Ticks of periodic tasks (``pgtq/periodic.py``). A tick is deferred at most once ever:
+    # its row in ``periodic_ticks`` is inserted ON CONFLICT DO NOTHING, and its job only
+    # when that row was really inserted.
+
+    @cached_property
+    def defer_ticks(self) -> sa.Select[Any]:
+        """Defer many periodic ticks in one statement, each at most once however many
+        schedulers race for it; selects the ticks this statement deferred, with their jobs.
+
+        Inserts jobs as ``todo`` (like ``insert_jobs``, same columns; the insert trigger
+        notifies). Each tick's job id is drawn from the jobs' identity sequence first, so
+        the tick row records it in the same insert that claims the tick.
+        """
+        j, p = self.jobs, self.t.periodic_ticks
+        columns = (
+            *INSERT_COLUMNS,
+            ("periodic_id", sa.Text()),
+            ("tick_at", sa.DateTime(timezone=True)),
+        )
+        rows = (
+            sa.func.unnest(*(_array(name, kind) for name, kind in columns))
+            .table_valued(*(sa.column(name, kind) for name, kind in columns))
+            .render_derived("ticks_in")
+        )
+        sequence = sa.func.pg_get_serial_sequence(
+            sa.literal_column(f"'{self.t.schema}.jobs'"), sa.literal_column("'id'")
+        )
+        # Materialized (it calls nextval and is read twice): one id per tick.
+        due = sa.select(rows, sa.func.nextval(sequence).label("job_id")).cte("due")
+        claimed = (
+            pg_insert(p)
+            .from_select(
+                ["task_name", "periodic_id", "tick_at", "job_id"],
+                sa.select(due.c.task_name, due.c.periodic_id, due.c.tick_at, due.c.job_id),
+            )
+            .on_conflict_do_nothing(index_elements=[p.c.task_name, p.c.periodic_id, p.c.tick_at])
+            .returning(p.c.task_name, p.c.periodic_id, p.c.tick_at, p.c.job_id)
+            .cte("claimed")
+        )
+        values = (sa.cast(due.c[n], JSONB) if n == "args" else due.c[n] for n, _ in INSERT_COLUMNS)
+        inserted = (
+            sa.insert(j)
+            .from_select(
+                ["id", *(name for name, _ in INSERT_COLUMNS)],
+                sa.select(claimed.c.job_id, *values).select_from(
+                    claimed.join(due, due.c.job_id == claimed.c.job_id)
+                ),
+            )
+            .returning(j.c.id)
+            .cte("inserted")
+        )
+        return (
+            sa.select(claimed.c.task_name, claimed.c.periodic_id, claimed.c.tick_at, inserted.c.id)
+            .select_from(claimed.join(inserted, inserted.c.id == claimed.c.job_id))
+            .order_by(claimed.c.tick_at, claimed.c.task_name, claimed.c.periodic_id)
+        )
+
+    @cached_property
+    def delete_old_ticks(self) -> sa.Delete:
+        """Forget ticks older than ``:older_than`` seconds (no scheduler defers them again)."""
+        p = self.t.periodic_ticks
+        before = sa.func.now() - sa.bindparam("older_than", type_=sa.Float) * ONE_SECOND
+        return sa.delete(p).where(p.c.tick_at < before)
+
 
 @cache
 def statements_for(schema: str) -> Statements:
@@ -835,6 +1074,69 @@ def set_history(s: Statements, enabled: bool) -> Query[None]:
     return Query(s.set_history(enabled), {}, lambda _rows: None)
 
 
+# -- limits -----------------------------------------------------------------------------------
+
+
+def claim_limited(
+    s: Statements,
+    worker_id: str,
+    queues: Sequence[str] | None,
+    limit: int,
+    allow: Mapping[str, int],
+    keycaps: Mapping[str, int],
+) -> Query[list[ClaimedJob]]:
+    params: dict[str, Any] = {
+        "worker_id": worker_id,
+        "limit": limit,
+        "scan": min(1000, limit * 4),
+        "allow_keys": list(allow),
+        "allow_n": list(allow.values()),
+        "keycap_tasks": list(keycaps),
+        "keycap_n": list(keycaps.values()),
+    }
+    if queues:
+        params["queues"] = list(queues)
+    return Query(s.claim_limited(queues), params, lambda r: [to_claimed(row) for row in r])
+
+
+def limits_lock(s: Statements) -> Query[None]:
+    return Query(s.limits_lock, {}, lambda _rows: None)
+
+
+def running_counts(
+    s: Statements, tasks: Sequence[str], queues: Sequence[str]
+) -> Query[dict[str, int]]:
+    return Query(
+        s.running_counts,
+        {"tasks": list(tasks), "queue_names": list(queues)},
+        lambda rows: {row[0]: row[1] for row in rows},
+    )
+
+
+def read_buckets(s: Statements, keys: Sequence[str]) -> Query[dict[str, tuple[float, float]]]:
+    return Query(
+        s.read_buckets,
+        {"keys": list(keys)},
+        lambda rows: {row[0]: (float(row[1]), float(row[2])) for row in rows},
+    )
+
+
+def write_buckets(s: Statements, tokens: Mapping[str, float]) -> Query[None]:
+    params = {"keys": list(tokens), "tokens": list(tokens.values())}
+    return Query(s.write_buckets, params, lambda _rows: None)
+
+
+def queue_limits(s: Statements) -> Query[dict[str, tuple[int | None, float | None]]]:
+    return Query(s.queue_limits, {}, lambda rows: {row[0]: (row[1], row[2]) for row in rows})
+
+
+def set_queue_limits(
+    s: Statements, name: str, concurrency: int | None, rate_limit: float | None
+) -> Query[None]:
+    params = {"name": name, "concurrency": concurrency, "rate_limit": rate_limit}
+    return Query(s.set_queue_limits, params, lambda _rows: None)
+
+
 def forget_dead_workers(s: Statements, after: float) -> Query[list[str]]:
     return Query(s.forget_dead_workers, {"after": after}, lambda rows: [r[0] for r in rows])
 
@@ -975,3 +1277,40 @@ def resume_queue(s: Statements, name: str) -> Query[bool]:
 
 def list_queues(s: Statements) -> Query[list[QueueInfo]]:
     return Query(s.list_queues, {}, lambda r: [QueueInfo(row[0], row[1], row[2]) for row in r])
+
+
+# == periodic: ticks of periodic tasks (pgtq/periodic.py) ========================================
+
+
+@dataclass(frozen=True, slots=True)
+class TickRows:
+    """Parallel arrays of periodic ticks: the jobs they become, and which tick each is."""
+
+    jobs: JobRows
+    periodic_id: list[str]
+    tick_at: list[datetime]
+
+    @classmethod
+    def empty(cls) -> TickRows:
+        return cls(JobRows.empty(), [], [])
+
+    def as_params(self) -> dict[str, Any]:
+        return {**self.jobs.as_params(), "periodic_id": self.periodic_id, "tick_at": self.tick_at}
+
+
+@dataclass(frozen=True, slots=True)
+class DeferredTick:
+    """A tick that one ``defer_ticks`` statement deferred (no other ever will)."""
+
+    task_name: str
+    periodic_id: str
+    tick_at: datetime
+    job_id: int
+
+
+def defer_ticks(s: Statements, rows: TickRows) -> Query[list[DeferredTick]]:
+    return Query(s.defer_ticks, rows.as_params(), lambda r: [DeferredTick(*row) for row in r])
+
+
+def delete_old_ticks(s: Statements, older_than: float) -> Query[int]:
+    return Query(s.delete_old_ticks, {"older_than": older_than}, lambda r: r.rowcount)

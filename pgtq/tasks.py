@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pgtq import statements
 from pgtq.errors import ConfigurationError, InvalidArguments
+from pgtq.limits import Limit, parse_rate
 from pgtq.model import dumps
 from pgtq.retry import Retry, as_retry
 
@@ -74,9 +75,23 @@ class Task(Generic[R]):
         pass_context: bool | None = None,
         middleware: Sequence[Middleware] = (),
         transactional: bool = False,
+        concurrency: int | None = None,
+        rate_limit: str | float | None = None,
+        key_concurrency: int | None = None,
     ) -> None:
         self.app = app
         self.func = func
+        # Fleet-wide limits, enforced in the claim of every worker that has this task: at most
+        # ``concurrency`` running, at most ``rate_limit`` starts, and at most
+        # ``key_concurrency`` running among its jobs sharing a ``concurrency_key``.
+        for label, cap in (("concurrency", concurrency), ("key_concurrency", key_concurrency)):
+            if cap is not None and cap < 1:
+                raise ConfigurationError(f"task {name!r}: {label} must be at least 1")
+        try:
+            self.limit = Limit(concurrency=concurrency, rate=parse_rate(rate_limit))
+        except ValueError as exc:
+            raise ConfigurationError(f"task {name!r}: {exc}") from None
+        self.key_concurrency = key_concurrency
         #: The task gets ``ctx.connection`` (a ``Connection`` in its thread, or an
         #: ``AsyncConnection``); its writes and its job's success commit together.
         self.transactional = transactional

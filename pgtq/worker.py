@@ -30,13 +30,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from pgtq import statements
+from pgtq.connectors import execute
 from pgtq.errors import ConfigurationError, SchemaNotMigrated
 from pgtq.jobs import JobContext
+from pgtq.limits import Limit, allowances, bucket_key, charges
 from pgtq.model import ClaimedJob, Status, dumps, error_record
 from pgtq.retry import backoff_delays
 from pgtq.tasks import Task, call_task
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
     from pgtq.app import App
     from pgtq.connectors import AsyncConnector, DedicatedConnection
 
@@ -233,6 +237,16 @@ class Worker:
         self._writes = 0  # completion writes done so far
         self._hurry = asyncio.Event()  # a second signal: stop waiting for running jobs
         self._claim_delays = backoff_delays()
+        # Fleet-wide limits: the tasks' own (from code), the queues' (read from the database).
+        self._task_limits = {
+            bucket_key("task", t.name): t.limit
+            for t in app.tasks.values()
+            if t.limit.concurrency is not None or t.limit.rate is not None
+        }
+        self._keycaps = {
+            t.name: t.key_concurrency for t in app.tasks.values() if t.key_concurrency is not None
+        }
+        self._queue_limits: dict[str, Limit] = {}
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -247,6 +261,7 @@ class Worker:
         if any(not t.is_async for t in self.app.tasks.values()):
             self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="pgtq-job")
         await self._register()
+        await self._refresh_queue_limits()
         self._claimer = await connector.dedicated()
         self._completer = await connector.dedicated()
         background: list[asyncio.Task[None]] = []
@@ -369,7 +384,13 @@ class Worker:
         assert self._claimer is not None
         query = statements.claim_jobs(self._s, self.worker_id, self.queues, limit)
         try:
-            claimed = await self._claimer.run(query)
+            if self._task_limits or self._queue_limits or self._keycaps:
+                assert self._connector is not None
+                claimed = await self._connector.run_in_transaction(
+                    functools.partial(self._claim_under_limits, limit=limit)
+                )
+            else:
+                claimed = await self._claimer.run(query)
             self._claim_delays = backoff_delays()
             return claimed
         except Exception as exc:
@@ -383,6 +404,42 @@ class Worker:
             await asyncio.wait([stop], timeout=delay)
             stop.cancel()
             return None
+
+    def _claim_under_limits(self, conn: Connection, *, limit: int) -> list[ClaimedJob]:
+        """The claim when limits apply: one transaction under the limits lock, so the counts
+        read here hold until the claimed jobs are ``doing``. Runs on a sync Connection (the
+        async connector runs it through SQLAlchemy's greenlet bridge)."""
+        s = self._s
+        limits = {**self._task_limits, **self._queue_limits}
+        execute(conn, statements.limits_lock(s))
+        running = execute(
+            conn,
+            statements.running_counts(
+                s,
+                [k.removeprefix("task:") for k in limits if k.startswith("task:")],
+                [k.removeprefix("queue:") for k in limits if k.startswith("queue:")],
+            ),
+        )
+        rated = [k for k, v in limits.items() if v.rate is not None]
+        buckets = execute(conn, statements.read_buckets(s, rated)) if rated else {}
+        allow = allowances(limits, running, buckets)
+        query = statements.claim_limited(
+            s, self.worker_id, self.queues, limit, allow, self._keycaps
+        )
+        claimed = execute(conn, query)
+        if rated and claimed:
+            taken = [k for job in claimed for k in (f"task:{job.task_name}", f"queue:{job.queue}")]
+            execute(conn, statements.write_buckets(s, charges(limits, buckets, taken)))
+        return claimed
+
+    async def _refresh_queue_limits(self) -> None:
+        """Queue limits live in the database (``app.queues.set_limits``): read them again."""
+        assert self._connector is not None
+        found = await self._connector.run(statements.queue_limits(self._s))
+        self._queue_limits = {
+            bucket_key("queue", name): Limit(concurrency=cap, rate=rate)
+            for name, (cap, rate) in found.items()
+        }
 
     async def _sleep_until_work(self, *, free_slots: bool) -> None:
         """Wait for a NOTIFY, a free slot, a stop, or the polling interval."""
@@ -655,6 +712,7 @@ class Worker:
                     )
                     await self._register()
                 await self._rescue()
+                await self._refresh_queue_limits()
             except Exception as exc:
                 logger.warning("heartbeat or rescue failed: %s", exc)
 

@@ -43,6 +43,17 @@ def engine(make_database: Callable[[], URL]) -> Iterator[Engine]:
     eng.dispose()
 
 
+PGTQ_TABLES = {
+    "alembic_version",
+    "job_events",
+    "jobs",
+    "limit_buckets",
+    "periodic_ticks",
+    "queues",
+    "workers",
+}
+
+
 def tables_in(conn: sa.Connection, schema: str) -> set[str]:
     return set(sa.inspect(conn).get_table_names(schema=schema))
 
@@ -186,7 +197,7 @@ def test_downgrade_to_base_then_upgrade_again(engine: Engine) -> None:
         migrations.upgrade(conn, "pgtq")
     with engine.begin() as conn:
         assert migrations.current(conn, "pgtq") == HEADS
-        assert tables_in(conn, "pgtq") == {"alembic_version", "job_events", "jobs", "limit_buckets", "periodic_ticks", "queues", "workers"}
+        assert tables_in(conn, "pgtq") == PGTQ_TABLES
 
 
 def test_upgrade_leaves_the_callers_transaction_open(engine: Engine) -> None:
@@ -259,7 +270,7 @@ def test_offline_sql_builds_the_same_schema(make_database: Callable[[], URL]) ->
         with eng.begin() as conn:
             assert migrations.current(conn, "jobs_custom") == HEADS
             migrations.upgrade(conn, "jobs_custom")  # nothing left to do
-            assert tables_in(conn, "jobs_custom") == {"alembic_version", "job_events", "jobs", "limit_buckets", "periodic_ticks", "queues", "workers"}
+            assert tables_in(conn, "jobs_custom") == PGTQ_TABLES
     finally:
         eng.dispose()
 

@@ -152,6 +152,9 @@ async def test_delete_old_jobs_keeps_recent_waiting_and_unasked_ones(
     assert left() == {new_ok, waiting, running}
     assert await side.call(app.jobs, "delete_old_jobs", 0, include_failed=True) == 1
     assert left() == {waiting, running}
+    # Their history went with them; the history of the jobs left stays.
+    orphans = "SELECT count(*) FROM pgtq.job_events WHERE job_id <> ALL(%s)"
+    assert sql(orphans, [waiting, running]) == [(0,)]
     with pytest.raises(InvalidFilter):
         await side.call(app.jobs, "delete_old_jobs", -1)
 

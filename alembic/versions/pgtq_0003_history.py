@@ -63,7 +63,12 @@ def upgrade() -> None:
         sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
         sa.Column("job_id", sa.BigInteger(), nullable=False),
         sa.Column("type", sa.Text(), nullable=False),
-        sa.Column("at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+        sa.Column(
+            "at",
+            sa.DateTime(timezone=True),
+            server_default=sa.func.clock_timestamp(),
+            nullable=False,
+        ),
         sa.Column("attempt", sa.Integer(), nullable=False),
         sa.Column("worker_id", sa.Text(), nullable=True),
         sa.Column("error", JSONB(), nullable=True),

@@ -1,0 +1,98 @@
+"""Fleet-wide limits: how many jobs a claim may take per task and per queue. Pure, no I/O.
+
+A limited claim runs under one transaction-level advisory lock, so the running counts and
+rate buckets it reads cannot change under it: the worker reads them, :func:`allowances` says
+how many jobs of each task and queue it may start, the claim statement applies that (and the
+per-key caps, which it counts itself), and the buckets are charged for what was taken.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_PER = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+
+
+def parse_rate(value: str | float | None) -> float | None:
+    """``"100/s"``, ``"30/m"``, ``"5/h"`` or a number of jobs per second → jobs per second."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        rate = float(value)
+    else:
+        match = _RATE.match(str(value))
+        if not match:
+            raise ValueError(f"invalid rate limit {value!r}: write e.g. '100/s', '30/m' or '5/h'")
+        rate = float(match.group(1)) / _PER[match.group(2)]
+    if rate <= 0:
+        raise ValueError(f"invalid rate limit {value!r}: it must be above zero")
+    return rate
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """The limits of one task or queue. ``rate`` in jobs started per second."""
+
+    concurrency: int | None = None
+    rate: float | None = None
+
+    @property
+    def burst(self) -> float:
+        """A bucket holds one second's worth of starts (at least one)."""
+        return max(1.0, self.rate or 0.0)
+
+
+def bucket_key(kind: str, name: str) -> str:
+    return f"{kind}:{name}"
+
+
+def refill(tokens: float | None, elapsed: float, limit: Limit) -> float:
+    """Tokens in a bucket now; a bucket never seen starts full."""
+    assert limit.rate is not None
+    if tokens is None:
+        return limit.burst
+    return min(limit.burst, tokens + limit.rate * max(0.0, elapsed))
+
+
+def allowances(
+    limits: Mapping[str, Limit],
+    running: Mapping[str, int],
+    buckets: Mapping[str, tuple[float, float]],
+) -> dict[str, int]:
+    """How many more jobs each limited group (``task:x`` / ``queue:y``) may start now.
+
+    ``running``: jobs ``doing`` per group; ``buckets``: (tokens, seconds since last charge).
+    """
+    allowed: dict[str, int] = {}
+    for key, limit in limits.items():
+        room = math.inf
+        if limit.concurrency is not None:
+            room = limit.concurrency - running.get(key, 0)
+        if limit.rate is not None:
+            tokens, elapsed = buckets.get(key, (None, 0.0))
+            room = min(room, math.floor(refill(tokens, elapsed, limit) + 1e-9))
+        allowed[key] = max(0, int(min(room, 1_000_000)))
+    return allowed
+
+
+def charges(
+    limits: Mapping[str, Limit],
+    buckets: Mapping[str, tuple[float, float]],
+    taken: Iterable[str],
+) -> dict[str, float]:
+    """The tokens left in each rate-limited bucket after the claim took ``taken`` (group
+    keys, one per job and group)."""
+    counts: dict[str, int] = {}
+    for key in taken:
+        counts[key] = counts.get(key, 0) + 1
+    left: dict[str, float] = {}
+    for key, limit in limits.items():
+        if limit.rate is None:
+            continue
+        tokens, elapsed = buckets.get(key, (None, 0.0))
+        left[key] = refill(tokens, elapsed, limit) - counts.get(key, 0)
+    return left

@@ -1,0 +1,234 @@
+"""Prometheus metrics (``pip install 'pgtq[prometheus]'``).
+
+Two sources, because they answer different questions:
+
+- **per job, in this process** (a :class:`~pgtq.observers.JobObserver` the worker calls):
+  ``pgtq_jobs_finished_total{queue,task,status}``, ``pgtq_job_duration_seconds{queue,task}``,
+  ``pgtq_job_pickup_latency_seconds{queue}`` (from due to claimed), ``pgtq_jobs_running``;
+- **per queue, from the database** at scrape time (``app.jobs.stats()``, cached for
+  ``min_interval`` seconds so many workers scraped often cost little):
+  ``pgtq_queue_jobs{queue,status}`` (the depth), ``pgtq_queue_oldest_waiting_seconds``,
+  ``pgtq_queue_jobs_per_second``, ``pgtq_queue_paused``, ``pgtq_workers_live``.
+
+``pgtq worker --metrics-port 9400`` calls :func:`serve`; in your own process::
+
+    import pgtq.metrics
+    pgtq.metrics.install(app)           # then expose prometheus_client's REGISTRY your way
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+try:
+    from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client import start_http_server as _start_http_server
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.registry import Collector
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "pgtq.metrics needs prometheus-client: pip install 'pgtq[prometheus]'"
+    ) from exc
+
+from pgtq import observers
+from pgtq.reports import Stats
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from pgtq.app import App
+    from pgtq.jobs import JobContext
+    from pgtq.model import ClaimedJob
+
+__all__ = ["JobMetrics", "QueueCollector", "install", "serve", "uninstall"]
+
+logger = logging.getLogger("pgtq.metrics")
+
+#: From a no-op (~1 ms) to a long batch job.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+PICKUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class JobMetrics(observers.JobObserver):
+    """Counts, times and pickup latencies of the jobs this process runs."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        self.finished = Counter(
+            "pgtq_jobs_finished",
+            "Job attempts finished by this process, by outcome (retried: failed, runs again).",
+            ["queue", "task", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "pgtq_job_duration_seconds",
+            "How long job attempts ran.",
+            ["queue", "task"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.pickup = Histogram(
+            "pgtq_job_pickup_latency_seconds",
+            "From when a job was due to when a worker claimed it.",
+            ["queue"],
+            buckets=PICKUP_BUCKETS,
+            registry=registry,
+        )
+        self.running = Gauge(
+            "pgtq_jobs_running",
+            "Jobs running in this process.",
+            ["queue", "task"],
+            registry=registry,
+        )
+
+    def job_started(
+        self,
+        job: ClaimedJob,
+        ctx: JobContext,
+        *,
+        waited: float | None = None,
+        trace_context: Mapping[str, str] | None = None,
+    ) -> Any:
+        self.running.labels(job.queue, job.task_name).inc()
+        if waited is not None:
+            self.pickup.labels(job.queue).observe(max(0.0, waited))
+        return None
+
+    def job_finished(
+        self,
+        job: ClaimedJob,
+        ctx: JobContext,
+        state: Any,
+        *,
+        status: str,
+        duration: float,
+        error: BaseException | None = None,
+    ) -> None:
+        self.running.labels(job.queue, job.task_name).dec()
+        self.finished.labels(job.queue, job.task_name, status).inc()
+        self.duration.labels(job.queue, job.task_name).observe(duration)
+
+
+class QueueCollector(Collector):
+    """Queue depth, waits, rates and live workers, read from the database when scraped."""
+
+    def __init__(self, app: App, min_interval: float = 5.0) -> None:
+        self.app = app
+        self.min_interval = min_interval
+        self._lock = threading.Lock()
+        self._cached: tuple[float, Stats] | None = None
+
+    def _stats(self) -> Stats:
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] >= self.min_interval:
+                self._cached = (now, self.app.jobs.stats())
+            return self._cached[1]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily("pgtq_stats_up", "1 when the last read of queue stats worked.")
+        try:
+            stats = self._stats()
+        except Exception as exc:
+            logger.warning("reading queue stats for /metrics failed: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        depth = GaugeMetricFamily(
+            "pgtq_queue_jobs",
+            "Jobs per queue and status (succeeded jobs are not counted).",
+            labels=["queue", "status"],
+        )
+        oldest = GaugeMetricFamily(
+            "pgtq_queue_oldest_waiting_seconds",
+            "How long the oldest due job of the queue has waited.",
+            labels=["queue"],
+        )
+        rate = GaugeMetricFamily(
+            "pgtq_queue_jobs_per_second",
+            "Jobs finished per second over the last minute (absent when none).",
+            labels=["queue"],
+        )
+        paused = GaugeMetricFamily("pgtq_queue_paused", "1 when paused.", labels=["queue"])
+        for q in stats.queues.values():
+            for status, n in q.counts.items():
+                depth.add_metric([q.name, status.value], n)
+            if q.oldest_waiting is not None:
+                oldest.add_metric([q.name], q.oldest_waiting)
+            if q.rate is not None:
+                rate.add_metric([q.name], q.rate)
+            paused.add_metric([q.name], 1 if q.paused else 0)
+        workers = GaugeMetricFamily("pgtq_workers_live", "Workers whose heartbeat is recent.")
+        workers.add_metric([], len(stats.live_workers()))
+        yield from (depth, oldest, rate, paused, workers)
+
+
+_installed: dict[int, tuple[CollectorRegistry, JobMetrics, list[QueueCollector]]] = {}
+_install_lock = threading.Lock()
+
+
+def install(
+    app: App | None = None,
+    *,
+    registry: CollectorRegistry = REGISTRY,
+    min_interval: float = 5.0,
+) -> JobMetrics:
+    """Record job metrics in ``registry`` and, with ``app``, its queues at scrape time.
+
+    Idempotent per registry (a second call returns the same observer; a second app adds its
+    queue collector).
+    """
+    with _install_lock:
+        found = _installed.get(id(registry))
+        if found is None:
+            found = (registry, JobMetrics(registry), [])
+            _installed[id(registry)] = found
+        _, job_metrics, collectors = found
+        observers.add(job_metrics)
+        if app is not None and not any(c.app is app for c in collectors):
+            collector = QueueCollector(app, min_interval)
+            registry.register(collector)
+            collectors.append(collector)
+        return job_metrics
+
+
+def uninstall(registry: CollectorRegistry = REGISTRY) -> None:
+    """Undo :func:`install` for ``registry`` (tests, reloads)."""
+    with _install_lock:
+        found = _installed.pop(id(registry), None)
+        if found is None:
+            return
+        _, job_metrics, collectors = found
+        observers.remove(job_metrics)
+        for collector in collectors:
+            registry.unregister(collector)
+        for metric in (
+            job_metrics.finished,
+            job_metrics.duration,
+            job_metrics.pickup,
+            job_metrics.running,
+        ):
+            registry.unregister(metric)
+
+
+def serve(
+    app: App,
+    port: int,
+    addr: str = "0.0.0.0",
+    *,
+    registry: CollectorRegistry = REGISTRY,
+) -> WSGIServer:
+    """:func:`install`, then serve ``/metrics`` on ``addr:port`` from a daemon thread.
+
+    Returns the server: ``server.shutdown()`` stops it. ``port=0`` picks a free port
+    (``server.server_port``).
+    """
+    install(app, registry=registry)
+    server, _thread = _start_http_server(port, addr=addr, registry=registry)
+    return server

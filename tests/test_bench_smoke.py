@@ -1,0 +1,136 @@
+"""The peer benchmark must keep working: a tiny run of every figure (pgtq only), no timings.
+
+The peers (PgQueuer, Procrastinate) are installed by ``nox -s bench`` only; the driver skips
+a library that is not importable. The driver creates and drops its own databases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import URL
+
+from benchmarks import run as bench
+from benchmarks.libs import ADAPTERS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FIGURES = {
+    "burndown_async_b20",
+    "burndown_async_b100",
+    "burndown_sync_b20",
+    "burndown_sync_b100",
+    "enqueue_batch",
+    "enqueue_single_async",
+    "enqueue_single_sync",
+    "latency_p50",
+    "latency_p99",
+}
+
+
+def _bench(
+    server_url: URL, out: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--dsn",
+        server_url.render_as_string(hide_password=False),
+        "--only",
+        "pgtq",
+        "--rounds",
+        "1",
+        "--out",
+        str(out),
+        *args,
+    ]
+    return subprocess.run(
+        command,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_a_tiny_run_writes_a_json_line_per_measurement(server_url: URL, tmp_path: Path) -> None:
+    done = _bench(server_url, tmp_path, "--jobs", "200", "--singles", "50", "--latency-jobs", "10")
+
+    assert done.returncode == 0, done.stderr[-4000:]
+    (results,) = tmp_path.glob("*.jsonl")
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert {r["figure"] for r in records} == FIGURES
+    for record in records:
+        assert record["library"] == "pgtq"
+        assert record["round"] == 1
+        assert record["value"] > 0
+        assert record["unit"] in ("jobs/s", "ms")
+        assert record["versions"]["pgtq"]
+        assert record["host"]["postgres"]["server_version"]
+    assert "pgtq" in results.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_that_loses_a_job_fails_loudly(server_url: URL, tmp_path: Path) -> None:
+    # The worker process pretends its handler never ran job 0 (see benchmarks/child.py).
+    done = _bench(
+        server_url,
+        tmp_path,
+        "--jobs",
+        "50",
+        "--figures",
+        "burndown",
+        env={"PGTQ_BENCH_FAULT": "lose"},
+    )
+
+    assert done.returncode == 1
+    assert "LOST OR DUPLICATED JOBS" in done.stderr
+    assert "never ran in the handler" in done.stderr
+
+
+def test_a_library_that_is_not_installed_is_skipped(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(ADAPTERS["pgqueuer"], "available", classmethod(lambda cls: False))
+    monkeypatch.setattr(ADAPTERS["procrastinate"], "available", classmethod(lambda cls: False))
+
+    chosen = bench.choose_libraries(bench.parse_args([]))
+
+    assert [a.name for a in chosen] == ["pgtq"]
+    assert "pgqueuer is not installed: skipped" in capsys.readouterr().err
+
+
+def test_the_table_puts_medians_and_ratios_side_by_side() -> None:
+    def record(library: str, figure: str, rnd: int, value: float) -> dict[str, Any]:
+        return {
+            "library": library,
+            "figure": figure,
+            "round": rnd,
+            "value": value,
+            "settings": {"jobs": 1000},
+        }
+
+    records = [
+        record("pgtq", "burndown_async_b20", 1, 30.0),
+        record("pgtq", "burndown_async_b20", 2, 10.0),
+        record("pgtq", "burndown_async_b20", 3, 20.0),
+        record("pgqueuer", "burndown_async_b20", 1, 10.0),
+        record("pgtq", "burndown_sync_b20", 1, 5.0),
+    ]
+
+    header, rows, notes = bench.table_rows(records)
+
+    assert header == ["figure", "unit", "pgtq", "PgQueuer", "pgtq / PgQueuer"]
+    assert rows[0][2:] == ["20", "10", "2.00"]
+    # PgQueuer has no sync tasks: its async figure stands in, marked.
+    assert rows[1][2:] == ["5", "10 †", "0.50"]
+    assert any(note.startswith("†") for note in notes)
