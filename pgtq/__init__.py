@@ -1,5 +1,7 @@
 """pgtq: a PostgreSQL task queue with a sync and an async API over one job model."""
 
+import logging
+
 from pgtq.app import App
 from pgtq.errors import (
     AlreadyEnqueued,
@@ -19,6 +21,9 @@ from pgtq.retry import Retry
 from pgtq.tasks import Deferrer, Task
 
 __version__ = "0.1.0"
+
+# A library prints nothing unless the application configures logging.
+logging.getLogger("pgtq").addHandler(logging.NullHandler())
 
 __all__ = [
     "AlreadyEnqueued",

@@ -41,6 +41,7 @@ class Job:
     lock: str | None
     queueing_lock: str | None
     concurrency_key: str | None
+    trace_context: dict[str, str] | None
     attempts: int
     worker_id: str | None
     abort_requested: bool
@@ -76,6 +77,8 @@ class ClaimedJob:
     attempts: int
     priority: int
     lock: str | None
+    waited: float | None = None  # seconds from when it was due to its claim
+    trace_context: dict[str, str] | None = None
 
 
 def error_record(exc: BaseException, *, with_traceback: bool = True) -> dict[str, Any]:

@@ -74,6 +74,8 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         sa.Column("queueing_lock", sa.Text, nullable=True),
         # pgtq_0004: jobs sharing a key run at most ``cap`` at a time (a lock is cap 1).
         sa.Column("concurrency_key", sa.Text, nullable=True),
+        # pgtq_0004: the deferring span's trace context (W3C traceparent), when tracing is on.
+        sa.Column("trace_context", JSONB, nullable=True),
         sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
         sa.Column("worker_id", sa.Text, nullable=True),
         sa.Column("abort_requested", sa.Boolean, nullable=False, server_default=sa.false()),

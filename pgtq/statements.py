@@ -89,7 +89,11 @@ INSERT_COLUMNS: tuple[tuple[str, sa.types.TypeEngine[Any]], ...] = (
     ("lock", sa.Text()),
     ("queueing_lock", sa.Text()),
     ("concurrency_key", sa.Text()),
+    ("trace_context", sa.Text()),
 )
+
+
+JSON_COLUMNS = frozenset({"args", "trace_context"})
 
 
 class Statements:
@@ -113,7 +117,10 @@ class Statements:
             .render_derived("new_jobs")
         )
         select = sa.select(
-            *(sa.cast(rows.c[n], JSONB) if n == "args" else rows.c[n] for n, _ in INSERT_COLUMNS)
+            *(
+                sa.cast(rows.c[n], JSONB) if n in JSON_COLUMNS else rows.c[n]
+                for n, _ in INSERT_COLUMNS
+            )
         )
         columns = [name for name, _ in INSERT_COLUMNS]
         return sa.insert(j).from_select(columns, select).returning(j.c.id)
@@ -158,7 +165,21 @@ class Statements:
                 started_at=sa.func.now(),
             )
             .returning(
-                j.c.id, j.c.queue, j.c.task_name, j.c.args, j.c.attempts, j.c.priority, j.c.lock
+                j.c.id,
+                j.c.queue,
+                j.c.task_name,
+                j.c.args,
+                j.c.attempts,
+                j.c.priority,
+                j.c.lock,
+                # pickup latency: from when the job was due to now
+                sa.cast(
+                    sa.func.extract(
+                        "epoch", sa.func.now() - sa.func.coalesce(j.c.scheduled_at, j.c.created_at)
+                    ),
+                    sa.Float,
+                ).label("waited"),
+                j.c.trace_context,
             )
             .cte("claimed")
         )
@@ -627,6 +648,8 @@ class Statements:
             j.c.attempts,
             j.c.priority,
             j.c.lock,
+            sa.null().label("waited"),
+            j.c.trace_context,
             j.c.worker_id,
         ).where(j.c.status == DOING, ~sa.exists().where(w.c.id == j.c.worker_id))
 
@@ -850,7 +873,9 @@ class Statements:
             .returning(p.c.task_name, p.c.periodic_id, p.c.tick_at, p.c.job_id)
             .cte("claimed")
         )
-        values = (sa.cast(due.c[n], JSONB) if n == "args" else due.c[n] for n, _ in INSERT_COLUMNS)
+        values = (
+            sa.cast(due.c[n], JSONB) if n in JSON_COLUMNS else due.c[n] for n, _ in INSERT_COLUMNS
+        )
         inserted = (
             sa.insert(j)
             .from_select(
@@ -897,6 +922,7 @@ def to_job(row: Any) -> Job:
         lock=m["lock"],
         queueing_lock=m["queueing_lock"],
         concurrency_key=m["concurrency_key"],
+        trace_context=m["trace_context"],
         attempts=m["attempts"],
         worker_id=m["worker_id"],
         abort_requested=m["abort_requested"],
@@ -909,7 +935,7 @@ def to_job(row: Any) -> Job:
 
 
 def to_claimed(row: Any) -> ClaimedJob:
-    return ClaimedJob(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
+    return ClaimedJob(*row[:9])
 
 
 # -- queries: statement + parameters + mapper, run by either connector ------------------------
@@ -927,6 +953,7 @@ class JobRows:
     lock: list[str | None]
     queueing_lock: list[str | None]
     concurrency_key: list[str | None]
+    trace_context: list[str | None]
 
     @classmethod
     def empty(cls) -> JobRows:
@@ -1143,7 +1170,7 @@ def forget_dead_workers(s: Statements, after: float) -> Query[list[str]]:
 
 def orphaned_jobs(s: Statements) -> Query[list[tuple[str, ClaimedJob]]]:
     """(old worker id, job) of every running job whose worker is gone."""
-    return Query(s.orphaned_jobs, {}, lambda rows: [(r[7], to_claimed(r)) for r in rows])
+    return Query(s.orphaned_jobs, {}, lambda rows: [(r[9], to_claimed(r)) for r in rows])
 
 
 def unregister_worker(s: Statements, worker_id: str) -> Query[int]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from pgtq import statements
+from pgtq import observers, statements
 from pgtq.errors import ConfigurationError, InvalidArguments
 from pgtq.limits import Limit, parse_rate
 from pgtq.model import dumps
@@ -207,6 +207,8 @@ class Deferrer:
         """Check and encode jobs before anything is written: the one place defer decides."""
         rows = statements.JobRows.empty()
         o = self.options
+        carrier = observers.trace_context()
+        trace = dumps(carrier) if carrier else None
         for kwargs in arguments:
             if not isinstance(kwargs, Mapping):
                 raise InvalidArguments(
@@ -228,6 +230,7 @@ class Deferrer:
             rows.lock.append(o.lock)
             rows.queueing_lock.append(o.queueing_lock)
             rows.concurrency_key.append(o.concurrency_key)
+            rows.trace_context.append(trace)
         return rows
 
     def _insert(self, rows: statements.JobRows) -> statements.Query[list[int]]:

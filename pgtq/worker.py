@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -29,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from pgtq import statements
+from pgtq import observers, statements
 from pgtq.connectors import execute
 from pgtq.errors import ConfigurationError, SchemaNotMigrated
 from pgtq.jobs import JobContext
@@ -465,14 +466,10 @@ class Worker:
 
     async def _run_job(self, running: _Running) -> None:
         job, ctx, task = running.job, running.ctx, running.task
-        extra = {
-            "job_id": job.id,
-            "task": job.task_name,
-            "queue": job.queue,
-            "attempt": job.attempts,
-            "worker": self.worker_id,
-        }
         started = time.monotonic()
+        observed = observers.job_started(
+            job, ctx, waited=job.waited, trace_context=job.trace_context
+        )
         result: Any = None
         exc: BaseException | None = None
         try:
@@ -507,15 +504,31 @@ class Worker:
             if result is not _DECIDED:
                 outcome = decide(task, job, result=result, exc=exc, abort_reason=ctx.abort_reason())
             self._record(job.id, outcome)
-        logger.log(
-            logging.INFO if outcome.status == Status.SUCCEEDED else logging.WARNING,
-            "job %s %s %s in %.3f s",
-            job.id,
-            job.task_name,
-            outcome.label,
-            time.monotonic() - started,
-            extra=extra,
+        duration = time.monotonic() - started
+        observers.job_finished(
+            observed, job, ctx, status=outcome.label, duration=duration, error=exc
         )
+        if logger.isEnabledFor(logging.INFO):
+            extra: dict[str, Any] = {
+                "job_id": job.id,
+                "task": job.task_name,
+                "queue": job.queue,
+                "attempt": job.attempts,
+                "worker": self.worker_id,
+                "status": outcome.label,
+                "duration": duration,
+            }
+            if exc is not None:
+                extra["error"] = type(exc).__name__
+            logger.log(
+                logging.INFO if outcome.status == Status.SUCCEEDED else logging.WARNING,
+                "job %s %s %s in %.3f s",
+                job.id,
+                job.task_name,
+                outcome.label,
+                duration,
+                extra=extra,
+            )
 
     async def _call_async(self, task: Task[Any], ctx: JobContext, job: ClaimedJob) -> Any:
         coro = call_task(task, ctx, job.args)
@@ -546,6 +559,11 @@ class Worker:
                 future = loop.run_in_executor(
                     self._pool, self._call_sync_in_transaction, task, ctx, job
                 )
+            elif observers.installed():
+                # Observers (tracing) keep state in context variables: run the task in a copy
+                # of this task's context so its span is the current one in the thread too.
+                run = contextvars.copy_context().run
+                future = loop.run_in_executor(self._pool, run, call_task, task, ctx, job.args)
             else:
                 future = loop.run_in_executor(self._pool, call_task, task, ctx, job.args)
             return await asyncio.shield(future)

@@ -242,7 +242,6 @@ async def test_a_failed_job_span_records_the_error_and_link_only_starts_a_trace(
 WIRING = "the worker does not call pgtq.observers yet (see the operations hand-off)"
 
 
-@pytest.mark.xfail(reason=WIRING, strict=True)
 async def test_a_real_worker_feeds_the_job_metrics(
     app: pgtq.App, side: Side, registry: Any
 ) -> None:
@@ -267,7 +266,6 @@ async def test_a_real_worker_feeds_the_job_metrics(
     assert value(registry, "pgtq_jobs_running", queue="emails", task="send") == 0
 
 
-@pytest.mark.xfail(reason=WIRING + "; nor does defer store the trace context", strict=True)
 async def test_a_real_worker_traces_each_job_in_the_deferring_trace(
     app: pgtq.App, side: Side, spans: tuple[TracerProvider, InMemorySpanExporter]
 ) -> None:

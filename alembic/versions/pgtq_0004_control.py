@@ -1,4 +1,5 @@
-"""Control: periodic ticks, fleet-wide limits (queue caps and rates, concurrency keys).
+"""Control: periodic ticks, fleet-wide limits (queue caps and rates, concurrency keys), and
+the trace context a job carries.
 
 Revision ID: pgtq_0004
 Revises: pgtq_0003
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects.postgresql import JSONB
 
 from pgtq.migrations import revision_schema
 
@@ -25,6 +27,7 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     schema = revision_schema()
     op.add_column("jobs", sa.Column("concurrency_key", sa.Text(), nullable=True), schema=schema)
+    op.add_column("jobs", sa.Column("trace_context", JSONB(), nullable=True), schema=schema)
     op.create_index(
         "jobs_key_doing_idx",
         "jobs",
@@ -62,4 +65,5 @@ def downgrade() -> None:
     op.drop_column("queues", "rate_limit", schema=schema)
     op.drop_column("queues", "concurrency", schema=schema)
     op.drop_index("jobs_key_doing_idx", table_name="jobs", schema=schema)
+    op.drop_column("jobs", "trace_context", schema=schema)
     op.drop_column("jobs", "concurrency_key", schema=schema)
