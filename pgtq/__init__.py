@@ -15,7 +15,7 @@ from pgtq.errors import (
     SchemaNotMigrated,
     UnknownTask,
 )
-from pgtq.jobs import Job, JobContext, JobManager, Status
+from pgtq.jobs import Job, JobContext, JobManager, State, Status
 from pgtq.model import JobEvent
 from pgtq.retry import Retry
 from pgtq.tasks import Deferrer, Task
@@ -42,6 +42,7 @@ __all__ = [
     "PgtqError",
     "Retry",
     "SchemaNotMigrated",
+    "State",
     "Status",
     "Task",
     "UnknownTask",

@@ -12,9 +12,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, cast
 
 from sqlalchemy.engine import Connection
+from typing_extensions import TypeVar
 
 from pgtq import statements
 from pgtq.errors import JobFailed, JobNotFound, JobTimeout, PgtqError
@@ -27,9 +28,27 @@ if TYPE_CHECKING:
 __all__ = ["InvalidFilter", "Job", "JobContext", "JobManager", "Status"]
 
 
+class State:
+    """The default per-worker state: an object to hang resources on (``state.http = ...``).
+
+    Pass your own typed object to ``run_worker(state=...)`` and annotate tasks with
+    ``ctx: JobContext[MyState]`` to have the type checker follow it.
+    """
+
+    def __repr__(self) -> str:
+        return f"State({', '.join(sorted(vars(self)))})"
+
+
+S = TypeVar("S", default=Any)
+
+
 @dataclass(eq=False)
-class JobContext:
-    """What a running task knows about its job, and how it learns it should stop."""
+class JobContext(Generic[S]):
+    """What a running task knows about its job, and how it learns it should stop.
+
+    ``state`` is the worker's state: what its startup hooks opened (a client, a pool), shared
+    by every task it runs and closed by its shutdown hooks.
+    """
 
     job_id: int
     task_name: str
@@ -45,9 +64,10 @@ class JobContext:
     #: For a ``transactional=True`` task: the connection whose transaction also completes
     #: the job (a SQLAlchemy ``Connection`` for a sync task, ``AsyncConnection`` for async).
     connection: Any = field(default=None, repr=False)
+    state: S = field(default=cast(Any, None), repr=False)
 
     @classmethod
-    def for_job(cls, job: ClaimedJob, app: App, worker_id: str) -> JobContext:
+    def for_job(cls, job: ClaimedJob, app: App, worker_id: str, state: S) -> JobContext[S]:
         return cls(
             job_id=job.id,
             task_name=job.task_name,
@@ -56,6 +76,7 @@ class JobContext:
             worker_id=worker_id,
             app=app,
             args=job.args,
+            state=state,
         )
 
     def should_abort(self) -> bool:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import inspect
 import logging
 import os
 import signal
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pgtq import observers, statements
 from pgtq.connectors import execute
 from pgtq.errors import ConfigurationError, SchemaNotMigrated
-from pgtq.jobs import JobContext
+from pgtq.jobs import JobContext, State
 from pgtq.limits import Limit, allowances, bucket_key, charges
 from pgtq.model import ClaimedJob, Status, dumps, error_record
 from pgtq.retry import backoff_delays
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pgtq.worker")
 
-Hook = Callable[[], Any]
+Hook = Callable[..., Any]  # () or (state)
 
 _DELETE_STATUSES: dict[str, tuple[str, ...]] = {
     "never": (),
@@ -195,6 +196,7 @@ class Worker:
         wait: bool = True,
         install_signal_handlers: bool = False,
         worker_id: str | None = None,
+        state: object | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError("concurrency must be at least 1")
@@ -220,6 +222,8 @@ class Worker:
         self.install_signal_handlers = install_signal_handlers
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.stats = WorkerStats()
+        #: Resources the startup hooks open, shared by the tasks (``ctx.state``).
+        self.state = state if state is not None else State()
         self._s = app.statements
         self._running: dict[int, _Running] = {}
         self._buffer: dict[int, ClaimedJob] = {}  # claimed, not started yet (in claim order)
@@ -269,7 +273,7 @@ class Worker:
         removers = self._add_signal_handlers() if self.install_signal_handlers else []
         logger.info("worker %s started", self.worker_id, extra={"worker": self.worker_id})
         try:
-            await _run_hooks(self.startup_hooks)
+            await _run_hooks(self.startup_hooks, self.state)
             await self._rescue()  # jobs a crashed worker left: before claiming anything
             background = [
                 asyncio.create_task(self._complete_loop(), name="pgtq-completer"),
@@ -296,7 +300,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await connector.run(statements.unregister_worker(self._s, self.worker_id))
             with contextlib.suppress(Exception):
-                await _run_hooks(self.shutdown_hooks)
+                await _run_hooks(self.shutdown_hooks, self.state)
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
             self.stats.elapsed = time.monotonic() - started
@@ -459,7 +463,7 @@ class Worker:
     # -- running jobs ---------------------------------------------------------------------------
 
     def _start(self, job: ClaimedJob) -> None:
-        ctx = JobContext.for_job(job, self.app, self.worker_id)
+        ctx = JobContext.for_job(job, self.app, self.worker_id, self.state)
         running = _Running(job, ctx, self.app.tasks.get(job.task_name))
         self._running[job.id] = running
         running.future = asyncio.create_task(self._run_job(running), name=f"pgtq-job-{job.id}")
@@ -848,9 +852,11 @@ class Worker:
         return removers
 
 
-async def _run_hooks(hooks: Iterable[Hook]) -> None:
+async def _run_hooks(hooks: Iterable[Hook], state: object) -> None:
+    """Run hooks in order; a hook that takes an argument gets the worker's state."""
     for hook in hooks:
-        value = hook()
+        takes_state = bool(inspect.signature(hook).parameters)
+        value = hook(state) if takes_state else hook()
         if isinstance(value, Awaitable):
             await value
 

@@ -87,3 +87,42 @@ async def test_startup_and_shutdown_hooks_run_sync_or_async(side: Side, app: pgt
         app, wait=False, startup_hooks=[open_sync, open_async], shutdown_hooks=[close_async]
     )
     assert events == ["sync startup", "async startup", "job", "async shutdown"]
+
+
+class Resources:
+    """A typed per-worker state, as a user would write it."""
+
+    client: list[str]
+
+
+async def test_hooks_open_resources_on_the_worker_state_for_every_task(
+    side: Side, app: pgtq.App
+) -> None:
+    opened: list[Resources] = []
+
+    async def open_client(state: Resources) -> None:
+        state.client = []
+        opened.append(state)
+
+    def close_client(state: Resources) -> None:
+        state.client.append("closed")
+
+    @app.task
+    def use_sync(ctx: pgtq.JobContext[Resources], n: int) -> None:
+        ctx.state.client.append(f"sync {n}")
+
+    @app.task
+    async def use_async(ctx: pgtq.JobContext[Resources], n: int) -> None:
+        ctx.state.client.append(f"async {n}")
+
+    await side.defer(use_sync, n=1)
+    await side.defer(use_async, n=2)
+    await side.run_worker(
+        app,
+        wait=False,
+        state=Resources(),
+        startup_hooks=[open_client],
+        shutdown_hooks=[close_client],
+    )
+    [state] = opened
+    assert sorted(state.client[:2]) == ["async 2", "sync 1"] and state.client[2] == "closed"
