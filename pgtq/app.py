@@ -259,6 +259,10 @@ class App:
 
         return register(func) if func is not None else register
 
+    def lookup_task(self, name: str) -> Task[Any] | None:
+        """The task a job named ``name`` runs (the worker's lookup), or None."""
+        return self.tasks.get(name)
+
     def get_task(self, name: str) -> Task[Any]:
         try:
             return self.tasks[name]

@@ -464,7 +464,7 @@ class Worker:
 
     def _start(self, job: ClaimedJob) -> None:
         ctx = JobContext.for_job(job, self.app, self.worker_id, self.state)
-        running = _Running(job, ctx, self.app.tasks.get(job.task_name))
+        running = _Running(job, ctx, self.app.lookup_task(job.task_name))
         self._running[job.id] = running
         running.future = asyncio.create_task(self._run_job(running), name=f"pgtq-job-{job.id}")
 
@@ -759,7 +759,7 @@ class Worker:
                 f"worker {old_worker} stopped sending heartbeats while running this job; "
                 f"rescued by {self.worker_id}"
             )
-            task = self.app.tasks.get(job.task_name)
+            task = self.app.lookup_task(job.task_name)
             # A task this worker does not know goes back as is: a worker that knows it decides.
             outcome = (
                 decide(task, job, exc=lost)
