@@ -67,7 +67,9 @@ class JobContext(Generic[S]):
     state: S = field(default=cast(Any, None), repr=False)
 
     @classmethod
-    def for_job(cls, job: ClaimedJob, app: App, worker_id: str, state: S) -> JobContext[S]:
+    def for_job(
+        cls, job: ClaimedJob, app: App, worker_id: str, state: Any = None
+    ) -> JobContext[Any]:
         return cls(
             job_id=job.id,
             task_name=job.task_name,

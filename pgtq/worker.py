@@ -37,6 +37,7 @@ from pgtq.errors import ConfigurationError, SchemaNotMigrated
 from pgtq.jobs import JobContext, State
 from pgtq.limits import Limit, allowances, bucket_key, charges
 from pgtq.model import ClaimedJob, Status, dumps, error_record
+from pgtq.periodic import run_scheduler
 from pgtq.retry import backoff_delays
 from pgtq.tasks import Task, call_task
 
@@ -197,6 +198,7 @@ class Worker:
         install_signal_handlers: bool = False,
         worker_id: str | None = None,
         state: object | None = None,
+        periodic: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError("concurrency must be at least 1")
@@ -224,6 +226,8 @@ class Worker:
         self.stats = WorkerStats()
         #: Resources the startup hooks open, shared by the tasks (``ctx.state``).
         self.state = state if state is not None else State()
+        # Run the periodic scheduler too (not while draining: it would keep adding jobs).
+        self.periodic = periodic and wait and bool(app.periodic_tasks)
         self._s = app.statements
         self._running: dict[int, _Running] = {}
         self._buffer: dict[int, ClaimedJob] = {}  # claimed, not started yet (in claim order)
@@ -281,6 +285,12 @@ class Worker:
                 asyncio.create_task(self._heartbeat_loop(), name="pgtq-heartbeat"),
                 asyncio.create_task(self._listen_loop(), name="pgtq-listener"),
             ]
+            if self.periodic:
+                background.append(
+                    asyncio.create_task(
+                        run_scheduler(self.app, stop=self._stopping), name="pgtq-scheduler"
+                    )
+                )
             try:
                 await self._fetch_loop()
             except asyncio.CancelledError:

@@ -92,7 +92,8 @@ def dsn(migrated_url: URL) -> str:
     """The test database's URL, with pgtq's tables emptied for this test."""
     with psycopg.connect(_libpq(migrated_url), autocommit=True) as conn:
         conn.execute(
-            "TRUNCATE pgtq.jobs, pgtq.workers, pgtq.queues, pgtq.job_events RESTART IDENTITY"
+            "TRUNCATE pgtq.jobs, pgtq.workers, pgtq.queues, pgtq.job_events, pgtq.periodic_ticks, "
+            "pgtq.limit_buckets RESTART IDENTITY"
         )
     return migrated_url.render_as_string(hide_password=False)
 

@@ -342,3 +342,22 @@ async def test_a_paused_queue_is_not_worked(side: Side, app: pgtq.App) -> None:
     await side.call(app.queues, "resume", "held")
     await side.run_worker(app, wait=False)
     assert (await side.get(app, held)).status == pgtq.Status.SUCCEEDED  # type: ignore[union-attr]
+
+
+async def test_the_worker_runs_the_periodic_scheduler(app: pgtq.App) -> None:
+    ticks: list[int] = []
+    ran = asyncio.Event()
+
+    @app.periodic(cron="* * * * * *")  # every second
+    @app.task
+    async def tick(timestamp: int) -> None:
+        ticks.append(timestamp)
+        ran.set()
+
+    worker = asyncio.create_task(app.run_worker_async())
+    await asyncio.wait_for(ran.wait(), timeout=10)
+    worker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await worker
+    assert ticks and all(t <= time.time() + 1 for t in ticks)
+    assert len(set(ticks)) == len(ticks)  # each tick once
