@@ -20,6 +20,9 @@ revision: str = ${repr(up_revision)}
 down_revision: str | Sequence[str] | None = ${repr(down_revision)}
 branch_labels: str | Sequence[str] | None = ${repr(branch_labels)}
 depends_on: str | Sequence[str] | None = ${repr(depends_on)}
+#: Rolling upgrades (docs/deployment.md): "pre" if additive, so workers of the previous release
+#: keep working; "post" if it removes or changes what the previous release uses.
+phase = "pre"
 
 
 def upgrade() -> None:

@@ -3,6 +3,7 @@
 import logging
 
 from pgtq.app import App
+from pgtq.blueprints import Blueprint, BlueprintTask
 from pgtq.errors import (
     AlreadyEnqueued,
     ConfigurationError,
@@ -15,6 +16,7 @@ from pgtq.errors import (
     SchemaNotMigrated,
     UnknownTask,
 )
+from pgtq.factories import AppFactory, open_app, open_app_async
 from pgtq.jobs import Job, JobContext, JobManager, State, Status
 from pgtq.model import JobEvent
 from pgtq.retry import Retry
@@ -28,6 +30,9 @@ logging.getLogger("pgtq").addHandler(logging.NullHandler())
 __all__ = [
     "AlreadyEnqueued",
     "App",
+    "AppFactory",
+    "Blueprint",
+    "BlueprintTask",
     "ConfigurationError",
     "DatabaseUnreachable",
     "Deferrer",
@@ -47,4 +52,6 @@ __all__ = [
     "Task",
     "UnknownTask",
     "__version__",
+    "open_app",
+    "open_app_async",
 ]

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from datetime import tzinfo
 
+    from pgtq.blueprints import Blueprint
+    from pgtq.migrations import Phase
     from pgtq.periodic import PeriodicTask
     from pgtq.worker import WorkerStats
 
@@ -41,6 +43,11 @@ DSN_ENV = "PGTQ_DSN"
 
 def _is_async(fn: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(fn)
+
+
+def _where(func: Callable[..., Any]) -> str:
+    """``module.qualname`` of a task's function, to name it in an error."""
+    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
 
 
 class App:
@@ -85,6 +92,13 @@ class App:
         self.connect_timeout = connect_timeout
         self.statements = statements.statements_for(self.schema)
         self.tasks: dict[str, Task[Any]] = {}
+        #: Old names a job may still carry (``@app.task(aliases=[...])``), each to its task's
+        #: name: the worker runs a job deferred under an alias with that task.
+        self.aliases: dict[str, str] = {}
+        #: Defaults for this app's workers (``run_worker``, ``run_worker_async``, ``pgtq
+        #: worker``), e.g. ``state``, ``startup_hooks``, ``shutdown_hooks``: how a worker
+        #: factory hands its resources to the tasks. Options given to the worker win.
+        self.worker_options: dict[str, Any] = {}
         #: The schedules declared with ``@app.periodic`` (run by ``periodic.run_scheduler``).
         self.periodic_tasks: list[PeriodicTask] = []
         self.jobs = JobManager(self)
@@ -208,6 +222,7 @@ class App:
         concurrency: int | None = None,
         rate_limit: str | float | None = None,
         key_concurrency: int | None = None,
+        aliases: Sequence[str] = (),
     ) -> Callable[[Callable[..., Any]], Task[Any]]: ...
 
     def task(  # type: ignore[misc]  # mypy misreads the keyword-only overload
@@ -226,16 +241,21 @@ class App:
         concurrency: int | None = None,
         rate_limit: str | float | None = None,
         key_concurrency: int | None = None,
+        aliases: Sequence[str] = (),
     ) -> Task[Any] | Callable[[Callable[..., Any]], Task[Any]]:
-        """Register a sync or async function as a task (``@app.task`` or ``@app.task(...)``)."""
+        """Register a sync or async function as a task (``@app.task`` or ``@app.task(...)``).
+
+        ``aliases``: names the task had before (jobs deferred under one still run it after a
+        rename). A name or alias already taken by another task is refused, naming both.
+        """
 
         def register(f: Callable[..., Any]) -> Task[Any]:
             task_name = name or f.__name__
-            if task_name in self.tasks:
+            if isinstance(aliases, str):
                 raise ConfigurationError(
-                    f"a task named {task_name!r} is already registered "
-                    f"({self.tasks[task_name].func.__module__}); pass name=... to tell them apart"
+                    f"task {task_name!r}: aliases takes a list of names, not one string"
                 )
+            self.check_task_names(task_name, aliases, f)
             task: Task[Any] = Task(
                 self,
                 f,
@@ -255,20 +275,73 @@ class App:
                 key_concurrency=key_concurrency,
             )
             self.tasks[task_name] = task
+            self.aliases.update(dict.fromkeys(aliases, task_name))
             return task
 
         return register(func) if func is not None else register
 
+    def check_task_names(
+        self,
+        name: str,
+        aliases: Sequence[str],
+        func: Callable[..., Any],
+        *,
+        only_aliases: bool = False,
+    ) -> None:
+        """Raise ConfigurationError, naming both tasks, if ``name`` or an alias is taken
+        (``only_aliases``: ``name`` is the task's own, registered already)."""
+        seen: set[str] = set()
+        for candidate in aliases if only_aliases else (name, *aliases):
+            if not isinstance(candidate, str) or not candidate:
+                raise ConfigurationError(
+                    f"task {name!r} ({_where(func)}): a task name or alias must be a non-empty "
+                    f"string, got {candidate!r}"
+                )
+            if candidate in seen:
+                raise ConfigurationError(
+                    f"task {name!r} ({_where(func)}) lists the name {candidate!r} twice"
+                )
+            seen.add(candidate)
+            owner = self.lookup_task(candidate)
+            if owner is None:
+                continue
+            taken = "name" if candidate == owner.name else f"alias of {owner.name!r}"
+            mine = "name" if candidate == name else "alias"
+            raise ConfigurationError(
+                f"the task name {candidate!r} is already registered ({taken}, "
+                f"{_where(owner.func)}); {_where(func)} asks for it as its {mine}: "
+                "pass name=... (or namespace=... to add_tasks_from) to tell them apart"
+            )
+
     def lookup_task(self, name: str) -> Task[Any] | None:
-        """The task a job named ``name`` runs (the worker's lookup), or None."""
-        return self.tasks.get(name)
+        """The task a job named ``name`` runs (the worker's lookup): by name, else by alias."""
+        task = self.tasks.get(name)
+        if task is None and name in self.aliases:
+            task = self.tasks.get(self.aliases[name])
+        return task
 
     def get_task(self, name: str) -> Task[Any]:
-        try:
-            return self.tasks[name]
-        except KeyError:
+        """The task of that name or alias; ``UnknownTask`` (listing the known ones) if none."""
+        task = self.lookup_task(name)
+        if task is None:
             known = ", ".join(sorted(self.tasks)) or "none"
-            raise UnknownTask(f"no task named {name!r} (known tasks: {known})") from None
+            raise UnknownTask(f"no task named {name!r} (known tasks: {known})")
+        return task
+
+    def add_task_alias(self, task: Task[Any] | str, alias: str) -> None:
+        """Let jobs named ``alias`` run ``task`` (a task or a task's name): for a rename
+        decided outside the task's module, e.g. a task that moved into a namespace."""
+        target = self.get_task(task) if isinstance(task, str) else task
+        if self.tasks.get(target.name) is not target:
+            raise ConfigurationError(f"task {target.name!r} is not registered on this app")
+        self.check_task_names(target.name, (alias,), target.func, only_aliases=True)
+        self.aliases[alias] = target.name
+
+    def add_tasks_from(self, blueprint: Blueprint, *, namespace: str | None = None) -> None:
+        """Register a blueprint's tasks here, as ``@app.task`` would, named
+        ``namespace:name`` (aliases too) when a namespace is given. All or nothing: a clash
+        registers none of them."""
+        blueprint.register_on(self, namespace=namespace)
 
     def periodic(
         self,
@@ -314,10 +387,12 @@ class App:
         include_cancelled: bool = False,
         queue: str = "default",
         timezone: str | tzinfo = "UTC",
+        results_older_than: timedelta | float | None = None,
     ) -> Task[Any]:
         """Register the builtin periodic task ``pgtq.cleanup``: at each tick it deletes jobs
         that ended more than ``older_than`` ago (succeeded ones; failed ones with
-        ``include_failed``; cancelled and aborted ones with ``include_cancelled``)."""
+        ``include_failed``; cancelled and aborted ones with ``include_cancelled``), and with
+        ``results_older_than`` drops older results while keeping their jobs."""
         from pgtq import periodic
 
         return periodic.add_cleanup_task(
@@ -328,21 +403,31 @@ class App:
             include_cancelled=include_cancelled,
             queue=queue,
             timezone=timezone,
+            results_older_than=results_older_than,
         )
 
     # -- schema -----------------------------------------------------------------------------------
 
-    def migrate(self, connection: Connection | None = None) -> None:
-        """Upgrade pgtq's schema to the newest revision (what ``pgtq migrate`` does)."""
+    def migrate(
+        self, connection: Connection | None = None, *, phase: Phase | None = None
+    ) -> list[str]:
+        """Upgrade pgtq's schema to the newest revision (what ``pgtq migrate`` does).
+
+        ``phase="pre"``: only the revisions that are safe while workers of the previous
+        release run; ``"post"``: the rest (see :func:`pgtq.migrations.upgrade`). Returns the
+        revisions applied, oldest first.
+        """
         from pgtq import migrations
 
-        self.sync.run_in_transaction(lambda conn: migrations.upgrade(conn, self.schema), connection)
+        return self.sync.run_in_transaction(
+            lambda conn: migrations.upgrade(conn, self.schema, phase=phase), connection
+        )
 
-    async def migrate_async(self) -> None:
+    async def migrate_async(self, *, phase: Phase | None = None) -> list[str]:
         from pgtq import migrations
 
-        await self.async_connector().run_in_transaction(
-            lambda conn: migrations.upgrade(conn, self.schema)
+        return await self.async_connector().run_in_transaction(
+            lambda conn: migrations.upgrade(conn, self.schema, phase=phase)
         )
 
     # -- workers ----------------------------------------------------------------------------------
@@ -354,6 +439,7 @@ class App:
         """
         from pgtq.worker import run_in_new_loop
 
+        options = {**self.worker_options, **options}
         options.setdefault("install_signal_handlers", True)
         return run_in_new_loop(self, options)
 
@@ -361,4 +447,4 @@ class App:
         """Run a worker on the running loop; cancelling this coroutine shuts it down gracefully."""
         from pgtq.worker import Worker
 
-        return await Worker(self, **options).run()
+        return await Worker(self, **{**self.worker_options, **options}).run()

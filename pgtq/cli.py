@@ -33,7 +33,7 @@ from pgtq.errors import ConfigurationError, JobNotFound, PgtqError
 from pgtq.model import Job, Status
 from pgtq.schema import DEFAULT_SCHEMA
 
-__all__ = ["AppNotFound", "cli", "load_app", "main"]
+__all__ = ["AppNotFound", "cli", "load_app", "load_object", "main"]
 
 cli = typer.Typer(
     name="pgtq",
@@ -88,6 +88,14 @@ AppOption = Annotated[
 AppArgument = Annotated[
     str, typer.Argument(metavar="MODULE:APP", help="Where the app is, e.g. myproject.tasks:app.")
 ]
+FactoryArgument = Annotated[
+    str,
+    typer.Argument(
+        metavar="MODULE:APP",
+        help="The app, or a factory of it (a callable returning an App, or a context manager "
+        "of one, sync or async), e.g. myproject.tasks:app or myproject.tasks:make_app.",
+    ),
+]
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -131,6 +139,19 @@ def _reporting_errors() -> Iterator[None]:
 
 def load_app(path: str) -> App:
     """Import ``module:attribute`` (the current directory first on ``sys.path``) as a pgtq App."""
+    obj = load_object(path)
+    if not isinstance(obj, App):
+        if callable(obj):
+            raise AppNotFound(
+                f"{path!r} is not a pgtq.App but a callable: only `pgtq worker` calls app "
+                "factories; point this command at the app itself"
+            )
+        raise AppNotFound(f"{path!r} is not a pgtq.App (got {type(obj).__name__})")
+    return obj
+
+
+def load_object(path: str) -> Any:
+    """Import ``module:attribute`` (the current directory first on ``sys.path``)."""
     module_name, _, attribute = path.partition(":")
     if not module_name or not attribute:
         raise AppNotFound(
@@ -160,8 +181,6 @@ def load_app(path: str) -> App:
             raise AppNotFound(
                 f"module {module_name!r} has no attribute {attribute!r} (from {path!r})"
             ) from None
-    if not isinstance(obj, App):
-        raise AppNotFound(f"{path!r} is not a pgtq.App (got {type(obj).__name__})")
     return obj
 
 
@@ -261,7 +280,15 @@ def _root(
 
 @cli.command()
 def worker(
-    app_path: AppArgument,
+    app_path: FactoryArgument,
+    factory_args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="-- ARGS",
+            help="Arguments for a factory, after --: passed to it as strings.",
+            show_default=False,
+        ),
+    ] = None,
     queue: Annotated[
         list[str] | None,
         typer.Option("--queue", "-q", help="A queue to take jobs from (repeat; default: all)."),
@@ -293,31 +320,54 @@ def worker(
     ] = "0.0.0.0",
     dsn: DsnOption = None,
 ) -> None:
-    """Run a worker until SIGTERM/SIGINT (or, with --one-shot, until no job is due)."""
+    """Run a worker until SIGTERM/SIGINT (or, with --one-shot, until no job is due).
+
+    MODULE:APP may name a factory: a callable returning the app, or a context manager (sync
+    or async) yielding it, entered before the worker starts and exited after it stops. The
+    arguments after -- are passed to it, e.g. `pgtq worker myapp:make_app -- --env prod`.
+    """
+    from pgtq import factories
+
     with _reporting_errors():
-        app = _target_app(dsn, app_path, None, embedded="if-present")
-        queues = list(queue) if queue else None
-        metrics_server = _serve_metrics(app, metrics_port, metrics_addr)
-        err.print(
-            f"pgtq worker: {len(app.tasks)} task(s) from {app_path}, "
-            f"queues {', '.join(queues) if queues else 'all'}, concurrency {concurrency}, "
-            f"database {describe(app.url)}",
-            soft_wrap=True,
-        )
-        with _logging_to_stderr(), contextlib.closing(app):
-            stats = app.run_worker(
-                queues=queues,
-                concurrency=concurrency,
-                fetch_job_polling_interval=fetch_job_polling_interval,
-                abort_job_polling_interval=abort_job_polling_interval,
-                shutdown_graceful_timeout=(
-                    None if math.isinf(shutdown_graceful_timeout) else shutdown_graceful_timeout
-                ),
-                wait=not one_shot,
-                install_signal_handlers=True,
+        factory = load_object(app_path)
+        if not isinstance(factory, App) and not callable(factory):
+            raise AppNotFound(
+                f"{app_path!r} is not a pgtq.App nor a factory of one "
+                f"(got {type(factory).__name__})"
             )
-        if metrics_server is not None:
-            metrics_server.shutdown()
+        queues = list(queue) if queue else None
+        metrics_servers: list[Any] = []
+
+        def on_open(app: App) -> None:
+            _with_database(app, dsn, app_path, embedded="if-present")
+            metrics_servers.append(_serve_metrics(app, metrics_port, metrics_addr))
+            err.print(
+                f"pgtq worker: {len(app.tasks)} task(s) from {app_path}, "
+                f"queues {', '.join(queues) if queues else 'all'}, concurrency {concurrency}, "
+                f"database {describe(app.url)}",
+                soft_wrap=True,
+            )
+
+        try:
+            with _logging_to_stderr():
+                stats = factories.run_worker(
+                    factory,
+                    *(factory_args or ()),
+                    on_open=on_open,
+                    queues=queues,
+                    concurrency=concurrency,
+                    fetch_job_polling_interval=fetch_job_polling_interval,
+                    abort_job_polling_interval=abort_job_polling_interval,
+                    shutdown_graceful_timeout=(
+                        None if math.isinf(shutdown_graceful_timeout) else shutdown_graceful_timeout
+                    ),
+                    wait=not one_shot,
+                    install_signal_handlers=True,
+                )
+        finally:
+            for server in metrics_servers:
+                if server is not None:
+                    server.shutdown()
         detail = ", ".join(f"{name} {n}" for name, n in sorted(stats.by_status.items()))
         err.print(
             f"pgtq worker: processed {stats.processed} job(s)"
@@ -438,46 +488,104 @@ def migrate(
     ] = False,
     check: Annotated[
         bool,
-        typer.Option("--check", help="Change nothing; exit 1 unless the schema is at the head."),
+        typer.Option(
+            "--check",
+            help="Change nothing; exit 1 unless the schema is at the head (with --pre: unless "
+            "the pre revisions are applied).",
+        ),
+    ] = False,
+    pre: Annotated[
+        bool,
+        typer.Option(
+            "--pre",
+            help="Rolling upgrade, before the new release starts: only the pending revisions "
+            "that are safe while workers of the previous release run.",
+        ),
+    ] = False,
+    post: Annotated[
+        bool,
+        typer.Option(
+            "--post",
+            help="Rolling upgrade, once no worker of the previous release runs: the rest.",
+        ),
     ] = False,
 ) -> None:
     """Create or upgrade pgtq's tables to the newest revision.
 
-    With no --dsn, PGTQ_DSN or --app, the embedded PostgreSQL in ./.pgtq is used.
+    A rolling upgrade runs `pgtq migrate --pre` before the new release starts and
+    `pgtq migrate --post` once the previous release's workers are gone; plain `pgtq migrate`
+    does both. With no --dsn, PGTQ_DSN or --app, the embedded PostgreSQL in ./.pgtq is used.
     """
+    from pgtq import migrations
+
     with _reporting_errors():
+        if pre and post:
+            raise _fail("give --pre or --post, not both (neither: both phases)")
+        phase: migrations.Phase | None = "pre" if pre else "post" if post else None
         if check:
-            _check_migrations(_target_app(dsn, app_path, schema, embedded="if-present"))
+            if post:
+                raise _fail("--check takes --pre (pre revisions applied?) or nothing (at head?)")
+            _check_migrations(
+                _target_app(dsn, app_path, schema, embedded="if-present"), pre_only=pre
+            )
             return
         if sql:
+            if phase is not None:
+                raise _fail(
+                    "--sql prints the whole upgrade from an empty schema: it takes no phase"
+                )
             target_schema = schema or (load_app(app_path).schema if app_path else DEFAULT_SCHEMA)
-            from pgtq import migrations
-
             typer.echo(migrations.sql(target_schema))
             return
         app = _target_app(dsn, app_path, schema, embedded="always")
         try:
-            app.migrate()
+            applied = app.migrate(phase=phase)
+            left = app.sync.run_in_transaction(lambda conn: migrations.pending(conn, app.schema))
         finally:
             app.close()
-        out.print(
-            f"pgtq schema {app.schema!r} at {describe(app.url)} is up to date", soft_wrap=True
-        )
+        where = f"pgtq schema {app.schema!r} at {describe(app.url)}"
+        done = f"applied {', '.join(applied)}" if applied else "nothing to apply"
+        if not left:
+            out.print(f"{where} is up to date ({done})", soft_wrap=True)
+        else:
+            waiting = ", ".join(f"{rev} ({kind})" for rev, kind in left)
+            out.print(
+                f"{where}: {done}; still pending: {waiting}. Run `pgtq migrate --post` once no "
+                "worker of the previous release runs",
+                soft_wrap=True,
+            )
 
 
 class NotAtHead(PgtqError):
     """``pgtq migrate --check``: the schema is behind (or ahead of) this pgtq's revisions."""
 
 
-def _check_migrations(app: App) -> None:
+def _check_migrations(app: App, *, pre_only: bool = False) -> None:
     from pgtq import migrations
 
     try:
-        found = app.sync.run_in_transaction(lambda conn: migrations.current(conn, app.schema))
+        found, left = app.sync.run_in_transaction(
+            lambda conn: (
+                migrations.current(conn, app.schema),
+                migrations.pending(conn, app.schema),
+            )
+        )
     finally:
         app.close()
     heads = migrations.heads()
     where = f"pgtq schema {app.schema!r} at {describe(app.url)}"
+    if pre_only:
+        # The pre phase is done when the first pending revision (if any) is a post one.
+        if left and left[0][1] == "pre":
+            waiting = ", ".join(rev for rev, kind in left if kind == "pre")
+            raise NotAtHead(f"{where}: pre revisions pending ({waiting}): run `pgtq migrate --pre`")
+        post_left = ", ".join(rev for rev, _ in left)
+        out.print(
+            f"{where} has its pre revisions"
+            + (f" (post pending: {post_left})" if post_left else ", and is at head"),
+            soft_wrap=True,
+        )
+        return
     if found != heads:
         at = ", ".join(sorted(found)) or "not migrated"
         raise NotAtHead(

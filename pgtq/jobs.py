@@ -278,6 +278,15 @@ class JobManager:
         query = _delete_query(self._s, older_than, include_failed, include_cancelled, queue)
         return await self._app.async_connector().run(query)
 
+    def clear_results(self, older_than: timedelta | float) -> int:
+        """Drop the stored results of jobs that ended more than ``older_than`` ago, keeping the
+        jobs and their history: a retention period for results. Returns how many."""
+        return self._app.sync.run(statements.clear_old_results(self._s, _seconds(older_than)))
+
+    async def clear_results_async(self, older_than: timedelta | float) -> int:
+        query = statements.clear_old_results(self._s, _seconds(older_than))
+        return await self._app.async_connector().run(query)
+
     def cancel(self, job_id: int) -> bool:
         """Cancel a waiting job (``todo → cancelled``). False if it is not waiting: a running
         job is stopped with :meth:`abort`."""
@@ -329,6 +338,13 @@ def _list_query(
         after=after,
         newest_first=newest_first,
     )
+
+
+def _seconds(age: timedelta | float) -> float:
+    seconds = age.total_seconds() if isinstance(age, timedelta) else float(age)
+    if seconds < 0:
+        raise InvalidFilter(f"an age must not be negative, got {age!r}")
+    return seconds
 
 
 def _delete_query(

@@ -6,6 +6,13 @@ an application's own revisions (``alembic upgrade heads`` runs both).
 
 On their own (``pgtq migrate``, ``App.migrate``), the revisions keep their version table
 ``alembic_version`` inside pgtq's schema, so pgtq's history never mixes with the application's.
+
+Every revision says which phase of a rolling upgrade it belongs to, in a module-level
+``phase``: ``"pre"`` (additive: safe while workers of the previous release run) or ``"post"``
+(removes what the previous release used: apply it once they are all gone).
+``upgrade(..., phase="pre")`` applies the pending revisions up to the first pending post one,
+``phase="post"`` the rest; in a user's Alembic project, :func:`pre_target` names the revision
+to give ``alembic upgrade``.
 """
 
 from __future__ import annotations
@@ -13,15 +20,17 @@ from __future__ import annotations
 import io
 import os
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import alembic.command
 import alembic.context
 import sqlalchemy as sa
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
+from alembic.script import Script, ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import SchemaItem
 
@@ -30,21 +39,34 @@ from pgtq.errors import ConfigurationError
 from pgtq.schema import DEFAULT_SCHEMA, tables_for, validate_schema_name
 
 __all__ = [
+    "BRANCH",
     "SCHEMA_ATTRIBUTE",
     "SCHEMA_ENV",
     "SCRIPT_DIR",
     "VERSIONS_DIR",
     "VERSION_TABLE",
     "MigrationConflict",
+    "MigrationPhaseError",
+    "Phase",
     "current",
     "downgrade",
     "heads",
     "include_object",
+    "pending",
+    "phase_of",
+    "pre_target",
     "revision_schema",
     "sql",
     "upgrade",
     "version_location",
 ]
+
+#: A revision's phase in a rolling upgrade: ``pre`` is additive (the previous release's
+#: workers keep running), ``post`` removes what the previous release used.
+Phase = Literal["pre", "post"]
+PHASES: tuple[str, ...] = get_args(Phase)
+#: The branch label of pgtq's revisions.
+BRANCH = "pgtq"
 
 
 def _script_dir() -> Path:
@@ -75,7 +97,12 @@ _ALEMBIC_LOCK = threading.RLock()
 
 
 class MigrationConflict(ConfigurationError):
-    """pgtq's tables exist but pgtq's own version table does not know them."""
+    """pgtq's tables exist but pgtq's own version table does not know them, or the database
+    is at a pgtq revision this pgtq does not ship (a newer release migrated it)."""
+
+
+class MigrationPhaseError(ConfigurationError):
+    """``phase="pre"`` cannot apply what the new release needs: a post revision comes first."""
 
 
 def version_location() -> str:
@@ -121,15 +148,31 @@ def _config(schema: str, connection: Connection | None = None, **kwargs: Any) ->
     return cfg
 
 
-def upgrade(connection: Connection, schema: str = DEFAULT_SCHEMA, revision: str = "heads") -> None:
+def upgrade(
+    connection: Connection,
+    schema: str = DEFAULT_SCHEMA,
+    revision: str = "heads",
+    *,
+    phase: Phase | None = None,
+) -> list[str]:
     """Upgrade pgtq's schema on ``connection``, inside the caller's transaction (not committed).
+
+    ``phase="pre"`` applies the pending revisions up to (not including) the first pending
+    *post* revision: what a new release needs while workers of the previous one still run.
+    ``phase="post"`` applies the rest (everything pending). ``None``: both. Returns the
+    revisions applied, oldest first.
 
     Concurrent upgrades of the same schema wait for each other (an advisory lock held until the
     caller's transaction ends), so every worker of a fleet may migrate at startup.
     """
     validate_schema_name(schema)
+    if phase is not None and phase not in PHASES:
+        raise ConfigurationError(f"phase must be 'pre', 'post' or None, not {phase!r}")
+    if phase is not None and revision != "heads":
+        raise ConfigurationError("give upgrade() a revision or a phase, not both")
     _lock_and_create_schema(connection, schema)
-    if not current(connection, schema) and sa.inspect(connection).has_table("jobs", schema):
+    found = current(connection, schema)
+    if not found and sa.inspect(connection).has_table("jobs", schema):
         raise MigrationConflict(
             f"the table {schema}.jobs exists but {schema}.{VERSION_TABLE} has no pgtq "
             "revision: it is probably managed by your own Alembic project (pgtq's revisions "
@@ -137,7 +180,146 @@ def upgrade(connection: Connection, schema: str = DEFAULT_SCHEMA, revision: str 
             "`pgtq migrate` / app.migrate()"
         )
     with _ALEMBIC_LOCK:
-        alembic.command.upgrade(_config(schema, connection), revision)
+        cfg = _config(schema, connection)
+        script = ScriptDirectory.from_config(cfg)
+        _check_known(script, found, f"pgtq schema {schema!r}")
+        if phase == "pre":
+            target = _pre_target(script, found)
+            if target is None:
+                return []
+            revision = target
+        alembic.command.upgrade(cfg, revision)
+        return _between(script, current(connection, schema), found)
+
+
+def pending(connection: Connection, schema: str = DEFAULT_SCHEMA) -> list[tuple[str, Phase]]:
+    """The revisions ``upgrade`` would apply, oldest first, each with its phase."""
+    validate_schema_name(schema)
+    script = _script()
+    found = current(connection, schema)
+    _check_known(script, found, f"pgtq schema {schema!r}")
+    return [(rev.revision, phase_of(rev)) for rev in _pending(script, found)]
+
+
+def phase_of(revision: Script) -> Phase:
+    """A revision's ``phase`` (its module-level ``phase = "pre"`` or ``"post"``)."""
+    value = getattr(revision.module, "phase", None)
+    if value not in PHASES:
+        raise ConfigurationError(
+            f"revision {revision.revision} ({revision.path}) must say its rolling-upgrade "
+            f'phase: phase = "pre" (additive) or phase = "post" (removes what the previous '
+            f"release used), not {value!r}"
+        )
+    phase: Phase = value
+    return phase
+
+
+def pre_target(
+    config: Config | str | os.PathLike[str],
+    connection: Connection | None = None,
+    *,
+    version_table: str = "alembic_version",
+    version_table_schema: str | None = None,
+) -> str:
+    """In a user's Alembic project: the pgtq revision to give ``alembic upgrade`` for the *pre*
+    phase of a rolling upgrade (``alembic upgrade heads`` is the *post* phase).
+
+    It is the last pending revision of pgtq's branch before the first pending post one, or
+    the current pgtq revision when no pre revision is pending (upgrading to it changes
+    nothing). ``config`` is the project's ``Config`` or the path of its ``alembic.ini``;
+    without ``connection`` it connects to the config's ``sqlalchemy.url``. The version table
+    is read as Alembic's default (``alembic_version``); pass the names your ``env.py`` sets.
+    Raises :class:`MigrationPhaseError` when a pending post revision comes before a pending
+    pre one.
+    """
+    cfg = config if isinstance(config, Config) else Config(os.fspath(config))
+    script = ScriptDirectory.from_config(cfg)
+    if connection is None:
+        url = cfg.get_main_option("sqlalchemy.url")
+        if not url:
+            raise ConfigurationError("pre_target: pass a connection or set sqlalchemy.url")
+        engine = sa.create_engine(sync_url(url), poolclass=sa.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                return pre_target(
+                    cfg,
+                    conn,
+                    version_table=version_table,
+                    version_table_schema=version_table_schema,
+                )
+        finally:
+            engine.dispose()
+    context = MigrationContext.configure(
+        connection,
+        opts={"version_table": version_table, "version_table_schema": version_table_schema},
+    )
+    heads_found = set(context.get_current_heads())
+    _check_known(script, heads_found, "the project")
+    found = {h for h in heads_found if _on_branch(script, h)}
+    target = _pre_target(script, found)
+    if target is not None:
+        return target
+    if found:
+        return next(iter(found))
+    return f"{BRANCH}@base"
+
+
+# -- planning: which revisions a phase applies (pure, over a ScriptDirectory) ---------------------
+
+
+def _script() -> ScriptDirectory:
+    return ScriptDirectory(str(SCRIPT_DIR), version_locations=[str(VERSIONS_DIR)])
+
+
+def _on_branch(script: ScriptDirectory, revision: str) -> bool:
+    rev = script.get_revision(revision)
+    return rev is not None and BRANCH in rev.branch_labels
+
+
+def _check_known(script: ScriptDirectory, found: Iterable[str], where: str) -> None:
+    for revision in found:
+        try:
+            script.get_revision(revision)
+        except CommandError:
+            raise MigrationConflict(
+                f"{where} is at revision {revision!r}, which this pgtq does not ship: a newer "
+                "release migrated it. Run that release's migrations (or `pgtq migrate` of "
+                "that release), not this one's"
+            ) from None
+
+
+def _pending(script: ScriptDirectory, found: set[str]) -> list[Script]:
+    """pgtq's revisions after ``found`` (pgtq's current revision, if any), oldest first."""
+    lower = next(iter(found)) if found else "base"
+    return list(reversed(list(script.iterate_revisions(f"{BRANCH}@head", lower))))
+
+
+def _between(script: ScriptDirectory, upper: set[str], lower: set[str]) -> list[str]:
+    if upper == lower or not upper:
+        return []
+    top = next(iter(upper))
+    bottom = next(iter(lower)) if lower else "base"
+    return [r.revision for r in reversed(list(script.iterate_revisions(top, bottom)))]
+
+
+def _pre_target(script: ScriptDirectory, found: set[str]) -> str | None:
+    """The last pending revision before the first pending post one (None: none pending)."""
+    todo = _pending(script, found)
+    target: str | None = None
+    for i, rev in enumerate(todo):
+        if phase_of(rev) == "post":
+            later = [r.revision for r in todo[i + 1 :] if phase_of(r) == "pre"]
+            if later:
+                raise MigrationPhaseError(
+                    f"the post revision {rev.revision} is pending before the pre revision(s) "
+                    f"{', '.join(later)}, so a pre-only upgrade cannot reach them: the "
+                    f"release that shipped {rev.revision} was not finished. If no worker "
+                    f"older than that release still runs, apply everything (`pgtq migrate`, "
+                    f"or `--post`); otherwise finish that release's rollout first"
+                )
+            break
+        target = rev.revision
+    return target
 
 
 def downgrade(connection: Connection, schema: str = DEFAULT_SCHEMA, revision: str = "base") -> None:
@@ -159,7 +341,7 @@ def current(connection: Connection, schema: str = DEFAULT_SCHEMA) -> set[str]:
 
 def heads() -> set[str]:
     """The newest revisions this version of pgtq ships: ``current()`` equals it when migrated."""
-    return set(ScriptDirectory(str(SCRIPT_DIR), version_locations=[VERSIONS_DIR]).get_heads())
+    return set(_script().get_heads())
 
 
 def sql(schema: str = DEFAULT_SCHEMA, revision: str = "heads") -> str:

@@ -559,6 +559,7 @@ def add_cleanup_task(
     queue: str = "default",
     timezone: str | tzinfo = "UTC",
     name: str = CLEANUP_TASK_NAME,
+    results_older_than: timedelta | float | None = None,
 ) -> Task[Any]:
     """Register a periodic task that deletes jobs finished more than ``older_than`` ago.
 
@@ -570,22 +571,35 @@ def add_cleanup_task(
     seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
     if seconds < 0:
         raise ConfigurationError(f"older_than must not be negative, got {older_than!r}")
+    results_seconds = (
+        None
+        if results_older_than is None
+        else results_older_than.total_seconds()
+        if isinstance(results_older_than, timedelta)
+        else float(results_older_than)
+    )
     settings = {
         "older_than": float(seconds),
         "include_failed": include_failed,
         "include_cancelled": include_cancelled,
     }
+    if results_seconds is not None:
+        settings["results_older_than"] = results_seconds
 
     async def cleanup(
         timestamp: int = 0,
         older_than: float = float(seconds),
         include_failed: bool = include_failed,
         include_cancelled: bool = include_cancelled,
+        results_older_than: float | None = results_seconds,
     ) -> dict[str, int]:
         deleted = await app.jobs.delete_old_jobs_async(
             older_than, include_failed=include_failed, include_cancelled=include_cancelled
         )
-        return {"deleted": deleted}
+        done = {"deleted": deleted}
+        if results_older_than is not None:  # the results' retention, shorter than the jobs'
+            done["results_cleared"] = await app.jobs.clear_results_async(results_older_than)
+        return done
 
     validate_cron(cron)  # before registering anything
     to_timezone(timezone)

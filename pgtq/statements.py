@@ -365,6 +365,20 @@ class Statements:
         )
 
     @cached_property
+    def clear_old_results(self) -> Any:
+        """Drop the results of jobs that ended over ``:older_than`` seconds ago (the job rows
+        and their history stay): the results' retention period."""
+        j = self.jobs
+        ended_before = sa.func.now() - sa.bindparam("older_than", type_=sa.Float) * ONE_SECOND
+        return (
+            sa.update(j)
+            .where(j.c.finished_at.is_not(None), j.c.finished_at < ended_before)
+            .where(j.c.result.is_not(None))
+            .values(result=sa.null())
+            .returning(j.c.id)
+        )
+
+    @cached_property
     def set_queue_limits(self) -> Any:
         q = self.t.queues
         stmt = pg_insert(q).values(
@@ -1155,6 +1169,10 @@ def write_buckets(s: Statements, tokens: Mapping[str, float]) -> Query[None]:
 
 def queue_limits(s: Statements) -> Query[dict[str, tuple[int | None, float | None]]]:
     return Query(s.queue_limits, {}, lambda rows: {row[0]: (row[1], row[2]) for row in rows})
+
+
+def clear_old_results(s: Statements, older_than: float) -> Query[int]:
+    return Query(s.clear_old_results, {"older_than": older_than}, lambda rows: len(list(rows)))
 
 
 def set_queue_limits(

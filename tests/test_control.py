@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -114,3 +115,17 @@ async def test_a_transactional_task_whose_job_was_taken_away_rolls_back(
     await app.run_worker_async(wait=False)
     assert sql("SELECT count(*) FROM ledger") == [(0,)]
     assert sql("SELECT status, worker_id FROM pgtq.jobs") == [("doing", "someone-else")]
+
+
+async def test_results_have_a_retention_period(side: Side, app: pgtq.App, sql: Any) -> None:
+    @app.task
+    def answer() -> int:
+        return 42
+
+    old = await side.defer(answer)
+    new = await side.defer(answer)
+    await side.run_worker(app, wait=False)
+    sql("UPDATE pgtq.jobs SET finished_at = now() - interval '2 days' WHERE id = %s", old)
+    assert await side.call(app.jobs, "clear_results", timedelta(days=1)) == 1
+    assert sql("SELECT id, result FROM pgtq.jobs ORDER BY id") == [(old, None), (new, 42)]
+    assert [e.type for e in await side.call(app.jobs, "history", old)][-1] == "succeeded"

@@ -21,6 +21,8 @@ revision: str = "pgtq_0001"
 down_revision: str | Sequence[str] | None = None
 branch_labels: str | Sequence[str] | None = ("pgtq",)
 depends_on: str | Sequence[str] | None = None
+#: Rolling upgrades: additive, safe while workers of the previous release run.
+phase = "pre"
 
 NOTIFY_FUNCTION_SQL = """
 CREATE OR REPLACE FUNCTION {schema}.notify_jobs_inserted() RETURNS trigger

@@ -19,6 +19,8 @@ revision: str = "pgtq_0002"
 down_revision: str | Sequence[str] | None = "pgtq_0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
+#: Rolling upgrades: additive, safe while workers of the previous release run.
+phase = "pre"
 
 
 def upgrade() -> None:

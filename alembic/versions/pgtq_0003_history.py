@@ -21,6 +21,8 @@ revision: str = "pgtq_0003"
 down_revision: str | Sequence[str] | None = "pgtq_0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
+#: Rolling upgrades: additive, safe while workers of the previous release run.
+phase = "pre"
 
 # One row per status change. Statement-level triggers with transition tables: a batch of 500
 # completions costs one INSERT ... SELECT, not 500 trigger calls.

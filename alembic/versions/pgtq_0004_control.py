@@ -22,6 +22,8 @@ revision: str = "pgtq_0004"
 down_revision: str | Sequence[str] | None = "pgtq_0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
+#: Rolling upgrades: additive, safe while workers of the previous release run.
+phase = "pre"
 
 
 def upgrade() -> None:
