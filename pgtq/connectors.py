@@ -451,8 +451,10 @@ class _AsyncpgConnection(DedicatedConnection):
         try:
             rows = await self._driver.fetch(c.sql, *args)
         except Exception as exc:
-            if self._driver.is_closed():
-                await self.close()  # reopened by the next call
+            # Not an error PostgreSQL sent (those have a SQLSTATE): the connection is in an
+            # unknown state (dropped, or stuck mid-operation). Replace it on the next call.
+            if self._driver.is_closed() or getattr(exc, "sqlstate", None) is None:
+                await self.close()
             translated = self._connector._errors.translate(exc)
             if translated is exc:
                 raise

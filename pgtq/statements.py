@@ -145,7 +145,11 @@ class Statements:
         q = self.t.queues
         # Paused queues: one hashed lookup per statement (the queues table is tiny).
         not_paused = j.c.queue.not_in(sa.select(q.c.name).where(q.c.paused))
-        where = [j.c.status == TODO, due, lock_free, not_paused]
+        # A worker declared dead (its row removed by a rescue) claims nothing until it has
+        # registered again: it may still run what was rescued from it.
+        w = self.t.workers
+        alive = sa.exists().where(w.c.id == sa.bindparam("worker_id", type_=sa.Text))
+        where = [j.c.status == TODO, due, lock_free, not_paused, alive]
         if queues == "one":  # equality, so the (queue, priority, id) index gives the order
             where.append(j.c.queue == sa.bindparam("queue", type_=sa.Text))
         elif queues == "some":
@@ -411,18 +415,30 @@ class Statements:
         return self._claim_statement(queues="some")
 
     @cached_property
-    def release(self) -> sa.Update:
-        """Give back claimed jobs that never started: ``doing → todo``, attempt undone."""
+    def release(self) -> Any:
+        """Give back claimed jobs that never started: ``doing → todo``, attempt undone; one
+        whose abort was requested meanwhile ends ``aborted`` instead (never runs again)."""
+        return self._release(self.jobs.c.id == sa.any_(_array("ids", sa.BigInteger())))
+
+    @cached_property
+    def release_unknown(self) -> Any:
+        """Give back this worker's ``doing`` jobs it does not know of (``:known`` are the ones
+        it runs, holds or is writing): what a claim whose reply was lost left behind."""
+        return self._release(self.jobs.c.id != sa.all_(_array("known", sa.BigInteger())))
+
+    def _release(self, which: sa.ColumnElement[bool]) -> Any:
         j = self.jobs
+        aborting = j.c.abort_requested
         return (
             sa.update(j)
-            .where(
-                j.c.id == sa.any_(_array("ids", sa.BigInteger())),
-                j.c.status == DOING,
-                j.c.worker_id == sa.bindparam("worker_id", type_=sa.Text),
-            )
+            .where(which, *self._held_by_worker())
             .values(
-                status=TODO, attempts=j.c.attempts - 1, worker_id=sa.null(), started_at=sa.null()
+                status=sa.case((aborting, ABORTED), else_=TODO),
+                attempts=j.c.attempts - 1,
+                worker_id=sa.case((aborting, j.c.worker_id), else_=sa.null()),
+                started_at=sa.case((aborting, j.c.started_at), else_=sa.null()),
+                finished_at=sa.case((aborting, sa.func.now()), else_=sa.null()),
+                abort_requested=sa.false(),
             )
             .returning(j.c.id)
         )
@@ -448,7 +464,7 @@ class Statements:
         deleting = u.c.status == sa.any_(_array("delete_statuses", sa.Text()))
         deleted = (
             sa.delete(j)
-            .where(j.c.id == u.c.id, deleting, *self._held_by_worker())
+            .where(j.c.id == u.c.id, deleting, *self._held_by_worker(), self._same_attempt(u))
             .returning(j.c.id)
             .cte("deleted")
         )
@@ -458,6 +474,7 @@ class Statements:
     def _outcomes(self) -> Any:
         columns = (
             ("ids", "id", sa.BigInteger()),
+            ("outcome_attempts", "attempt", sa.Integer()),
             ("statuses", "status", sa.Text()),
             ("results", "result", sa.Text()),
             ("errors", "error", sa.Text()),
@@ -469,18 +486,25 @@ class Statements:
             .render_derived("outcomes")
         )
 
+    def _same_attempt(self, u: Any) -> sa.ColumnElement[bool]:
+        """The outcome is of the attempt now running: a worker that was declared dead and
+        came back cannot write an old attempt's outcome over a newer one."""
+        return sa.or_(u.c.attempt.is_(None), self.jobs.c.attempts == u.c.attempt)
+
     def _held_by_worker(self) -> tuple[sa.ColumnElement[bool], ...]:
         j = self.jobs
         return (j.c.status == DOING, j.c.worker_id == sa.bindparam("worker_id", type_=sa.Text))
 
     def _complete_update(self, u: Any, *where: sa.ColumnElement[bool]) -> ReturningUpdate[Any]:
         j = self.jobs
-        retrying = u.c.status == TODO
+        # A retry of a job whose abort was requested ends it ``aborted``: never run again.
+        aborted_retry = sa.and_(u.c.status == TODO, j.c.abort_requested)
+        retrying = sa.and_(u.c.status == TODO, ~j.c.abort_requested)
         return (
             sa.update(j)
-            .where(j.c.id == u.c.id, *self._held_by_worker(), *where)
+            .where(j.c.id == u.c.id, *self._held_by_worker(), self._same_attempt(u), *where)
             .values(
-                status=u.c.status,
+                status=sa.case((aborted_retry, ABORTED), else_=u.c.status),
                 result=sa.cast(u.c.result, JSONB),
                 error=sa.cast(u.c.error, JSONB),
                 abort_requested=sa.false(),
@@ -1005,6 +1029,7 @@ class Outcomes:
     """Finished attempts waiting to be written, as parallel arrays (one ``complete`` each)."""
 
     ids: list[int]
+    attempts: list[int | None]
     statuses: list[str]
     results: list[str | None]
     errors: list[str | None]
@@ -1012,7 +1037,7 @@ class Outcomes:
 
     @classmethod
     def empty(cls) -> Outcomes:
-        return cls([], [], [], [], [])
+        return cls([], [], [], [], [], [])
 
     def add(
         self,
@@ -1021,8 +1046,13 @@ class Outcomes:
         result: str | None = None,
         error: str | None = None,
         retry_in: float | None = None,
+        *,
+        attempt: int | None = None,
     ) -> None:
+        """``attempt``: the attempt this outcome is of (written only while it is the job's
+        current one); None skips that check."""
         self.ids.append(job_id)
+        self.attempts.append(attempt)
         self.statuses.append(status.value)
         self.results.append(result)
         self.errors.append(error)
@@ -1039,6 +1069,7 @@ def complete_jobs(
     params: dict[str, Any] = {
         "worker_id": worker_id,
         "ids": outcomes.ids,
+        "outcome_attempts": outcomes.attempts,
         "statuses": outcomes.statuses,
         "results": outcomes.results,
         "errors": outcomes.errors,
@@ -1052,6 +1083,10 @@ def complete_jobs(
 
 def release_jobs(s: Statements, worker_id: str, ids: Sequence[int]) -> Query[list[int]]:
     return Query(s.release, {"worker_id": worker_id, "ids": list(ids)}, _id_list)
+
+
+def release_unknown_jobs(s: Statements, worker_id: str, known: Iterable[int]) -> Query[list[int]]:
+    return Query(s.release_unknown, {"worker_id": worker_id, "known": list(known)}, _id_list)
 
 
 def abort_job(s: Statements, job_id: int) -> Query[Status | None]:

@@ -222,7 +222,7 @@ class Worker:
         self.shutdown_hooks = list(shutdown_hooks)
         self.wait = wait
         self.install_signal_handlers = install_signal_handlers
-        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.worker_id = worker_id or _new_worker_id()
         self.stats = WorkerStats()
         #: Resources the startup hooks open, shared by the tasks (``ctx.state``).
         self.state = state if state is not None else State()
@@ -246,6 +246,7 @@ class Worker:
         self._writes = 0  # completion writes done so far
         self._hurry = asyncio.Event()  # a second signal: stop waiting for running jobs
         self._claim_delays = backoff_delays()
+        self._reconcile = False  # a claim failed: release claimed jobs this worker lost track of
         # Fleet-wide limits: the tasks' own (from code), the queues' (read from the database).
         self._task_limits = {
             bucket_key("task", t.name): t.limit
@@ -357,6 +358,8 @@ class Worker:
     async def _fetch_loop(self) -> None:
         while not self._stopping.is_set():
             self._changed.clear()
+            if self._reconcile and not await self._release_unknown():
+                continue
             self._start_buffered()
             room = self.concurrency + self.prefetch - len(self._running) - len(self._buffer)
             claimed: list[ClaimedJob] = []
@@ -413,6 +416,10 @@ class Worker:
                 # Another worker claimed a job of the same lock at the same instant.
                 logger.debug("lock conflict while claiming; claiming again")
                 return None
+            # The claim may have committed with its reply lost: its jobs are ours and doing,
+            # but unknown here. Give back whatever this worker does not know, before the
+            # next claim.
+            self._reconcile = True
             delay = next(self._claim_delays)
             logger.warning("claiming jobs failed (%s); retrying in %.1f s", exc, delay)
             stop = asyncio.ensure_future(self._stopping.wait())
@@ -456,6 +463,31 @@ class Worker:
             for name, (cap, rate) in found.items()
         }
 
+    async def _release_unknown(self) -> bool:
+        """Release this worker's ``doing`` jobs it neither runs, holds, nor has outcomes of
+        (written or not): a lost claim reply's jobs. False when it could not be done yet."""
+        assert self._connector is not None
+        async with self._write_lock:  # no outcome write in flight: every known id is here
+            known = {*self._running, *self._buffer, *self._outcomes.ids}
+            try:
+                released = await self._connector.run(
+                    statements.release_unknown_jobs(self._s, self.worker_id, known)
+                )
+            except Exception as exc:
+                logger.warning("could not release unknown claimed jobs yet: %s", exc)
+                stop = asyncio.ensure_future(self._stopping.wait())
+                await asyncio.wait([stop], timeout=next(self._claim_delays))
+                stop.cancel()
+                return False
+        self._reconcile = False
+        if released:
+            logger.warning(
+                "released %s job(s) claimed by a claim whose reply was lost",
+                len(released),
+                extra={"worker": self.worker_id},
+            )
+        return True
+
     async def _sleep_until_work(self, *, free_slots: bool) -> None:
         """Wait for a NOTIFY, a free slot, a stop, or the polling interval."""
         waiters = [self._stopping.wait(), self._changed.wait()]
@@ -475,6 +507,12 @@ class Worker:
     def _start(self, job: ClaimedJob) -> None:
         ctx = JobContext.for_job(job, self.app, self.worker_id, self.state)
         running = _Running(job, ctx, self.app.lookup_task(job.task_name))
+        older = self._running.get(job.id)
+        if older is not None:
+            # An older attempt of this job still runs here: it was rescued from this worker
+            # while it was unreachable. Stop it: one attempt at a time, and its outcome is
+            # not written (the guard on the attempt refuses it anyway).
+            self._stop_attempt(older)
         self._running[job.id] = running
         running.future = asyncio.create_task(self._run_job(running), name=f"pgtq-job-{job.id}")
 
@@ -502,7 +540,7 @@ class Worker:
                 ctx.request_abort("shutdown")
         except _NotCommitted as nc:
             if nc.outcome is None:  # the job is no longer ours: nothing to write
-                self._running.pop(job.id, None)
+                self._forget(running)
                 self._changed.set()
                 return
             result, exc = _DECIDED, None
@@ -511,13 +549,13 @@ class Worker:
             exc = e
         if isinstance(result, _Committed):
             outcome = result.outcome  # written with the task's own transaction
-            if self._running.pop(job.id, None) is not None:
+            if self._forget(running):
                 self._count(outcome)
                 self._changed.set()
         else:
             if result is not _DECIDED:
                 outcome = decide(task, job, result=result, exc=exc, abort_reason=ctx.abort_reason())
-            self._record(job.id, outcome)
+            self._record(running, outcome)
         duration = time.monotonic() - started
         observers.job_finished(
             observed, job, ctx, status=outcome.label, duration=duration, error=exc
@@ -599,7 +637,7 @@ class Worker:
         if outcome.status != Status.SUCCEEDED:
             raise _NotCommitted(outcome)  # roll the task's writes back
         single = statements.Outcomes.empty()
-        single.add(job.id, outcome.status, outcome.result)
+        single.add(job.id, outcome.status, outcome.result, attempt=job.attempts)
         return outcome, statements.complete_jobs(
             self._s, self.worker_id, single, self._delete_statuses
         )
@@ -626,13 +664,28 @@ class Worker:
                 raise _NotCommitted(None)
             return _Committed(outcome)
 
-    def _record(self, job_id: int, outcome: Outcome) -> None:
-        """Buffer the outcome of a job this worker still holds (an abandoned one is not)."""
-        if self._running.pop(job_id, None) is not None:
-            self._buffer_outcome(job_id, outcome)
+    def _forget(self, running: _Running) -> bool:
+        """Stop tracking this attempt; False if it was no longer tracked (abandoned, or a newer
+        attempt of the same job took its place)."""
+        if self._running.get(running.job.id) is not running:
+            return False
+        del self._running[running.job.id]
+        return True
 
-    def _buffer_outcome(self, job_id: int, outcome: Outcome) -> None:
-        self._outcomes.add(job_id, outcome.status, outcome.result, outcome.error, outcome.retry_in)
+    def _record(self, running: _Running, outcome: Outcome) -> None:
+        """Buffer the outcome of an attempt this worker still holds (an abandoned one not)."""
+        if self._forget(running):
+            self._buffer_outcome(running.job, outcome)
+
+    def _buffer_outcome(self, job: ClaimedJob, outcome: Outcome) -> None:
+        self._outcomes.add(
+            job.id,
+            outcome.status,
+            outcome.result,
+            outcome.error,
+            outcome.retry_in,
+            attempt=job.attempts,
+        )
         self._count(outcome)
         self._flush.set()
         self._changed.set()
@@ -642,8 +695,9 @@ class Worker:
         self.stats.by_status[outcome.label] += 1
 
     def _request_abort(self, job_id: int, reason: str) -> None:
-        if reason == "requested" and self._buffer.pop(job_id, None) is not None:
-            self._buffer_outcome(job_id, decide(None, _NOT_RUN, abort_reason=reason))
+        buffered = self._buffer.pop(job_id, None) if reason == "requested" else None
+        if buffered is not None:
+            self._buffer_outcome(buffered, decide(None, _NOT_RUN, abort_reason=reason))
             return
         running = self._running.get(job_id)
         if running is None or not running.ctx.request_abort(reason):
@@ -711,6 +765,7 @@ class Worker:
                 newer.results[i],
                 newer.errors[i],
                 newer.retry_in[i],
+                attempt=newer.attempts[i],
             )
 
     # -- abort polling and heartbeats -----------------------------------------------------------
@@ -738,15 +793,36 @@ class Worker:
             await asyncio.sleep(self.heartbeat_interval)
             try:
                 if not await self._connector.run(statements.heartbeat(self._s, self.worker_id)):
-                    # Declared dead (a long pause?): our jobs were rescued; be alive again.
-                    logger.warning(
-                        "worker %s had been declared dead; registering again", self.worker_id
-                    )
-                    await self._register()
+                    await self._come_back()
                 await self._rescue()
                 await self._refresh_queue_limits()
             except Exception as exc:
                 logger.warning("heartbeat or rescue failed: %s", exc)
+
+    async def _come_back(self) -> None:
+        """This worker was declared dead (a long pause, a partition) and its jobs rescued:
+        they may be running elsewhere now. Drop every attempt it still holds (nothing of
+        theirs is written: their outcomes would be about a job that is no longer ours) and
+        live on under a new id."""
+        old = self.worker_id
+        self.worker_id = _new_worker_id()
+        self._buffer.clear()
+        for job_id, running in list(self._running.items()):
+            del self._running[job_id]
+            self._stop_attempt(running)
+        logger.warning(
+            "worker %s had been declared dead and its jobs rescued; it goes on as %s",
+            old,
+            self.worker_id,
+            extra={"worker": self.worker_id},
+        )
+        await self._register()
+
+    @staticmethod
+    def _stop_attempt(running: _Running) -> None:
+        stopped = running.ctx.request_abort("shutdown")
+        if stopped and running.task is not None and running.task.is_async and running.future:
+            running.future.cancel()
 
     async def _register(self) -> None:
         assert self._connector is not None
@@ -779,7 +855,14 @@ class Worker:
                 )
             )
             outcomes = by_worker.setdefault(old_worker, statements.Outcomes.empty())
-            outcomes.add(job.id, outcome.status, outcome.result, outcome.error, outcome.retry_in)
+            outcomes.add(
+                job.id,
+                outcome.status,
+                outcome.result,
+                outcome.error,
+                outcome.retry_in,
+                attempt=job.attempts,
+            )
         rescued = 0
         for old_worker, outcomes in by_worker.items():
             done = await run(statements.complete_jobs(self._s, old_worker, outcomes))
@@ -810,8 +893,10 @@ class Worker:
             # job back now; whatever the thread returns later is not written.
             logger.warning("job %s did not stop; giving it back", job_id)
             self._running.pop(job_id)
-            self._buffer_outcome(job_id, decide(running.task, running.job, abort_reason="shutdown"))
-        await self._write_outcomes()
+            self._buffer_outcome(
+                running.job, decide(running.task, running.job, abort_reason="shutdown")
+            )
+        await self._write_outcomes(give_up_after=SHUTDOWN_WRITE_TIMEOUT)
 
     async def _wait_running(self, timeout: float | None) -> None:
         """Until every running job is done, ``timeout`` passes, or a second signal."""
@@ -860,6 +945,10 @@ class Worker:
             loop.add_signal_handler(sig, on_signal)
             removers.append(functools.partial(loop.remove_signal_handler, sig))
         return removers
+
+
+def _new_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 async def _run_hooks(hooks: Iterable[Hook], state: object) -> None:

@@ -1,0 +1,2 @@
+"""Fault injection: workers killed, paused and signalled, connections cut, PostgreSQL
+restarted, many workers racing, and a state machine over the job statements."""
