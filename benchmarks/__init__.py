@@ -1,0 +1,1 @@
+"""The peer benchmark: ``python -m benchmarks.run --quick`` (or ``nox -s bench -- --quick``)."""
