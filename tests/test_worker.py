@@ -361,3 +361,35 @@ async def test_the_worker_runs_the_periodic_scheduler(app: pgtq.App) -> None:
         await worker
     assert ticks and all(t <= time.time() + 1 for t in ticks)
     assert len(set(ticks)) == len(ticks)  # each tick once
+
+
+async def test_a_sync_task_that_ignores_the_abort_still_ends_aborted(
+    side: Side, app: pgtq.App
+) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    @app.task
+    def stubborn() -> str:
+        started.set()
+        release.wait(30)  # never looks at ctx.should_abort()
+        return "finished anyway"
+
+    job_id = await side.defer(stubborn)
+    worker = asyncio.create_task(app.run_worker_async(abort_job_polling_interval=0.05))
+    await eventually(started.is_set)
+    assert await side.abort(app, job_id) == pgtq.Status.DOING
+    await eventually(lambda: _abort_seen(app, job_id))
+    release.set()
+    with pytest.raises(pgtq.JobFailed) as info:
+        await side.wait(app, job_id)
+    assert info.value.status == "aborted"
+    job = await side.get(app, job_id)
+    assert job is not None and job.result is None and job.attempts == 1
+    worker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await worker
+
+
+async def _abort_seen(app: pgtq.App, job_id: int) -> bool:
+    job = await app.jobs.get_async(job_id)
+    return job is not None and job.abort_requested
