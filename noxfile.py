@@ -20,6 +20,7 @@ TEST_DEPS = [
     "flask>=3.0",
     "fastapi>=0.110",
     "httpx>=0.27",
+    "mypy>=1.11",  # the typing test of worker factories runs it
 ]
 
 

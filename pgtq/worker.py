@@ -262,6 +262,15 @@ class Worker:
 
     async def run(self) -> WorkerStats:
         started = time.monotonic()
+        # Signals first: a SIGTERM that lands while the worker starts stops it cleanly too.
+        removers = self._add_signal_handlers() if self.install_signal_handlers else []
+        try:
+            return await self._run(started)
+        finally:
+            for remove in removers:
+                remove()
+
+    async def _run(self, started: float) -> WorkerStats:
         connector = self._connector = self.app.async_connector()
         if not await connector.run(statements.is_migrated(self._s)):
             raise SchemaNotMigrated(
@@ -275,7 +284,6 @@ class Worker:
         self._claimer = await connector.dedicated()
         self._completer = await connector.dedicated()
         background: list[asyncio.Task[None]] = []
-        removers = self._add_signal_handlers() if self.install_signal_handlers else []
         logger.info("worker %s started", self.worker_id, extra={"worker": self.worker_id})
         try:
             await _run_hooks(self.startup_hooks, self.state)
@@ -301,8 +309,6 @@ class Worker:
                 raise
             await self._shutdown(background)
         finally:
-            for remove in removers:
-                remove()
             for bg in background:
                 bg.cancel()
             await asyncio.gather(*background, return_exceptions=True)

@@ -79,6 +79,13 @@ async def test_four_workers_never_run_two_attempts_of_a_job_at_once(
     pool[0].send(signal.SIGTERM)
     assert await pool[0].exit_code(timeout=30) == 0
     pool[0] = workers.start(**options)
+    # The replacement must be up (registered) before it is told to stop at the end: a SIGTERM
+    # that lands while Python is still importing is not the worker's to handle.
+    await until(
+        lambda: sql("SELECT count(*) FROM pgtq.workers")[0][0] == 4,
+        timeout=60,
+        what="the replacement worker registered",
+    )
     await until(
         lambda: succeeded() == total,
         timeout=150,
