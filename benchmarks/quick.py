@@ -1,6 +1,7 @@
 """A quick measure of pgtq's hot paths (the full peer benchmark is its own piece of work).
 
     python benchmarks/quick.py [--dsn postgresql://postgres@127.0.0.1/postgres] [--jobs 20000]
+                               [--history on|off|both]
 
 Creates a fresh database, migrates it, and prints jobs/s for: single ``defer`` from a thread,
 single ``defer_async`` awaited one by one, ``defer_many_async`` by 1,000, and the burn-down of
@@ -26,6 +27,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--singles", type=int, default=2_000)
     parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument(
+        "--history",
+        choices=["on", "off", "both"],
+        default="on",
+        help="job history (job_events) on, off, or both (each burn-down twice: its cost)",
+    )
     args = parser.parse_args()
     server = make_url(args.dsn)
     name = f"pgtq_bench_{uuid.uuid4().hex[:8]}"
@@ -69,7 +76,9 @@ def run(dsn: str, args: argparse.Namespace) -> None:
     asyncio.run(singles_async())
     app.run_worker(wait=False, install_signal_handlers=False)  # drain the singles
 
-    for task in (noop_async, noop_sync):
+    settings = {"on": [True], "off": [False], "both": [True, False]}[args.history]
+    for history, task in [(h, t) for h in settings for t in (noop_async, noop_sync)]:
+        app.jobs.set_history(history)
 
         async def enqueue(task: pgtq.Task[None] = task) -> float:
             started = time.perf_counter()
@@ -80,12 +89,16 @@ def run(dsn: str, args: argparse.Namespace) -> None:
             return seconds
 
         seconds = asyncio.run(enqueue())
-        report(f"defer_many_async by 1000 ({task.name})", args.jobs, seconds)
+        report(
+            f"defer_many_async by 1000, history {'on' if history else 'off'}", args.jobs, seconds
+        )
         stats = app.run_worker(
             wait=False, concurrency=args.concurrency, install_signal_handlers=False
         )
         assert stats.by_status["succeeded"] == args.jobs, stats
-        report(f"burn-down {task.name}, concurrency {args.concurrency}", args.jobs, stats.elapsed)
+        label = f"burn-down {task.name}, history {'on' if history else 'off'}"
+        report(label, args.jobs, stats.elapsed)
+    app.jobs.set_history(True)
     app.close()
 
 
