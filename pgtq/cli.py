@@ -206,6 +206,18 @@ def _embedded_url() -> str:
     return dsn
 
 
+@contextlib.contextmanager
+def _app_for(
+    dsn: str | None, app_path: str | None, schema: str | None, *, embedded: Embedded = "if-present"
+) -> Iterator[App]:
+    """The app a command works on (see :func:`_target_app`), closed when the block ends."""
+    app = _target_app(dsn, app_path, schema, embedded=embedded)
+    try:
+        yield app
+    finally:
+        app.close()
+
+
 def _target_app(
     dsn: str | None, app_path: str | None, schema: str | None, *, embedded: Embedded
 ) -> App:
@@ -537,12 +549,9 @@ def migrate(
             target_schema = schema or (load_app(app_path).schema if app_path else DEFAULT_SCHEMA)
             typer.echo(migrations.sql(target_schema))
             return
-        app = _target_app(dsn, app_path, schema, embedded="always")
-        try:
+        with _app_for(dsn, app_path, schema, embedded="always") as app:
             applied = app.migrate(phase=phase)
             left = app.sync.run_in_transaction(lambda conn: migrations.pending(conn, app.schema))
-        finally:
-            app.close()
         where = f"pgtq schema {app.schema!r} at {describe(app.url)}"
         done = f"applied {', '.join(applied)}" if applied else "nothing to apply"
         if not left:
@@ -658,11 +667,8 @@ def jobs_show(
 ) -> None:
     """Show one job."""
     with _reporting_errors():
-        app = _target_app(dsn, app_path, schema, embedded="if-present")
-        try:
+        with _app_for(dsn, app_path, schema) as app:
             job = app.jobs.get(job_id)
-        finally:
-            app.close()
         if job is None:
             raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
         out.print(job_table(job, traceback=traceback))
@@ -677,12 +683,9 @@ def jobs_abort(
 ) -> None:
     """Cancel a waiting job, or ask a running one to stop."""
     with _reporting_errors():
-        app = _target_app(dsn, app_path, schema, embedded="if-present")
-        try:
+        with _app_for(dsn, app_path, schema) as app:
             status = app.jobs.abort(job_id)
             job = app.jobs.get(job_id) if status is None else None
-        finally:
-            app.close()
         if status is not None:
             what = "cancelled" if status is Status.CANCELLED else "asked to stop (running)"
             out.print(f"Job {job_id} {what}")
@@ -701,12 +704,9 @@ def jobs_retry(
 ) -> None:
     """Put a failed, aborted or cancelled job back in its queue."""
     with _reporting_errors():
-        app = _target_app(dsn, app_path, schema, embedded="if-present")
-        try:
+        with _app_for(dsn, app_path, schema) as app:
             retried = app.jobs.retry(job_id)
             job = None if retried else app.jobs.get(job_id)
-        finally:
-            app.close()
         if retried:
             out.print(f"Job {job_id} is waiting again")
         elif job is None:
@@ -740,8 +740,7 @@ def jobs_list(
 ) -> None:
     """List jobs, newest first, as a table (page with --after)."""
     with _reporting_errors():
-        app = _target_app(dsn, app_path, schema, embedded="if-present")
-        try:
+        with _app_for(dsn, app_path, schema) as app:
             jobs = app.jobs.list(
                 queue=queue,
                 status=status or None,
@@ -751,8 +750,6 @@ def jobs_list(
                 after=after,
                 newest_first=not oldest_first,
             )
-        finally:
-            app.close()
         out.print(jobs_table(jobs))
         if len(jobs) == limit:
             out.print(f"[dim]More: --after {jobs[-1].id}[/]", soft_wrap=True)
@@ -814,12 +811,9 @@ def jobs_cancel(
 ) -> None:
     """Cancel a waiting job (a running one is stopped with `jobs abort`)."""
     with _reporting_errors():
-        app = _target_app(dsn, app_path, schema, embedded="if-present")
-        try:
+        with _app_for(dsn, app_path, schema) as app:
             cancelled = app.jobs.cancel(job_id)
             job = None if cancelled else app.jobs.get(job_id)
-        finally:
-            app.close()
         if cancelled:
             out.print(f"Job {job_id} cancelled")
         elif job is None:
@@ -843,11 +837,8 @@ def queues_pause(
 ) -> None:
     """Stop workers from taking the queue's jobs (running ones finish)."""
     with _reporting_errors():
-        app = _target_app(dsn, app_path, schema, embedded="if-present")
-        try:
+        with _app_for(dsn, app_path, schema) as app:
             changed = app.queues.pause(name)
-        finally:
-            app.close()
         out.print(f"Queue {name!r} " + ("paused" if changed else "was already paused"))
 
 
@@ -860,11 +851,8 @@ def queues_resume(
 ) -> None:
     """Let workers take the queue's jobs again."""
     with _reporting_errors():
-        app = _target_app(dsn, app_path, schema, embedded="if-present")
-        try:
+        with _app_for(dsn, app_path, schema) as app:
             changed = app.queues.resume(name)
-        finally:
-            app.close()
         out.print(f"Queue {name!r} " + ("resumed" if changed else "was not paused"))
 
 
@@ -876,11 +864,8 @@ def queues_list(
 ) -> None:
     """Queues with waiting or running jobs, and paused ones."""
     with _reporting_errors():
-        app = _target_app(dsn, app_path, schema, embedded="if-present")
-        try:
+        with _app_for(dsn, app_path, schema) as app:
             queues = app.queues.list()
-        finally:
-            app.close()
         table = Table()
         table.add_column("queue", style="bold")
         table.add_column("state")
