@@ -20,6 +20,8 @@ __all__ = [
     "QueueStats",
     "RunningJob",
     "Stats",
+    "Throughput",
+    "ThroughputBucket",
     "WorkerInfo",
 ]
 
@@ -129,3 +131,33 @@ class QueueInfo:
     name: str
     paused: bool
     paused_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ThroughputBucket:
+    """Jobs that ended in one bucket of time, by final status (cancelled ones are not counted:
+    they never ran)."""
+
+    start: datetime
+    counts: Mapping[Status, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Throughput:
+    """``app.jobs.throughput()``: jobs that ended per bucket of ``bucket`` seconds over the last
+    ``window`` seconds, oldest bucket first, every bucket present (empty ones too)."""
+
+    window: float
+    bucket: float
+    buckets: tuple[ThroughputBucket, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return sum(b.total for b in self.buckets)
+
+    def count(self, status: Status) -> int:
+        return sum(b.counts.get(status, 0) for b in self.buckets)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cache, cached_property
 from typing import Any, Generic, TypeVar, cast
 
@@ -29,6 +29,8 @@ from pgtq.reports import (
     QueueStats,
     RunningJob,
     Stats,
+    Throughput,
+    ThroughputBucket,
     WorkerInfo,
 )
 from pgtq.schema import HISTORY_TRIGGERS, Tables, notify_channel, tables_for
@@ -713,6 +715,12 @@ class Statements:
                 where.append(j.c.task_name == sa.bindparam("task", type_=sa.Text))
             if key.lock:
                 where.append(j.c.lock == sa.bindparam("lock", type_=sa.Text))
+            if key.search:
+                # A substring of the arguments' JSON text (``%``, ``_`` and ``\\`` escaped by
+                # ``list_jobs``): no index can serve it, so it filters the rows the other
+                # filters and the id order lead to, and stops at a page of matches.
+                pattern = sa.bindparam("search", type_=sa.Text)
+                where.append(sa.cast(j.c.args, sa.Text).ilike(pattern, escape="\\"))
             after = sa.bindparam("after", type_=sa.BigInteger)
             if key.after:
                 where.append(j.c.id < after if key.newest_first else j.c.id > after)
@@ -937,6 +945,50 @@ class Statements:
         p = self.t.periodic_ticks
         before = sa.func.now() - sa.bindparam("older_than", type_=sa.Float) * ONE_SECOND
         return sa.delete(p).where(p.c.tick_at < before)
+
+    # == web dashboard (pgtq.web): reads behind its pages =======================================
+    # Only reads; its actions (retry, abort, cancel, pause, resume) are the statements above.
+
+    def throughput(self, by_queue: bool) -> sa.Select[Any]:
+        """Jobs that ended per ``:bucket`` seconds over the last ``:window`` seconds, by status:
+        one row per (bucket, status), and one row with no status for a bucket with no job.
+
+        Buckets are numbered ``floor(epoch / bucket)``. Like the rates of ``stats()``, the jobs
+        are a range of ``jobs_finished_at_idx``: the cost grows with the jobs that ended in the
+        window, never with the table. Cancelled jobs never ran and are not counted.
+        """
+        found = self._built.get(("throughput", by_queue))
+        if found is None:
+            j = self.jobs
+            bucket = sa.bindparam("bucket", type_=sa.Float)
+            since = sa.func.now() - sa.bindparam("window", type_=sa.Float) * ONE_SECOND
+
+            def slot(at: sa.ColumnElement[Any]) -> sa.ColumnElement[int]:
+                epoch = sa.cast(sa.extract("epoch", at), sa.Float)
+                return sa.cast(sa.func.floor(epoch / bucket), sa.BigInteger)
+
+            where = [j.c.finished_at >= since, j.c.status != CANCELLED]
+            if by_queue:
+                where.append(j.c.queue == sa.bindparam("queue", type_=sa.Text))
+            ended = slot(j.c.finished_at).label("slot")
+            done = (
+                sa.select(ended, j.c.status, sa.func.count().label("n"))
+                .where(*where)
+                .group_by(ended, j.c.status)
+                .subquery("done")
+            )
+            slots = (
+                sa.func.generate_series(slot(since), slot(sa.func.now()))
+                .table_valued(sa.column("slot", sa.BigInteger))
+                .render_derived("slots")
+            )
+            found = (
+                sa.select(slots.c.slot, done.c.status, sa.func.coalesce(done.c.n, 0))
+                .select_from(slots.outerjoin(done, done.c.slot == slots.c.slot))
+                .order_by(slots.c.slot, done.c.status)
+            )
+            self._built["throughput", by_queue] = found
+        return found
 
 
 @cache
@@ -1243,6 +1295,7 @@ class ListKey:
     lock: bool = False
     after: bool = False
     newest_first: bool = False
+    search: bool = False
 
 
 def list_jobs(
@@ -1255,7 +1308,10 @@ def list_jobs(
     limit: int = 100,
     after: int | None = None,
     newest_first: bool = False,
+    search: str | None = None,
 ) -> Query[list[Job]]:
+    """``search``: jobs whose arguments' JSON text contains it, ignoring case (taken
+    literally: LIKE's wildcards in it are escaped)."""
     key = ListKey(
         queue=queue is not None,
         statuses=tuple(sorted(set(statuses))) if statuses else None,
@@ -1263,11 +1319,14 @@ def list_jobs(
         lock=lock is not None,
         after=after is not None,
         newest_first=newest_first,
+        search=bool(search),
     )
     params: dict[str, Any] = {"limit": limit}
     for name, value in (("queue", queue), ("task", task), ("lock", lock), ("after", after)):
         if value is not None:
             params[name] = value
+    if search:
+        params["search"] = "%" + _like_literal(search) + "%"
     return Query(s.list_jobs(key), params, lambda r: [to_job(row) for row in r])
 
 
@@ -1394,3 +1453,39 @@ def defer_ticks(s: Statements, rows: TickRows) -> Query[list[DeferredTick]]:
 
 def delete_old_ticks(s: Statements, older_than: float) -> Query[int]:
     return Query(s.delete_old_ticks, {"older_than": older_than}, lambda r: r.rowcount)
+
+
+# == web dashboard (pgtq.web): reads behind its pages ============================================
+
+
+def _like_literal(text: str) -> str:
+    """``text`` matched literally by LIKE/ILIKE with ``ESCAPE '\\'``."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def throughput(
+    s: Statements, window: float, bucket: float, queue: str | None = None
+) -> Query[Throughput]:
+    """Jobs that ended per bucket over the window (see :meth:`Statements.throughput`)."""
+    params: dict[str, Any] = {"window": window, "bucket": bucket}
+    if queue is not None:
+        params["queue"] = queue
+
+    def mapper(result: Iterable[Sequence[Any]]) -> Throughput:
+        return to_throughput(window, bucket, result)
+
+    return Query(s.throughput(queue is not None), params, mapper)
+
+
+def to_throughput(window: float, bucket: float, rows: Iterable[Sequence[Any]]) -> Throughput:
+    """Rows of ``throughput`` as buckets, oldest first (pure)."""
+    counts: dict[int, dict[Status, int]] = {}
+    for slot, status, n in rows:
+        found = counts.setdefault(int(slot), {})
+        if status is not None:
+            found[Status(status)] = int(n)
+    buckets = tuple(
+        ThroughputBucket(start=datetime.fromtimestamp(slot * bucket, UTC), counts=found)
+        for slot, found in sorted(counts.items())
+    )
+    return Throughput(window=window, bucket=bucket, buckets=buckets)
