@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import nox
 
 nox.options.default_venv_backend = "uv|virtualenv"
@@ -21,13 +24,31 @@ TEST_DEPS = [
     "fastapi>=0.110",
     "httpx>=0.27",
     "mypy>=1.11",  # the typing test of worker factories runs it
+    "playwright>=1.40",  # the web dashboard's browser test, driving Debian's Chromium
 ]
+
+#: The browser the web dashboard's test drives (Playwright's own download is never used).
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _ensure_chromium(session: nox.Session) -> None:
+    """Install Debian's chromium when it is missing; if that fails, the browser test says
+    why it skips (it is never a reason to fail the session)."""
+    if os.path.exists(CHROMIUM) or not shutil.which("apt-get"):
+        return
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    if sudo and not shutil.which("sudo"):
+        return
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+        session.run(*sudo, *command, external=True, success_codes=range(256), env=env)
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole suite against real PostgreSQL (PGTQ_TEST_DSN, 127.0.0.1:5432, or pgserver)."""
-    session.install("-e", ".[embedded,uvloop,prometheus,otel]", *TEST_DEPS)
+    session.install("-e", ".[embedded,uvloop,prometheus,otel,web]", *TEST_DEPS)
+    _ensure_chromium(session)
     session.run("pytest", *(session.posargs or ["-q"]))
 
 
@@ -39,7 +60,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def types(session: nox.Session) -> None:
-    session.install("-e", ".[embedded,uvloop,prometheus,otel]", "mypy>=1.11")
+    session.install("-e", ".[embedded,uvloop,prometheus,otel,web]", "mypy>=1.11")
     session.run("mypy", "--strict", "pgtq")
 
 

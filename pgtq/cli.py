@@ -908,6 +908,78 @@ def stats(
                 dashboard.watch(app.jobs.stats, console=out, title=title, interval=interval)
 
 
+# -- pgtq web -------------------------------------------------------------------------------------
+
+
+@cli.command()
+def web(
+    app_path: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[MODULE:APP]",
+            help="The app whose jobs and periodic tasks to show (without it: --dsn's database).",
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (not loopback: needs --auth or --read-only).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8080,
+    read_only: Annotated[
+        bool, typer.Option("--read-only", help="Show everything, change nothing (no action).")
+    ] = False,
+    auth: Annotated[
+        str | None,
+        typer.Option(
+            metavar="USER:PASSWORD",
+            envvar="PGTQ_WEB_AUTH",
+            show_envvar=True,
+            help="Require HTTP basic auth with these credentials.",
+        ),
+    ] = None,
+    root_path: Annotated[
+        str, typer.Option(help="The URL prefix a reverse proxy serves the dashboard under.")
+    ] = "",
+    dsn: DsnOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """Serve the web dashboard (pgtq[web]): queues, jobs, workers, periodic tasks, and the
+    actions retry, abort, cancel, pause and resume.
+
+    Write actions on an address other than loopback need --auth (or PGTQ_WEB_AUTH), or
+    --read-only: pgtq refuses to start otherwise.
+    """
+    with _reporting_errors():
+        try:
+            import uvicorn
+
+            from pgtq.web import security, server
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"pgtq web needs the web extra ({exc}): pip install 'pgtq[web]'"
+            ) from None
+        credentials = security.parse_credentials(auth) if auth else None
+        # Before touching the database: an exposed server must not start at all.
+        security.check_exposure(host, read_only=read_only, auth=credentials)
+        with _app_for(dsn, app_path, schema) as app:
+            app.open()  # a bad DSN fails here, as one line, not on the first page
+            config = server.config(
+                app,
+                host=host,
+                port=port,
+                read_only=read_only,
+                auth=credentials,
+                root_path=root_path,
+            )
+            shown = f"[{host}]" if ":" in host else host
+            err.print(
+                f"pgtq web: http://{shown}:{port}{root_path}/ "
+                f"({'read-only' if read_only else 'with actions'}, "
+                f"{'basic auth' if credentials else 'no auth'}), database {describe(app.url)}",
+                soft_wrap=True,
+            )
+            uvicorn.Server(config).run()
+
+
 def main() -> None:
     """The ``pgtq`` console script."""
     cli(prog_name="pgtq")

@@ -530,6 +530,7 @@ def test_installed_wheel_migrates(tmp_path: Path, make_database: Callable[[], UR
     names = zipfile.ZipFile(wheel).namelist()
     assert fnmatch.filter(names, "pgtq/_alembic/versions/*.py")
     assert {"pgtq/py.typed", "pgtq/_alembic/env.py", "pgtq/_alembic/script.py.mako"} <= set(names)
+    assert "pgtq/web/templates/base.html" in names  # the web dashboard's templates
     assert not [n for n in names if n.startswith("alembic/")]
     assert not [n for n in names if "__pycache__" in n]
 

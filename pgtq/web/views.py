@@ -1,0 +1,365 @@
+"""The dashboard's pages and actions: Starlette endpoints over the async operations API.
+
+Reads go through ``app.jobs`` / ``app.queues``' async twins (no SQL here). GET never changes
+anything; every action is a POST that passes the read-only switch and the CSRF check first,
+then redirects (303) to a page that shows what happened.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.templating import Jinja2Templates
+
+from pgtq.jobs import InvalidFilter, parse_statuses
+from pgtq.model import Job, Status
+from pgtq.reports import COUNTED_STATUSES, STALE_AFTER
+from pgtq.web.charts import throughput_svg
+from pgtq.web.security import Csrf
+
+if TYPE_CHECKING:
+    from pgtq.app import App
+    from pgtq.periodic import PeriodicTask
+
+__all__ = ["PAGE_SIZE", "Dashboard"]
+
+NO_DATA = "\N{EN DASH}"  # no data, which is not zero
+
+#: Jobs per page of the jobs list.
+PAGE_SIZE = 50
+#: The overview's chart: the last hour, a bar a minute.
+CHART_WINDOW, CHART_BUCKET = 3600.0, 60.0
+#: How far ahead the periodic page looks for a schedule's next tick (nearest first).
+_HORIZONS = (timedelta(minutes=1), timedelta(hours=1), timedelta(days=1), timedelta(days=400))
+
+#: What a finished action says, by the code in the redirect (no user text is echoed back).
+NOTICES = {
+    "retried": "Job {id} is waiting again (todo).",
+    "not-retried": "Job {id} was not retried: only failed, aborted or cancelled jobs can be.",
+    "aborted": "Job {id}: abort requested (a waiting job is cancelled at once).",
+    "not-aborted": "Job {id} had already ended: nothing to abort.",
+    "cancelled": "Job {id} cancelled.",
+    "not-cancelled": "Job {id} was not cancelled: only a waiting job can be (abort a running one).",
+    "paused": "Queue paused: workers take none of its jobs until it is resumed.",
+    "already-paused": "The queue was already paused.",
+    "resumed": "Queue resumed.",
+    "not-paused": "The queue was not paused.",
+}
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+RETRYABLE = frozenset({Status.FAILED, Status.ABORTED, Status.CANCELLED})
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return NO_DATA
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def _when(value: datetime | None) -> str:
+    return "" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _since(value: datetime | None) -> str:
+    if value is None:
+        return ""
+    return _ago(max(0.0, (datetime.now(UTC) - value).total_seconds())) + " ago"
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def _json_line(value: Any, limit: int = 120) -> str:
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _rate(value: float | None) -> str:
+    return NO_DATA if value is None else f"{value:.2f}/s"
+
+
+def templates() -> Jinja2Templates:
+    """The page templates, from the package (they ship in the wheel), escaping everything."""
+    env = Environment(
+        loader=PackageLoader("pgtq.web", "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(ago=_ago, when=_when, since=_since, pretty=_json, json_line=_json_line)
+    env.filters["rate"] = _rate
+    return Jinja2Templates(env=env)
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """The jobs list's query string, checked."""
+
+    queue: str | None = None
+    status: Status | None = None
+    task: str | None = None
+    search: str | None = None
+    after: int | None = None
+
+    @classmethod
+    def parse(cls, request: Request) -> Filters:
+        q = request.query_params
+
+        def text(name: str) -> str | None:
+            value = q.get(name, "").strip()
+            return value or None
+
+        status = text("status")
+        statuses = parse_statuses(status) if status else None
+        after = text("after")
+        if after is not None and not after.isdigit():
+            raise InvalidFilter(f"after must be a job id, got {after!r}")
+        return cls(
+            queue=text("queue"),
+            status=statuses[0] if statuses else None,
+            task=text("task"),
+            search=text("q"),
+            after=int(after) if after is not None else None,
+        )
+
+    def query(self, **changes: Any) -> str:
+        """This filter's query string, with ``changes`` (None drops a parameter)."""
+        values: dict[str, Any] = {
+            "queue": self.queue,
+            "status": self.status.value if self.status else None,
+            "task": self.task,
+            "q": self.search,
+            "after": self.after,
+        }
+        values.update(changes)
+        return urlencode({k: v for k, v in values.items() if v is not None})
+
+
+def next_tick(periodic: PeriodicTask, now: datetime) -> datetime | None:
+    """The schedule's next tick, looking a minute ahead first: a per-second schedule must not
+    make a year's list of ticks."""
+    for horizon in _HORIZONS:
+        found = periodic.next_tick(now, horizon)
+        if found is not None:
+            return found
+    return None
+
+
+class Dashboard:
+    """The endpoints, bound to one app."""
+
+    def __init__(self, app: App, *, read_only: bool, csrf: Csrf, title: str | None) -> None:
+        self.app = app
+        self.read_only = read_only
+        self.csrf = csrf
+        self.title = title or "pgtq"
+        self.templates = templates()
+
+    # -- rendering ---------------------------------------------------------------------------
+
+    def base(self, request: Request) -> str:
+        """Where the dashboard is mounted (``""`` at the root): every link starts with it."""
+        return str(request.scope.get("root_path", "")).rstrip("/")
+
+    def render(
+        self, request: Request, name: str, context: dict[str, Any], status_code: int = 200
+    ) -> Response:
+        token, new = self.csrf.token_for(request)
+        notice = NOTICES.get(request.query_params.get("notice", ""))
+        refresh = request.query_params.get("refresh", "")
+        context = {
+            "title": self.title,
+            "base": self.base(request),
+            "read_only": self.read_only,
+            "csrf_field": self.csrf.FIELD,
+            "csrf_token": token,
+            "notice": notice.format(id=request.path_params.get("job_id")) if notice else None,
+            "refresh": int(refresh) if refresh.isdigit() and 2 <= int(refresh) <= 3600 else None,
+            "statuses": list(Status),
+            "Status": Status,
+            **context,
+        }
+        response = self.templates.TemplateResponse(
+            request, name, context, status_code=status_code
+        )
+        if new:
+            self.csrf.set_cookie(request, response, token)
+        return response
+
+    def error(self, request: Request, status_code: int, message: str) -> Response:
+        return self.render(
+            request, "error.html", {"page": "", "message": message}, status_code=status_code
+        )
+
+    # -- pages -------------------------------------------------------------------------------
+
+    async def overview(self, request: Request) -> Response:
+        stats = await self.app.jobs.stats_async()
+        throughput = await self.app.jobs.throughput_async(CHART_WINDOW, CHART_BUCKET)
+        deepest = max((q.waiting for q in stats.queues.values()), default=0)
+        return self.render(
+            request,
+            "overview.html",
+            {
+                "page": "overview",
+                "stats": stats,
+                "counted": COUNTED_STATUSES,
+                "deepest": deepest,
+                "throughput": throughput,
+                "chart": throughput_svg(throughput),
+                "live_workers": len(stats.live_workers()),
+            },
+        )
+
+    async def jobs(self, request: Request) -> Response:
+        try:
+            filters = Filters.parse(request)
+        except InvalidFilter as exc:
+            return self.error(request, 400, str(exc))
+        page = await self.app.jobs.list_async(
+            queue=filters.queue,
+            status=filters.status,
+            task=filters.task,
+            search=filters.search,
+            after=filters.after,
+            limit=PAGE_SIZE,
+            newest_first=True,
+        )
+        more = len(page) == PAGE_SIZE
+        return self.render(
+            request,
+            "jobs.html",
+            {
+                "page": "jobs",
+                "jobs": page,
+                "filters": filters,
+                "next_query": filters.query(after=page[-1].id) if more else None,
+                "first_query": filters.query(after=None) if filters.after else None,
+                "tasks": sorted(self.app.tasks),
+                "queues": sorted({t.defaults.queue for t in self.app.tasks.values()}),
+                "retryable": RETRYABLE,
+            },
+        )
+
+    async def job(self, request: Request) -> Response:
+        job_id: int = request.path_params["job_id"]
+        job = await self.app.jobs.get_async(job_id)
+        if job is None:
+            return self.error(request, 404, f"No job with id {job_id}.")
+        events = await self.app.jobs.history_async(job_id)
+        return self.render(
+            request,
+            "job.html",
+            {
+                "page": "jobs",
+                "job": job,
+                "events": events,
+                "actions": self._job_actions(job),
+            },
+        )
+
+    def _job_actions(self, job: Job) -> list[str]:
+        if job.status in RETRYABLE:
+            return ["retry"]
+        if job.status is Status.TODO:
+            return ["cancel", "abort"]
+        if job.status is Status.DOING and not job.abort_requested:
+            return ["abort"]
+        return []
+
+    async def workers(self, request: Request) -> Response:
+        stats = await self.app.jobs.stats_async()
+        return self.render(
+            request,
+            "workers.html",
+            {"page": "workers", "workers": stats.workers, "stale_after": STALE_AFTER},
+        )
+
+    async def periodic(self, request: Request) -> Response:
+        now = datetime.now(UTC)
+        schedules = [(p, next_tick(p, now)) for p in self.app.periodic_tasks]
+        schedules.sort(key=lambda s: (s[1] is None, s[1] or now, s[0].name))
+        return self.render(
+            request, "periodic.html", {"page": "periodic", "schedules": schedules, "now": now}
+        )
+
+    # -- actions -----------------------------------------------------------------------------
+
+    async def _refusal(self, request: Request) -> Response | None:
+        """Why this POST may not act (read-only, bad CSRF token), or None."""
+        if self.read_only:
+            return self.error(request, 403, "This dashboard is read-only: it takes no action.")
+        form = await request.form()
+        if not self.csrf.check(request, form.get(self.csrf.FIELD)):
+            return self.error(
+                request,
+                403,
+                "The form's CSRF token is missing or does not match: reload the page and "
+                "try again.",
+            )
+        return None
+
+    def job_action(self, action: str) -> Endpoint:
+        """The endpoint of ``retry``, ``abort`` or ``cancel``."""
+
+        async def endpoint(request: Request) -> Response:
+            return await self._job_action(request, action)
+
+        return endpoint
+
+    def queue_action(self, action: str) -> Endpoint:
+        """The endpoint of ``pause`` or ``resume``."""
+
+        async def endpoint(request: Request) -> Response:
+            return await self._queue_action(request, action)
+
+        return endpoint
+
+    async def _job_action(self, request: Request, action: str) -> Response:
+        refused = await self._refusal(request)
+        if refused is not None:
+            return refused
+        job_id: int = request.path_params["job_id"]
+        if await self.app.jobs.get_async(job_id) is None:
+            return self.error(request, 404, f"No job with id {job_id}.")
+        if action == "retry":
+            done = await self.app.jobs.retry_async(job_id)
+            notice = "retried" if done else "not-retried"
+        elif action == "abort":
+            done = await self.app.jobs.abort_async(job_id) is not None
+            notice = "aborted" if done else "not-aborted"
+        else:
+            done = await self.app.jobs.cancel_async(job_id)
+            notice = "cancelled" if done else "not-cancelled"
+        target = f"{self.base(request)}/jobs/{job_id}?{urlencode({'notice': notice})}"
+        return RedirectResponse(target, status_code=303)
+
+    async def _queue_action(self, request: Request, action: str) -> Response:
+        refused = await self._refusal(request)
+        if refused is not None:
+            return refused
+        form = await request.form()
+        name = form.get("queue")
+        if not isinstance(name, str) or not name.strip():
+            return self.error(request, 400, "Which queue? The form has no queue name.")
+        if action == "pause":
+            notice = "paused" if await self.app.queues.pause_async(name) else "already-paused"
+        else:
+            notice = "resumed" if await self.app.queues.resume_async(name) else "not-paused"
+        return RedirectResponse(f"{self.base(request)}/?notice={notice}", status_code=303)
