@@ -31,7 +31,7 @@ def _label(bucket: ThroughputBucket) -> str:
     return ", ".join(parts)
 
 
-def throughput_svg(throughput: Throughput, width: int = 760, height: int = 170) -> Markup:
+def throughput_svg(throughput: Throughput, width: int = 1120, height: int = 180) -> Markup:
     """Stacked bars, one per bucket (oldest left), with a tooltip each and a time axis."""
     buckets = throughput.buckets
     peak = max((b.total for b in buckets), default=0)
