@@ -77,6 +77,6 @@ def bench(session: nox.Session) -> None:
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the documentation (mkdocs-material, API reference from docstrings); warnings fail."""
-    session.install("-e", ".[docs,prometheus,otel]", "ruff")
+    session.install("-e", ".[docs,prometheus,otel,web]", "ruff")
     site = session.posargs or ["--site-dir", f"{session.create_tmp()}/site"]
     session.run("mkdocs", "build", "--strict", *site)

@@ -629,3 +629,15 @@ def test_pgtq_web_refuses_actions_on_an_open_address_without_auth(dsn: str) -> N
         cli, ["web", "--host", "0.0.0.0", "--auth", "nocolon"], env={"PGTQ_DSN": dsn}
     )
     assert bad.exit_code == 1 and "USER:PASSWORD" in bad.output
+
+
+def test_the_server_config_applies_the_same_rule(app: pgtq.App) -> None:
+    from pgtq.web import server
+
+    with pytest.raises(security.Exposed):
+        server.config(app, host="0.0.0.0")
+    exposed = server.config(app, host="0.0.0.0", read_only=True, port=9999)
+    assert (exposed.host, exposed.port) == ("0.0.0.0", 9999)
+    guarded = server.config(app, host="0.0.0.0", auth=security.Credentials("a", "b"))
+    assert guarded.host == "0.0.0.0"
+    assert server.config(app, root_path="/pgtq").root_path == "/pgtq"
