@@ -942,7 +942,7 @@ def web(
     dsn: DsnOption = None,
     schema: SchemaOption = None,
 ) -> None:
-    """Serve the web dashboard (pgtq[web]): queues, jobs, workers, periodic tasks, and the
+    """Serve the web dashboard (the "web" extra): queues, jobs, workers, periodic tasks, and the
     actions retry, abort, cancel, pause and resume.
 
     Write actions on an address other than loopback need --auth (or PGTQ_WEB_AUTH), or
