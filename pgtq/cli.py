@@ -961,7 +961,7 @@ def web(
         # Before touching the database: an exposed server must not start at all.
         security.check_exposure(host, read_only=read_only, auth=credentials)
         with _app_for(dsn, app_path, schema) as app:
-            app.open()  # a bad DSN fails here, as one line, not on the first page
+            app.jobs.stats()  # a bad DSN or a missing schema fails here, as one line
             config = server.config(
                 app,
                 host=host,

@@ -641,3 +641,24 @@ def test_the_server_config_applies_the_same_rule(app: pgtq.App) -> None:
     guarded = server.config(app, host="0.0.0.0", auth=security.Credentials("a", "b"))
     assert guarded.host == "0.0.0.0"
     assert server.config(app, root_path="/pgtq").root_path == "/pgtq"
+
+
+async def test_a_database_without_pgtq_tables_is_a_page_saying_so(
+    make_database: Callable[[], Any],
+) -> None:
+    bare = pgtq.App(make_database())
+    async with client_for(pgtq.web.asgi(bare)) as client:
+        for path in ("/", "/jobs", "/jobs/1", "/workers"):
+            page = await client.get(path)
+            assert page.status_code == 503, path
+            assert "run `pgtq migrate`" in page.text
+    await bare.close_async()
+
+
+def test_pgtq_web_on_a_database_without_pgtq_tables_is_one_line(
+    make_database: Callable[[], Any],
+) -> None:
+    url = make_database().render_as_string(hide_password=False)
+    result = CliRunner().invoke(cli, ["web", "--dsn", url], env={"PGTQ_DSN": None})
+    assert result.exit_code == 1
+    assert "pgtq migrate" in result.output and "Traceback" not in result.output

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from pgtq.errors import PgtqError
 from pgtq.web.security import SECRET_ENV, BasicAuth, Credentials, Csrf, parse_credentials
 from pgtq.web.views import Dashboard
 
@@ -69,7 +70,11 @@ def asgi(
             for action in ("pause", "resume")
         ),
     ]
-    web = Starlette(routes=routes, lifespan=lifespan)
+    web = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={PgtqError: dashboard.unavailable},
+    )
     if credentials is not None:
         web.add_middleware(BasicAuth, credentials=credentials)
     return web

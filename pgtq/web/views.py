@@ -202,6 +202,11 @@ class Dashboard:
             self.csrf.set_cookie(request, response, token)
         return response
 
+    async def unavailable(self, request: Request, exc: Exception) -> Response:
+        """pgtq's own errors (database unreachable, schema not migrated) as a page saying so:
+        their messages say what to do, which a bare 500 would hide."""
+        return self.error(request, 503, str(exc) or type(exc).__name__)
+
     def error(self, request: Request, status_code: int, message: str) -> Response:
         return self.render(
             request, "error.html", {"page": "", "message": message}, status_code=status_code
