@@ -51,6 +51,7 @@ class Tables:
     workers: sa.Table
     queues: sa.Table
     job_events: sa.Table
+    job_history: sa.TableClause
     periodic_ticks: sa.Table
     limit_buckets: sa.Table
 
@@ -193,7 +194,9 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
             "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
         ),
     )
-    # -- history (pgtq_0003): every status change, written by triggers on ``jobs`` -------------
+    # -- history (pgtq_0003, pgtq_0005): what a job's row is about to forget --------------------
+    # A trigger stores an attempt's start and end when the job goes back to ``todo``; the
+    # current attempt is read off the row itself (the ``job_history`` view below merges both).
     job_events = sa.Table(
         "job_events",
         metadata,
@@ -213,6 +216,21 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         sa.Column("error", JSONB, nullable=True),
         sa.Index("job_events_job_idx", "job_id", "id"),
     )
+    # A view (pgtq_0005), so not in ``metadata``: Alembic must not try to create it as a table.
+    # ``rank`` orders events of the same instant (deferred, started, the rest); ``seq`` the
+    # stored ones among themselves.
+    job_history = sa.table(
+        "job_history",
+        sa.column("job_id", sa.BigInteger),
+        sa.column("type", sa.Text),
+        sa.column("at", sa.DateTime(timezone=True)),
+        sa.column("attempt", sa.Integer),
+        sa.column("worker_id", sa.Text),
+        sa.column("error", JSONB),
+        sa.column("rank", sa.Integer),
+        sa.column("seq", sa.BigInteger),
+        schema=schema,
+    )
     return Tables(
         schema=schema,
         metadata=metadata,
@@ -220,6 +238,7 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         workers=workers,
         queues=queues,
         job_events=job_events,
+        job_history=job_history,
         periodic_ticks=periodic_ticks,
         limit_buckets=limit_buckets,
     )
@@ -244,9 +263,9 @@ END;
 $$
 """
 
-#: The names of the triggers that write ``job_events``: ``app.jobs.set_history(False)``
-#: disables them (no cost at all while off).
-HISTORY_TRIGGERS = ("jobs_history_inserted", "jobs_history_updated")
+#: The trigger that writes ``job_events``: ``app.jobs.set_history(False)`` disables it (then
+#: only the current attempt, read off the job's row, is left in a job's history).
+HISTORY_TRIGGERS = ("jobs_history_updated",)
 
 NOTIFY_TRIGGER_SQL = """
 CREATE TRIGGER jobs_notify_inserted

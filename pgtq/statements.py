@@ -16,7 +16,7 @@ from functools import cache, cached_property
 from typing import Any, Generic, TypeVar, cast
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, REGCLASS
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Result
 from sqlalchemy.sql import Executable
@@ -168,7 +168,9 @@ class Statements:
                 status=DOING,
                 attempts=j.c.attempts + 1,
                 worker_id=sa.bindparam("worker_id", type_=sa.Text),
-                started_at=sa.func.now(),
+                # The clock, not the transaction's start: a claim that waited for the limits
+                # lock starts after what it waited for (the history reads this column).
+                started_at=sa.func.clock_timestamp(),
             )
             .returning(
                 j.c.id,
@@ -467,11 +469,68 @@ class Statements:
         deleted = (
             sa.delete(j)
             .where(j.c.id == u.c.id, deleting, *self._held_by_worker(), self._same_attempt(u))
-            .returning(j.c.id)
+            .returning(
+                j.c.id,
+                j.c.created_at,
+                j.c.started_at,
+                j.c.attempts,
+                j.c.worker_id,
+                u.c.status,
+                u.c.error,
+            )
             .cte("deleted")
         )
         updated = self._complete_update(u, ~deleting).cte("updated")
-        return sa.union_all(sa.select(deleted.c.id), sa.select(updated.c.id)).subquery().select()
+        found = sa.union_all(sa.select(deleted.c.id), sa.select(updated.c.id)).subquery()
+        return found.select().add_cte(self._history_of_deleted(deleted))
+
+    def _history_of_deleted(self, deleted: sa.CTE) -> sa.CTE:
+        """The history a deleted job's row can no longer tell, stored while history is on:
+        ``deferred``, ``started`` and its end (the ``job_history`` view then shows these)."""
+        e, d = self.t.job_events, deleted.c
+        now = sa.func.clock_timestamp()
+        failed = d.status.in_([FAILED, ABORTED])
+        events = sa.union_all(
+            sa.select(
+                d.id.label("job_id"),
+                sa.literal("deferred").label("type"),
+                d.created_at.label("at"),
+                sa.literal(0).label("attempt"),
+                sa.cast(sa.null(), sa.Text).label("worker_id"),
+                sa.cast(sa.null(), JSONB).label("error"),
+            ),
+            sa.select(
+                d.id,
+                sa.literal("started"),
+                sa.func.coalesce(d.started_at, now),
+                d.attempts,
+                d.worker_id,
+                sa.cast(sa.null(), JSONB),
+            ),
+            sa.select(
+                d.id,
+                d.status,
+                now,
+                d.attempts,
+                d.worker_id,
+                sa.case((failed, sa.cast(d.error, JSONB)), else_=sa.cast(sa.null(), JSONB)),
+            ),
+        ).subquery()
+        trigger = sa.table(
+            "pg_trigger",
+            sa.column("tgrelid"),
+            sa.column("tgname"),
+            sa.column("tgenabled"),
+            schema="pg_catalog",
+        )
+        history_on = sa.exists().where(
+            trigger.c.tgrelid == sa.cast(sa.literal(f'"{self.t.schema}".jobs'), REGCLASS),
+            trigger.c.tgname == HISTORY_TRIGGERS[0],
+            trigger.c.tgenabled != "D",
+        )
+        columns = ["job_id", "type", "at", "attempt", "worker_id", "error"]
+        rows = sa.select(*events.c).where(history_on)
+        return e.insert().from_select(columns, rows).cte("stored")
 
     def _outcomes(self) -> Any:
         columns = (
@@ -515,7 +574,7 @@ class Statements:
                     (retrying, sa.func.now() + u.c.retry_in * ONE_SECOND),
                     else_=j.c.scheduled_at,
                 ),
-                finished_at=sa.case((retrying, sa.null()), else_=sa.func.now()),
+                finished_at=sa.case((retrying, sa.null()), else_=sa.func.clock_timestamp()),
             )
             .returning(j.c.id)
         )
@@ -652,11 +711,12 @@ class Statements:
 
     @cached_property
     def job_history(self) -> sa.Select[Any]:
-        e = self.t.job_events
+        """Stored events merged with those read off the job's row (the ``job_history`` view)."""
+        h = self.t.job_history
         return (
-            sa.select(e.c.job_id, e.c.type, e.c.at, e.c.attempt, e.c.worker_id, e.c.error)
-            .where(e.c.job_id == sa.bindparam("job_id", type_=sa.BigInteger))
-            .order_by(e.c.id)
+            sa.select(h.c.job_id, h.c.type, h.c.at, h.c.attempt, h.c.worker_id, h.c.error)
+            .where(h.c.job_id == sa.bindparam("job_id", type_=sa.BigInteger))
+            .order_by(h.c.at, h.c.rank, h.c.seq)
         )
 
     def set_history(self, enabled: bool) -> sa.TextClause:

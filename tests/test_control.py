@@ -125,7 +125,12 @@ async def test_results_have_a_retention_period(side: Side, app: pgtq.App, sql: A
     old = await side.defer(answer)
     new = await side.defer(answer)
     await side.run_worker(app, wait=False)
-    sql("UPDATE pgtq.jobs SET finished_at = now() - interval '2 days' WHERE id = %s", old)
+    sql(
+        "UPDATE pgtq.jobs SET created_at = created_at - interval '2 days', "
+        "started_at = started_at - interval '2 days', "
+        "finished_at = finished_at - interval '2 days' WHERE id = %s",
+        old,
+    )
     assert await side.call(app.jobs, "clear_results", timedelta(days=1)) == 1
     assert sql("SELECT id, result FROM pgtq.jobs ORDER BY id") == [(old, None), (new, 42)]
     assert [e.type for e in await side.call(app.jobs, "history", old)][-1] == "succeeded"

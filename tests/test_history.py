@@ -57,16 +57,73 @@ async def test_rescue_and_manual_retry_are_recorded(side: Side, app: pgtq.App, s
     assert types == ["deferred", "started", "failed", "retried", "started", "succeeded"]
 
 
-async def test_history_can_be_turned_off(side: Side, app: pgtq.App, sql: Any) -> None:
+async def test_the_hot_path_stores_no_event(side: Side, app: pgtq.App, sql: Any) -> None:
+    """Deferred, started and succeeded are read off the row: nothing is written for them."""
+
     @app.task
     def noop() -> None: ...
 
+    job_id = await side.defer(noop)
+    await side.run_worker(app, wait=False)
+    assert sql("SELECT count(*) FROM pgtq.job_events") == [(0,)]
+    events = await side.call(app.jobs, "history", job_id)
+    assert [(e.type, e.attempt) for e in events] == [
+        ("deferred", 0),
+        ("started", 1),
+        ("succeeded", 1),
+    ]
+    (job,) = sql("SELECT created_at, started_at, finished_at, worker_id FROM pgtq.jobs")
+    assert [e.at for e in events] == list(job[:3])
+    assert [e.worker_id for e in events] == [None, job[3], job[3]]
+
+
+async def test_deleted_jobs_keep_their_history(side: Side, app: pgtq.App, sql: Any) -> None:
+    @app.task(retry=pgtq.Retry(max_attempts=2, base=0))
+    def flaky(ctx: pgtq.JobContext) -> None:
+        if ctx.attempt == 1:
+            raise ValueError("once")
+
+    job_id = await side.defer(flaky)
+    await side.run_worker(app, wait=False, delete_jobs="successful")
+    assert sql("SELECT count(*) FROM pgtq.jobs") == [(0,)]
+    events = await side.call(app.jobs, "history", job_id)
+    assert [(e.type, e.attempt) for e in events] == [
+        ("deferred", 0),
+        ("started", 1),
+        ("retried", 1),
+        ("started", 2),
+        ("succeeded", 2),
+    ]
+    # What was stored for the deletion is shown once: the row is gone, nothing is read twice.
+    assert sql("SELECT count(*) FROM pgtq.job_history") == [(5,)]
+
+
+async def test_history_can_be_turned_off(side: Side, app: pgtq.App, sql: Any) -> None:
+    """Off, nothing is stored: a job's history is what its row tells, the current attempt."""
+
+    @app.task(retry=pgtq.Retry(max_attempts=2, base=0))
+    def flaky(ctx: pgtq.JobContext) -> None:
+        if ctx.attempt == 1:
+            raise ValueError("once")
+
     await side.call(app.jobs, "set_history", False)
     try:
-        quiet = await side.defer(noop)
+        quiet = await side.defer(flaky)
         await side.run_worker(app, wait=False)
-        assert await side.call(app.jobs, "history", quiet) == []
+        assert sql("SELECT count(*) FROM pgtq.job_events") == [(0,)]
+        assert [(e.type, e.attempt) for e in await side.call(app.jobs, "history", quiet)] == [
+            ("deferred", 0),
+            ("started", 2),
+            ("succeeded", 2),
+        ]
     finally:
         await side.call(app.jobs, "set_history", True)
-    loud = await side.defer(noop)
-    assert [e.type for e in await side.call(app.jobs, "history", loud)] == ["deferred"]
+    loud = await side.defer(flaky)
+    await side.run_worker(app, wait=False)
+    assert [e.type for e in await side.call(app.jobs, "history", loud)] == [
+        "deferred",
+        "started",
+        "retried",
+        "started",
+        "succeeded",
+    ]

@@ -56,7 +56,7 @@ def _max_overlap(events: list[tuple[Any, str]]) -> int:
 
 def _overlaps(sql: Any, group: str) -> dict[str, int]:
     rows = sql(
-        f"SELECT {group}, e.at, e.type FROM pgtq.job_events e JOIN pgtq.jobs j ON j.id = e.job_id "
+        f"SELECT {group}, e.at, e.type FROM pgtq.job_history e JOIN pgtq.jobs j ON j.id = e.job_id "
         "WHERE e.type <> 'deferred'"
     )
     by_group: dict[str, list[tuple[Any, str]]] = {}
@@ -128,7 +128,7 @@ async def test_three_worker_processes_never_exceed_a_limit(dsn: str, sql: Any) -
     starts = [
         row[0]
         for row in sql(
-            "SELECT e.at FROM pgtq.job_events e JOIN pgtq.jobs j ON j.id = e.job_id "
+            "SELECT e.at FROM pgtq.job_history e JOIN pgtq.jobs j ON j.id = e.job_id "
             "WHERE j.task_name = 'rated' AND e.type = 'started' ORDER BY e.at"
         )
     ]

@@ -28,14 +28,16 @@ from tests.conftest import libpq
 from tests.sides import Side
 from tests.test_migrations import make_user_project
 
-REAL_HEAD = "pgtq_0004"
+#: pgtq's own revisions, oldest first; the synthetic ones below stack on the newest.
+REAL_REVISIONS = [r.revision for r in reversed(list(migrations._script().walk_revisions()))]
+REAL_HEAD = REAL_REVISIONS[-1]
 
 SYNTHETIC = {
-    "pgtq_0005": ("pre", "op.add_column('jobs', sa.Column('note', sa.Text()), schema=schema)",
+    "syn_0005": ("pre", "op.add_column('jobs', sa.Column('note', sa.Text()), schema=schema)",
                   "op.drop_column('jobs', 'note', schema=schema)"),
-    "pgtq_0006": ("post", "op.drop_column('jobs', 'note', schema=schema)",
+    "syn_0006": ("post", "op.drop_column('jobs', 'note', schema=schema)",
                   "op.add_column('jobs', sa.Column('note', sa.Text()), schema=schema)"),
-    "pgtq_0007": ("pre", "op.add_column('jobs', sa.Column('tags', sa.Text()), schema=schema)",
+    "syn_0007": ("pre", "op.add_column('jobs', sa.Column('tags', sa.Text()), schema=schema)",
                   "op.drop_column('jobs', 'tags', schema=schema)"),
 }  # fmt: skip
 
@@ -73,7 +75,7 @@ def write_revision(directory: Path, revision: str, down: str) -> None:
 
 @pytest.fixture
 def versions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Path]:
-    """``versions("pgtq_0005", "pgtq_0006")``: pgtq's revisions plus those synthetic ones, made
+    """``versions("syn_0005", "syn_0006")``: pgtq's revisions plus those synthetic ones, made
     the revisions pgtq runs for this test."""
 
     def make(*extra: str) -> Path:
@@ -127,10 +129,10 @@ def test_every_pgtq_revision_says_its_phase() -> None:
 
 
 def test_a_revision_without_a_phase_is_refused(versions: Callable[..., Path]) -> None:
-    directory = versions("pgtq_0005")
-    path = directory / "pgtq_0005_synthetic.py"
+    directory = versions("syn_0005")
+    path = directory / "syn_0005_synthetic.py"
     path.write_text(path.read_text().replace("phase = 'pre'", ""))
-    [rev] = [r for r in migrations._script().walk_revisions() if r.revision == "pgtq_0005"]
+    [rev] = [r for r in migrations._script().walk_revisions() if r.revision == "syn_0005"]
     with pytest.raises(pgtq.ConfigurationError, match='phase = "pre"'):
         migrations.phase_of(rev)
 
@@ -141,28 +143,23 @@ def test_a_revision_without_a_phase_is_refused(versions: Callable[..., Path]) ->
 async def test_pre_then_post_on_a_schema_of_the_previous_release(
     side: Side, versions: Callable[..., Path], make_database: Callable[[], URL]
 ) -> None:
-    versions("pgtq_0005", "pgtq_0006")
+    versions("syn_0005", "syn_0006")
     url = make_database()
     app = pgtq.App(url)
     eng = sa.create_engine(url.set(drivername="postgresql+psycopg"), poolclass=sa.pool.NullPool)
     try:
-        assert upgrade(eng, revision=REAL_HEAD) == [
-            "pgtq_0001",
-            "pgtq_0002",
-            "pgtq_0003",
-            REAL_HEAD,
-        ]
+        assert upgrade(eng, revision=REAL_HEAD) == REAL_REVISIONS
         with eng.connect() as conn:
-            assert migrations.pending(conn, "pgtq") == [("pgtq_0005", "pre"), ("pgtq_0006", "post")]
+            assert migrations.pending(conn, "pgtq") == [("syn_0005", "pre"), ("syn_0006", "post")]
 
-        assert await side.call(app, "migrate", phase="pre") == ["pgtq_0005"]
-        assert at(eng) == {"pgtq_0005"} and "note" in columns(eng)
+        assert await side.call(app, "migrate", phase="pre") == ["syn_0005"]
+        assert at(eng) == {"syn_0005"} and "note" in columns(eng)
         assert await side.call(app, "migrate", phase="pre") == []  # nothing left for pre
         with eng.connect() as conn:
-            assert migrations.pending(conn, "pgtq") == [("pgtq_0006", "post")]
+            assert migrations.pending(conn, "pgtq") == [("syn_0006", "post")]
 
-        assert await side.call(app, "migrate", phase="post") == ["pgtq_0006"]
-        assert at(eng) == {"pgtq_0006"} and "note" not in columns(eng)
+        assert await side.call(app, "migrate", phase="post") == ["syn_0006"]
+        assert at(eng) == {"syn_0006"} and "note" not in columns(eng)
         assert await side.call(app, "migrate") == []
     finally:
         await app.close_async()
@@ -172,38 +169,38 @@ async def test_pre_then_post_on_a_schema_of_the_previous_release(
 def test_on_an_empty_schema_pre_stops_before_the_first_post(
     versions: Callable[..., Path], engine: Engine
 ) -> None:
-    versions("pgtq_0005", "pgtq_0006")
-    assert upgrade(engine, phase="pre")[-2:] == [REAL_HEAD, "pgtq_0005"]
-    assert at(engine) == {"pgtq_0005"}
-    assert upgrade(engine, phase="post") == ["pgtq_0006"]
+    versions("syn_0005", "syn_0006")
+    assert upgrade(engine, phase="pre")[-2:] == [REAL_HEAD, "syn_0005"]
+    assert at(engine) == {"syn_0005"}
+    assert upgrade(engine, phase="post") == ["syn_0006"]
 
 
 def test_plain_upgrade_applies_both_phases(versions: Callable[..., Path], engine: Engine) -> None:
-    versions("pgtq_0005", "pgtq_0006")
+    versions("syn_0005", "syn_0006")
     upgrade(engine, revision=REAL_HEAD)
-    assert upgrade(engine) == ["pgtq_0005", "pgtq_0006"]
-    assert at(engine) == migrations.heads() == {"pgtq_0006"}
+    assert upgrade(engine) == ["syn_0005", "syn_0006"]
+    assert at(engine) == migrations.heads() == {"syn_0006"}
 
 
 def test_pre_refuses_a_post_revision_standing_before_a_pre_one(
     versions: Callable[..., Path], engine: Engine
 ) -> None:
-    versions("pgtq_0005", "pgtq_0006", "pgtq_0007")
-    upgrade(engine, revision="pgtq_0005")
-    with pytest.raises(migrations.MigrationPhaseError, match=r"pgtq_0006.*pgtq_0007"):
+    versions("syn_0005", "syn_0006", "syn_0007")
+    upgrade(engine, revision="syn_0005")
+    with pytest.raises(migrations.MigrationPhaseError, match=r"syn_0006.*syn_0007"):
         upgrade(engine, phase="pre")
-    assert at(engine) == {"pgtq_0005"}  # nothing applied
-    assert upgrade(engine, phase="post") == ["pgtq_0006", "pgtq_0007"]
+    assert at(engine) == {"syn_0005"}  # nothing applied
+    assert upgrade(engine, phase="post") == ["syn_0006", "syn_0007"]
 
 
 def test_a_schema_migrated_by_a_newer_release_is_named(
     versions: Callable[..., Path], engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = migrations.VERSIONS_DIR
-    versions("pgtq_0005")
+    versions("syn_0005")
     upgrade(engine)
-    monkeypatch.setattr(migrations, "VERSIONS_DIR", real)  # this release knows no pgtq_0005
-    with pytest.raises(migrations.MigrationConflict, match=r"pgtq_0005.*newer release"):
+    monkeypatch.setattr(migrations, "VERSIONS_DIR", real)  # this release knows no syn_0005
+    with pytest.raises(migrations.MigrationConflict, match=r"syn_0005.*newer release"):
         upgrade(engine, phase="pre")
 
 
@@ -218,7 +215,7 @@ def test_a_phase_and_a_revision_together_are_refused(engine: Engine) -> None:
 
 
 def test_pgtq_migrate_pre_and_post(versions: Callable[..., Path], engine: Engine) -> None:
-    versions("pgtq_0005", "pgtq_0006")
+    versions("syn_0005", "syn_0006")
     upgrade(engine, revision=REAL_HEAD)
     dsn = engine.url.render_as_string(hide_password=False)
 
@@ -227,16 +224,16 @@ def test_pgtq_migrate_pre_and_post(versions: Callable[..., Path], engine: Engine
         return result.exit_code, " ".join(result.output.split())
 
     code, output = pgtq_migrate("--check", "--pre")
-    assert code == 1 and "pre revisions pending (pgtq_0005)" in output
+    assert code == 1 and "pre revisions pending (syn_0005)" in output
     code, output = pgtq_migrate("--pre")
     assert code == 0, output
-    assert "applied pgtq_0005" in output and "still pending: pgtq_0006 (post)" in output
+    assert "applied syn_0005" in output and "still pending: syn_0006 (post)" in output
     assert "pgtq migrate --post" in output
     code, output = pgtq_migrate("--check", "--pre")
-    assert code == 0 and "post pending: pgtq_0006" in output
+    assert code == 0 and "post pending: syn_0006" in output
     assert pgtq_migrate("--check")[0] == 1  # not at head yet
     code, output = pgtq_migrate("--post")
-    assert code == 0 and "up to date (applied pgtq_0006)" in output
+    assert code == 0 and "up to date (applied syn_0006)" in output
     assert pgtq_migrate("--check")[0] == 0
     code, output = pgtq_migrate("--pre", "--post")
     assert code == 1 and "not both" in output
@@ -250,7 +247,7 @@ def test_pgtq_migrate_pre_and_post(versions: Callable[..., Path], engine: Engine
 def test_pre_target_in_a_user_project(
     versions: Callable[..., Path], tmp_path: Path, make_database: Callable[[], URL]
 ) -> None:
-    directory = versions("pgtq_0005", "pgtq_0006")
+    directory = versions("syn_0005", "syn_0006")
     url = make_database()
     ini = make_user_project(tmp_path / "project", url, str(directory))
     cfg = Config(str(ini))
@@ -259,7 +256,7 @@ def test_pre_target_in_a_user_project(
 
     # Pre: what the docs tell users to run before the new release starts.
     target = migrations.pre_target(ini)
-    assert target == "pgtq_0005"
+    assert target == "syn_0005"
     alembic.command.upgrade(cfg, target)
     with psycopg.connect(libpq(url)) as conn:
         versions_found = {v for (v,) in conn.execute("SELECT version_num FROM alembic_version")}
@@ -270,16 +267,16 @@ def test_pre_target_in_a_user_project(
                 "WHERE table_schema = 'pgtq' AND table_name = 'jobs'"
             )
         }
-    assert versions_found == {"a1b2c3d4e5f6", "pgtq_0005"}
+    assert versions_found == {"a1b2c3d4e5f6", "syn_0005"}
     assert "note" in cols
-    assert migrations.pre_target(cfg) == "pgtq_0005"  # again: nothing more (a no-op target)
+    assert migrations.pre_target(cfg) == "syn_0005"  # again: nothing more (a no-op target)
 
     # Post: plain `alembic upgrade heads`.
     alembic.command.upgrade(cfg, "heads")
     eng = sa.create_engine(url.set(drivername="postgresql+psycopg"), poolclass=sa.pool.NullPool)
     try:
         with eng.connect() as conn:
-            assert migrations.pre_target(cfg, conn) == "pgtq_0006"
+            assert migrations.pre_target(cfg, conn) == "syn_0006"
             assert "note" not in {
                 c["name"] for c in sa.inspect(conn).get_columns("jobs", schema="pgtq")
             }
@@ -290,6 +287,6 @@ def test_pre_target_in_a_user_project(
 def test_pre_target_on_an_empty_project_database(
     versions: Callable[..., Path], tmp_path: Path, make_database: Callable[[], URL]
 ) -> None:
-    directory = versions("pgtq_0005", "pgtq_0006")
+    directory = versions("syn_0005", "syn_0006")
     ini = make_user_project(tmp_path / "project", make_database(), str(directory))
-    assert migrations.pre_target(ini) == "pgtq_0005"
+    assert migrations.pre_target(ini) == "syn_0005"

@@ -94,7 +94,7 @@ async def test_terminating_every_worker_connection_repeatedly_loses_nothing(
     # Each kill hit the worker; connections it had not reopened yet are not there to kill.
     assert min(terminated) >= 1 and max(terminated) >= 3  # claimer, completer, listener
     assert sql("SELECT count(*) FROM pgtq.jobs WHERE attempts <> 1") == [(0,)]
-    assert sql("SELECT count(*) FROM pgtq.job_events WHERE type = 'rescued'") == [(0,)]
+    assert sql("SELECT count(*) FROM pgtq.job_history WHERE type = 'rescued'") == [(0,)]
     ok = Counter(r.job_id for r in w.runs() if r.event == "ok")
     assert set(ok) == set(ids)
     assert max(ok.values()) == 1
@@ -127,7 +127,7 @@ async def test_a_claim_whose_reply_is_lost_does_not_strand_its_jobs(
         await until(proxy.cut.is_set, timeout=10, what="the claim's reply cut")
         # The claim did commit (the jobs were started by the live worker, which never heard
         # of it): the history keeps that whatever the worker does next.
-        started = sql("SELECT count(DISTINCT job_id) FROM pgtq.job_events WHERE type = 'started'")
+        started = sql("SELECT count(DISTINCT job_id) FROM pgtq.job_history WHERE type = 'started'")
         assert started == [(len(ids),)], "the cut was to land after the claim committed"
 
         def states() -> list[tuple[Any, ...]]:

@@ -108,7 +108,7 @@ async def test_sigkill_mid_batch_five_times_loses_no_job(
     assert min(attempts[j] for j in all_victims) >= 2
     assert all(attempts[j] == 1 for j in set(ids) - all_victims)
     rescued = {
-        r[0] for r in sql("SELECT DISTINCT job_id FROM pgtq.job_events WHERE type = 'rescued'")
+        r[0] for r in sql("SELECT DISTINCT job_id FROM pgtq.job_history WHERE type = 'rescued'")
     }
     assert rescued == all_victims
     # Handler side: every job ran to the end at least once; twice only if it was a victim
@@ -185,7 +185,8 @@ async def test_a_paused_worker_declared_dead_never_runs_a_job_twice_at_once(
     if overlaps:
         job_id = overlaps[0][0]
         history = sql(
-            "SELECT type, attempt, worker_id FROM pgtq.job_events WHERE job_id = %s ORDER BY id",
+            "SELECT type, attempt, worker_id FROM pgtq.job_history WHERE job_id = %s "
+            "ORDER BY at, rank, seq",
             job_id,
         )
         lines = [r for r in frozen.runs() if r.job_id == job_id]

@@ -96,7 +96,9 @@ async def test_four_workers_never_run_two_attempts_of_a_job_at_once(
         w.send(signal.SIGTERM)
     assert [await w.exit_code(timeout=30) for w in pool] == [0, 0, 0, 0]
 
-    events = sql("SELECT job_id, type, attempt FROM pgtq.job_events ORDER BY job_id, id")
+    events = sql(
+        "SELECT job_id, type, attempt FROM pgtq.job_history ORDER BY job_id, at, rank, seq"
+    )
     started: Counter[int] = Counter()
     released: Counter[int] = Counter()
     problems: list[str] = []

@@ -15,7 +15,7 @@ from tests.faults.conftest import WorkerProcess, Workers, until
 
 
 def _history(sql: Any, job_id: int) -> list[str]:
-    rows = sql("SELECT type FROM pgtq.job_events WHERE job_id = %s ORDER BY id", job_id)
+    rows = sql("SELECT type FROM pgtq.job_history WHERE job_id = %s ORDER BY at, rank, seq", job_id)
     return [r[0] for r in rows]
 
 

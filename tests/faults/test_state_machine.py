@@ -319,8 +319,8 @@ class JobMachine(RuleBasedStateMachine):
         )
         last = dict(
             self.sql(
-                "SELECT DISTINCT ON (job_id) job_id, type FROM pgtq.job_events "
-                "ORDER BY job_id, id DESC"
+                "SELECT DISTINCT ON (job_id) job_id, type FROM pgtq.job_history "
+                "ORDER BY job_id, at DESC, rank DESC, seq DESC"
             )
         )
         assert [r[0] for r in rows] == sorted(self.model)
