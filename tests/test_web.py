@@ -662,3 +662,33 @@ def test_pgtq_web_on_a_database_without_pgtq_tables_is_one_line(
     result = CliRunner().invoke(cli, ["web", "--dsn", url], env={"PGTQ_DSN": None})
     assert result.exit_code == 1
     assert "pgtq migrate" in result.output and "Traceback" not in result.output
+
+
+async def test_every_response_forbids_scripts_framing_and_caching(app: pgtq.App) -> None:
+    guarded = pgtq.web.asgi(app, auth="a:b")
+    async with client_for(pgtq.web.asgi(app)) as client, client_for(guarded) as anonymous:
+        csrf = await token(client)
+        responses = [
+            await client.get("/"),
+            await client.get("/jobs/1"),  # 404
+            await client.get("/nowhere"),
+            await client.post("/queues/pause", data={"csrf_token": csrf, "queue": "q"}),  # 303
+            await anonymous.get("/"),  # 401
+        ]
+    assert [r.status_code for r in responses] == [200, 404, 404, 303, 401]
+    for response in responses:
+        policy = response.headers["content-security-policy"]
+        assert "default-src 'none'" in policy and "script-src" not in policy
+        assert "frame-ancestors 'self'" in policy
+        assert response.headers["x-frame-options"] == "SAMEORIGIN"
+        assert response.headers["cache-control"] == "no-store"
+
+
+async def test_out_of_range_input_is_a_client_error(client: httpx.AsyncClient) -> None:
+    huge = str(2**63)
+    assert (await client.get(f"/jobs/{huge}")).status_code == 404
+    assert (await client.get(f"/jobs?after={huge}")).status_code == 400
+    csrf = await token(client)
+    assert (await client.post(f"/jobs/{huge}/retry", data={"csrf_token": csrf})).status_code == 404
+    for query in ("q=%00", "queue=a%00b", "task=%00"):
+        assert (await client.get(f"/jobs?{query}")).status_code == 200, query

@@ -18,7 +18,14 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from pgtq.errors import PgtqError
-from pgtq.web.security import SECRET_ENV, BasicAuth, Credentials, Csrf, parse_credentials
+from pgtq.web.security import (
+    SECRET_ENV,
+    BasicAuth,
+    Credentials,
+    Csrf,
+    SecurityHeaders,
+    parse_credentials,
+)
 from pgtq.web.views import Dashboard
 
 if TYPE_CHECKING:
@@ -77,4 +84,5 @@ def asgi(
     )
     if credentials is not None:
         web.add_middleware(BasicAuth, credentials=credentials)
+    web.add_middleware(SecurityHeaders)  # outermost: also on the 401 of basic auth
     return web

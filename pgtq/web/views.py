@@ -33,6 +33,9 @@ __all__ = ["PAGE_SIZE", "Dashboard"]
 
 NO_DATA = "\N{EN DASH}"  # no data, which is not zero
 
+#: The largest job id (a bigint): a bigger number in a URL names no job.
+MAX_ID = 2**63 - 1
+
 #: Jobs per page of the jobs list.
 PAGE_SIZE = 50
 #: The overview's chart: the last hour, a bar a minute.
@@ -122,13 +125,13 @@ class Filters:
         q = request.query_params
 
         def text(name: str) -> str | None:
-            value = q.get(name, "").strip()
+            value = q.get(name, "").replace("\x00", "").strip()  # PostgreSQL text holds no NUL
             return value or None
 
         status = text("status")
         statuses = parse_statuses(status) if status else None
         after = text("after")
-        if after is not None and not after.isdigit():
+        if after is not None and not (after.isdigit() and int(after) <= MAX_ID):
             raise InvalidFilter(f"after must be a job id, got {after!r}")
         return cls(
             queue=text("queue"),
@@ -264,7 +267,7 @@ class Dashboard:
 
     async def job(self, request: Request) -> Response:
         job_id: int = request.path_params["job_id"]
-        job = await self.app.jobs.get_async(job_id)
+        job = await self.app.jobs.get_async(job_id) if job_id <= MAX_ID else None
         if job is None:
             return self.error(request, 404, f"No job with id {job_id}.")
         events = await self.app.jobs.history_async(job_id)
@@ -341,7 +344,7 @@ class Dashboard:
         if refused is not None:
             return refused
         job_id: int = request.path_params["job_id"]
-        if await self.app.jobs.get_async(job_id) is None:
+        if job_id > MAX_ID or await self.app.jobs.get_async(job_id) is None:
             return self.error(request, 404, f"No job with id {job_id}.")
         if action == "retry":
             done = await self.app.jobs.retry_async(job_id)
