@@ -692,3 +692,9 @@ async def test_out_of_range_input_is_a_client_error(client: httpx.AsyncClient) -
     assert (await client.post(f"/jobs/{huge}/retry", data={"csrf_token": csrf})).status_code == 404
     for query in ("q=%00", "queue=a%00b", "task=%00"):
         assert (await client.get(f"/jobs?{query}")).status_code == 200, query
+
+
+async def test_a_page_reloads_itself_when_asked(client: httpx.AsyncClient) -> None:
+    assert '<meta http-equiv="refresh" content="10">' in (await client.get("/?refresh=10")).text
+    for ignored in ("", "?refresh=1", "?refresh=abc", "?refresh=99999"):
+        assert 'http-equiv="refresh"' not in (await client.get("/workers" + ignored)).text
