@@ -89,6 +89,10 @@ def error_record(exc: BaseException, *, with_traceback: bool = True) -> dict[str
     return record
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def dumps(value: Any) -> str:
-    """JSON the way pgtq stores it: strict (no NaN), compact."""
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    """JSON the way pgtq stores it: strict (no NaN), compact. One encoder, made once:
+    ``json.dumps`` with options builds a new one per call."""
+    return _ENCODER.encode(value)

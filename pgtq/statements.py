@@ -61,6 +61,9 @@ class Query(Generic[T]):
     statement: Executable
     params: dict[str, Any]
     mapper: Callable[[Any], T]
+    #: Safe to run as compiled SQL straight on the driver connection (the enqueue fast path):
+    #: its parameters need no SQLAlchemy bind processing and its mapper only iterates rows.
+    driver: bool = False
 
 
 def _array(name: str, item: sa.types.TypeEngine[Any]) -> sa.BindParameter[Any]:
@@ -126,6 +129,17 @@ class Statements:
         )
         columns = [name for name, _ in INSERT_COLUMNS]
         return sa.insert(j).from_select(columns, select).returning(j.c.id)
+
+    @cached_property
+    def insert_job(self) -> sa.Insert:
+        """Insert one job: plain ``VALUES``, whose scalar parameters the drivers encode several
+        times faster than nine one-element arrays (the single ``defer``'s hot path)."""
+        j = self.jobs
+        values: dict[str, Any] = {}
+        for name, kind in INSERT_COLUMNS:
+            param = sa.bindparam(name, type_=kind)
+            values[name] = sa.cast(param, JSONB) if name in JSON_COLUMNS else param
+        return sa.insert(j).values(values).returning(j.c.id)
 
     # -- claim -----------------------------------------------------------------------------
 
@@ -1114,7 +1128,10 @@ class JobRows:
 
 
 def insert_jobs(s: Statements, rows: JobRows) -> Query[list[int]]:
-    return Query(s.insert_jobs, rows.as_params(), _id_list)
+    if len(rows.args) == 1:
+        one = {name: values[0] for name, values in rows.as_params().items()}
+        return Query(s.insert_job, one, _id_list, driver=True)
+    return Query(s.insert_jobs, rows.as_params(), _id_list, driver=True)
 
 
 def get_job(s: Statements, job_id: int) -> Query[Job | None]:

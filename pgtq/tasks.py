@@ -7,7 +7,7 @@ Everything that decides (argument checks, JSON encoding, schedule) is the pure
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, KeysView, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -101,6 +101,7 @@ class Task(Generic[R]):
         self.timeout = timeout
         self.pass_context = _wants_context(func) if pass_context is None else pass_context
         self.signature = inspect.signature(func)
+        self._accepts = _keyword_check(self.signature, self.pass_context)
         self.defaults = JobOptions(queue=queue, priority=priority)
         clash = RESERVED_ARGUMENTS & set(self.signature.parameters)
         if clash:
@@ -179,6 +180,8 @@ class Task(Generic[R]):
 
     def check_arguments(self, kwargs: Mapping[str, Any]) -> None:
         """Raise InvalidArguments unless the function can be called with these arguments."""
+        if self._accepts is not None and self._accepts(kwargs.keys()):
+            return  # the common case, without Signature.bind (a few µs a job in defer_many)
         try:
             if self.pass_context:
                 self.signature.bind(None, **kwargs)
@@ -186,6 +189,26 @@ class Task(Generic[R]):
                 self.signature.bind(**kwargs)
         except TypeError as exc:
             raise InvalidArguments(f"task {self.name!r}: {exc}") from None
+
+
+def _keyword_check(
+    signature: inspect.Signature, pass_context: bool
+) -> Callable[[KeysView[str]], bool] | None:
+    """A quick yes for keyword arguments the function surely takes; None when only
+    ``Signature.bind`` can tell (positional-only parameters)."""
+    params = list(signature.parameters.values())[1 if pass_context else 0 :]
+    P = inspect.Parameter
+    if any(p.kind is P.POSITIONAL_ONLY for p in params):
+        return None
+    named = frozenset(p.name for p in params if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY))
+    required = frozenset(
+        p.name
+        for p in params
+        if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY) and p.default is P.empty
+    )
+    if any(p.kind is P.VAR_KEYWORD for p in params):
+        return lambda keys: required <= keys
+    return lambda keys: required <= keys and keys <= named
 
 
 def _no_positional(task: Task[Any], args: tuple[Any, ...]) -> None:
@@ -205,33 +228,36 @@ class Deferrer:
 
     def encode(self, arguments: Iterable[Mapping[str, Any]]) -> statements.JobRows:
         """Check and encode jobs before anything is written: the one place defer decides."""
-        rows = statements.JobRows.empty()
         o = self.options
         carrier = observers.trace_context()
         trace = dumps(carrier) if carrier else None
-        for kwargs in arguments:
-            if not isinstance(kwargs, Mapping):
-                raise InvalidArguments(
-                    f"task {self.task.name!r}: defer_many takes mappings of keyword arguments, "
-                    f"got {type(kwargs).__name__}"
-                )
-            self.task.check_arguments(kwargs)
-            try:
-                encoded = dumps(dict(kwargs))
-            except (TypeError, ValueError) as exc:
-                raise InvalidArguments(
-                    f"task {self.task.name!r}: arguments must be JSON-serializable: {exc}"
-                ) from None
-            rows.queue.append(o.queue)
-            rows.task_name.append(self.task.name)
-            rows.args.append(encoded)
-            rows.priority.append(o.priority)
-            rows.scheduled_at.append(o.schedule_at)
-            rows.lock.append(o.lock)
-            rows.queueing_lock.append(o.queueing_lock)
-            rows.concurrency_key.append(o.concurrency_key)
-            rows.trace_context.append(trace)
-        return rows
+        encoded = [self._encode_arguments(kwargs) for kwargs in arguments]
+        n = len(encoded)
+        return statements.JobRows(
+            queue=[o.queue] * n,
+            task_name=[self.task.name] * n,
+            args=encoded,
+            priority=[o.priority] * n,
+            scheduled_at=[o.schedule_at] * n,
+            lock=[o.lock] * n,
+            queueing_lock=[o.queueing_lock] * n,
+            concurrency_key=[o.concurrency_key] * n,
+            trace_context=[trace] * n,
+        )
+
+    def _encode_arguments(self, kwargs: Mapping[str, Any]) -> str:
+        if not isinstance(kwargs, Mapping):
+            raise InvalidArguments(
+                f"task {self.task.name!r}: defer_many takes mappings of keyword arguments, "
+                f"got {type(kwargs).__name__}"
+            )
+        self.task.check_arguments(kwargs)
+        try:
+            return dumps(kwargs if type(kwargs) is dict else dict(kwargs))
+        except (TypeError, ValueError) as exc:
+            raise InvalidArguments(
+                f"task {self.task.name!r}: arguments must be JSON-serializable: {exc}"
+            ) from None
 
     def _insert(self, rows: statements.JobRows) -> statements.Query[list[int]]:
         return statements.insert_jobs(self.task.app.statements, rows)
