@@ -37,4 +37,3 @@ def config(
         proxy_headers=False,
         server_header=False,
     )
-

@@ -198,9 +198,7 @@ class Dashboard:
             "Status": Status,
             **context,
         }
-        response = self.templates.TemplateResponse(
-            request, name, context, status_code=status_code
-        )
+        response = self.templates.TemplateResponse(request, name, context, status_code=status_code)
         if new:
             self.csrf.set_cookie(request, response, token)
         return response
