@@ -168,3 +168,69 @@ async def test_args_are_stored_as_json(side: Side, app: pgtq.App, tasks: Any, sq
     await side.defer(tasks["send_email"], to="ünïcode ✓", subject='quote " and \\')
     [(stored,)] = sql("SELECT args::text FROM pgtq.jobs")
     assert json.loads(stored) == {"to": "ünïcode ✓", "subject": 'quote " and \\'}
+
+
+# -- the enqueue fast path (compiled SQL on the driver connection) ------------------------------
+
+
+def _backends(sql: Any) -> int:
+    return sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+    )[0][0]
+
+
+async def test_a_cancelled_defer_async_writes_nothing_and_the_next_one_works(
+    app: pgtq.App, tasks: Any, sql: Any, dsn: str
+) -> None:
+    """Cancelled mid-insert: its connection is replaced and the next defer works. The
+    statement may still commit on the server (as with any driver, a cancelled write's outcome
+    is unknown), but never twice."""
+    import psycopg
+
+    from tests.conftest import eventually, libpq
+
+    await tasks["resize"].defer_async(image_id=0)  # the fast path's connection is open
+    blocker = psycopg.connect(libpq(dsn))
+    try:
+        blocker.execute("LOCK TABLE pgtq.jobs IN EXCLUSIVE MODE")
+        stuck = asyncio.create_task(tasks["resize"].defer_async(image_id=1))
+        await eventually(
+            lambda: sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE 'INSERT INTO pgtq.jobs%%'"
+            )
+            == [(1,)]
+        )
+        stuck.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert await tasks["resize"].defer_async(image_id=2) > 0
+    stored = [r[0] for r in sql("SELECT args->>'image_id' FROM pgtq.jobs ORDER BY id")]
+    assert sorted(stored) in (["0", "2"], ["0", "1", "2"])
+
+
+async def test_defer_async_fast_path_is_bounded_by_the_pool(
+    app: pgtq.App, tasks: Any, sql: Any
+) -> None:
+    """Many concurrent defers share at most the engine's pool size of driver connections."""
+    ids = await asyncio.gather(*(tasks["resize"].defer_async(image_id=i) for i in range(200)))
+    assert len(set(ids)) == 200
+    size = app.async_connector().engine.pool.size()  # type: ignore[attr-defined]
+    assert 1 <= _backends(sql) <= size
+
+
+async def test_already_enqueued_on_the_fast_path_keeps_the_connection(
+    app: pgtq.App, tasks: Any, sql: Any
+) -> None:
+    locked = tasks["resize"].configure(queueing_lock="one")
+    await locked.defer_async(image_id=1)
+    pids = sql("SELECT pid FROM pg_stat_activity WHERE query LIKE 'INSERT INTO pgtq.jobs%%'")
+    with pytest.raises(pgtq.AlreadyEnqueued):
+        await locked.defer_async(image_id=2)
+    assert await tasks["resize"].defer_async(image_id=3) > 0
+    after = sql("SELECT pid FROM pg_stat_activity WHERE query LIKE 'INSERT INTO pgtq.jobs%%'")
+    assert after == pids  # the same backend served all three
