@@ -78,7 +78,12 @@ class Outcome:
 
     @property
     def label(self) -> str:
-        return "retried" if self.status == Status.TODO else self.status.value
+        return _LABELS[self.status]
+
+
+_LABELS = {status: "retried" if status is Status.TODO else status.value for status in Status}
+#: The outcome of nearly every job (it returned None): one object, no JSON encoding.
+_SUCCEEDED_NONE = Outcome(Status.SUCCEEDED, result="null")
 
 
 #: How long aborted jobs get to stop at shutdown before the worker gives them back and leaves.
@@ -117,6 +122,10 @@ def decide(
     returned. A timeout is a failure that follows the retry policy. A shutdown puts the job
     back to ``todo`` (its attempt stays counted).
     """
+    if result is None and exc is None and abort_reason is None:
+        limit = task.app.result_max_bytes if task is not None else None
+        if limit is None or limit >= len("null"):
+            return _SUCCEEDED_NONE
     if abort_reason == "shutdown":
         err = error_record(exc or RuntimeError("worker shut down"), with_traceback=False)
         return Outcome(Status.TODO, error=dumps(err), retry_in=0.0)
