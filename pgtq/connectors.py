@@ -486,16 +486,19 @@ class AsyncConnector:
         raw.detach()  # never goes back to the pool: its session state stays its own
         return conn, driver
 
-    async def dedicated(self) -> DedicatedConnection:
+    async def dedicated(self, *, session: tuple[str, ...] = ()) -> DedicatedConnection:
         """A connection of its own for a hot loop (the worker's claims, its completions).
 
         On asyncpg it runs each statement's compiled SQL straight on the driver, prepared once
         per connection: no pool checkout, no SQLAlchemy execution per call. Elsewhere it
         falls back to the pooled path.
+
+        ``session``: SQL run each time the connection is opened (its settings stay its own);
+        ignored on the pooled fallback.
         """
         if self.engine.dialect.driver != "asyncpg":
             return _PooledConnection(self)
-        return _AsyncpgConnection(self)
+        return _AsyncpgConnection(self, session=session)
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
@@ -526,8 +529,11 @@ class _PooledConnection(DedicatedConnection):
 class _AsyncpgConnection(DedicatedConnection):
     """A driver connection out of the pool, opened on first use and again after a loss."""
 
-    def __init__(self, connector: AsyncConnector, *, ping: bool = False) -> None:
+    def __init__(
+        self, connector: AsyncConnector, *, ping: bool = False, session: tuple[str, ...] = ()
+    ) -> None:
         self._connector = connector
+        self._session = session
         self._conn: AsyncConnection | None = None
         self._driver: Any = None
         # Pinged before use when idle past PING_AFTER_IDLE, as pooled connections are.
@@ -545,6 +551,8 @@ class _AsyncpgConnection(DedicatedConnection):
                 pass  # gone while idle: a new one, nothing was sent
         await self.close()
         self._conn, self._driver = await self._connector._open_detached()
+        for sql in self._session:
+            await self._driver.execute(sql)
         return self._driver
 
     async def run(self, query: Query[T]) -> T:

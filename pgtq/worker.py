@@ -290,7 +290,7 @@ class Worker:
             self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="pgtq-job")
         await self._register()
         await self._refresh_queue_limits()
-        self._claimer = await connector.dedicated()
+        self._claimer = await connector.dedicated(session=self._claim_session())
         self._completer = await connector.dedicated()
         background: list[asyncio.Task[None]] = []
         logger.info("worker %s started", self.worker_id, extra={"worker": self.worker_id})
@@ -332,6 +332,17 @@ class Worker:
             self.stats.elapsed = time.monotonic() - started
             logger.info("worker %s stopped", self.worker_id, extra={"worker": self.worker_id})
         return self.stats
+
+    def _claim_session(self) -> tuple[str, ...]:
+        """Claims commit without waiting for the WAL flush (about 0.4 ms a claim here). Safe:
+        the completion that follows is flushed, and with it the claim before it; a claim lost
+        in a server crash puts its job back to ``todo``, and the guarded completion of the lost
+        attempt writes nothing: at least once, as always. Visibility is immediate either way.
+        Not behind PgBouncer in transaction mode (``prepared_statements=False``), where a
+        session setting would leak to other clients."""
+        if not self.app.prepared_statements:
+            return ()
+        return ("SET synchronous_commit = off",)
 
     def stop(self) -> None:
         """Stop claiming; running jobs get ``shutdown_graceful_timeout`` to finish."""

@@ -393,3 +393,38 @@ async def test_a_sync_task_that_ignores_the_abort_still_ends_aborted(
 async def _abort_seen(app: pgtq.App, job_id: int) -> bool:
     job = await app.jobs.get_async(job_id)
     return job is not None and job.abort_requested
+
+
+async def test_a_dedicated_connection_keeps_its_session_settings(app: pgtq.App, sql: Any) -> None:
+    """What the worker's claim connection is opened with (synchronous_commit off) holds for
+    every statement on it, and again after it is replaced."""
+    import asyncpg
+
+    from pgtq import statements
+
+    connector = app.async_connector()
+    if connector.engine.dialect.driver != "asyncpg":
+        pytest.skip("the session settings apply to the asyncpg fast path only")
+    conn = await connector.dedicated(session=("SET application_name = 'pgtq-claims'",))
+    try:
+        await conn.run(statements.forget_dead_workers(app.statements, 3600.0))
+        named = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgtq-claims'"
+        assert sql(named) == [(1,)]
+        sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'pgtq-claims'"
+        )
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
+            await conn.run(statements.forget_dead_workers(app.statements, 3600.0))
+        # a new connection, set up again
+        await conn.run(statements.forget_dead_workers(app.statements, 3600.0))
+        assert sql(named) == [(1,)]
+    finally:
+        await conn.close()
+
+
+def test_claims_skip_the_wal_flush_except_behind_pgbouncer(dsn: str) -> None:
+    from pgtq.worker import Worker
+
+    assert Worker(pgtq.App(dsn))._claim_session() == ("SET synchronous_commit = off",)
+    assert Worker(pgtq.App(dsn, prepared_statements=False))._claim_session() == ()
