@@ -70,6 +70,21 @@ async def test_configure_sets_job_options(side: Side, app: pgtq.App, tasks: Any)
         "user-1",
     )
 
+    many = await side.defer_many(
+        tasks["send_email"].configure(queue="bulk", priority=2, schedule_at=at, lock="box-2"),
+        [{"to": "p"}, {"to": "q"}],
+    )
+    for job_id, to in zip(many, "pq", strict=True):
+        job = await side.get(app, job_id)
+        assert job is not None
+        assert (job.args, job.queue, job.priority, job.scheduled_at, job.lock) == (
+            {"to": to},
+            "bulk",
+            2,
+            at,
+            "box-2",
+        )
+
     before = datetime.now(UTC)
     later = await side.defer(
         tasks["send_email"].configure(schedule_in=timedelta(minutes=5)), to="y"
@@ -196,11 +211,13 @@ async def test_a_cancelled_defer_async_writes_nothing_and_the_next_one_works(
         blocker.execute("LOCK TABLE pgtq.jobs IN EXCLUSIVE MODE")
         stuck = asyncio.create_task(tasks["resize"].defer_async(image_id=1))
         await eventually(
-            lambda: sql(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE 'INSERT INTO pgtq.jobs%%'"
+            lambda: (
+                sql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'INSERT INTO pgtq.jobs%%'"
+                )
+                == [(1,)]
             )
-            == [(1,)]
         )
         stuck.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -234,3 +251,31 @@ async def test_already_enqueued_on_the_fast_path_keeps_the_connection(
     assert await tasks["resize"].defer_async(image_id=3) > 0
     after = sql("SELECT pid FROM pg_stat_activity WHERE query LIKE 'INSERT INTO pgtq.jobs%%'")
     assert after == pids  # the same backend served all three
+
+
+async def test_insert_statements_for_one_shared_and_mixed_rows(app: pgtq.App, sql: Any) -> None:
+    """One job: VALUES; one defer_many call: one array; rows that differ in more than their
+    arguments (no public API makes them today): nine arrays. All three store the same."""
+    from pgtq import statements
+
+    def rows(queues: list[str]) -> statements.JobRows:
+        r = statements.JobRows.empty()
+        for i, queue in enumerate(queues):
+            for name, value in [
+                ("queue", queue), ("task_name", "t"), ("args", json.dumps({"i": i})),
+                ("priority", 1), ("scheduled_at", None), ("lock", None),
+                ("queueing_lock", None), ("concurrency_key", None), ("trace_context", None),
+            ]:  # fmt: skip
+                getattr(r, name).append(value)
+        return r
+
+    s = app.statements
+    cases = {"one": ["a"], "shared": ["b", "b"], "mixed": ["c", "d"]}
+    chosen = {name: statements.insert_jobs(s, rows(q)).statement for name, q in cases.items()}
+    assert chosen == {"one": s.insert_job, "shared": s.insert_jobs_sharing, "mixed": s.insert_jobs}
+    for queues in cases.values():
+        app.sync.run(statements.insert_jobs(s, rows(queues)))
+        await app.async_connector().run(statements.insert_jobs(s, rows(queues)))
+    stored = sql("SELECT queue, args->>'i', priority FROM pgtq.jobs ORDER BY id")
+    expected = [(q, str(i), 1) for qs in cases.values() for i, q in [*enumerate(qs)] * 2]
+    assert sorted(stored) == sorted(expected)
