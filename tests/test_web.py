@@ -32,32 +32,9 @@ from pgtq.web import security
 from pgtq.web.views import PAGE_SIZE
 from tests.conftest import libpq
 from tests.sides import Side
+from tests.test_operations import SQL, finish, tasks
 
-SQL = Callable[..., list[tuple[Any, ...]]]
 BASE = "http://testserver"
-
-
-def tasks(app: pgtq.App) -> tuple[pgtq.Task[Any], pgtq.Task[Any]]:
-    @app.task(queue="emails")
-    def send(to: str) -> None: ...
-
-    @app.task(queue="images")
-    async def resize(n: int) -> None: ...
-
-    return send, resize
-
-
-def finish(sql: SQL, ids: list[int], status: str, ago: float = 0.0) -> None:
-    """Mark jobs ended ``ago`` seconds ago, as a worker would have."""
-    sql(
-        "UPDATE pgtq.jobs SET status = %s, attempts = 1, "
-        "started_at = now() - make_interval(secs => %s + 0.5), "
-        "finished_at = now() - make_interval(secs => %s) WHERE id = ANY(%s)",
-        status,
-        ago,
-        ago,
-        ids,
-    )
 
 
 def client_for(web: Any, **options: Any) -> httpx.AsyncClient:
