@@ -54,15 +54,15 @@ OUTCOMES = {
     "retry_in": [None] * 100,
 }
 CASES = {
-    "claim, all queues": (S.claim(None), {"limit": 100, "worker_id": "w"}, "jobs_claim_idx"),
+    "claim, all queues": (S.claim(None, 100), {"worker_id": "w"}, "jobs_claim_idx"),
     "claim, one queue": (
-        S.claim(["a"]),
-        {"limit": 100, "worker_id": "w", "queue": "a"},
+        S.claim(["a"], 100),
+        {"worker_id": "w", "queue": "a"},
         "jobs_queue_claim_idx",
     ),
     "claim, two queues": (
-        S.claim(["a", "b"]),
-        {"limit": 100, "worker_id": "w", "queues": ["a", "b"]},
+        S.claim(["a", "b"], 100),
+        {"worker_id": "w", "queues": ["a", "b"]},
         "jobs_claim_idx",
     ),
     "complete": (S.complete, OUTCOMES, None),
