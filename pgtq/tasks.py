@@ -228,6 +228,16 @@ def _no_positional(task: Task[Any], args: tuple[Any, ...]) -> None:
         )
 
 
+def _culprit(checked: list[dict[str, Any]]) -> str:
+    """Which job of a ``defer_many`` call cannot be encoded (the error path only)."""
+    for i, kwargs in enumerate(checked):
+        try:
+            dumps(kwargs)
+        except (TypeError, ValueError):
+            return f" (job {i} of {len(checked)})" if len(checked) > 1 else ""
+    return ""
+
+
 class Deferrer:
     """A task with job options fixed: what ``Task.configure()`` returns."""
 
@@ -235,41 +245,47 @@ class Deferrer:
         self.task = task
         self.options = options
 
-    def encode(self, arguments: Iterable[Mapping[str, Any]]) -> statements.JobRows:
+    def encode(self, arguments: Iterable[Mapping[str, Any]]) -> statements.NewJobs:
         """Check and encode jobs before anything is written: the one place defer decides."""
         o = self.options
+        checked = [self._checked(kwargs) for kwargs in arguments]
         carrier = observers.trace_context()
-        trace = dumps(carrier) if carrier else None
-        encoded = [self._encode_arguments(kwargs) for kwargs in arguments]
-        n = len(encoded)
-        return statements.JobRows(
-            queue=[o.queue] * n,
-            task_name=[self.task.name] * n,
-            args=encoded,
-            priority=[o.priority] * n,
-            scheduled_at=[o.schedule_at] * n,
-            lock=[o.lock] * n,
-            queueing_lock=[o.queueing_lock] * n,
-            concurrency_key=[o.concurrency_key] * n,
-            trace_context=[trace] * n,
+        return statements.NewJobs(
+            queue=o.queue,
+            task_name=self.task.name,
+            priority=o.priority,
+            scheduled_at=o.schedule_at,
+            lock=o.lock,
+            queueing_lock=o.queueing_lock,
+            concurrency_key=o.concurrency_key,
+            trace_context=dumps(carrier) if carrier else None,
+            args=self._dumps(checked),
+            count=len(checked),
         )
 
-    def _encode_arguments(self, kwargs: Mapping[str, Any]) -> str:
-        if not isinstance(kwargs, Mapping):
-            raise InvalidArguments(
-                f"task {self.task.name!r}: defer_many takes mappings of keyword arguments, "
-                f"got {type(kwargs).__name__}"
-            )
+    def _checked(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        if type(kwargs) is not dict:  # the common case skips the (slower) ABC check
+            if not isinstance(kwargs, Mapping):
+                raise InvalidArguments(
+                    f"task {self.task.name!r}: defer_many takes mappings of keyword arguments, "
+                    f"got {type(kwargs).__name__}"
+                )
+            kwargs = dict(kwargs)
         self.task.check_arguments(kwargs)
+        return kwargs
+
+    def _dumps(self, checked: list[dict[str, Any]]) -> str:
+        """All the jobs' arguments in one JSON array: one call into the C encoder."""
         try:
-            return dumps(kwargs if type(kwargs) is dict else dict(kwargs))
+            return dumps(checked)
         except (TypeError, ValueError) as exc:
             raise InvalidArguments(
-                f"task {self.task.name!r}: arguments must be JSON-serializable: {exc}"
+                f"task {self.task.name!r}: arguments must be JSON-serializable"
+                f"{_culprit(checked)}: {exc}"
             ) from None
 
-    def _insert(self, rows: statements.JobRows) -> statements.Query[list[int]]:
-        return statements.insert_jobs(self.task.app.statements, rows)
+    def _insert(self, new: statements.NewJobs) -> statements.Query[list[int]]:
+        return statements.insert_jobs(self.task.app.statements, new)
 
     def defer(self, *args: Any, connection: Connection | None = None, **kwargs: Any) -> int:
         _no_positional(self.task, args)
@@ -285,16 +301,16 @@ class Deferrer:
     def defer_many(
         self, arguments: Iterable[Mapping[str, Any]], *, connection: Connection | None = None
     ) -> list[int]:
-        rows = self.encode(arguments)
-        return self.task.app.sync.run(self._insert(rows), connection) if rows.args else []
+        new = self.encode(arguments)
+        return self.task.app.sync.run(self._insert(new), connection) if new.count else []
 
     async def defer_many_async(
         self, arguments: Iterable[Mapping[str, Any]], *, connection: AsyncConnection | None = None
     ) -> list[int]:
-        rows = self.encode(arguments)
-        if not rows.args:
+        new = self.encode(arguments)
+        if not new.count:
             return []
-        return await self.task.app.async_connector().run(self._insert(rows), connection)
+        return await self.task.app.async_connector().run(self._insert(new), connection)
 
 
 #: ``middleware(ctx, call_next)``: runs around a task; ``call_next()`` runs the rest of the

@@ -128,8 +128,10 @@ async def test_bad_arguments_are_refused_before_writing(
     with pytest.raises(pgtq.InvalidArguments, match=message):
         await side.call(task, "defer", *args, **kwargs)
     if not args:
-        with pytest.raises(pgtq.InvalidArguments, match=message):
+        with pytest.raises(pgtq.InvalidArguments, match=message) as raised:
             await side.defer_many(task, [{"to": "fine"}, kwargs])
+        if message == "JSON-serializable":  # the one job of the call that cannot be encoded
+            assert "(job 1 of 2)" in str(raised.value)
     assert sql("SELECT count(*) FROM pgtq.jobs") == [(0,)]
 
 
@@ -253,29 +255,24 @@ async def test_already_enqueued_on_the_fast_path_keeps_the_connection(
     assert after == pids  # the same backend served all three
 
 
-async def test_insert_statements_for_one_shared_and_mixed_rows(app: pgtq.App, sql: Any) -> None:
-    """One job: VALUES; one defer_many call: one array; rows that differ in more than their
-    arguments (no public API makes them today): nine arrays. All three store the same."""
+async def test_one_insert_statement_serves_one_job_and_many(
+    app: pgtq.App, tasks: Any, sql: Any
+) -> None:
+    """Every defer is one statement: shared options as scalars, the arguments as one JSON
+    array split in PostgreSQL; the ids come back in the order of the arguments, and what is
+    stored is what was given."""
     from pgtq import statements
 
-    def rows(queues: list[str]) -> statements.JobRows:
-        r = statements.JobRows.empty()
-        for i, queue in enumerate(queues):
-            for name, value in [
-                ("queue", queue), ("task_name", "t"), ("args", json.dumps({"i": i})),
-                ("priority", 1), ("scheduled_at", None), ("lock", None),
-                ("queueing_lock", None), ("concurrency_key", None), ("trace_context", None),
-            ]:  # fmt: skip
-                getattr(r, name).append(value)
-        return r
-
-    s = app.statements
-    cases = {"one": ["a"], "shared": ["b", "b"], "mixed": ["c", "d"]}
-    chosen = {name: statements.insert_jobs(s, rows(q)).statement for name, q in cases.items()}
-    assert chosen == {"one": s.insert_job, "shared": s.insert_jobs_sharing, "mixed": s.insert_jobs}
-    for queues in cases.values():
-        app.sync.run(statements.insert_jobs(s, rows(queues)))
-        await app.async_connector().run(statements.insert_jobs(s, rows(queues)))
-    stored = sql("SELECT queue, args->>'i', priority FROM pgtq.jobs ORDER BY id")
-    expected = [(q, str(i), 1) for qs in cases.values() for i, q in [*enumerate(qs)] * 2]
-    assert sorted(stored) == sorted(expected)
+    task = tasks["send_email"]
+    new = task.configure(queue="q", priority=3).encode([{"to": "a"}, {"to": "b"}])
+    assert statements.insert_jobs(app.statements, new).statement is app.statements.insert_jobs
+    assert (new.count, json.loads(new.args)) == (2, [{"to": "a"}, {"to": "b"}])
+    odd = {"to": "ünï ☃", "subject": [1, {"deep": None}, 2.5]}
+    one = await task.defer_async(**odd)
+    many = await task.defer_many_async([{"to": str(i)} for i in range(300)])
+    sync_many = task.defer_many([{"to": "x"}, {"to": "y"}])
+    assert many == sorted(many) and sync_many == sorted(sync_many) and one < many[0]
+    stored = dict(sql("SELECT id, args FROM pgtq.jobs"))
+    assert stored[one] == odd
+    assert [stored[i] for i in many] == [{"to": str(i)} for i in range(300)]
+    assert [stored[i] for i in sync_many] == [{"to": "x"}, {"to": "y"}]
