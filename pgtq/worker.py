@@ -27,7 +27,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -40,6 +39,7 @@ from pgtq.model import ClaimedJob, Status, dumps, error_record
 from pgtq.periodic import run_scheduler
 from pgtq.retry import backoff_delays
 from pgtq.tasks import Task, call_task
+from pgtq.threads import ThreadRunner
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -241,7 +241,7 @@ class Worker:
         self._running: dict[int, _Running] = {}
         self._buffer: dict[int, ClaimedJob] = {}  # claimed, not started yet (in claim order)
         self._outcomes = statements.Outcomes.empty()
-        self._pool: ThreadPoolExecutor | None = None
+        self._threads: ThreadRunner | None = None
         self._connector: AsyncConnector | None = None
         # Claims and completions each have a connection of their own, so a claim and a
         # completion write are in flight at the same time.
@@ -287,7 +287,8 @@ class Worker:
                 "run `pgtq migrate` (or app.migrate()) first"
             )
         if any(not t.is_async for t in self.app.tasks.values()):
-            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="pgtq-job")
+            loop = asyncio.get_running_loop()
+            self._threads = ThreadRunner(self.concurrency, loop, name="pgtq-job")
         await self._register()
         await self._refresh_queue_limits()
         self._claimer = await connector.dedicated(session=self._claim_session())
@@ -327,8 +328,8 @@ class Worker:
                 await connector.run(statements.unregister_worker(self._s, self.worker_id))
             with contextlib.suppress(Exception):
                 await _run_hooks(self.shutdown_hooks, self.state)
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
+            if self._threads is not None:
+                self._threads.shutdown()
             self.stats.elapsed = time.monotonic() - started
             logger.info("worker %s stopped", self.worker_id, extra={"worker": self.worker_id})
         return self.stats
@@ -623,7 +624,7 @@ class Worker:
             return None
 
     async def _call_sync(self, task: Task[Any], ctx: JobContext, job: ClaimedJob) -> Any:
-        assert self._pool is not None
+        assert self._threads is not None
         loop = asyncio.get_running_loop()
         timer = (
             loop.call_later(task.timeout, ctx.request_abort, "timeout")
@@ -634,16 +635,14 @@ class Worker:
             # A sync task cannot be interrupted: shield it so a cancel (shutdown) waits for the
             # thread, which sees ctx.should_abort() turn true.
             if task.transactional:
-                future = loop.run_in_executor(
-                    self._pool, self._call_sync_in_transaction, task, ctx, job
-                )
+                future = self._threads.submit(self._call_sync_in_transaction, task, ctx, job)
             elif observers.installed():
                 # Observers (tracing) keep state in context variables: run the task in a copy
                 # of this task's context so its span is the current one in the thread too.
                 run = contextvars.copy_context().run
-                future = loop.run_in_executor(self._pool, run, call_task, task, ctx, job.args)
+                future = self._threads.submit(run, call_task, task, ctx, job.args)
             else:
-                future = loop.run_in_executor(self._pool, call_task, task, ctx, job.args)
+                future = self._threads.submit(call_task, task, ctx, job.args)
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             ctx.request_abort("shutdown")
