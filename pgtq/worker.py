@@ -393,7 +393,7 @@ class Worker:
             writes_before = self._writes
             if room > 0:
                 self._wakeup.clear()
-                asked = min(room, self.batch_size)
+                asked = _claim_size(room, self.batch_size)
                 got = await self._claim(asked)
                 if got is None:
                     continue  # the claim failed and was waited out: try again
@@ -970,6 +970,14 @@ class Worker:
             loop.add_signal_handler(sig, on_signal)
             removers.append(functools.partial(loop.remove_signal_handler, sig))
         return removers
+
+
+def _claim_size(room: int, batch_size: int) -> int:
+    """A full batch, else the largest power of two that fits: a claim's limit is written into
+    its SQL (one plan each), so a worker uses a few claim statements, not one per size."""
+    if room >= batch_size:
+        return batch_size
+    return 1 << (room.bit_length() - 1)
 
 
 def _new_worker_id() -> str:

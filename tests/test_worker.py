@@ -9,6 +9,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pgtq
 from tests.conftest import eventually
@@ -428,3 +430,15 @@ def test_claims_skip_the_wal_flush_except_behind_pgbouncer(dsn: str) -> None:
 
     assert Worker(pgtq.App(dsn))._claim_session() == ("SET synchronous_commit = off",)
     assert Worker(pgtq.App(dsn, prepared_statements=False))._claim_session() == ()
+
+
+@given(room=st.integers(1, 10_000), batch_size=st.integers(1, 1_000))
+def test_a_claim_asks_a_full_batch_or_a_power_of_two_that_fits(room: int, batch_size: int) -> None:
+    """The claim's limit is part of its SQL: few sizes, so few statements and plans."""
+    from pgtq.worker import _claim_size
+
+    asked = _claim_size(room, batch_size)
+    assert 1 <= asked <= min(room, batch_size)
+    assert asked == batch_size or (asked & (asked - 1) == 0 and asked * 2 > min(room, batch_size))
+    sizes = {_claim_size(r, batch_size) for r in range(1, 2 * batch_size)}
+    assert len(sizes) <= batch_size.bit_length() + 1
