@@ -134,3 +134,18 @@ def test_the_table_puts_medians_and_ratios_side_by_side() -> None:
     # PgQueuer has no sync tasks: its async figure stands in, marked.
     assert rows[1][2:] == ["5", "10 †", "0.50"]
     assert any(note.startswith("†") for note in notes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("probe", ["claim", "pickup"])
+def test_the_probes_run(server_url: URL, probe: str) -> None:
+    """benchmarks/probes.py explains the figures (benchmarks/README.md): it must keep working."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.probes", probe, "--small", "--dsn",
+         server_url.render_as_string(hide_password=False)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    expected = {"claim": "limit as a parameter", "pickup": "pickup (enqueue call → handler)"}
+    assert any(line.startswith(expected[probe]) for line in lines), done.stdout

@@ -1,0 +1,231 @@
+"""Probes behind the figures: where a claim's and a pickup's time goes (not a benchmark).
+
+    python -m benchmarks.probes claim  [--dsn URL]   # the claim statement, bare asyncpg
+    python -m benchmarks.probes pickup [--dsn URL]   # an idle worker's pickup, step by step
+
+``claim`` times pgtq's compiled claim statement (batch 20) in a tight asyncpg loop on a
+40,000-job table: its limit written in the SQL (what pgtq runs) against a ``LIMIT $n``
+parameter (what it ran before), and with outcomes written on a second connection meanwhile,
+as the worker does. ``pickup`` runs a worker in a child process and defers 150 jobs 20 ms
+apart from this one; it splits each job's pickup into the enqueue call, the NOTIFY reaching
+the worker, the claim, and the handler's start. Each run uses a fresh database, dropped after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import make_url
+
+import pgtq
+from pgtq import statements
+from pgtq import worker as worker_module
+
+DSN = os.environ.get("PGTQ_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _with_db(dsn: str, name: str) -> str:
+    return make_url(dsn).set(database=name).render_as_string(hide_password=False)
+
+
+def _sql(query: statements.Query[Any]) -> str:
+    return str(query.statement.compile(dialect=postgresql.asyncpg.dialect()))
+
+
+async def _fill(conn: Any, jobs: int) -> None:
+    await conn.execute("DELETE FROM pgtq.jobs")  # not TRUNCATE: the other connection's
+    # prepared statements may hold a lock on the table
+    await conn.execute(
+        "INSERT INTO pgtq.jobs (task_name, args) SELECT 'noop', jsonb_build_object('n', g)"
+        " FROM generate_series(1, $1) g",
+        jobs,
+    )
+    await conn.execute("VACUUM ANALYZE pgtq.jobs")
+
+
+async def claim(dsn: str, *, rounds: int = 3, claims: int = 1_000) -> None:
+    s = statements.statements_for("pgtq")
+    literal = _sql(statements.claim_jobs(s, "probe", None, 20))
+    parameter = literal.replace("LIMIT 20 ", "LIMIT $4::INTEGER ")
+    assert parameter != literal, "the claim's SQL changed: update this probe"
+    complete = _sql(statements.complete_jobs(s, "probe", statements.Outcomes.empty()))
+    conn, completer = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+    await conn.execute("SET synchronous_commit = off")  # as the worker's claim connection
+    await conn.execute(
+        "INSERT INTO pgtq.workers (id, hostname, pid) VALUES ('probe', 'probe', 0)"
+        " ON CONFLICT DO NOTHING"
+    )
+    cases: list[tuple[str, str, tuple[Any, ...], bool]] = [
+        ("limit in the SQL", literal, (1, "probe", 1), False),
+        ("limit as a parameter", parameter, (1, "probe", 1, 20), False),
+        ("limit in the SQL, completions beside", literal, (1, "probe", 1), True),
+    ]
+    write = await completer.prepare(complete)
+    times: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for name, sql, args, completing in cases:
+            await _fill(conn, 40_000)
+            prepared = await conn.prepare(sql)
+            done: list[int] = []
+
+            async def write_outcomes(ids: list[int]) -> None:
+                n = len(ids)
+                await write.fetch(ids, [1] * n, ["succeeded"] * n, ["null"] * n, [None] * n,
+                                  [None] * n, "probe")  # fmt: skip
+
+            writing: asyncio.Task[None] | None = None
+            spent = 0.0
+            for _ in range(claims):
+                start = time.perf_counter()
+                rows = await prepared.fetch(*args)
+                spent += time.perf_counter() - start
+                done += [row[0] for row in rows]
+                if completing and (writing is None or writing.done()):
+                    writing = asyncio.create_task(write_outcomes(done))
+                    done = []
+            if writing is not None:
+                await writing
+            times.setdefault(name, []).append(spent / claims * 1_000)
+    for name, values in times.items():
+        print(f"{name:40s} {statistics.median(values):.3f} ms a claim of 20 (median of {rounds})")
+    await conn.close()
+    await completer.close()
+
+
+def _worker(dsn: str) -> None:
+    """The child: a worker that records when each NOTIFY, claim and handler start happened."""
+    notified: list[float] = []
+    claims: list[tuple[float, float]] = []
+    starts: dict[int, float] = {}
+    on_notify, claim_jobs = worker_module.Worker._on_notify, worker_module.Worker._claim
+
+    def recorded_notify(self: Any, channel: str, payload: str) -> None:
+        notified.append(time.time())
+        on_notify(self, channel, payload)
+
+    async def recorded_claim(self: Any, limit: int) -> Any:
+        start = time.time()
+        got = await claim_jobs(self, limit)
+        if got:
+            claims.append((start, time.time()))
+        return got
+
+    worker_module.Worker._on_notify = recorded_notify  # type: ignore[method-assign]
+    worker_module.Worker._claim = recorded_claim  # type: ignore[method-assign]
+    app = pgtq.App(dsn)
+
+    @app.task(name="noop")
+    async def noop(n: int) -> None:
+        starts.setdefault(n, time.time())
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        run = asyncio.create_task(app.run_worker_async(concurrency=20, batch_size=20))
+        await asyncio.sleep(0.5)
+        print("ready", flush=True)
+        await stop.wait()
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+
+    # The loop run_worker uses (uvloop when installed).
+    with asyncio.Runner(loop_factory=worker_module._new_event_loop) as runner:
+        runner.run(main())
+    print(json.dumps({"notified": notified, "claims": claims, "starts": starts}), flush=True)
+
+
+async def pickup(dsn: str, jobs: int = 150) -> None:
+    app = pgtq.App(dsn)
+    noop = app.task(name="noop")(_noop)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.probes", "worker", "--dsn", dsn,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert child.stdout is not None
+    try:
+        ready = await asyncio.wait_for(child.stdout.readline(), 60)
+        if ready.strip() != b"ready":
+            raise SystemExit("the worker did not start")
+        await noop.defer_async(n=-1)
+        await asyncio.sleep(0.5)
+        sent: list[tuple[float, float]] = []
+        for n in range(jobs):
+            before = time.time()
+            await noop.defer_async(n=n)
+            sent.append((before, time.time()))
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)
+    finally:
+        child.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(child.communicate(), 30)
+        await app.close_async()
+    seen = json.loads(out.decode().strip().splitlines()[-1])
+    starts = {int(k): v for k, v in seen["starts"].items()}
+    steps: dict[str, list[float]] = {}
+    for n, (before, after) in enumerate(sent):
+        heard = min((t for t in seen["notified"] if t >= before), default=None)
+        claimed = min((c for c in seen["claims"] if heard and c[0] >= heard), default=None)
+        if heard is None or claimed is None or n not in starts:
+            continue
+        for name, value in (
+            ("enqueue call (defer_async)", after - before),
+            ("enqueue returned → NOTIFY heard", heard - after),
+            ("NOTIFY heard → claim sent", claimed[0] - heard),
+            ("claim", claimed[1] - claimed[0]),
+            ("claim returned → handler", starts[n] - claimed[1]),
+            ("pickup (enqueue call → handler)", starts[n] - before),
+        ):
+            steps.setdefault(name, []).append(value * 1000)
+    for name, values in steps.items():
+        values.sort()
+        p90 = values[int(len(values) * 0.9)]
+        print(f"{name:34s} p50 {statistics.median(values):.3f} ms  p90 {p90:.3f} ms")
+
+
+async def _noop(n: int) -> None:
+    """The probes' task (the worker child registers its own under the same name)."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.probes", description=__doc__)
+    parser.add_argument("probe", choices=["claim", "pickup", "worker"])
+    parser.add_argument("--dsn", default=DSN, help="a server URL whose user may create databases")
+    parser.add_argument("--small", action="store_true", help="a few seconds (the smoke test)")
+    args = parser.parse_args()
+    if args.probe == "worker":  # internal: the child of ``pickup`` (its --dsn is the database)
+        _worker(args.dsn)
+        return
+    name = f"pgtq_probe_{uuid.uuid4().hex[:8]}"
+
+    async def run() -> None:
+        admin = await asyncpg.connect(args.dsn)
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            dsn = _with_db(args.dsn, name)
+            app = pgtq.App(dsn)
+            await app.migrate_async()
+            await app.close_async()
+            if args.probe == "claim":
+                await (claim(dsn, rounds=1, claims=100) if args.small else claim(dsn))
+            else:
+                await pickup(dsn, jobs=20 if args.small else 150)
+        finally:
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            await admin.close()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
