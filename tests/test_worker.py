@@ -65,17 +65,19 @@ async def test_context_is_passed_to_tasks_that_ask(side: Side, app: pgtq.App) ->
     assert {c.task_name for c in got} == {"with_ctx", "named_ctx"}
 
 
-async def test_priority_order(side: Side, app: pgtq.App) -> None:
-    order: list[int] = []
+@pytest.mark.parametrize("batch_size", [1, 5], ids=["one per claim", "all in one claim"])
+async def test_priority_order(side: Side, app: pgtq.App, batch_size: int) -> None:
+    """Higher priority first, then the older job; within one claim too (sorted after it)."""
+    order: list[tuple[int, str]] = []
 
     @app.task
-    def record(p: int) -> None:
-        order.append(p)
+    def record(p: int, tag: str) -> None:
+        order.append((p, tag))
 
-    for p in (0, 5, -3, 10, 5):
-        await side.defer(record.configure(priority=p), p=p)
-    await side.run_worker(app, wait=False, concurrency=1)
-    assert order == [10, 5, 5, 0, -3]
+    for p, tag in ((0, "a"), (5, "b"), (-3, "c"), (10, "d"), (5, "e")):
+        await side.defer(record.configure(priority=p), p=p, tag=tag)
+    await side.run_worker(app, wait=False, concurrency=1, batch_size=batch_size, prefetch=4)
+    assert order == [(10, "d"), (5, "b"), (5, "e"), (0, "a"), (-3, "c")]
 
 
 async def test_only_listed_queues_are_worked(side: Side, app: pgtq.App) -> None:
