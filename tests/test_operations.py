@@ -298,9 +298,9 @@ async def test_resume_wakes_the_workers_with_a_notify(
 # -- plans on a big table ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def big_table(make_database: Any) -> Iterator[str]:
-    """100k finished jobs and a few hundred live ones: what a busy queue keeps."""
+def finished_jobs(make_database: Any, rows: int, every: float, then: str | None = None) -> str:
+    """A migrated database holding ``rows`` jobs that succeeded ``every`` s apart back from
+    now, over queues q0-q2 (``then``: more SQL before the VACUUM ANALYZE); its libpq DSN."""
     url = make_database()
     app = pgtq.App(url)
     app.migrate()
@@ -309,16 +309,27 @@ def big_table(make_database: Any) -> Iterator[str]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO pgtq.jobs (queue, task_name, status, finished_at) "
-            "SELECT 'q' || (i % 3), 't', 'succeeded', now() - make_interval(secs => i) "
-            "FROM generate_series(1, 100000) AS i"
+            "SELECT 'q' || (i %% 3), 't', 'succeeded', now() - make_interval(secs => i * %s) "
+            "FROM generate_series(1, %s) AS i",
+            (every, rows),
         )
-        conn.execute(
-            "INSERT INTO pgtq.jobs (queue, task_name, status, finished_at) "
-            "SELECT 'q' || (i % 3), 't', (ARRAY['todo', 'failed'])[1 + i % 2], "
-            "CASE WHEN i % 2 = 1 THEN now() END FROM generate_series(1, 400) AS i"
-        )
+        if then is not None:
+            conn.execute(then)
         conn.execute("VACUUM ANALYZE pgtq.jobs")
-    yield dsn
+    return dsn
+
+
+@pytest.fixture(scope="module")
+def big_table(make_database: Any) -> Iterator[str]:
+    """100k finished jobs and a few hundred live ones: what a busy queue keeps."""
+    yield finished_jobs(
+        make_database,
+        100_000,
+        every=1,
+        then="INSERT INTO pgtq.jobs (queue, task_name, status, finished_at) "
+        "SELECT 'q' || (i % 3), 't', (ARRAY['todo', 'failed'])[1 + i % 2], "
+        "CASE WHEN i % 2 = 1 THEN now() END FROM generate_series(1, 400) AS i",
+    )
 
 
 S = statements_for("pgtq")

@@ -30,9 +30,8 @@ from pgtq.reports import Throughput
 from pgtq.statements import statements_for
 from pgtq.web import security
 from pgtq.web.views import PAGE_SIZE
-from tests.conftest import libpq
 from tests.sides import Side
-from tests.test_operations import SQL, finish, tasks
+from tests.test_operations import SQL, finish, finished_jobs, tasks
 
 BASE = "http://testserver"
 
@@ -124,19 +123,7 @@ async def test_list_searches_in_arguments_literally(app: pgtq.App, side: Side) -
 @pytest.fixture(scope="module")
 def big_table(make_database: Any) -> Iterator[str]:
     """200k jobs that ended over the last days, a few hundred in the last hour."""
-    url = make_database()
-    app = pgtq.App(url)
-    app.migrate()
-    app.close()
-    dsn = libpq(url)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO pgtq.jobs (queue, task_name, status, finished_at) "
-            "SELECT 'q' || (i % 3), 't', 'succeeded', now() - make_interval(secs => i * 2) "
-            "FROM generate_series(1, 200000) AS i"
-        )
-        conn.execute("VACUUM ANALYZE pgtq.jobs")
-    yield dsn
+    yield finished_jobs(make_database, 200_000, every=2)
 
 
 def _scans(plan: dict[str, Any]) -> Iterator[tuple[str, str | None]]:
