@@ -256,7 +256,7 @@ async def test_already_enqueued_on_the_fast_path_keeps_the_connection(
 
 
 async def test_one_insert_statement_serves_one_job_and_many(
-    app: pgtq.App, tasks: Any, sql: Any
+    side: Side, app: pgtq.App, tasks: Any, sql: Any
 ) -> None:
     """Every defer is one statement: shared options as scalars, the arguments as one JSON
     array split in PostgreSQL; the ids come back in the order of the arguments, and what is
@@ -268,11 +268,11 @@ async def test_one_insert_statement_serves_one_job_and_many(
     assert statements.insert_jobs(app.statements, new).statement is app.statements.insert_jobs
     assert (new.count, json.loads(new.args)) == (2, [{"to": "a"}, {"to": "b"}])
     odd = {"to": "ünï ☃", "subject": [1, {"deep": None}, 2.5]}
-    one = await task.defer_async(**odd)
-    many = await task.defer_many_async([{"to": str(i)} for i in range(300)])
-    sync_many = task.defer_many([{"to": "x"}, {"to": "y"}])
-    assert many == sorted(many) and sync_many == sorted(sync_many) and one < many[0]
+    one = await side.defer(task, **odd)
+    many = await side.defer_many(task, [{"to": str(i)} for i in range(300)])
+    few = await side.defer_many(task, [{"to": "x"}, {"to": "y"}])
+    assert many == sorted(many) and few == sorted(few) and one < many[0]
     stored = dict(sql("SELECT id, args FROM pgtq.jobs"))
     assert stored[one] == odd
     assert [stored[i] for i in many] == [{"to": str(i)} for i in range(300)]
-    assert [stored[i] for i in sync_many] == [{"to": "x"}, {"to": "y"}]
+    assert [stored[i] for i in few] == [{"to": "x"}, {"to": "y"}]
