@@ -2,13 +2,18 @@
 
     python -m benchmarks.probes claim  [--dsn URL]   # the claim statement, bare asyncpg
     python -m benchmarks.probes pickup [--dsn URL]   # an idle worker's pickup, step by step
+    python -m benchmarks.probes enqueue [--dsn URL]  # a single enqueue: statement, NOTIFY, pgtq
 
 ``claim`` times pgtq's compiled claim statement (batch 20) in a tight asyncpg loop on a
 40,000-job table: its limit written in the SQL (what pgtq runs) against a ``LIMIT $n``
 parameter (what it ran before), and with outcomes written on a second connection meanwhile,
 as the worker does. ``pickup`` runs a worker in a child process and defers 150 jobs 20 ms
 apart from this one; it splits each job's pickup into the enqueue call, the NOTIFY reaching
-the worker, the claim, and the handler's start. Each run uses a fresh database, dropped after.
+the worker, the claim, and the handler's start. ``enqueue`` times single inserts one by one,
+bare asyncpg: pgtq's insert statement (it notifies itself), the same without its NOTIFY, with
+the insert trigger of pgtq_0001-0005 instead, and ``task.defer_async`` on top, so the cost
+of the NOTIFY path and of pgtq's own Python show apart. Each run uses a fresh database,
+dropped after.
 """
 
 from __future__ import annotations
@@ -101,6 +106,67 @@ async def claim(dsn: str, *, rounds: int = 3, claims: int = 1_000) -> None:
         print(f"{name:40s} {statistics.median(values):.3f} ms a claim of 20 (median of {rounds})")
     await conn.close()
     await completer.close()
+
+
+async def enqueue(dsn: str, *, rounds: int = 3, calls: int = 1_500) -> None:
+    app = pgtq.App(dsn)
+    task = app.task(name="noop")(_noop)
+    plain = task.configure()
+    query = statements.insert_jobs(app.statements, plain.encode([{"n": 1}]))
+    sql, args = app.async_connector().driver_sql.positional(query)
+    # The statement without its NOTIFY: the insert alone, as its CTE holds it.
+    bare = sql[sql.index("(INSERT") + 1 : sql.index("RETURNING pgtq.jobs.id") + 22]
+    assert bare.startswith("INSERT") and "pg_notify" in sql, "the insert changed: update me"
+    bare_args = args  # the NOTIFY reuses the insert's $1 (queue) and $4 (scheduled_at)
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(_TRIGGER_FUNCTION)
+    await task.defer_async(n=0)  # warm-up: the fast path's connection is open
+
+    async def statement(sql: str, args: list[Any]) -> None:
+        await conn.fetch(sql, *args)
+
+    cases: list[tuple[str, bool, Any]] = [
+        ("pgtq's insert (notifies itself)", False, lambda: statement(sql, args)),
+        ("the insert without its NOTIFY", False, lambda: statement(bare, bare_args)),
+        ("the insert + the old insert trigger", True, lambda: statement(bare, bare_args)),
+        ("task.defer_async (pgtq's insert)", False, lambda: task.defer_async(n=1)),
+    ]
+    # Interleaved in blocks of 50 calls, so the machine's drift spreads over every case.
+    spent = dict.fromkeys((name for name, _, _ in cases), 0.0)
+    for _ in range(rounds * calls // 50):
+        for name, trigger, call in cases:
+            if trigger:
+                await conn.execute(_TRIGGER)
+            start = time.perf_counter()
+            for _ in range(50):
+                await call()
+            spent[name] += time.perf_counter() - start
+            if trigger:
+                await conn.execute("DROP TRIGGER jobs_notify_inserted ON pgtq.jobs")
+    for name, seconds in spent.items():
+        each = seconds / (rounds * calls // 50 * 50) * 1e6
+        print(f"{name:40s} {each:6.0f} us a call ({rounds * calls:,} calls, interleaved)")
+    await conn.close()
+    await app.close_async()
+
+
+# The insert trigger pgtq_0001 created and pgtq_0006 dropped (for the comparison only).
+_TRIGGER_FUNCTION = """
+CREATE OR REPLACE FUNCTION pgtq.notify_jobs_inserted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('pgtq_' || TG_TABLE_SCHEMA, q.queue)
+    FROM (SELECT DISTINCT queue FROM new_jobs
+          WHERE scheduled_at IS NULL OR scheduled_at <= now()) AS q;
+    RETURN NULL;
+END;
+$$
+"""
+_TRIGGER = """
+CREATE TRIGGER jobs_notify_inserted AFTER INSERT ON pgtq.jobs
+REFERENCING NEW TABLE AS new_jobs
+FOR EACH STATEMENT EXECUTE FUNCTION pgtq.notify_jobs_inserted()
+"""
 
 
 def _worker(dsn: str) -> None:
@@ -199,7 +265,7 @@ async def _noop(n: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.probes", description=__doc__)
-    parser.add_argument("probe", choices=["claim", "pickup", "worker"])
+    parser.add_argument("probe", choices=["claim", "pickup", "enqueue", "worker"])
     parser.add_argument("--dsn", default=DSN, help="a server URL whose user may create databases")
     parser.add_argument("--small", action="store_true", help="a few seconds (the smoke test)")
     args = parser.parse_args()
@@ -218,6 +284,8 @@ def main() -> None:
             await app.close_async()
             if args.probe == "claim":
                 await (claim(dsn, rounds=1, claims=100) if args.small else claim(dsn))
+            elif args.probe == "enqueue":
+                await (enqueue(dsn, rounds=1, calls=50) if args.small else enqueue(dsn))
             else:
                 await pickup(dsn, jobs=20 if args.small else 150)
         finally:

@@ -247,29 +247,6 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
 #: The default schema's tables, for Alembic's ``target_metadata`` in a user's project.
 metadata = tables_for(DEFAULT_SCHEMA).metadata
 
-#: Runs after jobs are inserted: one NOTIFY per queue with due jobs, per statement. PostgreSQL
-#: folds identical notifications of one transaction into one, so a transaction that defers
-#: many jobs sends at most one per queue. Kept in SQL so any insert path (COPY, raw SQL) wakes
-#: the workers.
-NOTIFY_FUNCTION_SQL = """
-CREATE OR REPLACE FUNCTION {schema}.notify_jobs_inserted() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('pgtq_' || TG_TABLE_SCHEMA, q.queue)
-    FROM (SELECT DISTINCT queue FROM new_jobs
-          WHERE scheduled_at IS NULL OR scheduled_at <= now()) AS q;
-    RETURN NULL;
-END;
-$$
-"""
-
 #: The trigger that writes ``job_events``: ``app.jobs.set_history(False)`` disables it (then
 #: only the current attempt, read off the job's row, is left in a job's history).
 HISTORY_TRIGGERS = ("jobs_history_updated",)
-
-NOTIFY_TRIGGER_SQL = """
-CREATE TRIGGER jobs_notify_inserted
-AFTER INSERT ON {schema}.jobs
-REFERENCING NEW TABLE AS new_jobs
-FOR EACH STATEMENT EXECUTE FUNCTION {schema}.notify_jobs_inserted()
-"""

@@ -138,3 +138,37 @@ async def eventually(
 
 def libpq(url: URL | str) -> str:
     return _libpq(make_url(url))
+
+
+class Notifications:
+    """A LISTEN on the jobs' channel. ``until_marker()`` defers a marker job (queue
+    ``marker``) and returns the payloads that arrived before its own: notifications come in
+    commit order, so what is not there by then was never sent (no sleep, no timeout guess)."""
+
+    def __init__(self, dsn: str, channel: str, marker: pgtq.Task[Any]) -> None:
+        self.conn = psycopg.connect(_libpq(make_url(dsn)), autocommit=True)
+        self.conn.execute(f'LISTEN "{channel}"')
+        self.marker = marker
+
+    async def until_marker(self) -> list[str]:
+        await self.marker.defer_async()
+
+        def read() -> list[str]:
+            seen: list[str] = []
+            for n in self.conn.notifies(timeout=10):
+                if n.payload == "marker":
+                    return seen
+                seen.append(n.payload)
+            raise AssertionError(f"the marker's NOTIFY did not come (got {seen})")
+
+        return await asyncio.to_thread(read)
+
+
+@pytest.fixture
+def notifications(app: pgtq.App, dsn: str) -> Iterator[Notifications]:
+    @app.task(queue="marker")
+    def marker() -> None: ...
+
+    listening = Notifications(dsn, app.statements.channel, marker)
+    yield listening
+    listening.conn.close()

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import pgtq
 from pgtq.connectors import async_url, sync_url
+from tests.conftest import Notifications
 from tests.sides import Side
 
 
@@ -171,6 +172,47 @@ async def test_defer_in_the_callers_transaction(
     assert sql("SELECT count(*) FROM pgtq.jobs") == [(expected,)]
 
 
+async def test_the_insert_notifies_once_per_call_when_due(
+    side: Side, tasks: Any, notifications: Notifications
+) -> None:
+    """pgtq's insert sends its own NOTIFY (no trigger since pgtq_0006): the queue's name,
+    once for a whole defer_many, none for jobs that are not due yet."""
+    await side.defer(tasks["send_email"], to="a")
+    assert await notifications.until_marker() == ["emails"]
+    await side.defer_many(tasks["resize"], [{"image_id": i} for i in range(50)])
+    assert await notifications.until_marker() == ["default"]
+    later = tasks["send_email"].configure(schedule_in=timedelta(hours=1))
+    await side.defer(later, to="a")
+    await side.defer_many(later, [{"to": "b"}, {"to": "c"}])
+    assert await notifications.until_marker() == []
+    due = tasks["send_email"].configure(queue="bulk", schedule_at=datetime.now(UTC))
+    await side.defer(due, to="a")
+    assert await notifications.until_marker() == ["bulk"]
+
+
+@pytest.mark.parametrize("commit", [True, False], ids=["commit", "rollback"])
+async def test_a_job_in_the_callers_transaction_notifies_at_its_commit(
+    side: Side, tasks: Any, dsn: str, notifications: Notifications, commit: bool
+) -> None:
+    """Workers hear of the job once it is visible to them, and never of a rolled-back one."""
+    task = tasks["send_email"]
+    if side.name == "sync":
+        engine = sa.create_engine(sync_url(dsn))
+        with engine.connect() as conn:
+            await asyncio.to_thread(task.defer, to="a", connection=conn)
+            assert await notifications.until_marker() == []  # not committed yet
+            conn.commit() if commit else conn.rollback()
+        engine.dispose()
+    else:
+        aengine = create_async_engine(async_url(dsn))
+        async with aengine.connect() as aconn:
+            await task.defer_async(to="a", connection=aconn)
+            assert await notifications.until_marker() == []
+            await (aconn.commit() if commit else aconn.rollback())
+        await aengine.dispose()
+    assert await notifications.until_marker() == (["emails"] if commit else [])
+
+
 async def test_wrong_kind_of_connection_is_a_clear_error(
     app: pgtq.App, tasks: Any, dsn: str
 ) -> None:
@@ -216,7 +258,7 @@ async def test_a_cancelled_defer_async_writes_nothing_and_the_next_one_works(
             lambda: (
                 sql(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE 'INSERT INTO pgtq.jobs%%'"
+                    "AND query LIKE 'WITH inserted AS%%'"
                 )
                 == [(1,)]
             )
@@ -247,11 +289,12 @@ async def test_already_enqueued_on_the_fast_path_keeps_the_connection(
 ) -> None:
     locked = tasks["resize"].configure(queueing_lock="one")
     await locked.defer_async(image_id=1)
-    pids = sql("SELECT pid FROM pg_stat_activity WHERE query LIKE 'INSERT INTO pgtq.jobs%%'")
+    pids = sql("SELECT pid FROM pg_stat_activity WHERE query LIKE 'WITH inserted AS%%'")
+    assert len(pids) == 1  # the fast path's backend, its last query the insert
     with pytest.raises(pgtq.AlreadyEnqueued):
         await locked.defer_async(image_id=2)
     assert await tasks["resize"].defer_async(image_id=3) > 0
-    after = sql("SELECT pid FROM pg_stat_activity WHERE query LIKE 'INSERT INTO pgtq.jobs%%'")
+    after = sql("SELECT pid FROM pg_stat_activity WHERE query LIKE 'WITH inserted AS%%'")
     assert after == pids  # the same backend served all three
 
 

@@ -1,9 +1,9 @@
 """Pre and post revisions: ``upgrade(phase=...)``, ``pgtq migrate --pre/--post``, and the same
 in a user's Alembic project (``pre_target``).
 
-pgtq ships no post revision yet, so the mechanism is tested on a temporary versions directory:
-copies of pgtq's revisions plus synthetic ones (a pre revision adding a column, a post one
-dropping it). The real ``alembic/versions`` is left alone.
+The mechanism is tested on a temporary versions directory: copies of pgtq's revisions (its
+only post one so far, pgtq_0006, applied first) plus synthetic ones (a pre revision adding a
+column, a post one dropping it). The real ``alembic/versions`` is left alone.
 """
 
 from __future__ import annotations
@@ -124,8 +124,9 @@ def test_every_pgtq_revision_says_its_phase() -> None:
     assert revisions
     for rev in revisions:
         assert migrations.phase_of(rev) in ("pre", "post"), rev.path
-    # Nothing to remove yet: every revision so far is additive.
-    assert {migrations.phase_of(rev) for rev in revisions} == {"pre"}
+    # One revision removes what the previous release used: the insert trigger (pgtq_0006).
+    post = {rev.revision for rev in revisions if migrations.phase_of(rev) == "post"}
+    assert post == {"pgtq_0006"}
 
 
 def test_a_revision_without_a_phase_is_refused(versions: Callable[..., Path]) -> None:
@@ -169,10 +170,12 @@ async def test_pre_then_post_on_a_schema_of_the_previous_release(
 def test_on_an_empty_schema_pre_stops_before_the_first_post(
     versions: Callable[..., Path], engine: Engine
 ) -> None:
-    versions("syn_0005", "syn_0006")
-    assert upgrade(engine, phase="pre")[-2:] == [REAL_HEAD, "syn_0005"]
-    assert at(engine) == {"syn_0005"}
-    assert upgrade(engine, phase="post") == ["syn_0006"]
+    # pgtq's own revisions: pgtq_0006 (post) drops the insert trigger that the previous
+    # release's enqueuers rely on, so pre stops right before it.
+    assert REAL_HEAD == "pgtq_0006"
+    assert upgrade(engine, phase="pre") == REAL_REVISIONS[:-1]
+    assert at(engine) == {REAL_REVISIONS[-2]}
+    assert upgrade(engine, phase="post") == ["pgtq_0006"]
 
 
 def test_plain_upgrade_applies_both_phases(versions: Callable[..., Path], engine: Engine) -> None:
@@ -285,8 +288,8 @@ def test_pre_target_in_a_user_project(
 
 
 def test_pre_target_on_an_empty_project_database(
-    versions: Callable[..., Path], tmp_path: Path, make_database: Callable[[], URL]
+    tmp_path: Path, make_database: Callable[[], URL]
 ) -> None:
-    directory = versions("syn_0005", "syn_0006")
-    ini = make_user_project(tmp_path / "project", make_database(), str(directory))
-    assert migrations.pre_target(ini) == "syn_0005"
+    # pgtq's own revisions only: the last pre one is the one before pgtq_0006 (post).
+    ini = make_user_project(tmp_path / "project", make_database(), str(migrations.VERSIONS_DIR))
+    assert migrations.pre_target(ini) == REAL_REVISIONS[-2]

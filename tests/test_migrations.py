@@ -276,25 +276,32 @@ def test_offline_sql_builds_the_same_schema(make_database: Callable[[], URL]) ->
 
 
 @pytest.mark.parametrize("schema", ["pgtq", "jobs_custom"])
-def test_insert_notifies_the_queue(engine: Engine, schema: str) -> None:
+def test_defer_notifies_its_schemas_channel(engine: Engine, schema: str) -> None:
+    """pgtq's insert notifies by itself: pgtq_0006 dropped the insert trigger, so a row
+    written with plain SQL announces nothing (polling finds it)."""
     with engine.begin() as conn:
         migrations.upgrade(conn, schema)
+        triggers = conn.execute(
+            sa.text("SELECT tgname FROM pg_trigger WHERE tgrelid = CAST(:t AS regclass)"),
+            {"t": f"{schema}.jobs"},
+        ).scalars()
+        assert set(triggers) == {"jobs_history_updated"}
+    app = pgtq.App(engine.url, schema=schema)
+
+    @app.task(queue="emails")
+    def send() -> None: ...
+
     dsn = libpq(engine.url)
     with (
         psycopg.connect(dsn, autocommit=True) as listener,
         psycopg.connect(dsn, autocommit=True) as writer,
     ):
         listener.execute(f"LISTEN {notify_channel(schema)}")
-        # Not due yet: no notification. Notifications arrive in commit order, so if this one
-        # were sent it would come first.
-        writer.execute(
-            f"INSERT INTO {schema}.jobs (queue, task_name, scheduled_at) "
-            "VALUES ('later', 't', now() + interval '1 hour')"
-        )
-        writer.execute(
-            f"INSERT INTO {schema}.jobs (queue, task_name) VALUES ('emails', 't'), ('emails', 't')"
-        )
+        # Notifications arrive in commit order: had this insert sent one, it would come first.
+        writer.execute(f"INSERT INTO {schema}.jobs (queue, task_name) VALUES ('raw', 't')")
+        send.defer()
         payloads = [n.payload for n in listener.notifies(timeout=10, stop_after=1)]
+    app.close()
     assert payloads == ["emails"]
 
 

@@ -19,7 +19,7 @@ import pytest
 import pgtq
 from pgtq import periodic
 from pgtq.periodic import cron_ticks, due_ticks, run_scheduler
-from tests.conftest import eventually
+from tests.conftest import Notifications, eventually
 from tests.sides import Side
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -272,6 +272,26 @@ async def test_a_tick_is_deferred_once_when_schedulers_race(
     # A later round (or a late scheduler) defers nothing twice.
     again = await side.call(periodic, "defer_due_ticks", app, now=now + timedelta(seconds=1))
     assert [(d.task_name, d.tick_at) for d in again] == [("beat", now + timedelta(seconds=1))]
+
+
+async def test_deferred_ticks_wake_the_workers_of_their_queues(
+    side: Side, app: pgtq.App, notifications: Notifications
+) -> None:
+    """The ticks' insert notifies each queue that got a job, once (no insert trigger)."""
+
+    @app.periodic(cron="* * * * *")
+    @app.task(queue="beats")
+    def beat(timestamp: int) -> None: ...
+
+    @app.periodic(cron="* * * * *")
+    @app.task
+    async def other(timestamp: int) -> None: ...
+
+    now = utc(2024, 5, 1, 12, 0, 0)
+    assert await side.call(periodic, "defer_due_ticks", app, now=now)  # a few ticks each
+    assert sorted(await notifications.until_marker()) == ["beats", "default"]
+    assert await side.call(periodic, "defer_due_ticks", app, now=now) == []  # all deferred
+    assert await notifications.until_marker() == []
 
 
 async def test_after_an_outage_old_ticks_are_skipped(side: Side, app: pgtq.App, sql: SQL) -> None:
