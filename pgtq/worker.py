@@ -247,10 +247,16 @@ class Worker:
         # completion write are in flight at the same time.
         self._claimer: DedicatedConnection | None = None
         self._completer: DedicatedConnection | None = None
-        self._wakeup = asyncio.Event()  # a NOTIFY announced new jobs
+        # The fetch loop sleeps on one event, rung by whatever may give it work: a NOTIFY of
+        # new jobs (heeded only while it has free slots), a job that ended or outcomes written
+        # (``changed``), a stop. One future per sleep, no helper tasks: the path from a
+        # NOTIFY to the claim is a single wake-up.
+        self._bell = asyncio.Event()
+        self._new_jobs = False  # a NOTIFY announced new jobs since the last claim
+        self._changed = False  # a job finished or outcomes were written since the loop looked
+        self._wants_jobs = False  # asleep with free slots: a NOTIFY rings the bell
         self._stopping = asyncio.Event()
         self._flush = asyncio.Event()  # outcomes wait to be written
-        self._changed = asyncio.Event()  # a job finished or outcomes were written
         self._write_lock = asyncio.Lock()
         self._writes = 0  # completion writes done so far
         self._hurry = asyncio.Event()  # a second signal: stop waiting for running jobs
@@ -348,7 +354,7 @@ class Worker:
     def stop(self) -> None:
         """Stop claiming; running jobs get ``shutdown_graceful_timeout`` to finish."""
         self._stopping.set()
-        self._wakeup.set()
+        self._bell.set()
 
     async def _listen_loop(self) -> None:
         """LISTEN, and LISTEN again after the connection is lost (polling covers the gap)."""
@@ -365,17 +371,26 @@ class Worker:
                 await asyncio.sleep(delay)
                 continue
             delays = backoff_delays()
-            self._wakeup.set()  # jobs may have been deferred while nobody listened
+            self._announce_new_jobs()  # jobs may have been deferred while nobody listened
             try:
                 await listener.lost.wait()
                 logger.warning("the LISTEN connection was lost; reconnecting")
             finally:
                 await listener.close()
 
+    def _announce_new_jobs(self) -> None:
+        self._new_jobs = True
+        if self._wants_jobs:
+            self._bell.set()
+
+    def _mark_changed(self) -> None:
+        self._changed = True
+        self._bell.set()
+
     def _on_notify(self, channel: str, payload: str) -> None:
         if channel == self._s.channel:
             if self.queues is None or payload in self.queues:
-                self._wakeup.set()
+                self._announce_new_jobs()
         elif channel == self._s.abort_channel:
             with contextlib.suppress(ValueError):
                 self._request_abort(int(payload), "requested")
@@ -384,7 +399,7 @@ class Worker:
 
     async def _fetch_loop(self) -> None:
         while not self._stopping.is_set():
-            self._changed.clear()
+            self._changed = False
             if self._reconcile and not await self._release_unknown():
                 continue
             self._start_buffered()
@@ -392,7 +407,7 @@ class Worker:
             claimed: list[ClaimedJob] = []
             writes_before = self._writes
             if room > 0:
-                self._wakeup.clear()
+                self._new_jobs = False
                 asked = _claim_size(room, self.batch_size)
                 got = await self._claim(asked)
                 if got is None:
@@ -517,17 +532,17 @@ class Worker:
 
     async def _sleep_until_work(self, *, free_slots: bool) -> None:
         """Wait for a NOTIFY, a free slot, a stop, or the polling interval."""
-        waiters = [self._stopping.wait(), self._changed.wait()]
-        if free_slots:
-            waiters.append(self._wakeup.wait())
-        tasks = [asyncio.ensure_future(w) for w in waiters]
+        if self._changed or (free_slots and self._new_jobs) or self._stopping.is_set():
+            return  # it came while the loop was busy
+        self._bell.clear()
+        self._wants_jobs = free_slots
         try:
-            await asyncio.wait(
-                tasks, timeout=self.fetch_interval, return_when=asyncio.FIRST_COMPLETED
-            )
+            async with asyncio.timeout(self.fetch_interval):
+                await self._bell.wait()
+        except TimeoutError:
+            pass  # the polling interval: look anyway
         finally:
-            for t in tasks:
-                t.cancel()
+            self._wants_jobs = False
 
     # -- running jobs ---------------------------------------------------------------------------
 
@@ -568,7 +583,7 @@ class Worker:
         except _NotCommitted as nc:
             if nc.outcome is None:  # the job is no longer ours: nothing to write
                 self._forget(running)
-                self._changed.set()
+                self._mark_changed()
                 return
             result, exc = _DECIDED, None
             outcome = nc.outcome
@@ -578,7 +593,7 @@ class Worker:
             outcome = result.outcome  # written with the task's own transaction
             if self._forget(running):
                 self._count(outcome)
-                self._changed.set()
+                self._mark_changed()
         else:
             if result is not _DECIDED:
                 outcome = decide(task, job, result=result, exc=exc, abort_reason=ctx.abort_reason())
@@ -713,7 +728,7 @@ class Worker:
         )
         self._count(outcome)
         self._flush.set()
-        self._changed.set()
+        self._mark_changed()
 
     def _count(self, outcome: Outcome) -> None:
         self.stats.processed += 1
@@ -778,7 +793,7 @@ class Worker:
                         delay,
                     )
                     await asyncio.sleep(delay)
-        self._changed.set()
+        self._mark_changed()
 
     def _merge_back(self, batch: statements.Outcomes) -> None:
         newer = self._outcomes
