@@ -10,7 +10,7 @@ import json
 import traceback
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class Status(enum.StrEnum):
@@ -66,9 +66,13 @@ class JobEvent:
     error: dict[str, Any] | None
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimedJob:
-    """What the worker needs of a job it has just claimed: the hot path's small row."""
+class ClaimedJob(NamedTuple):
+    """What the worker needs of a job it has just claimed: the hot path's small row.
+
+    A named tuple: made straight from the claim's row in C (``ClaimedJob._make(row)``), a
+    few µs a job cheaper than a frozen dataclass, whose ``__init__`` sets each field through
+    ``object.__setattr__``.
+    """
 
     id: int
     queue: str

@@ -1127,14 +1127,20 @@ def to_job(row: Any) -> Job:
 
 
 def to_claimed(row: Any) -> ClaimedJob:
-    return ClaimedJob(*row[:9])
+    return ClaimedJob._make(row[:9])
 
 
 def claimed_in_order(rows: Iterable[Any]) -> list[ClaimedJob]:
-    """Claimed jobs in the order they start: priority first, then the oldest."""
-    jobs = [to_claimed(row) for row in rows]
-    jobs.sort(key=lambda job: (-job.priority, job.id))
+    """Claimed jobs in the order they start: priority first, then the oldest. (The claim
+    returns exactly a ``ClaimedJob``'s columns.)"""
+    make = ClaimedJob._make
+    jobs = [make(row) for row in rows]
+    jobs.sort(key=_start_order)
     return jobs
+
+
+def _start_order(job: ClaimedJob) -> tuple[int, int]:
+    return -job.priority, job.id
 
 
 # -- queries: statement + parameters + mapper, run by either connector ------------------------
@@ -1236,6 +1242,23 @@ class Outcomes:
         self.ids.append(job_id)
         self.attempts.append(attempt)
         self.statuses.append(status.value)
+        self.results.append(result)
+        self.errors.append(error)
+        self.retry_in.append(retry_in)
+
+    def append(
+        self,
+        job_id: int,
+        attempt: int | None,
+        status: str,
+        result: str | None,
+        error: str | None,
+        retry_in: float | None,
+    ) -> None:
+        """``add`` for the worker's hot path: positional, the status already a string."""
+        self.ids.append(job_id)
+        self.attempts.append(attempt)
+        self.statuses.append(status)
         self.results.append(result)
         self.errors.append(error)
         self.retry_in.append(retry_in)

@@ -75,10 +75,14 @@ class Outcome:
     result: str | None = None
     error: str | None = None
     retry_in: float | None = None
+    # Derived once here, not per job on the hot path (an enum's ``value`` and ``hash`` are
+    # Python-level calls): the status as written, and the label stats and logs use.
+    value: str = field(init=False, repr=False, compare=False)
+    label: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def label(self) -> str:
-        return _LABELS[self.status]
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "value", self.status.value)
+        object.__setattr__(self, "label", _LABELS[self.status])
 
 
 _LABELS = {status: "retried" if status is Status.TODO else status.value for status in Status}
@@ -556,14 +560,19 @@ class Worker:
             # not written (the guard on the attempt refuses it anyway).
             self._stop_attempt(older)
         self._running[job.id] = running
-        running.future = asyncio.create_task(self._run_job(running), name=f"pgtq-job-{job.id}")
+        # The loop's own create_task: asyncio.create_task is a Python wrapper around it.
+        loop = asyncio.get_running_loop()
+        running.future = loop.create_task(self._run_job(running), name=f"pgtq-job-{job.id}")
 
     async def _run_job(self, running: _Running) -> None:
         job, ctx, task = running.job, running.ctx, running.task
-        started = time.monotonic()
-        observed = observers.job_started(
-            job, ctx, waited=job.waited, trace_context=job.trace_context
-        )
+        # Observers and logs want the duration; a worker with neither skips the clock.
+        watched = bool(observers.installed()) or logger.isEnabledFor(logging.INFO)
+        if watched:
+            started = time.monotonic()
+            observed = observers.job_started(
+                job, ctx, waited=job.waited, trace_context=job.trace_context
+            )
         result: Any = None
         exc: BaseException | None = None
         try:
@@ -571,10 +580,13 @@ class Worker:
                 exc = UnknownTaskError(
                     f"no task named {job.task_name!r} is registered on this worker's app"
                 )
-            elif task.transactional and task.is_async:
-                result = await self._call_async_in_transaction(task, ctx, job)
             elif task.is_async:
-                result = await self._call_async(task, ctx, job)
+                if task.transactional:
+                    result = await self._call_async_in_transaction(task, ctx, job)
+                elif task.timeout is None:
+                    result = await call_task(task, ctx, job.args)
+                else:
+                    result = await self._call_async(task, ctx, job)
             else:
                 result = await self._call_sync(task, ctx, job)
         except asyncio.CancelledError:
@@ -598,6 +610,8 @@ class Worker:
             if result is not _DECIDED:
                 outcome = decide(task, job, result=result, exc=exc, abort_reason=ctx.abort_reason())
             self._record(running, outcome)
+        if not watched:
+            return
         duration = time.monotonic() - started
         observers.job_finished(
             observed, job, ctx, status=outcome.label, duration=duration, error=exc
@@ -714,17 +728,14 @@ class Worker:
 
     def _record(self, running: _Running, outcome: Outcome) -> None:
         """Buffer the outcome of an attempt this worker still holds (an abandoned one not)."""
-        if self._forget(running):
+        job_id = running.job.id
+        if self._running.get(job_id) is running:
+            del self._running[job_id]
             self._buffer_outcome(running.job, outcome)
 
     def _buffer_outcome(self, job: ClaimedJob, outcome: Outcome) -> None:
-        self._outcomes.add(
-            job.id,
-            outcome.status,
-            outcome.result,
-            outcome.error,
-            outcome.retry_in,
-            attempt=job.attempts,
+        self._outcomes.append(
+            job.id, job.attempts, outcome.value, outcome.result, outcome.error, outcome.retry_in
         )
         self._count(outcome)
         self._flush.set()
