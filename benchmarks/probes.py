@@ -183,9 +183,9 @@ def _worker(dsn: str) -> None:
         notified.append(time.time())
         on_notify(self, channel, payload)
 
-    async def recorded_claim(self: Any, limit: int) -> Any:
+    async def recorded_claim(self: Any, limit: int, conn: Any) -> Any:
         start = time.time()
-        got = await claim_jobs(self, limit)
+        got = await claim_jobs(self, limit, conn)
         if got:
             claims.append((start, time.time()))
         return got

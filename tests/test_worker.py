@@ -444,3 +444,65 @@ def test_a_claim_asks_a_full_batch_or_a_power_of_two_that_fits(room: int, batch_
     assert asked == batch_size or (asked & (asked - 1) == 0 and asked * 2 > min(room, batch_size))
     sizes = {_claim_size(r, batch_size) for r in range(1, 2 * batch_size)}
     assert len(sizes) <= batch_size.bit_length() + 1
+
+
+@pytest.mark.parametrize(
+    ("concurrency", "depth"), [(10, 2), (1, 1)], ids=["pipelined", "serial worker"]
+)
+async def test_claims_in_flight_stay_within_the_room(
+    app: pgtq.App, monkeypatch: pytest.MonkeyPatch, concurrency: int, depth: int
+) -> None:
+    """While full batches come back, two claims are out at once (one at ``concurrency=1``,
+    which keeps strict priority order), never more than the room allows, and every job runs
+    once."""
+    from pgtq import worker as worker_module
+
+    out: list[int] = []  # the limits of the claims out right now
+    most = {"claims": 0, "held": 0}
+    real = worker_module.Worker._claim
+
+    async def watched(self: Any, limit: int, conn: Any) -> Any:
+        held = len(self._running) + len(self._buffer) + sum(out) + limit
+        most["held"] = max(most["held"], held)
+        out.append(limit)
+        most["claims"] = max(most["claims"], len(out))
+        try:
+            return await real(self, limit, conn)
+        finally:
+            out.remove(limit)
+
+    monkeypatch.setattr(worker_module.Worker, "_claim", watched)
+    runs: list[int] = []
+
+    @app.task
+    async def brief(n: int) -> None:
+        if n % 2:  # some stay running across the loop's turns, so the room is tight
+            await asyncio.sleep(0.001)
+        runs.append(n)
+
+    await brief.defer_many_async([{"n": i} for i in range(300)])
+    batch = max(1, concurrency // 2)
+    stats = await app.run_worker_async(
+        wait=False, concurrency=concurrency, batch_size=batch, install_signal_handlers=False
+    )
+    assert sorted(runs) == list(range(300)) and stats.processed == 300
+    assert most["claims"] == depth
+    assert most["held"] <= concurrency + batch  # the default prefetch is one batch
+
+
+async def test_arguments_reach_the_task_as_they_were_deferred(side: Side, app: pgtq.App) -> None:
+    """The claim reads ``jsonb`` as text with JSON's C scanner: every JSON shape survives."""
+    args = {
+        "text": 'ünïcode ✓ "quoted" \\ back\nslash',
+        "numbers": [0, -7, 2**62, 1.5, -2.25e-10],
+        "nested": {"a": [None, True, False, {"b": []}], "": {}},
+    }
+    got: list[dict[str, Any]] = []
+
+    @app.task
+    def echo(**kwargs: Any) -> None:
+        got.append(kwargs)
+
+    await side.defer(echo, **args)
+    await side.run_worker(app, wait=False)
+    assert got == [args]
