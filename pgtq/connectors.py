@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from json.scanner import make_scanner
+from typing import Any, TypeVar, cast
 
 import psycopg
 import sqlalchemy as sa
@@ -29,6 +31,7 @@ from pgtq.errors import (
     PgtqError,
     SchemaNotMigrated,
 )
+from pgtq.model import dumps
 from pgtq.statements import Query
 
 T = TypeVar("T")
@@ -486,7 +489,9 @@ class AsyncConnector:
         raw.detach()  # never goes back to the pool: its session state stays its own
         return conn, driver
 
-    async def dedicated(self, *, session: tuple[str, ...] = ()) -> DedicatedConnection:
+    async def dedicated(
+        self, *, session: tuple[str, ...] = (), jsonb_text: bool = False
+    ) -> DedicatedConnection:
         """A connection of its own for a hot loop (the worker's claims, its completions).
 
         On asyncpg it runs each statement's compiled SQL straight on the driver, prepared once
@@ -494,11 +499,13 @@ class AsyncConnector:
         falls back to the pooled path.
 
         ``session``: SQL run each time the connection is opened (its settings stay its own);
-        ignored on the pooled fallback.
+        ignored on the pooled fallback. ``jsonb_text``: ``jsonb`` values come as text, read
+        by JSON's C scanner (the claims' arguments: ~0.75 µs a job less than SQLAlchemy's
+        binary decoder and ``json.loads``).
         """
         if self.engine.dialect.driver != "asyncpg":
             return _PooledConnection(self)
-        return _AsyncpgConnection(self, session=session)
+        return _AsyncpgConnection(self, session=session, jsonb_text=jsonb_text)
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
@@ -526,14 +533,33 @@ class _PooledConnection(DedicatedConnection):
         return await self._connector.run(query)
 
 
+# The C scanner json.loads uses (typeshed types make_scanner's argument oddly).
+_scan_json: Callable[[str, int], tuple[Any, int]] = make_scanner(cast(Any, json.JSONDecoder()))
+
+
+def _loads_jsonb(text: str) -> Any:
+    """PostgreSQL's text of a ``jsonb`` value (canonical: no leading blank), read by the C
+    scanner alone; anything it refuses goes to ``json.loads`` for the proper error."""
+    try:
+        return _scan_json(text, 0)[0]
+    except StopIteration:
+        return json.loads(text)
+
+
 class _AsyncpgConnection(DedicatedConnection):
     """A driver connection out of the pool, opened on first use and again after a loss."""
 
     def __init__(
-        self, connector: AsyncConnector, *, ping: bool = False, session: tuple[str, ...] = ()
+        self,
+        connector: AsyncConnector,
+        *,
+        ping: bool = False,
+        session: tuple[str, ...] = (),
+        jsonb_text: bool = False,
     ) -> None:
         self._connector = connector
         self._session = session
+        self._jsonb_text = jsonb_text
         self._conn: AsyncConnection | None = None
         self._driver: Any = None
         # Pinged before use when idle past PING_AFTER_IDLE, as pooled connections are.
@@ -553,6 +579,10 @@ class _AsyncpgConnection(DedicatedConnection):
         self._conn, self._driver = await self._connector._open_detached()
         for sql in self._session:
             await self._driver.execute(sql)
+        if self._jsonb_text:
+            await self._driver.set_type_codec(
+                "jsonb", schema="pg_catalog", encoder=dumps, decoder=_loads_jsonb, format="text"
+            )
         return self._driver
 
     async def run(self, query: Query[T]) -> T:

@@ -317,7 +317,7 @@ class Worker:
         await self._register()
         await self._refresh_queue_limits()
         self._claimers = [
-            await connector.dedicated(session=self._claim_session())
+            await connector.dedicated(session=self._claim_session(), jsonb_text=True)
             for _ in range(CLAIMS_IN_FLIGHT)
         ]
         self._free_claimers = list(self._claimers)
