@@ -587,14 +587,20 @@ class _AsyncpgConnection(DedicatedConnection):
 
     async def run(self, query: Query[T]) -> T:
         sql, args = self._connector.driver_sql.positional(query)
-        await self._ready()
+        driver = self._driver
+        if (
+            driver is None
+            or driver.is_closed()
+            or (self._ping and time.monotonic() - self._used >= PING_AFTER_IDLE)
+        ):
+            driver = await self._ready()
         try:
-            rows = await self._driver.fetch(sql, *args)
+            rows = await driver.fetch(sql, *args)
             self._used = time.monotonic()
         except Exception as exc:
             # Not an error PostgreSQL sent: the connection is in an unknown state (dropped,
             # or stuck mid-operation). Replace it on the next call.
-            if self._driver.is_closed() or not _server_error(exc):
+            if driver.is_closed() or not _server_error(exc):
                 await self.close()
             translated = self._connector._errors.translate(exc)
             if translated is exc:

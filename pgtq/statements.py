@@ -50,9 +50,12 @@ CANCELLED, ABORTED = _status(Status.CANCELLED), _status(Status.ABORTED)
 ONE_SECOND: sa.ColumnElement[Any] = sa.literal_column("interval '1 second'")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Query(Generic[T]):
     """A statement, its parameters and the pure mapping of its result: what a twin runs.
+
+    Not frozen, though never changed once made: one is made per statement run, and a frozen
+    dataclass sets each field through ``object.__setattr__`` (it showed in a single enqueue).
 
     The mapper gets a SQLAlchemy ``Result``, or on the worker's fast path a list of driver
     records: mappers of hot-path queries only iterate rows and index them by position.
@@ -1168,7 +1171,7 @@ class JobRows:
         return {name: getattr(self, name) for name, _ in INSERT_COLUMNS}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per defer: not frozen, for the cheaper __init__ (see Query)
 class NewJobs:
     """The jobs of one ``defer`` or ``defer_many`` call: the options they share, and their
     arguments as one JSON array, an object a job (the parameters of ``insert_jobs``)."""
