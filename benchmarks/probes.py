@@ -124,7 +124,7 @@ async def enqueue(dsn: str, *, rounds: int = 3, calls: int = 1_500) -> None:
     await old.migrate_async()
     await old.close_async()
     conn = await asyncpg.connect(dsn)
-    await conn.execute(_TRIGGER_FUNCTION + ";" + _TRIGGER)
+    await conn.execute(_old_trigger_sql("probe_trigger"))
     triggered = bare.replace("pgtq.jobs", "probe_trigger.jobs")
     await task.defer_async(n=0)  # warm-up: the fast path's connection is open
 
@@ -153,23 +153,20 @@ async def enqueue(dsn: str, *, rounds: int = 3, calls: int = 1_500) -> None:
     await app.close_async()
 
 
-# The insert trigger pgtq_0001 created and pgtq_0006 dropped (for the comparison only).
-_TRIGGER_FUNCTION = """
-CREATE OR REPLACE FUNCTION probe_trigger.notify_jobs_inserted() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('pgtq_' || TG_TABLE_SCHEMA, q.queue)
-    FROM (SELECT DISTINCT queue FROM new_jobs
-          WHERE scheduled_at IS NULL OR scheduled_at <= now()) AS q;
-    RETURN NULL;
-END;
-$$
-"""
-_TRIGGER = """
-CREATE TRIGGER jobs_notify_inserted AFTER INSERT ON probe_trigger.jobs
-REFERENCING NEW TABLE AS new_jobs
-FOR EACH STATEMENT EXECUTE FUNCTION probe_trigger.notify_jobs_inserted()
-"""
+def _old_trigger_sql(schema: str) -> str:
+    """The insert trigger pgtq_0001 created and pgtq_0006 dropped, from that revision's own
+    text (its downgrade recreates it): for the comparison only."""
+    import importlib.util
+
+    from pgtq import migrations
+
+    path = next(migrations.VERSIONS_DIR.glob("pgtq_0006_*.py"))
+    spec = importlib.util.spec_from_file_location("pgtq_0006", path)
+    assert spec is not None and spec.loader is not None
+    revision = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(revision)
+    quoted = f'"{schema}"'
+    return f"{revision.FUNCTION.format(schema=quoted)};{revision.TRIGGER.format(schema=quoted)}"
 
 
 def _worker(dsn: str) -> None:

@@ -137,7 +137,7 @@ def test_the_table_puts_medians_and_ratios_side_by_side() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("probe", ["claim", "pickup"])
+@pytest.mark.parametrize("probe", ["claim", "pickup", "enqueue"])
 def test_the_probes_run(server_url: URL, probe: str) -> None:
     """benchmarks/probes.py explains the figures (benchmarks/README.md): it must keep working."""
     done = subprocess.run(
@@ -147,5 +147,9 @@ def test_the_probes_run(server_url: URL, probe: str) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    expected = {"claim": "limit as a parameter", "pickup": "pickup (enqueue call → handler)"}
+    expected = {
+        "claim": "limit as a parameter",
+        "pickup": "pickup (enqueue call → handler)",
+        "enqueue": "the insert + the old insert trigger",
+    }
     assert any(line.startswith(expected[probe]) for line in lines), done.stdout
