@@ -69,6 +69,11 @@ class Query(Generic[T]):
     driver: bool = False
 
 
+def _due(at: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+    """Due now: not scheduled, or scheduled at or before the statement's time."""
+    return sa.or_(at.is_(None), at <= sa.func.now())
+
+
 def _array(name: str, item: sa.types.TypeEngine[Any]) -> sa.BindParameter[Any]:
     return sa.bindparam(name, type_=ARRAY(item))
 
@@ -155,8 +160,7 @@ class Statements:
         queue) when they are due. PostgreSQL folds identical notifications of a transaction
         into one, so a transaction that defers many jobs sends one per queue."""
         at = sa.bindparam("scheduled_at", type_=sa.DateTime(timezone=True))
-        due = sa.or_(at.is_(None), at <= sa.func.now())
-        sent = sa.select(sa.func.pg_notify(self._channel, queue).label("sent")).where(due)
+        sent = sa.select(sa.func.pg_notify(self._channel, queue).label("sent")).where(_due(at))
         announced = sent.cte("announced")
         return sa.select(inserted.c.id).select_from(
             inserted.outerjoin(announced, sa.true())
@@ -189,7 +193,7 @@ class Statements:
             j.c.lock.is_(None),
             ~sa.exists().where(running.c.lock == j.c.lock, running.c.status == DOING),
         )
-        due = sa.or_(j.c.scheduled_at.is_(None), j.c.scheduled_at <= sa.func.now())
+        due = _due(j.c.scheduled_at)
         q = self.t.queues
         # Paused queues: one hashed lookup per statement (the queues table is tiny).
         not_paused = j.c.queue.not_in(sa.select(q.c.name).where(q.c.paused))
@@ -835,7 +839,7 @@ class Statements:
         ``jobs_unsuccessful_idx``): succeeded jobs, most of a big table, are never read.
         """
         j = self.jobs
-        due = sa.or_(j.c.scheduled_at.is_(None), j.c.scheduled_at <= sa.func.now())
+        due = _due(j.c.scheduled_at)
         due_since = sa.func.coalesce(j.c.scheduled_at, j.c.created_at)
         waited = sa.func.now() - sa.func.min(due_since).filter(due)
         no_age = sa.cast(sa.null(), sa.Float)
@@ -1027,10 +1031,9 @@ class Statements:
             .returning(j.c.id, j.c.queue, j.c.scheduled_at)
             .cte("inserted")
         )
-        at = inserted.c.scheduled_at
         queues = (
             sa.select(inserted.c.queue)
-            .where(sa.or_(at.is_(None), at <= sa.func.now()))
+            .where(_due(inserted.c.scheduled_at))
             .distinct()
             .subquery("due_queues")
         )
@@ -1242,12 +1245,7 @@ class Outcomes:
     ) -> None:
         """``attempt``: the attempt this outcome is of (written only while it is the job's
         current one); None skips that check."""
-        self.ids.append(job_id)
-        self.attempts.append(attempt)
-        self.statuses.append(status.value)
-        self.results.append(result)
-        self.errors.append(error)
-        self.retry_in.append(retry_in)
+        self.append(job_id, attempt, status.value, result, error, retry_in)
 
     def append(
         self,

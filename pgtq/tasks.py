@@ -321,11 +321,15 @@ Middleware = Callable[["JobContext", Callable[[], Any]], Any]
 def call_task(task: Task[Any], ctx: JobContext, args: Mapping[str, Any]) -> Any:
     """Call the task through its middleware (an async task returns its coroutine)."""
     if not task.middleware:  # the common case, without the chain's closure
-        return task.func(ctx, **args) if task.pass_context else task.func(**args)
+        return _call_function(task, ctx, args)
 
     def call(i: int) -> Any:
         if i == len(task.middleware):
-            return task.func(ctx, **args) if task.pass_context else task.func(**args)
+            return _call_function(task, ctx, args)
         return task.middleware[i](ctx, lambda: call(i + 1))
 
     return call(0)
+
+
+def _call_function(task: Task[Any], ctx: JobContext, args: Mapping[str, Any]) -> Any:
+    return task.func(ctx, **args) if task.pass_context else task.func(**args)

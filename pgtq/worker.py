@@ -811,9 +811,7 @@ class Worker:
 
     def _record(self, running: _Running, outcome: Outcome) -> None:
         """Buffer the outcome of an attempt this worker still holds (an abandoned one not)."""
-        job_id = running.job.id
-        if self._running.get(job_id) is running:
-            del self._running[job_id]
+        if self._forget(running):
             self._buffer_outcome(running.job, outcome)
 
     def _buffer_outcome(self, job: ClaimedJob, outcome: Outcome) -> None:

@@ -276,7 +276,9 @@ def test_offline_sql_builds_the_same_schema(make_database: Callable[[], URL]) ->
 
 
 @pytest.mark.parametrize("schema", ["pgtq", "jobs_custom"])
-def test_defer_notifies_its_schemas_channel(engine: Engine, schema: str) -> None:
+async def test_defer_notifies_its_schemas_channel(
+    side: Side, engine: Engine, schema: str
+) -> None:
     """pgtq's insert notifies by itself: pgtq_0006 dropped the insert trigger, so a row
     written with plain SQL announces nothing (polling finds it)."""
     with engine.begin() as conn:
@@ -299,8 +301,9 @@ def test_defer_notifies_its_schemas_channel(engine: Engine, schema: str) -> None
         listener.execute(f"LISTEN {notify_channel(schema)}")
         # Notifications arrive in commit order: had this insert sent one, it would come first.
         writer.execute(f"INSERT INTO {schema}.jobs (queue, task_name) VALUES ('raw', 't')")
-        send.defer()
+        await side.defer(send)
         payloads = [n.payload for n in listener.notifies(timeout=10, stop_after=1)]
+    await app.close_async()
     app.close()
     assert payloads == ["emails"]
 

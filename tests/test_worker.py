@@ -450,7 +450,7 @@ def test_a_claim_asks_a_full_batch_or_a_power_of_two_that_fits(room: int, batch_
     ("concurrency", "depth"), [(10, 2), (1, 1)], ids=["pipelined", "serial worker"]
 )
 async def test_claims_in_flight_stay_within_the_room(
-    app: pgtq.App, monkeypatch: pytest.MonkeyPatch, concurrency: int, depth: int
+    side: Side, app: pgtq.App, monkeypatch: pytest.MonkeyPatch, concurrency: int, depth: int
 ) -> None:
     """While full batches come back, two claims are out at once (one at ``concurrency=1``,
     which keeps strict priority order), never more than the room allows, and every job runs
@@ -480,11 +480,9 @@ async def test_claims_in_flight_stay_within_the_room(
             await asyncio.sleep(0.001)
         runs.append(n)
 
-    await brief.defer_many_async([{"n": i} for i in range(300)])
+    await side.defer_many(brief, [{"n": i} for i in range(300)])
     batch = max(1, concurrency // 2)
-    stats = await app.run_worker_async(
-        wait=False, concurrency=concurrency, batch_size=batch, install_signal_handlers=False
-    )
+    stats = await side.run_worker(app, wait=False, concurrency=concurrency, batch_size=batch)
     assert sorted(runs) == list(range(300)) and stats.processed == 300
     assert most["claims"] == depth
     assert most["held"] <= concurrency + batch  # the default prefetch is one batch
