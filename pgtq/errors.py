@@ -21,6 +21,22 @@ class SchemaNotMigrated(PgtqError):
     """pgtq's tables are missing: ``pgtq migrate`` has not been run on this database."""
 
 
+class SchemaTooOld(SchemaNotMigrated):
+    """pgtq's schema lacks a revision this pgtq needs: ``pgtq migrate`` brings it up.
+
+    A subclass of :class:`SchemaNotMigrated`: both are fixed by the same command.
+    """
+
+
+class SchemaTooNew(PgtqError):
+    """pgtq's schema is at a revision this pgtq does not know: a newer pgtq migrated it.
+
+    Workers only warn about it (a rolling upgrade applies the new release's additive
+    revisions under the previous release's workers); it is raised where a caller asks for
+    the schema to be exactly known, and names the cause when a query then fails.
+    """
+
+
 class UnknownTask(PgtqError, LookupError):
     """No task of that name is registered on the app."""
 
