@@ -936,6 +936,16 @@ def web(
             help="Require HTTP basic auth with these credentials.",
         ),
     ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            metavar="NAME",
+            help="A host name or address users reach the dashboard by (repeatable; *.example.com "
+            "for subdomains, * for any): other Host headers get 400. Loopback names and --host "
+            "are always allowed; needed with --host 0.0.0.0.",
+        ),
+    ] = None,
     root_path: Annotated[
         str, typer.Option(help="The URL prefix a reverse proxy serves the dashboard under.")
     ] = "",
@@ -946,7 +956,9 @@ def web(
     actions retry, abort, cancel, pause and resume.
 
     Write actions on an address other than loopback need --auth (or PGTQ_WEB_AUTH), or
-    --read-only: pgtq refuses to start otherwise.
+    --read-only: pgtq refuses to start otherwise. Requests are answered only for the loopback
+    names, --host and each --allowed-host (the Host header: DNS rebinding); on every address
+    (--host 0.0.0.0) --allowed-host is required.
     """
     with _reporting_errors():
         try:
@@ -957,9 +969,15 @@ def web(
             raise ConfigurationError(
                 f"pgtq web needs the web extra ({exc}): pip install 'pgtq[web]'"
             ) from None
-        credentials = security.parse_credentials(auth) if auth else None
+        if auth is None and os.environ.get(security.AUTH_ENV) == "":
+            # click reads an empty variable as unset: an empty secret must not mean "no auth".
+            raise ConfigurationError(
+                f"{security.AUTH_ENV} is set but empty: give USER:PASSWORD, or unset it"
+            )
+        credentials = security.parse_credentials(auth) if auth is not None else None
         # Before touching the database: an exposed server must not start at all.
         security.check_exposure(host, read_only=read_only, auth=credentials)
+        allowed_hosts = security.allowed_hosts_for(host, allowed_host or ())
         with _app_for(dsn, app_path, schema) as app:
             app.jobs.stats()  # a bad DSN or a missing schema fails here, as one line
             config = server.config(
@@ -969,12 +987,14 @@ def web(
                 read_only=read_only,
                 auth=credentials,
                 root_path=root_path,
+                allowed_hosts=allowed_hosts,
             )
             shown = f"[{host}]" if ":" in host else host
             err.print(
                 f"pgtq web: http://{shown}:{port}{root_path}/ "
                 f"({'read-only' if read_only else 'with actions'}, "
-                f"{'basic auth' if credentials else 'no auth'}), database {describe(app.url)}",
+                f"{'basic auth' if credentials else 'no auth'}, "
+                f"hosts {', '.join(allowed_hosts)}), database {describe(app.url)}",
                 soft_wrap=True,
             )
             uvicorn.Server(config).run()

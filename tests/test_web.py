@@ -33,7 +33,7 @@ from pgtq.web.views import PAGE_SIZE
 from tests.sides import Side
 from tests.test_operations import SQL, finish, finished_jobs, tasks
 
-BASE = "http://testserver"
+BASE = "http://localhost"
 
 
 def client_for(web: Any, **options: Any) -> httpx.AsyncClient:
@@ -600,9 +600,14 @@ def test_the_server_config_applies_the_same_rule(app: pgtq.App) -> None:
 
     with pytest.raises(security.Exposed):
         server.config(app, host="0.0.0.0")
-    exposed = server.config(app, host="0.0.0.0", read_only=True, port=9999)
+    with pytest.raises(security.HostsNotGiven):  # every address: say which names it answers
+        server.config(app, host="0.0.0.0", read_only=True)
+    names = ["dash.example.com"]
+    exposed = server.config(app, host="0.0.0.0", read_only=True, port=9999, allowed_hosts=names)
     assert (exposed.host, exposed.port) == ("0.0.0.0", 9999)
-    guarded = server.config(app, host="0.0.0.0", auth=security.Credentials("a", "b"))
+    guarded = server.config(
+        app, host="0.0.0.0", auth=security.Credentials("a", "b"), allowed_hosts=names
+    )
     assert guarded.host == "0.0.0.0"
     assert server.config(app, root_path="/pgtq").root_path == "/pgtq"
 
@@ -660,5 +665,9 @@ async def test_out_of_range_input_is_a_client_error(client: httpx.AsyncClient) -
 
 async def test_a_page_reloads_itself_when_asked(client: httpx.AsyncClient) -> None:
     assert '<meta http-equiv="refresh" content="10">' in (await client.get("/?refresh=10")).text
-    for ignored in ("", "?refresh=1", "?refresh=abc", "?refresh=99999"):
-        assert 'http-equiv="refresh"' not in (await client.get("/workers" + ignored)).text
+    assert 'http-equiv="refresh"' not in (await client.get("/workers?refresh=")).text
+    for bad in ("1", "abc", "99999", "-5", "²", "10.5", "9" * 5000):
+        page = await client.get("/workers?refresh=" + bad)
+        assert page.status_code == 400, bad
+        assert "refresh must be a whole number from 2 to 3600" in page.text
+        assert 'http-equiv="refresh"' not in page.text

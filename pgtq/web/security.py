@@ -1,5 +1,6 @@
 """Who may use the dashboard and how its forms are protected: HTTP basic auth, CSRF tokens,
-and the rule that keeps write actions off an open network port.
+the Host allow-list (DNS rebinding), and the rule that keeps write actions off an open
+network port.
 
 Pure helpers and one ASGI middleware; no database, no templates.
 """
@@ -11,8 +12,11 @@ import binascii
 import hashlib
 import hmac
 import ipaddress
+import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -22,13 +26,18 @@ from pgtq.errors import ConfigurationError
 
 __all__ = [
     "AUTH_ENV",
+    "LOOPBACK_HOSTS",
     "BasicAuth",
     "Credentials",
     "Csrf",
     "Exposed",
+    "HostsNotGiven",
     "SecurityHeaders",
+    "allowed_hosts_for",
     "check_exposure",
+    "host_pattern",
     "is_loopback",
+    "origin_allowed",
     "parse_credentials",
 ]
 
@@ -40,6 +49,10 @@ SECRET_ENV = "PGTQ_WEB_SECRET"
 
 class Exposed(ConfigurationError):
     """Write actions on a non-loopback address with no authentication: refused."""
+
+
+class HostsNotGiven(ConfigurationError):
+    """Listening on every address (``0.0.0.0``, ``::``) with no ``--allowed-host``: refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,18 +67,21 @@ class Credentials:
 
 
 def parse_credentials(text: str | tuple[str, str] | Credentials) -> Credentials:
-    """``user:password`` (the password may contain ``:``) or a pair, as Credentials."""
+    """``user:password`` (the password may contain ``:``) or a pair, as Credentials.
+
+    An empty user or password is refused (ConfigurationError), never read as "no auth".
+    """
     if isinstance(text, Credentials):
-        return text
-    if isinstance(text, tuple):
+        user, password = text.user, text.password
+    elif isinstance(text, tuple):
         user, password = text
     else:
         user, sep, password = text.partition(":")
         if not sep:
             raise ConfigurationError("give the web dashboard's credentials as USER:PASSWORD")
-    if not user or not password:
+    if not isinstance(user, str) or not isinstance(password, str) or not user or not password:
         raise ConfigurationError("the web dashboard's user and password must not be empty")
-    return Credentials(user, password)
+    return text if isinstance(text, Credentials) else Credentials(user, password)
 
 
 def is_loopback(host: str) -> bool:
@@ -94,10 +110,97 @@ def check_exposure(host: str, *, read_only: bool, auth: Credentials | None) -> N
     )
 
 
+#: The names of this machine a browser sends in ``Host`` (any port): always allowed, since no
+#: other site can make a browser send them (a DNS rebinding attack sends its own name).
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+_HOST_NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?")
+
+
+def host_pattern(name: str) -> str:
+    """An allowed host (``--allowed-host``) as the Host check compares it: lower case, an
+    IPv6 address in brackets, no port; ``*.example.com`` allows the subdomains of
+    ``example.com``, and ``*`` any host at all."""
+    text = name.strip().lower()
+    if text == "*":
+        return text
+    try:
+        address = ipaddress.ip_address(text[1:-1] if text.startswith("[") else text)
+    except ValueError:
+        pass
+    else:
+        return f"[{address}]" if address.version == 6 else str(address)
+    rest = text[2:] if text.startswith("*.") else text
+    if not _HOST_NAME.fullmatch(rest) or ".." in rest:
+        raise ConfigurationError(
+            f"{name!r} is not a host name or address for --allowed-host: give a name as it "
+            "appears in the dashboard's address, without scheme or port (dashboard.example.com, "
+            "*.example.com, 192.168.1.10), or * for any"
+        )
+    return text
+
+
+def _listens_everywhere(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
+def allowed_hosts_for(listen: str | None, extra: Iterable[str] = ()) -> list[str]:
+    """The Host header values the dashboard answers (any port), others get 400.
+
+    The loopback names (:data:`LOOPBACK_HOSTS`), the address or name it listens on
+    (``listen``), and ``extra`` (``--allowed-host``). Listening on every address (``0.0.0.0``,
+    ``::``) says nothing of the names clients use: ``extra`` must then be given
+    (:class:`HostsNotGiven`). ``*`` in ``extra`` allows any host.
+    """
+    given = [host_pattern(name) for name in extra]
+    if "*" in given:
+        return ["*"]
+    allowed = list(LOOPBACK_HOSTS)
+    if listen is not None and listen.strip():
+        if _listens_everywhere(listen):
+            if not given:
+                raise HostsNotGiven(
+                    f"pgtq web on {listen} listens on every address of this machine: say which "
+                    "host names or addresses its users reach it by, with --allowed-host NAME "
+                    "(repeatable, e.g. --allowed-host dashboard.example.com), or --allowed-host "
+                    "'*' to accept any (behind a proxy that checks the Host header itself); "
+                    "requests for any other Host are refused, which blocks DNS rebinding"
+                )
+        else:
+            allowed.append(host_pattern(listen))
+    allowed += [name for name in given if name not in allowed]
+    return allowed
+
+
+def _matches(host: str, allowed: Iterable[str]) -> bool:
+    return any(
+        pattern == "*"
+        or host == pattern
+        or (pattern.startswith("*.") and host.endswith(pattern[1:]))
+        for pattern in allowed
+    )
+
+
+def origin_allowed(origin: str, allowed: Iterable[str]) -> bool:
+    """Whether a POST's ``Origin`` header names an allowed host (``null`` never does)."""
+    try:
+        parts = urlsplit(origin.strip())
+        host = parts.hostname
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not host:
+        return False
+    return _matches(f"[{host}]" if ":" in host else host, allowed)
+
+
 class BasicAuth:
     """ASGI middleware: every HTTP request needs the credentials (compared in constant time)."""
 
     def __init__(self, app: ASGIApp, credentials: Credentials, realm: str = "pgtq") -> None:
+        credentials = parse_credentials(credentials)  # never an empty user or password
         self.app = app
         self._user = credentials.user.encode()
         self._password = credentials.password.encode()

@@ -8,7 +8,7 @@ then redirects (303) to a page that shows what happened.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -19,17 +19,17 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
-from pgtq.jobs import InvalidFilter, parse_statuses
+from pgtq.jobs import parse_statuses
 from pgtq.model import Job, Status
 from pgtq.reports import COUNTED_STATUSES, STALE_AFTER
 from pgtq.web.charts import throughput_svg
-from pgtq.web.security import Csrf
+from pgtq.web.security import LOOPBACK_HOSTS, Csrf, origin_allowed
 
 if TYPE_CHECKING:
     from pgtq.app import App
     from pgtq.periodic import PeriodicTask
 
-__all__ = ["PAGE_SIZE", "Dashboard"]
+__all__ = ["PAGE_SIZE", "BadRequest", "Dashboard", "job_id_of", "whole_number"]
 
 NO_DATA = "\N{EN DASH}"  # no data, which is not zero
 
@@ -38,6 +38,10 @@ MAX_ID = 2**63 - 1
 
 #: Jobs per page of the jobs list.
 PAGE_SIZE = 50
+#: ``?refresh=N``: reload the page every N seconds, within these bounds.
+REFRESH_MIN, REFRESH_MAX = 2, 3600
+#: The longest queue name the pause and resume forms take, in UTF-8 bytes.
+MAX_QUEUE_BYTES = 255
 #: The overview's chart: the last hour, a bar a minute.
 CHART_WINDOW, CHART_BUCKET = 3600.0, 60.0
 #: How far ahead the periodic page looks for a schedule's next tick (nearest first).
@@ -60,6 +64,51 @@ NOTICES = {
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 RETRYABLE = frozenset({Status.FAILED, Status.ABORTED, Status.CANCELLED})
+
+
+class BadRequest(Exception):
+    """A request the dashboard cannot take as given: answered 400 with this message."""
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "…")
+
+
+def whole_number(value: str | None, name: str, *, low: int = 0, high: int = MAX_ID) -> int | None:
+    """A number of the query string: None when absent or empty, else a whole number of ASCII
+    digits from ``low`` to ``high``; anything else (``²``, ``-1``, ``1e3``, too big) raises
+    :class:`BadRequest`. Every number a page reads goes through here."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    # At most as many digits as ``high``: int() never sees a 10k-digit string.
+    digits = text.isascii() and text.isdigit() and len(text) <= len(str(high))
+    if digits and low <= int(text) <= high:
+        return int(text)
+    raise BadRequest(f"{name} must be a whole number from {low} to {high}, got {_shown(value)}.")
+
+
+def job_id_of(request: Request) -> int | None:
+    """The job id of the URL's ``{job_id}``, or None when no job can have it (not a number,
+    over a bigint): such a job does not exist (404)."""
+    try:
+        return whole_number(str(request.path_params["job_id"]), "a job id", low=1)
+    except BadRequest:
+        return None
+
+
+def queue_name(value: object) -> str:
+    """A queue name from a form: not empty, no NUL, at most :data:`MAX_QUEUE_BYTES` bytes."""
+    if not isinstance(value, str) or not value.strip():
+        raise BadRequest("Which queue? The form has no queue name.")
+    if "\x00" in value:
+        raise BadRequest("A queue name cannot contain a NUL character.")
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_QUEUE_BYTES:
+        raise BadRequest(
+            f"A queue name is at most {MAX_QUEUE_BYTES} bytes of UTF-8; this one is {size:,}."
+        )
+    return value
 
 
 def _ago(seconds: float | None) -> str:
@@ -130,15 +179,12 @@ class Filters:
 
         status = text("status")
         statuses = parse_statuses(status) if status else None
-        after = text("after")
-        if after is not None and not (after.isdigit() and int(after) <= MAX_ID):
-            raise InvalidFilter(f"after must be a job id, got {after!r}")
         return cls(
             queue=text("queue"),
             status=statuses[0] if statuses else None,
             task=text("task"),
             search=text("q"),
-            after=int(after) if after is not None else None,
+            after=whole_number(q.get("after"), "after (a job id)"),
         )
 
     def query(self, **changes: Any) -> str:
@@ -167,10 +213,19 @@ def next_tick(periodic: PeriodicTask, now: datetime) -> datetime | None:
 class Dashboard:
     """The endpoints, bound to one app."""
 
-    def __init__(self, app: App, *, read_only: bool, csrf: Csrf, title: str | None) -> None:
+    def __init__(
+        self,
+        app: App,
+        *,
+        read_only: bool,
+        csrf: Csrf,
+        title: str | None,
+        allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
+    ) -> None:
         self.app = app
         self.read_only = read_only
         self.csrf = csrf
+        self.allowed_hosts = tuple(allowed_hosts)
         self.title = title or "pgtq"
         self.templates = templates()
 
@@ -185,7 +240,10 @@ class Dashboard:
     ) -> Response:
         token, new = self.csrf.token_for(request)
         notice = NOTICES.get(request.query_params.get("notice", ""))
-        refresh = request.query_params.get("refresh", "")
+        try:
+            refresh = self.refresh(request)
+        except BadRequest:  # only an error page gets here with a bad one: it just won't reload
+            refresh = None
         context = {
             "title": self.title,
             "base": self.base(request),
@@ -193,7 +251,7 @@ class Dashboard:
             "csrf_field": self.csrf.FIELD,
             "csrf_token": token,
             "notice": notice.format(id=request.path_params.get("job_id")) if notice else None,
-            "refresh": int(refresh) if refresh.isdigit() and 2 <= int(refresh) <= 3600 else None,
+            "refresh": refresh,
             "statuses": list(Status),
             "Status": Status,
             **context,
@@ -202,6 +260,30 @@ class Dashboard:
         if new:
             self.csrf.set_cookie(request, response, token)
         return response
+
+    def refresh(self, request: Request) -> int | None:
+        """``?refresh=N``: reload every N seconds (raises :class:`BadRequest` when out of range)."""
+        return whole_number(
+            request.query_params.get("refresh"), "refresh", low=REFRESH_MIN, high=REFRESH_MAX
+        )
+
+    def page(self, view: Endpoint) -> Endpoint:
+        """A page's endpoint: its query string's common numbers checked before any read."""
+
+        async def endpoint(request: Request) -> Response:
+            self.refresh(request)
+            return await view(request)
+
+        return endpoint
+
+    def no_job(self, request: Request) -> Response:
+        job_id = job_id_of(request)
+        shown = str(job_id) if job_id is not None else _shown(str(request.path_params["job_id"]))
+        return self.error(request, 404, f"No job with id {shown}.")
+
+    async def bad_request(self, request: Request, exc: Exception) -> Response:
+        """A request that cannot be taken as given (a bad number, filter, queue name): 400."""
+        return self.error(request, 400, str(exc) or type(exc).__name__)
 
     async def unavailable(self, request: Request, exc: Exception) -> Response:
         """pgtq's own errors (database unreachable, schema not migrated) as a page saying so:
@@ -234,10 +316,7 @@ class Dashboard:
         )
 
     async def jobs(self, request: Request) -> Response:
-        try:
-            filters = Filters.parse(request)
-        except InvalidFilter as exc:
-            return self.error(request, 400, str(exc))
+        filters = Filters.parse(request)  # InvalidFilter, BadRequest: 400
         page = await self.app.jobs.list_async(
             queue=filters.queue,
             status=filters.status,
@@ -264,10 +343,10 @@ class Dashboard:
         )
 
     async def job(self, request: Request) -> Response:
-        job_id: int = request.path_params["job_id"]
-        job = await self.app.jobs.get_async(job_id) if job_id <= MAX_ID else None
-        if job is None:
-            return self.error(request, 404, f"No job with id {job_id}.")
+        job_id = job_id_of(request)
+        job = await self.app.jobs.get_async(job_id) if job_id is not None else None
+        if job_id is None or job is None:
+            return self.no_job(request)
         events = await self.app.jobs.history_async(job_id)
         return self.render(
             request,
@@ -308,9 +387,18 @@ class Dashboard:
     # -- actions -----------------------------------------------------------------------------
 
     async def _refusal(self, request: Request) -> Response | None:
-        """Why this POST may not act (read-only, bad CSRF token), or None."""
+        """Why this POST may not act (read-only, posted from another site, bad CSRF token),
+        or None."""
         if self.read_only:
             return self.error(request, 403, "This dashboard is read-only: it takes no action.")
+        origin = request.headers.get("origin")
+        if origin is not None and not origin_allowed(origin, self.allowed_hosts):
+            return self.error(
+                request,
+                403,
+                f"This form was posted from {_shown(origin, 80)}, which is not one of the "
+                "dashboard's allowed hosts (pgtq web --allowed-host).",
+            )
         form = await request.form()
         if not self.csrf.check(request, form.get(self.csrf.FIELD)):
             return self.error(
@@ -341,9 +429,9 @@ class Dashboard:
         refused = await self._refusal(request)
         if refused is not None:
             return refused
-        job_id: int = request.path_params["job_id"]
-        if job_id > MAX_ID or await self.app.jobs.get_async(job_id) is None:
-            return self.error(request, 404, f"No job with id {job_id}.")
+        job_id = job_id_of(request)
+        if job_id is None or await self.app.jobs.get_async(job_id) is None:
+            return self.no_job(request)
         if action == "retry":
             done = await self.app.jobs.retry_async(job_id)
             notice = "retried" if done else "not-retried"
@@ -361,9 +449,7 @@ class Dashboard:
         if refused is not None:
             return refused
         form = await request.form()
-        name = form.get("queue")
-        if not isinstance(name, str) or not name.strip():
-            return self.error(request, 400, "Which queue? The form has no queue name.")
+        name = queue_name(form.get("queue"))  # BadRequest: 400
         if action == "pause":
             notice = "paused" if await self.app.queues.pause_async(name) else "already-paused"
         else:
