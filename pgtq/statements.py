@@ -74,6 +74,52 @@ def _due(at: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
     return sa.or_(at.is_(None), at <= sa.func.now())
 
 
+# -- rows written by other means (plain SQL, an older pgtq, a restored dump) -----------------
+# ``defer`` validates what it writes; these keep what it did not write from breaking a claim
+# or a read.
+
+#: The largest ``lock`` or ``concurrency_key``, in bytes as PostgreSQL stores it (compressed or
+#: not: ``pg_column_size``), that fits an entry of their btree indexes: 2704 bytes a btree entry
+#: on 8 kB pages (version 4), less its 8-byte header and the value's 4-byte length (measured:
+#: 2692 random bytes fit, 2693 do not). The claim writes such a key into
+#: ``jobs_lock_doing_idx`` / ``jobs_key_doing_idx``; a longer one makes the whole claim fail
+#: ("index row size … exceeds btree version 4 maximum 2704"), so :func:`fail_unclaimable_jobs`
+#: fails its job instead. ``defer`` caps keys well below this.
+INDEXED_VALUE_LIMIT = 2692
+
+#: The times a read returns are within these bounds: a stored time outside them (``±infinity``,
+#: or a year Python's ``datetime`` cannot hold) is read as the nearest bound, one day inside
+#: Python's range so that no session time zone can push it out.
+READ_TIME_MIN = datetime(1, 1, 2, tzinfo=UTC)
+READ_TIME_MAX = datetime(9999, 12, 30, tzinfo=UTC)
+
+
+def _time_literal(at: datetime) -> sa.ColumnElement[datetime]:
+    # A literal, never a parameter: the read statements stay parameter-for-parameter the same.
+    return sa.literal_column(f"timestamptz '{at.isoformat()}'", sa.DateTime(timezone=True))
+
+
+def _text_literal(text: str) -> sa.ColumnElement[str]:
+    """A constant text in the SQL itself (typed, so ``format`` / ``jsonb_build_object`` know it)."""
+    return sa.literal_column("'" + text.replace("'", "''") + "'", sa.Text)
+
+
+def _readable(at: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """``at`` clamped to [READ_TIME_MIN, READ_TIME_MAX] (NULL stays NULL): both drivers can
+    read it (psycopg refuses ``-infinity``, asyncpg gives naive ``datetime.min`` / ``max``)."""
+    low, high = _time_literal(READ_TIME_MIN), _time_literal(READ_TIME_MAX)
+    return sa.case((at < low, low), (at > high, high), else_=at)
+
+
+def _due_since(jobs: sa.Table) -> sa.ColumnElement[Any]:
+    """When a job became due: its ``scheduled_at``, else (not scheduled, or scheduled at
+    ``±infinity`` by a row written outside pgtq) its ``created_at``; NULL if that is not finite
+    either. Never infinite, so ``now() - _due_since(...)`` cannot fail ("cannot subtract
+    infinite timestamps"). One CASE: it is in the claim's RETURNING."""
+    at, created = jobs.c.scheduled_at, jobs.c.created_at
+    return sa.case((sa.func.isfinite(at), at), (sa.func.isfinite(created), created))
+
+
 def _array(name: str, item: sa.types.TypeEngine[Any]) -> sa.BindParameter[Any]:
     return sa.bindparam(name, type_=ARRAY(item))
 
@@ -231,12 +277,9 @@ class Statements:
                 j.c.attempts,
                 j.c.priority,
                 j.c.lock,
-                # pickup latency: from when the job was due to now
+                # pickup latency: from when the job was due to now (None if never finite)
                 sa.cast(
-                    sa.func.extract(
-                        "epoch", sa.func.now() - sa.func.coalesce(j.c.scheduled_at, j.c.created_at)
-                    ),
-                    sa.Float,
+                    sa.func.extract("epoch", sa.func.now() - _due_since(j)), sa.Float
                 ).label("waited"),
                 j.c.trace_context,
             )
@@ -372,6 +415,50 @@ class Statements:
             .cte("picked")
         )
         return self._take(picked)
+
+    @cached_property
+    def fail_unclaimable(self) -> ReturningUpdate[Any]:
+        """``todo → failed`` for the waiting jobs whose claim would fail the whole claim
+        statement, each with an ``UnclaimableJob`` error record saying why.
+
+        Only rows written by other means than ``defer`` can be so: a ``lock`` or
+        ``concurrency_key`` too long for an entry of the index the claim writes it to (over
+        :data:`INDEXED_VALUE_LIMIT` bytes as stored), or an ``attempts`` count the claim cannot
+        add one to. The row keeps its ``attempts`` (it never ran); the history reads the change
+        off the row like any other end of a job (``job_history``). A scan of the waiting jobs:
+        run after a failed claim, never on the hot path.
+        """
+        j = self.jobs
+        limit, most = INDEXED_VALUE_LIMIT, 2**31 - 1
+
+        def too_long(column: sa.ColumnElement[Any]) -> tuple[Any, Any]:
+            size = sa.func.pg_column_size(column)
+            text = f"{column.name} is %s bytes (%s as stored), over the limit of {limit} bytes"
+            why = sa.func.format(_text_literal(text), sa.func.octet_length(column), size)
+            return size > limit, why
+
+        reasons = [
+            too_long(j.c.lock),
+            too_long(j.c.concurrency_key),
+            (j.c.attempts >= most, _text_literal(f"attempts is {most}, the largest it can be")),
+        ]
+        message = sa.func.concat(
+            _text_literal("this job cannot be claimed: "),
+            sa.case(*reasons),
+            _text_literal(" (a value defer refuses: the row was written by other means)"),
+        )
+        error = sa.func.jsonb_build_object(
+            _text_literal("type"),
+            _text_literal("UnclaimableJob"),
+            _text_literal("message"),
+            message,
+        )
+        return (
+            sa.update(j)
+            .where(j.c.status == TODO, sa.or_(*(when for when, _ in reasons)))
+            .values(status=FAILED, error=error, finished_at=sa.func.clock_timestamp())
+            .returning(j.c.id)
+        )
 
     @cached_property
     def limits_lock(self) -> sa.Select[Any]:
@@ -696,8 +783,16 @@ class Statements:
 
     @cached_property
     def get(self) -> sa.Select[Any]:
-        return sa.select(self.jobs).where(
+        return sa.select(*self.job_columns).where(
             self.jobs.c.id == sa.bindparam("job_id", type_=sa.BigInteger)
+        )
+
+    @cached_property
+    def job_columns(self) -> tuple[sa.ColumnElement[Any], ...]:
+        """Every column of a job, as ``to_job`` reads them: its times clamped by ``_readable``."""
+        return tuple(
+            _readable(c).label(c.name) if isinstance(c.type, sa.DateTime) else c
+            for c in self.jobs.c
         )
 
     @cached_property
@@ -752,7 +847,9 @@ class Statements:
         """Stored events merged with those read off the job's row (the ``job_history`` view)."""
         h = self.t.job_history
         return (
-            sa.select(h.c.job_id, h.c.type, h.c.at, h.c.attempt, h.c.worker_id, h.c.error)
+            sa.select(
+                h.c.job_id, h.c.type, _readable(h.c.at), h.c.attempt, h.c.worker_id, h.c.error
+            )
             .where(h.c.job_id == sa.bindparam("job_id", type_=sa.BigInteger))
             .order_by(h.c.at, h.c.rank, h.c.seq)
         )
@@ -823,7 +920,7 @@ class Statements:
             if key.after:
                 where.append(j.c.id < after if key.newest_first else j.c.id > after)
             found = (
-                sa.select(j)
+                sa.select(*self.job_columns)
                 .where(*where)
                 .order_by(j.c.id.desc() if key.newest_first else j.c.id)
                 .limit(sa.bindparam("limit", type_=sa.Integer))
@@ -840,8 +937,7 @@ class Statements:
         """
         j = self.jobs
         due = _due(j.c.scheduled_at)
-        due_since = sa.func.coalesce(j.c.scheduled_at, j.c.created_at)
-        waited = sa.func.now() - sa.func.min(due_since).filter(due)
+        waited = sa.func.now() - sa.func.min(_due_since(j)).filter(due)
         no_age = sa.cast(sa.null(), sa.Float)
         waiting = (
             sa.select(
@@ -883,20 +979,21 @@ class Statements:
     def workers_running(self) -> sa.Select[Any]:
         """Every worker with its heartbeat age and, one row each, the jobs it runs."""
         w, j = self.t.workers, self.jobs
-        age = sa.cast(sa.extract("epoch", sa.func.now() - w.c.last_heartbeat), sa.Float)
+        beat = _readable(w.c.last_heartbeat)
+        age = sa.cast(sa.extract("epoch", sa.func.now() - beat), sa.Float)
         return (
             sa.select(
                 w.c.id,
                 w.c.hostname,
                 w.c.pid,
                 w.c.queues,
-                w.c.started_at,
-                w.c.last_heartbeat,
+                _readable(w.c.started_at).label("started_at"),
+                beat.label("last_heartbeat"),
                 age.label("heartbeat_age"),
                 j.c.id.label("job_id"),
                 j.c.task_name,
                 j.c.queue,
-                j.c.started_at.label("job_started_at"),
+                _readable(j.c.started_at).label("job_started_at"),
             )
             .select_from(w.outerjoin(j, sa.and_(j.c.worker_id == w.c.id, j.c.status == DOING)))
             .order_by(w.c.started_at, w.c.id, j.c.id)
@@ -1075,7 +1172,10 @@ class Statements:
                 epoch = sa.cast(sa.extract("epoch", at), sa.Float)
                 return sa.cast(sa.func.floor(epoch / bucket), sa.BigInteger)
 
+            # Finite: an ``infinity`` written by other means has no bucket (its number
+            # would overflow).
             where = [j.c.finished_at >= since, j.c.status != CANCELLED]
+            where.append(sa.func.isfinite(j.c.finished_at))
             if by_queue:
                 where.append(j.c.queue == sa.bindparam("queue", type_=sa.Text))
             ended = slot(j.c.finished_at).label("slot")
@@ -1108,6 +1208,15 @@ def statements_for(schema: str) -> Statements:
 
 
 def to_job(row: Any) -> Job:
+    """A row of ``Statements.job_columns`` as a ``Job``.
+
+    Its times (``scheduled_at``, ``created_at``, ``started_at``, ``finished_at``) are aware
+    datetimes or None. A time the row holds outside :data:`READ_TIME_MIN` ..
+    :data:`READ_TIME_MAX` (``-infinity`` / ``infinity`` or a year beyond 9999, written by other
+    means than ``defer``) is read as that bound: ``scheduled_at=-infinity`` (due since always,
+    claimed like an unscheduled job) reads as 0001-01-02 UTC, ``infinity`` (never due) as
+    9999-12-30 UTC, the same on psycopg and asyncpg.
+    """
     m = row._mapping
     return Job(
         id=m["id"],
@@ -1293,6 +1402,25 @@ def release_jobs(s: Statements, worker_id: str, ids: Sequence[int]) -> Query[lis
 
 def release_unknown_jobs(s: Statements, worker_id: str, known: Iterable[int]) -> Query[list[int]]:
     return Query(s.release_unknown, {"worker_id": worker_id, "known": list(known)}, _id_list)
+
+
+def fail_unclaimable_jobs(s: Statements) -> Query[list[int]]:
+    """Fail the waiting jobs that make every claim fail; their ids, sorted.
+
+    A row written by other means than ``defer`` (plain SQL, an older pgtq, a restored dump)
+    can hold a value the claim cannot write: a ``lock`` or ``concurrency_key`` over
+    :data:`INDEXED_VALUE_LIMIT` bytes as stored (the claim puts it in a btree index:
+    "index row size … exceeds btree version 4 maximum 2704", or "index row requires … bytes,
+    maximum size is 8191"), or ``attempts`` at the largest integer ("integer out of range").
+    The claim statement then fails whichever jobs it picked, every time. Run this after a
+    claim failed with such a database error (SQLSTATE class ``54`` program limit exceeded, or
+    ``22`` data exception; not a lost connection), then claim again: each such job goes
+    ``todo → failed`` with the error record ``{"type": "UnclaimableJob", "message": "this job
+    cannot be claimed: lock is 3200 bytes (3200 as stored), over the limit of 2692 bytes
+    (…)"}``, shown by ``jobs.get`` and ``jobs.history`` like any failure. Healthy jobs are not
+    touched; an empty list means the claim failed for another reason.
+    """
+    return Query(s.fail_unclaimable, {}, _id_list)
 
 
 def abort_job(s: Statements, job_id: int) -> Query[Status | None]:
