@@ -1,8 +1,10 @@
 """The ``pgtq`` command: run workers, defer jobs, migrate, inspect jobs, try the demo.
 
-A face over the public API, nothing more. Every error pgtq raises on purpose becomes one line
-``Error: ...`` on stderr and exit code 1: the message already says what to do next, so a
-traceback would only hide it (``-v`` shows it anyway).
+A face over the public API, nothing more. Every failure of a command becomes one line
+``Error: ...`` on stderr and exit code 1, in one place (:class:`_Root`, around every command):
+pgtq's errors already say what to do next, a database error is named in a line, and an
+unexpected exception is named by its type, so a traceback would only hide the message
+(``--debug``/``-v`` or ``PGTQ_DEBUG=1`` shows it).
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -26,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
+from typer.core import TyperGroup
 
 from pgtq.app import DSN_ENV, App
 from pgtq.connectors import describe
@@ -33,7 +37,23 @@ from pgtq.errors import ConfigurationError, JobNotFound, PgtqError
 from pgtq.model import Job, Status
 from pgtq.schema import DEFAULT_SCHEMA
 
+if TYPE_CHECKING:
+    from pgtq.migrations import SchemaStatus
+
 __all__ = ["AppNotFound", "cli", "load_app", "load_object", "main"]
+
+#: Set to 1 to see the traceback of a failure (as ``--debug`` does).
+DEBUG_ENV = "PGTQ_DEBUG"
+
+
+class _Root(TyperGroup):
+    """The ``pgtq`` group: every command runs inside :func:`_reporting_errors`, so no
+    command can forget it (its subcommands and their parameter callbacks included)."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer's own click Context
+        with _reporting_errors():
+            return super().invoke(ctx)
+
 
 cli = typer.Typer(
     name="pgtq",
@@ -41,6 +61,7 @@ cli = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Root,
 )
 jobs_cli = typer.Typer(help="Inspect and control jobs.", no_args_is_help=True)
 cli.add_typer(jobs_cli, name="jobs")
@@ -62,6 +83,8 @@ class AppNotFound(ConfigurationError):
 @dataclass
 class _State:
     verbose: bool = False
+    #: The schema the command checked (a database error on a newer schema says so).
+    schema: SchemaStatus | None = None
 
 
 _state = _State()
@@ -102,7 +125,11 @@ FactoryArgument = Annotated[
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    """One printable line: whitespace runs folded, control characters and lone surrogates
+    escaped (a NUL from the user's input must not reach the terminal, a surrogate would not
+    even encode)."""
+    folded = " ".join(text.split())
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in folded)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -110,28 +137,83 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _warn(message: str) -> None:
+    err.print(Text.assemble(("Warning: ", "bold yellow"), _one_line(message)), soft_wrap=True)
+
+
+def _debugging() -> bool:
+    """``--debug``/``-v``, or ``PGTQ_DEBUG=1`` (read here too: a failure may come before the
+    root callback ran)."""
+    return _state.verbose or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
+
+
+def _first_line(exc: BaseException) -> str:
+    try:
+        text = str(exc).strip() or type(exc).__name__
+    except Exception:  # an exception whose __str__ fails is named by its type
+        text = type(exc).__name__
+    return text.splitlines()[0]
+
+
+_STATEMENT_TARGET = re.compile(r"\b(?:FROM|INTO|UPDATE|JOIN)\s+([\w.\"]+)", re.IGNORECASE)
+
+
+def _statement_name(statement: str | None) -> str:
+    """``SELECT pgtq.jobs``, ``INSERT INTO pgtq.jobs``: what the failed statement did."""
+    words = (statement or "").split()
+    if not words:
+        return "a statement"
+    target = _STATEMENT_TARGET.search(statement or "")
+    verb = words[0].upper()
+    return f"{verb} {target.group(1).replace(chr(34), '')}" if target else verb
+
+
+def _database_error(exc: sa_exc.StatementError) -> str:
+    """One line naming the statement that failed and why (and a newer schema as the likely
+    cause, when the command found one)."""
+    what = _statement_name(exc.statement)
+    if isinstance(exc, sa_exc.DBAPIError):
+        message = f"database error in {what}: {_first_line(exc.orig or exc)}"
+    else:  # a value SQLAlchemy or the driver refused before sending it
+        orig = exc.orig if exc.orig is not None else exc
+        message = f"invalid value for {what}: {type(orig).__name__}: {_first_line(orig)}"
+    if _state.schema is not None and _state.schema.state == "ahead":
+        message += f" ({_state.schema.message})"
+    return message
+
+
 @contextlib.contextmanager
 def _reporting_errors() -> Iterator[None]:
-    """Turn pgtq's errors into one line on stderr and exit code 1 (``-v``: the traceback)."""
+    """Every failure as one line on stderr and exit code 1 (``--debug``: the traceback).
+
+    :class:`_Root` runs every command inside it; typer's own exits and usage errors pass.
+    """
     try:
         yield
-    except PgtqError as exc:
-        if _state.verbose:
-            raise
-        raise _fail(str(exc) or type(exc).__name__) from None
-    except sa_exc.ArgumentError as exc:  # a DSN SQLAlchemy cannot parse
-        if _state.verbose:
-            raise
-        raise _fail(f"invalid database URL: {exc}") from None
-    except sa_exc.DBAPIError as exc:
-        if _state.verbose:
-            raise
-        orig = exc.orig if exc.orig is not None else exc
-        first = (str(orig).strip() or type(orig).__name__).splitlines()[0]
-        raise _fail(f"database error: {first}") from None
+    except (typer.Exit, typer.Abort, typer.TyperException):
+        raise
     except KeyboardInterrupt:
         err.print("Interrupted.")
         raise typer.Exit(130) from None
+    except Exception as exc:
+        if _debugging():
+            raise
+        raise _fail(_describe_failure(exc)) from None
+
+
+def _describe_failure(exc: Exception) -> str:
+    if isinstance(exc, PgtqError):
+        return str(exc) or type(exc).__name__
+    if isinstance(exc, sa_exc.ArgumentError):  # a DSN SQLAlchemy cannot parse
+        return f"invalid database URL: {exc}"
+    if isinstance(exc, sa_exc.StatementError):
+        return _database_error(exc)
+    if isinstance(exc, sa_exc.SQLAlchemyError):
+        return f"database error: {_first_line(exc)}"
+    return (
+        f"unexpected {type(exc).__name__}: {_first_line(exc)} "
+        f"(run with --debug or {DEBUG_ENV}=1 for the traceback)"
+    )
 
 
 # -- apps and databases ---------------------------------------------------------------------------
@@ -208,14 +290,37 @@ def _embedded_url() -> str:
 
 @contextlib.contextmanager
 def _app_for(
-    dsn: str | None, app_path: str | None, schema: str | None, *, embedded: Embedded = "if-present"
+    dsn: str | None,
+    app_path: str | None,
+    schema: str | None,
+    *,
+    embedded: Embedded = "if-present",
+    check_schema: bool = True,
 ) -> Iterator[App]:
-    """The app a command works on (see :func:`_target_app`), closed when the block ends."""
+    """The app a command works on (see :func:`_target_app`), closed when the block ends;
+    its schema checked first (:func:`_require_schema`) unless ``check_schema=False``."""
     app = _target_app(dsn, app_path, schema, embedded=embedded)
     try:
+        if check_schema:
+            _require_schema(app)
         yield app
     finally:
         app.close()
+
+
+def _require_schema(app: App) -> None:
+    """Refuse a schema this pgtq cannot use, with the command to run; warn on a newer one.
+
+    Done before a command touches the jobs, so that "column ... does not exist" is never
+    the first thing a user sees (see :func:`pgtq.migrations.require_schema`).
+    """
+    from pgtq import migrations
+
+    _state.schema = app.sync.run_in_transaction(
+        lambda conn: migrations.require_schema(conn, app.schema)
+    )
+    if _state.schema.state == "ahead":
+        _warn(_state.schema.message)
 
 
 def _target_app(
@@ -279,7 +384,15 @@ def _version(value: bool) -> None:
 @cli.callback()
 def _root(
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Show tracebacks and debug logs.")
+        bool,
+        typer.Option(
+            "--debug",
+            "--verbose",
+            "-v",
+            envvar=DEBUG_ENV,
+            show_envvar=True,
+            help="Show the traceback of a failure (else one line: Error: ...) and debug logs.",
+        ),
     ] = False,
     version: Annotated[
         bool,
@@ -288,6 +401,7 @@ def _root(
 ) -> None:
     """pgtq: a PostgreSQL task queue."""
     _state.verbose = verbose
+    _state.schema = None
 
 
 @cli.command()
@@ -340,53 +454,51 @@ def worker(
     """
     from pgtq import factories
 
-    with _reporting_errors():
-        factory = load_object(app_path)
-        if not isinstance(factory, App) and not callable(factory):
-            raise AppNotFound(
-                f"{app_path!r} is not a pgtq.App nor a factory of one "
-                f"(got {type(factory).__name__})"
-            )
-        queues = list(queue) if queue else None
-        metrics_servers: list[Any] = []
+    factory = load_object(app_path)
+    if not isinstance(factory, App) and not callable(factory):
+        raise AppNotFound(
+            f"{app_path!r} is not a pgtq.App nor a factory of one (got {type(factory).__name__})"
+        )
+    queues = list(queue) if queue else None
+    metrics_servers: list[Any] = []
 
-        def on_open(app: App) -> None:
-            _with_database(app, dsn, app_path, embedded="if-present")
-            metrics_servers.append(_serve_metrics(app, metrics_port, metrics_addr))
-            err.print(
-                f"pgtq worker: {len(app.tasks)} task(s) from {app_path}, "
-                f"queues {', '.join(queues) if queues else 'all'}, concurrency {concurrency}, "
-                f"database {describe(app.url)}",
-                soft_wrap=True,
-            )
-
-        try:
-            with _logging_to_stderr():
-                stats = factories.run_worker(
-                    factory,
-                    *(factory_args or ()),
-                    on_open=on_open,
-                    queues=queues,
-                    concurrency=concurrency,
-                    fetch_job_polling_interval=fetch_job_polling_interval,
-                    abort_job_polling_interval=abort_job_polling_interval,
-                    shutdown_graceful_timeout=(
-                        None if math.isinf(shutdown_graceful_timeout) else shutdown_graceful_timeout
-                    ),
-                    wait=not one_shot,
-                    install_signal_handlers=True,
-                )
-        finally:
-            for server in metrics_servers:
-                if server is not None:
-                    server.shutdown()
-        detail = ", ".join(f"{name} {n}" for name, n in sorted(stats.by_status.items()))
+    def on_open(app: App) -> None:
+        _with_database(app, dsn, app_path, embedded="if-present")
+        metrics_servers.append(_serve_metrics(app, metrics_port, metrics_addr))
         err.print(
-            f"pgtq worker: processed {stats.processed} job(s)"
-            + (f" ({detail})" if detail else "")
-            + f" in {stats.elapsed:.2f} s",
+            f"pgtq worker: {len(app.tasks)} task(s) from {app_path}, "
+            f"queues {', '.join(queues) if queues else 'all'}, concurrency {concurrency}, "
+            f"database {describe(app.url)}",
             soft_wrap=True,
         )
+
+    try:
+        with _logging_to_stderr():
+            stats = factories.run_worker(
+                factory,
+                *(factory_args or ()),
+                on_open=on_open,
+                queues=queues,
+                concurrency=concurrency,
+                fetch_job_polling_interval=fetch_job_polling_interval,
+                abort_job_polling_interval=abort_job_polling_interval,
+                shutdown_graceful_timeout=(
+                    None if math.isinf(shutdown_graceful_timeout) else shutdown_graceful_timeout
+                ),
+                wait=not one_shot,
+                install_signal_handlers=True,
+            )
+    finally:
+        for server in metrics_servers:
+            if server is not None:
+                server.shutdown()
+    detail = ", ".join(f"{name} {n}" for name, n in sorted(stats.by_status.items()))
+    err.print(
+        f"pgtq worker: processed {stats.processed} job(s)"
+        + (f" ({detail})" if detail else "")
+        + f" in {stats.elapsed:.2f} s",
+        soft_wrap=True,
+    )
 
 
 def _serve_metrics(app: App, port: int | None, addr: str) -> Any:
@@ -418,24 +530,106 @@ def parse_arguments(text: str) -> dict[str, Any]:
             f"the task arguments are not valid JSON ({exc}): give an object such as "
             """'{"to": "a@example.com"}'"""
         ) from None
+    except RecursionError:
+        raise _InvalidJson("the task arguments are nested too deeply to be read") from None
     if not isinstance(value, dict):
         raise _InvalidJson(
             f"the task arguments must be a JSON object of keyword arguments, "
             f"""such as '{{"to": "a@example.com"}}', not a JSON {type(value).__name__}"""
         )
+    _check_storable(value)
     return value
+
+
+def _check_storable(arguments: dict[str, Any]) -> None:
+    """Refuse text PostgreSQL cannot store in ``jsonb`` (a NUL, ``\\u0000``; a lone surrogate,
+    ``\\ud800``), naming where it is. Iterative: deep input must not overflow the stack."""
+    stack: list[tuple[str, Any]] = [("", arguments)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(f"{path}.{key}" if path else key, key, "key")
+                stack.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(path, value, "value")
+
+
+def _check_text(path: str, text: str, what: str) -> None:
+    if "\x00" in text:
+        raise _InvalidJson(
+            f"the task arguments: the {what} at {_one_line(path)!s} holds a NUL character "
+            "(\\u0000), which PostgreSQL cannot store"
+        )
+    if any("\ud800" <= c <= "\udfff" for c in text):
+        raise _InvalidJson(
+            f"the task arguments: the {what} at {_one_line(path)!s} holds a lone surrogate "
+            "(\\ud800-\\udfff), which is not valid Unicode text"
+        )
 
 
 def parse_datetime(text: str) -> datetime:
     """``--at``: an ISO 8601 date and time; without an offset it is the local time."""
     try:
         value = datetime.fromisoformat(text)
-    except ValueError:
+        return value if value.tzinfo is not None else value.astimezone()
+    except (ValueError, OverflowError):
         raise _InvalidJson(
             f"--at {text!r} is not an ISO 8601 date and time, such as 2030-01-31T09:30 "
             "or 2030-01-31T09:30:00+01:00"
         ) from None
-    return value if value.tzinfo is not None else value.astimezone()
+
+
+#: PostgreSQL's ``integer`` (priorities) and ``bigint`` (job ids, limits).
+INT4 = (-(2**31), 2**31 - 1)
+INT8_MAX = 2**63 - 1
+
+
+class _BadOption(PgtqError, ValueError):
+    """A number given on the command line that pgtq cannot use."""
+
+
+def _checked_priority(priority: int | None) -> int | None:
+    if priority is not None and not INT4[0] <= priority <= INT4[1]:
+        raise _BadOption(f"--priority: must be between {INT4[0]} and {INT4[1]}, not {priority}")
+    return priority
+
+
+def _checked_seconds(seconds: float | None) -> float | None:
+    """``--in``: finite, and a time a datetime can hold."""
+    if seconds is None:
+        return None
+    if not math.isfinite(seconds):
+        raise _BadOption(f"--in: must be a finite number of seconds, not {seconds}")
+    try:
+        datetime.now(UTC) + timedelta(seconds=seconds)
+    except OverflowError:
+        raise _BadOption(f"--in: {seconds:g} seconds is too far away") from None
+    return seconds
+
+
+def _checked_id(value: int) -> int:
+    """``ID``: a job id is a positive PostgreSQL ``bigint``."""
+    if not 1 <= value <= INT8_MAX:
+        raise _BadOption(f"{value} is not a job id: ids are between 1 and {INT8_MAX}")
+    return value
+
+
+def _checked_after(value: int | None) -> int | None:
+    if value is not None and not 0 <= value <= INT8_MAX:
+        raise _BadOption(f"--after: a job id between 0 and {INT8_MAX}, not {value}")
+    return value
+
+
+JobIdArgument = Annotated[int, typer.Argument(metavar="ID", callback=_checked_id)]
+
+
+def _checked_limit(value: int) -> int:
+    if value > INT8_MAX:
+        raise _BadOption(f"--limit: at most {INT8_MAX}, not {value}")
+    return value
 
 
 @cli.command()
@@ -465,29 +659,29 @@ def defer(
     dsn: DsnOption = None,
 ) -> None:
     """Defer one job of a task and print its id."""
-    with _reporting_errors():
-        app = load_app(app_path)
-        task = app.get_task(task_name)
-        kwargs = parse_arguments(arguments)
-        deferrer = task.configure(
-            queue=queue,
-            priority=priority,
-            lock=lock,
-            queueing_lock=queueing_lock,
-            schedule_in=schedule_in,
-            schedule_at=parse_datetime(schedule_at) if schedule_at is not None else None,
-        )
-        # Validates the arguments before any connection is made.
-        deferrer.encode([kwargs])
-        _with_database(app, dsn, app_path, embedded="if-present")
-        try:
-            job_id = deferrer.defer_many([kwargs])[0]
-        finally:
-            app.close()
-        out.print(
-            f"Deferred {task.name} as job {job_id} on queue {deferrer.options.queue!r}",
-            soft_wrap=True,
-        )
+    app = load_app(app_path)
+    task = app.get_task(task_name)
+    kwargs = parse_arguments(arguments)
+    deferrer = task.configure(
+        queue=queue,
+        priority=_checked_priority(priority),
+        lock=lock,
+        queueing_lock=queueing_lock,
+        schedule_in=_checked_seconds(schedule_in),
+        schedule_at=parse_datetime(schedule_at) if schedule_at is not None else None,
+    )
+    # Validates the arguments before any connection is made.
+    deferrer.encode([kwargs])
+    _with_database(app, dsn, app_path, embedded="if-present")
+    try:
+        _require_schema(app)
+        job_id = deferrer.defer_many([kwargs])[0]
+    finally:
+        app.close()
+    out.print(
+        f"Deferred {task.name} as job {job_id} on queue {deferrer.options.queue!r}",
+        soft_wrap=True,
+    )
 
 
 @cli.command()
@@ -530,39 +724,34 @@ def migrate(
     """
     from pgtq import migrations
 
-    with _reporting_errors():
-        if pre and post:
-            raise _fail("give --pre or --post, not both (neither: both phases)")
-        phase: migrations.Phase | None = "pre" if pre else "post" if post else None
-        if check:
-            if post:
-                raise _fail("--check takes --pre (pre revisions applied?) or nothing (at head?)")
-            _check_migrations(
-                _target_app(dsn, app_path, schema, embedded="if-present"), pre_only=pre
-            )
-            return
-        if sql:
-            if phase is not None:
-                raise _fail(
-                    "--sql prints the whole upgrade from an empty schema: it takes no phase"
-                )
-            target_schema = schema or (load_app(app_path).schema if app_path else DEFAULT_SCHEMA)
-            typer.echo(migrations.sql(target_schema))
-            return
-        with _app_for(dsn, app_path, schema, embedded="always") as app:
-            applied = app.migrate(phase=phase)
-            left = app.sync.run_in_transaction(lambda conn: migrations.pending(conn, app.schema))
-        where = f"pgtq schema {app.schema!r} at {describe(app.url)}"
-        done = f"applied {', '.join(applied)}" if applied else "nothing to apply"
-        if not left:
-            out.print(f"{where} is up to date ({done})", soft_wrap=True)
-        else:
-            waiting = ", ".join(f"{rev} ({kind})" for rev, kind in left)
-            out.print(
-                f"{where}: {done}; still pending: {waiting}. Run `pgtq migrate --post` once no "
-                "worker of the previous release runs",
-                soft_wrap=True,
-            )
+    if pre and post:
+        raise _fail("give --pre or --post, not both (neither: both phases)")
+    phase: migrations.Phase | None = "pre" if pre else "post" if post else None
+    if check:
+        if post:
+            raise _fail("--check takes --pre (pre revisions applied?) or nothing (at head?)")
+        _check_migrations(_target_app(dsn, app_path, schema, embedded="if-present"), pre_only=pre)
+        return
+    if sql:
+        if phase is not None:
+            raise _fail("--sql prints the whole upgrade from an empty schema: it takes no phase")
+        target_schema = schema or (load_app(app_path).schema if app_path else DEFAULT_SCHEMA)
+        typer.echo(migrations.sql(target_schema))
+        return
+    with _app_for(dsn, app_path, schema, embedded="always") as app:
+        applied = app.migrate(phase=phase)
+        left = app.sync.run_in_transaction(lambda conn: migrations.pending(conn, app.schema))
+    where = f"pgtq schema {app.schema!r} at {describe(app.url)}"
+    done = f"applied {', '.join(applied)}" if applied else "nothing to apply"
+    if not left:
+        out.print(f"{where} is up to date ({done})", soft_wrap=True)
+    else:
+        waiting = ", ".join(f"{rev} ({kind})" for rev, kind in left)
+        out.print(
+            f"{where}: {done}; still pending: {waiting}. Run `pgtq migrate --post` once no "
+            "worker of the previous release runs",
+            soft_wrap=True,
+        )
 
 
 class NotAtHead(PgtqError):
@@ -611,8 +800,7 @@ def demo(
     """Defer and run sample jobs: on PGTQ_DSN, or on the embedded PostgreSQL in ./.pgtq."""
     from pgtq.demo import run_demo
 
-    with _reporting_errors():
-        run_demo(dsn or None, jobs=jobs, console=out)
+    run_demo(dsn or None, jobs=jobs, console=out)
 
 
 # -- pgtq jobs ... --------------------------------------------------------------------------------
@@ -657,7 +845,7 @@ def job_table(job: Job, *, traceback: bool = False) -> Table:
 
 @jobs_cli.command("show")
 def jobs_show(
-    job_id: Annotated[int, typer.Argument(metavar="ID")],
+    job_id: JobIdArgument,
     traceback: Annotated[
         bool, typer.Option("--traceback", help="Show the stored traceback of a failure.")
     ] = False,
@@ -666,56 +854,53 @@ def jobs_show(
     schema: SchemaOption = None,
 ) -> None:
     """Show one job."""
-    with _reporting_errors():
-        with _app_for(dsn, app_path, schema) as app:
-            job = app.jobs.get(job_id)
-        if job is None:
-            raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
-        out.print(job_table(job, traceback=traceback))
+    with _app_for(dsn, app_path, schema) as app:
+        job = app.jobs.get(job_id)
+    if job is None:
+        raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
+    out.print(job_table(job, traceback=traceback))
 
 
 @jobs_cli.command("abort")
 def jobs_abort(
-    job_id: Annotated[int, typer.Argument(metavar="ID")],
+    job_id: JobIdArgument,
     dsn: DsnOption = None,
     app_path: AppOption = None,
     schema: SchemaOption = None,
 ) -> None:
     """Cancel a waiting job, or ask a running one to stop."""
-    with _reporting_errors():
-        with _app_for(dsn, app_path, schema) as app:
-            status = app.jobs.abort(job_id)
-            job = app.jobs.get(job_id) if status is None else None
-        if status is not None:
-            what = "cancelled" if status is Status.CANCELLED else "asked to stop (running)"
-            out.print(f"Job {job_id} {what}")
-        elif job is None:
-            raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
-        else:
-            raise PgtqError(f"job {job_id} already ended ({job.status.value}): nothing to abort")
+    with _app_for(dsn, app_path, schema) as app:
+        status = app.jobs.abort(job_id)
+        job = app.jobs.get(job_id) if status is None else None
+    if status is not None:
+        what = "cancelled" if status is Status.CANCELLED else "asked to stop (running)"
+        out.print(f"Job {job_id} {what}")
+    elif job is None:
+        raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
+    else:
+        raise PgtqError(f"job {job_id} already ended ({job.status.value}): nothing to abort")
 
 
 @jobs_cli.command("retry")
 def jobs_retry(
-    job_id: Annotated[int, typer.Argument(metavar="ID")],
+    job_id: JobIdArgument,
     dsn: DsnOption = None,
     app_path: AppOption = None,
     schema: SchemaOption = None,
 ) -> None:
     """Put a failed, aborted or cancelled job back in its queue."""
-    with _reporting_errors():
-        with _app_for(dsn, app_path, schema) as app:
-            retried = app.jobs.retry(job_id)
-            job = None if retried else app.jobs.get(job_id)
-        if retried:
-            out.print(f"Job {job_id} is waiting again")
-        elif job is None:
-            raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
-        else:
-            raise PgtqError(
-                f"job {job_id} is {job.status.value}: only failed, aborted or cancelled jobs "
-                "can be retried"
-            )
+    with _app_for(dsn, app_path, schema) as app:
+        retried = app.jobs.retry(job_id)
+        job = None if retried else app.jobs.get(job_id)
+    if retried:
+        out.print(f"Job {job_id} is waiting again")
+    elif job is None:
+        raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
+    else:
+        raise PgtqError(
+            f"job {job_id} is {job.status.value}: only failed, aborted or cancelled jobs "
+            "can be retried"
+        )
 
 
 @jobs_cli.command("list")
@@ -727,9 +912,13 @@ def jobs_list(
     ] = None,
     task: Annotated[str | None, typer.Option("--task", "-t", help="Only this task.")] = None,
     lock: Annotated[str | None, typer.Option(help="Only jobs with this lock.")] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="At most this many.")] = 20,
+    limit: Annotated[
+        int,
+        typer.Option("--limit", "-n", min=1, callback=_checked_limit, help="At most this many."),
+    ] = 20,
     after: Annotated[
-        int | None, typer.Option(metavar="ID", help="The page after this job id.")
+        int | None,
+        typer.Option(metavar="ID", callback=_checked_after, help="The page after this job id."),
     ] = None,
     oldest_first: Annotated[
         bool, typer.Option("--oldest-first", help="Oldest jobs first (default: newest).")
@@ -739,20 +928,19 @@ def jobs_list(
     schema: SchemaOption = None,
 ) -> None:
     """List jobs, newest first, as a table (page with --after)."""
-    with _reporting_errors():
-        with _app_for(dsn, app_path, schema) as app:
-            jobs = app.jobs.list(
-                queue=queue,
-                status=status or None,
-                task=task,
-                lock=lock,
-                limit=limit,
-                after=after,
-                newest_first=not oldest_first,
-            )
-        out.print(jobs_table(jobs))
-        if len(jobs) == limit:
-            out.print(f"[dim]More: --after {jobs[-1].id}[/]", soft_wrap=True)
+    with _app_for(dsn, app_path, schema) as app:
+        jobs = app.jobs.list(
+            queue=queue,
+            status=status or None,
+            task=task,
+            lock=lock,
+            limit=limit,
+            after=after,
+            newest_first=not oldest_first,
+        )
+    out.print(jobs_table(jobs))
+    if len(jobs) == limit:
+        out.print(f"[dim]More: --after {jobs[-1].id}[/]", soft_wrap=True)
 
 
 _STATUS_STYLES = {
@@ -804,23 +992,22 @@ def jobs_table(jobs: list[Job]) -> Table:
 
 @jobs_cli.command("cancel")
 def jobs_cancel(
-    job_id: Annotated[int, typer.Argument(metavar="ID")],
+    job_id: JobIdArgument,
     dsn: DsnOption = None,
     app_path: AppOption = None,
     schema: SchemaOption = None,
 ) -> None:
     """Cancel a waiting job (a running one is stopped with `jobs abort`)."""
-    with _reporting_errors():
-        with _app_for(dsn, app_path, schema) as app:
-            cancelled = app.jobs.cancel(job_id)
-            job = None if cancelled else app.jobs.get(job_id)
-        if cancelled:
-            out.print(f"Job {job_id} cancelled")
-        elif job is None:
-            raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
-        else:
-            hint = ": use `pgtq jobs abort` to stop it" if job.status is Status.DOING else ""
-            raise PgtqError(f"job {job_id} is {job.status.value}, not waiting{hint}")
+    with _app_for(dsn, app_path, schema) as app:
+        cancelled = app.jobs.cancel(job_id)
+        job = None if cancelled else app.jobs.get(job_id)
+    if cancelled:
+        out.print(f"Job {job_id} cancelled")
+    elif job is None:
+        raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
+    else:
+        hint = ": use `pgtq jobs abort` to stop it" if job.status is Status.DOING else ""
+        raise PgtqError(f"job {job_id} is {job.status.value}, not waiting{hint}")
 
 
 # -- pgtq queues ... ------------------------------------------------------------------------------
@@ -836,10 +1023,9 @@ def queues_pause(
     schema: SchemaOption = None,
 ) -> None:
     """Stop workers from taking the queue's jobs (running ones finish)."""
-    with _reporting_errors():
-        with _app_for(dsn, app_path, schema) as app:
-            changed = app.queues.pause(name)
-        out.print(f"Queue {name!r} " + ("paused" if changed else "was already paused"))
+    with _app_for(dsn, app_path, schema) as app:
+        changed = app.queues.pause(name)
+    out.print(f"Queue {name!r} " + ("paused" if changed else "was already paused"))
 
 
 @queues_cli.command("resume")
@@ -850,10 +1036,9 @@ def queues_resume(
     schema: SchemaOption = None,
 ) -> None:
     """Let workers take the queue's jobs again."""
-    with _reporting_errors():
-        with _app_for(dsn, app_path, schema) as app:
-            changed = app.queues.resume(name)
-        out.print(f"Queue {name!r} " + ("resumed" if changed else "was not paused"))
+    with _app_for(dsn, app_path, schema) as app:
+        changed = app.queues.resume(name)
+    out.print(f"Queue {name!r} " + ("resumed" if changed else "was not paused"))
 
 
 @queues_cli.command("list")
@@ -863,19 +1048,18 @@ def queues_list(
     schema: SchemaOption = None,
 ) -> None:
     """Queues with waiting or running jobs, and paused ones."""
-    with _reporting_errors():
-        with _app_for(dsn, app_path, schema) as app:
-            queues = app.queues.list()
-        table = Table()
-        table.add_column("queue", style="bold")
-        table.add_column("state")
-        table.add_column("paused since")
-        for q in queues:
-            state = Text("paused", style="yellow") if q.paused else Text("active", style="green")
-            table.add_row(q.name, state, _when(q.paused_at))
-        if not queues:
-            table.add_row(Text("no queue", style="dim"), "", "")
-        out.print(table)
+    with _app_for(dsn, app_path, schema) as app:
+        queues = app.queues.list()
+    table = Table()
+    table.add_column("queue", style="bold")
+    table.add_column("state")
+    table.add_column("paused since")
+    for q in queues:
+        state = Text("paused", style="yellow") if q.paused else Text("active", style="green")
+        table.add_row(q.name, state, _when(q.paused_at))
+    if not queues:
+        table.add_row(Text("no queue", style="dim"), "", "")
+    out.print(table)
 
 
 # -- pgtq stats -----------------------------------------------------------------------------------
@@ -896,16 +1080,16 @@ def stats(
     """Queues (waiting, doing, failed, oldest wait, jobs/s) and live workers."""
     from pgtq import dashboard
 
-    with _reporting_errors():
-        app = _target_app(dsn, app_path, schema, embedded="if-present")
-        title = f"pgtq  ·  {describe(app.url)}  ·  schema {app.schema}"
-        with contextlib.closing(app):
-            first = app.jobs.stats()  # a bad DSN fails here, as one line, not in the dashboard
-            if not watch:
-                out.print(dashboard.render(first, title=title))
-                return
-            with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how a dashboard ends
-                dashboard.watch(app.jobs.stats, console=out, title=title, interval=interval)
+    app = _target_app(dsn, app_path, schema, embedded="if-present")
+    title = f"pgtq  ·  {describe(app.url)}  ·  schema {app.schema}"
+    with contextlib.closing(app):
+        _require_schema(app)  # a bad DSN or schema fails here, as one line
+        first = app.jobs.stats()
+        if not watch:
+            out.print(dashboard.render(first, title=title))
+            return
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how a dashboard ends
+            dashboard.watch(app.jobs.stats, console=out, title=title, interval=interval)
 
 
 # -- pgtq web -------------------------------------------------------------------------------------

@@ -309,11 +309,18 @@ class Worker:
 
     async def _run(self, started: float) -> WorkerStats:
         connector = self._connector = self.app.async_connector()
-        if not await connector.run(statements.is_migrated(self._s)):
-            raise SchemaNotMigrated(
-                f"pgtq's tables are missing in schema {self.app.schema!r}: "
-                "run `pgtq migrate` (or app.migrate()) first"
-            )
+        # Once, at start: missing tables or a pending pre revision refuse (with the command
+        # to run); a newer schema only warns (a rolling upgrade, see migrations.require_schema).
+        from pgtq import migrations  # alembic is imported when a worker starts, not with pgtq
+
+        schema = await connector.run_in_transaction(
+            lambda conn: migrations.schema_status(conn, self.app.schema)
+        )
+        refusal = schema.error()
+        if isinstance(refusal, SchemaNotMigrated):  # missing, or behind: SchemaTooOld
+            raise refusal
+        if refusal is not None:
+            logger.warning("%s", schema.message, extra={"worker": self.worker_id})
         if any(not t.is_async for t in self.app.tasks.values()):
             loop = asyncio.get_running_loop()
             self._threads = ThreadRunner(self.concurrency, loop, name="pgtq-job")
