@@ -170,8 +170,10 @@ def allowed_hosts_for(listen: str | None, extra: Iterable[str] = ()) -> list[str
                     "requests for any other Host are refused, which blocks DNS rebinding"
                 )
         else:
-            allowed.append(host_pattern(listen))
-    allowed += [name for name in given if name not in allowed]
+            given.insert(0, host_pattern(listen))
+    for name in given:
+        if name not in allowed:
+            allowed.append(name)
     return allowed
 
 
