@@ -20,12 +20,13 @@ from pgtq.connectors import (
     create_async_engine_for,
     create_sync_engine,
 )
-from pgtq.errors import ConfigurationError, UnknownTask
+from pgtq.errors import ConfigurationError, InvalidArguments, UnknownTask
 from pgtq.jobs import JobManager
 from pgtq.queues import QueueManager
 from pgtq.retry import Retry
 from pgtq.schema import DEFAULT_SCHEMA, InvalidSchemaName, validate_schema_name
 from pgtq.tasks import Middleware, Task
+from pgtq.validation import DEFAULT_MAX_ARGS_BYTES, check_max_args_bytes
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -70,10 +71,18 @@ class App:
         middleware: Sequence[Middleware] = (),
         prepared_statements: bool = True,
         result_max_bytes: int | None = 1_000_000,
+        max_args_bytes: int | None = DEFAULT_MAX_ARGS_BYTES,
     ) -> None:
         #: A task result larger than this (as JSON) fails its job with a clear error: results
         #: live in the jobs table, which must stay small to stay fast. None: no limit.
         self.result_max_bytes = result_max_bytes
+        #: A job whose arguments are larger than this (as JSON) is refused at defer with
+        #: ``InvalidArguments``, for the same reason: pass a reference to big data (a key, a
+        #: URL), not the data. None: no limit.
+        try:
+            self.max_args_bytes = check_max_args_bytes(max_args_bytes)
+        except InvalidArguments as exc:
+            raise ConfigurationError(str(exc)) from None
         #: False behind PgBouncer in transaction mode: engines pgtq makes then never keep
         #: prepared statements (yours are yours to configure).
         self.prepared_statements = prepared_statements

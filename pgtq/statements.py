@@ -180,6 +180,10 @@ class Statements:
         deferred in the caller's transaction wakes the workers only once it is visible. An
         insert trigger with a transition table did this before (pgtq_0006 drops it): it cost
         ~60 µs of a ~400 µs single enqueue here (``python -m benchmarks.probes enqueue``).
+
+        The schedule is ``:scheduled_at`` (an instant the caller gave), else ``now() +
+        :schedule_in`` seconds: a delay counts on the server's clock, the one the claim
+        compares with, never on the client's.
         """
         j = self.jobs
         rows = (
@@ -187,25 +191,39 @@ class Statements:
             .table_valued(sa.column("value", JSONB))
             .render_derived("new_jobs")
         )
+        delay = sa.bindparam("schedule_in", type_=sa.Float)
+        at = sa.func.coalesce(
+            sa.bindparam("scheduled_at", type_=sa.DateTime(timezone=True)),
+            sa.func.now() + delay * ONE_SECOND,
+            type_=sa.DateTime(timezone=True),
+        )
         values: list[sa.ColumnElement[Any]] = []
         for name, kind in INSERT_COLUMNS:
-            value = rows.c.value if name == "args" else sa.bindparam(name, type_=kind)
+            value = (
+                rows.c.value
+                if name == "args"
+                else at
+                if name == "scheduled_at"
+                else sa.bindparam(name, type_=kind)
+            )
             values.append(sa.cast(value, JSONB) if name == "trace_context" else value)
         columns = [name for name, _ in INSERT_COLUMNS]
         select = sa.select(*values).select_from(rows)
         inserted = sa.insert(j).from_select(columns, select).returning(j.c.id).cte("inserted")
-        return self._announce(inserted, sa.bindparam("queue", type_=sa.Text))
+        return self._announce(inserted, sa.bindparam("queue", type_=sa.Text), at)
 
     @property
     def _channel(self) -> sa.ColumnElement[str]:
         """The jobs' channel as a literal (a validated identifier: safe in the SQL text)."""
         return sa.literal_column(f"'{self.channel}'", sa.Text)
 
-    def _announce(self, inserted: sa.CTE, queue: sa.ColumnElement[str]) -> sa.Select[Any]:
+    def _announce(
+        self, inserted: sa.CTE, queue: sa.ColumnElement[str], at: sa.ColumnElement[Any]
+    ) -> sa.Select[Any]:
         """Select the inserted ids, sending one NOTIFY on the jobs' channel (payload: their
-        queue) when they are due. PostgreSQL folds identical notifications of a transaction
-        into one, so a transaction that defers many jobs sends one per queue."""
-        at = sa.bindparam("scheduled_at", type_=sa.DateTime(timezone=True))
+        queue) when they are due (``at``: their schedule, the same expression they were
+        inserted with). PostgreSQL folds identical notifications of a transaction into one,
+        so a transaction that defers many jobs sends one per queue."""
         sent = sa.select(sa.func.pg_notify(self._channel, queue).label("sent")).where(_due(at))
         announced = sent.cte("announced")
         return sa.select(inserted.c.id).select_from(
@@ -1291,7 +1309,8 @@ class NewJobs:
     queue: str
     task_name: str
     priority: int
-    scheduled_at: datetime | None
+    scheduled_at: datetime | None  # an instant the caller gave
+    schedule_in: float | None  # or seconds from the server's now()
     lock: str | None
     queueing_lock: str | None
     concurrency_key: str | None
@@ -1300,7 +1319,18 @@ class NewJobs:
     count: int
 
     def as_params(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name, _ in INSERT_COLUMNS}
+        return {
+            "queue": self.queue,
+            "task_name": self.task_name,
+            "args": self.args,
+            "priority": self.priority,
+            "scheduled_at": self.scheduled_at,
+            "schedule_in": self.schedule_in,
+            "lock": self.lock,
+            "queueing_lock": self.queueing_lock,
+            "concurrency_key": self.concurrency_key,
+            "trace_context": self.trace_context,
+        }
 
 
 def insert_jobs(s: Statements, new: NewJobs) -> Query[list[int]]:

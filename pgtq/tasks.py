@@ -9,13 +9,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, KeysView, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from pgtq import observers, statements
+from pgtq import observers, statements, validation
 from pgtq.errors import ConfigurationError, InvalidArguments
 from pgtq.limits import Limit, parse_rate
 from pgtq.model import dumps
@@ -37,6 +37,8 @@ class JobOptions:
     queue: str
     priority: int = 0
     schedule_at: datetime | None = None
+    #: Seconds from the database server's ``now()`` (not this machine's clock).
+    schedule_in: float | None = None
     lock: str | None = None
     queueing_lock: str | None = None
     concurrency_key: str | None = None
@@ -102,7 +104,14 @@ class Task(Generic[R]):
         self.pass_context = _wants_context(func) if pass_context is None else pass_context
         self.signature = inspect.signature(func)
         self._accepts = _keyword_check(self.signature, self.pass_context)
-        self.defaults = JobOptions(queue=queue, priority=priority)
+        # Checked once here, so a plain ``defer()`` checks only its arguments.
+        try:
+            validation.check_name("task name", name)
+            self.defaults = JobOptions(
+                queue=validation.check_queue(queue), priority=validation.check_priority(priority)
+            )
+        except InvalidArguments as exc:
+            raise ConfigurationError(f"task {name!r}: {exc}") from None
         self._plain_deferrer: Deferrer | None = None
         clash = RESERVED_ARGUMENTS & set(self.signature.parameters)
         if clash:
@@ -138,25 +147,23 @@ class Task(Generic[R]):
         queueing_lock: str | None = None,
         concurrency_key: str | None = None,
     ) -> Deferrer:
+        """Job options for the jobs deferred through the returned :class:`Deferrer`, each
+        checked here (:mod:`pgtq.validation`): a bad one raises ``InvalidArguments`` naming
+        it. ``schedule_in`` counts from the database server's clock when the job is
+        inserted; a negative one means due now."""
         if schedule_at is not None and schedule_in is not None:
-            raise InvalidArguments("give schedule_at or schedule_in, not both")
-        if schedule_in is not None:
-            seconds = (
-                schedule_in.total_seconds() if isinstance(schedule_in, timedelta) else schedule_in
-            )
-            schedule_at = datetime.now(UTC) + timedelta(seconds=seconds)
-        if schedule_at is not None and schedule_at.tzinfo is None:
-            raise InvalidArguments(
-                "schedule_at must be timezone-aware (e.g. datetime.now(timezone.utc))"
-            )
+            raise InvalidArguments("schedule_at, schedule_in: give one of them, not both")
         options = replace(
             self.defaults,
-            queue=self.defaults.queue if queue is None else queue,
-            priority=self.defaults.priority if priority is None else priority,
-            schedule_at=schedule_at,
-            lock=lock,
-            queueing_lock=queueing_lock,
-            concurrency_key=concurrency_key,
+            queue=self.defaults.queue if queue is None else validation.check_queue(queue),
+            priority=(
+                self.defaults.priority if priority is None else validation.check_priority(priority)
+            ),
+            schedule_at=None if schedule_at is None else validation.check_schedule_at(schedule_at),
+            schedule_in=None if schedule_in is None else validation.schedule_seconds(schedule_in),
+            lock=validation.check_key("lock", lock),
+            queueing_lock=validation.check_key("queueing_lock", queueing_lock),
+            concurrency_key=validation.check_key("concurrency_key", concurrency_key),
         )
         return Deferrer(self, options)
 
@@ -197,7 +204,7 @@ class Task(Generic[R]):
             else:
                 self.signature.bind(**kwargs)
         except TypeError as exc:
-            raise InvalidArguments(f"task {self.name!r}: {exc}") from None
+            raise InvalidArguments(f"task {self.name!r}: arguments: {exc}") from None
 
 
 def _keyword_check(
@@ -216,7 +223,8 @@ def _keyword_check(
         if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY) and p.default is P.empty
     )
     if any(p.kind is P.VAR_KEYWORD for p in params):
-        return lambda keys: required <= keys
+        # defer_many's mappings may hold any key: only ``bind`` names a key not a str.
+        return lambda keys: required <= keys and all(type(k) is str for k in keys)
     return lambda keys: required <= keys and keys <= named
 
 
@@ -226,16 +234,6 @@ def _no_positional(task: Task[Any], args: tuple[Any, ...]) -> None:
             f"task {task.name!r} takes keyword arguments only when deferred "
             f"(got {len(args)} positional): write defer(name=value, ...)"
         )
-
-
-def _culprit(checked: list[dict[str, Any]]) -> str:
-    """Which job of a ``defer_many`` call cannot be encoded (the error path only)."""
-    for i, kwargs in enumerate(checked):
-        try:
-            dumps(kwargs)
-        except (TypeError, ValueError):
-            return f" (job {i} of {len(checked)})" if len(checked) > 1 else ""
-    return ""
 
 
 class Deferrer:
@@ -255,6 +253,7 @@ class Deferrer:
             task_name=self.task.name,
             priority=o.priority,
             scheduled_at=o.schedule_at,
+            schedule_in=o.schedule_in,
             lock=o.lock,
             queueing_lock=o.queueing_lock,
             concurrency_key=o.concurrency_key,
@@ -275,14 +274,12 @@ class Deferrer:
         return kwargs
 
     def _dumps(self, checked: list[dict[str, Any]]) -> str:
-        """All the jobs' arguments in one JSON array: one call into the C encoder."""
+        """All the jobs' arguments in one JSON array: one call into the C encoder, then the
+        checks of :func:`validation.encode_arguments` (a few substring scans when fine)."""
         try:
-            return dumps(checked)
-        except (TypeError, ValueError) as exc:
-            raise InvalidArguments(
-                f"task {self.task.name!r}: arguments must be JSON-serializable"
-                f"{_culprit(checked)}: {exc}"
-            ) from None
+            return validation.encode_arguments(checked, self.task.app.max_args_bytes)
+        except InvalidArguments as exc:
+            raise InvalidArguments(f"task {self.task.name!r}: {exc}") from None
 
     def _insert(self, new: statements.NewJobs) -> statements.Query[list[int]]:
         return statements.insert_jobs(self.task.app.statements, new)

@@ -1,0 +1,270 @@
+"""What a caller may pass to ``defer`` and ``configure``: one pure check per concern.
+
+A value that reaches an index, a timestamp or a ``jsonb`` column and that PostgreSQL (or a
+claim) cannot handle would not fail alone: a 3 kB ``lock`` makes every claim of every worker
+fail, an ``-infinity`` schedule breaks every claim and read. So every value is checked here,
+before anything is written, the same way for the sync and the async API (both go through
+``Task.configure`` and ``Deferrer.encode``). Each error is :class:`pgtq.InvalidArguments`
+and its message starts with the field it is about (``"queue: ..."``).
+
+No I/O here, and no SQLAlchemy: the checks are plain functions over plain values.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from numbers import Real
+from typing import Any
+
+from pgtq.errors import InvalidArguments
+from pgtq.model import dumps
+
+#: Longest queue (and task) name, in UTF-8 bytes. A queue name is a NOTIFY payload (at most
+#: 8000 bytes) and a key of the claim index: a longer one could never be retried.
+NAME_MAX_BYTES = 255
+#: Longest ``lock``, ``queueing_lock`` and ``concurrency_key``, in UTF-8 bytes: each is a key
+#: of a btree index, whose entries PostgreSQL caps at ~2700 bytes (a longer key fails every
+#: claim, not just its own job). Hash a longer key to fit.
+KEY_MAX_BYTES = 1024
+#: ``priority`` is a PostgreSQL ``integer`` (int4).
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
+#: The window a job may be scheduled in: from this instant to this far ahead of now.
+SCHEDULE_EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+SCHEDULE_HORIZON = timedelta(days=36_525)  # ~100 years
+_HORIZON_SECONDS = SCHEDULE_HORIZON.total_seconds()
+#: Deepest nesting of a job's arguments (its keyword arguments are level 1). The worker
+#: decodes arguments on a deeper Python stack than ``defer`` encodes them: arguments near
+#: the interpreter's recursion limit would encode here and fail in every claim there.
+ARGS_MAX_DEPTH = 200
+#: ``App(max_args_bytes=...)``'s default: a job's arguments as JSON, at most 1 MB.
+DEFAULT_MAX_ARGS_BYTES = 1_000_000
+
+KEY_FIELDS = ("lock", "queueing_lock", "concurrency_key")
+
+
+def _text(field: str, value: object, max_bytes: int) -> str:
+    """A non-empty ``str`` of at most ``max_bytes`` UTF-8 bytes that PostgreSQL can store."""
+    if not isinstance(value, str):
+        raise InvalidArguments(f"{field}: must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidArguments(f"{field}: must not be empty")
+    if len(value) > max_bytes:  # each character is at least a byte: no need to encode
+        raise InvalidArguments(
+            f"{field}: at most {max_bytes} bytes (UTF-8), got {len(value):,} characters"
+        )
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidArguments(
+            f"{field}: contains an unpaired surrogate (not valid UTF-8)"
+        ) from None
+    if size > max_bytes:
+        raise InvalidArguments(f"{field}: at most {max_bytes} bytes (UTF-8), got {size:,}")
+    if "\x00" in value:
+        raise InvalidArguments(f"{field}: contains a NUL character (\\x00)")
+    return value
+
+
+def check_name(field: str, value: object) -> str:
+    """A queue or task name: non-empty, at most :data:`NAME_MAX_BYTES`."""
+    return _text(field, value, NAME_MAX_BYTES)
+
+
+def check_queue(value: object) -> str:
+    return check_name("queue", value)
+
+
+def check_key(field: str, value: object) -> str | None:
+    """``lock``, ``queueing_lock`` or ``concurrency_key``: None, or a non-empty string of at
+    most :data:`KEY_MAX_BYTES`."""
+    return None if value is None else _text(field, value, KEY_MAX_BYTES)
+
+
+def check_priority(value: object) -> int:
+    """An ``int`` (or anything with ``__index__``, e.g. a numpy integer) in int4's range.
+
+    Floats are refused, even integral ones: PostgreSQL would round 1.5 one way and a driver
+    truncate it another, and a float priority is most likely a mistake.
+    """
+    if isinstance(value, bool):
+        raise InvalidArguments("priority: must be an integer, got bool")
+    try:
+        priority = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidArguments(
+            f"priority: must be an integer, got {type(value).__name__}"
+        ) from None
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise InvalidArguments(
+            f"priority: must be within [{PRIORITY_MIN}, {PRIORITY_MAX}] (PostgreSQL integer), "
+            f"got {priority}"
+        )
+    return priority
+
+
+def check_schedule_at(value: object, *, now: datetime | None = None) -> datetime:
+    """A timezone-aware datetime from :data:`SCHEDULE_EARLIEST` to :data:`SCHEDULE_HORIZON`
+    ahead of ``now`` (this machine's clock: the window is coarse enough for any skew)."""
+    if not isinstance(value, datetime):
+        raise InvalidArguments(f"schedule_at: must be a datetime, got {type(value).__name__}")
+    if value.utcoffset() is None:
+        raise InvalidArguments(
+            "schedule_at: must be timezone-aware (e.g. datetime.now(timezone.utc))"
+        )
+    latest = (now or datetime.now(UTC)) + SCHEDULE_HORIZON
+    if not SCHEDULE_EARLIEST <= value <= latest:
+        raise InvalidArguments(
+            f"schedule_at: must be between {SCHEDULE_EARLIEST:%Y-%m-%d} and "
+            f"{SCHEDULE_HORIZON.days // 365} years from now, got {value.isoformat()}"
+        )
+    return value
+
+
+def schedule_seconds(value: object) -> float:
+    """``schedule_in`` as seconds from the database server's ``now()``: a finite number or a
+    timedelta, at most :data:`SCHEDULE_HORIZON`. A negative delay means due now (0): a
+    deadline that has just passed runs at once, as a ``schedule_at`` in the past does."""
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, Real) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
+    else:
+        raise InvalidArguments(
+            f"schedule_in: must be a number of seconds or a timedelta, got {type(value).__name__}"
+        )
+    if not -_HORIZON_SECONDS <= seconds <= _HORIZON_SECONDS:  # also false for NaN
+        raise InvalidArguments(
+            f"schedule_in: must be a finite delay within {SCHEDULE_HORIZON.days // 365} years, "
+            f"got {value!r}"
+        )
+    return max(seconds, 0.0)
+
+
+def check_max_args_bytes(value: object) -> int | None:
+    """``App(max_args_bytes=...)``: None (no cap) or a positive int."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArguments(f"max_args_bytes: must be a positive int or None, got {value!r}")
+    return value
+
+
+# -- arguments ----------------------------------------------------------------------------------
+
+
+def encode_arguments(jobs: Sequence[Mapping[str, Any]], max_bytes: int | None) -> str:
+    """The jobs' keyword arguments as one JSON array, checked: each job's JSON storable by
+    ``jsonb``, at most :data:`ARGS_MAX_DEPTH` deep and ``max_bytes`` long.
+
+    The common case costs a few substring scans of the encoded text, in C: only a text that
+    may hold a problem is looked at job by job (to name the job and the value).
+    """
+    try:
+        encoded = dumps(jobs)
+    except (TypeError, ValueError) as exc:
+        i = _first(jobs, _unencodable)
+        raise InvalidArguments(
+            f"arguments{_job(jobs, i)}: must be JSON-serializable: {exc}"
+        ) from None
+    except RecursionError:
+        encoded = ""  # deeper than the interpreter allows: the depth check names the job
+    # A job nests at most as deep as it has brackets; the array and each job's own object
+    # account for ``len(jobs) + 1`` of them.
+    if not encoded or encoded.count("[") + encoded.count("{") - len(jobs) > ARGS_MAX_DEPTH:
+        _check_depth(jobs)
+        if not encoded:
+            raise InvalidArguments("arguments: nested too deeply to encode")
+    # The encoder escapes every non-ASCII character: NUL is written \u0000 and a surrogate
+    # \udXXX (a valid pair too, and a text holding a backslash and these letters: the slow
+    # path tells them apart).
+    if "\\u0000" in encoded or "\\ud" in encoded:
+        for i, kwargs in enumerate(jobs):
+            reason = _unstorable(kwargs)
+            if reason:
+                raise InvalidArguments(f"arguments{_job(jobs, i)}: {reason}")
+    if max_bytes is not None and len(encoded) > max_bytes + 2:  # ASCII: a char is a byte
+        _check_sizes(jobs, max_bytes)
+    return encoded
+
+
+def _job(jobs: Sequence[Any], i: int | None) -> str:
+    """Which job of a ``defer_many`` call (nothing for a single job)."""
+    return f" (job {i} of {len(jobs)})" if i is not None and len(jobs) > 1 else ""
+
+
+def _first(jobs: Sequence[Mapping[str, Any]], bad: Any) -> int | None:
+    return next((i for i, kwargs in enumerate(jobs) if bad(kwargs)), None)
+
+
+def _unencodable(kwargs: Mapping[str, Any]) -> bool:
+    try:
+        dumps(kwargs)
+    except (TypeError, ValueError, RecursionError):
+        return True
+    return False
+
+
+def _unstorable(value: Any, path: str = "") -> str | None:
+    """Where and why ``jsonb`` refuses a value: a NUL in a string (or a key), or a lone
+    surrogate (a str that is not valid UTF-8)."""
+    if isinstance(value, str):
+        where = f"{path} " if path else ""
+        if "\x00" in value:
+            return f"{where}contains a NUL character (\\u0000), which jsonb cannot store"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{where}contains an unpaired surrogate (not valid UTF-8)"
+        return None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            at = f"{path}[{key!r}]"
+            reason = _unstorable(key, f"the key {at}") or _unstorable(item, at)
+            if reason:
+                return reason
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            reason = _unstorable(item, f"{path}[{i}]")
+            if reason:
+                return reason
+    return None
+
+
+def _depth(value: Any, limit: int) -> int:
+    """The nesting depth of a value (a scalar is 0), counted no further than ``limit``."""
+    if isinstance(value, Mapping):
+        children: Any = value.values()
+    elif isinstance(value, (list, tuple)):
+        children = value
+    else:
+        return 0
+    deepest = 0
+    for item in children:
+        if deepest >= limit - 1:
+            break
+        deepest = max(deepest, _depth(item, limit - 1))
+    return deepest + 1
+
+
+def _check_depth(jobs: Sequence[Mapping[str, Any]]) -> None:
+    for i, kwargs in enumerate(jobs):
+        if _depth(kwargs, ARGS_MAX_DEPTH + 1) > ARGS_MAX_DEPTH:
+            raise InvalidArguments(
+                f"arguments{_job(jobs, i)}: nested more than {ARGS_MAX_DEPTH} levels deep"
+            )
+
+
+def _check_sizes(jobs: Sequence[Mapping[str, Any]], max_bytes: int) -> None:
+    for i, kwargs in enumerate(jobs):
+        size = len(dumps(kwargs))
+        if size > max_bytes:
+            raise InvalidArguments(
+                f"arguments{_job(jobs, i)}: {size:,} bytes as JSON, more than the app's "
+                f"max_args_bytes ({max_bytes:,}): pass a reference (a key, a URL) instead"
+            )
