@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import math
+import numbers
+import operator
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,7 +21,7 @@ from sqlalchemy.engine import Connection
 from typing_extensions import TypeVar
 
 from pgtq import statements
-from pgtq.errors import JobFailed, JobNotFound, JobTimeout, PgtqError
+from pgtq.errors import InvalidArguments, JobFailed, JobNotFound, JobTimeout
 from pgtq.model import ClaimedJob, Job, JobEvent, Status
 from pgtq.reports import Stats, Throughput
 
@@ -134,10 +137,11 @@ class JobManager:
         return self._app.statements
 
     def get(self, job_id: int) -> Job | None:
-        return self._app.sync.run(statements.get_job(self._s, job_id))
+        return self._app.sync.run(_by_id(statements.get_job, self._s, job_id))
 
     async def get_async(self, job_id: int) -> Job | None:
-        return await self._app.async_connector().run(statements.get_job(self._s, job_id))
+        query = _by_id(statements.get_job, self._s, job_id)
+        return await self._app.async_connector().run(query)
 
     def abort(self, job_id: int) -> Status | None:
         """A waiting job is cancelled at once; a running one is asked to stop (see JobContext).
@@ -145,17 +149,19 @@ class JobManager:
         Returns the status after the request (``cancelled`` or ``doing``), or None when the job
         had already ended.
         """
-        return self._app.sync.run(statements.abort_job(self._s, job_id))
+        return self._app.sync.run(_by_id(statements.abort_job, self._s, job_id))
 
     async def abort_async(self, job_id: int) -> Status | None:
-        return await self._app.async_connector().run(statements.abort_job(self._s, job_id))
+        query = _by_id(statements.abort_job, self._s, job_id)
+        return await self._app.async_connector().run(query)
 
     def retry(self, job_id: int) -> bool:
         """Put a failed, aborted or cancelled job back to ``todo``. False if it was not one."""
-        return self._app.sync.run(statements.retry_job(self._s, job_id))
+        return self._app.sync.run(_by_id(statements.retry_job, self._s, job_id))
 
     async def retry_async(self, job_id: int) -> bool:
-        return await self._app.async_connector().run(statements.retry_job(self._s, job_id))
+        query = _by_id(statements.retry_job, self._s, job_id)
+        return await self._app.async_connector().run(query)
 
     def counts(self) -> dict[tuple[str, Status], int]:
         """Jobs per (queue, status)."""
@@ -166,10 +172,11 @@ class JobManager:
 
     def history(self, job_id: int) -> list[JobEvent]:
         """Every status change of the job, oldest first (each failed attempt with its error)."""
-        return self._app.sync.run(statements.job_history(self._s, job_id))
+        return self._app.sync.run(_by_id(statements.job_history, self._s, job_id))
 
     async def history_async(self, job_id: int) -> list[JobEvent]:
-        return await self._app.async_connector().run(statements.job_history(self._s, job_id))
+        query = _by_id(statements.job_history, self._s, job_id)
+        return await self._app.async_connector().run(query)
 
     def set_history(self, enabled: bool) -> None:
         """Record history (the default) or not, for every client of the database: off, the
@@ -181,6 +188,7 @@ class JobManager:
 
     def wait(self, job_id: int, timeout: float | None = None) -> Any:
         """Block until the job is final: its result, or JobFailed; JobTimeout past ``timeout``."""
+        timeout = check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         for delay in _poll_delays():
             outcome = _settle(job_id, self.get(job_id))
@@ -194,6 +202,7 @@ class JobManager:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def wait_async(self, job_id: int, timeout: float | None = None) -> Any:
+        timeout = check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         for delay in _poll_delays():
             outcome = _settle(job_id, await self.get_async(job_id))
@@ -299,27 +308,122 @@ class JobManager:
     def clear_results(self, older_than: timedelta | float) -> int:
         """Drop the stored results of jobs that ended more than ``older_than`` ago, keeping the
         jobs and their history: a retention period for results. Returns how many."""
-        return self._app.sync.run(statements.clear_old_results(self._s, _seconds(older_than)))
+        return self._app.sync.run(_clear_query(self._s, older_than))
 
     async def clear_results_async(self, older_than: timedelta | float) -> int:
-        query = statements.clear_old_results(self._s, _seconds(older_than))
-        return await self._app.async_connector().run(query)
+        return await self._app.async_connector().run(_clear_query(self._s, older_than))
 
     def cancel(self, job_id: int) -> bool:
         """Cancel a waiting job (``todo → cancelled``). False if it is not waiting: a running
         job is stopped with :meth:`abort`."""
-        return self._app.sync.run(statements.cancel_job(self._s, job_id))
+        return self._app.sync.run(_by_id(statements.cancel_job, self._s, job_id))
 
     async def cancel_async(self, job_id: int) -> bool:
-        return await self._app.async_connector().run(statements.cancel_job(self._s, job_id))
+        query = _by_id(statements.cancel_job, self._s, job_id)
+        return await self._app.async_connector().run(query)
 
 
 #: ``status=`` of ``list``: a status, its name, or several of them.
 StatusFilter = Status | str | Iterable[Status | str] | None
 
 
-class InvalidFilter(PgtqError, ValueError):
-    """A filter of ``list`` or ``delete_old_jobs`` cannot be used as given."""
+class InvalidFilter(InvalidArguments, ValueError):
+    """An argument of ``app.jobs`` or ``app.queues`` (a job id, a filter of ``list``, an age,
+    a window, a queue name) cannot be used as given; the message names it. Raised before
+    anything is sent to the database, the same on the sync and async sides. A
+    :class:`pgtq.InvalidArguments`, and a ``ValueError``."""
+
+
+# == argument checks: the one pure place the twins of app.jobs and app.queues share ==========
+# Each returns the value as sent to PostgreSQL or raises InvalidFilter naming the argument, so
+# no argument reaches the driver to fail there (a raw DataError, or a value out of range).
+
+#: Ids are PostgreSQL ``bigint``: an integer outside this range is no job's id.
+ID_RANGE = (-(2**63), 2**63 - 1)
+#: The largest ``limit`` (PostgreSQL ``integer``).
+MAX_LIMIT = 2**31 - 1
+#: The longest age, window or bucket in seconds (1000 years): PostgreSQL can subtract it from
+#: now (``now() - 1e20 seconds`` is out of its range).
+MAX_SECONDS = 1000 * 365.25 * 86400
+#: The shortest ``throughput`` bucket (1 ms): bucket numbers stay within ``bigint``.
+MIN_BUCKET = 0.001
+
+
+def check_integer(name: str, value: object) -> int:
+    """An integer (``int`` or anything with ``__index__``, not ``bool``), else InvalidFilter."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    raise InvalidFilter(f"{name} must be an integer, got {value!r}")
+
+
+def check_job_id(job_id: object) -> int | None:
+    """A job id as an int; None for an integer outside :data:`ID_RANGE` (no job has it: a read
+    finds nothing, an action changes nothing, as for any id that does not exist)."""
+    checked = check_integer("job_id", job_id)
+    return checked if ID_RANGE[0] <= checked <= ID_RANGE[1] else None
+
+
+def check_seconds(name: str, value: object, *, positive: bool = False) -> float:
+    """Seconds (a number or a ``timedelta``), finite, not negative (``positive``: above 0) and
+    at most :data:`MAX_SECONDS`."""
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise InvalidFilter(f"{name} must be seconds or a timedelta, got {value!r}")
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+        kind = "positive" if positive else "0 or more"
+        raise InvalidFilter(f"{name} must be a finite number of seconds, {kind}, got {value!r}")
+    if seconds > MAX_SECONDS:
+        limit = f"{MAX_SECONDS:.0f} s (1000 years)"
+        raise InvalidFilter(f"{name} must be at most {limit}, got {value!r}")
+    return seconds
+
+
+def check_text(name: str, value: object, *, max_bytes: int | None = None) -> str:
+    """A ``str`` PostgreSQL can hold as text (no NUL, no lone surrogate), of at most
+    ``max_bytes`` bytes in UTF-8 when given."""
+    if not isinstance(value, str):
+        raise InvalidFilter(f"{name} must be a str, got {value!r}")
+    if "\x00" in value:
+        raise InvalidFilter(f"{name} must not contain a NUL character")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise InvalidFilter(f"{name} must be valid Unicode (it has a lone surrogate)") from None
+    if max_bytes is not None and size > max_bytes:
+        raise InvalidFilter(f"{name} is {size} bytes in UTF-8, over the limit of {max_bytes}")
+    return value
+
+
+def check_timeout(timeout: object) -> float | None:
+    """``wait``'s timeout: None (no limit) or a number of seconds that is not NaN."""
+    if timeout is None:
+        return None
+    if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool) or timeout != timeout:
+        raise InvalidFilter(f"timeout must be None or a number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+Q = TypeVar("Q")
+
+
+def _by_id(
+    build: Callable[[statements.Statements, int], statements.Query[Q]],
+    s: statements.Statements,
+    job_id: object,
+) -> statements.Query[Q]:
+    """The query about one job, its id checked: an id outside the ``bigint`` range runs a
+    statement with no row, so ``get`` gives None, ``retry``/``cancel`` False, ``abort`` None,
+    ``history`` [] (no job has that id)."""
+    checked = check_job_id(job_id)
+    if checked is None:
+        return statements.no_such_job(s, build(s, 0))
+    return build(s, checked)
 
 
 def parse_statuses(status: StatusFilter) -> builtins.list[Status] | None:
@@ -334,6 +438,10 @@ def parse_statuses(status: StatusFilter) -> builtins.list[Status] | None:
         raise InvalidFilter(f"unknown status in {given!r}: use one of {known}") from None
 
 
+def _optional_text(name: str, value: object) -> str | None:
+    return None if value is None else check_text(name, value)
+
+
 def _list_query(
     s: statements.Statements,
     queue: str | None,
@@ -345,18 +453,23 @@ def _list_query(
     newest_first: bool,
     search: str | None = None,
 ) -> statements.Query[builtins.list[Job]]:
-    if limit < 1:
-        raise InvalidFilter(f"limit must be at least 1, got {limit}")
+    limit = check_integer("limit", limit)
+    if not 1 <= limit <= MAX_LIMIT:
+        raise InvalidFilter(f"limit must be from 1 to {MAX_LIMIT}, got {limit}")
+    if after is not None:
+        after = check_integer("after", after)
+        if not ID_RANGE[0] <= after <= ID_RANGE[1]:
+            raise InvalidFilter(f"after must be a job id (a bigint), got {after}")
     return statements.list_jobs(
         s,
-        queue=queue,
+        queue=_optional_text("queue", queue),
         statuses=parse_statuses(status),
-        task=task,
-        lock=lock,
+        task=_optional_text("task", task),
+        lock=_optional_text("lock", lock),
         limit=limit,
         after=after,
         newest_first=newest_first,
-        search=search,
+        search=_optional_text("search", search),
     )
 
 
@@ -367,20 +480,19 @@ MAX_BUCKETS = 1000
 def _throughput_query(
     s: statements.Statements, window: float, bucket: float, queue: str | None
 ) -> statements.Query[Throughput]:
-    if window <= 0 or bucket <= 0:
-        raise InvalidFilter(f"window and bucket must be positive, got {window} and {bucket}")
+    window = check_seconds("window", window, positive=True)
+    bucket = check_seconds("bucket", bucket, positive=True)
+    if bucket < MIN_BUCKET:
+        raise InvalidFilter(f"bucket must be at least {MIN_BUCKET} s, got {bucket}")
     if window / bucket > MAX_BUCKETS:
         raise InvalidFilter(
             f"over {MAX_BUCKETS} buckets of {bucket} s in {window} s: use bigger ones"
         )
-    return statements.throughput(s, float(window), float(bucket), queue)
+    return statements.throughput(s, window, bucket, _optional_text("queue", queue))
 
 
-def _seconds(age: timedelta | float) -> float:
-    seconds = age.total_seconds() if isinstance(age, timedelta) else float(age)
-    if seconds < 0:
-        raise InvalidFilter(f"an age must not be negative, got {age!r}")
-    return seconds
+def _clear_query(s: statements.Statements, older_than: timedelta | float) -> statements.Query[int]:
+    return statements.clear_old_results(s, check_seconds("older_than", older_than))
 
 
 def _delete_query(
@@ -390,21 +502,18 @@ def _delete_query(
     include_cancelled: bool,
     queue: str | None,
 ) -> statements.Query[int]:
-    seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
-    if seconds < 0:
-        raise InvalidFilter(f"older_than must not be negative, got {older_than!r}")
+    seconds = check_seconds("older_than", older_than)
     kept = [Status.SUCCEEDED]
     if include_failed:
         kept.append(Status.FAILED)
     if include_cancelled:
         kept += [Status.CANCELLED, Status.ABORTED]
-    return statements.delete_old_jobs(s, float(seconds), tuple(kept), queue)
+    return statements.delete_old_jobs(s, seconds, tuple(kept), _optional_text("queue", queue))
 
 
 def _stats_reader(s: statements.Statements, window: float) -> Callable[[Connection], Stats]:
     """``stats()``'s reads as one function over a connection, run in one transaction."""
-    if window <= 0:
-        raise InvalidFilter(f"window must be positive, got {window}")
+    window = check_seconds("window", window, positive=True)
     queries = statements.stats_queries(s, window)
 
     def read(conn: Connection) -> Stats:

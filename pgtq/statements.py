@@ -800,6 +800,11 @@ class Statements:
     # -- read ------------------------------------------------------------------------------
 
     @cached_property
+    def no_rows(self) -> sa.Select[Any]:
+        """No row: what a query about an id no job can have runs (see ``no_such_job``)."""
+        return sa.select(sa.true()).where(sa.false())
+
+    @cached_property
     def get(self) -> sa.Select[Any]:
         return sa.select(*self.job_columns).where(
             self.jobs.c.id == sa.bindparam("job_id", type_=sa.BigInteger)
@@ -1451,6 +1456,12 @@ def fail_unclaimable_jobs(s: Statements) -> Query[list[int]]:
     touched; an empty list means the claim failed for another reason.
     """
     return Query(s.fail_unclaimable, {}, _id_list)
+
+
+def no_such_job(s: Statements, like: Query[T]) -> Query[T]:
+    """``like`` about a job that does not exist: its mapper given no row (``get`` → None,
+    ``retry`` → False, ``history`` → []), for an id outside the ids' range (a bigint)."""
+    return Query(s.no_rows, {}, like.mapper)
 
 
 def abort_job(s: Statements, job_id: int) -> Query[Status | None]:
