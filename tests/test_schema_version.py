@@ -23,7 +23,8 @@ from tests.sides import Side
 
 #: pgtq's revisions, oldest first, each with its phase.
 REVISIONS = [
-    (r.revision, migrations.phase_of(r)) for r in reversed(list(migrations._script().walk_revisions()))
+    (r.revision, migrations.phase_of(r))
+    for r in reversed(list(migrations._script().walk_revisions()))
 ]
 HEAD = REVISIONS[-1][0]
 #: The newest pre revision: a schema just before it lacks what this pgtq needs.
