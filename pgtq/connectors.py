@@ -148,7 +148,7 @@ def create_async_engine_for(
 # -- errors -----------------------------------------------------------------------------------
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip() or type(orig).__name__
     return text.splitlines()[0]
@@ -163,7 +163,7 @@ class _Translator:
 
     def unreachable(self, exc: BaseException) -> DatabaseUnreachable:
         return DatabaseUnreachable(
-            f"cannot connect to PostgreSQL at {describe(self.url)}: {_first_line(exc)}"
+            f"cannot connect to PostgreSQL at {describe(self.url)}: {first_line(exc)}"
         )
 
     def translate(self, exc: BaseException) -> BaseException:
@@ -172,7 +172,7 @@ class _Translator:
         sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
         if sqlstate == "23505" and "queueing_lock" in str(orig):
             return AlreadyEnqueued(
-                "a job with this queueing_lock is already waiting: " + _first_line(exc)
+                "a job with this queueing_lock is already waiting: " + first_line(exc)
             )
         if sqlstate == "42P01":
             return SchemaNotMigrated(
@@ -245,6 +245,22 @@ class _DriverSQL:
         """psycopg: ``%(name)s`` placeholders."""
         c = self.compile(query.statement)
         return c.sql, {**c.defaults, **query.params}
+
+
+#: SQLSTATE classes of errors that may pass: connection, transaction rollback (deadlock,
+#: serialization), insufficient resources, operator intervention (shutdown), system error.
+_PASSING_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """An error of the statement's values, which running it again will not fix: PostgreSQL
+    refused them (a data exception, a limit, a constraint), or the driver could not encode
+    them. The worker isolates such a write instead of retrying it forever."""
+    orig = getattr(exc, "orig", None) or exc
+    if isinstance(orig, UnicodeError) or isinstance(exc.__cause__, UnicodeError):
+        return True
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return isinstance(code, str) and len(code) == 5 and code[:2] not in _PASSING_CLASSES
 
 
 def _server_error(exc: BaseException) -> bool:
@@ -625,5 +641,7 @@ __all__ = [
     "async_url",
     "create_async_engine_for",
     "create_sync_engine",
+    "first_line",
+    "is_data_error",
     "sync_url",
 ]

@@ -85,12 +85,86 @@ class ClaimedJob(NamedTuple):
     trace_context: dict[str, str] | None = None
 
 
+#: Caps of a stored error record, in characters: a task that raises a 10 MB message must
+#: not make a 10 MB row (nor a write that fails). A traceback keeps its head and its tail.
+ERROR_MESSAGE_MAX = 4_000
+ERROR_TRACEBACK_MAX = 16_000
+
+
 def error_record(exc: BaseException, *, with_traceback: bool = True) -> dict[str, Any]:
-    """The JSON stored for a failed attempt: enough to understand it without the worker's log."""
-    record: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    """The JSON stored for a failed attempt: enough to understand it without the worker's log.
+
+    Task code is hostile input: an exception whose ``str()`` raises is recorded by its type,
+    long texts are clipped, and text PostgreSQL cannot store (NUL, lone surrogates) is escaped,
+    so the record is always writable.
+    """
+    try:
+        message = str(exc)
+    except BaseException:  # any __str__ may fail: the type still tells
+        message = f"<{type(exc).__name__}.__str__ failed>"
+    record: dict[str, Any] = {
+        "type": storable_text(type(exc).__name__),
+        "message": storable_text(clip(message, ERROR_MESSAGE_MAX)),
+    }
     if with_traceback:
-        record["traceback"] = "".join(traceback.format_exception(exc))
+        try:
+            text = "".join(traceback.format_exception(exc))
+        except BaseException:  # a hostile __str__ or __repr__ in the chain
+            text = "<the traceback could not be formatted>"
+        record["traceback"] = storable_text(clip(text, ERROR_TRACEBACK_MAX))
     return record
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` within ``limit`` characters: its head and its tail, the middle left out."""
+    if len(text) <= limit:
+        return text
+    keep = limit // 2
+    return f"{text[:keep]}\n[... {len(text) - 2 * keep:,} characters left out ...]\n{text[-keep:]}"
+
+
+def storable_text(text: str) -> str:
+    """``text`` as PostgreSQL can store it: NUL and lone surrogates written as escapes."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def unstorable_json(encoded: str) -> str | None:
+    """Why PostgreSQL's ``jsonb`` would refuse this JSON text (from :func:`dumps`), or None.
+
+    The encoder writes every non-ASCII character as an escape, and ``jsonb`` refuses
+    ``\\u0000`` and unpaired surrogates. The common case is two substring scans; only text
+    holding such an escape is decoded and looked at string by string.
+    """
+    if "\\u0000" not in encoded and "\\ud" not in encoded:
+        return None
+    return _unstorable(json.loads(encoded))
+
+
+def _unstorable(value: Any) -> str | None:
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "it contains a NUL character (\\u0000)"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "it contains an unpaired surrogate"
+        return None
+    items: Any = ()
+    if isinstance(value, dict):
+        items = (x for pair in value.items() for x in pair)
+    elif isinstance(value, list):
+        items = value
+    for item in items:
+        reason = _unstorable(item)
+        if reason is not None:
+            return reason
+    return None
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)

@@ -37,6 +37,7 @@ class ThreadRunner:
         self._threads: list[threading.Thread] = []
         self._waiting = 0  # calls handed over and not yet taken by a thread
         self._idle = 0  # threads waiting for a call
+        self._busy = 0  # calls running now
         self._closed = False
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
@@ -65,6 +66,7 @@ class ThreadRunner:
             with self._lock:
                 self._idle -= 1
                 self._waiting -= 1
+                self._busy += call is not None
             if call is None:
                 return
             future, fn, args = call
@@ -75,6 +77,7 @@ class ThreadRunner:
             except BaseException as exc:  # handed to the loop, raised where it is awaited
                 error = exc
             with self._lock:
+                self._busy -= 1
                 self._results.append((future, result, error))
                 wake = len(self._results) == 1  # else a wake-up is already on its way
             if wake:
@@ -94,6 +97,11 @@ class ThreadRunner:
                 future.set_result(result)
             else:
                 future.set_exception(error)
+
+    @property
+    def busy(self) -> int:
+        """Calls running now (after ``shutdown``: the ones that did not return)."""
+        return self._busy
 
     def shutdown(self) -> None:
         """Threads end once their current call returns; calls not started are dropped."""

@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from pgtq import observers, statements
-from pgtq.connectors import execute
+from pgtq.connectors import execute, first_line, is_data_error
 from pgtq.errors import ConfigurationError, SchemaNotMigrated
 from pgtq.jobs import JobContext, State
 from pgtq.limits import Limit, allowances, bucket_key, charges
-from pgtq.model import ClaimedJob, Status, dumps, error_record
+from pgtq.model import ClaimedJob, Status, dumps, error_record, unstorable_json
 from pgtq.periodic import run_scheduler
 from pgtq.retry import backoff_delays
 from pgtq.tasks import Task, call_task
@@ -92,6 +92,8 @@ _SUCCEEDED_NONE = Outcome(Status.SUCCEEDED, result="null")
 
 #: How long aborted jobs get to stop at shutdown before the worker gives them back and leaves.
 SHUTDOWN_ABORT_GRACE = 1.0
+#: How often a worker that shut down checks whether the attempts that ignored it have ended.
+LINGER_CHECK_INTERVAL = 0.1
 #: How long a shutdown keeps trying to write outcomes to a database that does not answer.
 SHUTDOWN_WRITE_TIMEOUT = 10.0
 
@@ -104,12 +106,31 @@ class ResultTooLarge(Exception):
     """Stored as the error of a job whose result is over ``App(result_max_bytes=...)``."""
 
 
+class OutcomeNotWritable(Exception):
+    """Stored as the error of an attempt whose outcome PostgreSQL refused to store."""
+
+
 class UnknownTaskError(Exception):
     """Stored as the error of a job whose task this worker does not have."""
 
 
 class JobTimeoutError(Exception):
     """Stored as the error of an attempt that ran past its task's ``timeout``."""
+
+
+def _decide(
+    task: Task[Any] | None,
+    job: ClaimedJob,
+    result: Any,
+    exc: BaseException | None,
+    abort_reason: str | None,
+) -> Outcome:
+    """:func:`decide`, which never raises: a retry policy or a result that breaks the
+    decision fails the attempt instead of leaving its job ``doing``."""
+    try:
+        return decide(task, job, result=result, exc=exc, abort_reason=abort_reason)
+    except Exception as broken:
+        return Outcome(Status.FAILED, error=dumps(error_record(broken)))
 
 
 def decide(
@@ -144,8 +165,12 @@ def decide(
         # change the result, so the retry policy does not apply.
         try:
             encoded = "null" if result is None else dumps(result)
-        except (TypeError, ValueError) as ser:
-            bad = TypeError(f"the task's return value is not JSON-serializable: {ser}")
+            unstorable = unstorable_json(encoded)
+        except Exception as ser:  # TypeError, ValueError, RecursionError, a hostile __iter__
+            bad = TypeError(f"the task's return value is not JSON-serializable: {ser!r}")
+            return Outcome(Status.FAILED, error=dumps(error_record(bad, with_traceback=False)))
+        if unstorable is not None:
+            bad = TypeError(f"the task's return value cannot be stored: {unstorable}")
             return Outcome(Status.FAILED, error=dumps(error_record(bad, with_traceback=False)))
         limit = task.app.result_max_bytes if task is not None else None
         if limit is not None and len(encoded) > limit:
@@ -364,8 +389,11 @@ class Worker:
             for conn in (*self._claimers, self._completer):
                 if conn is not None:
                     await conn.close()
-            with contextlib.suppress(Exception):
-                await connector.run(statements.unregister_worker(self._s, self.worker_id))
+            if self._running:
+                self._linger(list(self._running.values()))
+            else:
+                with contextlib.suppress(Exception):
+                    await connector.run(statements.unregister_worker(self._s, self.worker_id))
             with contextlib.suppress(Exception):
                 await _run_hooks(self.shutdown_hooks, self.state)
             if self._threads is not None:
@@ -689,7 +717,10 @@ class Worker:
                 return
             result, exc = _DECIDED, None
             outcome = nc.outcome
-        except Exception as e:
+        except BaseException as e:
+            # Whatever a task raises is its job's outcome: SystemExit, KeyboardInterrupt or a
+            # custom BaseException fail the attempt; they never end the worker (only its own
+            # signals do) and never leave the job ``doing``.
             exc = e
         if isinstance(result, _Committed):
             outcome = result.outcome  # written with the task's own transaction
@@ -698,11 +729,25 @@ class Worker:
                 self._mark_changed()
         else:
             if result is not _DECIDED:
-                outcome = decide(task, job, result=result, exc=exc, abort_reason=ctx.abort_reason())
+                outcome = _decide(task, job, result, exc, ctx.abort_reason())
             self._record(running, outcome)
         if not watched:
             return
-        duration = time.monotonic() - started
+        try:
+            self._report(job, ctx, outcome, exc, observed, time.monotonic() - started)
+        except Exception:
+            logger.exception("reporting the end of job %s failed", job.id)
+
+    def _report(
+        self,
+        job: ClaimedJob,
+        ctx: JobContext,
+        outcome: Outcome,
+        exc: BaseException | None,
+        observed: Any,
+        duration: float,
+    ) -> None:
+        """Tell observers and the log how an attempt ended."""
         observers.job_finished(
             observed, job, ctx, status=outcome.label, duration=duration, error=exc
         )
@@ -865,11 +910,14 @@ class Worker:
             while self._outcomes:
                 self._flush.clear()
                 batch, self._outcomes = self._outcomes, statements.Outcomes.empty()
-                query = statements.complete_jobs(
-                    self._s, self.worker_id, batch, self._delete_statuses
-                )
+                query = self._complete_query(batch)
                 try:
-                    await self._completer.run(query)
+                    try:
+                        await self._completer.run(query)
+                    except Exception as exc:
+                        if not is_data_error(exc):
+                            raise
+                        await self._write_each(batch)  # find the outcome that cannot be written
                     self._writes += 1
                 except asyncio.CancelledError:
                     self._merge_back(batch)
@@ -893,6 +941,64 @@ class Worker:
                     )
                     await asyncio.sleep(delay)
         self._mark_changed()
+
+    async def _write_each(self, batch: statements.Outcomes) -> None:
+        """Write a batch that PostgreSQL refused one outcome at a time: the outcome it refuses
+        alone is replaced by an error record saying so, for that job only (never retried
+        forever, never holding the others back). Any other error leaves what is not written
+        in ``batch`` and is raised, for the caller to try again."""
+        assert self._completer is not None
+        while batch:
+            single = statements.Outcomes.empty()
+            single.append(
+                batch.ids[0],
+                batch.attempts[0],
+                batch.statuses[0],
+                batch.results[0],
+                batch.errors[0],
+                batch.retry_in[0],
+            )
+            try:
+                await self._completer.run(self._complete_query(single))
+            except Exception as exc:
+                if not is_data_error(exc):
+                    raise
+                logger.error(
+                    "the outcome of job %s cannot be written (%s); it is recorded as failed",
+                    single.ids[0],
+                    first_line(exc),
+                )
+                refused = OutcomeNotWritable(
+                    f"PostgreSQL refused this attempt's outcome ({single.statuses[0]}): "
+                    f"{first_line(exc)}"
+                )
+                replacement = statements.Outcomes.empty()
+                replacement.append(
+                    single.ids[0],
+                    single.attempts[0],
+                    Status.FAILED.value,
+                    None,
+                    dumps(error_record(refused, with_traceback=False)),
+                    None,
+                )
+                try:
+                    await self._completer.run(self._complete_query(replacement))
+                except Exception as again:
+                    if not is_data_error(again):
+                        raise
+                    logger.error("job %s is left to the rescue: %s", single.ids[0], again)
+            for column in (
+                batch.ids,
+                batch.attempts,
+                batch.statuses,
+                batch.results,
+                batch.errors,
+                batch.retry_in,
+            ):
+                del column[0]
+
+    def _complete_query(self, outcomes: statements.Outcomes) -> statements.Query[list[int]]:
+        return statements.complete_jobs(self._s, self.worker_id, outcomes, self._delete_statuses)
 
     def _merge_back(self, batch: statements.Outcomes) -> None:
         newer = self._outcomes
@@ -1027,15 +1133,63 @@ class Worker:
             for job_id in list(self._running):
                 self._request_abort(job_id, "shutdown")
             await self._wait_running(SHUTDOWN_ABORT_GRACE)
-        for job_id, running in list(self._running.items()):
-            # A sync task that ignores should_abort(): its thread cannot be stopped. Give the
-            # job back now; whatever the thread returns later is not written.
-            logger.warning("job %s did not stop; giving it back", job_id)
-            self._running.pop(job_id)
-            self._buffer_outcome(
-                running.job, decide(running.task, running.job, abort_reason="shutdown")
+        if self._running:
+            # A sync task that ignores should_abort(), an async one that swallows its
+            # cancellation: they cannot be stopped. Their jobs are not given back while they
+            # run (another worker would start them: twice at once). They stay ``doing`` under
+            # this worker, whose heartbeat goes on while they run (see ``_linger``).
+            logger.error(
+                "%s job(s) did not stop within the shutdown grace: %s; they stay this "
+                "worker's until they end (or this process exits and another worker rescues "
+                "them)",
+                len(self._running),
+                ", ".join(str(job_id) for job_id in self._running),
+                extra={"worker": self.worker_id},
             )
         await self._write_outcomes(give_up_after=SHUTDOWN_WRITE_TIMEOUT)
+
+    def _linger(self, stuck: list[_Running]) -> None:
+        """Keep the worker's heartbeat while attempts that ignored the shutdown still run,
+        then give their jobs back and unregister: a daemon thread on the sync connector, so it
+        outlives this loop and never keeps the process alive. If the process exits first,
+        the heartbeat stops and another worker rescues the jobs ``rescue_after`` later."""
+        loop = asyncio.get_running_loop()
+        threads = self._threads
+        outcomes = statements.Outcomes.empty()
+        for running in stuck:
+            outcome = decide(running.task, running.job, abort_reason="shutdown")
+            outcomes.add(
+                running.job.id,
+                outcome.status,
+                outcome.result,
+                outcome.error,
+                outcome.retry_in,
+                attempt=running.job.attempts,
+            )
+        worker_id, s, sync = self.worker_id, self._s, self.app.sync
+        futures = [r.future for r in stuck if r.task is not None and r.task.is_async]
+
+        def running_still() -> bool:
+            if threads is not None and threads.busy:
+                return True
+            return not loop.is_closed() and any(f is not None and not f.done() for f in futures)
+
+        def linger() -> None:
+            beat = time.monotonic()
+            try:
+                while running_still():
+                    time.sleep(LINGER_CHECK_INTERVAL)
+                    if time.monotonic() - beat >= self.heartbeat_interval:
+                        beat = time.monotonic()
+                        if not sync.run(statements.heartbeat(s, worker_id)):
+                            return  # declared dead meanwhile: its jobs were rescued
+                sync.run(statements.complete_jobs(s, worker_id, outcomes))
+                sync.run(statements.unregister_worker(s, worker_id))
+                logger.info("the jobs that did not stop have ended; given back")
+            except Exception as exc:
+                logger.warning("lingering for jobs that did not stop failed: %s", exc)
+
+        threading.Thread(target=linger, name="pgtq-linger", daemon=True).start()
 
     async def _wait_running(self, timeout: float | None) -> None:
         """Until every running job is done, ``timeout`` passes, or a second signal."""
@@ -1117,7 +1271,12 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def run_in_new_loop(app: App, options: dict[str, Any]) -> WorkerStats:
-    """``App.run_worker``: the async worker on a loop of its own (uvloop when installed)."""
+    """``App.run_worker``: the async worker on a loop of its own (uvloop when installed).
+
+    Not ``asyncio.Runner``: its close cancels every task left and waits for each without a
+    bound, so one task that swallows its cancellation would keep ``pgtq worker`` alive after
+    SIGTERM. Here the loop's leftovers get ``SHUTDOWN_ABORT_GRACE`` and are left behind.
+    """
 
     async def main() -> WorkerStats:
         try:
@@ -1125,5 +1284,50 @@ def run_in_new_loop(app: App, options: dict[str, Any]) -> WorkerStats:
         finally:
             await app.close_loop_connector()
 
-    with asyncio.Runner(loop_factory=_new_event_loop) as runner:
-        return runner.run(main())
+    loop = _new_event_loop()
+    task = loop.create_task(main())
+    restore = _cancel_on_sigint(loop, task) if not options.get("install_signal_handlers") else None
+    try:
+        return loop.run_until_complete(task)
+    finally:
+        if restore is not None:
+            restore()
+        _close_loop(loop, SHUTDOWN_ABORT_GRACE)
+
+
+def _cancel_on_sigint(
+    loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]
+) -> Callable[[], None] | None:
+    """Ctrl-C cancels the worker (a graceful shutdown), as ``asyncio.run`` does, instead of
+    raising KeyboardInterrupt inside whichever job runs."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return None
+
+    def on_sigint(signum: int, frame: object) -> None:
+        loop.call_soon_threadsafe(task.cancel)
+
+    signal.signal(signal.SIGINT, on_sigint)
+
+    def restore() -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    return restore
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop, grace: float) -> None:
+    """Cancel what is left on the loop, wait at most ``grace`` for it, close the loop."""
+    try:
+        left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for leftover in left:
+            leftover.cancel()
+        if left:
+            loop.run_until_complete(asyncio.wait(left, timeout=grace))
+            stuck = [t for t in left if not t.done()]
+            if stuck:
+                logger.warning("%s task(s) ignored their cancellation; left behind", len(stuck))
+        for finish in (loop.shutdown_asyncgens, loop.shutdown_default_executor):
+            loop.run_until_complete(asyncio.wait([loop.create_task(finish())], timeout=grace))
+    finally:
+        loop.close()

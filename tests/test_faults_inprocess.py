@@ -143,9 +143,12 @@ async def test_the_listener_comes_back_after_its_connection_is_killed(
         await worker
 
 
-async def test_shutdown_gives_back_a_sync_job_that_ignores_should_abort(
+async def test_a_sync_job_that_ignores_the_shutdown_stays_doing_until_it_ends(
     app: pgtq.App, sql: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Never twice at once: the worker returns in bounded time, but the job is not handed
+    back while its thread runs; the worker's heartbeat goes on meanwhile, so no other worker
+    rescues it; once the thread returns the job goes back, attempt counted."""
     monkeypatch.setattr(worker_module, "SHUTDOWN_ABORT_GRACE", 0.2)
     started, release = threading.Event(), threading.Event()
 
@@ -155,17 +158,35 @@ async def test_shutdown_gives_back_a_sync_job_that_ignores_should_abort(
         release.wait(30)
 
     job_id = await stubborn.defer_async()
-    worker = asyncio.create_task(app.run_worker_async(shutdown_graceful_timeout=0.2))
+    worker = asyncio.create_task(
+        app.run_worker_async(shutdown_graceful_timeout=0.2, heartbeat_interval=0.05)
+    )
     await eventually(started.is_set)
     begun = time.monotonic()
     worker.cancel()
     with pytest.raises(asyncio.CancelledError):
         await worker
     assert time.monotonic() - begun < 5
-    release.set()
+    (worker_id, beat), *_ = sql("SELECT id, last_heartbeat FROM pgtq.workers")
+
+    def beating() -> bool:
+        return bool(sql("SELECT last_heartbeat > %s FROM pgtq.workers", beat)[0][0])
+
+    await eventually(beating)  # the heartbeat outlives the worker while the job runs
     job = await app.jobs.get_async(job_id)
-    assert job is not None and job.status == pgtq.Status.TODO and job.attempts == 1
+    assert job is not None and (job.status, job.worker_id) == (pgtq.Status.DOING, worker_id)
+
+    release.set()
+
+    async def given_back() -> bool:
+        job = await app.jobs.get_async(job_id)
+        return job is not None and job.status == pgtq.Status.TODO
+
+    await eventually(given_back)
+    job = await app.jobs.get_async(job_id)
+    assert job is not None and job.attempts == 1
     assert job.error is not None and "shut down" in job.error["message"]
+    assert sql("SELECT count(*) FROM pgtq.workers") == [(0,)]
 
 
 async def test_shutdown_puts_unfinished_jobs_back_with_the_attempt_counted(

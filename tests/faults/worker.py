@@ -119,7 +119,78 @@ def build(dsn: str, out: IO[str] | None = None) -> pgtq.App:
         record(ctx, "ok")
         return n
 
+    @app.task()
+    def poison_sync(ctx: pgtq.JobContext, kind: str) -> Any:
+        """Hostile task code: returns or raises what ``kind`` names (see ``poison``)."""
+        record(ctx, "start")
+        return poison(kind)
+
+    @app.task()
+    async def poison_async(ctx: pgtq.JobContext, kind: str) -> Any:
+        record(ctx, "start")
+        return poison(kind)
+
+    @app.task(retry=RETRY)  # a rescue retries it (a lost worker fails a job without one)
+    def stubborn_sync(ctx: pgtq.JobContext, seconds: float) -> None:
+        """A sync job that ignores ``should_abort()``: its first attempt runs its ``seconds``
+        whatever, a later one a moment."""
+        record(ctx, "start")
+        time.sleep(seconds if ctx.attempt == 1 else 0.05)
+        record(ctx, "ok")
+
+    @app.task(retry=RETRY)
+    async def stubborn_async(ctx: pgtq.JobContext, seconds: float) -> None:
+        """An async job that swallows every cancellation until its ``seconds`` are up (its
+        first attempt; a later one takes a moment)."""
+        record(ctx, "start")
+        deadline = time.monotonic() + (seconds if ctx.attempt == 1 else 0.05)
+        while time.monotonic() < deadline:
+            try:
+                await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+            except asyncio.CancelledError:
+                record(ctx, "cancelled")
+        record(ctx, "ok")
+
     return app
+
+
+class CustomBase(BaseException):
+    """Not an Exception: what a task should never raise, and may."""
+
+
+class BadStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ itself fails")
+
+
+def poison(kind: str) -> Any:
+    """What each kind of hostile task does; the poison tests defer one job of each."""
+    if kind == "return_nul":
+        return "a\x00b"
+    if kind == "return_surrogate":
+        return {"text": "\ud800"}
+    if kind == "return_object":
+        return object()
+    if kind == "return_deep":
+        deep: list[Any] = []
+        for _ in range(100_000):
+            deep = [deep]
+        return deep
+    if kind == "raise_nul":
+        raise ValueError("bad\x00byte")
+    if kind == "raise_surrogate":
+        raise ValueError("bad \ud800 surrogate")
+    if kind == "raise_huge":
+        raise ValueError("x" * 10_000_000)
+    if kind == "system_exit":
+        raise SystemExit(3)
+    if kind == "keyboard_interrupt":
+        raise KeyboardInterrupt
+    if kind == "custom_base":
+        raise CustomBase("custom")
+    if kind == "bad_str":
+        raise BadStr
+    raise AssertionError(f"unknown poison {kind!r}")
 
 
 def _dump_stacks(signum: int, frame: Any) -> None:
