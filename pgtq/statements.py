@@ -276,6 +276,8 @@ class Statements:
         """``todo → doing`` for the picked ids (in no order: ``claimed_in_order`` sorts them,
         cheaper in Python than a sort node and a CTE around the update)."""
         j = self.jobs
+        # pickup latency: from when the job was due to now (None if never finite)
+        waited = sa.cast(sa.func.extract("epoch", sa.func.now() - _due_since(j)), sa.Float)
         claimed = (
             sa.update(j)
             .where(j.c.id == picked.c.id)
@@ -295,10 +297,7 @@ class Statements:
                 j.c.attempts,
                 j.c.priority,
                 j.c.lock,
-                # pickup latency: from when the job was due to now (None if never finite)
-                sa.cast(
-                    sa.func.extract("epoch", sa.func.now() - _due_since(j)), sa.Float
-                ).label("waited"),
+                waited.label("waited"),
                 j.c.trace_context,
             )
         )
