@@ -220,3 +220,41 @@ async def test_shutdown_puts_unfinished_jobs_back_with_the_attempt_counted(
     for job_id in (a, s):
         job = await side.get(app, job_id)
         assert job is not None and (job.status, job.attempts) == (pgtq.Status.TODO, 1)
+
+
+@pytest.mark.parametrize("dsn_driver", ["asyncpg", "psycopg"])
+async def test_an_outcome_postgresql_refuses_fails_its_own_job_only(
+    dsn: str, sql: Any, monkeypatch: pytest.MonkeyPatch, dsn_driver: str
+) -> None:
+    """Defence in depth behind the checks in ``decide``: if an outcome still reaches
+    PostgreSQL in a form it refuses, that job alone ends failed (OutcomeNotWritable); the
+    batch around it is written and the worker drains. Nothing is retried forever."""
+    app = pgtq.App(dsn.replace("postgresql://", f"postgresql+{dsn_driver}://"))
+    real = worker_module._decide
+
+    def decide(task: Any, job: Any, result: Any, exc: Any, reason: Any) -> Any:
+        if result == "poison":  # what a sanitising bug would let through: jsonb refuses it
+            return worker_module.Outcome(pgtq.Status.SUCCEEDED, result='"a\\u0000b"')
+        return real(task, job, result, exc, reason)
+
+    monkeypatch.setattr(worker_module, "_decide", decide)
+
+    @app.task
+    async def echo(value: str) -> str:
+        return value
+
+    try:
+        ids = await echo.defer_many_async(
+            [{"value": "fine"}] * 5 + [{"value": "poison"}] + [{"value": "fine"}] * 5
+        )
+        stats = await asyncio.wait_for(app.run_worker_async(wait=False, concurrency=20), timeout=30)
+        assert stats.processed == len(ids)
+        rows = dict(sql("SELECT id, status FROM pgtq.jobs WHERE id = ANY(%s)", ids))
+        poisoned = ids[5]
+        assert rows.pop(poisoned) == "failed"
+        assert set(rows.values()) == {"succeeded"}
+        job = await app.jobs.get_async(poisoned)
+        assert job is not None and job.error is not None
+        assert job.error["type"] == "OutcomeNotWritable"
+    finally:
+        await app.close_async()
