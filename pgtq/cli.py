@@ -738,7 +738,7 @@ def migrate(
         target_schema = schema or (load_app(app_path).schema if app_path else DEFAULT_SCHEMA)
         typer.echo(migrations.sql(target_schema))
         return
-    with _app_for(dsn, app_path, schema, embedded="always") as app:
+    with _app_for(dsn, app_path, schema, embedded="always", check_schema=False) as app:
         applied = app.migrate(phase=phase)
         left = app.sync.run_in_transaction(lambda conn: migrations.pending(conn, app.schema))
     where = f"pgtq schema {app.schema!r} at {describe(app.url)}"
