@@ -3,6 +3,7 @@
     python -m benchmarks.probes claim  [--dsn URL]   # the claim statement, bare asyncpg
     python -m benchmarks.probes pickup [--dsn URL]   # an idle worker's pickup, step by step
     python -m benchmarks.probes enqueue [--dsn URL]  # a single enqueue: statement, NOTIFY, pgtq
+    python -m benchmarks.probes window [--dsn URL]   # a handler's return → its outcome stored
 
 ``claim`` times pgtq's compiled claim statement (batch 20) in a tight asyncpg loop on a
 40,000-job table: its limit written in the SQL (what pgtq runs) against a ``LIMIT $n``
@@ -12,8 +13,11 @@ apart from this one; it splits each job's pickup into the enqueue call, the NOTI
 the worker, the claim, and the handler's start. ``enqueue`` times single inserts one by one,
 bare asyncpg: pgtq's insert statement (it notifies itself), the same without its NOTIFY, with
 the insert trigger of pgtq_0001-0005 instead, and ``task.defer_async`` on top, so the cost
-of the NOTIFY path and of pgtq's own Python show apart. Each run uses a fresh database,
-dropped after.
+of the NOTIFY path and of pgtq's own Python show apart. ``window`` measures the at-least-once
+window: from a handler's return to its job's ``finished_at`` (the completion write), during a
+burn-down (outcomes batched behind a busy completer) and for jobs deferred one by one to an
+idle worker; a worker killed inside that window runs the job again after a rescue. Each run
+uses a fresh database, dropped after.
 """
 
 from __future__ import annotations
@@ -259,13 +263,59 @@ async def pickup(dsn: str, jobs: int = 150) -> None:
         print(f"{name:34s} p50 {statistics.median(values):.3f} ms  p90 {p90:.3f} ms")
 
 
+async def window(dsn: str, *, jobs: int = 20_000, trickle: int = 100) -> None:
+    """From each handler's return (``time.time()`` in the task) to its ``finished_at``."""
+    app = pgtq.App(dsn)
+    returned: dict[int, float] = {}
+
+    @app.task(name="mark")
+    async def mark(n: int) -> None:
+        returned[n] = time.time()
+
+    async def windows(first: int, count: int) -> list[float]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT (args->>'n')::int AS n, extract(epoch FROM finished_at)::float8 AS at"
+                " FROM pgtq.jobs WHERE (args->>'n')::int >= $1 AND (args->>'n')::int < $2",
+                first,
+                first + count,
+            )
+        finally:
+            await conn.close()
+        return sorted((r["at"] - returned[r["n"]]) * 1000 for r in rows)
+
+    def show(name: str, values: list[float]) -> None:
+        p99 = values[min(len(values) - 1, int(len(values) * 0.99))]
+        print(
+            f"{name:38s} p50 {statistics.median(values):.2f} ms  p99 {p99:.2f} ms  "
+            f"max {values[-1]:.2f} ms  ({len(values)} jobs)"
+        )
+
+    try:
+        await mark.defer_many_async([{"n": n} for n in range(jobs)])
+        await app.run_worker_async(wait=False, concurrency=100)
+        show("burn-down (concurrency 100)", await windows(0, jobs))
+        run = asyncio.create_task(app.run_worker_async(concurrency=10))
+        await asyncio.sleep(0.5)
+        for n in range(jobs, jobs + trickle):
+            await mark.defer_async(n=n)
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        show("one by one, idle worker", await windows(jobs, trickle))
+    finally:
+        await app.close_async()
+
+
 async def _noop(n: int) -> None:
     """The probes' task (the worker child registers its own under the same name)."""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.probes", description=__doc__)
-    parser.add_argument("probe", choices=["claim", "pickup", "enqueue", "worker"])
+    parser.add_argument("probe", choices=["claim", "pickup", "enqueue", "window", "worker"])
     parser.add_argument("--dsn", default=DSN, help="a server URL whose user may create databases")
     parser.add_argument("--small", action="store_true", help="a few seconds (the smoke test)")
     args = parser.parse_args()
@@ -286,6 +336,8 @@ def main() -> None:
                 await (claim(dsn, rounds=1, claims=100) if args.small else claim(dsn))
             elif args.probe == "enqueue":
                 await (enqueue(dsn, rounds=1, calls=50) if args.small else enqueue(dsn))
+            elif args.probe == "window":
+                await (window(dsn, jobs=500, trickle=10) if args.small else window(dsn))
             else:
                 await pickup(dsn, jobs=20 if args.small else 150)
         finally:

@@ -137,7 +137,7 @@ def test_the_table_puts_medians_and_ratios_side_by_side() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("probe", ["claim", "pickup", "enqueue"])
+@pytest.mark.parametrize("probe", ["claim", "pickup", "enqueue", "window"])
 def test_the_probes_run(server_url: URL, probe: str) -> None:
     """benchmarks/probes.py explains the figures (benchmarks/README.md): it must keep working."""
     done = subprocess.run(
@@ -151,5 +151,6 @@ def test_the_probes_run(server_url: URL, probe: str) -> None:
         "claim": "limit as a parameter",
         "pickup": "pickup (enqueue call → handler)",
         "enqueue": "the insert + the old insert trigger",
+        "window": "one by one, idle worker",
     }
     assert any(line.startswith(expected[probe]) for line in lines), done.stdout
