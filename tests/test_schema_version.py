@@ -78,7 +78,7 @@ def test_a_fresh_database_is_missing(engine: Engine) -> None:
 def test_at_head_is_current(engine: Engine) -> None:
     migrate_to(engine, "heads")
     found = status(engine)
-    assert (found.state, found.found, found.message) == ("current", {HEAD}, "")
+    assert (found.state, found.found, found.message) == ("current", frozenset({HEAD}), "")
     with engine.connect() as conn:
         assert migrations.schema_state(conn, "pgtq") == "current"
 
@@ -107,7 +107,7 @@ def test_an_unknown_revision_is_ahead(engine: Engine) -> None:
     migrate_to(engine, "heads")
     stamp(engine, NEWER)
     found = status(engine)
-    assert (found.state, found.unknown) == ("ahead", {NEWER})
+    assert (found.state, found.unknown) == ("ahead", frozenset({NEWER}))
     assert found.message == (
         f"the schema in 'pgtq' is at {NEWER}, newer than this pgtq knows ({HEAD}): "
         "this pgtq is older than the schema; upgrade pgtq"
