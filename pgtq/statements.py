@@ -87,6 +87,11 @@ def _due(at: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
 #: fails its job instead. ``defer`` caps keys well below this.
 INDEXED_VALUE_LIMIT = 2692
 
+#: Arguments nested deeper than this are failed by :func:`fail_unclaimable_jobs`: Python's JSON
+#: decoder recurses once a level (``RecursionError`` near 1000, less the caller's own stack),
+#: and it decodes the claim's reply. ``defer`` caps nesting well below this.
+MAX_JSON_DEPTH = 500
+
 #: The times a read returns are within these bounds: a stored time outside them (``±infinity``,
 #: or a year Python's ``datetime`` cannot hold) is read as the nearest bound, one day inside
 #: Python's range so that no session time zone can push it out.
@@ -433,18 +438,25 @@ class Statements:
         )
         return self._take(picked)
 
-    @cached_property
-    def fail_unclaimable(self) -> ReturningUpdate[Any]:
-        """``todo → failed`` for the waiting jobs whose claim would fail the whole claim
-        statement, each with an ``UnclaimableJob`` error record saying why.
+    def fail_unclaimable(self, by_queue: bool) -> ReturningUpdate[Any]:
+        """``todo → failed`` for the waiting jobs whose claim would fail the whole claim,
+        each with an ``UnclaimableJob`` error record saying why.
 
         Only rows written by other means than ``defer`` can be so: a ``lock`` or
         ``concurrency_key`` too long for an entry of the index the claim writes it to (over
-        :data:`INDEXED_VALUE_LIMIT` bytes as stored), or an ``attempts`` count the claim cannot
-        add one to. The row keeps its ``attempts`` (it never ran); the history reads the change
-        off the row like any other end of a job (``job_history``). A scan of the waiting jobs:
-        run after a failed claim, never on the hot path.
+        :data:`INDEXED_VALUE_LIMIT` bytes as stored), an ``attempts`` count the claim cannot
+        add one to, or arguments (or trace context) Python's JSON decoder refuses when the
+        claim's reply is read (nested over :data:`MAX_JSON_DEPTH` levels, or an integer of
+        over 4,300 digits). The row keeps its ``attempts`` (it never ran); the history reads
+        the change off the row like any other end of a job (``job_history``).
+
+        Looks at the first ``:scan`` due waiting jobs in claim order (of ``:queues`` when
+        ``by_queue``): the ones a claim takes first. Run after a failed claim, never on the
+        hot path.
         """
+        found = self._built.get(("fail_unclaimable", by_queue))
+        if found is not None:
+            return cast(ReturningUpdate[Any], found)
         j = self.jobs
         limit, most = INDEXED_VALUE_LIMIT, 2**31 - 1
 
@@ -454,10 +466,25 @@ class Statements:
             why = sa.func.format(_text_literal(text), sa.func.octet_length(column), size)
             return size > limit, why
 
+        def undecodable(column: sa.ColumnElement[Any]) -> tuple[Any, Any]:
+            deep = f"strict $.**{{{MAX_JSON_DEPTH} to last}}"
+            huge = 'strict $.** ? (@.type() == "number" && @.abs() >= 1e4300)'
+            when = sa.or_(
+                sa.func.jsonb_path_exists(column, _text_literal(deep)),
+                sa.func.jsonb_path_exists(column, _text_literal(huge)),
+            )
+            text = (
+                f"{column.name} cannot be read by Python's JSON decoder (nested over "
+                f"{MAX_JSON_DEPTH} levels, or an integer of over 4300 digits)"
+            )
+            return when, _text_literal(text)
+
         reasons = [
             too_long(j.c.lock),
             too_long(j.c.concurrency_key),
             (j.c.attempts >= most, _text_literal(f"attempts is {most}, the largest it can be")),
+            undecodable(j.c.args),
+            undecodable(j.c.trace_context),
         ]
         message = sa.func.concat(
             _text_literal("this job cannot be claimed: "),
@@ -470,12 +497,23 @@ class Statements:
             _text_literal("message"),
             message,
         )
-        return (
+        first = sa.select(j.c.id).where(j.c.status == TODO, _due(j.c.scheduled_at))
+        if by_queue:
+            first = first.where(j.c.queue == sa.any_(_array("queues", sa.Text())))
+        scanned = (
+            first.order_by(j.c.priority.desc(), j.c.id)
+            .limit(sa.bindparam("scan", type_=sa.Integer))
+            .scalar_subquery()
+        )
+        found = (
             sa.update(j)
-            .where(j.c.status == TODO, sa.or_(*(when for when, _ in reasons)))
+            .where(j.c.id.in_(scanned), j.c.status == TODO)
+            .where(sa.or_(*(when for when, _ in reasons)))
             .values(status=FAILED, error=error, finished_at=sa.func.clock_timestamp())
             .returning(j.c.id)
         )
+        self._built["fail_unclaimable", by_queue] = found
+        return found
 
     @cached_property
     def limits_lock(self) -> sa.Select[Any]:
@@ -987,13 +1025,15 @@ class Statements:
     def finished_counts(self) -> sa.Select[Any]:
         """Jobs finished in the last ``:window`` seconds per (queue, task): the rates.
 
-        A range of ``jobs_finished_at_idx``; cancelled jobs never ran and are not counted.
+        A range of ``jobs_finished_at_idx``; cancelled jobs never ran and are not counted, nor
+        an end at ``infinity`` (written by other means: it would count in every window).
         """
         j = self.jobs
         since = sa.func.now() - sa.bindparam("window", type_=sa.Float) * ONE_SECOND
         return (
             sa.select(j.c.queue, j.c.task_name, sa.func.count())
-            .where(j.c.finished_at >= since, j.c.status != CANCELLED)
+            .where(j.c.finished_at >= since, sa.func.isfinite(j.c.finished_at))
+            .where(j.c.status != CANCELLED)
             .group_by(j.c.queue, j.c.task_name)
         )
 
@@ -1438,23 +1478,33 @@ def release_unknown_jobs(s: Statements, worker_id: str, known: Iterable[int]) ->
     return Query(s.release_unknown, {"worker_id": worker_id, "known": list(known)}, _id_list)
 
 
-def fail_unclaimable_jobs(s: Statements) -> Query[list[int]]:
+def fail_unclaimable_jobs(
+    s: Statements, queues: Sequence[str] | None = None, *, scan: int = 1000
+) -> Query[list[int]]:
     """Fail the waiting jobs that make every claim fail; their ids, sorted.
 
     A row written by other means than ``defer`` (plain SQL, an older pgtq, a restored dump)
     can hold a value the claim cannot write: a ``lock`` or ``concurrency_key`` over
     :data:`INDEXED_VALUE_LIMIT` bytes as stored (the claim puts it in a btree index:
     "index row size … exceeds btree version 4 maximum 2704", or "index row requires … bytes,
-    maximum size is 8191"), or ``attempts`` at the largest integer ("integer out of range").
-    The claim statement then fails whichever jobs it picked, every time. Run this after a
-    claim failed with such a database error (SQLSTATE class ``54`` program limit exceeded, or
-    ``22`` data exception; not a lost connection), then claim again: each such job goes
+    maximum size is 8191"), ``attempts`` at the largest integer ("integer out of range"), or
+    arguments the driver's JSON decoding refuses once the claim has run (``RecursionError``
+    for nesting over :data:`MAX_JSON_DEPTH`, ``ValueError`` for an integer of over 4,300
+    digits: raised in the client, the claimed jobs are left ``doing``, to be released). The
+    claim then fails whichever jobs it picked, every time. Run this after a claim failed so
+    (SQLSTATE class ``54`` program limit exceeded, or ``22`` data exception, or those two
+    client errors; not a lost connection), with the worker's ``queues`` (None: every queue),
+    then claim again. It looks at the first ``scan`` due waiting jobs in claim order (cheap
+    whatever the table's size; a claim takes its jobs among them). Each such job goes
     ``todo → failed`` with the error record ``{"type": "UnclaimableJob", "message": "this job
     cannot be claimed: lock is 3200 bytes (3200 as stored), over the limit of 2692 bytes
     (…)"}``, shown by ``jobs.get`` and ``jobs.history`` like any failure. Healthy jobs are not
     touched; an empty list means the claim failed for another reason.
     """
-    return Query(s.fail_unclaimable, {}, _id_list)
+    params: dict[str, Any] = {"scan": scan}
+    if queues:
+        params["queues"] = list(queues)
+    return Query(s.fail_unclaimable(bool(queues)), params, _id_list)
 
 
 def no_such_job(s: Statements, like: Query[T]) -> Query[T]:

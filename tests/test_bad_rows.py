@@ -103,6 +103,7 @@ async def test_non_finite_times_are_read_clamped(
     assert [(r.id, r.started_at) for r in worker.running] == [(running, READ_TIME_MIN)]
     throughput = await side.call(app.jobs, "throughput")
     assert throughput.total == 0  # an end at infinity is in no bucket
+    assert stats.rates == {}  # nor in any window
     assert await side.call(app.jobs, "counts") == {
         ("default", Status.TODO): 5,
         ("default", Status.DOING): 1,
@@ -162,6 +163,13 @@ async def test_fail_unclaimable_jobs_fails_only_the_bad_rows(
     big_lock = insert(sql, f"('work', {BIG_KEY})", "task_name, lock")
     big_key = insert(sql, f"('work', {BIG_KEY})", "task_name, concurrency_key")
     counted_out = insert(sql, f"('work', {2**31 - 1})", "task_name, attempts")
+    deep = insert(sql, "('work', (repeat('[', 900) || repeat(']', 900))::jsonb)", "task_name, args")
+    huge = insert(
+        sql, """('work', ('{"n": ' || repeat('9', 5000) || '}')::jsonb)""", "task_name, args"
+    )
+    nested = insert(
+        sql, "('work', (repeat('[', 300) || repeat(']', 300))::jsonb)", "task_name, args"
+    )
     # Compressible, so stored far under the limit however long: claimable.
     long_lock = insert(sql, "('work', repeat('a', 10000))", "task_name, lock")
     past = insert(sql, "('work', '-infinity')")
@@ -171,7 +179,7 @@ async def test_fail_unclaimable_jobs_fails_only_the_bad_rows(
     with pytest.raises(sqlalchemy.exc.DBAPIError, match="index row"):
         await run(side, app, claim)
     failed = await run(side, app, statements.fail_unclaimable_jobs(app.statements))
-    assert failed == sorted([big_lock, big_key, counted_out])
+    assert failed == sorted([big_lock, big_key, counted_out, deep, huge])
     assert await run(side, app, statements.fail_unclaimable_jobs(app.statements)) == []
 
     for job_id, column in ((big_lock, "lock"), (big_key, "concurrency_key")):
@@ -185,13 +193,33 @@ async def test_fail_unclaimable_jobs_fails_only_the_bad_rows(
         assert history[-1].type == "failed" and history[-1].error == job.error
     job = await side.get(app, counted_out)
     assert job is not None and job.error is not None and "attempts" in job.error["message"]
+    # (Read with SQL: their arguments are what Python's JSON decoder refuses.)
+    errors = sql(
+        "SELECT error FROM pgtq.jobs WHERE id = ANY(%s) AND status = 'failed'", [deep, huge]
+    )
+    assert len(errors) == 2
+    assert all("args cannot be read by Python's JSON decoder" in e["message"] for (e,) in errors)
 
     claimed: list[ClaimedJob] = await run(side, app, claim)
-    assert sorted(j.id for j in claimed) == sorted([*healthy, long_lock, past])
+    assert sorted(j.id for j in claimed) == sorted([*healthy, long_lock, past, nested])
     stats = await side.call(app.jobs, "stats")
-    assert stats.count(Status.FAILED) == 3 and stats.count(Status.DOING) == 4
+    assert stats.count(Status.FAILED) == 5 and stats.count(Status.DOING) == 5
     # A failed one can be retried like any failed job (and is failed again when claimed).
     assert await side.retry(app, big_lock) is True
+
+
+async def test_fail_unclaimable_jobs_looks_at_the_first_jobs_of_the_queues(
+    app: pgtq.App, side: Side, sql: SQL
+) -> None:
+    other = insert(sql, f"('work', 'other', {BIG_KEY})", "task_name, queue, lock")
+    later = insert(sql, f"('work', -1, {BIG_KEY})", "task_name, priority, lock")
+    first = insert(sql, f"('work', 1, {BIG_KEY})", "task_name, priority, lock")
+    s = app.statements
+
+    assert await run(side, app, statements.fail_unclaimable_jobs(s, ["default"], scan=1)) == [first]
+    assert await run(side, app, statements.fail_unclaimable_jobs(s, ["default"])) == [later]
+    assert await run(side, app, statements.fail_unclaimable_jobs(s, ["nowhere"])) == []
+    assert await run(side, app, statements.fail_unclaimable_jobs(s)) == [other]
 
 
 async def test_fail_unclaimable_jobs_unblocks_the_limited_claim(
