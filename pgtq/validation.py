@@ -20,7 +20,7 @@ from numbers import Real
 from typing import Any
 
 from pgtq.errors import InvalidArguments
-from pgtq.model import dumps
+from pgtq.model import dumps, unstorable_json
 
 #: Longest queue (and task) name, in UTF-8 bytes. A queue name is a NOTIFY payload (at most
 #: 8000 bytes) and a key of the claim index: a longer one could never be retried.
@@ -180,14 +180,13 @@ def encode_arguments(jobs: Sequence[Mapping[str, Any]], max_bytes: int | None) -
         _check_depth(jobs)
         if not encoded:
             raise InvalidArguments("arguments: nested too deeply to encode")
-    # The encoder escapes every non-ASCII character: NUL is written \u0000 and a surrogate
-    # \udXXX (a valid pair too, and a text holding a backslash and these letters: the slow
-    # path tells them apart).
-    if "\\u0000" in encoded or "\\ud" in encoded:
+    # What jsonb refuses (NUL, unpaired surrogates), the worker's own test of its outcomes:
+    # two substring scans of the text unless it holds such an escape.
+    if unstorable_json(encoded):
         for i, kwargs in enumerate(jobs):
-            reason = _unstorable(kwargs)
+            reason = unstorable_json(dumps(kwargs))
             if reason:
-                raise InvalidArguments(f"arguments{_job(jobs, i)}: {reason}")
+                raise InvalidArguments(f"arguments{_job(jobs, i)}: {reason}, which jsonb refuses")
     if max_bytes is not None and len(encoded) > max_bytes + 2:  # ASCII: a char is a byte
         _check_sizes(jobs, max_bytes)
     return encoded
@@ -208,32 +207,6 @@ def _unencodable(kwargs: Mapping[str, Any]) -> bool:
     except (TypeError, ValueError, RecursionError):
         return True
     return False
-
-
-def _unstorable(value: Any, path: str = "") -> str | None:
-    """Where and why ``jsonb`` refuses a value: a NUL in a string (or a key), or a lone
-    surrogate (a str that is not valid UTF-8)."""
-    if isinstance(value, str):
-        where = f"{path} " if path else ""
-        if "\x00" in value:
-            return f"{where}contains a NUL character (\\u0000), which jsonb cannot store"
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return f"{where}contains an unpaired surrogate (not valid UTF-8)"
-        return None
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            at = f"{path}[{key!r}]"
-            reason = _unstorable(key, f"the key {at}") or _unstorable(item, at)
-            if reason:
-                return reason
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            reason = _unstorable(item, f"{path}[{i}]")
-            if reason:
-                return reason
-    return None
 
 
 def _depth(value: Any, limit: int) -> int:

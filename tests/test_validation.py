@@ -158,6 +158,9 @@ def test_encode_arguments_accepts_and_is_the_plain_json() -> None:
     # text holding a backslash followed by the letters of an escape.
     for text in ["\U0001f600", "\\u0000", "\\ud800", "\\\\u0000"]:
         assert json.loads(v.encode_arguments([{"t": text}], None)) == [{"t": text}]
+    # Two lone surrogates of a pair are written as the pair's escapes, which jsonb (and the
+    # worker's decoder) read as the one character: stored, as that character.
+    assert json.loads(v.encode_arguments([{"t": "\ud83d\ude00"}], None)) == [{"t": "\U0001f600"}]
     # The depth cap: the keyword arguments are level 1.
     deepest = {"x": nested(v.ARGS_MAX_DEPTH - 1)}
     assert v.encode_arguments([deepest], None)
@@ -175,12 +178,10 @@ def test_encode_arguments_accepts_and_is_the_plain_json() -> None:
         ([{"x": math.nan}], None, "^arguments: must be JSON-serializable"),
         ([{"x": 10**5000}], None, "^arguments: must be JSON-serializable"),
         ([{"x": 1}, {"x": {1, 2}}], None, r"^arguments \(job 1 of 2\): must be JSON"),
-        ([{"x": "a\x00b"}], None, r"^arguments: \['x'\] contains a NUL"),
-        ([{"a\x00": 1}], None, r"^arguments: the key \['a\\x00'\] .*contains a NUL"),
-        ([{"x": ["ok", {"y": "\udc00"}]}], None, r"\['x'\]\[1\]\['y'\] contains an unpaired"),
+        ([{"x": "a\x00b"}], None, r"^arguments: it contains a NUL .* jsonb refuses"),
+        ([{"a\x00": 1}], None, r"^arguments: it contains a NUL"),  # in a key
+        ([{"x": ["ok", {"y": "\udc00"}]}], None, "^arguments: it contains an unpaired"),
         ([{"x": 1}, {"x": "\ud83d"}], None, r"^arguments \(job 1 of 2\): .*unpaired"),
-        # two surrogates that make a pair in JSON are not valid Python text: refused
-        ([{"x": "\ud83d\ude00"}], None, "unpaired surrogate"),
         ([{"x": nested(v.ARGS_MAX_DEPTH)}], None, "nested more than 200 levels"),
         ([{"x": nested(100_000)}], None, "nested more than 200 levels"),
         ([{}, {}, {"x": nested(5_000)}], None, r"\(job 2 of 3\): nested more than"),
