@@ -259,8 +259,15 @@ def is_data_error(exc: BaseException) -> bool:
     orig = getattr(exc, "orig", None) or exc
     if isinstance(orig, UnicodeError) or isinstance(exc.__cause__, UnicodeError):
         return True
+    code = sqlstate(exc)
+    return code is not None and code[:2] not in _PASSING_CLASSES
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of an error PostgreSQL sent (SQLAlchemy-wrapped or raw, either driver)."""
+    orig = getattr(exc, "orig", None) or exc
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    return isinstance(code, str) and len(code) == 5 and code[:2] not in _PASSING_CLASSES
+    return code if isinstance(code, str) and len(code) == 5 else None
 
 
 def _server_error(exc: BaseException) -> bool:
@@ -643,5 +650,6 @@ __all__ = [
     "create_sync_engine",
     "first_line",
     "is_data_error",
+    "sqlstate",
     "sync_url",
 ]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from pgtq import observers, statements
-from pgtq.connectors import execute, first_line, is_data_error
+from pgtq.connectors import execute, first_line, is_data_error, sqlstate
 from pgtq.errors import ConfigurationError, SchemaNotMigrated
 from pgtq.jobs import JobContext, State
 from pgtq.limits import Limit, allowances, bucket_key, charges
@@ -309,6 +309,7 @@ class Worker:
         self._hurry = asyncio.Event()  # a second signal: stop waiting for running jobs
         self._claim_delays = backoff_delays()
         self._reconcile = False  # a claim failed: release claimed jobs this worker lost track of
+        self._unclaimable = False  # a claim failed on a job's data: fail the rows that break it
         # Fleet-wide limits: the tasks' own (from code), the queues' (read from the database).
         self._task_limits = {
             bucket_key("task", t.name): t.limit
@@ -472,6 +473,8 @@ class Worker:
                 self._changed = False
                 if self._reconcile and not inflight and not await self._release_unknown():
                     continue
+                if self._unclaimable and not inflight:
+                    await self._fail_unclaimable()
                 self._start_buffered()
                 if not self._reconcile:  # no new claim until the lost ones are given back
                     self._send_claims(inflight)
@@ -576,7 +579,7 @@ class Worker:
             self._claim_delays = backoff_delays()
             return claimed
         except Exception as exc:
-            if "jobs_lock_doing_idx" in str(exc):
+            if sqlstate(exc) == "23505" and "jobs_lock_doing_idx" in str(exc):
                 # Another worker claimed a job of the same lock at the same instant.
                 logger.debug("lock conflict while claiming; claiming again")
                 return None
@@ -584,6 +587,12 @@ class Worker:
             # but unknown here. Give back whatever this worker does not know, before the
             # next claim.
             self._reconcile = True
+            if is_data_error(exc) or _decoding_error(exc):
+                # A row the claim cannot take (written by other means than defer): the
+                # fetch loop gives the claimed jobs back, fails that row, and claims again.
+                logger.warning("claiming jobs failed on a job's data: %s", first_line(exc))
+                self._unclaimable = True
+                return None
             delay = next(self._claim_delays)
             logger.warning("claiming jobs failed (%s); retrying in %.1f s", exc, delay)
             stop = asyncio.ensure_future(self._stopping.wait())
@@ -626,6 +635,30 @@ class Worker:
             bucket_key("queue", name): Limit(concurrency=cap, rate=rate)
             for name, (cap, rate) in found.items()
         }
+
+    async def _fail_unclaimable(self) -> None:
+        """Fail the waiting jobs no claim can take, so one bad row never stops every claim
+        of every worker; when there are none, the claim failed for another reason: wait."""
+        assert self._connector is not None
+        self._unclaimable = False
+        try:
+            failed = await self._connector.run(
+                statements.fail_unclaimable_jobs(self._s, self.queues)
+            )
+        except Exception as exc:
+            logger.warning("looking for jobs no claim can take failed: %s", first_line(exc))
+            failed = []
+        if failed:
+            logger.error(
+                "failed %s job(s) that no claim can take (written by other means than defer): %s",
+                len(failed),
+                ", ".join(map(str, failed)),
+                extra={"worker": self.worker_id},
+            )
+            return
+        stop = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait([stop], timeout=next(self._claim_delays))
+        stop.cancel()
 
     async def _release_unknown(self) -> bool:
         """Release this worker's ``doing`` jobs it neither runs, holds, nor has outcomes of
@@ -1246,6 +1279,13 @@ def _claim_size(room: int, batch_size: int) -> int:
     if room >= batch_size:
         return batch_size
     return 1 << (room.bit_length() - 1)
+
+
+def _decoding_error(exc: BaseException) -> bool:
+    """The driver could not decode a claimed row (arguments nested too deep for Python's
+    JSON decoder, an integer too long for ``int``): raised in the client, after the claim."""
+    causes = (exc, getattr(exc, "orig", None), exc.__cause__)
+    return any(isinstance(e, (RecursionError, ValueError)) for e in causes)
 
 
 def _new_worker_id() -> str:

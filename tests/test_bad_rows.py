@@ -337,3 +337,45 @@ async def test_edge_arguments_still_work(app: pgtq.App, side: Side) -> None:
     assert await side.call(app.jobs, "delete_old_jobs", timedelta(days=365 * 999)) == 0
     assert (await side.call(app.jobs, "stats", window=1)).window == 1
     assert await side.call(app.queues, "pause", "q" * INDEXED_VALUE_LIMIT) is True
+
+
+# -- through a worker: one bad row never stops the claims ----------------------------------
+
+
+@pytest.mark.parametrize("limited", [False, True], ids=["plain", "limited"])
+async def test_a_worker_fails_the_rows_no_claim_can_take_and_runs_the_rest(
+    driven_app: pgtq.App, sql: SQL, limited: bool
+) -> None:
+    """A 3 kB lock, a 3 kB concurrency key, arguments nested past Python's decoder, and a
+    ``-infinity`` schedule, written by plain SQL among healthy jobs: the worker fails the
+    three rows no claim can take (``UnclaimableJob``), runs everything else, and drains."""
+    app = driven_app
+
+    @app.task(name="work", **({"concurrency": 50} if limited else {}))
+    async def work(n: int = 0) -> int:
+        return n
+
+    healthy = await work.defer_many_async([{"n": n} for n in range(30)])
+    big_lock = insert(sql, f"('work', {BIG_KEY})", "task_name, lock")
+    big_key = insert(sql, f"('work', {BIG_KEY})", "task_name, concurrency_key")
+    deep = insert(
+        sql,
+        "('work', (repeat('[', 2000) || repeat(']', 2000))::jsonb)",
+        "task_name, args",
+    )
+    timeless = insert(sql, "('work', '-infinity')")
+    healthy += await work.defer_many_async([{"n": n} for n in range(30, 60)])
+
+    stats = await asyncio.wait_for(app.run_worker_async(wait=False, concurrency=8), timeout=60)
+
+    rows = dict(sql("SELECT id, status FROM pgtq.jobs"))
+    assert {rows[i] for i in healthy} == {"succeeded"}
+    assert rows[timeless] == "succeeded"
+    for bad in (big_lock, big_key, deep):
+        assert rows[bad] == "failed", bad
+        job = await app.jobs.get_async(bad) if bad != deep else None
+        if job is not None:
+            assert job.error is not None and job.error["type"] == "UnclaimableJob"
+    (deep_error,) = sql("SELECT error->>'type' FROM pgtq.jobs WHERE id = %s", deep)[0]
+    assert deep_error == "UnclaimableJob"
+    assert stats.processed == len(healthy) + 1
