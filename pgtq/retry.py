@@ -16,7 +16,9 @@ class Retry:
 
     ``max_attempts`` counts the first run: ``Retry(max_attempts=3)`` runs a job at most three
     times. ``jitter`` is a fraction of the delay added at random, so a fleet of failing jobs
-    does not come back in one burst.
+    does not come back in one burst. ``max_delay`` bounds the delay actually waited, jitter
+    included: once the backoff reaches it, the jitter spreads the retries below it (down to
+    ``max_delay / (1 + jitter)``) rather than past it.
     """
 
     max_attempts: int = 3
@@ -46,8 +48,10 @@ class Retry:
             raw = self.base * attempt
         else:
             raw = self.base
-        capped = min(raw, self.max_delay)
-        return capped + capped * self.jitter * rand()
+        # Jitter first, then the cap: the cap is a promise about the wait itself. At the cap
+        # the jittered range is scaled under it, so retries stay spread out there too.
+        low = min(raw, self.max_delay / (1.0 + self.jitter))
+        return min(self.max_delay, low + low * self.jitter * rand())
 
 
 NO_RETRY = Retry(max_attempts=1)

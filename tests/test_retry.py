@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pgtq
 from pgtq.retry import as_retry, backoff_delays
@@ -46,3 +50,41 @@ def test_reconnect_delays_grow_to_a_cap_with_jitter() -> None:
     assert [round(next(delays), 3) for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
     low = backoff_delays(first=0.1, cap=1.0, rand=lambda: 0.0)
     assert next(low) == 0.05  # half the delay at least
+
+
+def test_max_delay_caps_the_delay_after_jitter() -> None:
+    err = ValueError("x")
+    policy = pgtq.Retry(max_attempts=20, base=1, max_delay=10, jitter=0.5)
+    # At the cap, the most jitter reaches max_delay and no further.
+    assert policy.delay(10, err, rand=lambda: 1.0) == 10
+    # And the retries still spread below it (not all at exactly max_delay).
+    assert policy.delay(10, err, rand=lambda: 0.0) == pytest.approx(10 / 1.5)
+    # Below the cap, jitter only adds.
+    assert policy.delay(2, err, rand=lambda: 0.0) == 2
+    assert policy.delay(2, err, rand=lambda: 1.0) == 3
+
+
+@given(
+    attempt=st.integers(min_value=1, max_value=200),
+    backoff=st.sampled_from(["exponential", "linear", "fixed"]),
+    base=st.floats(min_value=0, max_value=1e6, allow_nan=False),
+    max_delay=st.floats(min_value=0, max_value=1e6, allow_nan=False),
+    jitter=st.floats(min_value=0, max_value=1),
+    r=st.floats(min_value=0, max_value=1, exclude_max=True),
+)
+def test_no_delay_exceeds_max_delay(
+    attempt: int, backoff: Any, base: float, max_delay: float, jitter: float, r: float
+) -> None:
+    policy = pgtq.Retry(
+        max_attempts=attempt + 1, backoff=backoff, base=base, max_delay=max_delay, jitter=jitter
+    )
+    delay = policy.delay(attempt, ValueError(), rand=lambda: r)
+    assert delay is not None
+    assert 0 <= delay <= max_delay
+    # Jitter never shortens a delay under the cap below the backoff itself.
+    no_jitter = pgtq.Retry(
+        max_attempts=attempt + 1, backoff=backoff, base=base, max_delay=max_delay, jitter=0
+    ).delay(attempt, ValueError())
+    assert no_jitter is not None
+    if no_jitter * (1 + jitter) <= max_delay:
+        assert delay >= no_jitter
