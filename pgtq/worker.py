@@ -35,7 +35,7 @@ from pgtq.connectors import execute, first_line, is_data_error, sqlstate
 from pgtq.errors import ConfigurationError, SchemaNotMigrated
 from pgtq.jobs import JobContext, State
 from pgtq.limits import Limit, allowances, bucket_key, charges
-from pgtq.model import ClaimedJob, Status, dumps, error_record, unstorable_json
+from pgtq.model import ClaimedJob, Status, clip, dumps, error_record, unstorable_json
 from pgtq.periodic import run_scheduler
 from pgtq.retry import backoff_delays
 from pgtq.tasks import Task, call_task
@@ -717,13 +717,15 @@ class Worker:
 
     async def _run_job(self, running: _Running) -> None:
         job, ctx, task = running.job, running.ctx, running.task
-        # Observers and logs want the duration; a worker with neither skips the clock.
-        watched = bool(observers.installed()) or logger.isEnabledFor(logging.INFO)
-        if watched:
-            started = time.monotonic()
-            observed = observers.job_started(
-                job, ctx, waited=job.waited, trace_context=job.trace_context
-            )
+        # Observers and per-job (DEBUG) lines want the duration; a worker with neither skips
+        # the clock. An attempt that did not succeed is logged whatever the level.
+        watched = bool(observers.installed()) or logger.isEnabledFor(logging.DEBUG)
+        started = time.monotonic() if watched else 0.0
+        observed = (
+            observers.job_started(job, ctx, waited=job.waited, trace_context=job.trace_context)
+            if watched
+            else None
+        )
         result: Any = None
         exc: BaseException | None = None
         try:
@@ -764,61 +766,83 @@ class Worker:
             if result is not _DECIDED:
                 outcome = _decide(task, job, result, exc, ctx.abort_reason())
             self._record(running, outcome)
-        if not watched:
+        if not watched and outcome.status is Status.SUCCEEDED:
             return
         try:
-            self._report(job, ctx, outcome, exc, observed, time.monotonic() - started)
+            duration: float | None = None
+            if watched:
+                duration = time.monotonic() - started
+                observers.job_finished(
+                    observed, job, ctx, status=outcome.label, duration=duration, error=exc
+                )
+            self._log_attempt(job, task, outcome, exc, duration)
         except Exception:
             logger.exception("reporting the end of job %s failed", job.id)
 
-    def _report(
+    def _log_attempt(
         self,
         job: ClaimedJob,
-        ctx: JobContext,
+        task: Task[Any] | None,
         outcome: Outcome,
         exc: BaseException | None,
-        observed: Any,
-        duration: float,
+        duration: float | None,
     ) -> None:
-        """Tell observers and the log how an attempt ended."""
-        observers.job_finished(
-            observed, job, ctx, status=outcome.label, duration=duration, error=exc
+        """A job's line: DEBUG when it succeeded (one per job: a busy worker's INFO log stays
+        quiet), INFO when it will run again, WARNING when it failed or was aborted; those
+        name the exception and the attempt."""
+        level = (
+            logging.DEBUG
+            if outcome.status is Status.SUCCEEDED
+            else logging.INFO
+            if outcome.status is Status.TODO
+            else logging.WARNING
         )
-        if logger.isEnabledFor(logging.INFO):
-            extra: dict[str, Any] = {
-                "job_id": job.id,
-                "task": job.task_name,
-                "queue": job.queue,
-                "attempt": job.attempts,
-                "worker": self.worker_id,
-                "status": outcome.label,
-                "duration": duration,
-            }
-            if exc is not None:
-                extra["error"] = type(exc).__name__
-            logger.log(
-                logging.INFO if outcome.status == Status.SUCCEEDED else logging.WARNING,
-                "job %s %s %s in %.3f s",
-                job.id,
-                job.task_name,
-                outcome.label,
-                duration,
-                extra=extra,
-            )
+        if not logger.isEnabledFor(level):
+            return
+        of = f" of {task.retry.max_attempts}" if task is not None else ""
+        extra: dict[str, Any] = {
+            "job_id": job.id,
+            "task": job.task_name,
+            "queue": job.queue,
+            "attempt": job.attempts,
+            "worker": self.worker_id,
+            "status": outcome.label,
+        }
+        text = f"job {job.id} {job.task_name} {outcome.label} (attempt {job.attempts}{of})"
+        if duration is not None:
+            extra["duration"] = duration
+            text += f" in {duration:.3f} s"
+        if exc is not None:
+            record = error_record(exc, with_traceback=False)
+            extra["error"] = record["type"]
+            extra["error_message"] = record["message"]
+            message = record["message"].strip().split("\n", 1)[0]
+            text += f": {record['type']}: {message}" if message else f": {record['type']}"
+        elif outcome.error is not None and outcome.status is not Status.SUCCEEDED:
+            text += f": {clip(outcome.error, 500)}"
+        if outcome.status is Status.TODO and outcome.retry_in is not None:
+            extra["retry_in"] = outcome.retry_in
+            text += f"; runs again in {outcome.retry_in:.1f} s"
+        logger.log(level, "%s", text, extra=extra)
 
     async def _call_async(self, task: Task[Any], ctx: JobContext, job: ClaimedJob) -> Any:
         coro = call_task(task, ctx, job.args)
         if task.timeout is None:
             return await coro
-        deadline = asyncio.timeout(task.timeout)
+        # Not asyncio.timeout: the reason is set before the cancellation is delivered, so a
+        # task that catches its CancelledError reads ``ctx.abort_reason() == "timeout"``.
+        me = asyncio.current_task()
+        assert me is not None
+
+        def time_out() -> None:
+            if ctx.request_abort("timeout"):
+                me.cancel()
+
+        timer = asyncio.get_running_loop().call_later(task.timeout, time_out)
         try:
-            async with deadline:
-                return await coro
-        except TimeoutError:
-            if not deadline.expired():
-                raise  # the task's own TimeoutError: an ordinary failure
-            ctx.request_abort("timeout")
-            return None
+            return await coro
+        finally:
+            timer.cancel()
 
     async def _call_sync(self, task: Task[Any], ctx: JobContext, job: ClaimedJob) -> Any:
         assert self._threads is not None
@@ -1058,8 +1082,8 @@ class Worker:
                 ids = await self._connector.run(
                     statements.abort_requested_ids(self._s, self.worker_id)
                 )
-            except Exception:
-                logger.warning("polling for aborted jobs failed", exc_info=True)
+            except Exception as exc:
+                logger.warning("polling for aborted jobs failed: %s", first_line(exc))
                 continue
             for job_id in ids:
                 self._request_abort(job_id, "requested")

@@ -4,6 +4,7 @@ shutdown of jobs that will not stop."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from typing import Any
@@ -258,3 +259,50 @@ async def test_an_outcome_postgresql_refuses_fails_its_own_job_only(
         assert job.error["type"] == "OutcomeNotWritable"
     finally:
         await app.close_async()
+
+
+async def test_an_async_task_reads_timeout_as_its_abort_reason_when_cancelled(
+    app: pgtq.App,
+) -> None:
+    seen: list[str | None] = []
+
+    @app.task(timeout=0.1)
+    async def slow(ctx: pgtq.JobContext) -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.append(ctx.abort_reason())
+            raise
+
+    job_id = await slow.defer_async()
+    await asyncio.wait_for(app.run_worker_async(wait=False), timeout=30)
+    assert seen == ["timeout"]
+    job = await app.jobs.get_async(job_id)
+    assert job is not None and job.status == pgtq.Status.FAILED
+    assert job.error is not None and job.error["type"] == "JobTimeoutError"
+
+
+async def test_a_failed_attempt_is_logged_with_its_exception_and_attempt(
+    app: pgtq.App, caplog: pytest.LogCaptureFixture
+) -> None:
+    """INFO is quiet for jobs that succeed (their lines are DEBUG); a retry is INFO and a
+    failure WARNING, each naming the exception, its message and the attempt."""
+
+    @app.task(retry=pgtq.Retry(max_attempts=2, base=0, jitter=0))
+    async def flaky(ctx: pgtq.JobContext) -> None:
+        raise ValueError(f"boom {ctx.attempt}")
+
+    @app.task
+    async def fine() -> None: ...
+
+    await flaky.defer_async()
+    await fine.defer_async()
+    with caplog.at_level(logging.INFO, logger="pgtq.worker"):
+        await asyncio.wait_for(app.run_worker_async(wait=False), timeout=30)
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "pgtq.worker"]
+    jobs = [(level, text) for level, text in lines if text.startswith("job ")]
+    assert [level for level, _ in jobs] == [logging.INFO, logging.WARNING]
+    assert "retried (attempt 1 of 2)" in jobs[0][1] and "ValueError: boom 1" in jobs[0][1]
+    assert "failed (attempt 2 of 2)" in jobs[1][1] and "ValueError: boom 2" in jobs[1][1]
+    failure = next(r for r in caplog.records if r.getMessage() == jobs[1][1])
+    assert (failure.attempt, failure.error, failure.error_message) == (2, "ValueError", "boom 2")  # type: ignore[attr-defined]
