@@ -252,6 +252,7 @@ class Worker:
         worker_id: str | None = None,
         state: object | None = None,
         periodic: bool = True,
+        summary_interval: float | None = 60.0,
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError("concurrency must be at least 1")
@@ -265,6 +266,8 @@ class Worker:
         self.abort_interval = abort_job_polling_interval
         self.graceful_timeout = shutdown_graceful_timeout
         self.heartbeat_interval = heartbeat_interval
+        #: Seconds between the INFO line that sums up what the worker did (None: never).
+        self.summary_interval = summary_interval
         # A worker silent this long is dead: any live worker puts its running jobs back.
         self.rescue_after = rescue_after
         if delete_jobs not in _DELETE_STATUSES:
@@ -369,6 +372,8 @@ class Worker:
                 asyncio.create_task(self._heartbeat_loop(), name="pgtq-heartbeat"),
                 asyncio.create_task(self._listen_loop(), name="pgtq-listener"),
             ]
+            if self.summary_interval:
+                background.append(asyncio.create_task(self._summary_loop(), name="pgtq-summary"))
             if self.periodic:
                 background.append(
                     asyncio.create_task(
@@ -400,7 +405,14 @@ class Worker:
             if self._threads is not None:
                 self._threads.shutdown()
             self.stats.elapsed = time.monotonic() - started
-            logger.info("worker %s stopped", self.worker_id, extra={"worker": self.worker_id})
+            logger.info(
+                "worker %s stopped: %s job(s) in %.1f s%s",
+                self.worker_id,
+                self.stats.processed,
+                self.stats.elapsed,
+                "".join(f", {n} {k}" for k, n in sorted(self.stats.by_status.items())),
+                extra={"worker": self.worker_id},
+            )
         return self.stats
 
     def _claim_session(self) -> tuple[str, ...]:
@@ -1087,6 +1099,27 @@ class Worker:
                 continue
             for job_id in ids:
                 self._request_abort(job_id, "requested")
+
+    async def _summary_loop(self) -> None:
+        """Every ``summary_interval``: one INFO line of what was done since the last one."""
+        assert self.summary_interval
+        last, since = Counter(self.stats.by_status), time.monotonic()
+        while True:
+            await asyncio.sleep(self.summary_interval)
+            now, counts = time.monotonic(), Counter(self.stats.by_status)
+            done = counts - last
+            ended = sum(n for label, n in done.items() if label != "rescued")
+            if ended or self._running:
+                logger.info(
+                    "%s job(s) in %.0f s (%.1f/s)%s; %s running",
+                    ended,
+                    now - since,
+                    ended / (now - since),
+                    "".join(f", {n} {label}" for label, n in sorted(done.items())),
+                    len(self._running),
+                    extra={"worker": self.worker_id, "jobs": ended, **done},
+                )
+            last, since = counts, now
 
     async def _heartbeat_loop(self) -> None:
         """Beat, and rescue the jobs of workers that stopped beating."""

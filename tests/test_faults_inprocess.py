@@ -306,3 +306,34 @@ async def test_a_failed_attempt_is_logged_with_its_exception_and_attempt(
     assert "failed (attempt 2 of 2)" in jobs[1][1] and "ValueError: boom 2" in jobs[1][1]
     failure = next(r for r in caplog.records if r.getMessage() == jobs[1][1])
     assert (failure.attempt, failure.error, failure.error_message) == (2, "ValueError", "boom 2")  # type: ignore[attr-defined]
+
+
+async def test_the_worker_sums_up_what_it_did_in_one_info_line(
+    app: pgtq.App, caplog: pytest.LogCaptureFixture
+) -> None:
+    release = asyncio.Event()
+
+    @app.task
+    async def quick() -> None: ...
+
+    @app.task
+    async def held() -> None:
+        await release.wait()
+
+    await quick.defer_many_async([{}] * 5)
+    await held.defer_async()
+    with caplog.at_level(logging.INFO, logger="pgtq.worker"):
+        worker = asyncio.create_task(app.run_worker_async(summary_interval=0.1))
+
+        def summed_up() -> bool:
+            return any("5 succeeded; 1 running" in r.getMessage() for r in caplog.records)
+
+        try:
+            await eventually(summed_up)
+        finally:
+            release.set()
+            worker.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await worker
+    line = next(r for r in caplog.records if "5 succeeded; 1 running" in r.getMessage())
+    assert line.levelno == logging.INFO and line.getMessage().startswith("5 job(s) in ")
