@@ -231,6 +231,7 @@ class App:
         concurrency: int | None = None,
         rate_limit: str | float | None = None,
         key_concurrency: int | None = None,
+        burst: int | None = None,
         aliases: Sequence[str] = (),
     ) -> Callable[[Callable[..., Any]], Task[Any]]: ...
 
@@ -250,6 +251,7 @@ class App:
         concurrency: int | None = None,
         rate_limit: str | float | None = None,
         key_concurrency: int | None = None,
+        burst: int | None = None,
         aliases: Sequence[str] = (),
     ) -> Task[Any] | Callable[[Callable[..., Any]], Task[Any]]:
         """Register a sync or async function as a task (``@app.task`` or ``@app.task(...)``).
@@ -282,6 +284,7 @@ class App:
                 concurrency=concurrency,
                 rate_limit=rate_limit,
                 key_concurrency=key_concurrency,
+                burst=burst,
             )
             self.tasks[task_name] = task
             self.aliases.update(dict.fromkeys(aliases, task_name))

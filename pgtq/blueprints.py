@@ -196,6 +196,7 @@ class Blueprint:
         concurrency: int | None = None,
         rate_limit: str | float | None = None,
         key_concurrency: int | None = None,
+        burst: int | None = None,
         aliases: Sequence[str] = (),
     ) -> Callable[[Callable[..., Any]], BlueprintTask]: ...
 
@@ -215,6 +216,7 @@ class Blueprint:
         concurrency: int | None = None,
         rate_limit: str | float | None = None,
         key_concurrency: int | None = None,
+        burst: int | None = None,
         aliases: Sequence[str] = (),
     ) -> BlueprintTask | Callable[[Callable[..., Any]], BlueprintTask]:
         """Declare a sync or async function as a task of this blueprint (same options as
@@ -230,6 +232,7 @@ class Blueprint:
             "concurrency": concurrency,
             "rate_limit": rate_limit,
             "key_concurrency": key_concurrency,
+            "burst": burst,
         }
 
         def declare(f: Callable[..., Any]) -> BlueprintTask:

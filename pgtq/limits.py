@@ -35,15 +35,42 @@ def parse_rate(value: str | float | None) -> float | None:
 
 @dataclass(frozen=True, slots=True)
 class Limit:
-    """The limits of one task or queue. ``rate`` in jobs started per second."""
+    """The limits of one task or queue. ``rate`` in jobs started per second.
+
+    A rate is a token bucket: it holds ``capacity`` starts and refills at ``rate`` a second.
+    After an idle spell up to ``capacity`` jobs start at once, then one every ``1 / rate``
+    seconds; any span of ``T`` seconds sees fewer than ``capacity + rate * T`` starts.
+    ``burst`` sets the capacity; by default it is one second's worth of starts (at least one).
+    ``burst=1`` spaces the starts evenly, so ``"5/s"`` then never starts more than 5 jobs in
+    any one-second window (Celery's rate limits behave so).
+    """
 
     concurrency: int | None = None
     rate: float | None = None
+    burst: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.burst is not None:
+            if isinstance(self.burst, bool) or not isinstance(self.burst, int):
+                raise ValueError(f"burst must be a whole number of starts, got {self.burst!r}")
+            if self.burst < 1:
+                raise ValueError(f"burst must be at least 1, got {self.burst!r}")
+            if self.rate is None:
+                raise ValueError("burst applies to a rate_limit: set rate_limit too")
 
     @property
-    def burst(self) -> float:
-        """A bucket holds one second's worth of starts (at least one)."""
+    def capacity(self) -> float:
+        """The most starts the bucket holds: ``burst``, else one second's worth (at least 1)."""
+        if self.burst is not None:
+            return float(self.burst)
         return max(1.0, self.rate or 0.0)
+
+
+def most_starts(limit: Limit, seconds: float) -> int:
+    """The most jobs a rate limit lets start within any span of ``seconds`` (both ends
+    included): the full bucket, and what refills while the span lasts."""
+    assert limit.rate is not None
+    return math.floor(limit.capacity + limit.rate * seconds + 1e-9)
 
 
 def bucket_key(kind: str, name: str) -> str:
@@ -54,8 +81,8 @@ def refill(tokens: float | None, elapsed: float, limit: Limit) -> float:
     """Tokens in a bucket now; a bucket never seen starts full."""
     assert limit.rate is not None
     if tokens is None:
-        return limit.burst
-    return min(limit.burst, tokens + limit.rate * max(0.0, elapsed))
+        return limit.capacity
+    return min(limit.capacity, tokens + limit.rate * max(0.0, elapsed))
 
 
 def allowances(

@@ -80,17 +80,18 @@ class Task(Generic[R]):
         concurrency: int | None = None,
         rate_limit: str | float | None = None,
         key_concurrency: int | None = None,
+        burst: int | None = None,
     ) -> None:
         self.app = app
         self.func = func
         # Fleet-wide limits, enforced in the claim of every worker that has this task: at most
-        # ``concurrency`` running, at most ``rate_limit`` starts, and at most
-        # ``key_concurrency`` running among its jobs sharing a ``concurrency_key``.
+        # ``concurrency`` running, at most ``rate_limit`` starts (``burst`` of them at once),
+        # and at most ``key_concurrency`` running among its jobs sharing a ``concurrency_key``.
         for label, cap in (("concurrency", concurrency), ("key_concurrency", key_concurrency)):
             if cap is not None and cap < 1:
                 raise ConfigurationError(f"task {name!r}: {label} must be at least 1")
         try:
-            self.limit = Limit(concurrency=concurrency, rate=parse_rate(rate_limit))
+            self.limit = Limit(concurrency=concurrency, rate=parse_rate(rate_limit), burst=burst)
         except ValueError as exc:
             raise ConfigurationError(f"task {name!r}: {exc}") from None
         self.key_concurrency = key_concurrency

@@ -8,6 +8,7 @@ sampled. A sampler polls the database as well, as a second witness.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -16,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pgtq
-from pgtq.limits import Limit, allowances, charges, parse_rate
+from pgtq.limits import Limit, allowances, charges, most_starts, parse_rate
+from pgtq.worker import Worker
 from tests import limits_workload
 from tests.conftest import eventually
 
@@ -43,6 +47,122 @@ def test_allowances_and_charges() -> None:
     assert allowances(limits, running, buckets) == {"task:a": 2, "queue:q": 3, "task:b": 0}
     left = charges(limits, buckets, ["queue:q", "queue:q", "task:a"])
     assert left == {"queue:q": pytest.approx(1.5), "task:b": 1.0}  # a new bucket starts full
+
+
+class _Clock:
+    """A fake clock and one rate-limited group, claimed as the worker does: read the bucket
+    (tokens, seconds since it was written), take what ``allowances`` gives, then write what
+    ``charges`` leaves (only when something was taken, as the worker does)."""
+
+    def __init__(self, limit: Limit) -> None:
+        self.limits = {"task:t": limit}
+        self.bucket: tuple[float, float] | None = None  # (tokens, written at)
+        self.starts: list[float] = []
+
+    def claim(self, now: float, want: int) -> int:
+        buckets = {} if self.bucket is None else {"task:t": (self.bucket[0], now - self.bucket[1])}
+        took = min(want, allowances(self.limits, {}, buckets)["task:t"])
+        if took:
+            left = charges(self.limits, buckets, ["task:t"] * took)["task:t"]
+            self.bucket = (left, now)
+            self.starts += [now] * took
+        return took
+
+
+def test_the_default_burst_is_one_seconds_worth_then_the_rate() -> None:
+    clock = _Clock(Limit(rate=parse_rate("5/s")))
+    assert clock.claim(0.0, 100) == 5  # a full bucket: five at once
+    assert clock.claim(0.1, 100) == 0
+    assert clock.claim(0.2, 100) == 1  # then one each 1/5 s
+    assert clock.claim(0.3, 100) == 0
+    assert clock.claim(1.2, 100) == 5  # refilled, never above the capacity
+    assert Limit(rate=0.5).capacity == 1  # "30/m": one at a time
+    assert most_starts(Limit(rate=5), 1.0) == 10  # documented: 5 at once, 5 refilled
+
+
+def test_burst_one_spaces_starts_evenly() -> None:
+    clock = _Clock(Limit(rate=parse_rate("5/s"), burst=1))
+    taken = [clock.claim(t / 100, 100) for t in range(0, 101, 10)]  # every 0.1 s for 1 s
+    assert taken == [1, 0] * 5 + [1]
+    burst = _Clock(Limit(rate=5, burst=20))
+    assert burst.claim(0.0, 100) == 20
+
+
+def test_bad_bursts_are_refused() -> None:
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="burst"):
+            Limit(rate=1, burst=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rate_limit"):
+        Limit(concurrency=1, burst=3)
+    app = pgtq.App("postgresql://localhost/x")
+    with pytest.raises(pgtq.ConfigurationError, match="burst"):
+
+        @app.task(rate_limit="5/s", burst=0)
+        def nope() -> None: ...
+
+
+@given(
+    per_second=st.integers(min_value=1, max_value=50),
+    burst=st.one_of(st.none(), st.integers(min_value=1, max_value=60)),
+    claims=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=400), st.integers(min_value=1, max_value=80)),
+        max_size=60,
+    ),
+)
+def test_no_window_sees_more_starts_than_the_bucket_allows(
+    per_second: int, burst: int | None, claims: list[tuple[int, int]]
+) -> None:
+    """Claims at any times (ms steps of a fake clock) wanting any numbers of jobs: any span
+    of T seconds sees at most capacity + rate * T starts, and with ``burst=1`` no
+    one-second window sees more than the rate's count."""
+    limit = Limit(rate=float(per_second), burst=burst)
+    clock = _Clock(limit)
+    now = 0
+    for gap, want in claims:
+        now += gap
+        clock.claim(now / 1000, want)
+    starts = clock.starts
+    for i, first in enumerate(starts):
+        for j in range(i, len(starts)):
+            if starts[j] > first + 1.0:
+                break
+            assert j - i + 1 <= most_starts(limit, starts[j] - first)
+        in_window = sum(1 for t in starts[i:] if t < first + 1.0)
+        if burst == 1:
+            assert in_window <= per_second
+        else:
+            assert in_window <= limit.capacity + per_second
+
+
+async def test_a_rate_limit_with_burst_one_never_exceeds_its_count_in_any_second(
+    app: pgtq.App, sql: Any
+) -> None:
+    """A real worker, with claims as often as it likes: the jobs' ``started_at`` (the
+    database's clock) are 1/5 s apart or more, so no one-second window holds six."""
+
+    @app.task(rate_limit="5/s", burst=1)
+    async def paced(n: int) -> None:
+        return None
+
+    await paced.defer_many_async([{"n": i} for i in range(8)])
+    worker = Worker(app, concurrency=8, fetch_job_polling_interval=0.01, summary_interval=None)
+    running = asyncio.create_task(worker.run())
+    try:
+        await eventually(
+            lambda: sql("SELECT count(*) FROM pgtq.jobs WHERE status = 'succeeded'") == [(8,)],
+            timeout=20,
+        )
+    finally:
+        worker.stop()
+        await running
+    starts = [
+        r[0] for r in sql("SELECT started_at FROM pgtq.jobs WHERE task_name = 'paced' ORDER BY 1")
+    ]
+    assert len(starts) == 8
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(starts)]
+    assert min(gaps) >= 0.2 - 1e-6, gaps
+    for i, first in enumerate(starts):
+        assert sum(1 for t in starts[i:] if (t - first).total_seconds() < 1.0) <= 5
 
 
 def _max_overlap(events: list[tuple[Any, str]]) -> int:
