@@ -10,6 +10,8 @@ unexpected exception is named by its type, so a traceback would only hide the me
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
 import importlib
 import json
 import logging
@@ -39,6 +41,7 @@ from pgtq.schema import DEFAULT_SCHEMA
 
 if TYPE_CHECKING:
     from pgtq.migrations import SchemaStatus
+    from pgtq.reports import Stats
 
 __all__ = ["AppNotFound", "cli", "load_app", "load_object", "main"]
 
@@ -117,6 +120,12 @@ FactoryArgument = Annotated[
         metavar="MODULE:APP",
         help="The app, or a factory of it (a callable returning an App, or a context manager "
         "of one, sync or async), e.g. myproject.tasks:app or myproject.tasks:make_app.",
+    ),
+]
+JsonOption = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="Print one JSON document on stdout (for scripts) instead of a table."
     ),
 ]
 
@@ -656,9 +665,10 @@ def defer(
             help="Run no sooner than this ISO 8601 time (local time unless it has an offset).",
         ),
     ] = None,
+    as_json: JsonOption = False,
     dsn: DsnOption = None,
 ) -> None:
-    """Defer one job of a task and print its id."""
+    """Defer one job of a task and print its id (--json: just the id, a JSON number)."""
     app = load_app(app_path)
     task = app.get_task(task_name)
     kwargs = parse_arguments(arguments)
@@ -678,6 +688,9 @@ def defer(
         job_id = deferrer.defer_many([kwargs])[0]
     finally:
         app.close()
+    if as_json:
+        _print_json(job_id)
+        return
     out.print(
         f"Deferred {task.name} as job {job_id} on queue {deferrer.options.queue!r}",
         soft_wrap=True,
@@ -810,6 +823,45 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as JSON data: dataclasses as objects, times as ISO 8601 text, statuses as
+    their names, a non-finite float as null (JSON has none)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(_plain(k)): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _print_json(value: Any) -> None:
+    """``--json``: one document on stdout, no Rich markup nor wrapping."""
+    typer.echo(json.dumps(_plain(value), ensure_ascii=False))
+
+
+def _stats_document(stats: Stats) -> dict[str, Any]:
+    """``pgtq stats --json``: queues and workers as lists, rates per (queue, task)."""
+    return {
+        "window": stats.window,
+        "queues": [
+            {**_plain(q), "counts": {s.value: n for s, n in q.counts.items()}}
+            for q in stats.queues.values()
+        ],
+        "rates": [
+            {"queue": queue, "task": task, "per_second": rate}
+            for (queue, task), rate in sorted(stats.rates.items())
+        ],
+        "workers": [{**_plain(w), "alive": w.is_alive()} for w in stats.workers],
+    }
+
+
 def job_table(job: Job, *, traceback: bool = False) -> Table:
     """A job as a two-column table (field, value)."""
     table = Table(title=f"Job {job.id}", show_header=False, title_justify="left")
@@ -849,15 +901,19 @@ def jobs_show(
     traceback: Annotated[
         bool, typer.Option("--traceback", help="Show the stored traceback of a failure.")
     ] = False,
+    as_json: JsonOption = False,
     dsn: DsnOption = None,
     app_path: AppOption = None,
     schema: SchemaOption = None,
 ) -> None:
-    """Show one job."""
+    """Show one job (--json: every field, the error's traceback included)."""
     with _app_for(dsn, app_path, schema) as app:
         job = app.jobs.get(job_id)
     if job is None:
         raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
+    if as_json:
+        _print_json(job)
+        return
     out.print(job_table(job, traceback=traceback))
 
 
@@ -923,11 +979,12 @@ def jobs_list(
     oldest_first: Annotated[
         bool, typer.Option("--oldest-first", help="Oldest jobs first (default: newest).")
     ] = False,
+    as_json: JsonOption = False,
     dsn: DsnOption = None,
     app_path: AppOption = None,
     schema: SchemaOption = None,
 ) -> None:
-    """List jobs, newest first, as a table (page with --after)."""
+    """List jobs, newest first, as a table (page with --after; --json: an array of jobs)."""
     with _app_for(dsn, app_path, schema) as app:
         jobs = app.jobs.list(
             queue=queue,
@@ -938,6 +995,9 @@ def jobs_list(
             after=after,
             newest_first=not oldest_first,
         )
+    if as_json:
+        _print_json(jobs)
+        return
     out.print(jobs_table(jobs))
     if len(jobs) == limit:
         out.print(f"[dim]More: --after {jobs[-1].id}[/]", soft_wrap=True)
@@ -1043,6 +1103,7 @@ def queues_resume(
 
 @queues_cli.command("list")
 def queues_list(
+    as_json: JsonOption = False,
     dsn: DsnOption = None,
     app_path: AppOption = None,
     schema: SchemaOption = None,
@@ -1050,6 +1111,9 @@ def queues_list(
     """Queues with waiting or running jobs, and paused ones."""
     with _app_for(dsn, app_path, schema) as app:
         queues = app.queues.list()
+    if as_json:
+        _print_json(queues)
+        return
     table = Table()
     table.add_column("queue", style="bold")
     table.add_column("state")
@@ -1073,6 +1137,7 @@ def stats(
     interval: Annotated[
         float, typer.Option(min=0.1, help="Seconds between redraws with --watch.")
     ] = 1.0,
+    as_json: JsonOption = False,
     dsn: DsnOption = None,
     app_path: AppOption = None,
     schema: SchemaOption = None,
@@ -1080,16 +1145,82 @@ def stats(
     """Queues (waiting, doing, failed, oldest wait, jobs/s) and live workers."""
     from pgtq import dashboard
 
+    if as_json and watch:
+        raise _fail("--json prints one snapshot: give --json or --watch, not both")
     app = _target_app(dsn, app_path, schema, embedded="if-present")
     title = f"pgtq  ·  {describe(app.url)}  ·  schema {app.schema}"
     with contextlib.closing(app):
         _require_schema(app)  # a bad DSN or schema fails here, as one line
         first = app.jobs.stats()
+        if as_json:
+            _print_json(_stats_document(first))
+            return
         if not watch:
             out.print(dashboard.render(first, title=title))
             return
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how a dashboard ends
             dashboard.watch(app.jobs.stats, console=out, title=title, interval=interval)
+
+
+# -- pgtq healthcheck -----------------------------------------------------------------------------
+
+
+def _checked_max_age(value: float) -> float:
+    if not value > 0:  # NaN too
+        raise _BadOption(f"--max-age: a positive number of seconds, not {value}")
+    return value
+
+
+@cli.command()
+def healthcheck(
+    app_path: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[MODULE:APP]",
+            help="Take the database and schema from this app (without it: --dsn's database).",
+        ),
+    ] = None,
+    queue: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--queue",
+            "-q",
+            help="A queue that needs a live worker (repeat; default: any worker will do). A "
+            "worker started without --queue serves every queue.",
+        ),
+    ] = None,
+    max_age: Annotated[
+        float,
+        typer.Option(
+            "--max-age",
+            metavar="SECONDS",
+            callback=_checked_max_age,
+            help="A worker is live if it beat within this many seconds (workers beat every 5 s; "
+            "peers declare one silent for 30 s dead).",
+        ),
+    ] = 30.0,
+    as_json: JsonOption = False,
+    dsn: DsnOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """Exit 0 when the database answers, pgtq's schema is usable and a worker (of each
+    --queue) beat within --max-age seconds; else exit 1 with one line naming the failed check.
+
+    For liveness and readiness probes: `pgtq healthcheck myapp.tasks:app -q emails`.
+    """
+    from pgtq import health
+
+    app = _target_app(dsn, app_path, schema, embedded="if-present")
+    with contextlib.closing(app):
+        verdict = health.check(app, queue or None, max_age, describe_error=_describe_failure)
+    if as_json:
+        _print_json(verdict.as_dict())
+        if not verdict.healthy:
+            raise typer.Exit(1)
+        return
+    if not verdict.healthy:
+        raise _fail(f"healthcheck failed ({verdict.failed}): {verdict.message}")
+    out.print(verdict.message, soft_wrap=True, markup=False)
 
 
 # -- pgtq web -------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ Two sources, because they answer different questions:
   ``pgtq_queue_jobs{queue,status}`` (the depth), ``pgtq_queue_oldest_waiting_seconds``,
   ``pgtq_queue_jobs_per_second``, ``pgtq_queue_paused``, ``pgtq_workers_live``.
 
-``pgtq worker --metrics-port 9400`` calls :func:`serve`; in your own process::
+``pgtq worker --metrics-port 9400`` calls :func:`serve`, which also answers ``/healthz`` for
+the worker of its process (200 or 503, a one-line JSON body: see :func:`pgtq.health.check_process`);
+in your own process::
 
     import pgtq.metrics
     pgtq.metrics.install(app)           # then expose prometheus_client's REGISTRY your way
@@ -18,15 +20,25 @@ Two sources, because they answer different questions:
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 try:
-    from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-    from prometheus_client import start_http_server as _start_http_server
+    from prometheus_client import (
+        REGISTRY,
+        CollectorRegistry,
+        Counter,
+        Gauge,
+        Histogram,
+        make_wsgi_app,
+    )
     from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.registry import Collector
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -34,17 +46,15 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pgtq.metrics needs prometheus-client: pip install 'pgtq[prometheus]'"
     ) from exc
 
-from pgtq import observers
+from pgtq import health, observers
 from pgtq.reports import Stats
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
     from pgtq.app import App
     from pgtq.jobs import JobContext
     from pgtq.model import ClaimedJob
 
-__all__ = ["JobMetrics", "QueueCollector", "install", "serve", "uninstall"]
+__all__ = ["JobMetrics", "QueueCollector", "install", "serve", "uninstall", "wsgi_app"]
 
 logger = logging.getLogger("pgtq.metrics")
 
@@ -217,18 +227,89 @@ def uninstall(registry: CollectorRegistry = REGISTRY) -> None:
             registry.unregister(metric)
 
 
+#: Where :func:`serve` answers for the worker's health.
+HEALTHZ_PATH = "/healthz"
+
+_WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def wsgi_app(
+    app: App,
+    *,
+    registry: CollectorRegistry = REGISTRY,
+    max_age: float = health.DEFAULT_MAX_AGE,
+) -> _WSGIApp:
+    """The WSGI app :func:`serve` runs: ``/healthz`` (see :func:`pgtq.health.check_process`:
+    200 when the database answers and this process's worker beat within ``max_age`` seconds,
+    else 503; a one-line JSON body), every other path prometheus_client's metrics page."""
+    if not max_age > 0:  # NaN too
+        raise ValueError(f"max_age must be a positive number of seconds, not {max_age}")
+    metrics_page = make_wsgi_app(registry)
+
+    def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO") != HEALTHZ_PATH:
+            return metrics_page(environ, start_response)
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
+            return [b""]
+        verdict = health.check_process(app, max_age)
+        if not verdict.healthy:
+            logger.warning("/healthz: %s", verdict.message)
+        body = (json.dumps(verdict.as_dict(), ensure_ascii=False) + "\n").encode()
+        start_response(
+            "200 OK" if verdict.healthy else "503 Service Unavailable",
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("Cache-Control", "no-store"),
+            ],
+        )
+        return [b"" if environ["REQUEST_METHOD"] == "HEAD" else body]
+
+    return application
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """One thread a request: a slow database read (``/healthz``, a scrape) blocks only its
+    own request, never the worker's loop nor the next probe."""
+
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log on stderr (a probe every few seconds would flood it)."""
+
+
 def serve(
     app: App,
     port: int,
     addr: str = "0.0.0.0",
     *,
     registry: CollectorRegistry = REGISTRY,
+    max_age: float = health.DEFAULT_MAX_AGE,
 ) -> WSGIServer:
-    """:func:`install`, then serve ``/metrics`` on ``addr:port`` from a daemon thread.
+    """:func:`install`, then serve ``/metrics`` and ``/healthz`` (:func:`wsgi_app`) on
+    ``addr:port`` from a daemon thread.
 
     Returns the server: ``server.shutdown()`` stops it. ``port=0`` picks a free port
     (``server.server_port``).
     """
     install(app, registry=registry)
-    server, _thread = _start_http_server(port, addr=addr, registry=registry)
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        addr or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    class Server(_Server):
+        address_family = family  # IPv6 for "::", IPv4 for "0.0.0.0"
+
+    server: WSGIServer = make_server(
+        str(sockaddr[0]),
+        port,
+        wsgi_app(app, registry=registry, max_age=max_age),
+        Server,
+        handler_class=_QuietHandler,
+    )
+    thread = threading.Thread(target=server.serve_forever, name="pgtq-metrics", daemon=True)
+    thread.start()
     return server
