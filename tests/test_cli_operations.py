@@ -1,8 +1,9 @@
 """The operations commands: ``jobs list|cancel``, ``queues``, ``stats``, ``migrate --check``,
-``defer --at`` and ``worker --metrics-port``."""
+``defer --at``, ``--json`` and ``worker --metrics-port``."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -154,6 +155,94 @@ def test_stats_on_an_unreachable_database_is_one_line() -> None:
     assert_one_error_line(proc.stderr, "127.0.0.1:1")
 
 
+# -- --json -------------------------------------------------------------------------------------
+
+
+def as_json(dsn: str, *args: str) -> Any:
+    """Run ``pgtq ARGS --json``: stdout is one JSON document, nothing else."""
+    result = invoke(*args, "--json", dsn=dsn)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    return json.loads(result.stdout)
+
+
+def test_defer_json_prints_the_bare_id(dsn: str) -> None:
+    assert as_json(dsn, "defer", APP, "add", '{"a": 1, "b": 2}') == 1
+    result = invoke("defer", APP, "add", '{"a": 1, "b": 2}', "--json", dsn=dsn)
+    assert result.stdout == "2\n"
+    result = invoke("defer", APP, "greet", '{"name": "Ada"}', dsn=dsn)  # without: as before
+    assert result.stdout == "Deferred greet as job 3 on queue 'greetings'\n"
+
+
+def test_jobs_list_and_show_json(dsn: str, sql: SQL) -> None:
+    defer(dsn, "add", '{"a": 1, "b": 2}')
+    defer(dsn, "greet", '{"name": "[bold]Ada[/] \u00e9"}')  # no Rich markup read, no escape
+    sql(
+        "UPDATE pgtq.jobs SET status = 'failed', finished_at = now(), attempts = 1, "
+        """error = '{"type": "ValueError", "message": "no", "traceback": "Traceback..."}' """
+        "WHERE id = 1"
+    )
+    jobs = as_json(dsn, "jobs", "list")
+    assert [(j["id"], j["status"], j["task_name"]) for j in jobs] == [
+        (2, "todo", "greet"),
+        (1, "failed", "add"),
+    ]
+    assert jobs[0]["args"] == {"name": "[bold]Ada[/] \u00e9"}
+    assert jobs[0]["queue"] == "greetings" and jobs[0]["finished_at"] is None
+    datetime.fromisoformat(jobs[0]["created_at"])
+    assert as_json(dsn, "jobs", "list", "--status", "failed", "-n", "1") == [jobs[1]]
+    assert as_json(dsn, "jobs", "list", "--queue", "nothing") == []
+    job = as_json(dsn, "jobs", "show", "1")
+    assert job == jobs[1]
+    assert job["error"] == {"type": "ValueError", "message": "no", "traceback": "Traceback..."}
+    assert datetime.fromisoformat(job["finished_at"]).tzinfo is not None
+    result = invoke("jobs", "show", "9", "--json", dsn=dsn)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert_one_error_line(result.stderr, "no job with id 9")
+
+
+def test_queues_list_json(dsn: str) -> None:
+    assert as_json(dsn, "queues", "list") == []
+    defer(dsn, "greet", '{"name": "Ada"}')
+    assert invoke("queues", "pause", "greetings", dsn=dsn).exit_code == 0
+    [queue] = as_json(dsn, "queues", "list")
+    assert (queue["name"], queue["paused"]) == ("greetings", True)
+    datetime.fromisoformat(queue["paused_at"])
+
+
+def test_stats_json(dsn: str, sql: SQL) -> None:
+    defer(dsn, "add", '{"a": 1, "b": 2}')
+    defer(dsn, "greet", '{"name": "Ada"}')
+    sql("UPDATE pgtq.jobs SET status = 'succeeded', finished_at = now() WHERE id = 1")
+    sql("INSERT INTO pgtq.workers (id, hostname, pid, queues) VALUES ('w1', 'h', 7, '{a,b}')")
+    stats = as_json(dsn, "stats")
+    queues = {q["name"]: q for q in stats["queues"]}
+    assert queues["greetings"]["counts"] == {
+        "todo": 1,
+        "doing": 0,
+        "failed": 0,
+        "aborted": 0,
+        "cancelled": 0,
+    }
+    assert queues["greetings"]["rate"] is None and not queues["greetings"]["paused"]
+    assert queues["default"]["rate"] == pytest.approx(1 / stats["window"])
+    assert stats["rates"] == [
+        {"queue": "default", "task": "add", "per_second": queues["default"]["rate"]}
+    ]
+    [w] = stats["workers"]
+    assert (w["id"], w["hostname"], w["pid"], w["queues"], w["alive"]) == (
+        "w1",
+        "h",
+        7,
+        ["a", "b"],
+        True,
+    )
+    assert w["running"] == [] and w["heartbeat_age"] < 30
+    result = invoke("stats", "--json", "--watch", dsn=dsn)
+    assert result.exit_code == 1
+    assert_one_error_line(result.stderr, "--json", "--watch")
+
+
 # -- worker --metrics-port ----------------------------------------------------------------------
 
 
@@ -197,6 +286,11 @@ def test_worker_serves_metrics(dsn: str, sql: SQL) -> None:
         while sql("SELECT count(*) FROM pgtq.workers") != [(1,)]:  # running: SIGTERM is handled
             assert time.monotonic() < deadline, "the worker never registered"
             time.sleep(0.05)
+        [(worker_id,)] = sql("SELECT id FROM pgtq.workers")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
+            assert r.status == 200
+            health = json.loads(r.read())
+        assert (health["status"], health["worker"]) == ("ok", worker_id)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
