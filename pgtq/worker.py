@@ -305,6 +305,12 @@ class Worker:
         self._new_jobs = False  # a NOTIFY announced new jobs since the last claim
         self._changed = False  # a job finished or outcomes were written since the loop looked
         self._wants_jobs = False  # asleep with free slots: a NOTIFY rings the bell
+        # When the earliest job scheduled ahead becomes due (loop time): an idle worker wakes
+        # then, not at its next poll. Lowered by NOTIFYs of jobs deferred ahead and by this
+        # worker's own retries; looked up again after each timed wake-up (``_timed``).
+        self._wake_at: float | None = None
+        self._timed = True  # the next idle moment asks the database when a job is due next
+        self._rescheduled = False  # the wake-up moved earlier while the loop slept
         self._stopping = asyncio.Event()
         self._flush = asyncio.Event()  # outcomes wait to be written
         self._write_lock = asyncio.Lock()
@@ -446,7 +452,8 @@ class Worker:
                 await asyncio.sleep(delay)
                 continue
             delays = backoff_delays()
-            self._announce_new_jobs()  # jobs may have been deferred while nobody listened
+            self._timed = True  # jobs may have been deferred ahead while nobody listened
+            self._announce_new_jobs()  # or due ones
             try:
                 await listener.lost.wait()
                 logger.warning("the LISTEN connection was lost; reconnecting")
@@ -458,14 +465,39 @@ class Worker:
         if self._wants_jobs:
             self._bell.set()
 
+    def _note_due(self, seconds: float) -> None:
+        """A job becomes due in ``seconds``: wake up then at the latest."""
+        at = asyncio.get_running_loop().time() + max(0.0, seconds)
+        if self._wake_at is None or at < self._wake_at:
+            self._wake_at = at
+            if self._wants_jobs:  # asleep with free slots: sleep again, until then
+                self._rescheduled = True
+                self._bell.set()
+
+    async def _look_ahead(self) -> None:
+        """Ask the database when the earliest job scheduled ahead becomes due."""
+        assert self._connector is not None
+        self._timed = False
+        try:
+            due_in = await self._connector.run(statements.next_due_in(self._s, self.queues))
+        except Exception as exc:
+            logger.debug("looking up the next due job failed: %s", first_line(exc))
+            return
+        if due_in is not None:
+            self._note_due(due_in)
+
     def _mark_changed(self) -> None:
         self._changed = True
         self._bell.set()
 
     def _on_notify(self, channel: str, payload: str) -> None:
         if channel == self._s.channel:
-            if self.queues is None or payload in self.queues:
-                self._announce_new_jobs()
+            queue, due_in = statements.parse_announcement(payload)
+            if self.queues is None or queue in self.queues:
+                if due_in is None:
+                    self._announce_new_jobs()
+                else:
+                    self._note_due(due_in)
         elif channel == self._s.abort_channel:
             with contextlib.suppress(ValueError):
                 self._request_abort(int(payload), "requested")
@@ -518,6 +550,8 @@ class Worker:
                     and settled.writes == self._writes
                 ):
                     return
+                if self._timed and self._room() > 0:
+                    await self._look_ahead()
                 await self._sleep_until_work(free_slots=self._room() > 0)
                 self._last_full = False  # woken: one claim first, more once one comes back full
         finally:
@@ -698,16 +732,35 @@ class Worker:
         return True
 
     async def _sleep_until_work(self, *, free_slots: bool) -> None:
-        """Wait for a NOTIFY, a free slot, a stop, or the polling interval."""
+        """Wait for a NOTIFY, a free slot, a stop, the next scheduled job's due time, or the
+        polling interval."""
         if self._changed or (free_slots and self._new_jobs) or self._stopping.is_set():
             return  # it came while the loop was busy
+        loop = asyncio.get_running_loop()
         self._bell.clear()
         self._wants_jobs = free_slots
         try:
-            async with asyncio.timeout(self.fetch_interval):
-                await self._bell.wait()
-        except TimeoutError:
-            pass  # the polling interval: look anyway
+            while True:
+                timeout, until_due = self.fetch_interval, None
+                if free_slots and self._wake_at is not None:
+                    until_due = self._wake_at - loop.time()
+                    if until_due <= 0:
+                        self._wake_at, self._timed = None, True
+                        return
+                    timeout = min(timeout, until_due)
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._bell.wait()
+                except TimeoutError:
+                    if until_due is not None and until_due <= timeout:
+                        self._wake_at = None
+                    self._timed = True  # the polling interval, or a job's due time: look
+                    return
+                rescheduled, self._rescheduled = self._rescheduled, False
+                woken = self._changed or self._new_jobs or self._stopping.is_set()
+                if not rescheduled or woken:
+                    return
+                self._bell.clear()  # only the wake-up moved: sleep again, until then
         finally:
             self._wants_jobs = False
 
@@ -939,6 +992,8 @@ class Worker:
         self._outcomes.append(
             job.id, job.attempts, outcome.value, outcome.result, outcome.error, outcome.retry_in
         )
+        if outcome.retry_in:  # its next attempt is due then: be awake for it
+            self._note_due(outcome.retry_in)
         self._count(outcome)
         self._flush.set()
         self._mark_changed()

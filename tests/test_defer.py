@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import pgtq
+from pgtq import statements
 from pgtq.connectors import async_url, sync_url
 from tests.conftest import Notifications
 from tests.sides import Side
@@ -176,7 +177,8 @@ async def test_the_insert_notifies_once_per_call_when_due(
     side: Side, tasks: Any, notifications: Notifications
 ) -> None:
     """pgtq's insert sends its own NOTIFY (no trigger since pgtq_0006): the queue's name,
-    once for a whole defer_many, none for jobs that are not due yet."""
+    once for a whole defer_many; jobs not due yet say when they will be (``@<seconds> <queue>``),
+    so an idle worker wakes then."""
     await side.defer(tasks["send_email"], to="a")
     assert await notifications.until_marker() == ["emails"]
     await side.defer_many(tasks["resize"], [{"image_id": i} for i in range(50)])
@@ -184,7 +186,9 @@ async def test_the_insert_notifies_once_per_call_when_due(
     later = tasks["send_email"].configure(schedule_in=timedelta(hours=1))
     await side.defer(later, to="a")
     await side.defer_many(later, [{"to": "b"}, {"to": "c"}])
-    assert await notifications.until_marker() == []
+    ahead = [statements.parse_announcement(p) for p in await notifications.until_marker()]
+    assert [queue for queue, _ in ahead] == ["emails", "emails"]
+    assert all(seconds is not None and 3590 < seconds <= 3600 for _, seconds in ahead)
     due = tasks["send_email"].configure(queue="bulk", schedule_at=datetime.now(UTC))
     await side.defer(due, to="a")
     assert await notifications.until_marker() == ["bulk"]
