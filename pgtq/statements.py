@@ -225,15 +225,20 @@ class Statements:
     def _announce(
         self, inserted: sa.CTE, queue: sa.ColumnElement[str], at: sa.ColumnElement[Any]
     ) -> sa.Select[Any]:
-        """Select the inserted ids, sending one NOTIFY on the jobs' channel (payload: their
-        queue) when they are due (``at``: their schedule, the same expression they were
-        inserted with). PostgreSQL folds identical notifications of a transaction into one,
-        so a transaction that defers many jobs sends one per queue."""
-        sent = sa.select(sa.func.pg_notify(self._channel, queue).label("sent")).where(_due(at))
-        announced = sent.cte("announced")
-        return sa.select(inserted.c.id).select_from(
-            inserted.outerjoin(announced, sa.true())
+        """Select the inserted ids, sending one NOTIFY on the jobs' channel (``at``: their
+        schedule, the same expression they were inserted with). Its payload is their queue
+        when they are due, else :func:`scheduled_payload`: ``@<seconds until due> <queue>``, so
+        an idle worker moves its wake-up earlier instead of finding them at its next poll.
+        PostgreSQL folds identical notifications of a transaction into one, so a transaction
+        that defers many due jobs sends one per queue."""
+        until = sa.cast(sa.func.extract("epoch", at - sa.func.now()), sa.Text)
+        payload = sa.case(
+            (_due(at), queue),
+            else_=sa.literal("@", sa.Text) + until + sa.literal(" ", sa.Text) + queue,
         )
+        sent = sa.select(sa.func.pg_notify(self._channel, payload).label("sent"))
+        announced = sent.cte("announced")
+        return sa.select(inserted.c.id).select_from(inserted.outerjoin(announced, sa.true()))
 
     # -- claim -----------------------------------------------------------------------------
 
@@ -832,6 +837,23 @@ class Statements:
             j.c.worker_id == sa.bindparam("worker_id", type_=sa.Text),
             j.c.status == DOING,
             j.c.abort_requested,
+        )
+
+    @cached_property
+    def next_due(self) -> sa.Select[Any]:
+        """Seconds from now until the earliest waiting job of ``:due_queues`` (NULL: all) that
+        is not due yet, in a queue not paused; NULL when there is none. An idle worker sleeps
+        until then rather than a whole polling interval. Run only when the worker goes idle
+        after a timed wake-up, never on the hot path."""
+        j, q = self.jobs, self.t.queues
+        queues = _array("due_queues", sa.Text())
+        at = sa.func.min(j.c.scheduled_at)
+        return sa.select(sa.cast(sa.func.extract("epoch", at - sa.func.now()), sa.Float)).where(
+            j.c.status == TODO,
+            j.c.scheduled_at > sa.func.now(),
+            j.c.scheduled_at < sa.literal_column("'infinity'::timestamptz"),
+            sa.or_(queues.is_(None), j.c.queue == sa.any_(queues)),
+            j.c.queue.not_in(sa.select(q.c.name).where(q.c.paused)),
         )
 
     # -- read ------------------------------------------------------------------------------
@@ -1529,6 +1551,28 @@ def retry_job(s: Statements, job_id: int) -> Query[bool]:
 
 def abort_requested_ids(s: Statements, worker_id: str) -> Query[list[int]]:
     return Query(s.abort_requested, {"worker_id": worker_id}, _id_list)
+
+
+def parse_announcement(payload: str) -> tuple[str, float | None]:
+    """A NOTIFY on the jobs' channel: (queue, None) for jobs due now, (queue, seconds until
+    due) for jobs scheduled ahead (``@<seconds> <queue>``, sent by ``insert_jobs``)."""
+    if payload.startswith("@"):
+        head, _, queue = payload[1:].partition(" ")
+        try:
+            return queue, float(head)
+        except ValueError:
+            pass
+    return payload, None
+
+
+def next_due_in(s: Statements, queues: Sequence[str] | None) -> Query[float | None]:
+    """Seconds until the earliest waiting job of ``queues`` (None: all) becomes due."""
+
+    def mapper(result: Result[Any]) -> float | None:
+        value = result.scalar()
+        return None if value is None else float(value)
+
+    return Query(s.next_due, {"due_queues": list(queues) if queues else None}, mapper)
 
 
 def is_migrated(s: Statements) -> Query[bool]:
