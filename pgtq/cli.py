@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 from rich.text import Text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from typer.core import TyperGroup
 
+from pgtq import logs
 from pgtq.app import DSN_ENV, App
 from pgtq.connectors import describe
 from pgtq.errors import ConfigurationError, JobNotFound, PgtqError
@@ -363,20 +363,15 @@ def _with_database(app: App, dsn: str | None, app_path: str | None, *, embedded:
 
 
 @contextlib.contextmanager
-def _logging_to_stderr() -> Iterator[None]:
-    """Show pgtq's log (job outcomes, worker start and stop) while a command runs."""
-    handler = RichHandler(
-        console=Console(stderr=True), show_path=False, markup=False, rich_tracebacks=False
-    )
-    logger = logging.getLogger("pgtq")
-    previous = logger.level
-    logger.setLevel(logging.DEBUG if _state.verbose else logging.INFO)
-    logger.addHandler(handler)
-    try:
+def _logging_to_stderr(
+    level: str | None = None, log_format: logs.LogFormat | None = None
+) -> Iterator[None]:
+    """Show pgtq's log (worker start and stop, failures, summaries) on stderr while a command
+    runs: at ``level`` (default INFO, DEBUG with ``--debug``), in ``log_format`` (default: Rich
+    on a terminal, plain lines otherwise). See :mod:`pgtq.logs`."""
+    chosen = level or ("DEBUG" if _state.verbose else "INFO")
+    with logs.logging_to(sys.stderr, level=chosen, log_format=log_format):
         yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous)
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -413,6 +408,181 @@ def _root(
     _state.schema = None
 
 
+# -- pgtq worker ----------------------------------------------------------------------------------
+# Each of the Worker's options as a flag, declared once. None means "not given": the app's
+# ``worker_options``, then the Worker's own default, apply (the defaults named in the help).
+
+
+class LogLevel(enum.StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+class LogFormatChoice(enum.StrEnum):
+    RICH = "rich"
+    PLAIN = "plain"
+    JSON = "json"
+
+
+class DeleteJobs(enum.StrEnum):
+    NEVER = "never"
+    SUCCESSFUL = "successful"
+    ALWAYS = "always"
+
+
+def _finite(value: float | None) -> float | None:
+    """An interval must be a number of seconds (not nan, not inf)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number of seconds, not {value}")
+    return value
+
+
+QueuesOption = Annotated[
+    list[str] | None,
+    typer.Option("--queue", "-q", help="A queue to take jobs from (repeat; default: all)."),
+]
+ConcurrencyOption = Annotated[
+    int | None,
+    typer.Option("--concurrency", "-c", min=1, help="Jobs run at the same time (default: 10)."),
+]
+BatchSizeOption = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size", min=1, help="Jobs claimed per query (default: concurrency, at most 100)."
+    ),
+]
+PrefetchOption = Annotated[
+    int | None,
+    typer.Option(
+        "--prefetch",
+        min=0,
+        help="Jobs claimed ahead of free slots, so claims overlap running jobs (default: the "
+        "batch size; 0: claim only for free slots).",
+    ),
+]
+OneShotOption = Annotated[
+    bool, typer.Option("--one-shot", help="Run the jobs that are due, then exit.")
+]
+FetchIntervalOption = Annotated[
+    float | None,
+    typer.Option(
+        "--fetch-job-polling-interval",
+        min=0.01,
+        callback=_finite,
+        help="Seconds between polls when no NOTIFY arrives (default: 5).",
+    ),
+]
+AbortIntervalOption = Annotated[
+    float | None,
+    typer.Option(
+        "--abort-job-polling-interval",
+        min=0.01,
+        callback=_finite,
+        help="Seconds between checks for aborted jobs (default: 1).",
+    ),
+]
+GracefulTimeoutOption = Annotated[
+    float | None,
+    typer.Option(
+        "--shutdown-graceful-timeout",
+        min=0,
+        help="On SIGTERM/SIGINT, seconds running jobs get (default: 30; inf: no limit).",
+    ),
+]
+HeartbeatOption = Annotated[
+    float | None,
+    typer.Option(
+        "--heartbeat-interval",
+        min=0.01,
+        callback=_finite,
+        help="Seconds between the worker's heartbeats (default: 5).",
+    ),
+]
+RescueAfterOption = Annotated[
+    float | None,
+    typer.Option(
+        "--rescue-after",
+        min=0.01,
+        callback=_finite,
+        help="Seconds of silence after which a worker is dead and its running jobs are put "
+        "back by a live one (default: 30; keep it well above --heartbeat-interval).",
+    ),
+]
+DeleteJobsOption = Annotated[
+    DeleteJobs | None,
+    typer.Option(
+        "--delete-jobs",
+        help="Delete jobs as they end instead of keeping them: successful ones, or all "
+        "(default: never; their history stays in job_events).",
+    ),
+]
+NameOption = Annotated[
+    str | None,
+    typer.Option(
+        "--name",
+        help="The worker's id, as the workers table, jobs and logs show it; unique among live "
+        "workers (default: host-pid-random).",
+    ),
+]
+PeriodicOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--periodic/--no-periodic",
+        help="Run the periodic tasks' scheduler too (default: yes, unless --one-shot).",
+        show_default=False,
+    ),
+]
+MetricsPortOption = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        min=0,
+        max=65535,
+        help="Serve Prometheus metrics on this port (needs the prometheus extra).",
+    ),
+]
+MetricsAddrOption = Annotated[
+    str, typer.Option("--metrics-addr", help="Address the metrics server listens on.")
+]
+LogLevelOption = Annotated[
+    LogLevel | None,
+    typer.Option(
+        "--log-level",
+        case_sensitive=False,
+        envvar="PGTQ_LOG_LEVEL",
+        show_envvar=True,
+        help="Log records of this level and above (default: INFO; DEBUG with --debug): DEBUG "
+        "adds a line per job.",
+    ),
+]
+LogFormatOption = Annotated[
+    LogFormatChoice | None,
+    typer.Option(
+        "--log-format",
+        case_sensitive=False,
+        envvar="PGTQ_LOG_FORMAT",
+        show_envvar=True,
+        help="rich (columns, colours), plain (a line a record) or json (an object a line, with "
+        "the records' extra fields). Default: rich on a terminal, plain otherwise.",
+    ),
+]
+
+
+def _worker_defaults() -> dict[str, Any]:
+    """The Worker's own defaults (what a flag not given and not in worker_options means)."""
+    import inspect
+
+    from pgtq.worker import Worker
+
+    return {
+        name: p.default
+        for name, p in inspect.signature(Worker.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
 @cli.command()
 def worker(
     app_path: FactoryArgument,
@@ -424,35 +594,23 @@ def worker(
             show_default=False,
         ),
     ] = None,
-    queue: Annotated[
-        list[str] | None,
-        typer.Option("--queue", "-q", help="A queue to take jobs from (repeat; default: all)."),
-    ] = None,
-    concurrency: Annotated[
-        int, typer.Option("--concurrency", "-c", min=1, help="Jobs run at the same time.")
-    ] = 10,
-    one_shot: Annotated[
-        bool, typer.Option("--one-shot", help="Run the jobs that are due, then exit.")
-    ] = False,
-    fetch_job_polling_interval: Annotated[
-        float, typer.Option(min=0.01, help="Seconds between polls when no NOTIFY arrives.")
-    ] = 5.0,
-    abort_job_polling_interval: Annotated[
-        float, typer.Option(min=0.01, help="Seconds between checks for aborted jobs.")
-    ] = 1.0,
-    shutdown_graceful_timeout: Annotated[
-        float,
-        typer.Option(min=0, help="On SIGTERM/SIGINT, seconds running jobs get (inf: no limit)."),
-    ] = 30.0,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            min=0, max=65535, help="Serve Prometheus metrics on this port (pgtq[prometheus])."
-        ),
-    ] = None,
-    metrics_addr: Annotated[
-        str, typer.Option(help="Address the metrics server listens on.")
-    ] = "0.0.0.0",
+    queue: QueuesOption = None,
+    concurrency: ConcurrencyOption = None,
+    batch_size: BatchSizeOption = None,
+    prefetch: PrefetchOption = None,
+    one_shot: OneShotOption = False,
+    fetch_job_polling_interval: FetchIntervalOption = None,
+    abort_job_polling_interval: AbortIntervalOption = None,
+    shutdown_graceful_timeout: GracefulTimeoutOption = None,
+    heartbeat_interval: HeartbeatOption = None,
+    rescue_after: RescueAfterOption = None,
+    delete_jobs: DeleteJobsOption = None,
+    name: NameOption = None,
+    periodic: PeriodicOption = None,
+    metrics_port: MetricsPortOption = None,
+    metrics_addr: MetricsAddrOption = "0.0.0.0",
+    log_level: LogLevelOption = None,
+    log_format: LogFormatOption = None,
     dsn: DsnOption = None,
 ) -> None:
     """Run a worker until SIGTERM/SIGINT (or, with --one-shot, until no job is due).
@@ -460,6 +618,7 @@ def worker(
     MODULE:APP may name a factory: a callable returning the app, or a context manager (sync
     or async) yielding it, entered before the worker starts and exited after it stops. The
     arguments after -- are passed to it, e.g. `pgtq worker myapp:make_app -- --env prod`.
+    A flag not given leaves the app's worker_options, then the worker's default.
     """
     from pgtq import factories
 
@@ -468,46 +627,77 @@ def worker(
         raise AppNotFound(
             f"{app_path!r} is not a pgtq.App nor a factory of one (got {type(factory).__name__})"
         )
-    queues = list(queue) if queue else None
+    given: dict[str, Any] = {
+        "queues": list(queue) if queue else None,
+        "concurrency": concurrency,
+        "batch_size": batch_size,
+        "prefetch": prefetch,
+        "fetch_job_polling_interval": fetch_job_polling_interval,
+        "abort_job_polling_interval": abort_job_polling_interval,
+        "heartbeat_interval": heartbeat_interval,
+        "rescue_after": rescue_after,
+        "delete_jobs": delete_jobs.value if delete_jobs is not None else None,
+        "worker_id": name,
+        "periodic": periodic,
+    }
+    options = {key: value for key, value in given.items() if value is not None}
+    if shutdown_graceful_timeout is not None:  # inf: no limit, which the worker calls None
+        options["shutdown_graceful_timeout"] = (
+            None if math.isinf(shutdown_graceful_timeout) else shutdown_graceful_timeout
+        )
+    log = logging.getLogger("pgtq.cli")
     metrics_servers: list[Any] = []
 
     def on_open(app: App) -> None:
         _with_database(app, dsn, app_path, embedded="if-present")
         metrics_servers.append(_serve_metrics(app, metrics_port, metrics_addr))
-        err.print(
-            f"pgtq worker: {len(app.tasks)} task(s) from {app_path}, "
-            f"queues {', '.join(queues) if queues else 'all'}, concurrency {concurrency}, "
-            f"database {describe(app.url)}",
-            soft_wrap=True,
+        effective = {**_worker_defaults(), **app.worker_options, **options}
+        queues = effective.get("queues")
+        log.info(
+            "pgtq worker: %s task(s) from %s, queues %s, concurrency %s, database %s",
+            len(app.tasks),
+            app_path,
+            ", ".join(queues) if queues else "all",
+            effective.get("concurrency"),
+            describe(app.url),
+            extra={
+                "app": app_path,
+                "tasks": len(app.tasks),
+                "queues": list(queues) if queues else None,
+                "concurrency": effective.get("concurrency"),
+                "database": describe(app.url),
+            },
         )
 
-    try:
-        with _logging_to_stderr():
+    with _logging_to_stderr(
+        log_level.value if log_level is not None else None,
+        log_format.value if log_format is not None else None,
+    ):
+        try:
             stats = factories.run_worker(
                 factory,
                 *(factory_args or ()),
                 on_open=on_open,
-                queues=queues,
-                concurrency=concurrency,
-                fetch_job_polling_interval=fetch_job_polling_interval,
-                abort_job_polling_interval=abort_job_polling_interval,
-                shutdown_graceful_timeout=(
-                    None if math.isinf(shutdown_graceful_timeout) else shutdown_graceful_timeout
-                ),
                 wait=not one_shot,
                 install_signal_handlers=True,
+                **options,
             )
-    finally:
-        for server in metrics_servers:
-            if server is not None:
-                server.shutdown()
-    detail = ", ".join(f"{name} {n}" for name, n in sorted(stats.by_status.items()))
-    err.print(
-        f"pgtq worker: processed {stats.processed} job(s)"
-        + (f" ({detail})" if detail else "")
-        + f" in {stats.elapsed:.2f} s",
-        soft_wrap=True,
-    )
+        finally:
+            for server in metrics_servers:
+                if server is not None:
+                    server.shutdown()
+        detail = ", ".join(f"{status} {n}" for status, n in sorted(stats.by_status.items()))
+        log.info(
+            "pgtq worker: processed %s job(s)%s in %.2f s",
+            stats.processed,
+            f" ({detail})" if detail else "",
+            stats.elapsed,
+            extra={
+                "processed": stats.processed,
+                "by_status": dict(stats.by_status),
+                "elapsed": stats.elapsed,
+            },
+        )
 
 
 def _serve_metrics(app: App, port: int | None, addr: str) -> Any:
@@ -522,7 +712,12 @@ def _serve_metrics(app: App, port: int | None, addr: str) -> Any:
         server = metrics.serve(app, port, addr)
     except OSError as exc:
         raise ConfigurationError(f"--metrics-port: cannot listen on {addr}:{port}: {exc}") from None
-    err.print(f"pgtq worker: metrics on http://{addr}:{server.server_port}/metrics", soft_wrap=True)
+    logging.getLogger("pgtq.cli").info(
+        "pgtq worker: metrics on http://%s:%s/metrics",
+        addr,
+        server.server_port,
+        extra={"metrics_addr": addr, "metrics_port": server.server_port},
+    )
     return server
 
 

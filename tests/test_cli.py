@@ -6,6 +6,7 @@ in a terminal (one line, no traceback) run ``python -m pgtq`` in a subprocess.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -303,6 +304,113 @@ def test_worker_takes_only_its_queues(dsn: str, sql: SQL) -> None:
         ("add", "todo"),
         ("greet", "succeeded"),
     ]
+
+
+NOOP = "tests.apps.noop:app"
+
+
+def spy_workers(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The options each real Worker is built with (it then runs as usual)."""
+    from pgtq.worker import Worker
+
+    built: list[dict[str, Any]] = []
+    real_init = Worker.__init__
+
+    @functools.wraps(real_init)
+    def init(self: Worker, app: Any, **options: Any) -> None:
+        real_init(self, app, **options)
+        built.append(options)
+
+    monkeypatch.setattr(Worker, "__init__", init)
+    return built
+
+
+def test_worker_flags_reach_the_worker(dsn: str, sql: SQL, monkeypatch: pytest.MonkeyPatch) -> None:
+    built = spy_workers(monkeypatch)
+    for args in (["noop"], ["noop"], ["explode", '{"reason": "no"}']):
+        assert invoke("defer", NOOP, *args, dsn=dsn).exit_code == 0
+    result = invoke(
+        "worker", NOOP, "--one-shot", "-q", "default", "-c", "4", "--batch-size", "3",
+        "--prefetch", "0", "--fetch-job-polling-interval", "0.5",
+        "--abort-job-polling-interval", "0.25", "--shutdown-graceful-timeout", "7",
+        "--heartbeat-interval", "0.75", "--rescue-after", "9", "--delete-jobs", "successful",
+        "--name", "cli-worker-1", "--no-periodic",
+        dsn=dsn,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (options,) = built
+    assert options == {
+        "queues": ["default"],
+        "concurrency": 4,
+        "batch_size": 3,
+        "prefetch": 0,
+        "fetch_job_polling_interval": 0.5,
+        "abort_job_polling_interval": 0.25,
+        "shutdown_graceful_timeout": 7.0,
+        "heartbeat_interval": 0.75,
+        "rescue_after": 9.0,
+        "delete_jobs": "successful",
+        "worker_id": "cli-worker-1",
+        "periodic": False,
+        "wait": False,
+        "install_signal_handlers": True,
+    }
+    # In the database: the successful jobs were deleted as they ended, the failed one kept,
+    # run by the worker of that name.
+    assert sql("SELECT task_name, status, worker_id FROM pgtq.jobs") == [
+        ("explode", "failed", "cli-worker-1")
+    ]
+    assert "cli-worker-1" in result.stderr
+
+
+def test_worker_flags_not_given_leave_the_app_worker_options(
+    dsn: str, sql: SQL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = spy_workers(monkeypatch)
+    assert invoke("defer", NOOP, "noop", dsn=dsn).exit_code == 0
+    plain = invoke("worker", "tests.apps.noop:tuned", "--one-shot", dsn=dsn)
+    assert plain.exit_code == 0, plain.output
+    assert "concurrency 3" in plain.stderr  # the start line tells the effective value
+    assert invoke("defer", NOOP, "noop", dsn=dsn).exit_code == 0
+    given = invoke(
+        "worker", "tests.apps.noop:tuned", "--one-shot", "-c", "6",
+        "--shutdown-graceful-timeout", "inf", "--delete-jobs", "always",
+        dsn=dsn,
+    )  # fmt: skip
+    assert given.exit_code == 0, given.output
+    assert "concurrency 6" in given.stderr
+    first, second = built
+    # Only the flags given are passed: the app's worker_options fill in the rest.
+    assert first == {"wait": False, "install_signal_handlers": True, **WORKER_OPTIONS}
+    assert second == {
+        **first,
+        "concurrency": 6,
+        "shutdown_graceful_timeout": None,  # inf: no limit
+        "delete_jobs": "always",
+    }
+    assert sql("SELECT id, status FROM pgtq.jobs") == [(1, "succeeded")]  # job 2: deleted
+
+
+#: What tests.apps.noop:tuned sets in app.worker_options.
+WORKER_OPTIONS = {"concurrency": 3, "batch_size": 2, "heartbeat_interval": 4.0}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--heartbeat-interval", "nan"],
+        ["--rescue-after", "inf"],
+        ["--fetch-job-polling-interval", "0"],
+        ["--batch-size", "0"],
+        ["--prefetch", "-1"],
+        ["--delete-jobs", "sometimes"],
+        ["--log-level", "loud"],
+    ],
+)
+def test_worker_refuses_bad_flags_before_starting(dsn: str, args: list[str]) -> None:
+    result = invoke("worker", NOOP, "--one-shot", *args, dsn=dsn)
+    assert result.exit_code == 2, result.output
+    assert args[0] in result.output
 
 
 def test_worker_process_drains_and_exits(dsn: str, sql: SQL) -> None:

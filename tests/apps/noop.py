@@ -1,0 +1,23 @@
+"""Async no-op jobs (the command-line burn-down) and a task that fails (the log lines)."""
+
+from __future__ import annotations
+
+import pgtq
+
+app = pgtq.App()  # the database comes from PGTQ_DSN / --dsn
+
+
+@app.task()
+async def noop() -> None:
+    return None
+
+
+@app.task()
+async def explode(reason: str) -> None:
+    raise ValueError(reason)
+
+
+def tuned() -> pgtq.App:
+    """The app with defaults for its workers, as a factory sets them."""
+    app.worker_options.update(concurrency=3, batch_size=2, heartbeat_interval=4.0)
+    return app
