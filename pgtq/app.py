@@ -25,7 +25,7 @@ from pgtq.jobs import JobManager
 from pgtq.queues import QueueManager
 from pgtq.retry import Retry
 from pgtq.schema import DEFAULT_SCHEMA, InvalidSchemaName, validate_schema_name
-from pgtq.tasks import Middleware, Task
+from pgtq.tasks import DEFAULT_MAX_RESCUES, Middleware, Task
 from pgtq.validation import DEFAULT_MAX_ARGS_BYTES, check_max_args_bytes
 
 if TYPE_CHECKING:
@@ -232,6 +232,7 @@ class App:
         rate_limit: str | float | None = None,
         key_concurrency: int | None = None,
         burst: int | None = None,
+        max_rescues: int = DEFAULT_MAX_RESCUES,
         aliases: Sequence[str] = (),
     ) -> Callable[[Callable[..., Any]], Task[Any]]: ...
 
@@ -252,6 +253,7 @@ class App:
         rate_limit: str | float | None = None,
         key_concurrency: int | None = None,
         burst: int | None = None,
+        max_rescues: int = DEFAULT_MAX_RESCUES,
         aliases: Sequence[str] = (),
     ) -> Task[Any] | Callable[[Callable[..., Any]], Task[Any]]:
         """Register a sync or async function as a task (``@app.task`` or ``@app.task(...)``).
@@ -285,6 +287,7 @@ class App:
                 rate_limit=rate_limit,
                 key_concurrency=key_concurrency,
                 burst=burst,
+                max_rescues=max_rescues,
             )
             self.tasks[task_name] = task
             self.aliases.update(dict.fromkeys(aliases, task_name))

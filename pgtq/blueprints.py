@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pgtq.errors import ConfigurationError
 from pgtq.retry import Retry
-from pgtq.tasks import Deferrer, Middleware, Task
+from pgtq.tasks import DEFAULT_MAX_RESCUES, Deferrer, Middleware, Task
 
 if TYPE_CHECKING:
     from datetime import tzinfo
@@ -197,6 +197,7 @@ class Blueprint:
         rate_limit: str | float | None = None,
         key_concurrency: int | None = None,
         burst: int | None = None,
+        max_rescues: int = DEFAULT_MAX_RESCUES,
         aliases: Sequence[str] = (),
     ) -> Callable[[Callable[..., Any]], BlueprintTask]: ...
 
@@ -217,6 +218,7 @@ class Blueprint:
         rate_limit: str | float | None = None,
         key_concurrency: int | None = None,
         burst: int | None = None,
+        max_rescues: int = DEFAULT_MAX_RESCUES,
         aliases: Sequence[str] = (),
     ) -> BlueprintTask | Callable[[Callable[..., Any]], BlueprintTask]:
         """Declare a sync or async function as a task of this blueprint (same options as
@@ -233,6 +235,7 @@ class Blueprint:
             "rate_limit": rate_limit,
             "key_concurrency": key_concurrency,
             "burst": burst,
+            "max_rescues": max_rescues,
         }
 
         def declare(f: Callable[..., Any]) -> BlueprintTask:

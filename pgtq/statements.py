@@ -968,7 +968,18 @@ class Statements:
             sa.null().label("waited"),
             j.c.trace_context,
             j.c.worker_id,
+            self._rescues(j.c.id),
         ).where(j.c.status == DOING, ~sa.exists().where(w.c.id == j.c.worker_id))
+
+    def _rescues(self, job_id: sa.ColumnElement[int]) -> sa.Label[Any]:
+        """How many times the job was rescued before (its history's ``rescued`` events)."""
+        e = self.t.job_events
+        return (
+            sa.select(sa.func.count())
+            .where(e.c.job_id == job_id, e.c.type == "rescued")
+            .scalar_subquery()
+            .label("rescues")
+        )
 
     # == operations (pgtq_0002): list, stats, clean-up, cancel, queues ==========================
     # Statements keyed by their filters are built once per key: statuses stay SQL literals, so
@@ -1689,9 +1700,11 @@ def forget_dead_workers(s: Statements, after: float) -> Query[list[str]]:
     return Query(s.forget_dead_workers, {"after": after}, lambda rows: [r[0] for r in rows])
 
 
-def orphaned_jobs(s: Statements) -> Query[list[tuple[str, ClaimedJob]]]:
-    """(old worker id, job) of every running job whose worker is gone."""
-    return Query(s.orphaned_jobs, {}, lambda rows: [(r[9], to_claimed(r)) for r in rows])
+def orphaned_jobs(s: Statements) -> Query[list[tuple[str, ClaimedJob, int]]]:
+    """(old worker id, job, rescues so far) of every running job whose worker is gone."""
+    return Query(
+        s.orphaned_jobs, {}, lambda rows: [(r[9], to_claimed(r), int(r[10])) for r in rows]
+    )
 
 
 def unregister_worker(s: Statements, worker_id: str) -> Query[int]:

@@ -29,6 +29,9 @@ R = TypeVar("R")
 
 RESERVED_ARGUMENTS = frozenset({"connection"})
 
+#: Rescues a job gets by default before a lost worker fails it (``@app.task(max_rescues=)``).
+DEFAULT_MAX_RESCUES = 3
+
 
 @dataclass(frozen=True, slots=True)
 class JobOptions:
@@ -81,9 +84,16 @@ class Task(Generic[R]):
         rate_limit: str | float | None = None,
         key_concurrency: int | None = None,
         burst: int | None = None,
+        max_rescues: int = DEFAULT_MAX_RESCUES,
     ) -> None:
         self.app = app
         self.func = func
+        if isinstance(max_rescues, bool) or not isinstance(max_rescues, int) or max_rescues < 0:
+            raise ConfigurationError(f"task {name!r}: max_rescues must be a whole number >= 0")
+        #: How many times a job of this task goes back to ``todo`` after its worker died
+        #: running it, whatever its retry policy; one more loss fails it (a job that crashes
+        #: its worker would otherwise crash every worker in turn).
+        self.max_rescues = max_rescues
         # Fleet-wide limits, enforced in the claim of every worker that has this task: at most
         # ``concurrency`` running, at most ``rate_limit`` starts (``burst`` of them at once),
         # and at most ``key_concurrency`` running among its jobs sharing a ``concurrency_key``.

@@ -118,6 +118,29 @@ class JobTimeoutError(Exception):
     """Stored as the error of an attempt that ran past its task's ``timeout``."""
 
 
+def rescue_outcome(task: Task[Any] | None, old_worker: str, rescuer: str, rescues: int) -> Outcome:
+    """What a rescue writes for a job whose worker died running it: pure.
+
+    A lost worker is not a failed job: it goes back to ``todo`` and runs again whatever its
+    retry policy (its attempt stays counted), as River, Oban or Celery's ``acks_late`` do. A
+    job whose worker died ``max_rescues`` times already is likely what kills them: it ends
+    ``failed``. A task this worker does not know goes back as is: a worker that knows it
+    decides. Each rescue is a ``rescued`` event in the job's history.
+    """
+    lost = WorkerLostError(
+        f"worker {old_worker} stopped sending heartbeats while running this job; "
+        f"rescued by {rescuer}"
+    )
+    if task is not None and rescues >= task.max_rescues:
+        lost = WorkerLostError(
+            f"worker {old_worker} stopped sending heartbeats while running this job, which "
+            f"had lost its worker {rescues} time(s) before: over the task's max_rescues of "
+            f"{task.max_rescues}, so it may be what kills its workers; rescued by {rescuer}"
+        )
+        return Outcome(Status.FAILED, error=dumps(error_record(lost, with_traceback=False)))
+    return Outcome(Status.TODO, error=dumps(error_record(lost, with_traceback=False)), retry_in=0.0)
+
+
 def _decide(
     task: Task[Any] | None,
     job: ClaimedJob,
@@ -1230,19 +1253,9 @@ class Worker:
         if not orphans:
             return 0
         by_worker: dict[str, statements.Outcomes] = {}
-        for old_worker, job in orphans:
-            lost = WorkerLostError(
-                f"worker {old_worker} stopped sending heartbeats while running this job; "
-                f"rescued by {self.worker_id}"
-            )
-            task = self.app.lookup_task(job.task_name)
-            # A task this worker does not know goes back as is: a worker that knows it decides.
-            outcome = (
-                decide(task, job, exc=lost)
-                if task is not None
-                else Outcome(
-                    Status.TODO, error=dumps(error_record(lost, with_traceback=False)), retry_in=0.0
-                )
+        for old_worker, job, rescues in orphans:
+            outcome = rescue_outcome(
+                self.app.lookup_task(job.task_name), old_worker, self.worker_id, rescues
             )
             outcomes = by_worker.setdefault(old_worker, statements.Outcomes.empty())
             outcomes.add(

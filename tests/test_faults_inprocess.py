@@ -60,8 +60,9 @@ async def test_jobs_of_a_dead_worker_are_rescued(side: Side, app: pgtq.App, sql:
     def survivor() -> str:
         return "done"
 
-    @app.task  # no retry: a rescue fails it, with the reason
-    def fragile() -> None: ...
+    @app.task  # no retry policy: a lost worker is not a failed job, it runs again
+    def fragile() -> str:
+        return "again"
 
     ok = await side.defer(survivor)
     bad = await side.defer(fragile)
@@ -75,10 +76,39 @@ async def test_jobs_of_a_dead_worker_are_rescued(side: Side, app: pgtq.App, sql:
     assert await side.wait(app, ok) == "done"
     job = await side.get(app, ok)
     assert job is not None and job.attempts == 2
-    with pytest.raises(pgtq.JobFailed, match="stopped sending heartbeats") as info:
-        await side.wait(app, bad)
-    assert info.value.error["type"] == "WorkerLostError"
+    assert await side.wait(app, bad) == "again"
+    history = await side.call(app.jobs, "history", bad)
+    rescue = next(e for e in history if e.type == "rescued")
+    assert rescue.error is not None and rescue.error["type"] == "WorkerLostError"
     assert sql("SELECT count(*) FROM pgtq.workers") == [(0,)]
+
+
+async def test_a_job_rescued_max_rescues_times_fails_on_the_next_loss(
+    app: pgtq.App, sql: Any
+) -> None:
+    @app.task(max_rescues=2)
+    def fragile() -> None: ...
+
+    job_id = await fragile.defer_async()
+    rescuer = worker_module.Worker(app, rescue_after=60, worker_id="rescuer")
+    rescuer._connector = app.async_connector()
+    for n in range(3):  # claimed by a worker that dies, three times
+        sql(
+            "INSERT INTO pgtq.workers (id, hostname, pid, last_heartbeat) "
+            "VALUES (%s, 'h', 1, now() - interval '1 hour')",
+            f"ghost{n}",
+        )
+        sql(
+            "UPDATE pgtq.jobs SET status = 'doing', attempts = attempts + 1, worker_id = %s",
+            f"ghost{n}",
+        )
+        assert await rescuer._rescue() == 1
+        job = await app.jobs.get_async(job_id)
+        assert job is not None
+        assert job.status == (pgtq.Status.TODO if n < 2 else pgtq.Status.FAILED), n
+    assert job.error is not None and "max_rescues of 2" in job.error["message"]
+    events = [e.type for e in await app.jobs.history_async(job_id)]
+    assert events.count("rescued") == 2 and events[-1] == "failed"
 
 
 async def test_a_live_worker_is_not_rescued(app: pgtq.App, sql: Any) -> None:

@@ -276,9 +276,7 @@ def test_offline_sql_builds_the_same_schema(make_database: Callable[[], URL]) ->
 
 
 @pytest.mark.parametrize("schema", ["pgtq", "jobs_custom"])
-async def test_defer_notifies_its_schemas_channel(
-    side: Side, engine: Engine, schema: str
-) -> None:
+async def test_defer_notifies_its_schemas_channel(side: Side, engine: Engine, schema: str) -> None:
     """pgtq's insert notifies by itself: pgtq_0006 dropped the insert trigger, so a row
     written with plain SQL announces nothing (polling finds it)."""
     with engine.begin() as conn:

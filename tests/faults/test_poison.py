@@ -103,7 +103,10 @@ async def test_a_task_that_ignores_the_stop_never_runs_twice_at_once(
         timeout=20,
         what=lambda: workers.diagnose(),
     )
-    second = workers.start(concurrency=2)
+    # The rescuer waits 3 s of silence: the first process's heartbeat lingers while its
+    # stuck task runs, until the interpreter exits (its last second, under load, is spent
+    # tearing down modules, when no task code can run any more).
+    second = workers.start(concurrency=2, rescue_after=3.0)
     await until(
         lambda: sql("SELECT count(*) FROM pgtq.workers")[0][0] == 2,
         timeout=20,
@@ -156,3 +159,53 @@ async def test_sigterm_exits_in_bounded_time_with_stuck_tasks_of_both_kinds(
     # Not handed back while they ran: still this (dead) worker's, for a rescue to take.
     rows = sql("SELECT status FROM pgtq.jobs WHERE id = ANY(%s)", stuck)
     assert [r[0] for r in rows] == ["doing", "doing"]
+
+
+@pytest.mark.slow
+async def test_a_killed_workers_job_runs_again_whatever_its_retry_policy(
+    dsn: str, sql: Any, workers: Workers
+) -> None:
+    job_id = _defer(dsn, "fragile_sync", seconds=30.0)  # no retry policy
+    first = workers.start()
+    await until(lambda: bool(first.runs()), timeout=20, what=lambda: workers.diagnose())
+    first.send(signal.SIGKILL)
+    await first.exit_code(timeout=10)
+    workers.start()
+    await until(
+        lambda: sql("SELECT status FROM pgtq.jobs WHERE id = %s", job_id)[0][0] == "succeeded",
+        timeout=30,
+        what=lambda: workers.diagnose(),
+    )
+    history = sql(
+        "SELECT type FROM pgtq.job_history WHERE job_id = %s ORDER BY at, rank, seq", job_id
+    )
+    assert [h[0] for h in history] == ["deferred", "started", "rescued", "started", "succeeded"]
+
+
+@pytest.mark.slow
+async def test_a_job_that_kills_its_workers_fails_after_max_rescues(
+    dsn: str, sql: Any, workers: Workers
+) -> None:
+    """``crasher`` (max_rescues=1) kills every worker that runs it: rescued once, it runs
+    again and kills the second worker; the third fails it instead of dying in turn."""
+    job_id = _defer(dsn, "crasher")
+    for n in range(2):
+        w = workers.start()
+        assert await w.exit_code(timeout=30) == -signal.SIGKILL, w.log_text()
+        assert sum(r.event == "start" for r in workers.runs()) == n + 1
+    survivor = workers.start()
+    await until(
+        lambda: sql("SELECT status FROM pgtq.jobs WHERE id = %s", job_id)[0][0] == "failed",
+        timeout=30,
+        what=lambda: workers.diagnose(),
+    )
+    assert survivor.alive()
+    error = sql("SELECT error FROM pgtq.jobs WHERE id = %s", job_id)[0][0]
+    assert error["type"] == "WorkerLostError" and "max_rescues of 1" in error["message"]
+    history = [
+        h[0]
+        for h in sql(
+            "SELECT type FROM pgtq.job_history WHERE job_id = %s ORDER BY at, rank, seq", job_id
+        )
+    ]
+    assert history.count("rescued") == 1 and history[-1] == "failed"

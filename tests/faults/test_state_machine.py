@@ -36,7 +36,8 @@ from pgtq.schema import STATUSES
 from pgtq.worker import Worker
 
 WORKERS = ("w1", "w2")
-MAX_ATTEMPTS = 3  # the task's retry policy: a rescue on the third attempt fails the job
+MAX_ATTEMPTS = 3  # the task's retry policy (a rescue ignores it)
+MAX_RESCUES = 2  # the task's max_rescues: the third loss of its worker fails the job
 HOUR = 3600.0
 
 #: The last history event a row in each status may have.
@@ -70,6 +71,7 @@ class Row:
     abort_requested: bool
     due: bool  # waiting and claimable now
     priority: int
+    rescues: int = 0  # times it went back to todo after its worker died
 
     @classmethod
     def of(cls, status: str, attempts: int, **kw: Any) -> Row:
@@ -306,8 +308,11 @@ class JobMachine(RuleBasedStateMachine):
         assert rescued == len(orphans)
         for job_id in orphans:
             row = self.model[job_id]
-            outcome = "retry now" if row.attempt < MAX_ATTEMPTS else "failed"
+            outcome = "retry now" if row.rescues < MAX_RESCUES else "failed"
             self._complete_in_model(job_id, outcome)
+            after = self.model[job_id]
+            if after.statuses == {"todo"}:
+                self.model[job_id] = replace(after, rescues=row.rescues + 1)
 
     # -- invariants -----------------------------------------------------------------------------
 
@@ -356,7 +361,9 @@ class JobMachine(RuleBasedStateMachine):
 def machine(dsn: str, sql: Any) -> Iterator[type[JobMachine]]:
     app = pgtq.App(dsn)
 
-    @app.task(retry=pgtq.Retry(max_attempts=MAX_ATTEMPTS, base=0, jitter=0))
+    @app.task(
+        retry=pgtq.Retry(max_attempts=MAX_ATTEMPTS, base=0, jitter=0), max_rescues=MAX_RESCUES
+    )
     def job() -> None: ...
 
     loop = asyncio.new_event_loop()

@@ -130,7 +130,19 @@ def build(dsn: str, out: IO[str] | None = None) -> pgtq.App:
         record(ctx, "start")
         return poison(kind)
 
-    @app.task(retry=RETRY)  # a rescue retries it (a lost worker fails a job without one)
+    @app.task()  # no retry policy: a lost worker still runs it again
+    def fragile_sync(ctx: pgtq.JobContext, seconds: float) -> None:
+        record(ctx, "start")
+        time.sleep(seconds if ctx.attempt == 1 else 0.0)
+        record(ctx, "ok")
+
+    @app.task(max_rescues=1)
+    def crasher(ctx: pgtq.JobContext) -> None:
+        """Kills its own worker process, every time: a crash loop that max_rescues ends."""
+        record(ctx, "start")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    @app.task(retry=RETRY)
     def stubborn_sync(ctx: pgtq.JobContext, seconds: float) -> None:
         """A sync job that ignores ``should_abort()``: its first attempt runs its ``seconds``
         whatever, a later one a moment."""
