@@ -14,6 +14,8 @@ from pgtq.errors import (
     JobTimeout,
     PgtqError,
     SchemaNotMigrated,
+    SchemaTooNew,
+    SchemaTooOld,
     UnknownTask,
 )
 from pgtq.factories import AppFactory, open_app, open_app_async
@@ -47,6 +49,8 @@ __all__ = [
     "PgtqError",
     "Retry",
     "SchemaNotMigrated",
+    "SchemaTooNew",
+    "SchemaTooOld",
     "State",
     "Status",
     "Task",
