@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import select
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from json.scanner import make_scanner
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import psycopg
 import sqlalchemy as sa
@@ -84,18 +86,69 @@ def describe(url: URL) -> str:
 
 #: A pooled connection idle longer than this is pinged before use. One used more recently is
 #: trusted without the extra round trip (HikariCP's "alive bypass window"): a ping on every
-#: checkout would cost a single ``defer`` a quarter of its time.
+#: checkout would cost a single ``defer`` a quarter of its time. A connection whose socket
+#: has input waiting while idle is pinged however recent (see :func:`_pending_input`).
 PING_AFTER_IDLE = 1.0
 _LAST_USED = "pgtq_last_used"
 
 
-def _ping_when_idle(engine: Engine) -> None:
+def _pending_input(driver: Any) -> bool:
+    """Something waits to be read on an idle driver connection's socket (or it is closed).
+
+    An idle connection is sent nothing unasked but for rare notices, so input there is most
+    likely the server's goodbye: the FATAL error of a terminated backend (57P01) or of a
+    shutdown, then EOF. It is seen without a round trip (a poll of the socket, a microsecond),
+    before a statement is sent, so a connection killed a moment ago is replaced instead of
+    failing the statement sent on it (psycopg, sync or async, and asyncpg).
+    """
+    try:
+        if getattr(driver, "closed", False) or getattr(driver, "broken", False):
+            return True  # psycopg
+        is_closed = getattr(driver, "is_closed", None)
+        if callable(is_closed) and is_closed():
+            return True  # asyncpg
+        pgconn = getattr(driver, "pgconn", None)
+        if pgconn is not None:
+            fd = pgconn.socket
+        else:
+            transport = getattr(driver, "_transport", None)
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            if sock is None:
+                return False
+            fd = sock.fileno()
+        if fd < 0:
+            return True
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+            return bool(poller.poll(0))
+        readable, _, _ = select.select([fd], [], [], 0)
+        return bool(readable)
+    except Exception:
+        return True  # cannot tell: the ping decides
+
+
+def _guard_pool(engine: Engine) -> None:
+    """Pooled connections that failed are never reused, dead ones never handed out.
+
+    - On checkout, a connection idle past :data:`PING_AFTER_IDLE`, or with input waiting on
+      its socket (:func:`_pending_input`), is pinged; if the ping fails SQLAlchemy's pool
+      discards it and checks out another (nothing of the caller's was sent).
+    - On an error, one of the connection classes (:func:`connection_failed`) marks it a
+      disconnect, so SQLAlchemy invalidates it instead of returning it to the pool. Its
+      dialects do not always: asyncpg's asks ``is_closed()``, false until the event loop has
+      processed the close, and the connection came back to fail again ("cannot switch to
+      state 12; another operation (2) is in progress").
+
+    Installed once per engine, pgtq's or the caller's.
+    """
     dialect = engine.dialect
 
     def on_checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
         last = record.info.get(_LAST_USED)
-        if last is None or time.monotonic() - last < PING_AFTER_IDLE:
-            return  # fresh, or used a moment ago
+        idle = last is not None and time.monotonic() - last >= PING_AFTER_IDLE
+        if not idle and not _pending_input(record.driver_connection):
+            return  # fresh, or used a moment ago and quiet since
         try:
             dialect.do_ping(dbapi_conn)
         except Exception as exc:
@@ -105,8 +158,19 @@ def _ping_when_idle(engine: Engine) -> None:
         if record is not None:
             record.info[_LAST_USED] = time.monotonic()
 
+    def on_error(context: sa.engine.ExceptionContext) -> None:
+        if not context.is_disconnect and connection_failed(context.original_exception):
+            context.is_disconnect = True
+
+    if engine in _GUARDED:
+        return
+    _GUARDED.add(engine)
     event.listen(engine.pool, "checkout", on_checkout)
     event.listen(engine.pool, "checkin", on_checkin)
+    event.listen(engine, "handle_error", on_error)
+
+
+_GUARDED: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def create_sync_engine(
@@ -116,7 +180,7 @@ def create_sync_engine(
     if not prepared_statements:
         args["prepare_threshold"] = None  # psycopg: never prepare (PgBouncer transaction mode)
     engine = sa.create_engine(sync_url(url), connect_args=args)
-    _ping_when_idle(engine)
+    _guard_pool(engine)
     return engine
 
 
@@ -141,7 +205,7 @@ def create_async_engine_for(
         if not prepared_statements:
             args["prepare_threshold"] = None
     engine = create_async_engine(u, pool_size=pool_size, max_overflow=pool_size, connect_args=args)
-    _ping_when_idle(engine.sync_engine)
+    _guard_pool(engine.sync_engine)
     return engine
 
 
@@ -155,7 +219,31 @@ def first_line(exc: BaseException) -> str:
 
 
 class _Translator:
-    """Turns driver errors into pgtq's. Shared by both connectors."""
+    """Turns driver errors into pgtq's: the one place every run path goes through.
+
+    A connection that fails (the server went away, restarted or shut down, the backend was
+    terminated, the socket broke, the driver's state machine gave up) raises
+    :class:`~pgtq.DatabaseUnreachable` whatever the driver, SQLAlchemy-wrapped or raw: a caller
+    catches one pgtq class. Errors of the statement itself (a constraint, a bad value) keep
+    their driver class, or become the pgtq error they mean (``AlreadyEnqueued``).
+
+    **When a statement is tried again** (:meth:`call` with ``retry=True``, used by the
+    connectors' own connections, never on a caller's ``connection=``): once, on a fresh
+    connection, and only when the statement cannot have reached the server, so an insert is
+    never enqueued twice:
+
+    - a pooled connection found dead before use (closed, or its socket readable while idle:
+      the server's goodbye or EOF is waiting, then a ping fails) is replaced before anything
+      is sent (the pool's checkout hook and ``_AsyncpgConnection``); the caller never sees it;
+    - the driver refused to send on a connection it knows is broken (:func:`_not_sent`:
+      asyncpg's "cannot switch to state" and "connection is closed", psycopg's "the
+      connection is closed"): tried once more on a new connection.
+
+    A connection lost after the statement was sent is **not** retried: the server may have
+    run and committed it before the reply was lost (an autocommit insert commits before its
+    reply is read), so pgtq cannot tell, and raises ``DatabaseUnreachable``. A caller that
+    must know can look the job up, or defer with a ``queueing_lock`` and try again.
+    """
 
     def __init__(self, url: URL, schema: str) -> None:
         self.url = url
@@ -166,20 +254,146 @@ class _Translator:
             f"cannot connect to PostgreSQL at {describe(self.url)}: {first_line(exc)}"
         )
 
+    def lost(self, exc: BaseException) -> DatabaseUnreachable:
+        return DatabaseUnreachable(
+            f"lost the connection to PostgreSQL at {describe(self.url)}: {first_line(exc)}"
+        )
+
     def translate(self, exc: BaseException) -> BaseException:
         """pgtq's error for a driver error (SQLAlchemy-wrapped or raw), else ``exc`` itself."""
+        if isinstance(exc, PgtqError):
+            return exc
+        if connection_failed(exc):
+            return self.lost(exc)
         orig = getattr(exc, "orig", None) or exc
-        sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-        if sqlstate == "23505" and "queueing_lock" in str(orig):
+        code = sqlstate(exc)
+        if code == "23505" and "queueing_lock" in str(orig):
             return AlreadyEnqueued(
                 "a job with this queueing_lock is already waiting: " + first_line(exc)
             )
-        if sqlstate == "42P01":
+        if code == "42P01":
             return SchemaNotMigrated(
                 f"pgtq's tables are missing in schema {self.schema!r} of "
                 f"{describe(self.url)}: run `pgtq migrate` (or app.migrate()) first"
             )
         return exc
+
+    def opening(self, exc: BaseException) -> BaseException:
+        """pgtq's error for a failure to open (or check out) a connection."""
+        if isinstance(exc, PgtqError):
+            return exc
+        if isinstance(exc, _CONNECT_ERRORS) or connection_failed(exc):
+            return self.unreachable(exc)
+        return self.translate(exc)
+
+    def call(self, fn: Callable[[], T], *, retry: bool = False) -> T:
+        """``fn()``, its errors translated; once more if it failed before sending (``retry``)."""
+        try:
+            return fn()
+        except Exception as exc:
+            if not (retry and _not_sent(exc)):
+                self._raise(exc)
+        try:
+            return fn()
+        except Exception as again:
+            self._raise(again)
+
+    async def acall(self, fn: Callable[[], Awaitable[T]], *, retry: bool = False) -> T:
+        """The async :meth:`call`."""
+        try:
+            return await fn()
+        except Exception as exc:
+            if not (retry and _not_sent(exc)):
+                self._raise(exc)
+        try:
+            return await fn()
+        except Exception as again:
+            self._raise(again)
+
+    def _raise(self, exc: Exception) -> NoReturn:
+        translated = self.translate(exc)
+        if translated is exc:
+            raise exc
+        raise translated from exc
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, SQLAlchemy's ``orig``, and their causes (the asyncpg adapter chains the
+    driver's own error as the cause of the one it raises)."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo and len(seen) < 8:
+        e = todo.pop(0)
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        yield e
+        todo += [getattr(e, "orig", None), e.__cause__]
+
+
+#: SQLSTATEs that mean the connection itself is gone: class 08 (connection exception), the
+#: server shutting down or crashed (57P01 admin_shutdown, 57P02 crash_shutdown, 57P03
+#: cannot_connect_now), the database dropped (57P04), the session timed out (57P05).
+_GONE_CODES = frozenset({"57P01", "57P02", "57P03", "57P04", "57P05"})
+
+# Messages of the drivers' errors raised before a statement is sent, on a connection they
+# know is broken (asyncpg's protocol state check; its and psycopg's closed-connection checks).
+_NOT_SENT = (
+    "cannot switch to state",
+    "another operation is in progress",
+    "connection is closed",
+    "the underlying connection is closed",
+)
+
+
+def _asyncpg_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    try:
+        from asyncpg import exceptions as ae
+    except ImportError:  # pragma: no cover - asyncpg is a dependency
+        return (), ()
+    # (unusable connection, misuse or bad input: never a connection failure)
+    return (ae.InternalClientError, ae.InterfaceError), (
+        ae.DataError,
+        ae.ClientConfigurationError,
+        ae.OutdatedSchemaCacheError,
+        ae.UnsupportedClientFeatureError,
+    )
+
+
+_ASYNCPG_CLIENT, _ASYNCPG_NOT_CONNECTION = _asyncpg_errors()
+
+
+def connection_failed(exc: BaseException) -> bool:
+    """The connection failed, not the statement: PostgreSQL sent a connection-class SQLSTATE
+    (08xxx, 57P01-57P05), or the driver lost it without one (psycopg's ``OperationalError``,
+    asyncpg's ``InterfaceError``/``InternalClientError`` about the connection, ``OSError``, a
+    timeout on connecting). An error PostgreSQL sent of any other class is the statement's."""
+    code = sqlstate(exc)
+    if code is not None:
+        return code[:2] == "08" or code in _GONE_CODES
+    for e in _causes(exc):
+        if isinstance(e, sa_exc.DisconnectionError | OSError | asyncio.TimeoutError):
+            return True
+        if isinstance(e, _ASYNCPG_NOT_CONNECTION):
+            return False
+        if isinstance(e, _ASYNCPG_CLIENT):
+            return "cannot switch to state" in str(e) or "connection" in str(e)
+        if isinstance(e, psycopg.OperationalError) and sqlstate(e) is None:
+            return True
+    return False
+
+
+def _not_sent(exc: BaseException) -> bool:
+    """The driver refused to send the statement: the connection was broken before it."""
+    if not connection_failed(exc) or sqlstate(exc) is not None:
+        return False
+    for e in _causes(exc):
+        if isinstance(e, _ASYNCPG_CLIENT) or (
+            isinstance(e, psycopg.OperationalError | psycopg.InterfaceError)
+            and str(e).startswith("the connection is closed")
+        ):
+            return any(m in str(e) for m in _NOT_SENT)
+    return False
 
 
 C = TypeVar("C")
@@ -271,8 +485,9 @@ def sqlstate(exc: BaseException) -> str | None:
 
 
 def _server_error(exc: BaseException) -> bool:
-    """An error PostgreSQL sent (it has a SQLSTATE): the connection is still good."""
-    return getattr(exc, "sqlstate", None) is not None
+    """An error PostgreSQL sent about the statement (it has a SQLSTATE, not of the connection
+    classes): the connection is still good. Anything else leaves it in an unknown state."""
+    return sqlstate(exc) is not None and not connection_failed(exc)
 
 
 # -- the sync connector -----------------------------------------------------------------------
@@ -283,26 +498,36 @@ class SyncConnector:
 
     def __init__(self, engine: Engine, *, schema: str, owned: bool) -> None:
         self.engine = engine
+        _guard_pool(engine)
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.owned = owned
         self._errors = _Translator(engine.url, schema)
         self._driver = _DriverSQL(engine.dialect) if engine.dialect.driver == "psycopg" else None
 
     def run(self, query: Query[T], connection: Connection | None = None) -> T:
+        """Run one statement: on the caller's connection (in their transaction: errors
+        translated, never retried), else on a pooled one, tried once more on a fresh
+        connection if the first failed before sending it (see :class:`_Translator`)."""
         if connection is not None:
             return self._execute(_checked(connection, Connection, "the sync"), query)
-        if query.driver and self._driver is not None:
-            return self._run_on_driver(self._driver, query)
-        with self._connect(self._autocommit) as conn:
-            return self._execute(conn, query)
+        driver_sql = self._driver
+        if query.driver and driver_sql is not None:
+            return self._errors.call(lambda: self._run_on_driver(driver_sql, query), retry=True)
+
+        def pooled() -> T:
+            with self._connect(self._autocommit) as conn:
+                return query.mapper(conn.execute(query.statement, query.params))
+
+        return self._errors.call(pooled, retry=True)
 
     def _run_on_driver(self, driver_sql: _DriverSQL, query: Query[T]) -> T:
-        """One autocommit statement on the pooled psycopg connection itself."""
+        """One autocommit statement on the pooled psycopg connection itself (errors raw: the
+        caller translates them)."""
         sql, params = driver_sql.named(query)
         try:
             raw = self.engine.raw_connection()
-        except (*_CONNECT_ERRORS, psycopg.OperationalError) as exc:  # not wrapped by SQLAlchemy
-            raise self._errors.unreachable(exc) from None
+        except Exception as exc:  # the pool's checkout (psycopg's errors are not wrapped)
+            raise self._errors.opening(exc) from exc
         try:
             driver = raw.driver_connection
             assert driver is not None
@@ -315,10 +540,7 @@ class SyncConnector:
         except Exception as exc:
             if not _server_error(exc):
                 raw.invalidate()  # dropped or stuck: never back to the pool
-            translated = self._errors.translate(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
+            raise
         finally:
             raw.close()
         return query.mapper(rows)
@@ -333,18 +555,23 @@ class SyncConnector:
     def run_in_transaction(
         self, fn: Callable[[Connection], T], connection: Connection | None = None
     ) -> T:
-        """Run ``fn`` in one transaction: the caller's, or a new one committed at the end."""
+        """Run ``fn`` in one transaction: the caller's, or a new one committed at the end
+        (its errors, the commit's included, translated; never retried)."""
         if connection is not None:
             return self._call(fn, _checked(connection, Connection, "the sync"))
-        with self._connect(self.engine) as conn, conn.begin():
-            return self._call(fn, conn)
+
+        def go() -> T:
+            with self._connect(self.engine) as conn, conn.begin():
+                return fn(conn)
+
+        return self._errors.call(go)
 
     @contextlib.contextmanager
     def _connect(self, engine: Engine) -> Iterator[Connection]:
         try:
             conn = engine.connect()
-        except _CONNECT_ERRORS as exc:
-            raise self._errors.unreachable(exc) from None
+        except Exception as exc:
+            raise self._errors.opening(exc) from exc
         with conn:
             yield conn
 
@@ -352,13 +579,7 @@ class SyncConnector:
         return self._call(lambda c: query.mapper(c.execute(query.statement, query.params)), conn)
 
     def _call(self, fn: Callable[[Connection], T], conn: Connection) -> T:
-        try:
-            return fn(conn)
-        except sa_exc.DBAPIError as exc:
-            translated = self._errors.translate(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
+        return self._errors.call(lambda: fn(conn))
 
     def close(self) -> None:
         if self.owned:
@@ -395,6 +616,7 @@ class AsyncConnector:
 
     def __init__(self, engine: AsyncEngine, *, schema: str, owned: bool) -> None:
         self.engine = engine
+        _guard_pool(engine.sync_engine)
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.owned = owned
         self._errors = _Translator(engine.url, schema)
@@ -408,12 +630,19 @@ class AsyncConnector:
         self._slots = asyncio.Semaphore(max(1, size()) if callable(size) else 5)
 
     async def run(self, query: Query[T], connection: AsyncConnection | None = None) -> T:
+        """Run one statement: on the caller's connection (errors translated, never retried),
+        else on a connection of pgtq's, tried once more on a fresh connection if the first
+        failed before sending it (see :class:`_Translator`)."""
         if connection is not None:
             return await self._execute(_checked(connection, AsyncConnection, "the *_async"), query)
         if query.driver and self._on_asyncpg:
-            return await self._run_on_driver(query)
-        async with self._connect(self._autocommit) as conn:
-            return await self._execute(conn, query)
+            return await self._run_on_driver(query)  # retried by _AsyncpgConnection.run
+
+        async def pooled() -> T:
+            async with self._connect(self._autocommit) as conn:
+                return query.mapper(await conn.execute(query.statement, query.params))
+
+        return await self._errors.acall(pooled, retry=True)
 
     async def _run_on_driver(self, query: Query[T]) -> T:
         """One statement straight on an asyncpg connection (outside a transaction block,
@@ -439,19 +668,24 @@ class AsyncConnector:
     async def run_in_transaction(
         self, fn: Callable[[Connection], T], connection: AsyncConnection | None = None
     ) -> T:
-        """Run the sync function ``fn`` in one transaction, through SQLAlchemy's greenlet bridge."""
+        """Run the sync function ``fn`` in one transaction, through SQLAlchemy's greenlet
+        bridge (its errors, the commit's included, translated; never retried)."""
         if connection is not None:
             user = _checked(connection, AsyncConnection, "the *_async")
             return await self._call(lambda: user.run_sync(fn))
-        async with self._connect(self.engine) as conn, conn.begin():
-            return await self._call(lambda: conn.run_sync(fn))
+
+        async def go() -> T:
+            async with self._connect(self.engine) as conn, conn.begin():
+                return await conn.run_sync(fn)
+
+        return await self._errors.acall(go)
 
     @contextlib.asynccontextmanager
     async def _connect(self, engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         try:
             conn = await engine.connect()
-        except _CONNECT_ERRORS as exc:
-            raise self._errors.unreachable(exc) from None
+        except Exception as exc:
+            raise self._errors.opening(exc) from exc
         try:
             yield conn
         finally:
@@ -464,13 +698,7 @@ class AsyncConnector:
         return await self._call(go)
 
     async def _call(self, go: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await go()
-        except sa_exc.DBAPIError as exc:
-            translated = self._errors.translate(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
+        return await self._errors.acall(go)
 
     async def listen(self, channels: list[str], on_notify: Callable[[str, str], None]) -> Listener:
         """LISTEN on a connection of its own (taken out of the pool, closed by ``close()``)."""
@@ -505,8 +733,8 @@ class AsyncConnector:
         """A connection taken out of the pool for good, and its driver connection."""
         try:
             conn = await self.engine.connect()
-        except _CONNECT_ERRORS as exc:
-            raise self._errors.unreachable(exc) from None
+        except Exception as exc:
+            raise self._errors.opening(exc) from exc
         raw = await conn.get_raw_connection()
         driver = raw.driver_connection
         raw.detach()  # never goes back to the pool: its session state stays its own
@@ -590,12 +818,17 @@ class _AsyncpgConnection(DedicatedConnection):
         self._used = 0.0
 
     async def _ready(self) -> Any:
-        if self._driver is not None and not self._driver.is_closed():
-            if not self._ping or time.monotonic() - self._used < PING_AFTER_IDLE:
-                return self._driver
+        """The driver connection, known alive before anything is sent on it: a new one when
+        there is none, it closed, or it was idle past PING_AFTER_IDLE (when pinged) or has
+        input waiting (the server's goodbye, most likely) and a ping fails."""
+        driver = self._driver
+        if driver is not None and not driver.is_closed():
+            stale = self._ping and time.monotonic() - self._used >= PING_AFTER_IDLE
+            if not stale and not _pending_input(driver):
+                return driver
             try:
-                await self._driver.execute("SELECT 1")
-                return self._driver
+                await driver.execute("SELECT 1")
+                return driver
             except Exception:
                 pass  # gone while idle: a new one, nothing was sent
         await self.close()
@@ -609,26 +842,23 @@ class _AsyncpgConnection(DedicatedConnection):
         return self._driver
 
     async def run(self, query: Query[T]) -> T:
+        """Run one statement; once more on a new connection if the first failed before
+        sending it; connection failures raise ``DatabaseUnreachable`` (see _Translator)."""
+        return await self._connector._errors.acall(lambda: self._run_once(query), retry=True)
+
+    async def _run_once(self, query: Query[T]) -> T:
         sql, args = self._connector.driver_sql.positional(query)
-        driver = self._driver
-        if (
-            driver is None
-            or driver.is_closed()
-            or (self._ping and time.monotonic() - self._used >= PING_AFTER_IDLE)
-        ):
-            driver = await self._ready()
+        driver = await self._ready()
         try:
             rows = await driver.fetch(sql, *args)
             self._used = time.monotonic()
-        except Exception as exc:
-            # Not an error PostgreSQL sent: the connection is in an unknown state (dropped,
-            # or stuck mid-operation). Replace it on the next call.
+        except BaseException as exc:
+            # Not an error PostgreSQL sent about the statement (lost, cancelled mid-statement,
+            # or the driver stuck mid-operation): the connection is in an unknown state, and
+            # is never used again (a new one on the next call).
             if driver.is_closed() or not _server_error(exc):
                 await self.close()
-            translated = self._connector._errors.translate(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
+            raise
         return query.mapper(rows)
 
     async def close(self) -> None:
@@ -646,6 +876,7 @@ __all__ = [
     "PgtqError",
     "SyncConnector",
     "async_url",
+    "connection_failed",
     "create_async_engine_for",
     "create_sync_engine",
     "first_line",
