@@ -27,6 +27,17 @@ is timed in a clean process, by this same code. Actions:
     each enqueue call. The worker half is a ``burndown`` process with timestamps on; its
     handler records ``time.time()`` when each job starts (same machine clock).
 
+``schedule_worker``
+    One worker with the library's DEFAULT settings (``Adapter.run_schedule_worker``) whose
+    handler records ``time.time()`` at the start of every run, with the scheduled instant the
+    library handed it when it does; with ``fail_below`` the first run of those jobs fails
+    (the task retries once after 1 s). Ends once every expected job has had a successful run.
+``schedule_enqueue``
+    After ``GO``: one job due now, wait until it is done (the worker is up), let the worker
+    idle for ``settle`` seconds, then defer ``count`` jobs ``interval`` seconds apart, job
+    ``n`` due ``delays[n]`` seconds ahead (or now, without ``delays``), and end (the worker
+    process ends once every job has run).
+
 Every wait has a timeout. The result (or the error) is written as JSON to ``spec["out"]``.
 """
 
@@ -45,7 +56,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from benchmarks.libs import get
-from benchmarks.libs.base import Adapter, Recorder
+from benchmarks.libs.base import Adapter, Recorder, StartRecorder
 
 T = TypeVar("T")
 
@@ -337,6 +348,72 @@ async def latency_enqueue(adapter: Adapter, spec: dict[str, Any], proto: IO[str]
     return {"before": before}
 
 
+async def schedule_worker(adapter: Adapter, spec: dict[str, Any], proto: IO[str]) -> dict[str, Any]:
+    dsn, timeout = spec["dsn"], spec["timeout"]
+    recorder = StartRecorder(spec["expect"], spec.get("fail_below", 0))
+    stop = asyncio.Event()
+    adapter.import_all()
+    _handshake(proto)
+    worker = asyncio.create_task(adapter.run_schedule_worker(dsn, recorder=recorder, stop=stop))
+    done = asyncio.ensure_future(recorder.done.wait())
+    result: dict[str, Any] = {}
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.wait([worker, done], return_when=asyncio.FIRST_COMPLETED)
+        if not done.done():
+            worker.result()  # raises what the worker raised
+            raise BenchError("the worker returned before running every job")
+    except TimeoutError:
+        raise BenchError(
+            f"timed out after {timeout:.0f} s with {len(recorder.succeeded)} of"
+            f" {recorder.expect} jobs run"
+        ) from None
+    finally:
+        done.cancel()
+        stop.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(worker), STOP_TIMEOUT)
+        except TimeoutError:
+            result["warning"] = f"the worker did not stop within {STOP_TIMEOUT:.0f} s"
+            worker.cancel()
+    result.update(
+        runs={str(n): runs for n, runs in recorder.runs.items()},
+        settings=adapter.schedule_settings(),
+    )
+    return result
+
+
+async def schedule_enqueue(
+    adapter: Adapter, spec: dict[str, Any], proto: IO[str]
+) -> dict[str, Any]:
+    dsn, count, interval, timeout = spec["dsn"], spec["count"], spec["interval"], spec["timeout"]
+    delays: list[float] | None = spec.get("delays")
+    adapter.import_all()
+    _handshake(proto)  # the driver installs the schema meanwhile
+    monitor = await _connect_monitor(dsn)
+    before: list[float] = []
+    try:
+        async with adapter.schedule_enqueuer(dsn) as enq:
+            await enq.defer(count, None)  # the warm-up job: the worker is up once it is done
+            warm = _wait_until_finished(monitor, adapter)
+            await _timed("waiting for the warm-up job", timeout, warm)
+            await asyncio.sleep(spec["settle"])  # the worker is idle now
+            async with asyncio.timeout(timeout):
+                first = time.perf_counter()
+                for n in range(count):
+                    delay = first + n * interval - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    before.append(time.time())
+                    await enq.defer(n, delays[n] if delays is not None else None)
+            # No polling here while the jobs wait: the worker process says when all ran.
+    except TimeoutError:
+        raise BenchError(f"schedule enqueuer timed out after {timeout:.0f} s") from None
+    finally:
+        await monitor.close()
+    return {"before": before}
+
+
 def main() -> None:
     spec: dict[str, Any] = json.loads(sys.argv[1])
     # The protocol (READY) keeps the real stdout; anything a library prints goes to stderr.
@@ -352,6 +429,10 @@ def main() -> None:
             result = enqueue(adapter, spec, proto)
         elif action == "latency_enqueue":
             result = run_async(latency_enqueue(adapter, spec, proto))
+        elif action == "schedule_worker":
+            result = run_async(schedule_worker(adapter, spec, proto))
+        elif action == "schedule_enqueue":
+            result = run_async(schedule_enqueue(adapter, spec, proto))
         else:
             raise BenchError(f"unknown action {action!r}")
     except BaseException as exc:

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import random
 import selectors
 import shlex
 import shutil
@@ -66,6 +67,13 @@ BATCHES = (20, 100)
 READY_TIMEOUT = 60.0
 QUIET_IDLE = 0.8  # --quiet-wait: the CPU share that must be idle before a measurement
 STOP_GRACE = 90.0  # the child's own graceful-stop wait (60 s) and some
+CLI_CONCURRENCY = 100  # `pgtq worker --concurrency` and run_worker(concurrency=...)
+SCHEDULE_AHEAD = (0.5, 3.0)  # seconds ahead a scheduled job is due (uniform, seeded)
+SCHEDULE_INTERVAL = 0.020  # between two scheduled defers
+RETRY_INTERVAL = 0.050  # between two defers of jobs that fail once
+SCHEDULE_SETTLE = 0.5
+LATENESS_GOAL_MS = 100.0
+CLI_GOAL = 0.9
 
 
 @dataclass(frozen=True)
@@ -99,12 +107,44 @@ FIGURES = [
     ),
     Figure("latency_p50", "pickup latency of an idle worker, p50 ({jobs} jobs)", "ms", "lower"),
     Figure("latency_p99", "pickup latency of an idle worker, p99 ({jobs} jobs)", "ms", "lower"),
+    Figure(
+        "cli_async",
+        "burn-down of {jobs} async no-op jobs, `pgtq worker --one-shot -c 100` (whole process)",
+        "jobs/s",
+        "higher",
+    ),
+    Figure(
+        "inproc_async",
+        "burn-down of {jobs} async no-op jobs, `app.run_worker(concurrency=100, wait=False)`"
+        " (whole process)",
+        "jobs/s",
+        "higher",
+    ),
+    Figure(
+        "cli_sync",
+        "burn-down of {jobs} sync no-op jobs, `pgtq worker --one-shot -c 100` (whole process)",
+        "jobs/s",
+        "higher",
+    ),
+    Figure(
+        "inproc_sync",
+        "burn-down of {jobs} sync no-op jobs, `app.run_worker(concurrency=100, wait=False)`"
+        " (whole process)",
+        "jobs/s",
+        "higher",
+    ),
+    Figure("sched_p50", "lateness of {jobs} jobs scheduled 0.5 to 3 s ahead, p50", "ms", "lower"),
+    Figure("sched_p99", "lateness of {jobs} jobs scheduled 0.5 to 3 s ahead, p99", "ms", "lower"),
+    Figure("sched_max", "lateness of {jobs} jobs scheduled 0.5 to 3 s ahead, max", "ms", "lower"),
+    Figure("retry_p50", "lateness of {jobs} retries after a 1 s backoff, p50", "ms", "lower"),
+    Figure("retry_p99", "lateness of {jobs} retries after a 1 s backoff, p99", "ms", "lower"),
+    Figure("retry_max", "lateness of {jobs} retries after a 1 s backoff, max", "ms", "lower"),
     Figure("big_burndown_base", "burn-down of {jobs} queued jobs, batch 100", "jobs/s", "higher"),
     Figure("big_burndown_big", "burn-down of {jobs} queued jobs, batch 100", "jobs/s", "higher"),
     Figure("big_peak_rss", "worker peak RSS, {jobs} queued, concurrency 100", "MB", "lower"),
 ]
 FIGURE = {f.key: f for f in FIGURES}
-GROUPS = ("burndown", "enqueue", "latency")
+GROUPS = ("burndown", "enqueue", "latency", "cli", "schedule")
 
 
 @dataclass(frozen=True)
@@ -114,11 +154,16 @@ class Mode:
     batch_jobs: int  # batch enqueue (1,000 per call)
     singles: int  # per single-enqueue figure
     latency_jobs: int
+    schedule_jobs: int  # per scheduled-lateness figure (and as many retries)
 
 
 MODES = {
-    "quick": Mode("quick", jobs=1_000, batch_jobs=10_000, singles=300, latency_jobs=50),
-    "full": Mode("full", jobs=20_000, batch_jobs=20_000, singles=20_000, latency_jobs=200),
+    "quick": Mode(
+        "quick", jobs=1_000, batch_jobs=10_000, singles=300, latency_jobs=50, schedule_jobs=30
+    ),
+    "full": Mode(
+        "full", jobs=20_000, batch_jobs=20_000, singles=20_000, latency_jobs=200, schedule_jobs=60
+    ),
 }
 
 
@@ -195,6 +240,18 @@ class Server:
 # -- child processes -----------------------------------------------------------------------
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a measured process: this tree (the snapshot) first on sys.path."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def pgtq_command() -> list[str]:
+    """The ``pgtq`` command of this environment (its console script), else ``python -m pgtq``."""
+    script = Path(sys.executable).parent / "pgtq"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pgtq"]
+
+
 class Child:
     """One measured process (``python -m benchmarks.child``)."""
 
@@ -204,12 +261,7 @@ class Child:
         self.out = workdir / f"{tag}.json"
         self.err_path = workdir / f"{tag}.err"
         spec = {**spec, "out": str(self.out)}
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
-            ),
-        }
+        env = child_env()
         self._err: IO[str] = open(self.err_path, "w+")  # noqa: SIM115 - closed in finish()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.child", json.dumps(spec)],
@@ -657,6 +709,180 @@ class Run:
         settings = {"jobs": big_jobs, "concurrency": 100, "worker": result["settings"]}
         self.emit(adapter, "big_peak_rss", rnd, result["peak_rss_mb"], settings)
 
+    def cli_figure(self, adapter: Adapter, rnd: int, *, kind: Kind) -> None:
+        """The burn-down through `pgtq worker --one-shot` and in-process, each a whole process.
+
+        Both ways in one group, on the same backlog size, in an order that alternates with
+        the round (each in its own fresh database).
+        """
+        ways = ["cli", "inproc"] if rnd % 2 else ["inproc", "cli"]
+        for way in ways:
+            self.whole_process_burndown(adapter, rnd, kind, way)
+
+    def whole_process_burndown(self, adapter: Adapter, rnd: int, kind: Kind, way: str) -> None:
+        figure, jobs = f"{way}_{kind}", self.mode.jobs
+        limit = self.timeout(jobs)
+        with self.database() as name:
+            dsn = self.server.dsn(name)
+            self.install(adapter, name)
+            self.fill(adapter, name, kind, jobs)
+            conc = str(CLI_CONCURRENCY)
+            if way == "cli":
+                command = [*pgtq_command(), "worker", "benchmarks.apps:app", "--one-shot"]
+                command += ["--concurrency", conc, "--dsn", dsn]
+            else:
+                command = [sys.executable, "-m", "benchmarks.inprocess", dsn, conc]
+            err_path = self.workdir / f"{figure}-{uuid.uuid4().hex[:8]}.err"
+            with open(err_path, "w") as err:
+                started = time.perf_counter()
+                proc = subprocess.Popen(
+                    command,
+                    cwd=ROOT,
+                    env=child_env(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    text=True,
+                )
+                try:
+                    out, _ = proc.communicate(timeout=limit)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                    raise BenchFailure(f"{figure}: killed after {limit:.0f} s") from None
+                elapsed = time.perf_counter() - started
+            stderr = err_path.read_text(errors="replace")
+            if proc.returncode != 0:
+                tail = "\n".join("    " + line for line in stderr.splitlines()[-15:])
+                raise BenchFailure(f"{figure}: exited {proc.returncode}\n  stderr:\n{tail}")
+            check_integrity(figure, rnd, self.verify(adapter, name, jobs))
+            with self.server.connect(name) as conn:
+                row = conn.execute(
+                    "SELECT extract(epoch FROM max(finished_at) - min(started_at))::float8"
+                    " FROM pgtq.jobs"
+                ).fetchone()
+        shown = [c if c != dsn else "<dsn>" for c in command]
+        settings = {
+            "jobs": jobs,
+            "kind": kind,
+            "concurrency": CLI_CONCURRENCY,
+            "way": way,
+            "command": shlex.join([Path(shown[0]).name, *shown[1:]]),
+        }
+        extra: dict[str, Any] = {
+            "elapsed_s": elapsed,
+            # first job's start to last job's end, read off the rows: the burn-down without
+            # the process's start-up and exit
+            "db_span_s": row[0] if row else None,
+            "stderr_lines": len(stderr.splitlines()),
+            "stderr_bytes": len(stderr.encode()),
+        }
+        if way == "inproc":
+            with contextlib.suppress(ValueError, IndexError):
+                extra.update(json.loads(out.strip().splitlines()[-1]))
+        self.emit(adapter, figure, rnd, jobs / elapsed, settings, extra)
+
+    def schedule(self, adapter: Adapter, rnd: int, *, retry: bool) -> None:
+        """Lateness of jobs scheduled ahead (or of retries after 1 s) on an idle worker."""
+        count = self.mode.schedule_jobs
+        prefix = "retry" if retry else "sched"
+        rng = random.Random(1000 * rnd + count)
+        delays = None if retry else [round(rng.uniform(*SCHEDULE_AHEAD), 3) for _ in range(count)]
+        interval = RETRY_INTERVAL if retry else SCHEDULE_INTERVAL
+        # PgQueuer's idle worker sleeps up to 30 s: the limit allows for it.
+        limit = self.timeout(count) + count * interval + SCHEDULE_AHEAD[1] + 30
+        with self.database() as name:
+            dsn = self.server.dsn(name)
+            worker = self.spawn(
+                adapter,
+                {
+                    "action": "schedule_worker",
+                    "dsn": dsn,
+                    "expect": count + 1,  # and the warm-up job (n = count)
+                    "fail_below": count if retry else 0,
+                    "timeout": limit,
+                },
+            )
+            with worker:
+                enqueuer = self.spawn(
+                    adapter,
+                    {
+                        "action": "schedule_enqueue",
+                        "dsn": dsn,
+                        "count": count,
+                        "interval": interval,
+                        "delays": delays,
+                        "settle": SCHEDULE_SETTLE,
+                        "timeout": limit,
+                    },
+                )
+                with enqueuer:
+                    self.install(adapter, name)
+                    worker.ready()
+                    enqueuer.ready()
+                    worker.go()
+                    enqueuer.go()
+                    sent = enqueuer.finish(limit + 30)
+                ran = worker.finish(limit + STOP_GRACE)
+            db: dict[int, tuple[float | None, float | None]] = {}
+            if adapter.lateness_sql:
+                with self.server.connect(name) as conn:
+                    for n, at, began in conn.execute(adapter.lateness_sql).fetchall():
+                        db[int(n)] = (
+                            None if at is None else float(at),
+                            None if began is None else float(began),
+                        )
+        runs = {int(n): r for n, r in ran["runs"].items()}
+        problems, late, handler_late, offsets = [], [], [], []
+        want = 2 if retry else 1
+        for n in range(count):
+            mine = runs.get(n, [])
+            if len(mine) != want:
+                problems.append(f"job {n} ran {len(mine)} time(s), expected {want}")
+                continue
+            handler_start, handed = mine[-1]
+            if adapter.lateness_sql:
+                scheduled, began = db.get(n, (None, None))
+                if scheduled is None or began is None:
+                    problems.append(f"job {n}: no scheduled or started time in the database")
+                    continue
+                late.append((began - scheduled) * 1000)
+            else:
+                scheduled = handed
+                if scheduled is None:
+                    problems.append(f"job {n}: the handler got no scheduled time")
+                    continue
+                late.append((handler_start - scheduled) * 1000)
+            handler_late.append((handler_start - scheduled) * 1000)
+            # The schedule the library stored against what was asked for: the defer's own
+            # time + the delay (scheduled jobs), the first run's failure + 1 s (retries).
+            asked = mine[0][0] + 1.0 if retry else sent["before"][n] + (delays or [])[n]
+            offsets.append((scheduled - asked) * 1000)
+        check_integrity(prefix, rnd, problems)
+        late.sort()
+        handler_late.sort()
+        settings = {
+            "jobs": count,
+            "ahead_s": None if retry else list(SCHEDULE_AHEAD),
+            "backoff_s": 1.0 if retry else None,
+            "interval_ms": interval * 1000,
+            "measured": adapter.lateness_source,
+            **ran["settings"],
+            "loop": ran["loop"],
+        }
+        extra = {
+            "min_ms": late[0],
+            "mean_ms": statistics.fmean(late),
+            "handler_p50_ms": percentile(handler_late, 50),
+            "handler_max_ms": handler_late[-1],
+            "schedule_offset_ms": [round(min(offsets), 2), round(max(offsets), 2)],
+            "late_over_100ms": sum(1 for v in late if v > LATENESS_GOAL_MS),
+        }
+        if "warning" in ran:
+            extra["warning"] = ran["warning"]
+        for pct, key in ((50, "p50"), (99, "p99"), (100, "max")):
+            self.emit(adapter, f"{prefix}_{key}", rnd, percentile(late, pct), settings, extra)
+
     # -- the whole run ---------------------------------------------------------------------
 
     def wait_for_quiet(self) -> tuple[float, float | None]:
@@ -711,8 +937,8 @@ class Run:
         if self.args.big:
             groups.append(("big", self.big, always))
         else:
+            kinds: tuple[Kind, ...] = ("async", "sync")
             if "burndown" in self.args.figures:
-                kinds: tuple[Kind, ...] = ("async", "sync")
                 for kind, batch in itertools.product(kinds, BATCHES):
                     figure = f"burndown_{kind}_b{batch}"
                     measure: Callable[[Adapter, int], object] = functools.partial(
@@ -724,6 +950,15 @@ class Run:
                 groups.append(("enqueue", self.enqueue, always))
             if "latency" in self.args.figures:
                 groups.append(("latency", self.latency, always))
+            if "cli" in self.args.figures:
+                only_pgtq: Callable[[Adapter], bool] = lambda a: a.name == "pgtq"  # noqa: E731
+                for kind in kinds:
+                    cli = functools.partial(self.cli_figure, kind=kind)
+                    groups.append((f"cli_{kind}", cli, only_pgtq))
+            if "schedule" in self.args.figures:
+                for retry in (False, True):
+                    sched = functools.partial(self.schedule, retry=retry)
+                    groups.append(("retry" if retry else "schedule", sched, always))
         for rnd in range(1, self.args.rounds + 1):
             log(f"round {rnd} of {self.args.rounds}")
             for g, (what, measure, has) in enumerate(groups):
@@ -847,6 +1082,37 @@ def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
                 target = "meets" if ratio >= 0.9 else "misses"
                 sizes = f"{jobs[fig.key]:,} / {jobs['big_burndown_base']:,} queued"
                 notes.append(f"pgtq burn-down {sizes}: {ratio:.2f} ({target} the ≥ 0.9 target)")
+        if fig.key in ("inproc_async", "inproc_sync"):
+            kind = fig.key.removeprefix("inproc_")
+            inproc, cli = med.get((fig.key, "pgtq")), med.get((f"cli_{kind}", "pgtq"))
+            if inproc and cli:
+                ratio = cli[0] / inproc[0]
+                target = "meets" if ratio >= CLI_GOAL else "misses"
+                spans = {
+                    way: [
+                        r["extra"]["db_span_s"]
+                        for r in records
+                        if r.get("figure") == f"{way}_{kind}"
+                        and r.get("extra", {}).get("db_span_s")
+                    ]
+                    for way in ("cli", "inproc")
+                }
+                span = ""
+                if spans["cli"] and spans["inproc"]:
+                    inner = statistics.median(spans["inproc"]) / statistics.median(spans["cli"])
+                    span = f"; first job's start to last job's end (rows): {inner:.2f}"
+                notes.append(
+                    f"pgtq {kind} burn-down, `pgtq worker --one-shot` / in-process (whole"
+                    f" processes): {ratio:.2f} ({target} the ≥ {CLI_GOAL} target){span}"
+                )
+        if fig.key in ("sched_max", "retry_max") and cells.get("pgtq") is not None:
+            worst = cells["pgtq"] or 0.0
+            target = "meets" if worst <= LATENESS_GOAL_MS else "misses"
+            what = "scheduled jobs" if fig.key == "sched_max" else "retries"
+            notes.append(
+                f"pgtq max lateness of {what} {worst:,.1f} ms ({target} the"
+                f" ≤ {LATENESS_GOAL_MS:.0f} ms target)"
+            )
         if fig.key == "big_peak_rss" and cells.get("pgtq") is not None:
             rss = cells["pgtq"] or 0.0
             target = "meets" if rss <= 100 else "misses"
@@ -917,11 +1183,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, help="jobs per burn-down and batch enqueue")
     p.add_argument("--singles", type=int, help="jobs per single-enqueue figure")
     p.add_argument("--latency-jobs", type=int, help="jobs in the pickup-latency figure")
+    p.add_argument(
+        "--schedule-jobs", type=int, help="jobs per scheduled-lateness figure (and retries)"
+    )
     p.add_argument("--big-jobs", type=int, default=1_000_000)
     p.add_argument(
         "--figures",
         default=",".join(GROUPS),
-        help="comma-separated groups: burndown,enqueue,latency (default: all)",
+        help="comma-separated groups: burndown,enqueue,latency,cli,schedule (default: all)",
     )
     p.add_argument(
         "--vacuum-every",
@@ -1019,6 +1288,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_jobs=args.jobs or mode.batch_jobs,
         singles=args.singles or mode.singles,
         latency_jobs=args.latency_jobs or mode.latency_jobs,
+        schedule_jobs=args.schedule_jobs or mode.schedule_jobs,
     )
     libs = choose_libraries(args)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -1043,7 +1313,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.big_jobs:,} vs {args.jobs or 20_000:,} queued jobs"
             if args.big
             else f"{mode.name}: {mode.jobs:,} jobs per burn-down, {mode.batch_jobs:,} batch-"
-            f"enqueued, {mode.singles:,} single enqueues, {mode.latency_jobs} latency jobs"
+            f"enqueued, {mode.singles:,} single enqueues, {mode.latency_jobs} latency jobs, "
+            f"{mode.schedule_jobs} scheduled jobs"
         )
         log(
             f"{command}\n  libraries: {', '.join(a.name for a in libs)}; {what}; "

@@ -63,7 +63,12 @@ def _bench(
 
 @pytest.mark.slow
 def test_a_tiny_run_writes_a_json_line_per_measurement(server_url: URL, tmp_path: Path) -> None:
-    done = _bench(server_url, tmp_path, "--jobs", "200", "--singles", "50", "--latency-jobs", "10")
+    done = _bench(
+        server_url,
+        tmp_path,
+        *("--jobs", "200", "--singles", "50", "--latency-jobs", "10"),
+        *("--figures", "burndown,enqueue,latency"),
+    )
 
     assert done.returncode == 0, done.stderr[-4000:]
     (results,) = tmp_path.glob("*.jsonl")
@@ -77,6 +82,31 @@ def test_a_tiny_run_writes_a_json_line_per_measurement(server_url: URL, tmp_path
         assert record["versions"]["pgtq"]
         assert record["host"]["postgres"]["server_version"]
     assert "pgtq" in results.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", ["cli", "schedule"])
+def test_the_cli_and_schedule_figures_run(server_url: URL, tmp_path: Path, group: str) -> None:
+    """`pgtq worker --one-shot` beside run_worker; scheduled and retried jobs' lateness."""
+    done = _bench(
+        server_url,
+        tmp_path,
+        *("--jobs", "100", "--schedule-jobs", "3", "--figures", group),
+    )
+
+    assert done.returncode == 0, done.stderr[-4000:]
+    (results,) = tmp_path.glob("*.jsonl")
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    expected = {
+        "cli": {f"{way}_{kind}" for way in ("cli", "inproc") for kind in ("async", "sync")},
+        "schedule": {f"{w}_{p}" for w in ("sched", "retry") for p in ("p50", "p99", "max")},
+    }
+    assert {r["figure"] for r in records} == expected[group]
+    for record in records:
+        assert record["value"] > 0
+    table = results.with_suffix(".md").read_text()
+    note = {"cli": "`pgtq worker --one-shot` / in-process", "schedule": "max lateness of"}
+    assert note[group] in table
 
 
 @pytest.mark.slow

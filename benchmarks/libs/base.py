@@ -25,6 +25,8 @@ Fetch = Callable[[str], tuple[Any, ...]]
 
 ASYNC_TASK = "noop_async"
 SYNC_TASK = "noop_sync"
+#: The scheduled-lateness figures' task: async, no-op, 1 s backoff between two attempts.
+SCHED_TASK = "sched_noop"
 
 
 def task_name(kind: Kind) -> str:
@@ -116,6 +118,41 @@ async def until_stopped(worker: asyncio.Future[Any], stop: asyncio.Event) -> Non
         stopped.cancel()
 
 
+class StartRecorder:
+    """When each run of each job started (``time.time()`` in the handler), for the
+    scheduled-lateness figures, and which runs must fail.
+
+    ``start(n, scheduled)`` is called first thing by the handler, with the job's scheduled
+    instant as the library handed it to the handler (epoch seconds), when it does; it
+    returns True when this run must fail: the first run of every job ``n < fail_below``
+    (the retry figure). ``done`` is set once ``expect`` distinct jobs have had a run that
+    did not fail.
+    """
+
+    def __init__(self, expect: int, fail_below: int = 0) -> None:
+        self.expect = expect
+        self.fail_below = fail_below
+        self.runs: dict[int, list[tuple[float, float | None]]] = {}
+        self.succeeded: set[int] = set()
+        self.done = asyncio.Event()
+
+    def start(self, n: int, scheduled: float | None = None) -> bool:
+        now = time.time()
+        runs = self.runs.setdefault(n, [])
+        runs.append((now, scheduled))
+        fail = n < self.fail_below and len(runs) == 1
+        if not fail:
+            self.succeeded.add(n)
+            if len(self.succeeded) >= self.expect:
+                self.done.set()
+        return fail
+
+
+class ScheduleEnqueuer(Protocol):
+    async def defer(self, n: int, delay: float | None) -> None:
+        """Defer one job of ``SCHED_TASK``: due in ``delay`` seconds, or now (None)."""
+
+
 class AsyncEnqueuer(Protocol):
     async def batch(self, ns: Sequence[int]) -> None: ...
 
@@ -138,6 +175,12 @@ class Adapter(ABC):
     total_sql: ClassVar[str]  # jobs enqueued so far
     preload: ClassVar[tuple[str, ...]]  # modules a worker process imports before the clock
     supports_sync_tasks: ClassVar[bool] = True
+    #: The scheduled-lateness figures: (n, scheduled epoch, started epoch) per job, read
+    #: from the library's own tables after the run (the started time of the last attempt,
+    #: the scheduled time of that attempt). None: the library keeps no start time, and
+    #: lateness is the handler's start minus the scheduled time the library handed it.
+    lateness_sql: ClassVar[str | None] = None
+    lateness_source: ClassVar[str] = ""  # what the lateness is measured from (recorded)
 
     @classmethod
     def available(cls) -> bool:
@@ -197,3 +240,22 @@ class Adapter(ABC):
         ``fetch(sql)`` returns the first row of a query. Every job must be finished, as a
         success, exactly once.
         """
+
+    def schedule_enqueuer(self, dsn: str) -> AbstractAsyncContextManager[ScheduleEnqueuer]:
+        """Open what defers ``SCHED_TASK`` jobs, scheduled ahead or due now."""
+        raise NotImplementedError(f"{self.name}: no scheduled jobs")
+
+    async def run_schedule_worker(
+        self, dsn: str, *, recorder: StartRecorder, stop: asyncio.Event
+    ) -> None:
+        """Run one worker with the library's DEFAULT settings until ``stop``.
+
+        Its ``SCHED_TASK`` handler calls ``recorder.start(n, scheduled)`` first and raises
+        when that returns True; the task retries once after 1 s (no jitter).
+        """
+        raise NotImplementedError(f"{self.name}: no scheduled jobs")
+
+    @classmethod
+    def schedule_settings(cls) -> dict[str, Any]:
+        """The worker and retry settings of the scheduled-lateness figures (recorded)."""
+        return {}

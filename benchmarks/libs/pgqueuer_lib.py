@@ -17,11 +17,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from benchmarks.libs.base import (
     ASYNC_TASK,
+    SCHED_TASK,
     Adapter,
     AsyncEnqueuer,
     Fetch,
     Kind,
     Recorder,
+    ScheduleEnqueuer,
+    StartRecorder,
     SyncEnqueuer,
     task_name,
     until_stopped,
@@ -46,6 +49,17 @@ class _Async:
         await self.queries.enqueue(self.entrypoint, str(n).encode(), 0)
 
 
+class _Scheduled:
+    def __init__(self, queries: Queries) -> None:
+        self.queries = queries
+
+    async def defer(self, n: int, delay: float | None) -> None:
+        from datetime import timedelta
+
+        after = None if delay is None else timedelta(seconds=delay)
+        await self.queries.enqueue(SCHED_TASK, str(n).encode(), 0, execute_after=after)
+
+
 class _Sync:
     def __init__(self, queries: SyncQueries) -> None:
         self.queries = queries
@@ -64,6 +78,9 @@ class PgqueuerAdapter(Adapter):
     remaining_sql = "SELECT count(*) FROM pgqueuer"  # finished jobs move to pgqueuer_log
     total_sql = "SELECT count(*) FROM pgqueuer_log WHERE status = 'queued'"
     supports_sync_tasks: ClassVar[bool] = False
+    # It deletes a finished job (its log keeps no execute_after): the handler's start minus
+    # the job's execute_after as PgQueuer hands it to the handler.
+    lateness_source = "handler: time.time() at start - job.execute_after"
 
     async def install(self, dsn: str) -> None:
         import asyncpg
@@ -124,6 +141,53 @@ class PgqueuerAdapter(Adapter):
     @classmethod
     def worker_settings(cls, kind: Kind, batch: int) -> dict[str, Any]:
         return {"batch_size": batch}
+
+    @contextlib.asynccontextmanager
+    async def schedule_enqueuer(self, dsn: str) -> AsyncIterator[ScheduleEnqueuer]:
+        import asyncpg
+        from pgqueuer import AsyncpgDriver, Queries
+
+        conn = await asyncpg.connect(dsn)
+        try:
+            yield _Scheduled(Queries(AsyncpgDriver(conn)))
+        finally:
+            await conn.close()
+
+    async def run_schedule_worker(
+        self, dsn: str, *, recorder: StartRecorder, stop: asyncio.Event
+    ) -> None:
+        from datetime import timedelta
+
+        import asyncpg
+        from pgqueuer import AsyncpgDriver, Job, PgQueuer
+        from pgqueuer.errors import RetryRequested
+
+        conn = await asyncpg.connect(dsn)
+        pgq = PgQueuer(AsyncpgDriver(conn))
+        start = recorder.start
+
+        @pgq.entrypoint(SCHED_TASK)
+        async def sched_noop(job: Job) -> None:
+            if start(int(job.payload or b"-1"), job.execute_after.timestamp()):
+                raise RetryRequested(delay=timedelta(seconds=1), reason="fails once")
+
+        runner = asyncio.create_task(pgq.run())  # the defaults
+        try:
+            await until_stopped(runner, stop)
+            pgq.shutdown.set()
+            await runner
+        finally:
+            if not runner.done():
+                runner.cancel()
+            await conn.close()
+
+    @classmethod
+    def schedule_settings(cls) -> dict[str, Any]:
+        return {
+            "worker": "PgQueuer.run() (defaults: dequeue_timeout=30 s, batch_size=10)",
+            "retry": "the handler raises RetryRequested(delay=timedelta(seconds=1))",
+            "schedule": "Queries.enqueue(..., execute_after=timedelta(seconds=s))",
+        }
 
     @classmethod
     def verify(cls, fetch: Fetch, expect: int) -> list[str]:

@@ -9,12 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 from benchmarks.libs.base import (
     ASYNC_TASK,
+    SCHED_TASK,
     SYNC_TASK,
     Adapter,
     AsyncEnqueuer,
     Fetch,
     Kind,
     Recorder,
+    ScheduleEnqueuer,
+    StartRecorder,
     SyncEnqueuer,
     until_stopped,
 )
@@ -43,6 +46,31 @@ def _app(
             record_thread(n)
 
     return app, noop_async, noop_sync
+
+
+def _sched_app(dsn: str, recorder: StartRecorder | None = None) -> tuple[pgtq.App, Any]:
+    import pgtq
+
+    app = pgtq.App(dsn)
+    start = recorder.start if recorder is not None else None
+
+    @app.task(name=SCHED_TASK, retry=pgtq.Retry(max_attempts=2, base=1, jitter=0))
+    async def sched_noop(n: int) -> None:
+        if start is not None and start(n):
+            raise RuntimeError("fails once (the retry figure)")
+
+    return app, sched_noop
+
+
+class _Scheduled:
+    def __init__(self, task: pgtq.Task[Any]) -> None:
+        self.task = task
+
+    async def defer(self, n: int, delay: float | None) -> None:
+        if delay is None:
+            await self.task.defer_async(n=n)
+        else:
+            await self.task.configure(schedule_in=delay).defer_async(n=n)
 
 
 class _Async:
@@ -79,6 +107,11 @@ class PgtqAdapter(Adapter):
     jobs_table = "pgtq.jobs"
     remaining_sql = "SELECT count(*) FROM pgtq.jobs WHERE status IN ('todo', 'doing')"
     total_sql = "SELECT count(*) FROM pgtq.jobs"
+    lateness_sql = (
+        "SELECT (args->>'n')::int, extract(epoch FROM scheduled_at),"
+        " extract(epoch FROM started_at) FROM pgtq.jobs"
+    )
+    lateness_source = "database: pgtq.jobs.started_at - scheduled_at"
 
     async def install(self, dsn: str) -> None:
         app, _, _ = _app(dsn)
@@ -120,6 +153,36 @@ class PgtqAdapter(Adapter):
     @classmethod
     def worker_settings(cls, kind: Kind, batch: int) -> dict[str, Any]:
         return {"concurrency": batch, "batch_size": batch}
+
+    @contextlib.asynccontextmanager
+    async def schedule_enqueuer(self, dsn: str) -> AsyncIterator[ScheduleEnqueuer]:
+        app, task = _sched_app(dsn)
+        try:
+            yield _Scheduled(task)
+        finally:
+            await app.close_async()
+
+    async def run_schedule_worker(
+        self, dsn: str, *, recorder: StartRecorder, stop: asyncio.Event
+    ) -> None:
+        app, _ = _sched_app(dsn, recorder)
+        worker = asyncio.create_task(app.run_worker_async())  # the defaults
+        try:
+            await until_stopped(worker, stop)
+            if not worker.done():
+                worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+        finally:
+            await app.close_async()
+
+    @classmethod
+    def schedule_settings(cls) -> dict[str, Any]:
+        return {
+            "worker": "app.run_worker_async() (defaults: fetch_job_polling_interval=5)",
+            "retry": "Retry(max_attempts=2, base=1, jitter=0)",
+            "schedule": "task.configure(schedule_in=seconds).defer_async(n=n)",
+        }
 
     @classmethod
     def verify(cls, fetch: Fetch, expect: int) -> list[str]:

@@ -16,12 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 from benchmarks.libs.base import (
     ASYNC_TASK,
+    SCHED_TASK,
     SYNC_TASK,
     Adapter,
     AsyncEnqueuer,
     Fetch,
     Kind,
     Recorder,
+    ScheduleEnqueuer,
+    StartRecorder,
     SyncEnqueuer,
     until_stopped,
 )
@@ -56,6 +59,37 @@ def _async_app(dsn: str, recorder: Recorder | None = None) -> procrastinate.App:
     return _app(procrastinate.PsycopgConnector(conninfo=dsn), recorder)
 
 
+def _sched_app(dsn: str, recorder: StartRecorder | None = None) -> procrastinate.App:
+    import procrastinate
+
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
+    start = recorder.start if recorder is not None else None
+
+    @app.task(
+        name=SCHED_TASK,
+        pass_context=True,
+        retry=procrastinate.RetryStrategy(max_attempts=2, wait=1),
+    )
+    async def sched_noop(context: Any, n: int) -> None:
+        if start is not None:
+            at = context.job.scheduled_at
+            if start(n, at.timestamp() if at is not None else None):
+                raise RuntimeError("fails once (the retry figure)")
+
+    return app
+
+
+class _Scheduled:
+    def __init__(self, task: Any) -> None:
+        self.task = task
+
+    async def defer(self, n: int, delay: float | None) -> None:
+        if delay is None:
+            await self.task.defer_async(n=n)
+        else:
+            await self.task.configure(schedule_in={"seconds": delay}).defer_async(n=n)
+
+
 class _Async:
     def __init__(self, task: Any) -> None:
         self.task = task
@@ -84,6 +118,15 @@ class ProcrastinateAdapter(Adapter):
     jobs_table = "procrastinate_jobs"
     remaining_sql = "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')"
     total_sql = "SELECT count(*) FROM procrastinate_jobs"
+    # Its jobs table has no start time: the last 'started' event of the job is its start.
+    lateness_sql = (
+        "SELECT (j.args->>'n')::int, extract(epoch FROM j.scheduled_at),"
+        " extract(epoch FROM (SELECT max(e.at) FROM procrastinate_events e"
+        " WHERE e.job_id = j.id AND e.type = 'started')) FROM procrastinate_jobs j"
+    )
+    lateness_source = (
+        "database: last 'started' procrastinate_events.at - procrastinate_jobs.scheduled_at"
+    )
 
     async def install(self, dsn: str) -> None:
         app = _async_app(dsn)
@@ -123,6 +166,32 @@ class ProcrastinateAdapter(Adapter):
     @classmethod
     def worker_settings(cls, kind: Kind, batch: int) -> dict[str, Any]:
         return {"concurrency": batch}
+
+    @contextlib.asynccontextmanager
+    async def schedule_enqueuer(self, dsn: str) -> AsyncIterator[ScheduleEnqueuer]:
+        app = _sched_app(dsn)
+        async with app.open_async():
+            yield _Scheduled(app.tasks[SCHED_TASK])
+
+    async def run_schedule_worker(
+        self, dsn: str, *, recorder: StartRecorder, stop: asyncio.Event
+    ) -> None:
+        app = _sched_app(dsn, recorder)
+        async with app.open_async():
+            worker = asyncio.create_task(app.run_worker_async(install_signal_handlers=False))
+            await until_stopped(worker, stop)
+            if not worker.done():
+                worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+
+    @classmethod
+    def schedule_settings(cls) -> dict[str, Any]:
+        return {
+            "worker": "app.run_worker_async() (defaults: fetch_job_polling_interval=5)",
+            "retry": "RetryStrategy(max_attempts=2, wait=1)",
+            "schedule": "task.configure(schedule_in={'seconds': s}).defer_async(n=n)",
+        }
 
     @classmethod
     def verify(cls, fetch: Fetch, expect: int) -> list[str]:
