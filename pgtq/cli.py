@@ -510,6 +510,16 @@ RescueAfterOption = Annotated[
         "back by a live one (default: 30; keep it well above --heartbeat-interval).",
     ),
 ]
+SummaryIntervalOption = Annotated[
+    float | None,
+    typer.Option(
+        "--summary-interval",
+        min=0,
+        callback=_finite,
+        help="Seconds between the INFO line that sums up the worker's work: jobs/s, failed, "
+        "running (default: 60; 0: never).",
+    ),
+]
 DeleteJobsOption = Annotated[
     DeleteJobs | None,
     typer.Option(
@@ -604,6 +614,7 @@ def worker(
     shutdown_graceful_timeout: GracefulTimeoutOption = None,
     heartbeat_interval: HeartbeatOption = None,
     rescue_after: RescueAfterOption = None,
+    summary_interval: SummaryIntervalOption = None,
     delete_jobs: DeleteJobsOption = None,
     name: NameOption = None,
     periodic: PeriodicOption = None,
@@ -641,6 +652,8 @@ def worker(
         "periodic": periodic,
     }
     options = {key: value for key, value in given.items() if value is not None}
+    if summary_interval is not None:  # 0: never, which the worker calls None
+        options["summary_interval"] = summary_interval or None
     if shutdown_graceful_timeout is not None:  # inf: no limit, which the worker calls None
         options["shutdown_graceful_timeout"] = (
             None if math.isinf(shutdown_graceful_timeout) else shutdown_graceful_timeout

@@ -334,7 +334,7 @@ def test_worker_flags_reach_the_worker(dsn: str, sql: SQL, monkeypatch: pytest.M
         "--prefetch", "0", "--fetch-job-polling-interval", "0.5",
         "--abort-job-polling-interval", "0.25", "--shutdown-graceful-timeout", "7",
         "--heartbeat-interval", "0.75", "--rescue-after", "9", "--delete-jobs", "successful",
-        "--name", "cli-worker-1", "--no-periodic",
+        "--name", "cli-worker-1", "--no-periodic", "--summary-interval", "0",
         dsn=dsn,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -352,6 +352,7 @@ def test_worker_flags_reach_the_worker(dsn: str, sql: SQL, monkeypatch: pytest.M
         "delete_jobs": "successful",
         "worker_id": "cli-worker-1",
         "periodic": False,
+        "summary_interval": None,  # 0: never
         "wait": False,
         "install_signal_handlers": True,
     }
@@ -375,6 +376,7 @@ def test_worker_flags_not_given_leave_the_app_worker_options(
     given = invoke(
         "worker", "tests.apps.noop:tuned", "--one-shot", "-c", "6",
         "--shutdown-graceful-timeout", "inf", "--delete-jobs", "always",
+        "--summary-interval", "15",
         dsn=dsn,
     )  # fmt: skip
     assert given.exit_code == 0, given.output
@@ -387,6 +389,7 @@ def test_worker_flags_not_given_leave_the_app_worker_options(
         "concurrency": 6,
         "shutdown_graceful_timeout": None,  # inf: no limit
         "delete_jobs": "always",
+        "summary_interval": 15.0,
     }
     assert sql("SELECT id, status FROM pgtq.jobs") == [(1, "succeeded")]  # job 2: deleted
 
