@@ -199,6 +199,19 @@ def test_worker_json_lines_parse_and_name_the_failure(dsn: str, sql: SQL) -> Non
     assert any("processed 4 job(s)" in m for m in messages), messages
 
 
+def test_worker_json_lines_name_a_retry_and_each_attempt(dsn: str) -> None:
+    assert invoke("defer", NOOP, "flaky", dsn=dsn).exit_code == 0  # retried once, at once
+    proc = run_pgtq("worker", NOOP, "--one-shot", "--log-format", "json", dsn=dsn)
+    assert proc.returncode == 0, proc.stderr
+    retried, failed = [line for line in json_lines(proc.stderr) if "job_id" in line]
+    assert (retried["level"], retried["status"], retried["attempt"]) == ("INFO", "retried", 1)
+    assert (failed["level"], failed["status"], failed["attempt"]) == ("WARNING", "failed", 2)
+    for line in (retried, failed):
+        assert (line["error"], line["error_message"]) == ("RuntimeError", "try again")
+        assert f"attempt {line['attempt']} of 2" in line["message"]
+        assert "RuntimeError: try again" in line["message"]
+
+
 def test_worker_debug_level_logs_each_job(dsn: str) -> None:
     defer_noops_and_a_failure(dsn)
     proc = run_pgtq(
