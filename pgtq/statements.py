@@ -5,6 +5,16 @@ every transition. Statements are built per schema (``statements_for``) and cache
 SQLAlchemy's compiled cache and the drivers' prepared statements see the same objects each
 time. Nothing here does I/O; a :class:`Query` pairs a statement with its parameters and the
 pure function that turns its result into a value, and either connector runs it.
+
+A bound parameter is never named like a column of a table its statement writes (inserts,
+updates or deletes): ``:me`` for the worker's id, ``:only_queue``, ``:new_<column>`` for the
+values of new rows. Where SQLAlchemy executes an INSERT or UPDATE (psycopg async, the sync
+side), it treats every parameter named like a column of that table as a value to write: a
+parameter the statement also uses elsewhere fails it (the one-queue claim with ``:queue``
+failed every time: "bindparam() name 'queue' is reserved ..."), and one it does not use is
+added to its SET clause. The guard is ``tests/test_statements.py``: it walks every statement
+built here and every ``Query`` the functions below make (a new builder or function must be
+added to it) and fails on such a name, or on a parameter the statement does not take.
 """
 
 from __future__ import annotations
@@ -160,6 +170,12 @@ INSERT_COLUMNS: tuple[tuple[str, sa.types.TypeEngine[Any]], ...] = (
 JSON_COLUMNS = frozenset({"args", "trace_context"})
 
 
+def new_param(column: str) -> str:
+    """The parameter that carries a new row's ``column`` (never the column's own name: see
+    the module's docstring)."""
+    return "new_" + column
+
+
 class Statements:
     """The statements of one schema. Built lazily, once per schema."""
 
@@ -192,13 +208,15 @@ class Statements:
         """
         j = self.jobs
         rows = (
-            sa.func.jsonb_array_elements(sa.cast(sa.bindparam("args", type_=sa.Text), JSONB))
+            sa.func.jsonb_array_elements(
+                sa.cast(sa.bindparam(new_param("args"), type_=sa.Text), JSONB)
+            )
             .table_valued(sa.column("value", JSONB))
             .render_derived("new_jobs")
         )
         delay = sa.bindparam("schedule_in", type_=sa.Float)
         at = sa.func.coalesce(
-            sa.bindparam("scheduled_at", type_=sa.DateTime(timezone=True)),
+            sa.bindparam(new_param("scheduled_at"), type_=sa.DateTime(timezone=True)),
             sa.func.now() + delay * ONE_SECOND,
             type_=sa.DateTime(timezone=True),
         )
@@ -209,13 +227,13 @@ class Statements:
                 if name == "args"
                 else at
                 if name == "scheduled_at"
-                else sa.bindparam(name, type_=kind)
+                else sa.bindparam(new_param(name), type_=kind)
             )
             values.append(sa.cast(value, JSONB) if name == "trace_context" else value)
         columns = [name for name, _ in INSERT_COLUMNS]
         select = sa.select(*values).select_from(rows)
         inserted = sa.insert(j).from_select(columns, select).returning(j.c.id).cte("inserted")
-        return self._announce(inserted, sa.bindparam("queue", type_=sa.Text), at)
+        return self._announce(inserted, sa.bindparam(new_param("queue"), type_=sa.Text), at)
 
     @property
     def _channel(self) -> sa.ColumnElement[str]:
@@ -274,10 +292,10 @@ class Statements:
         # A worker declared dead (its row removed by a rescue) claims nothing until it has
         # registered again: it may still run what was rescued from it.
         w = self.t.workers
-        alive = sa.exists().where(w.c.id == sa.bindparam("worker_id", type_=sa.Text))
+        alive = sa.exists().where(w.c.id == sa.bindparam("me", type_=sa.Text))
         where = [j.c.status == TODO, due, lock_free, not_paused, alive]
         if queues == "one":  # equality, so the (queue, priority, id) index gives the order
-            where.append(j.c.queue == sa.bindparam("queue", type_=sa.Text))
+            where.append(j.c.queue == sa.bindparam("only_queue", type_=sa.Text))
         elif queues == "some":
             where.append(j.c.queue == sa.any_(_array("queues", sa.Text())))
         return where
@@ -294,7 +312,7 @@ class Statements:
             .values(
                 status=DOING,
                 attempts=j.c.attempts + 1,
-                worker_id=sa.bindparam("worker_id", type_=sa.Text),
+                worker_id=sa.bindparam("me", type_=sa.Text),
                 # The clock, not the transaction's start: a claim that waited for the limits
                 # lock starts after what it waited for (the history reads this column).
                 started_at=sa.func.clock_timestamp(),
@@ -556,7 +574,7 @@ class Statements:
     def write_buckets(self) -> Any:
         b = self.t.limit_buckets
         rows = (
-            sa.func.unnest(_array("keys", sa.Text()), _array("tokens", sa.Float()))
+            sa.func.unnest(_array("keys", sa.Text()), _array("bucket_tokens", sa.Float()))
             .table_valued(sa.column("key", sa.Text), sa.column("tokens", sa.Float))
             .render_derived("charged")
         )
@@ -587,9 +605,9 @@ class Statements:
     def set_queue_limits(self) -> Any:
         q = self.t.queues
         stmt = pg_insert(q).values(
-            name=sa.bindparam("name", type_=sa.Text),
-            concurrency=sa.bindparam("concurrency", type_=sa.Integer),
-            rate_limit=sa.bindparam("rate_limit", type_=sa.Float),
+            name=sa.bindparam("queue_name", type_=sa.Text),
+            concurrency=sa.bindparam("queue_concurrency", type_=sa.Integer),
+            rate_limit=sa.bindparam("queue_rate_limit", type_=sa.Float),
         )
         return stmt.on_conflict_do_update(
             index_elements=[q.c.name],
@@ -639,7 +657,7 @@ class Statements:
         """Write a batch of outcomes in one statement.
 
         ``doing → succeeded | failed | aborted``, or ``doing → todo`` for a retry (``retry_in``
-        seconds from now). Guarded by ``status = 'doing' AND worker_id = :worker_id``: a job
+        seconds from now). Guarded by ``status = 'doing' AND worker_id = :me``: a job
         that was rescued or re-queued meanwhile is never overwritten.
         """
         return self._complete_update(self._outcomes())
@@ -739,7 +757,7 @@ class Statements:
 
     def _held_by_worker(self) -> tuple[sa.ColumnElement[bool], ...]:
         j = self.jobs
-        return (j.c.status == DOING, j.c.worker_id == sa.bindparam("worker_id", type_=sa.Text))
+        return (j.c.status == DOING, j.c.worker_id == sa.bindparam("me", type_=sa.Text))
 
     def _complete_update(self, u: Any, *where: sa.ColumnElement[bool]) -> ReturningUpdate[Any]:
         j = self.jobs
@@ -834,7 +852,7 @@ class Statements:
     def abort_requested(self) -> sa.Select[Any]:
         j = self.jobs
         return sa.select(j.c.id).where(
-            j.c.worker_id == sa.bindparam("worker_id", type_=sa.Text),
+            j.c.worker_id == sa.bindparam("me", type_=sa.Text),
             j.c.status == DOING,
             j.c.abort_requested,
         )
@@ -902,10 +920,10 @@ class Statements:
     def register_worker(self) -> sa.Insert:
         w = self.t.workers
         return sa.insert(w).values(
-            id=sa.bindparam("worker_id"),
-            hostname=sa.bindparam("hostname"),
-            pid=sa.bindparam("pid"),
-            queues=sa.bindparam("queues", type_=ARRAY(sa.Text)),
+            id=sa.bindparam("me", type_=sa.Text),
+            hostname=sa.bindparam("worker_hostname", type_=sa.Text),
+            pid=sa.bindparam("worker_pid", type_=sa.Integer),
+            queues=sa.bindparam("worker_queues", type_=ARRAY(sa.Text)),
         )
 
     @cached_property
@@ -913,14 +931,14 @@ class Statements:
         w = self.t.workers
         return (
             sa.update(w)
-            .where(w.c.id == sa.bindparam("worker_id", type_=sa.Text))
+            .where(w.c.id == sa.bindparam("me", type_=sa.Text))
             .values(last_heartbeat=sa.func.now())
         )
 
     @cached_property
     def unregister_worker(self) -> sa.Delete:
         w = self.t.workers
-        return sa.delete(w).where(w.c.id == sa.bindparam("worker_id", type_=sa.Text))
+        return sa.delete(w).where(w.c.id == sa.bindparam("me", type_=sa.Text))
 
     # -- history --------------------------------------------------------------------------
 
@@ -1108,7 +1126,7 @@ class Statements:
             before = sa.func.now() - sa.bindparam("older_than", type_=sa.Float) * ONE_SECOND
             where = [j.c.finished_at < before, j.c.status.in_([_status(s) for s in statuses])]
             if by_queue:
-                where.append(j.c.queue == sa.bindparam("queue", type_=sa.Text))
+                where.append(j.c.queue == sa.bindparam("only_queue", type_=sa.Text))
             gone = sa.delete(j).where(*where).returning(j.c.id).cte("gone")
             history = (
                 sa.delete(events).where(events.c.job_id.in_(sa.select(gone.c.id))).cte("history")
@@ -1190,7 +1208,7 @@ class Statements:
             ("tick_at", sa.DateTime(timezone=True)),
         )
         rows = (
-            sa.func.unnest(*(_array(name, kind) for name, kind in columns))
+            sa.func.unnest(*(_array(new_param(name), kind) for name, kind in columns))
             .table_valued(*(sa.column(name, kind) for name, kind in columns))
             .render_derived("ticks_in")
         )
@@ -1375,7 +1393,7 @@ class JobRows:
         return cls(*([] for _ in INSERT_COLUMNS))
 
     def as_params(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name, _ in INSERT_COLUMNS}
+        return {new_param(name): getattr(self, name) for name, _ in INSERT_COLUMNS}
 
 
 @dataclass(slots=True)  # made per defer: not frozen, for the cheaper __init__ (see Query)
@@ -1396,17 +1414,17 @@ class NewJobs:
     count: int
 
     def as_params(self) -> dict[str, Any]:
-        return {
-            "queue": self.queue,
-            "task_name": self.task_name,
-            "args": self.args,
-            "priority": self.priority,
-            "scheduled_at": self.scheduled_at,
+        return {  # the names new_param gives, written out: this runs at every defer
+            "new_queue": self.queue,
+            "new_task_name": self.task_name,
+            "new_args": self.args,
+            "new_priority": self.priority,
+            "new_scheduled_at": self.scheduled_at,
             "schedule_in": self.schedule_in,
-            "lock": self.lock,
-            "queueing_lock": self.queueing_lock,
-            "concurrency_key": self.concurrency_key,
-            "trace_context": self.trace_context,
+            "new_lock": self.lock,
+            "new_queueing_lock": self.queueing_lock,
+            "new_concurrency_key": self.concurrency_key,
+            "new_trace_context": self.trace_context,
         }
 
 
@@ -1426,9 +1444,9 @@ def get_job(s: Statements, job_id: int) -> Query[Job | None]:
 def claim_jobs(
     s: Statements, worker_id: str, queues: Sequence[str] | None, limit: int
 ) -> Query[list[ClaimedJob]]:
-    params: dict[str, Any] = {"worker_id": worker_id}
+    params: dict[str, Any] = {"me": worker_id}
     if queues and len(queues) == 1:
-        params["queue"] = queues[0]
+        params["only_queue"] = queues[0]
     elif queues:
         params["queues"] = list(queues)
     return Query(s.claim(queues, limit), params, claimed_in_order)
@@ -1489,7 +1507,7 @@ def complete_jobs(
 ) -> Query[list[int]]:
     """Write outcomes; jobs ending in ``delete_statuses`` are deleted instead."""
     params: dict[str, Any] = {
-        "worker_id": worker_id,
+        "me": worker_id,
         "ids": outcomes.ids,
         "outcome_attempts": outcomes.attempts,
         "statuses": outcomes.statuses,
@@ -1504,11 +1522,11 @@ def complete_jobs(
 
 
 def release_jobs(s: Statements, worker_id: str, ids: Sequence[int]) -> Query[list[int]]:
-    return Query(s.release, {"worker_id": worker_id, "ids": list(ids)}, _id_list)
+    return Query(s.release, {"me": worker_id, "ids": list(ids)}, _id_list)
 
 
 def release_unknown_jobs(s: Statements, worker_id: str, known: Iterable[int]) -> Query[list[int]]:
-    return Query(s.release_unknown, {"worker_id": worker_id, "known": list(known)}, _id_list)
+    return Query(s.release_unknown, {"me": worker_id, "known": list(known)}, _id_list)
 
 
 def fail_unclaimable_jobs(
@@ -1561,7 +1579,7 @@ def retry_job(s: Statements, job_id: int) -> Query[bool]:
 
 
 def abort_requested_ids(s: Statements, worker_id: str) -> Query[list[int]]:
-    return Query(s.abort_requested, {"worker_id": worker_id}, _id_list)
+    return Query(s.abort_requested, {"me": worker_id}, _id_list)
 
 
 def parse_announcement(payload: str) -> tuple[str, float | None]:
@@ -1609,16 +1627,16 @@ def register_worker(
     s: Statements, worker_id: str, hostname: str, pid: int, queues: Sequence[str] | None
 ) -> Query[int]:
     params = {
-        "worker_id": worker_id,
-        "hostname": hostname,
-        "pid": pid,
-        "queues": list(queues) if queues else None,
+        "me": worker_id,
+        "worker_hostname": hostname,
+        "worker_pid": pid,
+        "worker_queues": list(queues) if queues else None,
     }
     return Query(s.register_worker, params, lambda r: r.rowcount)
 
 
 def heartbeat(s: Statements, worker_id: str) -> Query[int]:
-    return Query(s.heartbeat, {"worker_id": worker_id}, lambda r: r.rowcount)
+    return Query(s.heartbeat, {"me": worker_id}, lambda r: r.rowcount)
 
 
 def job_history(s: Statements, job_id: int) -> Query[list[JobEvent]]:
@@ -1641,7 +1659,7 @@ def claim_limited(
     keycaps: Mapping[str, int],
 ) -> Query[list[ClaimedJob]]:
     params: dict[str, Any] = {
-        "worker_id": worker_id,
+        "me": worker_id,
         "limit": limit,
         "scan": min(1000, limit * 4),
         "allow_keys": list(allow),
@@ -1677,7 +1695,7 @@ def read_buckets(s: Statements, keys: Sequence[str]) -> Query[dict[str, tuple[fl
 
 
 def write_buckets(s: Statements, tokens: Mapping[str, float]) -> Query[None]:
-    params = {"keys": list(tokens), "tokens": list(tokens.values())}
+    params = {"keys": list(tokens), "bucket_tokens": list(tokens.values())}
     return Query(s.write_buckets, params, lambda _rows: None)
 
 
@@ -1692,7 +1710,7 @@ def clear_old_results(s: Statements, older_than: float) -> Query[int]:
 def set_queue_limits(
     s: Statements, name: str, concurrency: int | None, rate_limit: float | None
 ) -> Query[None]:
-    params = {"name": name, "concurrency": concurrency, "rate_limit": rate_limit}
+    params = {"queue_name": name, "queue_concurrency": concurrency, "queue_rate_limit": rate_limit}
     return Query(s.set_queue_limits, params, lambda _rows: None)
 
 
@@ -1708,7 +1726,7 @@ def orphaned_jobs(s: Statements) -> Query[list[tuple[str, ClaimedJob, int]]]:
 
 
 def unregister_worker(s: Statements, worker_id: str) -> Query[int]:
-    return Query(s.unregister_worker, {"worker_id": worker_id}, lambda r: r.rowcount)
+    return Query(s.unregister_worker, {"me": worker_id}, lambda r: r.rowcount)
 
 
 # == operations (pgtq_0002): list, stats, clean-up, cancel, queues ================================
@@ -1826,7 +1844,7 @@ def delete_old_jobs(
 ) -> Query[int]:
     params: dict[str, Any] = {"older_than": older_than}
     if queue is not None:
-        params["queue"] = queue
+        params["only_queue"] = queue
     statement = s.delete_old(tuple(sorted(set(statuses))), queue is not None)
     return Query(statement, params, lambda r: int(_one_or_none(r)))
 
@@ -1863,7 +1881,11 @@ class TickRows:
         return cls(JobRows.empty(), [], [])
 
     def as_params(self) -> dict[str, Any]:
-        return {**self.jobs.as_params(), "periodic_id": self.periodic_id, "tick_at": self.tick_at}
+        return {
+            **self.jobs.as_params(),
+            new_param("periodic_id"): self.periodic_id,
+            new_param("tick_at"): self.tick_at,
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,7 +46,7 @@ def big_db(make_database: Any) -> Iterator[str]:
 
 S = statements_for("pgtq")
 OUTCOMES = {
-    "worker_id": "w",
+    "me": "w",
     "ids": list(range(1, 200, 2)),
     "statuses": ["succeeded"] * 100,
     "results": [None] * 100,
@@ -54,15 +54,15 @@ OUTCOMES = {
     "retry_in": [None] * 100,
 }
 CASES = {
-    "claim, all queues": (S.claim(None, 100), {"worker_id": "w"}, "jobs_claim_idx"),
+    "claim, all queues": (S.claim(None, 100), {"me": "w"}, "jobs_claim_idx"),
     "claim, one queue": (
         S.claim(["a"], 100),
-        {"worker_id": "w", "queue": "a"},
+        {"me": "w", "only_queue": "a"},
         "jobs_queue_claim_idx",
     ),
     "claim, two queues": (
         S.claim(["a", "b"], 100),
-        {"worker_id": "w", "queues": ["a", "b"]},
+        {"me": "w", "queues": ["a", "b"]},
         "jobs_claim_idx",
     ),
     "complete": (S.complete, OUTCOMES, None),
