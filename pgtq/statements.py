@@ -1088,21 +1088,34 @@ class Statements:
             .group_by(j.c.queue, j.c.task_name)
         )
 
+    def _worker_columns(self) -> tuple[sa.ColumnElement[Any], ...]:
+        """A worker's row as ``WorkerInfo`` reads it, its heartbeat's age last (on the
+        database's clock)."""
+        w = self.t.workers
+        beat = _readable(w.c.last_heartbeat)
+        return (
+            w.c.id,
+            w.c.hostname,
+            w.c.pid,
+            w.c.queues,
+            _readable(w.c.started_at).label("started_at"),
+            beat.label("last_heartbeat"),
+            sa.cast(sa.extract("epoch", sa.func.now() - beat), sa.Float).label("heartbeat_age"),
+        )
+
+    @cached_property
+    def worker_heartbeats(self) -> sa.Select[Any]:
+        """Every registered worker, freshest heartbeat first (the health checks)."""
+        columns = self._worker_columns()
+        return sa.select(*columns).order_by(columns[-1], self.t.workers.c.id)
+
     @cached_property
     def workers_running(self) -> sa.Select[Any]:
         """Every worker with its heartbeat age and, one row each, the jobs it runs."""
         w, j = self.t.workers, self.jobs
-        beat = _readable(w.c.last_heartbeat)
-        age = sa.cast(sa.extract("epoch", sa.func.now() - beat), sa.Float)
         return (
             sa.select(
-                w.c.id,
-                w.c.hostname,
-                w.c.pid,
-                w.c.queues,
-                _readable(w.c.started_at).label("started_at"),
-                beat.label("last_heartbeat"),
-                age.label("heartbeat_age"),
+                *self._worker_columns(),
                 j.c.id.label("job_id"),
                 j.c.task_name,
                 j.c.queue,
@@ -1945,22 +1958,6 @@ def to_throughput(window: float, bucket: float, rows: Iterable[Sequence[Any]]) -
 # == health (pgtq healthcheck, /healthz) ===========================================================
 
 
-@cache
-def _worker_heartbeats(s: Statements) -> sa.Select[Any]:
-    w = s.t.workers
-    beat = _readable(w.c.last_heartbeat)
-    age = sa.cast(sa.extract("epoch", sa.func.now() - beat), sa.Float)
-    return sa.select(
-        w.c.id,
-        w.c.hostname,
-        w.c.pid,
-        w.c.queues,
-        _readable(w.c.started_at).label("started_at"),
-        beat.label("last_heartbeat"),
-        age.label("heartbeat_age"),
-    ).order_by(age, w.c.id)
-
-
 def worker_heartbeats(s: Statements) -> Query[list[WorkerInfo]]:
     """Every registered worker with the age of its last heartbeat on the database's clock,
     freshest first (no jobs: the health checks read only ``workers``)."""
@@ -1979,4 +1976,4 @@ def worker_heartbeats(s: Statements) -> Query[list[WorkerInfo]]:
             for r in rows
         ]
 
-    return Query(_worker_heartbeats(s), {}, mapper)
+    return Query(s.worker_heartbeats, {}, mapper)
