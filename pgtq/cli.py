@@ -663,8 +663,11 @@ def worker(
 
     def on_open(app: App) -> None:
         _with_database(app, dsn, app_path, embedded="if-present")
-        metrics_servers.append(_serve_metrics(app, metrics_port, metrics_addr))
         effective = {**_worker_defaults(), **app.worker_options, **options}
+        # /healthz: this worker is alive while its heartbeat is younger than what makes the
+        # others rescue its jobs (and at least three beats, so one slow beat is not fatal).
+        max_age = max(effective["rescue_after"], 3 * effective["heartbeat_interval"])
+        metrics_servers.append(_serve_metrics(app, metrics_port, metrics_addr, max_age))
         queues = effective.get("queues")
         log.info(
             "pgtq worker: %s task(s) from %s, queues %s, concurrency %s, database %s",
@@ -713,7 +716,7 @@ def worker(
         )
 
 
-def _serve_metrics(app: App, port: int | None, addr: str) -> Any:
+def _serve_metrics(app: App, port: int | None, addr: str, max_age: float) -> Any:
     """Start the ``/metrics`` server of ``--metrics-port`` (None without it)."""
     if port is None:
         return None
@@ -722,7 +725,7 @@ def _serve_metrics(app: App, port: int | None, addr: str) -> Any:
     except ImportError as exc:
         raise ConfigurationError(f"--metrics-port: {exc}") from None
     try:
-        server = metrics.serve(app, port, addr)
+        server = metrics.serve(app, port, addr, max_age=max_age)
     except OSError as exc:
         raise ConfigurationError(f"--metrics-port: cannot listen on {addr}:{port}: {exc}") from None
     logging.getLogger("pgtq.cli").info(
