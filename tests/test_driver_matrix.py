@@ -12,9 +12,13 @@ against the whole class is ``test_statements.py``, this is the proof that each p
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +27,8 @@ from sqlalchemy.engine import make_url
 import pgtq
 from tests.conftest import eventually
 from tests.sides import AsyncSide, Side, SyncSide
+
+ROOT = Path(__file__).resolve().parent.parent
 
 #: The async drivers, by the URL an app is given (``App`` derives its async engine from it).
 ASYNC_DRIVERS = {"asyncpg": "postgresql+asyncpg", "psycopg-async": "postgresql+psycopg"}
@@ -139,6 +145,43 @@ async def test_the_worker_runs_on_every_driver_path(
         assert job.status in (pgtq.Status.SUCCEEDED, pgtq.Status.TODO)
     else:  # never claimed by a worker of other queues
         assert job.status == pgtq.Status.TODO and job.attempts == 0
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+async def test_pgtq_worker_of_one_queue_drains_it_on_psycopg_async(dsn: str) -> None:
+    """``pgtq worker APP -q Q --one-shot --dsn postgresql+psycopg://...`` as a user runs it
+    (``tests/apps/basic.py``): the path that ran nothing and never returned. (The command on
+    asyncpg is ``test_cli.py``'s; a process starts in seconds, so one here.)"""
+    app = pgtq.App(dsn)
+
+    @app.task
+    def add(a: int, b: int) -> int: ...
+
+    @app.task(queue="greetings")
+    async def greet(name: str) -> str: ...
+
+    try:
+        greeted = await greet.defer_many_async([{"name": "Ada"}, {"name": "Bob"}])
+        added = await add.defer_async(a=1, b=2)
+        command = [sys.executable, "-m", "pgtq", "worker", "tests.apps.basic:app"]
+        url = with_driver(dsn, ASYNC_DRIVERS["psycopg-async"])
+        command += ["-q", "greetings", "--one-shot", "--dsn", url]
+        env = {k: v for k, v in os.environ.items() if k != "PGTQ_DSN"}
+        env["PYTHONPATH"] = str(ROOT)
+        done = await asyncio.to_thread(
+            subprocess.run, command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, done.stderr
+        assert [await app.jobs.wait_async(i, timeout=1) for i in greeted] == [
+            "hello Ada",
+            "hello Bob",
+        ]
+        job = await app.jobs.get_async(added)
+        assert job is not None and job.status == pgtq.Status.TODO  # not its queue
+    finally:
+        await app.close_async()
 
 
 # -- the twins -------------------------------------------------------------------------------
