@@ -286,6 +286,13 @@ class _Translator:
             return self.unreachable(exc)
         return self.translate(exc)
 
+    def raise_opening(self, exc: Exception) -> NoReturn:
+        """Raise :meth:`opening`'s error for ``exc``."""
+        err = self.opening(exc)
+        if err is exc:
+            raise exc
+        raise err from cause(err, exc)
+
     def call(self, fn: Callable[[], T], *, retry: bool = False) -> T:
         """``fn()``, its errors translated; once more if it failed before sending (``retry``)."""
         try:
@@ -314,7 +321,14 @@ class _Translator:
         translated = self.translate(exc)
         if translated is exc:
             raise exc
-        raise translated from exc
+        raise translated from cause(translated, exc)
+
+
+def cause(translated: BaseException, exc: BaseException) -> BaseException | None:
+    """What pgtq's error is raised from: nothing for ``DatabaseUnreachable`` (its message
+    names the server and the driver's first line; the driver's traceback adds only noise),
+    the driver's error for the rest."""
+    return None if isinstance(translated, DatabaseUnreachable) else exc
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
@@ -527,7 +541,7 @@ class SyncConnector:
         try:
             raw = self.engine.raw_connection()
         except Exception as exc:  # the pool's checkout (psycopg's errors are not wrapped)
-            raise self._errors.opening(exc) from exc
+            self._errors.raise_opening(exc)
         try:
             driver = raw.driver_connection
             assert driver is not None
@@ -571,7 +585,7 @@ class SyncConnector:
         try:
             conn = engine.connect()
         except Exception as exc:
-            raise self._errors.opening(exc) from exc
+            self._errors.raise_opening(exc)
         with conn:
             yield conn
 
@@ -685,7 +699,7 @@ class AsyncConnector:
         try:
             conn = await engine.connect()
         except Exception as exc:
-            raise self._errors.opening(exc) from exc
+            self._errors.raise_opening(exc)
         try:
             yield conn
         finally:
@@ -734,7 +748,7 @@ class AsyncConnector:
         try:
             conn = await self.engine.connect()
         except Exception as exc:
-            raise self._errors.opening(exc) from exc
+            self._errors.raise_opening(exc)
         raw = await conn.get_raw_connection()
         driver = raw.driver_connection
         raw.detach()  # never goes back to the pool: its session state stays its own
