@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import statistics
 import sys
@@ -118,8 +119,7 @@ async def enqueue(dsn: str, *, rounds: int = 3, calls: int = 1_500) -> None:
     plain = task.configure()
     query = statements.insert_jobs(app.statements, plain.encode([{"n": 1}]))
     sql, args = app.async_connector().driver_sql.positional(query)
-    # The statement without its NOTIFY: the insert alone, as its CTE holds it (the NOTIFY
-    # reuses the insert's $1 and $4, so the parameters are the same).
+    # The statement without its NOTIFY: the insert alone, as its CTE holds it.
     bare = sql[sql.index("(INSERT") + 1 : sql.index("RETURNING pgtq.jobs.id") + 22]
     assert bare.startswith("INSERT") and "pg_notify" in sql, "the insert changed: update me"
     # The old trigger lives on a second schema's jobs table, made once (creating and dropping
@@ -133,7 +133,10 @@ async def enqueue(dsn: str, *, rounds: int = 3, calls: int = 1_500) -> None:
     await task.defer_async(n=0)  # warm-up: the fast path's connection is open
 
     def statement(sql: str) -> Any:
-        return lambda: conn.fetch(sql, *args)
+        # The NOTIFY's payload has parameters of its own, after the insert's: pass those the
+        # statement refers to ($1 .. its highest).
+        used = max(int(n) for n in re.findall(r"\$(\d+)", sql))
+        return lambda: conn.fetch(sql, *args[:used])
 
     cases: list[tuple[str, Any]] = [
         ("pgtq's insert (notifies itself)", statement(sql)),

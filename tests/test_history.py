@@ -41,8 +41,10 @@ async def test_history_records_every_transition(side: Side, app: pgtq.App, sql: 
 
 
 async def test_rescue_and_manual_retry_are_recorded(side: Side, app: pgtq.App, sql: Any) -> None:
-    @app.task
-    def noop() -> None: ...
+    @app.task  # no retry policy: a rescue still runs it again; its own failure is final
+    def noop(ctx: pgtq.JobContext) -> None:
+        if ctx.attempt == 2:
+            raise RuntimeError("the second attempt fails")
 
     job_id = await side.defer(noop)
     sql(
@@ -50,11 +52,20 @@ async def test_rescue_and_manual_retry_are_recorded(side: Side, app: pgtq.App, s
         "VALUES ('ghost', 'h', 1, now() - interval '1 hour')"
     )
     sql("UPDATE pgtq.jobs SET status = 'doing', attempts = 1, worker_id = 'ghost'")
-    await side.run_worker(app, wait=False)  # no retry policy: the rescue fails the job
+    await side.run_worker(app, wait=False)  # rescued, then run again: it fails
     await side.retry(app, job_id)
     await side.run_worker(app, wait=False)
     types = [e.type for e in await side.call(app.jobs, "history", job_id)]
-    assert types == ["deferred", "started", "failed", "retried", "started", "succeeded"]
+    assert types == [
+        "deferred",
+        "started",
+        "rescued",
+        "started",
+        "failed",
+        "retried",
+        "started",
+        "succeeded",
+    ]
 
 
 async def test_the_hot_path_stores_no_event(side: Side, app: pgtq.App, sql: Any) -> None:
