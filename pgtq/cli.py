@@ -40,8 +40,8 @@ from pgtq.model import Job, Status
 from pgtq.schema import DEFAULT_SCHEMA
 
 if TYPE_CHECKING:
-    from pgtq.migrations import SchemaStatus
     from pgtq.reports import Stats
+    from pgtq.revisions import SchemaStatus
 
 __all__ = ["AppNotFound", "cli", "load_app", "load_object", "main"]
 
@@ -321,12 +321,12 @@ def _require_schema(app: App) -> None:
     """Refuse a schema this pgtq cannot use, with the command to run; warn on a newer one.
 
     Done before a command touches the jobs, so that "column ... does not exist" is never
-    the first thing a user sees (see :func:`pgtq.migrations.require_schema`).
+    the first thing a user sees (see :func:`pgtq.revisions.require_schema`).
     """
-    from pgtq import migrations
+    from pgtq import revisions
 
     _state.schema = app.sync.run_in_transaction(
-        lambda conn: migrations.require_schema(conn, app.schema)
+        lambda conn: revisions.require_schema(conn, app.schema)
     )
     if _state.schema.state == "ahead":
         _warn(_state.schema.message)

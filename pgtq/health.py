@@ -5,7 +5,7 @@ Three checks, in order, each failing alone with a line that says why:
 - **database**: PostgreSQL answers;
 - **schema**: pgtq's schema is one this pgtq can work on (at head, or only *post* revisions
   pending, or newer during a rolling upgrade: the states the worker itself runs on, see
-  :func:`pgtq.migrations.require_schema`);
+  :func:`pgtq.revisions.require_schema`);
 - **worker**: a worker serving the queues asked about has beaten within ``max_age`` seconds
   (a worker registered with no queues serves every queue; with several queues, each needs
   one, not necessarily the same).
@@ -27,7 +27,7 @@ from pgtq.reports import WorkerInfo
 
 if TYPE_CHECKING:
     from pgtq.app import App
-    from pgtq.migrations import SchemaStatus
+    from pgtq.revisions import SchemaStatus
 
 __all__ = [
     "DEFAULT_MAX_AGE",
@@ -147,10 +147,10 @@ def check(
     A database that cannot be reached or refuses the reads is the ``database`` check failing;
     ``describe_error(exc)`` makes its one line (default: the exception's first line).
     """
-    from pgtq import migrations  # alembic is imported when a check runs, not with pgtq
+    from pgtq import revisions
 
     def read(conn: Any) -> tuple[SchemaStatus, list[WorkerInfo]]:
-        status = migrations.schema_status(conn, app.schema)
+        status = revisions.schema_status(conn, app.schema)
         if status.state not in _USABLE_SCHEMA:
             return status, []  # the workers table may not even exist
         return status, app.sync.run(statements.worker_heartbeats(app.statements), conn)

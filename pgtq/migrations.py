@@ -21,9 +21,8 @@ import io
 import os
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import alembic.command
 import alembic.context
@@ -36,7 +35,16 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.schema import SchemaItem
 
 from pgtq.connectors import sync_url
-from pgtq.errors import ConfigurationError, PgtqError, SchemaNotMigrated, SchemaTooNew, SchemaTooOld
+from pgtq.errors import ConfigurationError
+from pgtq.revisions import (
+    VERSION_TABLE,
+    Phase,
+    SchemaState,
+    SchemaStatus,
+    require_schema,
+    schema_state,
+    schema_status,
+)
 from pgtq.schema import DEFAULT_SCHEMA, tables_for, validate_schema_name
 
 __all__ = [
@@ -67,9 +75,6 @@ __all__ = [
     "version_location",
 ]
 
-#: A revision's phase in a rolling upgrade: ``pre`` is additive (the previous release's
-#: workers keep running), ``post`` removes what the previous release used.
-Phase = Literal["pre", "post"]
 PHASES: tuple[str, ...] = get_args(Phase)
 #: The branch label of pgtq's revisions.
 BRANCH = "pgtq"
@@ -92,9 +97,6 @@ VERSIONS_DIR: Path = SCRIPT_DIR / "versions"
 SCHEMA_ATTRIBUTE = "pgtq_schema"
 #: The environment variable read by the revisions when no attribute is set (your own project).
 SCHEMA_ENV = "PGTQ_SCHEMA"
-#: pgtq's own version table, kept inside pgtq's schema.
-VERSION_TABLE = "alembic_version"
-
 # Alembic's ``context`` and ``op`` are module-level proxies: two migrations in two threads of
 # one process would overwrite each other's. Re-entrant, so that a second migration on the same
 # thread (another coroutine inside AsyncConnection.run_sync) cannot deadlock the event loop; it
@@ -350,146 +352,8 @@ def heads() -> set[str]:
     return set(_script().get_heads())
 
 
-# -- schema version checks: does this pgtq fit the schema it is pointed at? ----------------------
-
-#: pgtq's schema compared with this pgtq's revisions (see :func:`schema_status`):
-#: ``missing`` (no tables), ``behind`` (a pre revision this pgtq needs is pending), ``current``
-#: (only post revisions may be pending: this release runs before they are applied), ``ahead``
-#: (at a revision this pgtq does not ship: a newer pgtq migrated it), ``unmanaged`` (the tables
-#: exist but pgtq's own version table does not record them: your Alembic project manages them,
-#: so pgtq cannot tell and does not check).
-SchemaState = Literal["missing", "behind", "current", "ahead", "unmanaged"]
-
-
-@dataclass(frozen=True)
-class SchemaStatus:
-    """Where pgtq's schema stands against this pgtq, with the message to act on."""
-
-    schema: str
-    state: SchemaState
-    #: The revisions pgtq's version table records.
-    found: frozenset[str]
-    #: This pgtq's newest revisions.
-    heads: frozenset[str]
-    #: ``behind``: the pending pre revisions this pgtq needs, oldest first.
-    needed: tuple[str, ...] = ()
-    #: ``ahead``: the recorded revisions this pgtq does not ship.
-    unknown: frozenset[str] = frozenset()
-
-    @property
-    def message(self) -> str:
-        """What is wrong and what to do (empty for ``current`` and ``unmanaged``)."""
-        at = ", ".join(sorted(self.found)) or "no revision"
-        head = ", ".join(sorted(self.heads))
-        if self.state == "missing":
-            return (
-                f"pgtq's tables are missing in schema {self.schema!r}: "
-                "run `pgtq migrate` (or app.migrate()) first"
-            )
-        if self.state == "behind":
-            return (
-                f"pgtq's schema in {self.schema!r} is at {at}, this pgtq needs "
-                f"{self.needed[-1]}: run `pgtq migrate` (`pgtq migrate --pre` during a rolling "
-                "upgrade)"
-            )
-        if self.state == "ahead":
-            return (
-                f"the schema in {self.schema!r} is at {at}, newer than this pgtq knows "
-                f"({head}): this pgtq is older than the schema; upgrade pgtq"
-            )
-        return ""
-
-    def error(self) -> PgtqError | None:
-        """The error for this state: None when this pgtq can use the schema as it is."""
-        if self.state == "missing":
-            return SchemaNotMigrated(self.message)
-        if self.state == "behind":
-            return SchemaTooOld(self.message)
-        if self.state == "ahead":
-            return SchemaTooNew(self.message)
-        return None
-
-
-def schema_status(connection: Connection, schema: str = DEFAULT_SCHEMA) -> SchemaStatus:
-    """Compare pgtq's schema with the revisions this pgtq ships (two small queries).
-
-    Takes a sync ``Connection`` like :func:`upgrade`; from async code run it through the
-    greenlet bridge: ``await conn.run_sync(lambda c: schema_status(c, "pgtq"))``.
-    """
-    validate_schema_name(schema)
-    has_jobs, has_versions = connection.execute(
-        sa.text("SELECT to_regclass(:jobs) IS NOT NULL, to_regclass(:versions) IS NOT NULL"),
-        {"jobs": f'"{schema}".jobs', "versions": f'"{schema}".{VERSION_TABLE}'},
-    ).one()
-    found: frozenset[str] = frozenset()
-    if has_versions:
-        rows = connection.execute(sa.text(f'SELECT version_num FROM "{schema}".{VERSION_TABLE}'))
-        found = frozenset(str(v) for v in rows.scalars())
-    return _status(schema, bool(has_jobs), found)
-
-
-def schema_state(connection: Connection, schema: str = DEFAULT_SCHEMA) -> SchemaState:
-    """Just the state of :func:`schema_status`."""
-    return schema_status(connection, schema).state
-
-
-def require_schema(
-    connection: Connection, schema: str = DEFAULT_SCHEMA, *, allow_newer: bool = True
-) -> SchemaStatus:
-    """The schema's status, raising when this pgtq cannot work on it.
-
-    ``missing`` raises :class:`SchemaNotMigrated` and ``behind`` :class:`SchemaTooOld`, each
-    saying to run ``pgtq migrate``. ``ahead`` is returned (the caller warns with its
-    ``message``), or raises :class:`SchemaTooNew` with ``allow_newer=False``. Why not refuse
-    it: a rolling upgrade (docs/deployment.md) applies the new release's *pre* revisions while
-    the previous release's workers run, and those revisions are additive, so the old workers
-    must keep working. The old pgtq cannot tell a pre revision from a post one (it does not
-    ship them), but post revisions are applied only once the old workers are gone, so a
-    newer schema is expected at that moment, and worth a warning rather than an outage.
-    Pending *post* revisions are ``current``: this release runs before they are applied.
-    """
-    status = schema_status(connection, schema)
-    error = status.error()
-    if error is not None and not (status.state == "ahead" and allow_newer):
-        raise error
-    return status
-
-
-def _status(schema: str, has_jobs: bool, found: frozenset[str]) -> SchemaStatus:
-    script = _known_script()
-    heads = frozenset(script.get_heads())
-    if not found:
-        state: SchemaState = "unmanaged" if has_jobs else "missing"
-        return SchemaStatus(schema, state, found, heads)
-    unknown = frozenset(r for r in found if not _ships(script, r))
-    if unknown:
-        return SchemaStatus(schema, "ahead", found, heads, unknown=unknown)
-    needed = tuple(r.revision for r in _pending(script, set(found)) if phase_of(r) == "pre")
-    return SchemaStatus(schema, "behind" if needed else "current", found, heads, needed=needed)
-
-
-def _ships(script: ScriptDirectory, revision: str) -> bool:
-    try:
-        return script.get_revision(revision) is not None
-    except CommandError:
-        return False
-
-
-_SCRIPTS: dict[tuple[str, str, int], ScriptDirectory] = {}
-
-
-def _known_script() -> ScriptDirectory:
-    """:func:`_script`, kept while the versions directory is unchanged: reading the revision
-    files costs ~15 ms, and every worker start and command checks the schema."""
-    try:
-        key = (str(SCRIPT_DIR), str(VERSIONS_DIR), VERSIONS_DIR.stat().st_mtime_ns)
-    except OSError:
-        return _script()
-    script = _SCRIPTS.get(key)
-    if script is None:
-        script = _SCRIPTS[key] = _script()
-        script.get_heads()  # loads the revisions now, once
-    return script
+# The schema version checks (schema_status, require_schema) live in pgtq.revisions, which
+# needs no Alembic: a worker checks the schema at every start.
 
 
 def sql(schema: str = DEFAULT_SCHEMA, revision: str = "heads") -> str:

@@ -219,3 +219,27 @@ def test_migrate_check_names_a_newer_schema(engine: Engine, url: URL) -> None:
     assert result.exit_code == 1
     (line,) = result.stderr.splitlines()
     assert line.startswith("Error: ") and NEWER in line
+
+
+def test_the_manifest_of_revisions_is_the_revision_files() -> None:
+    """pgtq.revisions (what a worker checks at start, without Alembic) lists exactly the
+    revisions in alembic/versions, in order, with their phases."""
+    from pgtq.revisions import REVISIONS as MANIFEST
+
+    assert list(MANIFEST) == REVISIONS
+
+
+def test_a_worker_start_does_not_import_alembic(dsn: str) -> None:
+    """The schema check at a worker's start is one query, not Alembic's 0.4 s import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pgtq\n"
+        f"app = pgtq.App({dsn!r})\n"
+        "app.run_worker(wait=False, install_signal_handlers=False)\n"
+        "print('alembic' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
