@@ -1323,7 +1323,7 @@ class Worker:
                 outcome.retry_in,
                 attempt=running.job.attempts,
             )
-        worker_id, s, sync = self.worker_id, self._s, self.app.sync
+        worker_id, s, app = self.worker_id, self._s, self.app
         futures = [r.future for r in stuck if r.task is not None and r.task.is_async]
 
         def running_still() -> bool:
@@ -1334,6 +1334,7 @@ class Worker:
         def linger() -> None:
             beat = time.monotonic()
             try:
+                sync = app.sync  # made here: an app built on an AsyncEngine may have none
                 while running_still():
                     time.sleep(LINGER_CHECK_INTERVAL)
                     if time.monotonic() - beat >= self.heartbeat_interval:
