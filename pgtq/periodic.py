@@ -395,6 +395,7 @@ def tick_rows(ticks: Iterable[Tick]) -> statements.TickRows:
         rows.jobs.lock.append(None)
         rows.jobs.queueing_lock.append(None)
         rows.jobs.concurrency_key.append(None)
+        rows.jobs.trace_context.append(None)
         rows.periodic_id.append(p.periodic_id)
         rows.tick_at.append(tick.at)
     return rows

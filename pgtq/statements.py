@@ -135,6 +135,14 @@ def _due_since(jobs: sa.Table) -> sa.ColumnElement[Any]:
     return sa.case((sa.func.isfinite(at), at), (sa.func.isfinite(created), created))
 
 
+def _same_lengths(what: str, arrays: Mapping[str, Any]) -> None:
+    """Parallel arrays must be parallel: ``unnest`` pads a shorter one with NULLs, which
+    would write a row with columns that belong to no job. A few ``len`` calls a statement."""
+    lengths = {name: len(value) for name, value in arrays.items() if isinstance(value, list)}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{what}: its arrays differ in length: {lengths}")
+
+
 def _array(name: str, item: sa.types.TypeEngine[Any]) -> sa.BindParameter[Any]:
     return sa.bindparam(name, type_=ARRAY(item))
 
@@ -146,10 +154,6 @@ def _id_list(result: Iterable[Sequence[Any]]) -> list[int]:
 def _one_or_none(result: Result[Any]) -> Any:
     row = result.first()
     return None if row is None else row[0]
-
-
-def _rowcount(result: Result[Any]) -> int:
-    return len(result.all())
 
 
 #: The columns ``defer`` writes (``args`` and ``trace_context`` are JSON text, cast to jsonb
@@ -1406,7 +1410,9 @@ class JobRows:
         return cls(*([] for _ in INSERT_COLUMNS))
 
     def as_params(self) -> dict[str, Any]:
-        return {new_param(name): getattr(self, name) for name, _ in INSERT_COLUMNS}
+        params = {new_param(name): getattr(self, name) for name, _ in INSERT_COLUMNS}
+        _same_lengths("JobRows", params)
+        return params
 
 
 @dataclass(slots=True)  # made per defer: not frozen, for the cheaper __init__ (see Query)
@@ -1519,8 +1525,7 @@ def complete_jobs(
     s: Statements, worker_id: str, outcomes: Outcomes, delete_statuses: Sequence[str] = ()
 ) -> Query[list[int]]:
     """Write outcomes; jobs ending in ``delete_statuses`` are deleted instead."""
-    params: dict[str, Any] = {
-        "me": worker_id,
+    arrays: dict[str, list[Any]] = {
         "ids": outcomes.ids,
         "outcome_attempts": outcomes.attempts,
         "statuses": outcomes.statuses,
@@ -1528,6 +1533,8 @@ def complete_jobs(
         "errors": outcomes.errors,
         "retry_in": outcomes.retry_in,
     }
+    _same_lengths("Outcomes", arrays)
+    params: dict[str, Any] = {"me": worker_id, **arrays}
     if delete_statuses:
         params["delete_statuses"] = list(delete_statuses)
         return Query(s.complete_deleting, params, _id_list)
@@ -1894,11 +1901,13 @@ class TickRows:
         return cls(JobRows.empty(), [], [])
 
     def as_params(self) -> dict[str, Any]:
-        return {
+        params = {
             **self.jobs.as_params(),
             new_param("periodic_id"): self.periodic_id,
             new_param("tick_at"): self.tick_at,
         }
+        _same_lengths("TickRows", params)
+        return params
 
 
 @dataclass(frozen=True, slots=True)
