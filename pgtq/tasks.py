@@ -188,21 +188,27 @@ class Task(Generic[R]):
 
     # The task's own defaults; ``configure()`` for anything else.
     def defer(self, *args: Any, connection: Connection | None = None, **kwargs: Any) -> int:
+        """Enqueue one job with these keyword arguments; its id. ``connection=``: inside
+        your transaction (the job exists once you commit)."""
         return self._plain().defer(*args, connection=connection, **kwargs)
 
     async def defer_async(
         self, *args: Any, connection: AsyncConnection | None = None, **kwargs: Any
     ) -> int:
+        """:meth:`defer` from async code (``connection=``: an ``AsyncConnection``)."""
         return await self._plain().defer_async(*args, connection=connection, **kwargs)
 
     def defer_many(
         self, arguments: Iterable[Mapping[str, Any]], *, connection: Connection | None = None
     ) -> list[int]:
+        """Enqueue one job per mapping of keyword arguments, in one statement; their ids, in
+        order. All or none: one bad mapping refuses the call before anything is written."""
         return self._plain().defer_many(arguments, connection=connection)
 
     async def defer_many_async(
         self, arguments: Iterable[Mapping[str, Any]], *, connection: AsyncConnection | None = None
     ) -> list[int]:
+        """:meth:`defer_many` from async code."""
         return await self._plain().defer_many_async(arguments, connection=connection)
 
     def check_arguments(self, kwargs: Mapping[str, Any]) -> None:
@@ -296,12 +302,14 @@ class Deferrer:
         return statements.insert_jobs(self.task.app.statements, new)
 
     def defer(self, *args: Any, connection: Connection | None = None, **kwargs: Any) -> int:
+        """:meth:`Task.defer` with this deferrer's options."""
         _no_positional(self.task, args)
         return self.task.app.sync.run(self._insert(self.encode([kwargs])), connection)[0]
 
     async def defer_async(
         self, *args: Any, connection: AsyncConnection | None = None, **kwargs: Any
     ) -> int:
+        """:meth:`Task.defer_async` with this deferrer's options."""
         _no_positional(self.task, args)
         query = self._insert(self.encode([kwargs]))
         return (await self.task.app.async_connector().run(query, connection))[0]
@@ -309,12 +317,14 @@ class Deferrer:
     def defer_many(
         self, arguments: Iterable[Mapping[str, Any]], *, connection: Connection | None = None
     ) -> list[int]:
+        """:meth:`Task.defer_many` with this deferrer's options."""
         new = self.encode(arguments)
         return self.task.app.sync.run(self._insert(new), connection) if new.count else []
 
     async def defer_many_async(
         self, arguments: Iterable[Mapping[str, Any]], *, connection: AsyncConnection | None = None
     ) -> list[int]:
+        """:meth:`Task.defer_many_async` with this deferrer's options."""
         new = self.encode(arguments)
         if not new.count:
             return []
