@@ -54,8 +54,10 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff>=0.6")
+    """ruff, and the layer rules of docs/architecture.md (import-linter, pyproject.toml)."""
+    session.install("ruff>=0.6", "import-linter>=2.0")
     session.run("ruff", "check", "pgtq", "tests", "noxfile.py", "benchmarks", "alembic", "examples")
+    session.run("lint-imports")
 
 
 @nox.session
