@@ -8,7 +8,7 @@ import os
 import weakref
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack, overload
 
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -23,9 +23,8 @@ from pgtq.connectors import (
 from pgtq.errors import ConfigurationError, InvalidArguments, UnknownTask
 from pgtq.jobs import JobManager
 from pgtq.queues import QueueManager
-from pgtq.retry import Retry
 from pgtq.schema import DEFAULT_SCHEMA, InvalidSchemaName, validate_schema_name
-from pgtq.tasks import DEFAULT_MAX_RESCUES, Middleware, Task
+from pgtq.tasks import Middleware, Task, TaskOptions, check_task_options
 from pgtq.validation import DEFAULT_MAX_ARGS_BYTES, check_max_args_bytes
 
 if TYPE_CHECKING:
@@ -221,19 +220,8 @@ class App:
         self,
         *,
         name: str | None = None,
-        queue: str = "default",
-        priority: int = 0,
-        retry: Retry | int | None = None,
-        timeout: float | None = None,
-        pass_context: bool | None = None,
-        middleware: Sequence[Middleware] = (),
-        transactional: bool = False,
-        concurrency: int | None = None,
-        rate_limit: str | float | None = None,
-        key_concurrency: int | None = None,
-        burst: int | None = None,
-        max_rescues: int = DEFAULT_MAX_RESCUES,
         aliases: Sequence[str] = (),
+        **options: Unpack[TaskOptions],
     ) -> Callable[[Callable[..., Any]], Task[Any]]: ...
 
     def task(  # type: ignore[misc]  # mypy misreads the keyword-only overload
@@ -242,24 +230,16 @@ class App:
         /,
         *,
         name: str | None = None,
-        queue: str = "default",
-        priority: int = 0,
-        retry: Retry | int | None = None,
-        timeout: float | None = None,
-        pass_context: bool | None = None,
-        middleware: Sequence[Middleware] = (),
-        transactional: bool = False,
-        concurrency: int | None = None,
-        rate_limit: str | float | None = None,
-        key_concurrency: int | None = None,
-        burst: int | None = None,
-        max_rescues: int = DEFAULT_MAX_RESCUES,
         aliases: Sequence[str] = (),
+        **options: Unpack[TaskOptions],
     ) -> Task[Any] | Callable[[Callable[..., Any]], Task[Any]]:
         """Register a sync or async function as a task (``@app.task`` or ``@app.task(...)``).
 
-        ``aliases``: names the task had before (jobs deferred under one still run it after a
-        rename). A name or alias already taken by another task is refused, naming both.
+        ``options``: :class:`pgtq.tasks.TaskOptions` (queue, priority, retry, timeout, limits,
+        max_rescues ...; their defaults are :class:`pgtq.Task`'s). The app's middleware of
+        the same kind (sync or async) wraps the task's own. ``aliases``: names the task had
+        before (jobs deferred under one still run it after a rename). A name or alias already
+        taken by another task is refused, naming both.
         """
 
         def register(f: Callable[..., Any]) -> Task[Any]:
@@ -268,27 +248,14 @@ class App:
                 raise ConfigurationError(
                     f"task {task_name!r}: aliases takes a list of names, not one string"
                 )
+            check_task_options(task_name, options)
             self.check_task_names(task_name, aliases, f)
-            task: Task[Any] = Task(
-                self,
-                f,
-                name=task_name,
-                queue=queue,
-                priority=priority,
-                retry=retry,
-                timeout=timeout,
-                pass_context=pass_context,
-                middleware=[
-                    *(m for m in self.middleware if _is_async(m) == _is_async(f)),
-                    *middleware,
-                ],
-                transactional=transactional,
-                concurrency=concurrency,
-                rate_limit=rate_limit,
-                key_concurrency=key_concurrency,
-                burst=burst,
-                max_rescues=max_rescues,
-            )
+            merged = TaskOptions(**options)  # a copy: the decorator may be applied again
+            merged["middleware"] = [
+                *(m for m in self.middleware if _is_async(m) == _is_async(f)),
+                *options.get("middleware", ()),
+            ]
+            task: Task[Any] = Task(self, f, name=task_name, **merged)
             self.tasks[task_name] = task
             self.aliases.update(dict.fromkeys(aliases, task_name))
             return task

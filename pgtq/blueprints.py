@@ -25,14 +25,13 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, Unpack, overload
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pgtq.errors import ConfigurationError
-from pgtq.retry import Retry
-from pgtq.tasks import DEFAULT_MAX_RESCUES, Deferrer, Middleware, Task
+from pgtq.tasks import Deferrer, Task, TaskOptions, check_task_options
 
 if TYPE_CHECKING:
     from datetime import tzinfo
@@ -186,19 +185,8 @@ class Blueprint:
         self,
         *,
         name: str | None = None,
-        queue: str = "default",
-        priority: int = 0,
-        retry: Retry | int | None = None,
-        timeout: float | None = None,
-        pass_context: bool | None = None,
-        middleware: Sequence[Middleware] = (),
-        transactional: bool = False,
-        concurrency: int | None = None,
-        rate_limit: str | float | None = None,
-        key_concurrency: int | None = None,
-        burst: int | None = None,
-        max_rescues: int = DEFAULT_MAX_RESCUES,
         aliases: Sequence[str] = (),
+        **options: Unpack[TaskOptions],
     ) -> Callable[[Callable[..., Any]], BlueprintTask]: ...
 
     def task(  # type: ignore[misc]  # mypy misreads the keyword-only overload (as App.task)
@@ -207,36 +195,16 @@ class Blueprint:
         /,
         *,
         name: str | None = None,
-        queue: str = "default",
-        priority: int = 0,
-        retry: Retry | int | None = None,
-        timeout: float | None = None,
-        pass_context: bool | None = None,
-        middleware: Sequence[Middleware] = (),
-        transactional: bool = False,
-        concurrency: int | None = None,
-        rate_limit: str | float | None = None,
-        key_concurrency: int | None = None,
-        burst: int | None = None,
-        max_rescues: int = DEFAULT_MAX_RESCUES,
         aliases: Sequence[str] = (),
+        **options: Unpack[TaskOptions],
     ) -> BlueprintTask | Callable[[Callable[..., Any]], BlueprintTask]:
-        """Declare a sync or async function as a task of this blueprint (same options as
-        ``App.task``); it is registered when the blueprint is added to an app."""
-        options: dict[str, Any] = {
-            "queue": queue,
-            "priority": priority,
-            "retry": retry,
-            "timeout": timeout,
-            "pass_context": pass_context,
-            "middleware": tuple(middleware),
-            "transactional": transactional,
-            "concurrency": concurrency,
-            "rate_limit": rate_limit,
-            "key_concurrency": key_concurrency,
-            "burst": burst,
-            "max_rescues": max_rescues,
-        }
+        """Declare a sync or async function as a task of this blueprint (the options of
+        ``App.task``: :class:`pgtq.tasks.TaskOptions`); it is registered when the blueprint is
+        added to an app, with the options given here (an option not given keeps
+        :class:`pgtq.Task`'s default)."""
+        declared = dict(options)
+        if "middleware" in declared:
+            declared["middleware"] = tuple(options["middleware"])
 
         def declare(f: Callable[..., Any]) -> BlueprintTask:
             task_name = name or f.__name__
@@ -244,8 +212,9 @@ class Blueprint:
                 raise ConfigurationError(
                     f"task {task_name!r}: aliases takes a list of names, not one string"
                 )
+            check_task_options(task_name, options)
             target = BlueprintTask(self, f, task_name)
-            self._declare(_Declaration(target, task_name, tuple(aliases), options))
+            self._declare(_Declaration(target, task_name, tuple(aliases), declared))
             return target
 
         return declare(func) if func is not None else declare

@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Iterable, KeysView, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -31,6 +31,36 @@ RESERVED_ARGUMENTS = frozenset({"connection"})
 
 #: Rescues a job gets by default before a lost worker fails it (``@app.task(max_rescues=)``).
 DEFAULT_MAX_RESCUES = 3
+
+
+class TaskOptions(TypedDict, total=False):
+    """The keyword options of ``@app.task(...)`` and ``@blueprint.task(...)``, declared once:
+    both decorators take ``**options: Unpack[TaskOptions]`` and hand them to :class:`Task`,
+    whose signature holds their defaults and documents them."""
+
+    queue: str
+    priority: int
+    retry: Retry | int | None
+    timeout: float | None
+    pass_context: bool | None
+    middleware: Sequence[Middleware]
+    transactional: bool
+    concurrency: int | None
+    rate_limit: str | float | None
+    key_concurrency: int | None
+    burst: int | None
+    max_rescues: int
+
+
+def check_task_options(name: str, options: Mapping[str, Any]) -> None:
+    """Refuse an option ``@app.task``/``@bp.task`` does not have, when it is written (a
+    blueprint registers its tasks later: a typo must not wait until then)."""
+    unknown = sorted(set(options) - TaskOptions.__optional_keys__)
+    if unknown:
+        known = ", ".join(sorted(TaskOptions.__optional_keys__))
+        raise ConfigurationError(
+            f"task {name!r}: unknown option(s) {unknown}; the options: {known}"
+        )
 
 
 @dataclass(frozen=True, slots=True)

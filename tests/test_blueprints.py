@@ -251,3 +251,14 @@ def test_the_cli_defers_a_blueprint_task_by_its_full_name_or_an_alias(dsn: str, 
         ("billing:charge", "succeeded", "charged 5"),
         ("billing:charge", "succeeded", "charged 5"),
     ]
+
+
+def test_an_unknown_task_option_is_refused_where_it_is_written() -> None:
+    """One declaration of the options (pgtq.tasks.TaskOptions) for both decorators; a typo is
+    refused at the decorator, not when the blueprint is registered later."""
+    bp = pgtq.Blueprint()
+    with pytest.raises(pgtq.ConfigurationError, match=r"unknown option\(s\) \['quue'\]"):
+        bp.task(quue="emails")(lambda: None)  # type: ignore[call-overload]
+    app = pgtq.App("postgresql://nowhere/db")
+    with pytest.raises(pgtq.ConfigurationError, match=r"unknown option\(s\) \['quue'\]"):
+        app.task(quue="emails")(lambda: None)  # type: ignore[call-overload]
