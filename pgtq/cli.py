@@ -10,6 +10,7 @@ unexpected exception is named by its type, so a traceback would only hide the me
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import enum
 import importlib
@@ -25,9 +26,6 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from typer.core import TyperGroup
@@ -40,6 +38,9 @@ from pgtq.model import Job, Status
 from pgtq.schema import DEFAULT_SCHEMA
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
     from pgtq.reports import Stats
     from pgtq.revisions import SchemaStatus
 
@@ -71,8 +72,29 @@ cli.add_typer(jobs_cli, name="jobs")
 queues_cli = typer.Typer(help="Pause and resume queues.", no_args_is_help=True)
 cli.add_typer(queues_cli, name="queues")
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+
+class _Output:
+    """A Rich console made at its first use: ``pgtq worker`` never prints through one, and
+    importing Rich would add ~50 ms to the start of every command."""
+
+    def __init__(self, *, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr, highlight=False)
+        return self._console
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        self.console.print(*objects, **options)
+
+
+out = _Output(stderr=False)
+err = _Output(stderr=True)
 
 
 #: When the embedded PostgreSQL is a command's last resort for a database.
@@ -141,13 +163,19 @@ def _one_line(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in folded)
 
 
+def _labelled(label: str, style: str, message: str) -> None:
+    from rich.text import Text
+
+    err.print(Text.assemble((label, style), _one_line(message)), soft_wrap=True)
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(Text.assemble(("Error: ", "bold red"), _one_line(message)), soft_wrap=True)
+    _labelled("Error: ", "bold red", message)
     return typer.Exit(code)
 
 
 def _warn(message: str) -> None:
-    err.print(Text.assemble(("Warning: ", "bold yellow"), _one_line(message)), soft_wrap=True)
+    _labelled("Warning: ", "bold yellow", message)
 
 
 def _debugging() -> bool:
@@ -1024,7 +1052,7 @@ def demo(
     """Defer and run sample jobs: on PGTQ_DSN, or on the embedded PostgreSQL in ./.pgtq."""
     from pgtq.demo import run_demo
 
-    run_demo(dsn or None, jobs=jobs, console=out)
+    run_demo(dsn or None, jobs=jobs, console=out.console)
 
 
 # -- pgtq jobs ... --------------------------------------------------------------------------------
@@ -1075,6 +1103,9 @@ def _stats_document(stats: Stats) -> dict[str, Any]:
 
 def job_table(job: Job, *, traceback: bool = False) -> Table:
     """A job as a two-column table (field, value)."""
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=f"Job {job.id}", show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
@@ -1235,6 +1266,9 @@ def _when(value: datetime | None) -> str:
 
 def jobs_table(jobs: list[Job]) -> Table:
     """Jobs as rows: what ``pgtq jobs list`` prints."""
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(show_lines=False)
     table.add_column("id", justify="right", style="bold", no_wrap=True)
     table.add_column("task", no_wrap=True)
@@ -1325,6 +1359,9 @@ def queues_list(
     if as_json:
         _print_json(queues)
         return
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table()
     table.add_column("queue", style="bold")
     table.add_column("state")
@@ -1370,7 +1407,7 @@ def stats(
             out.print(dashboard.render(first, title=title))
             return
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how a dashboard ends
-            dashboard.watch(app.jobs.stats, console=out, title=title, interval=interval)
+            dashboard.watch(app.jobs.stats, console=out.console, title=title, interval=interval)
 
 
 # -- pgtq healthcheck -----------------------------------------------------------------------------
@@ -1528,4 +1565,27 @@ def web(
 
 def main() -> None:
     """The ``pgtq`` console script."""
-    cli(prog_name="pgtq")
+    command_tree(sys.argv[1:])(prog_name="pgtq")
+
+
+def command_tree(args: list[str]) -> typer.Typer:
+    """:data:`cli` with only the command ``args`` name, when they name one.
+
+    Typer builds every command's parameters at each start (~60 ms for all of them, a tenth
+    of ``pgtq worker``'s start) though a run needs one. The root's own options are flags, so
+    the first argument that is not an option is the command. No command, or one that is not
+    known, gets the whole tree: help and "No such command" stay typer's own.
+    """
+    name = next((arg for arg in args if not arg.startswith("-")), None)
+    commands = [
+        info
+        for info in cli.registered_commands
+        if info.callback is not None
+        and (info.name or typer.main.get_command_name(info.callback.__name__)) == name
+    ]
+    groups = [info for info in cli.registered_groups if info.name == name]
+    if not commands and not groups:
+        return cli
+    tree = copy.copy(cli)
+    tree.registered_commands, tree.registered_groups = commands, groups
+    return tree

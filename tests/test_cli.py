@@ -496,3 +496,58 @@ def test_version() -> None:
     result = invoke("--version")
     assert result.exit_code == 0
     assert pgtq.__version__ in result.stdout
+
+
+def _names(tree: Any) -> set[str]:
+    import typer
+
+    commands = {
+        info.name or typer.main.get_command_name(info.callback.__name__)
+        for info in tree.registered_commands
+    }
+    return commands | {info.name for info in tree.registered_groups}
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["worker", "app:app", "--one-shot"], {"worker"}),
+        (["--debug", "-v", "worker", "--help"], {"worker"}),
+        (["jobs", "list"], {"jobs"}),
+        (["healthcheck"], {"healthcheck"}),
+    ],
+)
+def test_a_run_builds_only_the_command_it_names(args: list[str], expected: set[str]) -> None:
+    from pgtq.cli import command_tree
+
+    tree = command_tree(args)
+    assert _names(tree) == expected
+    assert tree.registered_callback is cli.registered_callback  # --debug, --version stay
+    assert {"worker", "jobs", "queues", "migrate"} < _names(cli)  # the whole tree is untouched
+
+
+@pytest.mark.parametrize("args", [[], ["--help"], ["--version"], ["wroker"]])
+def test_no_command_or_an_unknown_one_gets_the_whole_tree(args: list[str]) -> None:
+    from pgtq.cli import command_tree
+
+    assert command_tree(args) is cli
+
+
+def test_the_command_prints_without_importing_rich_until_it_must() -> None:
+    """`pgtq worker` logs plain lines to a pipe: importing Rich is start-up it need not pay."""
+    code = (
+        "import sys, pgtq.cli\n"
+        "assert not any(m.startswith('rich') for m in sys.modules), 'rich imported'\n"
+        "pgtq.cli.err.print('x')\n"
+        "assert 'rich.console' in sys.modules\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_unknown_command_is_typers_error() -> None:
+    proc = run_pgtq("wroker")
+    assert proc.returncode == 2
+    assert "No such command" in proc.stderr
