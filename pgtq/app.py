@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import weakref
-from collections.abc import Callable, Sequence
-from datetime import timedelta
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, Unpack, overload
 
 from sqlalchemy.engine import URL, Connection, Engine, make_url
@@ -28,12 +28,10 @@ from pgtq.tasks import Middleware, Task, TaskOptions, check_task_options
 from pgtq.validation import DEFAULT_MAX_ARGS_BYTES, check_max_args_bytes
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-    from datetime import tzinfo
-
     from pgtq.blueprints import Blueprint
+    from pgtq.cron import PeriodicTask, ScheduleOptions
     from pgtq.migrations import Phase
-    from pgtq.periodic import PeriodicTask
+    from pgtq.periodic import CleanupOptions
     from pgtq.worker import WorkerStats
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -170,6 +168,24 @@ class App:
         self._engine = None
         self._async_engine = None
         self._async.clear()
+
+    @contextlib.contextmanager
+    def pointed_at(self, *, schema: str, dsn: str | URL | None = None) -> Iterator[App]:
+        """Point this app (and so its tasks, ``app.jobs``, its workers) at another schema, and
+        database with ``dsn``, for the length of a block; put back as it was after, the
+        engines made meanwhile disposed (how :func:`pgtq.testing.migrated_schema` works)."""
+        saved = (self.schema, self.statements, self._url, self._engine, self._async_engine)
+        self.close()
+        if dsn is not None:
+            self.use_dsn(dsn)
+        self.schema = validate_schema_name(schema)
+        self.statements = statements.statements_for(self.schema)
+        try:
+            yield self
+        finally:
+            self.close()
+            self._async.clear()
+            self.schema, self.statements, self._url, self._engine, self._async_engine = saved
 
     # -- opening and closing ----------------------------------------------------------------------
 
@@ -325,68 +341,33 @@ class App:
         registers none of them."""
         blueprint.register_on(self, namespace=namespace)
 
-    def periodic(
-        self,
-        *,
-        cron: str,
-        periodic_id: str = "",
-        timezone: str | tzinfo = "UTC",
-        max_delay: timedelta | float | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-    ) -> Callable[[Task[Any]], Task[Any]]:
-        """Defer a task at each tick of a cron schedule (``@app.periodic(...)`` above
+    def periodic(self, **schedule: Unpack[ScheduleOptions]) -> Callable[[Task[Any]], Task[Any]]:
+        """Defer a task at each tick of a cron schedule (``@app.periodic(cron=...)`` above
         ``@app.task(...)``); each tick is deferred once, however many workers run.
 
-        ``cron``: 5 fields, or 6 with seconds as the sixth (see :mod:`pgtq.periodic`); a bad
-        expression raises ``ConfigurationError`` naming it. The task gets ``timestamp`` (the
-        tick, in epoch seconds) and ``kwargs``. ``periodic_id`` tells apart several schedules
-        of one task. ``timezone``: the cron's wall clock (an IANA name). Ticks more than
-        ``max_delay`` (a timedelta or seconds; default 10 minutes) old, after an outage, are
-        skipped.
+        ``schedule``: :class:`pgtq.cron.ScheduleOptions` (cron, periodic_id, timezone,
+        max_delay, kwargs). The task gets ``timestamp`` (the tick, in epoch seconds) and
+        ``kwargs``. A bad cron expression raises ``ConfigurationError`` naming it.
         """
         from pgtq import periodic
 
+        periodic.check_schedule(schedule)  # a bad expression fails here, where it is written
+
         def declare(task: Task[Any]) -> Task[Any]:
-            periodic.declare(
-                self,
-                task,
-                cron=cron,
-                periodic_id=periodic_id,
-                timezone=timezone,
-                max_delay=periodic.DEFAULT_MAX_DELAY if max_delay is None else max_delay,
-                kwargs=kwargs,
-            )
+            periodic.declare(self, task, **schedule)
             return task
 
         return declare
 
-    def add_cleanup_task(
-        self,
-        *,
-        cron: str = "0 * * * *",
-        older_than: timedelta | float = timedelta(days=7),
-        include_failed: bool = False,
-        include_cancelled: bool = False,
-        queue: str = "default",
-        timezone: str | tzinfo = "UTC",
-        results_older_than: timedelta | float | None = None,
-    ) -> Task[Any]:
+    def add_cleanup_task(self, **options: Unpack[CleanupOptions]) -> Task[Any]:
         """Register the builtin periodic task ``pgtq.cleanup``: at each tick it deletes jobs
         that ended more than ``older_than`` ago (succeeded ones; failed ones with
         ``include_failed``; cancelled and aborted ones with ``include_cancelled``), and with
-        ``results_older_than`` drops older results while keeping their jobs."""
+        ``results_older_than`` drops older results while keeping their jobs
+        (:class:`pgtq.periodic.CleanupOptions`)."""
         from pgtq import periodic
 
-        return periodic.add_cleanup_task(
-            self,
-            cron=cron,
-            older_than=older_than,
-            include_failed=include_failed,
-            include_cancelled=include_cancelled,
-            queue=queue,
-            timezone=timezone,
-            results_older_than=results_older_than,
-        )
+        return periodic.add_cleanup_task(self, **options)
 
     # -- schema -----------------------------------------------------------------------------------
 

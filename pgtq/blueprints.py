@@ -24,7 +24,6 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Unpack, overload
 
 from sqlalchemy.engine import Connection
@@ -34,9 +33,8 @@ from pgtq.errors import ConfigurationError
 from pgtq.tasks import Deferrer, Task, TaskOptions, check_task_options
 
 if TYPE_CHECKING:
-    from datetime import tzinfo
-
     from pgtq.app import App
+    from pgtq.cron import ScheduleOptions
 
 __all__ = ["Blueprint", "BlueprintTask", "UnboundTask"]
 
@@ -152,7 +150,7 @@ class _Declaration:
 @dataclass(frozen=True)
 class _Schedule:
     target: BlueprintTask
-    options: Mapping[str, Any]
+    options: ScheduleOptions
 
 
 class Blueprint:
@@ -220,34 +218,22 @@ class Blueprint:
         return declare(func) if func is not None else declare
 
     def periodic(
-        self,
-        *,
-        cron: str,
-        periodic_id: str = "",
-        timezone: str | tzinfo = "UTC",
-        max_delay: timedelta | float | None = None,
-        kwargs: Mapping[str, Any] | None = None,
+        self, **schedule: Unpack[ScheduleOptions]
     ) -> Callable[[BlueprintTask], BlueprintTask]:
         """``@bp.periodic(cron=...)`` above ``@bp.task(...)``: the schedule of
-        ``App.periodic``, applied when the blueprint is added to an app."""
+        ``App.periodic`` (:class:`pgtq.cron.ScheduleOptions`), applied when the blueprint is
+        added to an app."""
         from pgtq import periodic
 
-        periodic.validate_cron(cron)  # a bad expression fails here, where it is written
+        periodic.check_schedule(schedule)  # a bad expression fails here, where it is written
 
         def declare(target: BlueprintTask) -> BlueprintTask:
             if not isinstance(target, BlueprintTask) or target.blueprint is not self:
                 raise ConfigurationError(
-                    f"@bp.periodic(cron={cron!r}) applies to a task of the same blueprint: "
-                    f"put it above @bp.task(...), got {target!r}"
+                    f"@bp.periodic(cron={schedule['cron']!r}) applies to a task of the same "
+                    f"blueprint: put it above @bp.task(...), got {target!r}"
                 )
-            options = {
-                "cron": cron,
-                "periodic_id": periodic_id,
-                "timezone": timezone,
-                "max_delay": max_delay,
-                "kwargs": kwargs,
-            }
-            self._schedules.append(_Schedule(target, options))
+            self._schedules.append(_Schedule(target, schedule))
             return target
 
         return declare

@@ -1,32 +1,13 @@
-"""Periodic tasks: cron schedules whose every tick is deferred exactly once.
+"""Periodic tasks: the scheduler that defers each tick of a cron schedule exactly once.
 
-The pure part decides (which instants a schedule ticks at in its timezone, which ticks are
-due and not older than ``max_delay``); :func:`defer_ticks` / :func:`defer_ticks_async` write
-the due ticks in one statement; :func:`run_scheduler` is the loop every worker may run.
+What a schedule decides is pure and lives in :mod:`pgtq.cron` (cron syntax, time zones and
+DST, due ticks; its names are re-exported here). This module does the I/O:
+:func:`defer_ticks` / :func:`defer_ticks_async` write the due ticks in one statement;
+:func:`run_scheduler` is the loop every worker may run.
 
 Exactly once, however many schedulers run: deferring a tick inserts its row into
 ``periodic_ticks`` (primary key: task name, periodic id, tick) with ``ON CONFLICT DO
 NOTHING``, and the same statement inserts the job only for a tick row it really inserted.
-
-Cron expressions (croniter's syntax, validated when declared):
-
-- 5 fields: ``minute hour day-of-month month day-of-week``;
-- 6 fields: the same, then **seconds as the sixth (last) field**, croniter's convention:
-  ``* * * * * */10`` is every 10 seconds, ``0 * * * * 30`` minute 0 of every hour, at second
-  30 (beware: ``0 * * * * *`` is every second of minute 0, not every minute);
-- the aliases ``@hourly``, ``@daily``, ``@midnight``, ``@weekly``, ``@monthly``,
-  ``@yearly``, ``@annually``.
-
-Random (``R``) fields would give each worker a different schedule and hashed (``H``) ones
-need an id, so both are refused, as are 7-field (year) expressions.
-
-Ticks are wall-clock times in the schedule's timezone (default UTC). Across DST changes:
-
-- a wall time the clock skips (spring forward) fires at the first instant after the gap
-  (a daily ``30 2 * * *`` in Europe/Paris fires at 03:00 CEST on the last Sunday of March);
-- a wall time the clock shows twice (fall back) fires once, at its first occurrence, unless
-  the hour field is ``*``: then both occurrences fire, so ``*/15 * * * *`` keeps its pace;
-- ticks that land on the same instant are one tick.
 """
 
 from __future__ import annotations
@@ -34,22 +15,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-from croniter import (  # type: ignore[import-untyped, unused-ignore]
-    CroniterBadDateError,
-    croniter,
-)
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from pgtq import statements
-from pgtq.errors import ConfigurationError, InvalidArguments
-from pgtq.model import dumps
+from pgtq.cron import (
+    DEFAULT_MAX_DELAY,
+    MAX_SLEEP,
+    TICK_RETENTION,
+    CronInfo,
+    PeriodicTask,
+    ScheduleOptions,
+    Tick,
+    check_schedule,
+    cron_ticks,
+    describe,
+    due_ticks,
+    retention,
+    schedule,
+    sleep_time,
+    tick_rows,
+    to_timezone,
+    validate_cron,
+)
+from pgtq.errors import ConfigurationError
 from pgtq.retry import backoff_delays
 from pgtq.statements import DeferredTick
 from pgtq.tasks import Task
@@ -60,11 +51,16 @@ if TYPE_CHECKING:
 __all__ = [
     "CLEANUP_TASK_NAME",
     "DEFAULT_MAX_DELAY",
+    "MAX_SLEEP",
+    "TICK_RETENTION",
+    "CleanupOptions",
     "CronInfo",
     "DeferredTick",
     "PeriodicTask",
+    "ScheduleOptions",
     "Tick",
     "add_cleanup_task",
+    "check_schedule",
     "cron_ticks",
     "declare",
     "defer_due_ticks",
@@ -75,20 +71,13 @@ __all__ = [
     "delete_old_ticks_async",
     "due_ticks",
     "run_scheduler",
+    "tick_rows",
+    "to_timezone",
     "validate_cron",
 ]
 
 logger = logging.getLogger("pgtq.periodic")
 
-#: Ticks older than this are skipped (a schedule's ``max_delay``, unless given). A scheduler
-#: that starts looks back this far, so a restart within it loses no tick.
-DEFAULT_MAX_DELAY = timedelta(minutes=10)
-#: The scheduler wakes at least this often (seconds), whatever the schedules: a wall clock
-#: that jumps, or a daily cron, never leaves it asleep for long.
-MAX_SLEEP = 10.0
-#: ``periodic_ticks`` rows are kept at least this long (and at least twice the largest
-#: ``max_delay``, so a tick a scheduler may still try to defer is always remembered).
-TICK_RETENTION = timedelta(days=1)
 #: How often (seconds) each scheduler deletes expired ``periodic_ticks`` rows.
 TICK_CLEANUP_INTERVAL = 3600.0
 #: A window longer than this is computed in a thread, not on the worker's event loop.
@@ -98,312 +87,25 @@ RETRY_FIRST, RETRY_CAP = 0.5, 30.0
 
 CLEANUP_TASK_NAME = "pgtq.cleanup"
 
-_ALIASES = frozenset(
-    {"@hourly", "@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually"}
-)
-_RANDOM_OR_HASHED = re.compile(r"[hr](\(\d+-\d+\))?(/\d+)?", re.IGNORECASE)
-_HOUR_FIELD = 1  # croniter's order: minute, hour, day, month, day of week, second
-_ONE_MICROSECOND = timedelta(microseconds=1)
 
-
-# -- cron expressions and timezones (pure) ----------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class CronInfo:
-    """What declaring a schedule learns from its expression."""
-
-    expression: str
-    has_seconds: bool
-    every_hour: bool  # the hour field matches every hour (its fall-back hour fires twice)
-
-
-def validate_cron(expression: str) -> CronInfo:
-    """Check a cron expression; ``ConfigurationError`` naming it when it is not usable."""
-
-    def bad(reason: str) -> ConfigurationError:
-        return ConfigurationError(f"invalid cron expression {expression!r}: {reason}")
-
-    if not isinstance(expression, str):
-        raise bad("a cron expression is a string")
-    text = " ".join(expression.split())
-    if text.lower() not in _ALIASES:
-        fields = text.split(" ") if text else []
-        if len(fields) not in (5, 6):
-            raise bad(
-                f"expected 5 fields (minute hour day month weekday) or 6 (the same, then "
-                f"seconds), got {len(fields)}"
-            )
-        for part in (p for f in fields for p in f.split(",")):
-            if _RANDOM_OR_HASHED.fullmatch(part):
-                raise bad(
-                    f"{part!r}: random (R) and hashed (H) fields are not supported "
-                    "(every worker must compute the same ticks)"
-                )
-    try:
-        cron = croniter(text, datetime(2000, 1, 1, tzinfo=UTC))
-        cron.get_next(datetime)
-    except CroniterBadDateError:
-        raise bad("it never matches a date") from None
-    except (ValueError, TypeError, KeyError, IndexError) as exc:  # croniter's are ValueErrors
-        raise bad(str(exc) or type(exc).__name__) from None
-    hours = cron.expanded[_HOUR_FIELD]
-    return CronInfo(
-        expression=text,
-        has_seconds=len(cron.expanded) == 6,
-        every_hour=hours == ["*"] or len(set(hours)) == 24,
-    )
-
-
-def to_timezone(tz: str | tzinfo) -> tzinfo:
-    """A tzinfo from an IANA name (``"Europe/Paris"``) or a tzinfo."""
-    if isinstance(tz, tzinfo):
-        if hasattr(tz, "localize"):
-            raise ConfigurationError(
-                f"timezone {tz!r} is a pytz zone, which ignores fold: give its name instead"
-            )
-        return tz
-    try:
-        return ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError, TypeError):
-        raise ConfigurationError(
-            f"unknown timezone {tz!r}: give an IANA name such as 'UTC' or 'Europe/Paris' "
-            "(install the tzdata package where the system has no time zone database)"
-        ) from None
-
-
-def _utc(dt: datetime) -> datetime:
-    if dt.tzinfo is None:
-        raise ValueError(f"a timezone-aware datetime is needed, got {dt!r}")
-    return dt.astimezone(UTC)
-
-
-def _offsets(tz: tzinfo, start: datetime, end: datetime) -> list[timedelta]:
-    """The UTC offsets the zone has over [start, end] (sampled daily, and at both ends)."""
-    points = [start, end]
-    point = start + timedelta(days=1)
-    while point < end:
-        points.append(point)
-        point += timedelta(days=1)
-    found: set[timedelta] = set()
-    for p in points:
-        offset = p.astimezone(tz).utcoffset()
-        found.add(offset if offset is not None else timedelta(0))
-    return sorted(found)
-
-
-def _transition(tz: tzinfo, before: datetime, after: datetime) -> datetime:
-    """The first instant in (before, after] with ``after``'s offset (bisected to the second)."""
-    target = after.astimezone(tz).utcoffset()
-    while after - before > timedelta(seconds=1):
-        middle = before + (after - before) / 2
-        middle = middle.replace(microsecond=0)
-        if middle <= before:
-            break
-        if middle.astimezone(tz).utcoffset() == target:
-            after = middle
-        else:
-            before = middle
-    return after
-
-
-def _instants(wall: datetime, tz: tzinfo, every_hour: bool) -> list[datetime]:
-    """The UTC instants at which a (naive) wall-clock time of ``tz`` fires; see the module."""
-    first = wall.replace(tzinfo=tz, fold=0).astimezone(UTC)
-    second = wall.replace(tzinfo=tz, fold=1).astimezone(UTC)
-    if first == second:
-        return [first]
-    if first.astimezone(tz).replace(tzinfo=None) == wall:  # shown twice: the clock went back
-        return [first, second] if every_hour else [first]
-    # Skipped (the clock went forward): fold=1 gives the earlier instant, before the gap.
-    low, high = sorted((first, second))
-    return [_transition(tz, low, high)]
-
-
-def cron_ticks(
-    expression: str,
-    tz: tzinfo,
-    after: datetime,
-    until: datetime,
-    *,
-    every_hour: bool | None = None,
-) -> list[datetime]:
-    """The instants (UTC, sorted) in ``(after, until]`` at which the expression fires in ``tz``."""
-    after, until = _utc(after), _utc(until)
-    if until <= after:
-        return []
-    if every_hour is None:
-        every_hour = validate_cron(expression).every_hour
-    offsets = _offsets(tz, after, until)
-    # Wall-clock times are iterated as UTC datetimes: pure calendar arithmetic, no DST.
-    low = (after + offsets[0]).replace(tzinfo=UTC) - timedelta(seconds=1)
-    high = (until + offsets[-1]).replace(tzinfo=UTC)
-    cron = croniter(expression, low)
-    found: set[datetime] = set()
-    while True:
-        try:
-            wall: datetime = cron.get_next(datetime)
-        except CroniterBadDateError:
-            break
-        if wall > high:
-            break
-        for instant in _instants(wall.replace(tzinfo=None), tz, every_hour):
-            if after < instant <= until:
-                found.add(instant)
-    return sorted(found)
-
-
-# -- schedules and ticks (pure) ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class PeriodicTask:
-    """A task with a cron schedule: what ``@app.periodic(...)`` declares."""
-
-    task: Task[Any]
-    cron: str
-    periodic_id: str
-    timezone: tzinfo
-    max_delay: timedelta
-    #: Fixed keyword arguments of every job of this schedule (``timestamp`` is added).
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    has_seconds: bool = False
-    every_hour: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.task.name
-
-    def ticks(self, after: datetime, until: datetime) -> list[datetime]:
-        """This schedule's ticks in ``(after, until]``, as UTC datetimes."""
-        return cron_ticks(self.cron, self.timezone, after, until, every_hour=self.every_hour)
-
-    def next_tick(self, after: datetime, within: timedelta) -> datetime | None:
-        """The first tick after ``after`` and at most ``within`` later, if any."""
-        found = self.ticks(after, after + within)
-        return found[0] if found else None
-
-    def arguments(self, tick: datetime) -> dict[str, Any]:
-        return {**self.kwargs, "timestamp": int(tick.timestamp())}
-
-    def __repr__(self) -> str:
-        pid = f" periodic_id={self.periodic_id!r}" if self.periodic_id else ""
-        return f"<pgtq.PeriodicTask {self.name!r} cron={self.cron!r}{pid} tz={self.timezone}>"
-
-
-@dataclass(frozen=True, eq=False)
-class Tick:
-    """One tick of one schedule: the job to defer."""
-
-    periodic: PeriodicTask
-    at: datetime  # UTC
-
-    @property
-    def timestamp(self) -> int:
-        """Epoch seconds of the tick: the task's ``timestamp`` argument."""
-        return int(self.at.timestamp())
-
-
-def declare(
-    app: App,
-    task: Task[Any],
-    *,
-    cron: str,
-    periodic_id: str = "",
-    timezone: str | tzinfo = "UTC",
-    max_delay: timedelta | float = DEFAULT_MAX_DELAY,
-    kwargs: Mapping[str, Any] | None = None,
-) -> PeriodicTask:
+def declare(app: App, task: Task[Any], **options: Unpack[ScheduleOptions]) -> PeriodicTask:
     """Check a schedule and add it to ``app.periodic_tasks`` (what ``app.periodic`` does)."""
     if not isinstance(task, Task):
         raise ConfigurationError(
-            f"@app.periodic(cron={cron!r}) applies to a task: put it above @app.task(...), "
-            f"got {task!r}"
+            f"@app.periodic(cron={options.get('cron')!r}) applies to a task: put it above "
+            f"@app.task(...), got {task!r}"
         )
     if task.app is not app:
         raise ConfigurationError(f"task {task.name!r} is registered on another app")
-    info = validate_cron(cron)
-    where = f"periodic task {task.name!r}" + (f" ({periodic_id!r})" if periodic_id else "")
-    if not isinstance(periodic_id, str):
-        raise ConfigurationError(f"{where}: periodic_id must be a string")
-    zone = to_timezone(timezone)
-    delay = max_delay if isinstance(max_delay, timedelta) else timedelta(seconds=max_delay)
-    if delay <= timedelta(0):
-        raise ConfigurationError(f"{where}: max_delay must be positive, got {max_delay!r}")
-    fixed = dict(kwargs or {})
-    if "timestamp" in fixed:
-        raise ConfigurationError(f"{where}: 'timestamp' is given by each tick, not by kwargs")
-    try:
-        task.check_arguments({**fixed, "timestamp": 0})
-        dumps(fixed)
-    except InvalidArguments as exc:
-        raise ConfigurationError(
-            f"{where} must accept `timestamp: int` (the tick, in epoch seconds) and the "
-            f"kwargs {sorted(fixed)}: {exc}"
-        ) from None
-    except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"{where}: kwargs must be JSON-serializable: {exc}") from None
+    periodic = schedule(task, options)
     for existing in app.periodic_tasks:
-        if (existing.name, existing.periodic_id) == (task.name, periodic_id):
+        if (existing.name, existing.periodic_id) == (task.name, periodic.periodic_id):
             raise ConfigurationError(
-                f"{where} already has a schedule ({existing.cron!r}): give each schedule of "
-                "a task its own periodic_id"
+                f"{describe(task.name, periodic.periodic_id)} already has a schedule "
+                f"({existing.cron!r}): give each schedule of a task its own periodic_id"
             )
-    periodic = PeriodicTask(
-        task=task,
-        cron=info.expression,
-        periodic_id=periodic_id,
-        timezone=zone,
-        max_delay=delay,
-        kwargs=fixed,
-        has_seconds=info.has_seconds,
-        every_hour=info.every_hour,
-    )
     app.periodic_tasks.append(periodic)
     return periodic
-
-
-def due_ticks(
-    periodic_tasks: Iterable[PeriodicTask], *, now: datetime, since: datetime | None = None
-) -> list[Tick]:
-    """Ticks in ``(since, now]``, without those older than their schedule's ``max_delay``.
-
-    With ``since=None`` (a scheduler that just started), every schedule looks back its
-    ``max_delay``. A tick exactly ``max_delay`` old is still due.
-    """
-    now = _utc(now)
-    found: list[Tick] = []
-    for periodic in periodic_tasks:
-        oldest = now - periodic.max_delay - _ONE_MICROSECOND  # (oldest, now]: age <= max_delay
-        start = oldest if since is None else max(_utc(since), oldest)
-        found.extend(Tick(periodic, at) for at in periodic.ticks(start, now))
-    found.sort(key=lambda t: (t.at, t.periodic.name, t.periodic.periodic_id))
-    return found
-
-
-def tick_rows(ticks: Iterable[Tick]) -> statements.TickRows:
-    """Encode ticks as the jobs they become: queue and priority are the task's defaults."""
-    rows = statements.TickRows.empty()
-    for tick in ticks:
-        p = tick.periodic
-        options = p.task.defaults
-        rows.jobs.queue.append(options.queue)
-        rows.jobs.task_name.append(p.name)
-        rows.jobs.args.append(dumps(p.arguments(tick.at)))
-        rows.jobs.priority.append(options.priority)
-        rows.jobs.scheduled_at.append(None)
-        rows.jobs.lock.append(None)
-        rows.jobs.queueing_lock.append(None)
-        rows.jobs.concurrency_key.append(None)
-        rows.jobs.trace_context.append(None)
-        rows.periodic_id.append(p.periodic_id)
-        rows.tick_at.append(tick.at)
-    return rows
-
-
-def _retention(periodic_tasks: Sequence[PeriodicTask]) -> timedelta:
-    longest = max((p.max_delay for p in periodic_tasks), default=timedelta(0))
-    return max(TICK_RETENTION, 2 * longest)
 
 
 # -- deferring: the sync and async twins ------------------------------------------------------
@@ -452,16 +154,6 @@ async def delete_old_ticks_async(app: App, older_than: timedelta) -> int:
 # -- the scheduler ----------------------------------------------------------------------------
 
 
-def _sleep_time(periodic_tasks: Sequence[PeriodicTask], now: datetime) -> float:
-    """Seconds until the next tick of any schedule, at most ``MAX_SLEEP``."""
-    within = timedelta(seconds=MAX_SLEEP)
-    upcoming = [t for p in periodic_tasks if (t := p.next_tick(now, within)) is not None]
-    if not upcoming:
-        return MAX_SLEEP
-    # A few ms past the tick, so that the clock read on waking is surely past it.
-    return min(MAX_SLEEP, max(0.001, (min(upcoming) - now).total_seconds() + 0.005))
-
-
 async def _pause(seconds: float, stop: asyncio.Event | None) -> None:
     if stop is None:
         await asyncio.sleep(seconds)
@@ -485,7 +177,7 @@ async def run_scheduler(app: App, *, stop: asyncio.Event | None = None) -> None:
     if not periodic_tasks:
         logger.debug("no periodic tasks: the scheduler has nothing to do")
         return
-    retention = _retention(periodic_tasks)
+    keep = retention(periodic_tasks)
     longest = max(p.max_delay for p in periodic_tasks)
     since: datetime | None = None
     delays = backoff_delays(first=RETRY_FIRST, cap=RETRY_CAP)
@@ -535,7 +227,7 @@ async def run_scheduler(app: App, *, stop: asyncio.Event | None = None) -> None:
                 )
         if time.monotonic() >= next_cleanup:
             try:
-                gone = await delete_old_ticks_async(app, retention)
+                gone = await delete_old_ticks_async(app, keep)
             except Exception as exc:
                 logger.warning("deleting old periodic ticks failed: %s", exc)
                 next_cleanup = time.monotonic() + 60.0
@@ -543,44 +235,61 @@ async def run_scheduler(app: App, *, stop: asyncio.Event | None = None) -> None:
                 logger.debug("deleted %s old periodic tick(s)", gone)
                 next_cleanup = time.monotonic() + TICK_CLEANUP_INTERVAL
         if pause is None:
-            pause = _sleep_time(periodic_tasks, datetime.now(UTC))
+            pause = sleep_time(periodic_tasks, datetime.now(UTC))
         await _pause(pause, stop)
 
 
 # -- the builtin clean-up task ----------------------------------------------------------------
 
 
-def add_cleanup_task(
-    app: App,
-    *,
-    cron: str = "0 * * * *",
-    older_than: timedelta | float = timedelta(days=7),
-    include_failed: bool = False,
-    include_cancelled: bool = False,
-    queue: str = "default",
-    timezone: str | tzinfo = "UTC",
-    name: str = CLEANUP_TASK_NAME,
-    results_older_than: timedelta | float | None = None,
-) -> Task[Any]:
-    """Register a periodic task that deletes jobs finished more than ``older_than`` ago.
+class CleanupOptions(TypedDict, total=False):
+    """The options of ``app.add_cleanup_task(...)``, declared once.
 
-    It calls ``app.jobs.delete_old_jobs_async`` (succeeded jobs always; failed ones with
-    ``include_failed``; cancelled and aborted ones with ``include_cancelled``) and returns
-    ``{"deleted": n}``. Its settings are the job's arguments, so a run is visible in the job
-    and can be deferred by hand (``pgtq defer app pgtq.cleanup '{}'``).
+    ``cron`` (default ``"0 * * * *"``, hourly) and ``timezone`` (default UTC): when it runs.
+    Each run deletes jobs that ended more than ``older_than`` ago (a timedelta or seconds;
+    default 7 days): succeeded ones always, failed ones with ``include_failed``, cancelled
+    and aborted ones with ``include_cancelled`` (both default False); with
+    ``results_older_than``, it also drops older results while keeping their jobs. ``queue``:
+    the task's queue (default ``"default"``).
     """
-    seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
+
+    cron: str
+    older_than: timedelta | float
+    include_failed: bool
+    include_cancelled: bool
+    queue: str
+    timezone: str | tzinfo
+    results_older_than: timedelta | float | None
+
+
+def _seconds(value: timedelta | float) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def add_cleanup_task(
+    app: App, *, name: str = CLEANUP_TASK_NAME, **options: Unpack[CleanupOptions]
+) -> Task[Any]:
+    """Register a periodic task that deletes jobs finished more than ``older_than`` ago
+    (:class:`CleanupOptions`).
+
+    It calls ``app.jobs.delete_old_jobs_async`` and returns ``{"deleted": n}`` (and
+    ``"results_cleared"`` with ``results_older_than``). Its settings are the job's
+    arguments, so a run is visible in the job and can be deferred by hand
+    (``pgtq defer app pgtq.cleanup '{}'``).
+    """
+    unknown = sorted(set(options) - CleanupOptions.__optional_keys__)
+    if unknown:
+        raise TypeError(f"add_cleanup_task() got unexpected keyword argument(s) {unknown}")
+    older = options.get("older_than", timedelta(days=7))
+    seconds = _seconds(older)
     if seconds < 0:
-        raise ConfigurationError(f"older_than must not be negative, got {older_than!r}")
-    results_seconds = (
-        None
-        if results_older_than is None
-        else results_older_than.total_seconds()
-        if isinstance(results_older_than, timedelta)
-        else float(results_older_than)
-    )
+        raise ConfigurationError(f"older_than must not be negative, got {older!r}")
+    results = options.get("results_older_than")
+    results_seconds = None if results is None else _seconds(results)
+    include_failed = options.get("include_failed", False)
+    include_cancelled = options.get("include_cancelled", False)
     settings = {
-        "older_than": float(seconds),
+        "older_than": seconds,
         "include_failed": include_failed,
         "include_cancelled": include_cancelled,
     }
@@ -589,7 +298,7 @@ def add_cleanup_task(
 
     async def cleanup(
         timestamp: int = 0,
-        older_than: float = float(seconds),
+        older_than: float = seconds,
         include_failed: bool = include_failed,
         include_cancelled: bool = include_cancelled,
         results_older_than: float | None = results_seconds,
@@ -602,8 +311,9 @@ def add_cleanup_task(
             done["results_cleared"] = await app.jobs.clear_results_async(results_older_than)
         return done
 
+    cron, timezone = options.get("cron", "0 * * * *"), options.get("timezone", "UTC")
     validate_cron(cron)  # before registering anything
     to_timezone(timezone)
-    task = app.task(name=name, queue=queue)(cleanup)
+    task = app.task(name=name, queue=options.get("queue", "default"))(cleanup)
     declare(app, task, cron=cron, timezone=timezone, kwargs=settings)
     return task

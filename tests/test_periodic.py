@@ -18,7 +18,8 @@ import pytest
 
 import pgtq
 from pgtq import periodic
-from pgtq.periodic import cron_ticks, due_ticks, run_scheduler
+from pgtq.cron import cron_ticks, due_ticks
+from pgtq.periodic import run_scheduler
 from tests.conftest import Notifications, eventually
 from tests.sides import Side
 
