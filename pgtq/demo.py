@@ -23,7 +23,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from pgtq import statements
 from pgtq.app import DSN_ENV, App
 from pgtq.connectors import describe
 from pgtq.errors import PgtqError
@@ -200,8 +199,6 @@ async def _defer_and_watch(app: App, jobs: int, console: Console, database: str)
         ),
         name="pgtq-demo-worker",
     )
-    query = statements.status_counts_of(app.statements, ids)
-    connector = app.async_connector()
     abort_sent = False
     counts: dict[Status, tuple[int, int]] = {}
     try:
@@ -219,7 +216,7 @@ async def _defer_and_watch(app: App, jobs: int, console: Console, database: str)
                 if worker.done():
                     worker.result()  # raises what stopped it (e.g. SchemaNotMigrated)
                     raise DemoFailed("the demo's worker stopped before every job was final")
-                counts = await connector.run(query)
+                counts = await app.jobs.counts_of_async(ids)
                 if not abort_sent and counts.get(Status.DOING, (0, 0))[0]:
                     job = await app.jobs.get_async(long_id)
                     if job is not None and job.status == Status.DOING:

@@ -12,15 +12,16 @@ import math
 import numbers
 import operator
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Generic, cast
+from typing import TYPE_CHECKING, Any, Generic, TypedDict, Unpack, cast
 
 from sqlalchemy.engine import Connection
 from typing_extensions import TypeVar
 
 from pgtq import statements
+from pgtq.connectors import execute
 from pgtq.errors import InvalidArguments, JobFailed, JobNotFound, JobTimeout
 from pgtq.model import ClaimedJob, Job, JobEvent, Status
 from pgtq.reports import Stats, Throughput
@@ -28,7 +29,7 @@ from pgtq.reports import Stats, Throughput
 if TYPE_CHECKING:
     from pgtq.app import App
 
-__all__ = ["InvalidFilter", "Job", "JobContext", "JobManager", "Status"]
+__all__ = ["InvalidFilter", "Job", "JobContext", "JobFilter", "JobManager", "Status"]
 
 
 class State:
@@ -126,8 +127,40 @@ def _timeout(job_id: int, timeout: float | None) -> JobTimeout:
     return JobTimeout(f"job {job_id} did not finish within {timeout} s")
 
 
-class JobManager:
-    """``app.jobs``: read and control jobs from sync or async code."""
+#: ``status=`` of ``list``: a status, its name, or several of them.
+StatusFilter = Status | str | Iterable[Status | str] | None
+
+#: ``limit`` of :class:`JobFilter` when it is not given.
+DEFAULT_LIMIT = 100
+
+
+class JobFilter(TypedDict, total=False):
+    """Which jobs ``app.jobs.list`` / ``list_async`` return, declared once: both take
+    ``**filters: Unpack[JobFilter]``, and ``pgtq jobs list`` and the web dashboard build one.
+    A filter left out, or None, does not filter; every one given must match.
+
+    ``status``: one status (or its name) or several. ``limit``: a page of at most this many
+    (default :data:`DEFAULT_LIMIT`). ``after``: the last id of the previous page (keyset
+    pagination; with ``newest_first``, pages go from the newest job back). ``search``: jobs
+    whose arguments, as JSON text, contain it (ignoring case).
+    """
+
+    queue: str | None
+    status: StatusFilter
+    task: str | None
+    lock: str | None
+    limit: int
+    after: int | None
+    newest_first: bool
+    search: str | None
+
+
+Q = TypeVar("Q")
+
+
+class AppOperations:
+    """What ``app.jobs`` and ``app.queues`` share: each of their twins is one query from
+    ``pgtq.statements``, run by :meth:`_run` (sync) or :meth:`_run_async`."""
 
     def __init__(self, app: App) -> None:
         self._app = app
@@ -136,12 +169,21 @@ class JobManager:
     def _s(self) -> statements.Statements:
         return self._app.statements
 
+    def _run(self, query: statements.Query[Q]) -> Q:
+        return self._app.sync.run(query)
+
+    async def _run_async(self, query: statements.Query[Q]) -> Q:
+        return await self._app.async_connector().run(query)
+
+
+class JobManager(AppOperations):
+    """``app.jobs``: read and control jobs from sync or async code."""
+
     def get(self, job_id: int) -> Job | None:
-        return self._app.sync.run(_by_id(statements.get_job, self._s, job_id))
+        return self._run(_by_id(statements.get_job, self._s, job_id))
 
     async def get_async(self, job_id: int) -> Job | None:
-        query = _by_id(statements.get_job, self._s, job_id)
-        return await self._app.async_connector().run(query)
+        return await self._run_async(_by_id(statements.get_job, self._s, job_id))
 
     def abort(self, job_id: int) -> Status | None:
         """A waiting job is cancelled at once; a running one is asked to stop (see JobContext).
@@ -149,42 +191,47 @@ class JobManager:
         Returns the status after the request (``cancelled`` or ``doing``), or None when the job
         had already ended.
         """
-        return self._app.sync.run(_by_id(statements.abort_job, self._s, job_id))
+        return self._run(_by_id(statements.abort_job, self._s, job_id))
 
     async def abort_async(self, job_id: int) -> Status | None:
-        query = _by_id(statements.abort_job, self._s, job_id)
-        return await self._app.async_connector().run(query)
+        return await self._run_async(_by_id(statements.abort_job, self._s, job_id))
 
     def retry(self, job_id: int) -> bool:
         """Put a failed, aborted or cancelled job back to ``todo``. False if it was not one."""
-        return self._app.sync.run(_by_id(statements.retry_job, self._s, job_id))
+        return self._run(_by_id(statements.retry_job, self._s, job_id))
 
     async def retry_async(self, job_id: int) -> bool:
-        query = _by_id(statements.retry_job, self._s, job_id)
-        return await self._app.async_connector().run(query)
+        return await self._run_async(_by_id(statements.retry_job, self._s, job_id))
 
     def counts(self) -> dict[tuple[str, Status], int]:
         """Jobs per (queue, status)."""
-        return self._app.sync.run(statements.status_counts(self._s))
+        return self._run(statements.status_counts(self._s))
 
     async def counts_async(self) -> dict[tuple[str, Status], int]:
-        return await self._app.async_connector().run(statements.status_counts(self._s))
+        return await self._run_async(statements.status_counts(self._s))
+
+    def counts_of(self, job_ids: Iterable[int]) -> dict[Status, tuple[int, int]]:
+        """Of these jobs, per status: how many have it, and how many of those needed more
+        than one attempt (how ``pgtq demo`` follows its jobs). Ids no job has count nowhere."""
+        return self._run(_counts_of_query(self._s, job_ids))
+
+    async def counts_of_async(self, job_ids: Iterable[int]) -> dict[Status, tuple[int, int]]:
+        return await self._run_async(_counts_of_query(self._s, job_ids))
 
     def history(self, job_id: int) -> list[JobEvent]:
         """Every status change of the job, oldest first (each failed attempt with its error)."""
-        return self._app.sync.run(_by_id(statements.job_history, self._s, job_id))
+        return self._run(_by_id(statements.job_history, self._s, job_id))
 
     async def history_async(self, job_id: int) -> list[JobEvent]:
-        query = _by_id(statements.job_history, self._s, job_id)
-        return await self._app.async_connector().run(query)
+        return await self._run_async(_by_id(statements.job_history, self._s, job_id))
 
     def set_history(self, enabled: bool) -> None:
         """Record history (the default) or not, for every client of the database: off, the
         triggers are disabled and cost nothing. Needs the owner of pgtq's tables."""
-        self._app.sync.run(statements.set_history(self._s, enabled))
+        self._run(statements.set_history(self._s, enabled))
 
     async def set_history_async(self, enabled: bool) -> None:
-        await self._app.async_connector().run(statements.set_history(self._s, enabled))
+        await self._run_async(statements.set_history(self._s, enabled))
 
     def wait(self, job_id: int, timeout: float | None = None) -> Any:
         """Block until the job is final: its result, or JobFailed; JobTimeout past ``timeout``."""
@@ -217,43 +264,19 @@ class JobManager:
 
     # == operations: list, stats, clean-up, cancel ===============================================
 
-    def list(
-        self,
-        *,
-        queue: str | None = None,
-        status: StatusFilter = None,
-        task: str | None = None,
-        lock: str | None = None,
-        limit: int = 100,
-        after: int | None = None,
-        newest_first: bool = False,
-        search: str | None = None,
-    ) -> builtins.list[Job]:
-        """One page of jobs matching every filter given, in id order.
+    def list(self, **filters: Unpack[JobFilter]) -> builtins.list[Job]:
+        """One page of jobs matching every filter given (:class:`JobFilter`: ``queue``,
+        ``status``, ``task``, ``lock``, ``limit=100``, ``after``, ``newest_first=False``,
+        ``search``), in id order.
 
-        Keyset pagination: pass the last id of a page as ``after`` to get the next one (with
-        ``newest_first``, pages go from the newest job back). ``status`` takes one status or
-        several. ``search``: jobs whose arguments, as JSON text, contain it (ignoring case).
+        Keyset pagination: pass the last id of a page as ``after`` to get the next one.
         No index serves a search: it reads the jobs the other filters select, in page order,
         until it has a page; on a big table, narrow it with a status or a queue.
         """
-        query = _list_query(self._s, queue, status, task, lock, limit, after, newest_first, search)
-        return self._app.sync.run(query)
+        return self._run(_list_query(self._s, filters))
 
-    async def list_async(
-        self,
-        *,
-        queue: str | None = None,
-        status: StatusFilter = None,
-        task: str | None = None,
-        lock: str | None = None,
-        limit: int = 100,
-        after: int | None = None,
-        newest_first: bool = False,
-        search: str | None = None,
-    ) -> builtins.list[Job]:
-        query = _list_query(self._s, queue, status, task, lock, limit, after, newest_first, search)
-        return await self._app.async_connector().run(query)
+    async def list_async(self, **filters: Unpack[JobFilter]) -> builtins.list[Job]:
+        return await self._run_async(_list_query(self._s, filters))
 
     def stats(self, window: float = 60.0) -> Stats:
         """Per queue: counts, the wait of the oldest due job, jobs/s over ``window`` seconds;
@@ -270,13 +293,12 @@ class JobManager:
         """Jobs that ended per ``bucket`` seconds over the last ``window`` seconds, by status:
         the web dashboard's chart. Reads only the jobs that ended in the window (an index
         range, like the rates of :meth:`stats`), so an hour of it is cheap on a big table."""
-        return self._app.sync.run(_throughput_query(self._s, window, bucket, queue))
+        return self._run(_throughput_query(self._s, window, bucket, queue))
 
     async def throughput_async(
         self, window: float = 3600.0, bucket: float = 60.0, *, queue: str | None = None
     ) -> Throughput:
-        query = _throughput_query(self._s, window, bucket, queue)
-        return await self._app.async_connector().run(query)
+        return await self._run_async(_throughput_query(self._s, window, bucket, queue))
 
     def delete_old_jobs(
         self,
@@ -292,7 +314,7 @@ class JobManager:
         with ``include_cancelled``. Waiting and running jobs never. Returns how many went.
         """
         query = _delete_query(self._s, older_than, include_failed, include_cancelled, queue)
-        return self._app.sync.run(query)
+        return self._run(query)
 
     async def delete_old_jobs_async(
         self,
@@ -303,28 +325,23 @@ class JobManager:
         queue: str | None = None,
     ) -> int:
         query = _delete_query(self._s, older_than, include_failed, include_cancelled, queue)
-        return await self._app.async_connector().run(query)
+        return await self._run_async(query)
 
     def clear_results(self, older_than: timedelta | float) -> int:
         """Drop the stored results of jobs that ended more than ``older_than`` ago, keeping the
         jobs and their history: a retention period for results. Returns how many."""
-        return self._app.sync.run(_clear_query(self._s, older_than))
+        return self._run(_clear_query(self._s, older_than))
 
     async def clear_results_async(self, older_than: timedelta | float) -> int:
-        return await self._app.async_connector().run(_clear_query(self._s, older_than))
+        return await self._run_async(_clear_query(self._s, older_than))
 
     def cancel(self, job_id: int) -> bool:
         """Cancel a waiting job (``todo → cancelled``). False if it is not waiting: a running
         job is stopped with :meth:`abort`."""
-        return self._app.sync.run(_by_id(statements.cancel_job, self._s, job_id))
+        return self._run(_by_id(statements.cancel_job, self._s, job_id))
 
     async def cancel_async(self, job_id: int) -> bool:
-        query = _by_id(statements.cancel_job, self._s, job_id)
-        return await self._app.async_connector().run(query)
-
-
-#: ``status=`` of ``list``: a status, its name, or several of them.
-StatusFilter = Status | str | Iterable[Status | str] | None
+        return await self._run_async(_by_id(statements.cancel_job, self._s, job_id))
 
 
 class InvalidFilter(InvalidArguments, ValueError):
@@ -409,9 +426,6 @@ def check_timeout(timeout: object) -> float | None:
     return float(timeout)
 
 
-Q = TypeVar("Q")
-
-
 def _by_id(
     build: Callable[[statements.Statements, int], statements.Query[Q]],
     s: statements.Statements,
@@ -424,6 +438,13 @@ def _by_id(
     if checked is None:
         return statements.no_such_job(s, build(s, 0))
     return build(s, checked)
+
+
+def _counts_of_query(
+    s: statements.Statements, job_ids: Iterable[int]
+) -> statements.Query[dict[Status, tuple[int, int]]]:
+    checked = (check_job_id(job_id) for job_id in job_ids)
+    return statements.status_counts_of(s, [i for i in checked if i is not None])
 
 
 def parse_statuses(status: StatusFilter) -> builtins.list[Status] | None:
@@ -443,34 +464,34 @@ def _optional_text(name: str, value: object) -> str | None:
 
 
 def _list_query(
-    s: statements.Statements,
-    queue: str | None,
-    status: StatusFilter,
-    task: str | None,
-    lock: str | None,
-    limit: int,
-    after: int | None,
-    newest_first: bool,
-    search: str | None = None,
+    s: statements.Statements, filters: Mapping[str, Any]
 ) -> statements.Query[builtins.list[Job]]:
-    limit = check_integer("limit", limit)
+    """The page ``filters`` select, each checked (InvalidFilter naming a bad one; TypeError
+    for a name :class:`JobFilter` does not have, as for any unknown keyword)."""
+    unknown = sorted(set(filters) - JobFilter.__optional_keys__)
+    if unknown:
+        raise TypeError(f"list() got an unexpected keyword argument {unknown[0]!r}")
+    limit = check_integer("limit", filters.get("limit", DEFAULT_LIMIT))
     if not 1 <= limit <= MAX_LIMIT:
         raise InvalidFilter(f"limit must be from 1 to {MAX_LIMIT}, got {limit}")
+    after = filters.get("after")
     if after is not None:
         after = check_integer("after", after)
         if not ID_RANGE[0] <= after <= ID_RANGE[1]:
             raise InvalidFilter(f"after must be a job id (a bigint), got {after}")
+    text = {name: _optional_text(name, filters.get(name)) for name in _TEXT_FILTERS}
     return statements.list_jobs(
         s,
-        queue=_optional_text("queue", queue),
-        statuses=parse_statuses(status),
-        task=_optional_text("task", task),
-        lock=_optional_text("lock", lock),
+        statuses=parse_statuses(filters.get("status")),
         limit=limit,
         after=after,
-        newest_first=newest_first,
-        search=_optional_text("search", search),
+        newest_first=bool(filters.get("newest_first", False)),
+        **text,
     )
+
+
+#: The filters of :class:`JobFilter` that are text, checked alike.
+_TEXT_FILTERS = ("queue", "task", "lock", "search")
 
 
 #: At most this many buckets in a ``throughput``: a chart's width, not a table dump.
@@ -517,9 +538,7 @@ def _stats_reader(s: statements.Statements, window: float) -> Callable[[Connecti
     queries = statements.stats_queries(s, window)
 
     def read(conn: Connection) -> Stats:
-        counts, finished, workers, paused = (
-            q.mapper(conn.execute(q.statement, q.params)) for q in queries
-        )
+        counts, finished, workers, paused = (execute(conn, q) for q in queries)
         return statements.to_stats(window, counts, finished, workers, paused)
 
     return read

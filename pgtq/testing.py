@@ -38,7 +38,6 @@ from sqlalchemy.engine import URL
 from pgtq.app import App
 from pgtq.model import Job, Status
 from pgtq.schema import validate_schema_name
-from pgtq.statements import statements_for
 
 if TYPE_CHECKING:
     from pgtq.worker import WorkerStats
@@ -57,22 +56,6 @@ def _fresh_name(prefix: str) -> str:
     return validate_schema_name(f"{prefix}_{uuid.uuid4().hex[:12]}")
 
 
-@contextlib.contextmanager
-def _pointed_at(app: App, schema: str, dsn: str | URL | None) -> Iterator[None]:
-    """Point ``app`` (and so its tasks) at ``schema``; put it back as it was on exit."""
-    saved = (app.schema, app.statements, app._url, app._engine, app._async_engine)
-    app.close()
-    if dsn is not None:
-        app.use_dsn(dsn)
-    app.schema, app.statements = schema, statements_for(schema)
-    try:
-        yield
-    finally:
-        app.close()
-        app._async.clear()
-        app.schema, app.statements, app._url, app._engine, app._async_engine = saved
-
-
 def _drop(schema: str) -> str:
     return f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'
 
@@ -88,7 +71,7 @@ def migrated_schema(
     parallel threads.
     """
     schema = _fresh_name(prefix)
-    with _pointed_at(app, schema, dsn):
+    with app.pointed_at(schema=schema, dsn=dsn):
         app.migrate()
         try:
             yield app
@@ -102,7 +85,7 @@ async def migrated_schema_async(
 ) -> AsyncIterator[App]:
     """:func:`migrated_schema` inside an event loop (migrates and drops with the async engine)."""
     schema = _fresh_name(prefix)
-    with _pointed_at(app, schema, dsn):
+    with app.pointed_at(schema=schema, dsn=dsn):
         await app.migrate_async()
         try:
             yield app
