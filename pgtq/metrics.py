@@ -25,9 +25,9 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 try:
@@ -51,8 +51,6 @@ from pgtq.reports import Stats
 
 if TYPE_CHECKING:
     from pgtq.app import App
-    from pgtq.jobs import JobContext
-    from pgtq.model import ClaimedJob
 
 __all__ = ["JobMetrics", "QueueCollector", "install", "serve", "uninstall", "wsgi_app"]
 
@@ -62,65 +60,61 @@ logger = logging.getLogger("pgtq.metrics")
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 PICKUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
+_M = TypeVar("_M", Counter, Gauge, Histogram)
+
 
 class JobMetrics(observers.JobObserver):
     """Counts, times and pickup latencies of the jobs this process runs."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
-        self.finished = Counter(
+        self.finished = self._new(
+            Counter,
             "pgtq_jobs_finished",
             "Job attempts finished by this process, by outcome (retried: failed, runs again).",
-            ["queue", "task", "status"],
-            registry=registry,
+            ("queue", "task", "status"),
         )
-        self.duration = Histogram(
+        self.duration = self._new(
+            Histogram,
             "pgtq_job_duration_seconds",
             "How long job attempts ran.",
-            ["queue", "task"],
+            ("queue", "task"),
             buckets=DURATION_BUCKETS,
-            registry=registry,
         )
-        self.pickup = Histogram(
+        self.pickup = self._new(
+            Histogram,
             "pgtq_job_pickup_latency_seconds",
             "From when a job was due to when a worker claimed it.",
-            ["queue"],
+            ("queue",),
             buckets=PICKUP_BUCKETS,
-            registry=registry,
         )
-        self.running = Gauge(
-            "pgtq_jobs_running",
-            "Jobs running in this process.",
-            ["queue", "task"],
-            registry=registry,
+        self.running = self._new(
+            Gauge, "pgtq_jobs_running", "Jobs running in this process.", ("queue", "task")
         )
 
-    def job_started(
-        self,
-        job: ClaimedJob,
-        ctx: JobContext,
-        *,
-        waited: float | None = None,
-        trace_context: Mapping[str, str] | None = None,
-    ) -> Any:
+    def _new(
+        self, kind: type[_M], name: str, documentation: str, labels: Sequence[str], **more: Any
+    ) -> _M:
+        """A metric of this observer, in its registry."""
+        return kind(name, documentation, labels, registry=self.registry, **more)
+
+    @property
+    def metrics(self) -> tuple[Counter, Histogram, Histogram, Gauge]:
+        """Every metric this observer registered (what :func:`uninstall` takes back)."""
+        return (self.finished, self.duration, self.pickup, self.running)
+
+    def job_started(self, start: observers.JobStart) -> Any:
+        job = start.job
         self.running.labels(job.queue, job.task_name).inc()
-        if waited is not None:
-            self.pickup.labels(job.queue).observe(max(0.0, waited))
+        if start.waited is not None:
+            self.pickup.labels(job.queue).observe(max(0.0, start.waited))
         return None
 
-    def job_finished(
-        self,
-        job: ClaimedJob,
-        ctx: JobContext,
-        state: Any,
-        *,
-        status: str,
-        duration: float,
-        error: BaseException | None = None,
-    ) -> None:
+    def job_finished(self, end: observers.JobEnd, state: Any) -> None:
+        job = end.job
         self.running.labels(job.queue, job.task_name).dec()
-        self.finished.labels(job.queue, job.task_name, status).inc()
-        self.duration.labels(job.queue, job.task_name).observe(duration)
+        self.finished.labels(job.queue, job.task_name, end.status).inc()
+        self.duration.labels(job.queue, job.task_name).observe(end.duration)
 
 
 class QueueCollector(Collector):
@@ -218,12 +212,7 @@ def uninstall(registry: CollectorRegistry = REGISTRY) -> None:
         observers.remove(job_metrics)
         for collector in collectors:
             registry.unregister(collector)
-        for metric in (
-            job_metrics.finished,
-            job_metrics.duration,
-            job_metrics.pickup,
-            job_metrics.running,
-        ):
+        for metric in job_metrics.metrics:
             registry.unregister(metric)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -18,7 +19,9 @@ if TYPE_CHECKING:
     from pgtq.model import ClaimedJob
 
 __all__ = [
+    "JobEnd",
     "JobObserver",
+    "JobStart",
     "add",
     "installed",
     "job_finished",
@@ -31,30 +34,39 @@ __all__ = [
 logger = logging.getLogger("pgtq.observers")
 
 
+@dataclass(frozen=True, slots=True)
+class JobStart:
+    """What an observer learns when a job starts (one record, so a field added later breaks
+    no observer)."""
+
+    job: ClaimedJob
+    ctx: JobContext
+    #: Seconds from when the job was due to its claim (pickup latency), when measured.
+    waited: float | None = None
+    #: The carrier stored with the job at defer time (W3C ``traceparent``).
+    trace_context: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobEnd:
+    """What an observer learns once a job's outcome is decided."""
+
+    job: ClaimedJob
+    ctx: JobContext
+    #: The outcome's label: ``succeeded``, ``failed``, ``aborted``, ``retried``.
+    status: str
+    duration: float
+    error: BaseException | None = None
+
+
 class JobObserver:
     """Override what you need. ``job_started`` returns a state handed back to ``job_finished``
     (a span, a start time, ...)."""
 
-    def job_started(
-        self,
-        job: ClaimedJob,
-        ctx: JobContext,
-        *,
-        waited: float | None = None,
-        trace_context: Mapping[str, str] | None = None,
-    ) -> Any:
+    def job_started(self, start: JobStart) -> Any:
         return None
 
-    def job_finished(
-        self,
-        job: ClaimedJob,
-        ctx: JobContext,
-        state: Any,
-        *,
-        status: str,
-        duration: float,
-        error: BaseException | None = None,
-    ) -> None:
+    def job_finished(self, end: JobEnd, state: Any) -> None:
         return None
 
 
@@ -94,10 +106,11 @@ def job_started(
     """
     if not _observers:
         return None
+    start = JobStart(job, ctx, waited, trace_context)
     started = []
     for observer in _observers:
         try:
-            state = observer.job_started(job, ctx, waited=waited, trace_context=trace_context)
+            state = observer.job_started(start)
         except Exception:
             logger.exception("job observer %r failed on job %s", observer, job.id)
             continue
@@ -120,9 +133,10 @@ def job_finished(
     """
     if not started:
         return
+    end = JobEnd(job, ctx, status, duration, error)
     for observer, state in reversed(started):
         try:
-            observer.job_finished(job, ctx, state, status=status, duration=duration, error=error)
+            observer.job_finished(end, state)
         except Exception:
             logger.exception("job observer %r failed on job %s", observer, job.id)
 

@@ -12,8 +12,7 @@ calls, SQL) nest under it. Spans go to whatever tracer provider you configure::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 try:
     from opentelemetry import context as otel_context
@@ -23,10 +22,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("pgtq.tracing needs opentelemetry-api: pip install 'pgtq[otel]'") from exc
 
 from pgtq import observers
-
-if TYPE_CHECKING:
-    from pgtq.jobs import JobContext
-    from pgtq.model import ClaimedJob
 
 __all__ = ["JobTracing", "inject", "install", "uninstall"]
 
@@ -56,15 +51,9 @@ class JobTracing(observers.JobObserver):
         self.tracer = trace.get_tracer("pgtq", tracer_provider=tracer_provider)
         self.link_only = link_only
 
-    def job_started(
-        self,
-        job: ClaimedJob,
-        ctx: JobContext,
-        *,
-        waited: float | None = None,
-        trace_context: Mapping[str, str] | None = None,
-    ) -> Any:
-        parent = propagate.extract(dict(trace_context)) if trace_context else None
+    def job_started(self, start: observers.JobStart) -> Any:
+        job, carrier = start.job, start.trace_context
+        parent = propagate.extract(dict(carrier)) if carrier else None
         links: list[Link] = []
         if parent is not None and self.link_only:
             deferred_by = trace.get_current_span(parent).get_span_context()
@@ -78,10 +67,10 @@ class JobTracing(observers.JobObserver):
             "messaging.message.id": str(job.id),
             "pgtq.task": job.task_name,
             "pgtq.attempt": job.attempts,
-            "pgtq.worker": ctx.worker_id,
+            "pgtq.worker": start.ctx.worker_id,
         }
-        if waited is not None:
-            attributes["pgtq.pickup_latency"] = waited
+        if start.waited is not None:
+            attributes["pgtq.pickup_latency"] = start.waited
         span = self.tracer.start_span(
             f"process {job.task_name}",
             context=parent,
@@ -92,17 +81,9 @@ class JobTracing(observers.JobObserver):
         token = otel_context.attach(trace.set_span_in_context(span))
         return span, token
 
-    def job_finished(
-        self,
-        job: ClaimedJob,
-        ctx: JobContext,
-        state: Any,
-        *,
-        status: str,
-        duration: float,
-        error: BaseException | None = None,
-    ) -> None:
+    def job_finished(self, end: observers.JobEnd, state: Any) -> None:
         span, token = state
+        status, error = end.status, end.error
         try:
             span.set_attribute("pgtq.outcome", status)
             if error is not None:

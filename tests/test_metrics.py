@@ -117,6 +117,30 @@ async def test_a_failing_observer_never_fails_the_job(app: pgtq.App) -> None:
         observers.remove(broken)
 
 
+def test_an_observer_sees_one_record_per_start_and_end() -> None:
+    seen: list[Any] = []
+
+    class Recorder(observers.JobObserver):
+        def job_started(self, start: observers.JobStart) -> Any:
+            seen.append(start)
+            return "state"
+
+        def job_finished(self, end: observers.JobEnd, state: Any) -> None:
+            seen.append((end, state))
+
+    recorder, job, error = Recorder(), claimed(), RuntimeError("boom")
+    observers.add(recorder)
+    try:
+        started = observers.job_started(job, None, waited=0.5, trace_context={"a": "b"})  # type: ignore[arg-type]
+        observers.job_finished(started, job, None, status="failed", duration=2.0, error=error)  # type: ignore[arg-type]
+    finally:
+        observers.remove(recorder)
+    assert seen == [
+        observers.JobStart(job, None, 0.5, {"a": "b"}),  # type: ignore[arg-type]
+        (observers.JobEnd(job, None, "failed", 2.0, error), "state"),  # type: ignore[arg-type]
+    ]
+
+
 # -- queue metrics, from the database ------------------------------------------------------------
 
 
