@@ -13,17 +13,19 @@ import contextlib
 import copy
 import dataclasses
 import enum
+import functools
 import importlib
+import inspect
 import json
 import logging
 import math
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Concatenate, Literal, ParamSpec, cast
 
 import typer
 from sqlalchemy import exc as sa_exc
@@ -34,6 +36,7 @@ from pgtq import logs
 from pgtq.app import DSN_ENV, App
 from pgtq.connectors import describe
 from pgtq.errors import ConfigurationError, JobNotFound, PgtqError
+from pgtq.jobs import JobFilter
 from pgtq.model import Job, Status
 from pgtq.schema import DEFAULT_SCHEMA
 
@@ -312,8 +315,8 @@ def _has_database(app: App) -> bool:
 
 
 def _use_dsn(app: App, dsn: str | URL | None) -> None:
-    """Point a loaded app at the database ``--dsn`` / ``PGTQ_DSN`` names."""
-    if dsn and not (app._url == make_url(dsn) and app._engine is None):
+    """Point a loaded app at the database ``--dsn`` / ``PGTQ_DSN`` names (unless it is there)."""
+    if dsn and not (_has_database(app) and app.url == make_url(dsn)):
         app.use_dsn(dsn)
 
 
@@ -336,13 +339,55 @@ def _app_for(
 ) -> Iterator[App]:
     """The app a command works on (see :func:`_target_app`), closed when the block ends;
     its schema checked first (:func:`_require_schema`) unless ``check_schema=False``."""
-    app = _target_app(dsn, app_path, schema, embedded=embedded)
+    with _checked(_target_app(dsn, app_path, schema, embedded=embedded), check_schema) as app:
+        yield app
+
+
+@contextlib.contextmanager
+def _checked(app: App, check_schema: bool = True) -> Iterator[App]:
+    """``app``, its schema checked first (unless ``check_schema=False``), closed after."""
     try:
         if check_schema:
             _require_schema(app)
         yield app
     finally:
         app.close()
+
+
+P = ParamSpec("P")
+
+#: The options every command on one app's database takes, after its own.
+_DATABASE_OPTIONS = (("dsn", DsnOption), ("app_path", AppOption), ("schema", SchemaOption))
+
+
+def _on_app(command: Callable[Concatenate[App, P], None]) -> Callable[P, None]:
+    """A command on one app's database: it takes ``--dsn``, ``--app`` and ``--schema`` after
+    its own options, and runs on the app they name (:func:`_app_for`: its schema checked,
+    closed after), given as its first argument."""
+    own = list(inspect.signature(command, eval_str=True).parameters.values())[1:]
+    common = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=option)
+        for name, option in _DATABASE_OPTIONS
+    ]
+
+    call: Callable[..., None] = command
+
+    @functools.wraps(command)
+    def run(**options: Any) -> None:
+        dsn, app_path, schema = (options.pop(name) for name, _ in _DATABASE_OPTIONS)
+        with _app_for(dsn, app_path, schema) as app:
+            call(app, **options)
+
+    run.__signature__ = inspect.Signature([*own, *common])  # type: ignore[attr-defined]
+    return cast(Callable[P, None], run)
+
+
+def _existing_job(app: App, job_id: int) -> Job:
+    """The job, else JobNotFound naming the database."""
+    job = app.jobs.get(job_id)
+    if job is None:
+        raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
+    return job
 
 
 def _require_schema(app: App) -> None:
@@ -921,12 +966,8 @@ def defer(
     )
     # Validates the arguments before any connection is made.
     deferrer.encode([kwargs])
-    _with_database(app, dsn, app_path, embedded="if-present")
-    try:
-        _require_schema(app)
+    with _checked(_with_database(app, dsn, app_path, embedded="if-present")):
         job_id = deferrer.defer_many([kwargs])[0]
-    finally:
-        app.close()
     if as_json:
         _print_json(job_id)
         return
@@ -982,7 +1023,8 @@ def migrate(
     if check:
         if post:
             raise _fail("--check takes --pre (pre revisions applied?) or nothing (at head?)")
-        _check_migrations(_target_app(dsn, app_path, schema, embedded="if-present"), pre_only=pre)
+        with _app_for(dsn, app_path, schema, check_schema=False) as app:
+            _check_migrations(app, pre_only=pre)
         return
     if sql:
         if phase is not None:
@@ -1013,15 +1055,9 @@ class NotAtHead(PgtqError):
 def _check_migrations(app: App, *, pre_only: bool = False) -> None:
     from pgtq import migrations
 
-    try:
-        found, left = app.sync.run_in_transaction(
-            lambda conn: (
-                migrations.current(conn, app.schema),
-                migrations.pending(conn, app.schema),
-            )
-        )
-    finally:
-        app.close()
+    found, left = app.sync.run_in_transaction(
+        lambda conn: (migrations.current(conn, app.schema), migrations.pending(conn, app.schema))
+    )
     heads = migrations.heads()
     where = f"pgtq schema {app.schema!r} at {describe(app.url)}"
     if pre_only:
@@ -1138,21 +1174,17 @@ def job_table(job: Job, *, traceback: bool = False) -> Table:
 
 
 @jobs_cli.command("show")
+@_on_app
 def jobs_show(
+    app: App,
     job_id: JobIdArgument,
     traceback: Annotated[
         bool, typer.Option("--traceback", help="Show the stored traceback of a failure.")
     ] = False,
     as_json: JsonOption = False,
-    dsn: DsnOption = None,
-    app_path: AppOption = None,
-    schema: SchemaOption = None,
 ) -> None:
     """Show one job (--json: every field, the error's traceback included)."""
-    with _app_for(dsn, app_path, schema) as app:
-        job = app.jobs.get(job_id)
-    if job is None:
-        raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
+    job = _existing_job(app, job_id)
     if as_json:
         _print_json(job)
         return
@@ -1160,49 +1192,33 @@ def jobs_show(
 
 
 @jobs_cli.command("abort")
-def jobs_abort(
-    job_id: JobIdArgument,
-    dsn: DsnOption = None,
-    app_path: AppOption = None,
-    schema: SchemaOption = None,
-) -> None:
+@_on_app
+def jobs_abort(app: App, job_id: JobIdArgument) -> None:
     """Cancel a waiting job, or ask a running one to stop."""
-    with _app_for(dsn, app_path, schema) as app:
-        status = app.jobs.abort(job_id)
-        job = app.jobs.get(job_id) if status is None else None
-    if status is not None:
-        what = "cancelled" if status is Status.CANCELLED else "asked to stop (running)"
-        out.print(f"Job {job_id} {what}")
-    elif job is None:
-        raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
-    else:
-        raise PgtqError(f"job {job_id} already ended ({job.status.value}): nothing to abort")
+    status = app.jobs.abort(job_id)
+    if status is None:
+        ended = _existing_job(app, job_id).status.value
+        raise PgtqError(f"job {job_id} already ended ({ended}): nothing to abort")
+    what = "cancelled" if status is Status.CANCELLED else "asked to stop (running)"
+    out.print(f"Job {job_id} {what}")
 
 
 @jobs_cli.command("retry")
-def jobs_retry(
-    job_id: JobIdArgument,
-    dsn: DsnOption = None,
-    app_path: AppOption = None,
-    schema: SchemaOption = None,
-) -> None:
+@_on_app
+def jobs_retry(app: App, job_id: JobIdArgument) -> None:
     """Put a failed, aborted or cancelled job back in its queue."""
-    with _app_for(dsn, app_path, schema) as app:
-        retried = app.jobs.retry(job_id)
-        job = None if retried else app.jobs.get(job_id)
-    if retried:
-        out.print(f"Job {job_id} is waiting again")
-    elif job is None:
-        raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
-    else:
+    if not app.jobs.retry(job_id):
         raise PgtqError(
-            f"job {job_id} is {job.status.value}: only failed, aborted or cancelled jobs "
-            "can be retried"
+            f"job {job_id} is {_existing_job(app, job_id).status.value}: only failed, aborted "
+            "or cancelled jobs can be retried"
         )
+    out.print(f"Job {job_id} is waiting again")
 
 
 @jobs_cli.command("list")
+@_on_app
 def jobs_list(
+    app: App,
     queue: Annotated[str | None, typer.Option("--queue", "-q", help="Only this queue.")] = None,
     status: Annotated[
         list[str] | None,
@@ -1222,21 +1238,18 @@ def jobs_list(
         bool, typer.Option("--oldest-first", help="Oldest jobs first (default: newest).")
     ] = False,
     as_json: JsonOption = False,
-    dsn: DsnOption = None,
-    app_path: AppOption = None,
-    schema: SchemaOption = None,
 ) -> None:
     """List jobs, newest first, as a table (page with --after; --json: an array of jobs)."""
-    with _app_for(dsn, app_path, schema) as app:
-        jobs = app.jobs.list(
-            queue=queue,
-            status=status or None,
-            task=task,
-            lock=lock,
-            limit=limit,
-            after=after,
-            newest_first=not oldest_first,
-        )
+    filters = JobFilter(
+        queue=queue,
+        status=status or None,
+        task=task,
+        lock=lock,
+        limit=limit,
+        after=after,
+        newest_first=not oldest_first,
+    )
+    jobs = app.jobs.list(**filters)
     if as_json:
         _print_json(jobs)
         return
@@ -1296,23 +1309,14 @@ def jobs_table(jobs: list[Job]) -> Table:
 
 
 @jobs_cli.command("cancel")
-def jobs_cancel(
-    job_id: JobIdArgument,
-    dsn: DsnOption = None,
-    app_path: AppOption = None,
-    schema: SchemaOption = None,
-) -> None:
+@_on_app
+def jobs_cancel(app: App, job_id: JobIdArgument) -> None:
     """Cancel a waiting job (a running one is stopped with `jobs abort`)."""
-    with _app_for(dsn, app_path, schema) as app:
-        cancelled = app.jobs.cancel(job_id)
-        job = None if cancelled else app.jobs.get(job_id)
-    if cancelled:
-        out.print(f"Job {job_id} cancelled")
-    elif job is None:
-        raise JobNotFound(f"no job with id {job_id} at {describe(app.url)}")
-    else:
+    if not app.jobs.cancel(job_id):
+        job = _existing_job(app, job_id)
         hint = ": use `pgtq jobs abort` to stop it" if job.status is Status.DOING else ""
         raise PgtqError(f"job {job_id} is {job.status.value}, not waiting{hint}")
+    out.print(f"Job {job_id} cancelled")
 
 
 # -- pgtq queues ... ------------------------------------------------------------------------------
@@ -1321,41 +1325,26 @@ QueueArgument = Annotated[str, typer.Argument(metavar="QUEUE", help="The queue's
 
 
 @queues_cli.command("pause")
-def queues_pause(
-    name: QueueArgument,
-    dsn: DsnOption = None,
-    app_path: AppOption = None,
-    schema: SchemaOption = None,
-) -> None:
+@_on_app
+def queues_pause(app: App, name: QueueArgument) -> None:
     """Stop workers from taking the queue's jobs (running ones finish)."""
-    with _app_for(dsn, app_path, schema) as app:
-        changed = app.queues.pause(name)
+    changed = app.queues.pause(name)
     out.print(f"Queue {name!r} " + ("paused" if changed else "was already paused"))
 
 
 @queues_cli.command("resume")
-def queues_resume(
-    name: QueueArgument,
-    dsn: DsnOption = None,
-    app_path: AppOption = None,
-    schema: SchemaOption = None,
-) -> None:
+@_on_app
+def queues_resume(app: App, name: QueueArgument) -> None:
     """Let workers take the queue's jobs again."""
-    with _app_for(dsn, app_path, schema) as app:
-        changed = app.queues.resume(name)
+    changed = app.queues.resume(name)
     out.print(f"Queue {name!r} " + ("resumed" if changed else "was not paused"))
 
 
 @queues_cli.command("list")
-def queues_list(
-    as_json: JsonOption = False,
-    dsn: DsnOption = None,
-    app_path: AppOption = None,
-    schema: SchemaOption = None,
-) -> None:
+@_on_app
+def queues_list(app: App, as_json: JsonOption = False) -> None:
     """Queues with waiting or running jobs, and paused ones."""
-    with _app_for(dsn, app_path, schema) as app:
-        queues = app.queues.list()
+    queues = app.queues.list()
     if as_json:
         _print_json(queues)
         return
@@ -1395,10 +1384,8 @@ def stats(
 
     if as_json and watch:
         raise _fail("--json prints one snapshot: give --json or --watch, not both")
-    app = _target_app(dsn, app_path, schema, embedded="if-present")
-    title = f"pgtq  ·  {describe(app.url)}  ·  schema {app.schema}"
-    with contextlib.closing(app):
-        _require_schema(app)  # a bad DSN or schema fails here, as one line
+    with _app_for(dsn, app_path, schema) as app:  # a bad DSN or schema fails here, as one line
+        title = f"pgtq  ·  {describe(app.url)}  ·  schema {app.schema}"
         first = app.jobs.stats()
         if as_json:
             _print_json(_stats_document(first))
@@ -1458,8 +1445,7 @@ def healthcheck(
     """
     from pgtq import health
 
-    app = _target_app(dsn, app_path, schema, embedded="if-present")
-    with contextlib.closing(app):
+    with _app_for(dsn, app_path, schema, check_schema=False) as app:
         verdict = health.check(app, queue or None, max_age, describe_error=_describe_failure)
     if as_json:
         _print_json(verdict.as_dict())
@@ -1523,44 +1509,43 @@ def web(
     names, --host and each --allowed-host (the Host header: DNS rebinding); on every address
     (--host 0.0.0.0) --allowed-host is required.
     """
-    with _reporting_errors():
-        try:
-            import uvicorn
+    try:
+        import uvicorn
 
-            from pgtq.web import security, server
-        except ImportError as exc:
-            raise ConfigurationError(
-                f"pgtq web needs the web extra ({exc}): pip install 'pgtq[web]'"
-            ) from None
-        if auth is None and os.environ.get(security.AUTH_ENV) == "":
-            # click reads an empty variable as unset: an empty secret must not mean "no auth".
-            raise ConfigurationError(
-                f"{security.AUTH_ENV} is set but empty: give USER:PASSWORD, or unset it"
-            )
-        credentials = security.parse_credentials(auth) if auth is not None else None
-        # Before touching the database: an exposed server must not start at all.
-        security.check_exposure(host, read_only=read_only, auth=credentials)
-        allowed_hosts = security.allowed_hosts_for(host, allowed_host or ())
-        with _app_for(dsn, app_path, schema) as app:
-            app.jobs.stats()  # a bad DSN or a missing schema fails here, as one line
-            config = server.config(
-                app,
-                host=host,
-                port=port,
-                read_only=read_only,
-                auth=credentials,
-                root_path=root_path,
-                allowed_hosts=allowed_hosts,
-            )
-            shown = f"[{host}]" if ":" in host else host
-            err.print(
-                f"pgtq web: http://{shown}:{port}{root_path}/ "
-                f"({'read-only' if read_only else 'with actions'}, "
-                f"{'basic auth' if credentials else 'no auth'}, "
-                f"hosts {', '.join(allowed_hosts)}), database {describe(app.url)}",
-                soft_wrap=True,
-            )
-            uvicorn.Server(config).run()
+        from pgtq.web import security, server
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"pgtq web needs the web extra ({exc}): pip install 'pgtq[web]'"
+        ) from None
+    if auth is None and os.environ.get(security.AUTH_ENV) == "":
+        # click reads an empty variable as unset: an empty secret must not mean "no auth".
+        raise ConfigurationError(
+            f"{security.AUTH_ENV} is set but empty: give USER:PASSWORD, or unset it"
+        )
+    credentials = security.parse_credentials(auth) if auth is not None else None
+    # Before touching the database: an exposed server must not start at all.
+    security.check_exposure(host, read_only=read_only, auth=credentials)
+    allowed_hosts = security.allowed_hosts_for(host, allowed_host or ())
+    with _app_for(dsn, app_path, schema) as app:
+        app.jobs.stats()  # a bad DSN or a missing schema fails here, as one line
+        config = server.config(
+            app,
+            host=host,
+            port=port,
+            read_only=read_only,
+            auth=credentials,
+            root_path=root_path,
+            allowed_hosts=allowed_hosts,
+        )
+        shown = f"[{host}]" if ":" in host else host
+        err.print(
+            f"pgtq web: http://{shown}:{port}{root_path}/ "
+            f"({'read-only' if read_only else 'with actions'}, "
+            f"{'basic auth' if credentials else 'no auth'}, "
+            f"hosts {', '.join(allowed_hosts)}), database {describe(app.url)}",
+            soft_wrap=True,
+        )
+        uvicorn.Server(config).run()
 
 
 def main() -> None:
