@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlencode
 
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -19,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
-from pgtq.jobs import parse_statuses
+from pgtq.jobs import JobFilter, parse_statuses
 from pgtq.model import Job, Status
 from pgtq.reports import COUNTED_STATUSES, STALE_AFTER
 from pgtq.web.charts import throughput_svg
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
     from pgtq.app import App
     from pgtq.periodic import PeriodicTask
 
-__all__ = ["PAGE_SIZE", "BadRequest", "Dashboard", "job_id_of", "whole_number"]
+__all__ = ["PAGE_SIZE", "BadRequest", "Dashboard", "job_filter", "job_id_of", "whole_number"]
 
 NO_DATA = "\N{EN DASH}"  # no data, which is not zero
 
@@ -159,45 +158,32 @@ def templates() -> Jinja2Templates:
     return Jinja2Templates(env=env)
 
 
-@dataclass(frozen=True, slots=True)
-class Filters:
-    """The jobs list's query string, checked."""
+#: The jobs page's query string: each parameter's key in :class:`~pgtq.jobs.JobFilter`.
+FILTER_PARAMS = {"queue": "queue", "status": "status", "task": "task", "q": "search"}
 
-    queue: str | None = None
-    status: Status | None = None
-    task: str | None = None
-    search: str | None = None
-    after: int | None = None
 
-    @classmethod
-    def parse(cls, request: Request) -> Filters:
-        q = request.query_params
+def job_filter(request: Request) -> JobFilter:
+    """The jobs page's query string, checked, as the filter of the page it asks for: one of
+    :data:`PAGE_SIZE` jobs, newest first, after the ``after`` id (one status at most)."""
+    q = request.query_params
+    found: dict[str, Any] = {}
+    for param, key in FILTER_PARAMS.items():
+        value = q.get(param, "").replace("\x00", "").strip()  # PostgreSQL text holds no NUL
+        if value:
+            found[key] = value
+    statuses = parse_statuses(found.get("status"))  # InvalidFilter: 400
+    if statuses:
+        found["status"] = statuses[0]
+    found["after"] = whole_number(q.get("after"), "after (a job id)")
+    return cast(JobFilter, {**found, "limit": PAGE_SIZE, "newest_first": True})
 
-        def text(name: str) -> str | None:
-            value = q.get(name, "").replace("\x00", "").strip()  # PostgreSQL text holds no NUL
-            return value or None
 
-        status = text("status")
-        statuses = parse_statuses(status) if status else None
-        return cls(
-            queue=text("queue"),
-            status=statuses[0] if statuses else None,
-            task=text("task"),
-            search=text("q"),
-            after=whole_number(q.get("after"), "after (a job id)"),
-        )
-
-    def query(self, **changes: Any) -> str:
-        """This filter's query string, with ``changes`` (None drops a parameter)."""
-        values: dict[str, Any] = {
-            "queue": self.queue,
-            "status": self.status.value if self.status else None,
-            "task": self.task,
-            "q": self.search,
-            "after": self.after,
-        }
-        values.update(changes)
-        return urlencode({k: v for k, v in values.items() if v is not None})
+def query_string(filters: JobFilter, **changes: Any) -> str:
+    """The query string of the page ``filters`` ask for, with ``changes`` (None drops one)."""
+    values: dict[str, Any] = {param: filters.get(key) for param, key in FILTER_PARAMS.items()}
+    values["after"] = filters.get("after")
+    values.update(changes)
+    return urlencode({k: v for k, v in values.items() if v is not None})
 
 
 def next_tick(periodic: PeriodicTask, now: datetime) -> datetime | None:
@@ -316,16 +302,8 @@ class Dashboard:
         )
 
     async def jobs(self, request: Request) -> Response:
-        filters = Filters.parse(request)  # InvalidFilter, BadRequest: 400
-        page = await self.app.jobs.list_async(
-            queue=filters.queue,
-            status=filters.status,
-            task=filters.task,
-            search=filters.search,
-            after=filters.after,
-            limit=PAGE_SIZE,
-            newest_first=True,
-        )
+        filters = job_filter(request)  # InvalidFilter, BadRequest: 400
+        page = await self.app.jobs.list_async(**filters)
         more = len(page) == PAGE_SIZE
         return self.render(
             request,
@@ -334,8 +312,8 @@ class Dashboard:
                 "page": "jobs",
                 "jobs": page,
                 "filters": filters,
-                "next_query": filters.query(after=page[-1].id) if more else None,
-                "first_query": filters.query(after=None) if filters.after else None,
+                "next_query": query_string(filters, after=page[-1].id) if more else None,
+                "first_query": query_string(filters, after=None) if filters.get("after") else None,
                 "tasks": sorted(self.app.tasks),
                 "queues": sorted({t.defaults.queue for t in self.app.tasks.values()}),
                 "retryable": RETRYABLE,
