@@ -53,6 +53,14 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def unit(session: nox.Session) -> None:
+    """The tests marked ``unit`` (the pure parts, the import layering): no PostgreSQL needed,
+    a few seconds. Every module is still imported, so the test dependencies are the suite's."""
+    session.install("-e", ".[embedded,uvloop,prometheus,otel,web]", *TEST_DEPS)
+    session.run("pytest", "-m", "unit", *(session.posargs or ["-q"]))
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff, and the layer rules of docs/architecture.md (import-linter, pyproject.toml)."""
     session.install("ruff>=0.6", "import-linter>=2.0")

@@ -26,6 +26,27 @@ import pgtq
 pytest_plugins = ["tests.sides"]
 
 
+#: The fixtures that reach PostgreSQL (each one depends on ``server_url``): a test marked
+#: ``unit`` may use none of them, so ``nox -s unit`` runs with no server at all.
+DATABASE_FIXTURES = frozenset(
+    {"server_url", "make_database", "migrated_url", "dsn", "sql", "app", "notifications"}
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Fail a ``unit`` test that asks for a database fixture, before the fixture connects."""
+    if item.get_closest_marker("unit") is None:
+        return
+    used = DATABASE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+    if used:
+        pytest.fail(
+            f"{item.nodeid} is marked unit but uses the database fixture(s) {sorted(used)}: "
+            "drop the marker or the fixture",
+            pytrace=False,
+        )
+
+
 def _reachable(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=1):

@@ -109,6 +109,7 @@ async def test_blueprint_aliases_are_namespaced_and_app_aliases_are_not(
     await app.close_async()
 
 
+@pytest.mark.unit
 def test_deferring_before_the_blueprint_is_added_is_a_clear_error() -> None:
     _, charge, refund = make_billing()
     with pytest.raises(UnboundTask, match=r"app\.add_tasks_from") as info:
@@ -124,6 +125,7 @@ def test_deferring_before_the_blueprint_is_added_is_a_clear_error() -> None:
     assert getattr(charge, "retry", None) is None
 
 
+@pytest.mark.unit
 def test_a_name_clash_is_an_error_at_registration_naming_both() -> None:
     app = pgtq.App("postgresql://localhost/x")
 
@@ -144,6 +146,7 @@ def test_a_name_clash_is_an_error_at_registration_naming_both() -> None:
     assert sorted(app.tasks) == ["billing:charge", "payments:charge", "payments:refund"]
 
 
+@pytest.mark.unit
 def test_aliases_clash_with_names_and_with_other_aliases() -> None:
     app = pgtq.App("postgresql://localhost/x")
 
@@ -167,6 +170,7 @@ def test_aliases_clash_with_names_and_with_other_aliases() -> None:
     assert list(app.tasks) == ["send"] and app.aliases == {"old_send": "send"}
 
 
+@pytest.mark.unit
 def test_a_clash_inside_a_blueprint_is_an_error_when_declared() -> None:
     bp = pgtq.Blueprint()
 
@@ -182,6 +186,7 @@ def test_a_clash_inside_a_blueprint_is_an_error_when_declared() -> None:
     assert bp.names() == ["a"]
 
 
+@pytest.mark.unit
 def test_blueprint_tasks_are_registered_exactly_like_app_tasks() -> None:
     def app_wide(ctx: pgtq.JobContext, call_next: Callable[[], Any]) -> Any:
         return call_next()
@@ -198,6 +203,7 @@ def test_blueprint_tasks_are_registered_exactly_like_app_tasks() -> None:
     assert list(params) == list(inspect.signature(pgtq.App.task).parameters)
 
 
+@pytest.mark.unit
 def test_nested_blueprints_and_several_apps() -> None:
     inner, charge, _ = make_billing()
     outer = pgtq.Blueprint()
@@ -219,6 +225,7 @@ def test_nested_blueprints_and_several_apps() -> None:
         first.add_tasks_from(inner, namespace="")
 
 
+@pytest.mark.unit
 def test_blueprint_periodic_tasks() -> None:
     bp = pgtq.Blueprint()
 
@@ -253,6 +260,7 @@ def test_the_cli_defers_a_blueprint_task_by_its_full_name_or_an_alias(dsn: str, 
     ]
 
 
+@pytest.mark.unit
 def test_an_unknown_task_option_is_refused_where_it_is_written() -> None:
     """One declaration of the options (pgtq.tasks.TaskOptions) for both decorators; a typo is
     refused at the decorator, not when the blueprint is registered later."""

@@ -29,6 +29,7 @@ from tests.conftest import eventually
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.unit
 def test_parse_rate() -> None:
     assert parse_rate("100/s") == 100
     assert parse_rate("30/m") == 0.5
@@ -40,6 +41,7 @@ def test_parse_rate() -> None:
             parse_rate(bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.unit
 def test_allowances_and_charges() -> None:
     limits = {"task:a": Limit(concurrency=3), "queue:q": Limit(rate=10), "task:b": Limit(2, 1)}
     running = {"task:a": 1, "task:b": 2}
@@ -69,6 +71,7 @@ class _Clock:
         return took
 
 
+@pytest.mark.unit
 def test_the_default_burst_is_one_seconds_worth_then_the_rate() -> None:
     clock = _Clock(Limit(rate=parse_rate("5/s")))
     assert clock.claim(0.0, 100) == 5  # a full bucket: five at once
@@ -80,6 +83,7 @@ def test_the_default_burst_is_one_seconds_worth_then_the_rate() -> None:
     assert most_starts(Limit(rate=5), 1.0) == 10  # documented: 5 at once, 5 refilled
 
 
+@pytest.mark.unit
 def test_burst_one_spaces_starts_evenly() -> None:
     clock = _Clock(Limit(rate=parse_rate("5/s"), burst=1))
     taken = [clock.claim(t / 100, 100) for t in range(0, 101, 10)]  # every 0.1 s for 1 s
@@ -88,6 +92,7 @@ def test_burst_one_spaces_starts_evenly() -> None:
     assert burst.claim(0.0, 100) == 20
 
 
+@pytest.mark.unit
 def test_bad_bursts_are_refused() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="burst"):
@@ -101,6 +106,7 @@ def test_bad_bursts_are_refused() -> None:
         def nope() -> None: ...
 
 
+@pytest.mark.unit
 @given(
     per_second=st.integers(min_value=1, max_value=50),
     burst=st.one_of(st.none(), st.integers(min_value=1, max_value=60)),

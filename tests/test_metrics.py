@@ -73,6 +73,7 @@ def value(registry: Any, name: str, **labels: str) -> float | None:
 # -- job metrics --------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_no_observer_means_no_work() -> None:
     assert observers.installed() == ()
     assert observers.job_started(claimed(), None) is None  # type: ignore[arg-type]
@@ -117,6 +118,7 @@ async def test_a_failing_observer_never_fails_the_job(app: pgtq.App) -> None:
         observers.remove(broken)
 
 
+@pytest.mark.unit
 def test_an_observer_sees_one_record_per_start_and_end() -> None:
     seen: list[Any] = []
 
@@ -164,6 +166,7 @@ async def test_queue_metrics_come_from_the_database(
     assert "pgtq_stats_up 1.0" in text
 
 
+@pytest.mark.unit
 async def test_queue_metrics_say_when_the_database_is_down(registry: Any) -> None:
     down = pgtq.App("postgresql://postgres@127.0.0.1:1/x", connect_timeout=1)
     metrics.install(down, registry=registry)

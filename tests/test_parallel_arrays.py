@@ -10,6 +10,8 @@ import pytest
 import pgtq
 from pgtq import periodic, statements
 
+pytestmark = pytest.mark.unit
+
 
 def test_every_tick_row_fills_every_column() -> None:
     app = pgtq.App("postgresql://nowhere/db")

@@ -62,6 +62,7 @@ def offline_app() -> pgtq.App:
         "",
     ],
 )
+@pytest.mark.unit
 def test_a_bad_cron_is_refused_when_declared_naming_it(expression: str) -> None:
     app = offline_app()
 
@@ -74,6 +75,7 @@ def test_a_bad_cron_is_refused_when_declared_naming_it(expression: str) -> None:
     assert app.periodic_tasks == []
 
 
+@pytest.mark.unit
 def test_other_mistakes_are_refused_when_declared() -> None:
     app = offline_app()
 
@@ -106,6 +108,7 @@ def test_other_mistakes_are_refused_when_declared() -> None:
     assert len(app.periodic_tasks) == 1
 
 
+@pytest.mark.unit
 def test_declaring_stacks_on_app_task() -> None:
     app = offline_app()
 
@@ -133,6 +136,7 @@ def test_declaring_stacks_on_app_task() -> None:
     assert eu.arguments(utc(2024, 1, 1)) == {"region": "eu", "timestamp": 1704067200}
 
 
+@pytest.mark.unit
 def test_the_sixth_field_is_seconds() -> None:
     # croniter's convention: seconds come last.
     assert cron_ticks("*/20 * * * * 30", UTC, utc(2024, 1, 1), utc(2024, 1, 1, 1, 0, 30)) == [
@@ -152,6 +156,7 @@ def paris(*args: int) -> datetime:
     return datetime(*args, tzinfo=PARIS)
 
 
+@pytest.mark.unit
 def test_a_daily_cron_fires_at_its_local_time_across_dst() -> None:
     # 9:00 in Paris is 08:00 UTC in winter and 07:00 UTC once summer time starts (31 March).
     assert cron_ticks("0 9 * * *", PARIS, utc(2024, 3, 29), utc(2024, 4, 2)) == [
@@ -173,6 +178,7 @@ def test_a_daily_cron_fires_at_its_local_time_across_dst() -> None:
     ]
 
 
+@pytest.mark.unit
 def test_a_skipped_wall_time_fires_once_right_after_the_gap() -> None:
     # 02:30 does not exist on 31 March 2024 in Paris (02:00 CET → 03:00 CEST).
     ticks = cron_ticks("30 2 * * *", PARIS, utc(2024, 3, 29), utc(2024, 4, 2))
@@ -191,6 +197,7 @@ def test_a_skipped_wall_time_fires_once_right_after_the_gap() -> None:
     ]
 
 
+@pytest.mark.unit
 def test_a_repeated_wall_time_fires_once_unless_the_cron_runs_every_hour() -> None:
     # 02:30 happens twice on 27 October 2024 in Paris (03:00 CEST → 02:00 CET).
     assert cron_ticks("30 2 * * *", PARIS, utc(2024, 10, 26, 12), utc(2024, 10, 28)) == [
@@ -210,6 +217,7 @@ def test_a_repeated_wall_time_fires_once_unless_the_cron_runs_every_hour() -> No
 # -- (3) due ticks: max_delay after an outage (pure) ------------------------------------------
 
 
+@pytest.mark.unit
 def test_due_ticks_skip_those_older_than_max_delay() -> None:
     app = offline_app()
 
@@ -468,6 +476,7 @@ async def test_the_scheduler_survives_database_errors(
     assert stamps == list(range(stamps[0], stamps[0] + len(stamps)))
 
 
+@pytest.mark.unit
 async def test_the_scheduler_stops_promptly(caplog: pytest.LogCaptureFixture) -> None:
     app = offline_app()  # a database that never answers
 

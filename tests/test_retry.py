@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 import pgtq
 from pgtq.retry import as_retry, backoff_delays
 
+pytestmark = pytest.mark.unit
+
 
 def test_backoff_kinds_and_the_cap() -> None:
     err = ValueError("x")

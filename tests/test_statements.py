@@ -28,6 +28,8 @@ from pgtq import statements
 from pgtq.model import Status
 from pgtq.statements import ListKey, NewJobs, Outcomes, Query, Statements, TickRows
 
+pytestmark = pytest.mark.unit
+
 S = statements.statements_for("pgtq")
 TABLES = S.t.jobs.metadata.tables  # "pgtq.jobs", ...
 

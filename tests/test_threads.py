@@ -9,6 +9,8 @@ import pytest
 
 from pgtq.threads import ThreadRunner
 
+pytestmark = pytest.mark.unit
+
 
 async def test_results_and_errors_come_back_on_the_loop() -> None:
     runner = ThreadRunner(4, asyncio.get_running_loop(), name="t")

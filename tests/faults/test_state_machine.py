@@ -35,6 +35,8 @@ from pgtq.model import Status, dumps
 from pgtq.schema import STATUSES
 from pgtq.worker import Worker
 
+pytestmark = pytest.mark.stateful
+
 WORKERS = ("w1", "w2")
 MAX_ATTEMPTS = 3  # the task's retry policy (a rescue ignores it)
 MAX_RESCUES = 2  # the task's max_rescues: the third loss of its worker fails the job
