@@ -29,7 +29,7 @@ from pgtq.reports import Stats, Throughput
 if TYPE_CHECKING:
     from pgtq.app import App
 
-__all__ = ["InvalidFilter", "Job", "JobContext", "JobFilter", "JobManager", "Status"]
+__all__ = ["InvalidFilter", "Job", "JobContext", "JobFilter", "JobManager", "OldJobs", "Status"]
 
 
 class State:
@@ -153,6 +153,17 @@ class JobFilter(TypedDict, total=False):
     after: int | None
     newest_first: bool
     search: str | None
+
+
+class OldJobs(TypedDict, total=False):
+    """Which of the jobs that ended long enough ago ``delete_old_jobs`` / ``_async`` delete,
+    declared once: succeeded ones always, failed ones with ``include_failed``, cancelled and
+    aborted ones with ``include_cancelled`` (both default False), of ``queue`` only when
+    given."""
+
+    include_failed: bool
+    include_cancelled: bool
+    queue: str | None
 
 
 Q = TypeVar("Q")
@@ -300,32 +311,19 @@ class JobManager(AppOperations):
     ) -> Throughput:
         return await self._run_async(_throughput_query(self._s, window, bucket, queue))
 
-    def delete_old_jobs(
-        self,
-        older_than: timedelta | float,
-        *,
-        include_failed: bool = False,
-        include_cancelled: bool = False,
-        queue: str | None = None,
-    ) -> int:
+    def delete_old_jobs(self, older_than: timedelta | float, **which: Unpack[OldJobs]) -> int:
         """Delete jobs that ended more than ``older_than`` (seconds or a timedelta) ago.
 
         Succeeded jobs always; failed ones with ``include_failed``; cancelled and aborted ones
-        with ``include_cancelled``. Waiting and running jobs never. Returns how many went.
+        with ``include_cancelled``; only those of ``queue`` when given (:class:`OldJobs`).
+        Waiting and running jobs never. Returns how many went.
         """
-        query = _delete_query(self._s, older_than, include_failed, include_cancelled, queue)
-        return self._run(query)
+        return self._run(_delete_query(self._s, older_than, which))
 
     async def delete_old_jobs_async(
-        self,
-        older_than: timedelta | float,
-        *,
-        include_failed: bool = False,
-        include_cancelled: bool = False,
-        queue: str | None = None,
+        self, older_than: timedelta | float, **which: Unpack[OldJobs]
     ) -> int:
-        query = _delete_query(self._s, older_than, include_failed, include_cancelled, queue)
-        return await self._run_async(query)
+        return await self._run_async(_delete_query(self._s, older_than, which))
 
     def clear_results(self, older_than: timedelta | float) -> int:
         """Drop the stored results of jobs that ended more than ``older_than`` ago, keeping the
@@ -468,9 +466,7 @@ def _list_query(
 ) -> statements.Query[builtins.list[Job]]:
     """The page ``filters`` select, each checked (InvalidFilter naming a bad one; TypeError
     for a name :class:`JobFilter` does not have, as for any unknown keyword)."""
-    unknown = sorted(set(filters) - JobFilter.__optional_keys__)
-    if unknown:
-        raise TypeError(f"list() got an unexpected keyword argument {unknown[0]!r}")
+    _refuse_unknown("list", filters, JobFilter.__optional_keys__)
     limit = check_integer("limit", filters.get("limit", DEFAULT_LIMIT))
     if not 1 <= limit <= MAX_LIMIT:
         raise InvalidFilter(f"limit must be from 1 to {MAX_LIMIT}, got {limit}")
@@ -517,19 +513,24 @@ def _clear_query(s: statements.Statements, older_than: timedelta | float) -> sta
 
 
 def _delete_query(
-    s: statements.Statements,
-    older_than: timedelta | float,
-    include_failed: bool,
-    include_cancelled: bool,
-    queue: str | None,
+    s: statements.Statements, older_than: timedelta | float, which: Mapping[str, Any]
 ) -> statements.Query[int]:
+    _refuse_unknown("delete_old_jobs", which, OldJobs.__optional_keys__)
     seconds = check_seconds("older_than", older_than)
     kept = [Status.SUCCEEDED]
-    if include_failed:
+    if which.get("include_failed"):
         kept.append(Status.FAILED)
-    if include_cancelled:
+    if which.get("include_cancelled"):
         kept += [Status.CANCELLED, Status.ABORTED]
-    return statements.delete_old_jobs(s, seconds, tuple(kept), _optional_text("queue", queue))
+    queue = _optional_text("queue", which.get("queue"))
+    return statements.delete_old_jobs(s, seconds, tuple(kept), queue)
+
+
+def _refuse_unknown(method: str, given: Mapping[str, Any], known: frozenset[str]) -> None:
+    """A keyword the method's TypedDict does not have: TypeError, as Python says it."""
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise TypeError(f"{method}() got an unexpected keyword argument {unknown[0]!r}")
 
 
 def _stats_reader(s: statements.Statements, window: float) -> Callable[[Connection], Stats]:
