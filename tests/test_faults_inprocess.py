@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 import pgtq
+from pgtq import runner as runner_module
 from pgtq import worker as worker_module
+from pgtq.heartbeat import Heartbeat
 from tests.conftest import eventually
 from tests.sides import Side
 
@@ -90,8 +92,9 @@ async def test_a_job_rescued_max_rescues_times_fails_on_the_next_loss(
     def fragile() -> None: ...
 
     job_id = await fragile.defer_async()
-    rescuer = worker_module.Worker(app, rescue_after=60, worker_id="rescuer")
-    rescuer._connector = app.async_connector()
+    rescuer = Heartbeat(
+        app, app.async_connector(), worker_id=lambda: "rescuer", queues=None, rescue_after=60
+    )
     for n in range(3):  # claimed by a worker that dies, three times
         sql(
             "INSERT INTO pgtq.workers (id, hostname, pid, last_heartbeat) "
@@ -102,7 +105,7 @@ async def test_a_job_rescued_max_rescues_times_fails_on_the_next_loss(
             "UPDATE pgtq.jobs SET status = 'doing', attempts = attempts + 1, worker_id = %s",
             f"ghost{n}",
         )
-        assert await rescuer._rescue() == 1
+        assert await rescuer.rescue() == 1
         job = await app.jobs.get_async(job_id)
         assert job is not None
         assert job.status == (pgtq.Status.TODO if n < 2 else pgtq.Status.FAILED), n
@@ -261,14 +264,14 @@ async def test_an_outcome_postgresql_refuses_fails_its_own_job_only(
     PostgreSQL in a form it refuses, that job alone ends failed (OutcomeNotWritable); the
     batch around it is written and the worker drains. Nothing is retried forever."""
     app = pgtq.App(dsn.replace("postgresql://", f"postgresql+{dsn_driver}://"))
-    real = worker_module._decide
+    real = runner_module.decide_safely
 
     def decide(task: Any, job: Any, result: Any, exc: Any, reason: Any) -> Any:
         if result == "poison":  # what a sanitising bug would let through: jsonb refuses it
             return worker_module.Outcome(pgtq.Status.SUCCEEDED, result='"a\\u0000b"')
         return real(task, job, result, exc, reason)
 
-    monkeypatch.setattr(worker_module, "_decide", decide)
+    monkeypatch.setattr(runner_module, "decide_safely", decide)
 
     @app.task
     async def echo(value: str) -> str:

@@ -432,22 +432,22 @@ async def test_a_dedicated_connection_keeps_its_session_settings(app: pgtq.App, 
         await conn.close()
 
 
-def test_claims_skip_the_wal_flush_except_behind_pgbouncer(dsn: str) -> None:
-    from pgtq.worker import Worker
+def test_claims_skip_the_wal_flush_except_behind_pgbouncer() -> None:
+    from pgtq.claims import claim_session
 
-    assert Worker(pgtq.App(dsn))._claim_session() == ("SET synchronous_commit = off",)
-    assert Worker(pgtq.App(dsn, prepared_statements=False))._claim_session() == ()
+    assert claim_session(prepared_statements=True) == ("SET synchronous_commit = off",)
+    assert claim_session(prepared_statements=False) == ()
 
 
 @given(room=st.integers(1, 10_000), batch_size=st.integers(1, 1_000))
 def test_a_claim_asks_a_full_batch_or_a_power_of_two_that_fits(room: int, batch_size: int) -> None:
     """The claim's limit is part of its SQL: few sizes, so few statements and plans."""
-    from pgtq.worker import _claim_size
+    from pgtq.fetcher import claim_size
 
-    asked = _claim_size(room, batch_size)
+    asked = claim_size(room, batch_size)
     assert 1 <= asked <= min(room, batch_size)
     assert asked == batch_size or (asked & (asked - 1) == 0 and asked * 2 > min(room, batch_size))
-    sizes = {_claim_size(r, batch_size) for r in range(1, 2 * batch_size)}
+    sizes = {claim_size(r, batch_size) for r in range(1, 2 * batch_size)}
     assert len(sizes) <= batch_size.bit_length() + 1
 
 
@@ -460,23 +460,23 @@ async def test_claims_in_flight_stay_within_the_room(
     """While full batches come back, two claims are out at once (one at ``concurrency=1``,
     which keeps strict priority order), never more than the room allows, and every job runs
     once."""
-    from pgtq import worker as worker_module
+    from pgtq.claims import Claims
 
     out: list[int] = []  # the limits of the claims out right now
     most = {"claims": 0, "held": 0}
-    real = worker_module.Worker._claim
+    real = Claims.claim
 
-    async def watched(self: Any, limit: int, conn: Any) -> Any:
-        held = len(self._running) + len(self._buffer) + sum(out) + limit
+    async def watched(self: Any, limit: int) -> Any:
+        held = len(list(self._holding())) + sum(out) + limit
         most["held"] = max(most["held"], held)
         out.append(limit)
         most["claims"] = max(most["claims"], len(out))
         try:
-            return await real(self, limit, conn)
+            return await real(self, limit)
         finally:
             out.remove(limit)
 
-    monkeypatch.setattr(worker_module.Worker, "_claim", watched)
+    monkeypatch.setattr(Claims, "claim", watched)
     runs: list[int] = []
 
     @app.task

@@ -31,9 +31,9 @@ from hypothesis.stateful import (
 
 import pgtq
 from pgtq import statements
+from pgtq.heartbeat import Heartbeat
 from pgtq.model import Status, dumps
 from pgtq.schema import STATUSES
-from pgtq.worker import Worker
 
 pytestmark = pytest.mark.stateful
 
@@ -293,11 +293,15 @@ class JobMachine(RuleBasedStateMachine):
     @rule()
     def rescue(self) -> None:
         """A live worker's rescue path: forget the silent workers, put back their jobs."""
-        rescuer = Worker(self.app, rescue_after=60.0, worker_id="rescuer")
-
         async def go() -> int:
-            rescuer._connector = self.app.async_connector()
-            return await rescuer._rescue()
+            rescuer = Heartbeat(
+                self.app,
+                self.app.async_connector(),
+                worker_id=lambda: "rescuer",
+                queues=None,
+                rescue_after=60.0,
+            )
+            return await rescuer.rescue()
 
         rescued = self.loop.run_until_complete(go())
         self.registered -= self.silent

@@ -1,0 +1,120 @@
+"""A worker's place in the fleet: its row in the workers table, the heartbeat that keeps it
+fresh, and the rescue of the jobs of workers that stopped beating.
+
+A worker silent for ``rescue_after`` seconds is dead: any live worker puts its running jobs
+back (:func:`pgtq.outcomes.rescue_outcome`). A worker that finds it was declared dead (a long
+pause, a partition) drops what it runs and goes on under a new id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
+
+from pgtq import statements
+from pgtq.outcomes import rescue_outcome
+
+if TYPE_CHECKING:
+    from pgtq.app import App
+    from pgtq.connectors import AsyncConnector
+
+logger = logging.getLogger("pgtq.worker")
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+async def _nothing() -> None:
+    return None
+
+
+class Heartbeat:
+    """Registers a worker, beats for it, rescues dead workers' jobs."""
+
+    def __init__(
+        self,
+        app: App,
+        connector: AsyncConnector,
+        *,
+        worker_id: Callable[[], str],
+        queues: Sequence[str] | None,
+        interval: float = 5.0,
+        rescue_after: float = 30.0,
+        declared_dead: Callable[[], Awaitable[None]] = _nothing,
+        every_beat: Callable[[], Awaitable[None]] = _nothing,
+        rescued: Callable[[int], None] = lambda count: None,
+    ) -> None:
+        self._app = app
+        self._s = app.statements
+        self._connector = connector
+        self._worker_id = worker_id
+        self._queues = queues
+        self.interval = interval
+        self._rescue_after = rescue_after
+        self._declared_dead = declared_dead  # the worker drops its attempts, takes a new id
+        self._every_beat = every_beat  # what else is refreshed at each beat (queue limits)
+        self._rescued = rescued  # counts them in the worker's stats
+
+    async def register(self) -> None:
+        query = statements.register_worker(
+            self._s, self._worker_id(), socket.gethostname(), os.getpid(), self._queues
+        )
+        await self._connector.run(query)
+
+    async def unregister(self) -> None:
+        await self._connector.run(statements.unregister_worker(self._s, self._worker_id()))
+
+    async def run(self) -> None:
+        """Beat, and rescue the jobs of workers that stopped beating."""
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                if not await self._connector.run(statements.heartbeat(self._s, self._worker_id())):
+                    await self._declared_dead()
+                    await self.register()
+                await self.rescue()
+                await self._every_beat()
+            except Exception as exc:
+                logger.warning("heartbeat or rescue failed: %s", exc)
+
+    async def rescue(self) -> int:
+        """Put back the running jobs of dead workers (see :func:`rescue_outcome`); the count."""
+        run = self._connector.run
+        dead = await run(statements.forget_dead_workers(self._s, self._rescue_after))
+        orphans = await run(statements.orphaned_jobs(self._s))
+        if not orphans:
+            return 0
+        rescuer = self._worker_id()
+        by_worker: dict[str, statements.Outcomes] = {}
+        for old_worker, job, rescues in orphans:
+            outcome = rescue_outcome(
+                self._app.lookup_task(job.task_name), old_worker, rescuer, rescues
+            )
+            outcomes = by_worker.setdefault(old_worker, statements.Outcomes.empty())
+            outcomes.add(
+                job.id,
+                outcome.status,
+                outcome.result,
+                outcome.error,
+                outcome.retry_in,
+                attempt=job.attempts,
+            )
+        rescued = 0
+        for old_worker, outcomes in by_worker.items():
+            done = await run(statements.complete_jobs(self._s, old_worker, outcomes))
+            rescued += len(done)
+        self._rescued(rescued)
+        if rescued:
+            logger.warning(
+                "rescued %s job(s) of dead worker(s) %s",
+                rescued,
+                ", ".join(dead) or "unknown",
+                extra={"worker": rescuer},
+            )
+        return rescued

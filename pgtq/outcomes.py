@@ -1,0 +1,173 @@
+"""How an attempt ends: the outcome a worker writes for it, decided by pure functions.
+
+Both kinds of task (async and sync), the rescue of a dead worker's jobs and the shutdown
+share these decisions; nothing here does I/O, so the tests reach every branch without a
+database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pgtq.model import ClaimedJob, Status, dumps, error_record, unstorable_json
+
+if TYPE_CHECKING:
+    from pgtq.tasks import Task
+
+__all__ = [
+    "JobTimeoutError",
+    "Outcome",
+    "OutcomeNotWritable",
+    "ResultTooLarge",
+    "UnknownTaskError",
+    "WorkerLostError",
+    "aborted_on_request",
+    "decide",
+    "decide_safely",
+    "rescue_outcome",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt ended, as it will be written."""
+
+    status: Status
+    result: str | None = None
+    error: str | None = None
+    retry_in: float | None = None
+    # Derived once here, not per job on the hot path (an enum's ``value`` and ``hash`` are
+    # Python-level calls): the status as written, and the label stats and logs use.
+    value: str = field(init=False, repr=False, compare=False)
+    label: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "value", self.status.value)
+        object.__setattr__(self, "label", _LABELS[self.status])
+
+
+_LABELS = {status: "retried" if status is Status.TODO else status.value for status in Status}
+#: The outcome of nearly every job (it returned None): one object, no JSON encoding.
+_SUCCEEDED_NONE = Outcome(Status.SUCCEEDED, result="null")
+
+
+class WorkerLostError(Exception):
+    """Stored as the error of an attempt whose worker died (or went silent) while running it."""
+
+
+class ResultTooLarge(Exception):
+    """Stored as the error of a job whose result is over ``App(result_max_bytes=...)``."""
+
+
+class OutcomeNotWritable(Exception):
+    """Stored as the error of an attempt whose outcome PostgreSQL refused to store."""
+
+
+class UnknownTaskError(Exception):
+    """Stored as the error of a job whose task this worker does not have."""
+
+
+class JobTimeoutError(Exception):
+    """Stored as the error of an attempt that ran past its task's ``timeout``."""
+
+
+def rescue_outcome(task: Task[Any] | None, old_worker: str, rescuer: str, rescues: int) -> Outcome:
+    """What a rescue writes for a job whose worker died running it: pure.
+
+    A lost worker is not a failed job: it goes back to ``todo`` and runs again whatever its
+    retry policy (its attempt stays counted), as River, Oban or Celery's ``acks_late`` do. A
+    job whose worker died ``max_rescues`` times already is likely what kills them: it ends
+    ``failed``. A task this worker does not know goes back as is: a worker that knows it
+    decides. Each rescue is a ``rescued`` event in the job's history.
+    """
+    lost = WorkerLostError(
+        f"worker {old_worker} stopped sending heartbeats while running this job; "
+        f"rescued by {rescuer}"
+    )
+    if task is not None and rescues >= task.max_rescues:
+        lost = WorkerLostError(
+            f"worker {old_worker} stopped sending heartbeats while running this job, which "
+            f"had lost its worker {rescues} time(s) before: over the task's max_rescues of "
+            f"{task.max_rescues}, so it may be what kills its workers; rescued by {rescuer}"
+        )
+        return Outcome(Status.FAILED, error=dumps(error_record(lost, with_traceback=False)))
+    return Outcome(Status.TODO, error=dumps(error_record(lost, with_traceback=False)), retry_in=0.0)
+
+
+def decide_safely(
+    task: Task[Any] | None,
+    job: ClaimedJob,
+    result: Any,
+    exc: BaseException | None,
+    abort_reason: str | None,
+) -> Outcome:
+    """:func:`decide`, which never raises: a retry policy or a result that breaks the
+    decision fails the attempt instead of leaving its job ``doing``."""
+    try:
+        return decide(task, job, result=result, exc=exc, abort_reason=abort_reason)
+    except Exception as broken:
+        return Outcome(Status.FAILED, error=dumps(error_record(broken)))
+
+
+def decide(
+    task: Task[Any] | None,
+    job: ClaimedJob,
+    *,
+    result: Any = None,
+    exc: BaseException | None = None,
+    abort_reason: str | None = None,
+) -> Outcome:
+    """The outcome of an attempt: pure, so both kinds of task share it (and tests reach it).
+
+    A job whose abort was requested ends ``aborted`` even if its task ignored the request and
+    returned. A timeout is a failure that follows the retry policy. A shutdown puts the job
+    back to ``todo`` (its attempt stays counted).
+    """
+    if result is None and exc is None and abort_reason is None:
+        limit = task.app.result_max_bytes if task is not None else None
+        if limit is None or limit >= len("null"):
+            return _SUCCEEDED_NONE
+    if abort_reason == "shutdown":
+        err = error_record(exc or RuntimeError("worker shut down"), with_traceback=False)
+        return Outcome(Status.TODO, error=dumps(err), retry_in=0.0)
+    if abort_reason == "requested":
+        err = {"type": "Aborted", "message": "the job was aborted on request"}
+        return Outcome(Status.ABORTED, error=dumps(err))
+    if abort_reason == "timeout":
+        seconds = task.timeout if task is not None else None
+        exc = JobTimeoutError(f"the job ran past its timeout of {seconds} s")
+    if exc is None:
+        # A result that cannot be stored fails the job at once: running it again would not
+        # change the result, so the retry policy does not apply.
+        try:
+            encoded = "null" if result is None else dumps(result)
+            unstorable = unstorable_json(encoded)
+        except Exception as ser:  # TypeError, ValueError, RecursionError, a hostile __iter__
+            bad = TypeError(f"the task's return value is not JSON-serializable: {ser!r}")
+            return Outcome(Status.FAILED, error=dumps(error_record(bad, with_traceback=False)))
+        if unstorable is not None:
+            bad = TypeError(f"the task's return value cannot be stored: {unstorable}")
+            return Outcome(Status.FAILED, error=dumps(error_record(bad, with_traceback=False)))
+        limit = task.app.result_max_bytes if task is not None else None
+        if limit is not None and len(encoded) > limit:
+            big = ResultTooLarge(
+                f"the task's result is {len(encoded):,} bytes of JSON, over the app's "
+                f"result_max_bytes of {limit:,}: store large data elsewhere and return a key"
+            )
+            return Outcome(Status.FAILED, error=dumps(error_record(big, with_traceback=False)))
+        return Outcome(Status.SUCCEEDED, result=encoded)
+    err_json = dumps(error_record(exc))
+    if task is not None:
+        delay = task.retry.delay(job.attempts, exc)
+        if delay is not None:
+            return Outcome(Status.TODO, error=err_json, retry_in=delay)
+    return Outcome(Status.FAILED, error=err_json)
+
+
+def aborted_on_request() -> Outcome:
+    """The outcome of a claimed job whose abort was requested before it started."""
+    return decide(None, _NOT_RUN, abort_reason="requested")
+
+
+_NOT_RUN = ClaimedJob(0, "", "", {}, 0, 0, None)

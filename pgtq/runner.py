@@ -1,0 +1,284 @@
+"""Running one attempt: call its task (async on the loop, sync in a thread), bound it by the
+task's timeout, decide its outcome, and report it (observers, the job's log line).
+
+:meth:`JobRunner.run` ends every attempt in exactly one way: an :class:`Ended` (the outcome,
+and whether it is already written, as a transactional task's success is) or ``None`` when
+the job is no longer this worker's. Whatever the task raises or returns becomes that outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pgtq import observers, statements
+from pgtq.jobs import JobContext
+from pgtq.model import ClaimedJob, Status, clip, error_record
+from pgtq.outcomes import Outcome, UnknownTaskError, decide, decide_safely
+from pgtq.tasks import Task, call_task
+
+if TYPE_CHECKING:
+    from pgtq.app import App
+    from pgtq.connectors import AsyncConnector
+    from pgtq.threads import ThreadRunner
+
+logger = logging.getLogger("pgtq.worker")
+
+
+@dataclass(eq=False)
+class Attempt:
+    """A claimed job this worker runs: the job, its context, its task (None: unknown here)."""
+
+    job: ClaimedJob
+    ctx: JobContext
+    task: Task[Any] | None
+    future: asyncio.Task[None] | None = None
+
+    def stop(self, reason: str) -> None:
+        """Ask the attempt to stop: ``ctx.should_abort()`` turns true, an async task is
+        cancelled (a sync one cannot be)."""
+        stopped = self.ctx.request_abort(reason)
+        if stopped and self.task is not None and self.task.is_async and self.future is not None:
+            self.future.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """How an attempt ended: its outcome, and whether it is written already (a transactional
+    task's success commits with the task's own writes)."""
+
+    outcome: Outcome
+    written: bool = False
+
+
+class _RollBack(Exception):
+    """Rolls a transactional task's writes back; ``ended`` is what the attempt comes to."""
+
+    def __init__(self, ended: Ended | None) -> None:
+        self.ended = ended
+
+
+class JobRunner:
+    """Runs attempts for one worker (its app, thread pool, connector and id)."""
+
+    def __init__(
+        self,
+        app: App,
+        worker_id: Callable[[], str],
+        delete_statuses: tuple[str, ...],
+        connector: AsyncConnector,
+        threads: ThreadRunner | None,
+    ) -> None:
+        self.app = app
+        self._worker_id = worker_id  # a function: a worker declared dead goes on under a new id
+        self._delete_statuses = delete_statuses
+        self._connector = connector
+        self._threads = threads
+
+    async def run(self, attempt: Attempt, settle: Callable[[Ended | None], None]) -> None:
+        """Run the attempt; ``settle`` gets how it ended as soon as that is known (before the
+        attempt is reported)."""
+        job, ctx, task = attempt.job, attempt.ctx, attempt.task
+        # Observers and per-job (DEBUG) lines want the duration; a worker with neither skips
+        # the clock. An attempt that did not succeed is logged whatever the level.
+        watched = bool(observers.installed()) or logger.isEnabledFor(logging.DEBUG)
+        started = time.monotonic() if watched else 0.0
+        observed = (
+            observers.job_started(job, ctx, waited=job.waited, trace_context=job.trace_context)
+            if watched
+            else None
+        )
+        ended: Ended | None = None
+        result: Any = None
+        exc: BaseException | None = None
+        try:
+            if task is None:
+                exc = UnknownTaskError(
+                    f"no task named {job.task_name!r} is registered on this worker's app"
+                )
+            elif task.transactional:
+                ended = await self._in_transaction(task, ctx, job)
+            elif task.is_async:
+                if task.timeout is None:  # the common case, without a coroutine around it
+                    result = await call_task(task, ctx, job.args)
+                else:
+                    result = await self._call_async(task, ctx, job)
+            else:
+                result = await self._call_sync(task, ctx, job)
+        except asyncio.CancelledError:
+            if ctx.abort_reason() is None:  # cancelled from outside: treat as shutdown
+                ctx.request_abort("shutdown")
+        except _RollBack as rollback:
+            ended = rollback.ended
+            if ended is None:  # the job is no longer ours: nothing to write or report
+                settle(None)
+                return
+        except BaseException as e:
+            # Whatever a task raises is its job's outcome: SystemExit, KeyboardInterrupt or a
+            # custom BaseException fail the attempt; they never end the worker (only its own
+            # signals do) and never leave the job ``doing``.
+            exc = e
+        if ended is None:
+            ended = Ended(decide_safely(task, job, result, exc, ctx.abort_reason()))
+        settle(ended)
+        outcome = ended.outcome
+        if not watched and outcome.status is Status.SUCCEEDED:
+            return
+        try:
+            duration: float | None = None
+            if watched:
+                duration = time.monotonic() - started
+                observers.job_finished(
+                    observed, job, ctx, status=outcome.label, duration=duration, error=exc
+                )
+            log_attempt(job, task, outcome, exc, duration, self._worker_id())
+        except Exception:
+            logger.exception("reporting the end of job %s failed", job.id)
+
+    async def _call_async(self, task: Task[Any], ctx: JobContext, job: ClaimedJob) -> Any:
+        coro = call_task(task, ctx, job.args)
+        if task.timeout is None:
+            return await coro
+        # Not asyncio.timeout: the reason is set before the cancellation is delivered, so a
+        # task that catches its CancelledError reads ``ctx.abort_reason() == "timeout"``.
+        me = asyncio.current_task()
+        assert me is not None
+
+        def time_out() -> None:
+            if ctx.request_abort("timeout"):
+                me.cancel()
+
+        timer = asyncio.get_running_loop().call_later(task.timeout, time_out)
+        try:
+            return await coro
+        finally:
+            timer.cancel()
+
+    async def _call_sync(
+        self,
+        task: Task[Any],
+        ctx: JobContext,
+        job: ClaimedJob,
+        call: Callable[[Task[Any], JobContext, ClaimedJob], Any] | None = None,
+    ) -> Any:
+        """Run the task (or ``call``, in a transaction) in the thread pool."""
+        assert self._threads is not None
+        loop = asyncio.get_running_loop()
+        timer = (
+            loop.call_later(task.timeout, ctx.request_abort, "timeout")
+            if task.timeout is not None
+            else None
+        )
+        try:
+            # A sync task cannot be interrupted: shield it so a cancel (shutdown) waits for the
+            # thread, which sees ctx.should_abort() turn true.
+            if call is not None:
+                future = self._threads.submit(call, task, ctx, job)
+            elif observers.installed():
+                # Observers (tracing) keep state in context variables: run the task in a copy
+                # of this task's context so its span is the current one in the thread too.
+                run = contextvars.copy_context().run
+                future = self._threads.submit(run, call_task, task, ctx, job.args)
+            else:
+                future = self._threads.submit(call_task, task, ctx, job.args)
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            ctx.request_abort("shutdown")
+            with contextlib.suppress(BaseException):
+                return await future
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    # -- transactional tasks: the task's writes and its job's success commit together --------
+
+    async def _in_transaction(self, task: Task[Any], ctx: JobContext, job: ClaimedJob) -> Ended:
+        if not task.is_async:
+            ended: Ended = await self._call_sync(task, ctx, job, self._sync_in_transaction)
+            return ended
+        async with self._connector.transaction() as conn:
+            ctx.connection = conn
+            result = await self._call_async(task, ctx, job)
+            outcome, query = self._success(task, ctx, job, result)
+            if not await self._connector.run(query, connection=conn):
+                raise _RollBack(None)  # rescued or aborted meanwhile: roll back
+            return Ended(outcome, written=True)
+
+    def _sync_in_transaction(self, task: Task[Any], ctx: JobContext, job: ClaimedJob) -> Ended:
+        """In the task's thread."""
+        with self.app.sync.transaction() as conn:
+            ctx.connection = conn
+            result = call_task(task, ctx, job.args)
+            outcome, query = self._success(task, ctx, job, result)
+            if not self.app.sync.run(query, connection=conn):
+                raise _RollBack(None)  # rescued or aborted meanwhile: roll back
+            return Ended(outcome, written=True)
+
+    def _success(
+        self, task: Task[Any], ctx: JobContext, job: ClaimedJob, result: Any
+    ) -> tuple[Outcome, statements.Query[list[int]]]:
+        """The outcome, and the statement writing it inside the task's transaction; any
+        outcome but a success rolls the task's writes back (raises)."""
+        outcome = decide(task, job, result=result, abort_reason=ctx.abort_reason())
+        if outcome.status != Status.SUCCEEDED:
+            raise _RollBack(Ended(outcome))
+        single = statements.Outcomes.empty()
+        single.add(job.id, outcome.status, outcome.result, attempt=job.attempts)
+        query = statements.complete_jobs(
+            self.app.statements, self._worker_id(), single, self._delete_statuses
+        )
+        return outcome, query
+
+
+def log_attempt(
+    job: ClaimedJob,
+    task: Task[Any] | None,
+    outcome: Outcome,
+    exc: BaseException | None,
+    duration: float | None,
+    worker_id: str,
+) -> None:
+    """A job's line: DEBUG when it succeeded (one per job: a busy worker's INFO log stays
+    quiet), INFO when it will run again, WARNING when it failed or was aborted; those
+    name the exception and the attempt."""
+    level = (
+        logging.DEBUG
+        if outcome.status is Status.SUCCEEDED
+        else logging.INFO
+        if outcome.status is Status.TODO
+        else logging.WARNING
+    )
+    if not logger.isEnabledFor(level):
+        return
+    of = f" of {task.retry.max_attempts}" if task is not None else ""
+    extra: dict[str, Any] = {
+        "job_id": job.id,
+        "task": job.task_name,
+        "queue": job.queue,
+        "attempt": job.attempts,
+        "worker": worker_id,
+        "status": outcome.label,
+    }
+    text = f"job {job.id} {job.task_name} {outcome.label} (attempt {job.attempts}{of})"
+    if duration is not None:
+        extra["duration"] = duration
+        text += f" in {duration:.3f} s"
+    if exc is not None:
+        record = error_record(exc, with_traceback=False)
+        extra["error"] = record["type"]
+        extra["error_message"] = record["message"]
+        message = record["message"].strip().split("\n", 1)[0]
+        text += f": {record['type']}: {message}" if message else f": {record['type']}"
+    elif outcome.error is not None and outcome.status is not Status.SUCCEEDED:
+        text += f": {clip(outcome.error, 500)}"
+    if outcome.status is Status.TODO and outcome.retry_in is not None:
+        extra["retry_in"] = outcome.retry_in
+        text += f"; runs again in {outcome.retry_in:.1f} s"
+    logger.log(level, "%s", text, extra=extra)
