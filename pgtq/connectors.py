@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import select
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from json.scanner import make_scanner
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, NoReturn, TypeVar
 
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, CursorResult, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from pgtq.errors import (
@@ -33,8 +30,9 @@ from pgtq.errors import (
     PgtqError,
     SchemaNotMigrated,
 )
-from pgtq.model import dumps
-from pgtq.statements import Query
+from pgtq.fastpath import DriverSQL, fetch_asyncpg, fetch_psycopg, read_jsonb_as_text
+from pgtq.fastpath import require_driver_form as _require_driver_form
+from pgtq.statements import Query, Rows
 
 T = TypeVar("T")
 
@@ -429,50 +427,16 @@ _CONNECT_ERRORS = (sa_exc.OperationalError, sa_exc.InterfaceError, OSError, asyn
 def execute(connection: Connection, query: Query[T]) -> T:
     """Run one query on a connection a multi-step function was given (inside
     ``run_in_transaction``, on either side)."""
-    return query.mapper(connection.execute(query.statement, query.params))
+    return query.mapper(rows_of(connection.execute(query.statement, query.params)))
 
 
-# -- the driver fast path --------------------------------------------------------------------
+def rows_of(result: CursorResult[Any]) -> Rows:
+    """A SQLAlchemy result's rows, taken once, as every mapper reads them (a statement with
+    no rows, an ``ALTER`` or a write without ``RETURNING``, has none)."""
+    return result.all() if result.returns_rows else ()
 
 
-@dataclass(frozen=True, slots=True)
-class _Compiled:
-    statement: Any  # held, so its id() cannot be reused while this entry lives
-    sql: str
-    names: tuple[str, ...]
-    defaults: dict[str, Any]
-
-
-class _DriverSQL:
-    """Statements compiled once, to run on the driver connection without SQLAlchemy's
-    per-call execution (about 0.3 ms of CPU per single enqueue). Statements are built once
-    per schema (statements.py), so this holds a handful of entries."""
-
-    def __init__(self, dialect: sa.Dialect) -> None:
-        self._dialect = dialect
-        self._compiled: dict[int, _Compiled] = {}
-
-    def compile(self, statement: Any) -> _Compiled:
-        found = self._compiled.get(id(statement))
-        if found is None or found.statement is not statement:
-            compiled = statement.compile(dialect=self._dialect)
-            names = tuple(compiled.positiontup or ())
-            found = _Compiled(statement, compiled.string, names, compiled.params)
-            if len(self._compiled) >= 256:  # not a statement cached by statements.py
-                self._compiled.clear()
-            self._compiled[id(statement)] = found
-        return found
-
-    def positional(self, query: Query[Any]) -> tuple[str, list[Any]]:
-        """asyncpg: ``$n`` placeholders."""
-        c = self.compile(query.statement)
-        params = query.params
-        return c.sql, [params[n] if n in params else c.defaults[n] for n in c.names]
-
-    def named(self, query: Query[Any]) -> tuple[str, dict[str, Any]]:
-        """psycopg: ``%(name)s`` placeholders."""
-        c = self.compile(query.statement)
-        return c.sql, {**c.defaults, **query.params}
+# -- which errors mean what -------------------------------------------------------------------
 
 
 #: SQLSTATE classes of errors that may pass: connection, transaction rollback (deadlock,
@@ -516,7 +480,7 @@ class SyncConnector:
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.owned = owned
         self._errors = _Translator(engine.url, schema)
-        self._driver = _DriverSQL(engine.dialect) if engine.dialect.driver == "psycopg" else None
+        self._driver = DriverSQL(engine.dialect) if engine.dialect.driver == "psycopg" else None
 
     def run(self, query: Query[T], connection: Connection | None = None) -> T:
         """Run one statement: on the caller's connection (in their transaction: errors
@@ -530,27 +494,19 @@ class SyncConnector:
 
         def pooled() -> T:
             with self._connect(self._autocommit) as conn:
-                return query.mapper(conn.execute(query.statement, query.params))
+                return query.mapper(rows_of(conn.execute(query.statement, query.params)))
 
         return self._errors.call(pooled, retry=True)
 
-    def _run_on_driver(self, driver_sql: _DriverSQL, query: Query[T]) -> T:
+    def _run_on_driver(self, driver_sql: DriverSQL, query: Query[T]) -> T:
         """One autocommit statement on the pooled psycopg connection itself (errors raw: the
         caller translates them)."""
-        sql, params = driver_sql.named(query)
         try:
             raw = self.engine.raw_connection()
         except Exception as exc:  # the pool's checkout (psycopg's errors are not wrapped)
             self._errors.raise_opening(exc)
         try:
-            driver = raw.driver_connection
-            assert driver is not None
-            driver.autocommit = True  # client-side only: no round trip
-            try:
-                rows = driver.execute(sql, params).fetchall()
-            finally:
-                if not driver.closed:
-                    driver.autocommit = False
+            rows = fetch_psycopg(raw.driver_connection, driver_sql, query)
         except Exception as exc:
             if not _server_error(exc):
                 raw.invalidate()  # dropped or stuck: never back to the pool
@@ -590,7 +546,7 @@ class SyncConnector:
             yield conn
 
     def _execute(self, conn: Connection, query: Query[T]) -> T:
-        return self._call(lambda c: query.mapper(c.execute(query.statement, query.params)), conn)
+        return self._call(lambda c: execute(c, query), conn)
 
     def _call(self, fn: Callable[[Connection], T], conn: Connection) -> T:
         return self._errors.call(lambda: fn(conn))
@@ -634,7 +590,7 @@ class AsyncConnector:
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.owned = owned
         self._errors = _Translator(engine.url, schema)
-        self.driver_sql = _DriverSQL(engine.dialect)
+        self.driver_sql = DriverSQL(engine.dialect)
         self._on_asyncpg = engine.dialect.driver == "asyncpg"
         # The enqueue fast path's own driver connections (LIFO), at most as many in use at
         # once as the engine's pool holds: a pooled checkout through SQLAlchemy's greenlet
@@ -654,7 +610,7 @@ class AsyncConnector:
 
         async def pooled() -> T:
             async with self._connect(self._autocommit) as conn:
-                return query.mapper(await conn.execute(query.statement, query.params))
+                return query.mapper(rows_of(await conn.execute(query.statement, query.params)))
 
         return await self._errors.acall(pooled, retry=True)
 
@@ -707,7 +663,7 @@ class AsyncConnector:
 
     async def _execute(self, conn: AsyncConnection, query: Query[T]) -> T:
         async def go() -> T:
-            return query.mapper(await conn.execute(query.statement, query.params))
+            return query.mapper(rows_of(await conn.execute(query.statement, query.params)))
 
         return await self._call(go)
 
@@ -759,14 +715,15 @@ class AsyncConnector:
     ) -> DedicatedConnection:
         """A connection of its own for a hot loop (the worker's claims, its completions).
 
-        On asyncpg it runs each statement's compiled SQL straight on the driver, prepared once
-        per connection: no pool checkout, no SQLAlchemy execution per call. Elsewhere it
-        falls back to the pooled path.
+        It runs only queries with a driver form (``Query.driver``; any other raises
+        :class:`~pgtq.fastpath.NoDriverForm`). On asyncpg it runs each one's compiled SQL
+        straight on the driver, prepared once per connection: no pool checkout, no
+        SQLAlchemy execution per call (pgtq.fastpath). Elsewhere it falls back to the pooled
+        path.
 
         ``session``: SQL run each time the connection is opened (its settings stay its own);
         ignored on the pooled fallback. ``jsonb_text``: ``jsonb`` values come as text, read
-        by JSON's C scanner (the claims' arguments: ~0.75 µs a job less than SQLAlchemy's
-        binary decoder and ``json.loads``).
+        by JSON's C scanner (:func:`~pgtq.fastpath.read_jsonb_as_text`).
         """
         if self.engine.dialect.driver != "asyncpg":
             return _PooledConnection(self)
@@ -781,7 +738,8 @@ class AsyncConnector:
 
 
 class DedicatedConnection:
-    """What the worker's hot loops run their queries on."""
+    """What the worker's hot loops run their queries on: only queries with a driver form
+    (``Query.driver``), whatever the driver; any other raises ``NoDriverForm``."""
 
     async def run(self, query: Query[T]) -> T:
         raise NotImplementedError
@@ -795,20 +753,8 @@ class _PooledConnection(DedicatedConnection):
         self._connector = connector
 
     async def run(self, query: Query[T]) -> T:
+        _require_driver_form(query)
         return await self._connector.run(query)
-
-
-# The C scanner json.loads uses (typeshed types make_scanner's argument oddly).
-_scan_json: Callable[[str, int], tuple[Any, int]] = make_scanner(cast(Any, json.JSONDecoder()))
-
-
-def _loads_jsonb(text: str) -> Any:
-    """PostgreSQL's text of a ``jsonb`` value (canonical: no leading blank), read by the C
-    scanner alone; anything it refuses goes to ``json.loads`` for the proper error."""
-    try:
-        return _scan_json(text, 0)[0]
-    except StopIteration:
-        return json.loads(text)
 
 
 class _AsyncpgConnection(DedicatedConnection):
@@ -850,21 +796,19 @@ class _AsyncpgConnection(DedicatedConnection):
         for sql in self._session:
             await self._driver.execute(sql)
         if self._jsonb_text:
-            await self._driver.set_type_codec(
-                "jsonb", schema="pg_catalog", encoder=dumps, decoder=_loads_jsonb, format="text"
-            )
+            await read_jsonb_as_text(self._driver)
         return self._driver
 
     async def run(self, query: Query[T]) -> T:
         """Run one statement; once more on a new connection if the first failed before
         sending it; connection failures raise ``DatabaseUnreachable`` (see _Translator)."""
+        _require_driver_form(query)
         return await self._connector._errors.acall(lambda: self._run_once(query), retry=True)
 
     async def _run_once(self, query: Query[T]) -> T:
-        sql, args = self._connector.driver_sql.positional(query)
         driver = await self._ready()
         try:
-            rows = await driver.fetch(sql, *args)
+            rows = await fetch_asyncpg(driver, self._connector.driver_sql, query)
             self._used = time.monotonic()
         except BaseException as exc:
             # Not an error PostgreSQL sent about the statement (lost, cancelled mid-statement,
@@ -895,6 +839,7 @@ __all__ = [
     "create_sync_engine",
     "first_line",
     "is_data_error",
+    "rows_of",
     "sqlstate",
     "sync_url",
 ]

@@ -20,7 +20,7 @@ added to it) and fails on such a name, or on a parameter the statement does not 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from functools import cache, cached_property
 from typing import Any, Generic, TypeVar, cast
@@ -28,9 +28,8 @@ from typing import Any, Generic, TypeVar, cast
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, REGCLASS
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.engine import Result
 from sqlalchemy.sql import Executable
-from sqlalchemy.sql.dml import ReturningDelete, ReturningUpdate
+from sqlalchemy.sql.dml import ReturningDelete, ReturningInsert, ReturningUpdate
 
 from pgtq.model import ClaimedJob, Job, JobEvent, Status
 from pgtq.reports import (
@@ -46,6 +45,13 @@ from pgtq.reports import (
 from pgtq.schema import HISTORY_TRIGGERS, Tables, notify_channel, tables_for
 
 T = TypeVar("T")
+
+#: A statement's rows as every mapper gets them, whatever ran it: positional, never a
+#: SQLAlchemy ``Result`` (the connector takes its rows once: ``Result.all()``), nor a count
+#: (a count is read from ``RETURNING``). Driver records (asyncpg's) and tuples (psycopg's)
+#: are rows too, so one mapper serves the pooled path and the driver fast path alike.
+Row = Sequence[Any]
+Rows = Sequence[Row]
 
 
 def _status(status: Status) -> sa.ColumnElement[str]:
@@ -67,15 +73,16 @@ class Query(Generic[T]):
     Not frozen, though never changed once made: one is made per statement run, and a frozen
     dataclass sets each field through ``object.__setattr__`` (it showed in a single enqueue).
 
-    The mapper gets a SQLAlchemy ``Result``, or on the worker's fast path a list of driver
-    records: mappers of hot-path queries only iterate rows and index them by position.
+    The mapper gets the statement's :data:`Rows`, whoever ran it (typed: a mapper written
+    against a SQLAlchemy ``Result`` does not type-check).
     """
 
     statement: Executable
     params: dict[str, Any]
-    mapper: Callable[[Any], T]
-    #: Safe to run as compiled SQL straight on the driver connection (the enqueue fast path):
-    #: its parameters need no SQLAlchemy bind processing and its mapper only iterates rows.
+    mapper: Callable[[Rows], T]
+    #: Has a driver form: safe to run as compiled SQL straight on the driver connection (the
+    #: enqueue fast path, the worker's dedicated connections, which run nothing else): its
+    #: parameters need no SQLAlchemy bind processing.
     driver: bool = False
 
 
@@ -147,13 +154,22 @@ def _array(name: str, item: sa.types.TypeEngine[Any]) -> sa.BindParameter[Any]:
     return sa.bindparam(name, type_=ARRAY(item))
 
 
-def _id_list(result: Iterable[Sequence[Any]]) -> list[int]:
-    return sorted(row[0] for row in result)
+def _id_list(rows: Rows) -> list[int]:
+    return sorted(row[0] for row in rows)
 
 
-def _one_or_none(result: Result[Any]) -> Any:
-    row = result.first()
-    return None if row is None else row[0]
+def _one_or_none(rows: Rows) -> Any:
+    """The first column of the first row, None without a row."""
+    return rows[0][0] if rows else None
+
+
+def _no_value(_rows: Rows) -> None:
+    return None
+
+
+def _count(rows: Rows) -> int:
+    """How many rows the statement returned: a write's count comes from its RETURNING."""
+    return len(rows)
 
 
 #: The columns ``defer`` writes (``args`` and ``trace_context`` are JSON text, cast to jsonb
@@ -321,19 +337,17 @@ class Statements:
                 # lock starts after what it waited for (the history reads this column).
                 started_at=sa.func.clock_timestamp(),
             )
-            .returning(
-                j.c.id,
-                j.c.queue,
-                j.c.task_name,
-                j.c.args,
-                j.c.attempts,
-                j.c.priority,
-                j.c.lock,
-                waited.label("waited"),
-                j.c.trace_context,
-            )
+            .returning(*self._claimed_columns(waited))
         )
         return claimed
+
+    def _claimed_columns(self, waited: sa.ColumnElement[Any]) -> list[sa.ColumnElement[Any]]:
+        """A ``ClaimedJob``'s columns in its fields' order (it is made from the row as it
+        is), ``waited`` being how its pickup latency is computed."""
+        j = self.jobs
+        return [
+            waited.label(name) if name == "waited" else j.c[name] for name in ClaimedJob._fields
+        ]
 
     def _claim_statement(self, *, queues: str, limit: int) -> ReturningUpdate[Any]:
         """Claim up to ``limit`` due jobs in priority order, in one statement.
@@ -893,10 +907,11 @@ class Statements:
 
     @cached_property
     def job_columns(self) -> tuple[sa.ColumnElement[Any], ...]:
-        """Every column of a job, as ``to_job`` reads them: its times clamped by ``_readable``."""
+        """Every column of a job in ``Job``'s fields' order (``to_job`` reads them by
+        position): its times clamped by ``_readable``."""
+        columns = (self.jobs.c[f.name] for f in fields(Job))
         return tuple(
-            _readable(c).label(c.name) if isinstance(c.type, sa.DateTime) else c
-            for c in self.jobs.c
+            _readable(c).label(c.name) if isinstance(c.type, sa.DateTime) else c for c in columns
         )
 
     @cached_property
@@ -921,28 +936,33 @@ class Statements:
     # -- workers ---------------------------------------------------------------------------
 
     @cached_property
-    def register_worker(self) -> sa.Insert:
+    def register_worker(self) -> ReturningInsert[Any]:
         w = self.t.workers
-        return sa.insert(w).values(
-            id=sa.bindparam("me", type_=sa.Text),
-            hostname=sa.bindparam("worker_hostname", type_=sa.Text),
-            pid=sa.bindparam("worker_pid", type_=sa.Integer),
-            queues=sa.bindparam("worker_queues", type_=ARRAY(sa.Text)),
+        return (
+            sa.insert(w)
+            .values(
+                id=sa.bindparam("me", type_=sa.Text),
+                hostname=sa.bindparam("worker_hostname", type_=sa.Text),
+                pid=sa.bindparam("worker_pid", type_=sa.Integer),
+                queues=sa.bindparam("worker_queues", type_=ARRAY(sa.Text)),
+            )
+            .returning(w.c.id)
         )
 
     @cached_property
-    def heartbeat(self) -> sa.Update:
+    def heartbeat(self) -> ReturningUpdate[Any]:
         w = self.t.workers
         return (
             sa.update(w)
             .where(w.c.id == sa.bindparam("me", type_=sa.Text))
             .values(last_heartbeat=sa.func.now())
+            .returning(w.c.id)
         )
 
     @cached_property
-    def unregister_worker(self) -> sa.Delete:
+    def unregister_worker(self) -> ReturningDelete[Any]:
         w = self.t.workers
-        return sa.delete(w).where(w.c.id == sa.bindparam("me", type_=sa.Text))
+        return sa.delete(w).where(w.c.id == sa.bindparam("me", type_=sa.Text)).returning(w.c.id)
 
     # -- history --------------------------------------------------------------------------
 
@@ -980,17 +1000,7 @@ class Statements:
         """
         j, w = self.jobs, self.t.workers
         return sa.select(
-            j.c.id,
-            j.c.queue,
-            j.c.task_name,
-            j.c.args,
-            j.c.attempts,
-            j.c.priority,
-            j.c.lock,
-            sa.null().label("waited"),
-            j.c.trace_context,
-            j.c.worker_id,
-            self._rescues(j.c.id),
+            *self._claimed_columns(sa.null()), j.c.worker_id, self._rescues(j.c.id)
         ).where(j.c.status == DOING, ~sa.exists().where(w.c.id == j.c.worker_id))
 
     def _rescues(self, job_id: sa.ColumnElement[int]) -> sa.Label[Any]:
@@ -1275,11 +1285,13 @@ class Statements:
         )
 
     @cached_property
-    def delete_old_ticks(self) -> sa.Delete:
-        """Forget ticks older than ``:older_than`` seconds (no scheduler defers them again)."""
+    def delete_old_ticks(self) -> sa.Select[Any]:
+        """Forget ticks older than ``:older_than`` seconds (no scheduler defers them again);
+        select how many went."""
         p = self.t.periodic_ticks
         before = sa.func.now() - sa.bindparam("older_than", type_=sa.Float) * ONE_SECOND
-        return sa.delete(p).where(p.c.tick_at < before)
+        gone = sa.delete(p).where(p.c.tick_at < before).returning(p.c.tick_at).cte("gone")
+        return sa.select(sa.func.count()).select_from(gone)
 
     # == web dashboard (pgtq.web): reads behind its pages =======================================
     # Only reads; its actions (retry, abort, cancel, pause, resume) are the statements above.
@@ -1337,8 +1349,8 @@ def statements_for(schema: str) -> Statements:
 # -- row mappers (pure) ------------------------------------------------------------------------
 
 
-def to_job(row: Any) -> Job:
-    """A row of ``Statements.job_columns`` as a ``Job``.
+def to_job(row: Row) -> Job:
+    """A row of ``Statements.job_columns`` (``Job``'s fields in order) as a ``Job``.
 
     Its times (``scheduled_at``, ``created_at``, ``started_at``, ``finished_at``) are aware
     datetimes or None. A time the row holds outside :data:`READ_TIME_MIN` ..
@@ -1347,35 +1359,14 @@ def to_job(row: Any) -> Job:
     claimed like an unscheduled job) reads as 0001-01-02 UTC, ``infinity`` (never due) as
     9999-12-30 UTC, the same on psycopg and asyncpg.
     """
-    m = row._mapping
-    return Job(
-        id=m["id"],
-        queue=m["queue"],
-        task_name=m["task_name"],
-        args=m["args"],
-        status=Status(m["status"]),
-        priority=m["priority"],
-        scheduled_at=m["scheduled_at"],
-        lock=m["lock"],
-        queueing_lock=m["queueing_lock"],
-        concurrency_key=m["concurrency_key"],
-        trace_context=m["trace_context"],
-        attempts=m["attempts"],
-        worker_id=m["worker_id"],
-        abort_requested=m["abort_requested"],
-        result=m["result"],
-        error=m["error"],
-        created_at=m["created_at"],
-        started_at=m["started_at"],
-        finished_at=m["finished_at"],
-    )
+    return Job(row[0], row[1], row[2], row[3], Status(row[4]), *row[5:])
 
 
-def to_claimed(row: Any) -> ClaimedJob:
-    return ClaimedJob._make(row[:9])
+def to_claimed(row: Row) -> ClaimedJob:
+    return ClaimedJob._make(row[: len(ClaimedJob._fields)])
 
 
-def claimed_in_order(rows: Iterable[Any]) -> list[ClaimedJob]:
+def claimed_in_order(rows: Rows) -> list[ClaimedJob]:
     """Claimed jobs in the order they start: priority first, then the oldest. (The claim
     returns exactly a ``ClaimedJob``'s columns.)"""
     make = ClaimedJob._make
@@ -1453,9 +1444,8 @@ def insert_jobs(s: Statements, new: NewJobs) -> Query[list[int]]:
 
 
 def get_job(s: Statements, job_id: int) -> Query[Job | None]:
-    def mapper(result: Result[Any]) -> Job | None:
-        row = result.first()
-        return None if row is None else to_job(row)
+    def mapper(rows: Rows) -> Job | None:
+        return to_job(rows[0]) if rows else None
 
     return Query(s.get, {"job_id": job_id}, mapper)
 
@@ -1468,7 +1458,7 @@ def claim_jobs(
         params["only_queue"] = queues[0]
     elif queues:
         params["queues"] = list(queues)
-    return Query(s.claim(queues, limit), params, claimed_in_order)
+    return Query(s.claim(queues, limit), params, claimed_in_order, driver=True)
 
 
 @dataclass(slots=True)
@@ -1537,12 +1527,12 @@ def complete_jobs(
     params: dict[str, Any] = {"me": worker_id, **arrays}
     if delete_statuses:
         params["delete_statuses"] = list(delete_statuses)
-        return Query(s.complete_deleting, params, _id_list)
-    return Query(s.complete, params, _id_list)
+        return Query(s.complete_deleting, params, _id_list, driver=True)
+    return Query(s.complete, params, _id_list, driver=True)
 
 
 def release_jobs(s: Statements, worker_id: str, ids: Sequence[int]) -> Query[list[int]]:
-    return Query(s.release, {"me": worker_id, "ids": list(ids)}, _id_list)
+    return Query(s.release, {"me": worker_id, "ids": list(ids)}, _id_list, driver=True)
 
 
 def release_unknown_jobs(s: Statements, worker_id: str, known: Iterable[int]) -> Query[list[int]]:
@@ -1587,15 +1577,14 @@ def no_such_job(s: Statements, like: Query[T]) -> Query[T]:
 def abort_job(s: Statements, job_id: int) -> Query[Status | None]:
     """The job's status after the request (``cancelled`` or ``doing``), None if already final."""
 
-    def mapper(result: Result[Any]) -> Status | None:
-        row = result.first()
-        return None if row is None else Status(row.status)
+    def mapper(rows: Rows) -> Status | None:
+        return Status(rows[0][1]) if rows else None  # (id, status, queue)
 
     return Query(s.abort, {"job_id": job_id}, mapper)
 
 
 def retry_job(s: Statements, job_id: int) -> Query[bool]:
-    return Query(s.retry, {"job_id": job_id}, lambda r: r.first() is not None)
+    return Query(s.retry, {"job_id": job_id}, bool)
 
 
 def abort_requested_ids(s: Statements, worker_id: str) -> Query[list[int]]:
@@ -1617,8 +1606,8 @@ def parse_announcement(payload: str) -> tuple[str, float | None]:
 def next_due_in(s: Statements, queues: Sequence[str] | None) -> Query[float | None]:
     """Seconds until the earliest waiting job of ``queues`` (None: all) becomes due."""
 
-    def mapper(result: Result[Any]) -> float | None:
-        value = result.scalar()
+    def mapper(rows: Rows) -> float | None:
+        value = _one_or_none(rows)
         return None if value is None else float(value)
 
     return Query(s.next_due, {"due_queues": list(queues) if queues else None}, mapper)
@@ -1629,16 +1618,15 @@ def is_migrated(s: Statements) -> Query[bool]:
 
 
 def status_counts(s: Statements) -> Query[dict[tuple[str, Status], int]]:
-    def mapper(result: Result[Any]) -> dict[tuple[str, Status], int]:
-        rows = [cast(tuple[str, str, int], tuple(row)) for row in result]
+    def mapper(rows: Rows) -> dict[tuple[str, Status], int]:
         return {(queue, Status(status)): count for queue, status, count in rows}
 
     return Query(s.status_counts, {}, mapper)
 
 
 def status_counts_of(s: Statements, ids: Sequence[int]) -> Query[dict[Status, tuple[int, int]]]:
-    def mapper(result: Iterable[Sequence[Any]]) -> dict[Status, tuple[int, int]]:
-        return {Status(row[0]): (row[1], row[2]) for row in result}
+    def mapper(rows: Rows) -> dict[Status, tuple[int, int]]:
+        return {Status(row[0]): (row[1], row[2]) for row in rows}
 
     return Query(s.status_counts_of, {"ids": list(ids)}, mapper)
 
@@ -1652,11 +1640,11 @@ def register_worker(
         "worker_pid": pid,
         "worker_queues": list(queues) if queues else None,
     }
-    return Query(s.register_worker, params, lambda r: r.rowcount)
+    return Query(s.register_worker, params, _count)
 
 
 def heartbeat(s: Statements, worker_id: str) -> Query[int]:
-    return Query(s.heartbeat, {"me": worker_id}, lambda r: r.rowcount)
+    return Query(s.heartbeat, {"me": worker_id}, _count)
 
 
 def job_history(s: Statements, job_id: int) -> Query[list[JobEvent]]:
@@ -1664,7 +1652,7 @@ def job_history(s: Statements, job_id: int) -> Query[list[JobEvent]]:
 
 
 def set_history(s: Statements, enabled: bool) -> Query[None]:
-    return Query(s.set_history(enabled), {}, lambda _rows: None)
+    return Query(s.set_history(enabled), {}, _no_value)
 
 
 # -- limits -----------------------------------------------------------------------------------
@@ -1693,7 +1681,7 @@ def claim_limited(
 
 
 def limits_lock(s: Statements) -> Query[None]:
-    return Query(s.limits_lock, {}, lambda _rows: None)
+    return Query(s.limits_lock, {}, _no_value)
 
 
 def running_counts(
@@ -1716,7 +1704,7 @@ def read_buckets(s: Statements, keys: Sequence[str]) -> Query[dict[str, tuple[fl
 
 def write_buckets(s: Statements, tokens: Mapping[str, float]) -> Query[None]:
     params = {"keys": list(tokens), "bucket_tokens": list(tokens.values())}
-    return Query(s.write_buckets, params, lambda _rows: None)
+    return Query(s.write_buckets, params, _no_value)
 
 
 def queue_limits(s: Statements) -> Query[dict[str, tuple[int | None, float | None]]]:
@@ -1724,18 +1712,20 @@ def queue_limits(s: Statements) -> Query[dict[str, tuple[int | None, float | Non
 
 
 def clear_old_results(s: Statements, older_than: float) -> Query[int]:
-    return Query(s.clear_old_results, {"older_than": older_than}, lambda rows: len(list(rows)))
+    return Query(s.clear_old_results, {"older_than": older_than}, _count)
 
 
 def set_queue_limits(
     s: Statements, name: str, concurrency: int | None, rate_limit: float | None
 ) -> Query[None]:
     params = {"queue_name": name, "queue_concurrency": concurrency, "queue_rate_limit": rate_limit}
-    return Query(s.set_queue_limits, params, lambda _rows: None)
+    return Query(s.set_queue_limits, params, _no_value)
 
 
 def forget_dead_workers(s: Statements, after: float) -> Query[list[str]]:
-    return Query(s.forget_dead_workers, {"after": after}, lambda rows: [r[0] for r in rows])
+    return Query(
+        s.forget_dead_workers, {"after": after}, lambda rows: [r[0] for r in rows], driver=True
+    )
 
 
 def orphaned_jobs(s: Statements) -> Query[list[tuple[str, ClaimedJob, int]]]:
@@ -1746,7 +1736,7 @@ def orphaned_jobs(s: Statements) -> Query[list[tuple[str, ClaimedJob, int]]]:
 
 
 def unregister_worker(s: Statements, worker_id: str) -> Query[int]:
-    return Query(s.unregister_worker, {"me": worker_id}, lambda r: r.rowcount)
+    return Query(s.unregister_worker, {"me": worker_id}, _count)
 
 
 # == operations (pgtq_0002): list, stats, clean-up, cancel, queues ================================
@@ -1802,7 +1792,7 @@ def stats_queries(s: Statements, window: float) -> tuple[Query[Any], ...]:
     return (
         Query(s.queue_counts, {}, lambda r: [tuple(row) for row in r]),
         Query(s.finished_counts, {"window": window}, lambda r: [tuple(row) for row in r]),
-        Query(s.workers_running, {}, lambda r: [row._mapping for row in r]),
+        Query(s.workers_running, {}, lambda r: list(r)),
         Query(s.paused_queues, {}, lambda r: {row[0] for row in r}),
     )
 
@@ -1811,7 +1801,7 @@ def to_stats(
     window: float,
     counts: Iterable[tuple[str, str, int, float | None]],
     finished: Iterable[tuple[str, str, int]],
-    workers: Iterable[Any],
+    workers: Rows,
     paused: set[str],
 ) -> Stats:
     """Combine the results of ``stats_queries`` (pure)."""
@@ -1837,26 +1827,32 @@ def to_stats(
     return Stats(window=window, queues=queues, rates=rates, workers=_to_workers(workers))
 
 
-def _to_workers(rows: Iterable[Any]) -> tuple[WorkerInfo, ...]:
+def _to_workers(rows: Rows) -> tuple[WorkerInfo, ...]:
+    """Rows of ``workers_running``: a worker's columns, then one job it runs (or NULLs)."""
     workers: dict[str, WorkerInfo] = {}
     running: dict[str, list[RunningJob]] = {}
-    for m in rows:
-        if m["id"] not in workers:
-            workers[m["id"]] = WorkerInfo(
-                id=m["id"],
-                hostname=m["hostname"],
-                pid=m["pid"],
-                queues=tuple(m["queues"]) if m["queues"] is not None else None,
-                started_at=m["started_at"],
-                last_heartbeat=m["last_heartbeat"],
-                heartbeat_age=max(0.0, m["heartbeat_age"]),
-            )
-            running[m["id"]] = []
-        if m["job_id"] is not None:
-            running[m["id"]].append(
-                RunningJob(m["job_id"], m["task_name"], m["queue"], m["job_started_at"])
-            )
+    for row in rows:
+        worker_id = row[0]
+        if worker_id not in workers:
+            workers[worker_id] = _to_worker(row)
+            running[worker_id] = []
+        job_id, task_name, queue, started_at = row[7:11]
+        if job_id is not None:
+            running[worker_id].append(RunningJob(job_id, task_name, queue, started_at))
     return tuple(replace(w, running=tuple(running[w.id])) for w in workers.values())
+
+
+def _to_worker(row: Row) -> WorkerInfo:
+    """The first columns of a row as ``Statements._worker_columns`` gives them."""
+    return WorkerInfo(
+        id=row[0],
+        hostname=row[1],
+        pid=row[2],
+        queues=tuple(row[3]) if row[3] is not None else None,
+        started_at=row[4],
+        last_heartbeat=row[5],
+        heartbeat_age=max(0.0, row[6]),
+    )
 
 
 def delete_old_jobs(
@@ -1870,11 +1866,11 @@ def delete_old_jobs(
 
 
 def cancel_job(s: Statements, job_id: int) -> Query[bool]:
-    return Query(s.cancel, {"job_id": job_id}, lambda r: r.first() is not None)
+    return Query(s.cancel, {"job_id": job_id}, bool)
 
 
 def pause_queue(s: Statements, name: str) -> Query[bool]:
-    return Query(s.pause_queue, {"queue_name": name}, lambda r: r.first() is not None)
+    return Query(s.pause_queue, {"queue_name": name}, bool)
 
 
 def resume_queue(s: Statements, name: str) -> Query[bool]:
@@ -1925,7 +1921,7 @@ def defer_ticks(s: Statements, rows: TickRows) -> Query[list[DeferredTick]]:
 
 
 def delete_old_ticks(s: Statements, older_than: float) -> Query[int]:
-    return Query(s.delete_old_ticks, {"older_than": older_than}, lambda r: r.rowcount)
+    return Query(s.delete_old_ticks, {"older_than": older_than}, lambda r: int(_one_or_none(r)))
 
 
 # == web dashboard (pgtq.web): reads behind its pages ============================================
@@ -1944,8 +1940,8 @@ def throughput(
     if queue is not None:
         params["queue"] = queue
 
-    def mapper(result: Iterable[Sequence[Any]]) -> Throughput:
-        return to_throughput(window, bucket, result)
+    def mapper(rows: Rows) -> Throughput:
+        return to_throughput(window, bucket, rows)
 
     return Query(s.throughput(queue is not None), params, mapper)
 
@@ -1971,18 +1967,4 @@ def worker_heartbeats(s: Statements) -> Query[list[WorkerInfo]]:
     """Every registered worker with the age of its last heartbeat on the database's clock,
     freshest first (no jobs: the health checks read only ``workers``)."""
 
-    def mapper(rows: Iterable[Sequence[Any]]) -> list[WorkerInfo]:
-        return [
-            WorkerInfo(
-                id=r[0],
-                hostname=r[1],
-                pid=r[2],
-                queues=tuple(r[3]) if r[3] is not None else None,
-                started_at=r[4],
-                last_heartbeat=r[5],
-                heartbeat_age=max(0.0, r[6]),
-            )
-            for r in rows
-        ]
-
-    return Query(s.worker_heartbeats, {}, mapper)
+    return Query(s.worker_heartbeats, {}, lambda rows: [_to_worker(r) for r in rows])
