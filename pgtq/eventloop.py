@@ -4,6 +4,7 @@ worker``): uvloop when installed, and a close that never waits forever for a tas
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import threading
@@ -79,3 +80,31 @@ def _close_loop(loop: asyncio.AbstractEventLoop, grace: float) -> None:
             loop.run_until_complete(asyncio.wait([loop.create_task(finish())], timeout=grace))
     finally:
         loop.close()
+
+
+def add_stop_signals(
+    stop: Callable[[], None], hurry: Callable[[], None]
+) -> list[Callable[[], object]]:
+    """SIGTERM/SIGINT stop the worker on the running loop (main thread only): the first
+    gracefully, the next ones at once. The functions that remove the handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    loop = asyncio.get_running_loop()
+    count = 0
+
+    def on_signal() -> None:
+        nonlocal count
+        count += 1
+        if count == 1:
+            logger.info("stopping: waiting for running jobs (signal again to stop now)")
+            stop()
+        else:
+            logger.info("stopping now: running jobs go back to the queue")
+            stop()
+            hurry()
+
+    removers: list[Callable[[], object]] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+        removers.append(functools.partial(loop.remove_signal_handler, sig))
+    return removers

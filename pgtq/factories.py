@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from pgtq.app import App
 from pgtq.errors import ConfigurationError
+from pgtq.eventloop import new_event_loop
 
 if TYPE_CHECKING:
     from pgtq.worker import WorkerStats
@@ -141,16 +142,6 @@ async def _enter_async(opened: Opened, factory: AppFactory) -> AsyncIterator[App
     else:
         with opened as app:
             yield _checked(app, factory)
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A uvloop loop when uvloop is installed, else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
 
 
 def run_worker(

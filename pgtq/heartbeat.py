@@ -3,7 +3,8 @@ fresh, and the rescue of the jobs of workers that stopped beating.
 
 A worker silent for ``rescue_after`` seconds is dead: any live worker puts its running jobs
 back (:func:`pgtq.outcomes.rescue_outcome`). A worker that finds it was declared dead (a long
-pause, a partition) drops what it runs and goes on under a new id.
+pause, a partition) drops what it runs and goes on under a new id. A worker that stopped
+while attempts ignored the shutdown keeps beating until they end (:func:`linger`).
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ import asyncio
 import logging
 import os
 import socket
+import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from pgtq import statements
-from pgtq.outcomes import rescue_outcome
+from pgtq.outcomes import decide, rescue_outcome
 
 if TYPE_CHECKING:
     from pgtq.app import App
     from pgtq.connectors import AsyncConnector
+    from pgtq.runner import Attempt
+    from pgtq.threads import ThreadRunner
 
 logger = logging.getLogger("pgtq.worker")
 
@@ -118,3 +123,55 @@ class Heartbeat:
                 extra={"worker": rescuer},
             )
         return rescued
+
+
+def linger(
+    app: App,
+    worker_id: str,
+    stuck: list[Attempt],
+    *,
+    threads: ThreadRunner | None,
+    interval: float,
+    check_every: float,
+) -> None:
+    """Keep a stopped worker's heartbeat while attempts that ignored the shutdown still run,
+    then give their jobs back and unregister: a daemon thread on the sync connector, so it
+    outlives the worker's loop and never keeps the process alive. If the process exits first,
+    the heartbeat stops and another worker rescues the jobs ``rescue_after`` later."""
+    loop = asyncio.get_running_loop()
+    s = app.statements
+    outcomes = statements.Outcomes.empty()
+    for attempt in stuck:
+        outcome = decide(attempt.task, attempt.job, abort_reason="shutdown")
+        outcomes.add(
+            attempt.job.id,
+            outcome.status,
+            outcome.result,
+            outcome.error,
+            outcome.retry_in,
+            attempt=attempt.job.attempts,
+        )
+    futures = [a.future for a in stuck if a.task is not None and a.task.is_async]
+
+    def running_still() -> bool:
+        if threads is not None and threads.busy:
+            return True
+        return not loop.is_closed() and any(f is not None and not f.done() for f in futures)
+
+    def beat_until_they_end() -> None:
+        beat = time.monotonic()
+        try:
+            sync = app.sync  # made here: an app built on an AsyncEngine may have none
+            while running_still():
+                time.sleep(check_every)
+                if time.monotonic() - beat >= interval:
+                    beat = time.monotonic()
+                    if not sync.run(statements.heartbeat(s, worker_id)):
+                        return  # declared dead meanwhile: its jobs were rescued
+            sync.run(statements.complete_jobs(s, worker_id, outcomes))
+            sync.run(statements.unregister_worker(s, worker_id))
+            logger.info("the jobs that did not stop have ended; given back")
+        except Exception as exc:
+            logger.warning("lingering for jobs that did not stop failed: %s", exc)
+
+    threading.Thread(target=beat_until_they_end, name="pgtq-linger", daemon=True).start()

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from pgtq import observers, statements
 from pgtq.jobs import JobContext
-from pgtq.model import ClaimedJob, Status, clip, error_record
+from pgtq.model import ClaimedJob, Status
 from pgtq.outcomes import Outcome, UnknownTaskError, decide, decide_safely
 from pgtq.tasks import Task, call_task
+from pgtq.worklog import log_attempt
 
 if TYPE_CHECKING:
     from pgtq.app import App
@@ -236,49 +237,3 @@ class JobRunner:
         )
         return outcome, query
 
-
-def log_attempt(
-    job: ClaimedJob,
-    task: Task[Any] | None,
-    outcome: Outcome,
-    exc: BaseException | None,
-    duration: float | None,
-    worker_id: str,
-) -> None:
-    """A job's line: DEBUG when it succeeded (one per job: a busy worker's INFO log stays
-    quiet), INFO when it will run again, WARNING when it failed or was aborted; those
-    name the exception and the attempt."""
-    level = (
-        logging.DEBUG
-        if outcome.status is Status.SUCCEEDED
-        else logging.INFO
-        if outcome.status is Status.TODO
-        else logging.WARNING
-    )
-    if not logger.isEnabledFor(level):
-        return
-    of = f" of {task.retry.max_attempts}" if task is not None else ""
-    extra: dict[str, Any] = {
-        "job_id": job.id,
-        "task": job.task_name,
-        "queue": job.queue,
-        "attempt": job.attempts,
-        "worker": worker_id,
-        "status": outcome.label,
-    }
-    text = f"job {job.id} {job.task_name} {outcome.label} (attempt {job.attempts}{of})"
-    if duration is not None:
-        extra["duration"] = duration
-        text += f" in {duration:.3f} s"
-    if exc is not None:
-        record = error_record(exc, with_traceback=False)
-        extra["error"] = record["type"]
-        extra["error_message"] = record["message"]
-        message = record["message"].strip().split("\n", 1)[0]
-        text += f": {record['type']}: {message}" if message else f": {record['type']}"
-    elif outcome.error is not None and outcome.status is not Status.SUCCEEDED:
-        text += f": {clip(outcome.error, 500)}"
-    if outcome.status is Status.TODO and outcome.retry_in is not None:
-        extra["retry_in"] = outcome.retry_in
-        text += f"; runs again in {outcome.retry_in:.1f} s"
-    logger.log(level, "%s", text, extra=extra)

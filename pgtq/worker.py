@@ -21,27 +21,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 import logging
-import signal
-import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from pgtq import revisions, statements
+from pgtq.attempts import Attempts
 from pgtq.claims import CLAIMS_IN_FLIGHT, Claims
 from pgtq.completer import Completer
 from pgtq.connectors import first_line
 from pgtq.errors import ConfigurationError, SchemaNotMigrated
-from pgtq.eventloop import run_on_new_loop
+from pgtq.eventloop import add_stop_signals, run_on_new_loop
 from pgtq.fetcher import Fetcher
-from pgtq.heartbeat import Heartbeat, new_worker_id
-from pgtq.jobs import JobContext, State
-from pgtq.model import ClaimedJob, Status
+from pgtq.heartbeat import Heartbeat, linger, new_worker_id
+from pgtq.jobs import State
+from pgtq.model import Status
 from pgtq.outcomes import (
     JobTimeoutError,
     Outcome,
@@ -49,14 +47,14 @@ from pgtq.outcomes import (
     ResultTooLarge,
     UnknownTaskError,
     WorkerLostError,
-    aborted_on_request,
     decide,
     rescue_outcome,
 )
 from pgtq.periodic import run_scheduler
 from pgtq.retry import backoff_delays
-from pgtq.runner import Attempt, Ended, JobRunner
+from pgtq.runner import JobRunner
 from pgtq.threads import ThreadRunner
+from pgtq.worklog import log_summaries
 
 if TYPE_CHECKING:
     from pgtq.app import App
@@ -158,18 +156,23 @@ class Worker:
         self.state = state if state is not None else State()
         # Run the periodic scheduler too (not while draining: it would keep adding jobs).
         self.periodic = periodic and wait and bool(app.periodic_tasks)
-        self._running: dict[int, Attempt] = {}
-        self._held: dict[int, ClaimedJob] = {}  # claimed, not started yet (in claim order)
         self._stopping = asyncio.Event()
         self._hurry = asyncio.Event()  # a second signal: stop waiting for running jobs
         self._completer = Completer(
             app.statements, self._id, self._delete_statuses, on_written=self._changed
         )
+        self._attempts = Attempts(
+            app,
+            concurrency=concurrency,
+            prefetch=self.prefetch,
+            worker_id=self._id,
+            state=self.state,
+            completer=self._completer,
+            count=self._count,
+        )
         # Made when the run starts (they need its connector, its thread pool).
         self._claims: Claims | None = None
         self._fetcher: Fetcher | None = None
-        self._runner: JobRunner | None = None
-        self._heartbeat: Heartbeat | None = None
 
     def _id(self) -> str:
         return self.worker_id
@@ -179,7 +182,9 @@ class Worker:
     async def run(self) -> WorkerStats:
         started = time.monotonic()
         # Signals first: a SIGTERM that lands while the worker starts stops it cleanly too.
-        removers = self._add_signal_handlers() if self.install_signal_handlers else []
+        removers = (
+            add_stop_signals(self.stop, self._hurry.set) if self.install_signal_handlers else []
+        )
         try:
             return await self._run(started)
         finally:
@@ -192,26 +197,27 @@ class Worker:
         threads = None
         if any(not t.is_async for t in self.app.tasks.values()):
             threads = ThreadRunner(self.concurrency, asyncio.get_running_loop(), name="pgtq-job")
-        self._runner = JobRunner(self.app, self._id, self._delete_statuses, connector, threads)
+        attempts = self._attempts
+        attempts.runner = JobRunner(self.app, self._id, self._delete_statuses, connector, threads)
         claims = self._claims = Claims(
             self.app,
             connector,
             worker_id=self._id,
             queues=self.queues,
             serial=self.concurrency == 1,
-            holding=self._holding,
+            holding=attempts.ids,
             completer=self._completer,
             stopping=self._stopping,
         )
-        self._fetcher = Fetcher(
+        self._fetcher = attempts.fetcher = Fetcher(
             claims,
-            self,
+            attempts,
             batch_size=self.batch_size,
             fetch_interval=self.fetch_interval,
             wait=self.wait,
             stopping=self._stopping,
         )
-        heartbeat = self._heartbeat = Heartbeat(
+        heartbeat = Heartbeat(
             self.app,
             connector,
             worker_id=self._id,
@@ -237,7 +243,13 @@ class Worker:
                 asyncio.create_task(self._listen_loop(connector), name="pgtq-listener"),
             ]
             if self.summary_interval:
-                background.append(asyncio.create_task(self._summary_loop(), name="pgtq-summary"))
+                summaries = log_summaries(
+                    self.summary_interval,
+                    self.stats.by_status,
+                    lambda: len(attempts.running),
+                    self._id,
+                )
+                background.append(asyncio.create_task(summaries, name="pgtq-summary"))
             if self.periodic:
                 background.append(
                     asyncio.create_task(
@@ -259,8 +271,15 @@ class Worker:
             await claims.close()
             if self._completer.connection is not None:
                 await self._completer.connection.close()
-            if self._running:
-                self._linger(list(self._running.values()), threads)
+            if attempts.running:
+                linger(
+                    self.app,
+                    self.worker_id,
+                    list(attempts.running.values()),
+                    threads=threads,
+                    interval=self.heartbeat_interval,
+                    check_every=LINGER_CHECK_INTERVAL,
+                )
             else:
                 with contextlib.suppress(Exception):
                     await heartbeat.unregister()
@@ -332,12 +351,12 @@ class Worker:
                     self._fetcher.due_in(due_in)
         elif channel == s.abort_channel:
             with contextlib.suppress(ValueError):
-                self._request_abort(int(payload), "requested")
+                self._attempts.request_abort(int(payload), "requested")
 
     async def _abort_poll_loop(self, connector: AsyncConnector) -> None:
         while True:
             await asyncio.sleep(self.abort_interval)
-            if not self._running:
+            if not self._attempts.running:
                 continue
             try:
                 ids = await connector.run(
@@ -347,80 +366,10 @@ class Worker:
                 logger.warning("polling for aborted jobs failed: %s", first_line(exc))
                 continue
             for job_id in ids:
-                self._request_abort(job_id, "requested")
-
-    def _request_abort(self, job_id: int, reason: str) -> None:
-        held = self._held.pop(job_id, None) if reason == "requested" else None
-        if held is not None:
-            self._write(held, aborted_on_request())
-            return
-        attempt = self._running.get(job_id)
-        if attempt is not None:
-            attempt.stop(reason)
-
-    # -- the jobs it holds (the fetcher's Holder) ---------------------------------------------
-
-    def room(self) -> int:
-        """How many more jobs this worker may hold (running, held back or being claimed)."""
-        return self.concurrency + self.prefetch - len(self._running) - len(self._held)
-
-    def hold(self, jobs: Iterable[ClaimedJob]) -> None:
-        for job in jobs:
-            self._held[job.id] = job
-
-    def idle(self) -> bool:
-        """Nothing running or held, and every outcome written."""
-        return not self._running and not self._held and self._completer.idle
-
-    def start(self) -> None:
-        """Run held jobs while there are free slots; the rest wait."""
-        while self._held and len(self._running) < self.concurrency:
-            job_id = next(iter(self._held))
-            self._start(self._held.pop(job_id))
-
-    def _holding(self) -> Iterator[int]:
-        yield from self._running
-        yield from self._held
-
-    def _start(self, job: ClaimedJob) -> None:
-        assert self._runner is not None
-        ctx = JobContext.for_job(job, self.app, self.worker_id, self.state)
-        attempt = Attempt(job, ctx, self.app.lookup_task(job.task_name))
-        older = self._running.get(job.id)
-        if older is not None:
-            # An older attempt of this job still runs here: it was rescued from this worker
-            # while it was unreachable. Stop it: one attempt at a time, and its outcome is
-            # not written (the guard on the attempt refuses it anyway).
-            older.stop("shutdown")
-        self._running[job.id] = attempt
-        settle = functools.partial(self._settle, attempt)
-        # The loop's own create_task: asyncio.create_task is a Python wrapper around it.
-        loop = asyncio.get_running_loop()
-        run = self._runner.run(attempt, settle)
-        attempt.future = loop.create_task(run, name=f"pgtq-job-{job.id}")
-
-    def _settle(self, attempt: Attempt, ended: Ended | None) -> None:
-        """An attempt ended: write its outcome, unless it is written already, or the attempt
-        was abandoned (the worker was declared dead, or a newer attempt took its place)."""
-        if self._running.get(attempt.job.id) is attempt:
-            del self._running[attempt.job.id]
-            if ended is not None and not ended.written:
-                self._write(attempt.job, ended.outcome)
-                return
-            if ended is not None:
-                self._count(ended.outcome)
-        self._changed()
-
-    def _write(self, job: ClaimedJob, outcome: Outcome) -> None:
-        self._completer.add(job, outcome)
-        if outcome.retry_in and self._fetcher is not None:
-            self._fetcher.due_in(outcome.retry_in)  # its next attempt is due then: be awake
-        self._count(outcome)
-        self._changed()
+                self._attempts.request_abort(job_id, "requested")
 
     def _changed(self) -> None:
-        if self._fetcher is not None:
-            self._fetcher.changed()
+        self._attempts.changed()
 
     def _count(self, outcome: Outcome) -> None:
         self.stats.processed += 1
@@ -436,10 +385,7 @@ class Worker:
         live on under a new id."""
         old = self.worker_id
         self.worker_id = new_worker_id()
-        self._held.clear()
-        for job_id, attempt in list(self._running.items()):
-            del self._running[job_id]
-            attempt.stop("shutdown")
+        self._attempts.drop()
         logger.warning(
             "worker %s had been declared dead and its jobs rescued; it goes on as %s",
             old,
@@ -447,142 +393,43 @@ class Worker:
             extra={"worker": self.worker_id},
         )
 
-    async def _summary_loop(self) -> None:
-        """Every ``summary_interval``: one INFO line of what was done since the last one."""
-        assert self.summary_interval
-        last, since = Counter(self.stats.by_status), time.monotonic()
-        while True:
-            await asyncio.sleep(self.summary_interval)
-            now, counts = time.monotonic(), Counter(self.stats.by_status)
-            done = counts - last
-            ended = sum(n for label, n in done.items() if label != "rescued")
-            if ended or self._running:
-                logger.info(
-                    "%s job(s) in %.0f s (%.1f/s)%s; %s running",
-                    ended,
-                    now - since,
-                    ended / (now - since),
-                    "".join(f", {n} {label}" for label, n in sorted(done.items())),
-                    len(self._running),
-                    extra={"worker": self.worker_id, "jobs": ended, **done},
-                )
-            last, since = counts, now
-
     # -- shutdown -------------------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
         """Stop claiming, give back what never started, let running jobs finish within the
         grace period, abort the rest (they go back to ``todo``), and write every outcome."""
+        attempts = self._attempts
         await self._release_held()
-        await self._wait_running(self.graceful_timeout)
-        if self._running:
-            for job_id in list(self._running):
-                self._request_abort(job_id, "shutdown")
-            await self._wait_running(SHUTDOWN_ABORT_GRACE)
-        if self._running:
+        await attempts.wait(self.graceful_timeout, self._hurry)
+        if attempts.running:
+            for job_id in list(attempts.running):
+                attempts.request_abort(job_id, "shutdown")
+            await attempts.wait(SHUTDOWN_ABORT_GRACE, self._hurry)
+        if attempts.running:
             # A sync task that ignores should_abort(), an async one that swallows its
             # cancellation: they cannot be stopped. Their jobs are not given back while they
             # run (another worker would start them: twice at once). They stay ``doing`` under
-            # this worker, whose heartbeat goes on while they run (see ``_linger``).
+            # this worker, whose heartbeat goes on while they run (see ``heartbeat.linger``).
             logger.error(
                 "%s job(s) did not stop within the shutdown grace: %s; they stay this "
                 "worker's until they end (or this process exits and another worker rescues "
                 "them)",
-                len(self._running),
-                ", ".join(str(job_id) for job_id in self._running),
+                len(attempts.running),
+                ", ".join(str(job_id) for job_id in attempts.running),
                 extra={"worker": self.worker_id},
             )
         await self._completer.write(give_up_after=SHUTDOWN_WRITE_TIMEOUT)
 
     async def _release_held(self) -> None:
         """Claimed jobs that never started go back to ``todo`` at once, attempt undone."""
-        if not self._held or self._claims is None:
+        if not self._attempts.held or self._claims is None:
             return
-        ids, self._held = list(self._held), {}
+        ids = self._attempts.take_held()
         try:
             await self._claims.release(ids)
         except Exception:
             # Still ours and ``doing``: a rescue puts them back once this worker is gone.
             logger.exception("releasing %s unstarted jobs failed", len(ids))
-
-    async def _wait_running(self, timeout: float | None) -> None:
-        """Until every running job is done, ``timeout`` passes, or a second signal."""
-        futures = [a.future for a in self._running.values() if a.future is not None]
-        if not futures:
-            return
-        waiters = {
-            asyncio.ensure_future(asyncio.wait(futures)),
-            asyncio.ensure_future(self._hurry.wait()),
-        }
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        for waiter in waiters:
-            waiter.cancel()
-
-    def _linger(self, stuck: list[Attempt], threads: ThreadRunner | None) -> None:
-        """Keep the worker's heartbeat while attempts that ignored the shutdown still run,
-        then give their jobs back and unregister: a daemon thread on the sync connector, so it
-        outlives this loop and never keeps the process alive. If the process exits first,
-        the heartbeat stops and another worker rescues the jobs ``rescue_after`` later."""
-        loop = asyncio.get_running_loop()
-        outcomes = statements.Outcomes.empty()
-        for attempt in stuck:
-            outcome = decide(attempt.task, attempt.job, abort_reason="shutdown")
-            outcomes.add(
-                attempt.job.id,
-                outcome.status,
-                outcome.result,
-                outcome.error,
-                outcome.retry_in,
-                attempt=attempt.job.attempts,
-            )
-        worker_id, s, app = self.worker_id, self.app.statements, self.app
-        futures = [a.future for a in stuck if a.task is not None and a.task.is_async]
-
-        def running_still() -> bool:
-            if threads is not None and threads.busy:
-                return True
-            return not loop.is_closed() and any(f is not None and not f.done() for f in futures)
-
-        def linger() -> None:
-            beat = time.monotonic()
-            try:
-                sync = app.sync  # made here: an app built on an AsyncEngine may have none
-                while running_still():
-                    time.sleep(LINGER_CHECK_INTERVAL)
-                    if time.monotonic() - beat >= self.heartbeat_interval:
-                        beat = time.monotonic()
-                        if not sync.run(statements.heartbeat(s, worker_id)):
-                            return  # declared dead meanwhile: its jobs were rescued
-                sync.run(statements.complete_jobs(s, worker_id, outcomes))
-                sync.run(statements.unregister_worker(s, worker_id))
-                logger.info("the jobs that did not stop have ended; given back")
-            except Exception as exc:
-                logger.warning("lingering for jobs that did not stop failed: %s", exc)
-
-        threading.Thread(target=linger, name="pgtq-linger", daemon=True).start()
-
-    def _add_signal_handlers(self) -> list[Callable[[], object]]:
-        loop = asyncio.get_running_loop()
-        if threading.current_thread() is not threading.main_thread():
-            return []
-        count = 0
-
-        def on_signal() -> None:
-            nonlocal count
-            count += 1
-            if count == 1:
-                logger.info("stopping: waiting for running jobs (signal again to stop now)")
-                self.stop()
-            else:
-                logger.info("stopping now: running jobs go back to the queue")
-                self.stop()
-                self._hurry.set()
-
-        removers: list[Callable[[], object]] = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-            removers.append(functools.partial(loop.remove_signal_handler, sig))
-        return removers
 
 
 async def _run_hooks(hooks: Iterable[Hook], state: object) -> None:
