@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from pgtq import statements
@@ -20,9 +20,9 @@ from pgtq.retry import backoff_delays
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
-    from pgtq.app import App
     from pgtq.completer import Completer
-    from pgtq.connectors import AsyncConnector, DedicatedConnection
+    from pgtq.connectors import DedicatedConnection
+    from pgtq.scope import WorkerScope
 
 logger = logging.getLogger("pgtq.worker")
 
@@ -36,21 +36,18 @@ class Claims:
 
     def __init__(
         self,
-        app: App,
-        connector: AsyncConnector,
+        scope: WorkerScope,
         *,
-        worker_id: Callable[[], str],
-        queues: Sequence[str] | None,
         serial: bool,
         holding: Callable[[], Iterable[int]],
         completer: Completer,
         stopping: asyncio.Event,
     ) -> None:
-        self._app = app
+        app = self._app = scope.app
         self._s = app.statements
-        self._connector = connector
-        self._worker_id = worker_id  # a function: a worker declared dead goes on under a new id
-        self._queues = queues
+        self._connector = scope.connector
+        self._worker_id = scope.worker_id
+        self._queues = scope.queues
         self._serial = serial  # concurrency=1: one claim at a time keeps strict priority order
         self._holding = holding  # the ids of the jobs the worker runs or holds
         self._completer = completer

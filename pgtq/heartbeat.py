@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from pgtq import statements
@@ -24,8 +24,8 @@ from pgtq.outcomes import decide, rescue_outcome
 
 if TYPE_CHECKING:
     from pgtq.app import App
-    from pgtq.connectors import AsyncConnector
     from pgtq.runner import Attempt
+    from pgtq.scope import WorkerScope
     from pgtq.threads import ThreadRunner
 
 logger = logging.getLogger("pgtq.worker")
@@ -44,22 +44,19 @@ class Heartbeat:
 
     def __init__(
         self,
-        app: App,
-        connector: AsyncConnector,
+        scope: WorkerScope,
         *,
-        worker_id: Callable[[], str],
-        queues: Sequence[str] | None,
         interval: float = 5.0,
         rescue_after: float = 30.0,
         declared_dead: Callable[[], Awaitable[None]] = _nothing,
         every_beat: Callable[[], Awaitable[None]] = _nothing,
         rescued: Callable[[int], None] = lambda count: None,
     ) -> None:
-        self._app = app
-        self._s = app.statements
-        self._connector = connector
-        self._worker_id = worker_id
-        self._queues = queues
+        self._app = scope.app
+        self._s = scope.app.statements
+        self._connector = scope.connector
+        self._worker_id = scope.worker_id
+        self._queues = scope.queues
         self.interval = interval
         self._rescue_after = rescue_after
         self._declared_dead = declared_dead  # the worker drops its attempts, takes a new id

@@ -25,8 +25,7 @@ from pgtq.tasks import Task, call_task
 from pgtq.worklog import log_attempt
 
 if TYPE_CHECKING:
-    from pgtq.app import App
-    from pgtq.connectors import AsyncConnector
+    from pgtq.scope import WorkerScope
     from pgtq.threads import ThreadRunner
 
 logger = logging.getLogger("pgtq.worker")
@@ -69,17 +68,12 @@ class JobRunner:
     """Runs attempts for one worker (its app, thread pool, connector and id)."""
 
     def __init__(
-        self,
-        app: App,
-        worker_id: Callable[[], str],
-        delete_statuses: tuple[str, ...],
-        connector: AsyncConnector,
-        threads: ThreadRunner | None,
+        self, scope: WorkerScope, delete_statuses: tuple[str, ...], threads: ThreadRunner | None
     ) -> None:
-        self.app = app
-        self._worker_id = worker_id  # a function: a worker declared dead goes on under a new id
+        self.app = scope.app
+        self._worker_id = scope.worker_id
         self._delete_statuses = delete_statuses
-        self._connector = connector
+        self._connector = scope.connector
         self._threads = threads
 
     async def run(self, attempt: Attempt, settle: Callable[[Ended | None], None]) -> None:

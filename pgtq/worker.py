@@ -53,6 +53,7 @@ from pgtq.outcomes import (
 from pgtq.periodic import run_scheduler
 from pgtq.retry import backoff_delays
 from pgtq.runner import JobRunner
+from pgtq.scope import WorkerScope
 from pgtq.threads import ThreadRunner
 from pgtq.worklog import log_summaries
 
@@ -198,12 +199,10 @@ class Worker:
         if any(not t.is_async for t in self.app.tasks.values()):
             threads = ThreadRunner(self.concurrency, asyncio.get_running_loop(), name="pgtq-job")
         attempts = self._attempts
-        attempts.runner = JobRunner(self.app, self._id, self._delete_statuses, connector, threads)
+        scope = WorkerScope(self.app, connector, self._id, self.queues)
+        attempts.runner = JobRunner(scope, self._delete_statuses, threads)
         claims = self._claims = Claims(
-            self.app,
-            connector,
-            worker_id=self._id,
-            queues=self.queues,
+            scope,
             serial=self.concurrency == 1,
             holding=attempts.ids,
             completer=self._completer,
@@ -218,10 +217,7 @@ class Worker:
             stopping=self._stopping,
         )
         heartbeat = Heartbeat(
-            self.app,
-            connector,
-            worker_id=self._id,
-            queues=self.queues,
+            scope,
             interval=self.heartbeat_interval,
             rescue_after=self.rescue_after,
             declared_dead=self._declared_dead,

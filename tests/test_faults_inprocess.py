@@ -15,6 +15,7 @@ import pgtq
 from pgtq import runner as runner_module
 from pgtq import worker as worker_module
 from pgtq.heartbeat import Heartbeat
+from pgtq.scope import WorkerScope
 from tests.conftest import eventually
 from tests.sides import Side
 
@@ -93,7 +94,7 @@ async def test_a_job_rescued_max_rescues_times_fails_on_the_next_loss(
 
     job_id = await fragile.defer_async()
     rescuer = Heartbeat(
-        app, app.async_connector(), worker_id=lambda: "rescuer", queues=None, rescue_after=60
+        WorkerScope(app, app.async_connector(), lambda: "rescuer"), rescue_after=60
     )
     for n in range(3):  # claimed by a worker that dies, three times
         sql(

@@ -34,6 +34,7 @@ from pgtq import statements
 from pgtq.heartbeat import Heartbeat
 from pgtq.model import Status, dumps
 from pgtq.schema import STATUSES
+from pgtq.scope import WorkerScope
 
 pytestmark = pytest.mark.stateful
 
@@ -294,13 +295,8 @@ class JobMachine(RuleBasedStateMachine):
     def rescue(self) -> None:
         """A live worker's rescue path: forget the silent workers, put back their jobs."""
         async def go() -> int:
-            rescuer = Heartbeat(
-                self.app,
-                self.app.async_connector(),
-                worker_id=lambda: "rescuer",
-                queues=None,
-                rescue_after=60.0,
-            )
+            scope = WorkerScope(self.app, self.app.async_connector(), lambda: "rescuer")
+            rescuer = Heartbeat(scope, rescue_after=60.0)
             return await rescuer.rescue()
 
         rescued = self.loop.run_until_complete(go())
