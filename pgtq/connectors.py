@@ -802,7 +802,8 @@ class _AsyncpgConnection(DedicatedConnection):
     async def run(self, query: Query[T]) -> T:
         """Run one statement; once more on a new connection if the first failed before
         sending it; connection failures raise ``DatabaseUnreachable`` (see _Translator)."""
-        _require_driver_form(query)
+        if not query.driver:  # checked here: this runs every defer
+            _require_driver_form(query)
         return await self._connector._errors.acall(lambda: self._run_once(query), retry=True)
 
     async def _run_once(self, query: Query[T]) -> T:
