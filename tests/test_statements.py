@@ -246,3 +246,32 @@ def test_a_query_passes_exactly_the_parameters_its_statement_takes(name: str) ->
         assert given <= taken, f"{name}: parameters its statement does not take: {given - taken}"
         needed = {b.key for b in binds if b.required}
         assert needed <= given, f"{name}: parameters missing: {needed - given}"
+
+
+# -- driver forms: what runs straight on the driver (pgtq.fastpath) ------------------------------
+
+#: What the worker runs on its dedicated connections, which run nothing but driver forms.
+DEDICATED = ("claim_jobs", "complete_jobs", "release_jobs")
+DRIVER_DIALECTS = {"asyncpg": postgresql.asyncpg.dialect(), "psycopg": postgresql.psycopg.dialect()}
+
+
+def test_what_the_worker_runs_on_its_dedicated_connections_has_a_driver_form() -> None:
+    for name in DEDICATED:
+        assert all(query.driver for query in _queries(name)), name
+
+
+@pytest.mark.parametrize("dialect", list(DRIVER_DIALECTS))
+def test_a_driver_form_needs_no_bind_processing(dialect: str) -> None:
+    """Its parameters go to the driver as they are: the only SQLAlchemy bind processing its
+    statement has is ARRAY's, which leaves a list of plain values as it is."""
+    for name in sorted(QUERIES):
+        for query in _queries(name):
+            if not query.driver:
+                continue
+            compiled = query.statement.compile(dialect=DRIVER_DIALECTS[dialect])
+            for key, process in compiled._bind_processors.items():
+                if process is None:
+                    continue
+                bind = compiled.binds[key]
+                assert isinstance(bind.type, postgresql.ARRAY), (name, key, bind.type)
+                assert process(query.params[key]) == query.params[key], (name, key)
