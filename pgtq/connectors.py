@@ -3,7 +3,9 @@
 A connector runs a :class:`~pgtq.statements.Query` (one statement, atomic on its own, so it
 runs on an autocommit connection: one round trip) or a function over a sync ``Connection``
 inside one transaction. The two connectors differ only in how they wait for the database; both
-turn driver errors into the few pgtq errors a user can act on.
+turn driver errors into the few pgtq errors a user can act on. A query with a driver form may
+skip SQLAlchemy's execution: how it runs on the driver is :mod:`pgtq.fastpath`'s; which
+connection it runs on, and what happens when that fails, is this module's.
 """
 
 from __future__ import annotations
