@@ -1,4 +1,4 @@
-"""The only module that does I/O against PostgreSQL.
+"""The only module that opens connections to PostgreSQL and runs statements on them.
 
 A connector runs a :class:`~pgtq.statements.Query` (one statement, atomic on its own, so it
 runs on an autocommit connection: one round trip) or a function over a sync ``Connection``
