@@ -41,6 +41,8 @@ from sqlalchemy.engine import make_url
 import pgtq
 from pgtq import statements
 from pgtq import worker as worker_module
+from pgtq.claims import Claims
+from pgtq.eventloop import new_event_loop
 
 DSN = os.environ.get("PGTQ_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -181,21 +183,21 @@ def _worker(dsn: str) -> None:
     notified: list[float] = []
     claims: list[tuple[float, float]] = []
     starts: dict[int, float] = {}
-    on_notify, claim_jobs = worker_module.Worker._on_notify, worker_module.Worker._claim
+    on_notify, claim_jobs = worker_module.Worker._on_notify, Claims.claim
 
     def recorded_notify(self: Any, channel: str, payload: str) -> None:
         notified.append(time.time())
         on_notify(self, channel, payload)
 
-    async def recorded_claim(self: Any, limit: int, conn: Any) -> Any:
+    async def recorded_claim(self: Any, limit: int) -> Any:
         start = time.time()
-        got = await claim_jobs(self, limit, conn)
+        got = await claim_jobs(self, limit)
         if got:
             claims.append((start, time.time()))
         return got
 
     worker_module.Worker._on_notify = recorded_notify  # type: ignore[method-assign]
-    worker_module.Worker._claim = recorded_claim  # type: ignore[method-assign]
+    Claims.claim = recorded_claim  # type: ignore[method-assign]
     app = pgtq.App(dsn)
 
     @app.task(name="noop")
@@ -213,7 +215,7 @@ def _worker(dsn: str) -> None:
         await asyncio.gather(run, return_exceptions=True)
 
     # The loop run_worker uses (uvloop when installed).
-    with asyncio.Runner(loop_factory=worker_module._new_event_loop) as runner:
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(main())
     print(json.dumps({"notified": notified, "claims": claims, "starts": starts}), flush=True)
 
