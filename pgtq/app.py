@@ -127,7 +127,8 @@ class App:
         if self._async_engine is not None:
             return self._async_engine.url
         raise ConfigurationError(
-            f"no database configured: pass pgtq.App(dsn=...) or an engine, or set {DSN_ENV}"
+            f"no database configured: pass pgtq.App(dsn=...) or an engine, or set {DSN_ENV}, "
+            "or use pgtq.App.embedded() for an embedded PostgreSQL in ./.pgtq"
         )
 
     @property
@@ -157,6 +158,36 @@ class App:
                 connector = AsyncConnector(engine, schema=self.schema, owned=True)
             self._async[loop] = connector
         return connector
+
+    @classmethod
+    def embedded(cls, path: str | os.PathLike[str] | None = None, **options: Any) -> App:
+        """An app on the embedded PostgreSQL in ``path`` (default ``./.pgtq``), started or
+        reused, and migrated when its schema is not at head (``pip install 'pgtq[embedded]'``).
+
+        The server the CLI and ``pgtq demo`` use where no DSN is configured, so a script of
+        your own, its tests and ``pgtq worker`` share one database with no PostgreSQL
+        installed. It ignores ``PGTQ_DSN``: for local work; give a DSN in production.
+        ``options`` are the constructor's (``schema=``, ``middleware=``, ...).
+        """
+        from pgtq import embedded, revisions
+
+        given = sorted({"dsn", "engine", "async_engine"} & set(options))
+        if given:
+            raise ConfigurationError(
+                f"App.embedded() makes its own database: drop {', '.join(given)} "
+                "(or use pgtq.App(dsn=...) for your own server)"
+            )
+        app = cls(embedded.embedded_dsn(path or embedded.DEFAULT_PATH), **options)
+        try:
+            status = app.sync.run_in_transaction(
+                lambda conn: revisions.schema_status(conn, app.schema)
+            )
+            if status.state != "ahead" and status.found != status.heads:
+                app.migrate()
+        except BaseException:
+            app.close()
+            raise
+        return app
 
     def use_dsn(self, dsn: str | URL) -> None:
         """Point the app at another database (``pgtq --dsn``): engines are made again on use.

@@ -321,10 +321,11 @@ def _use_dsn(app: App, dsn: str | URL | None) -> None:
 
 
 def _embedded_url() -> str:
+    """Start (or reuse) the embedded PostgreSQL, saying so on stderr: never a silent fallback."""
     from pgtq import embedded
 
     dsn = embedded.embedded_dsn()
-    err.print(f"Using the embedded PostgreSQL in {embedded.DEFAULT_PATH}", soft_wrap=True)
+    err.print(embedded.notice(), soft_wrap=True, markup=False)
     return dsn
 
 
@@ -419,8 +420,8 @@ def _with_database(app: App, dsn: str | None, app_path: str | None, *, embedded:
     """Give the app its database: ``--dsn``/``PGTQ_DSN``, else its own, else the embedded one.
 
     ``embedded`` says when the embedded PostgreSQL is the last resort: ``"always"`` (started
-    if need be) or ``"if-present"`` (only when ./.pgtq already holds one, as after
-    ``pgtq migrate`` or ``pgtq demo`` without a DSN).
+    if need be: ``pgtq migrate --embedded``) or ``"if-present"`` (only when ./.pgtq already
+    holds one, as after ``pgtq migrate --embedded`` or ``pgtq demo``).
     """
     from pgtq import embedded as embedded_pg
 
@@ -431,7 +432,11 @@ def _with_database(app: App, dsn: str | None, app_path: str | None, *, embedded:
         _use_dsn(app, _embedded_url())
     if not _has_database(app):
         where = f"{app_path} has no DSN: " if app_path else ""
-        raise ConfigurationError(f"no database configured: {where}pass --dsn or set {DSN_ENV}")
+        raise ConfigurationError(
+            f"no database configured: {where}pass --dsn or set {DSN_ENV} "
+            "(postgresql://user:password@host:5432/dbname), or run `pgtq migrate --embedded` "
+            f"for an embedded PostgreSQL in {embedded_pg.DEFAULT_PATH}"
+        )
     return app
 
 
@@ -1008,15 +1013,31 @@ def migrate(
             help="Rolling upgrade, once no worker of the previous release runs: the rest.",
         ),
     ] = False,
+    use_embedded: Annotated[
+        bool,
+        typer.Option(
+            "--embedded",
+            help="Use the embedded PostgreSQL in ./.pgtq (pgtq[embedded]), created and started "
+            "if need be, instead of a DSN.",
+        ),
+    ] = False,
 ) -> None:
     """Create or upgrade pgtq's tables to the newest revision.
 
     A rolling upgrade runs `pgtq migrate --pre` before the new release starts and
     `pgtq migrate --post` once the previous release's workers are gone; plain `pgtq migrate`
-    does both. With no --dsn, PGTQ_DSN or --app, the embedded PostgreSQL in ./.pgtq is used.
+    does both. With no --dsn, PGTQ_DSN or --app DSN, it works on the embedded PostgreSQL in
+    ./.pgtq when one is there, and creates one only with --embedded.
     """
     from pgtq import migrations
 
+    if use_embedded and dsn:
+        raise _fail(
+            f"--embedded and a DSN (--dsn or {DSN_ENV}): give one; unset {DSN_ENV} to use the "
+            "embedded PostgreSQL"
+        )
+    if use_embedded and app_path and _has_database(load_app(app_path)):
+        raise _fail(f"--embedded, but {app_path} has a DSN of its own: drop --embedded or --app")
     if pre and post:
         raise _fail("give --pre or --post, not both (neither: both phases)")
     phase: migrations.Phase | None = "pre" if pre else "post" if post else None
@@ -1032,7 +1053,8 @@ def migrate(
         target_schema = schema or (load_app(app_path).schema if app_path else DEFAULT_SCHEMA)
         typer.echo(migrations.sql(target_schema))
         return
-    with _app_for(dsn, app_path, schema, embedded="always", check_schema=False) as app:
+    embedded: Embedded = "always" if use_embedded else "if-present"
+    with _app_for(dsn, app_path, schema, embedded=embedded, check_schema=False) as app:
         applied = app.migrate(phase=phase)
         left = app.sync.run_in_transaction(lambda conn: migrations.pending(conn, app.schema))
     where = f"pgtq schema {app.schema!r} at {describe(app.url)}"
@@ -1083,12 +1105,86 @@ def _check_migrations(app: App, *, pre_only: bool = False) -> None:
 @cli.command()
 def demo(
     jobs: Annotated[int, typer.Option("--jobs", "-n", min=3, help="How many jobs to run.")] = 200,
+    keep: Annotated[
+        bool,
+        typer.Option(
+            "--keep", help="Leave the embedded PostgreSQL running if the demo started it."
+        ),
+    ] = False,
     dsn: DsnOption = None,
 ) -> None:
-    """Defer and run sample jobs: on PGTQ_DSN, or on the embedded PostgreSQL in ./.pgtq."""
+    """Defer and run sample jobs: on PGTQ_DSN, or on the embedded PostgreSQL in ./.pgtq
+    (stopped at the end if the demo started it)."""
     from pgtq.demo import run_demo
 
-    run_demo(dsn or None, jobs=jobs, console=out.console)
+    run_demo(dsn or None, jobs=jobs, console=out.console, stderr=err.console, keep=keep)
+
+
+# -- pgtq embedded ... ----------------------------------------------------------------------------
+
+embedded_cli = typer.Typer(
+    help="The embedded PostgreSQL in ./.pgtq (pgtq[embedded]): status, stop.",
+    no_args_is_help=True,
+)
+cli.add_typer(embedded_cli, name="embedded")
+
+EmbeddedPathOption = Annotated[
+    str | None,
+    typer.Option(
+        "--path", metavar="DIR", help="The embedded server's data directory (default: ./.pgtq)."
+    ),
+]
+
+
+@embedded_cli.command("status")
+def embedded_status(path: EmbeddedPathOption = None, as_json: JsonOption = False) -> None:
+    """Whether the embedded PostgreSQL runs, where, its DSN and pid (starts nothing)."""
+    from pgtq import embedded
+
+    found = embedded.status(path or embedded.DEFAULT_PATH)
+    if as_json:
+        _print_json(
+            {
+                "path": str(found.path),
+                "initialized": found.initialized,
+                "running": found.running,
+                "pid": found.pid,
+                "dsn": found.dsn,
+            }
+        )
+    elif found.running:
+        out.print(
+            f"running: the embedded PostgreSQL in {found.path}, pid {found.pid}\n"
+            f"dsn: {found.dsn}\nstop it: pgtq embedded stop",
+            soft_wrap=True,
+            markup=False,
+        )
+    elif found.initialized:
+        out.print(
+            f"not running: the embedded PostgreSQL in {found.path} (a command that uses it "
+            "starts it)",
+            soft_wrap=True,
+            markup=False,
+        )
+    else:
+        out.print(
+            f"no embedded PostgreSQL in {found.path}: `pgtq migrate --embedded` creates one",
+            soft_wrap=True,
+            markup=False,
+        )
+
+
+@embedded_cli.command("stop")
+def embedded_stop(path: EmbeddedPathOption = None) -> None:
+    """Stop the embedded PostgreSQL (its data stays: the next command that uses it restarts it)."""
+    from pgtq import embedded
+
+    path = path or embedded.DEFAULT_PATH
+    pid = embedded.status(path).pid
+    if embedded.stop_embedded(path):
+        out.print(f"stopped the embedded PostgreSQL in {path} (pid {pid})", soft_wrap=True)
+    else:
+        out.print(f"no embedded PostgreSQL running in {path}", soft_wrap=True)
 
 
 # -- pgtq jobs ... --------------------------------------------------------------------------------

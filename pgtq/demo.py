@@ -2,6 +2,8 @@
 
 It shows, in a few seconds and with nothing to set up, what pgtq does: sync and async tasks
 side by side, a failure retried into a success, a running job aborted, and the throughput.
+With no DSN it runs on the embedded PostgreSQL in ./.pgtq, says so, and stops that server at
+the end if it started it (``keep=True``, ``pgtq demo --keep``: leave it running).
 The demo's tasks live on an app made by :func:`demo_app`, so importing this module registers
 nothing. Its jobs go to a queue of their own (``pgtq_demo``), so running it on a real
 database never touches anyone else's jobs.
@@ -22,6 +24,7 @@ from rich.console import Console, Group, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
+from sqlalchemy.engine import make_url
 
 from pgtq.app import DSN_ENV, App
 from pgtq.connectors import describe
@@ -49,7 +52,9 @@ class DemoSummary:
     """How the demo's jobs ended: what ``pgtq demo`` prints, and what tests check."""
 
     total: int
+    #: Final status -> jobs: adds up to ``total``.
     by_status: dict[str, int]
+    #: Jobs that needed more than one attempt, whatever their final status.
     retried: int
     elapsed: float
     database: str
@@ -113,34 +118,77 @@ def _demo_arguments(count: int) -> dict[str, list[dict[str, Any]]]:
     return spread
 
 
-def _resolve_dsn(dsn: str | None, console: Console) -> tuple[str, str | None]:
-    """The database URL, and how to name it when it is the embedded one."""
+@dataclass(frozen=True)
+class _Database:
+    """Where the demo runs: its URL, its name on screen, and whether the demo started it."""
+
+    url: str
+    label: str
+    embedded: bool = False
+    #: The embedded server was not running before the demo: the demo stops it after.
+    started: bool = False
+
+
+def _resolve_dsn(dsn: str | None, console: Console, stderr: Console) -> _Database:
+    """``dsn``, else ``PGTQ_DSN``, else the embedded PostgreSQL (saying so on ``stderr``)."""
     dsn = dsn or os.environ.get(DSN_ENV) or None
     if dsn is not None:
-        return dsn, None
+        return _Database(dsn, describe(make_url(dsn)))
     from pgtq import embedded
 
+    was_running = embedded.status().running
     with console.status("Starting the embedded PostgreSQL…"):
         url = embedded.embedded_dsn()
-    return url, f"the embedded PostgreSQL in {embedded.DEFAULT_PATH}"
+    stderr.print(embedded.notice(), soft_wrap=True, markup=False, highlight=False)
+    label = f"the embedded PostgreSQL in {embedded.DEFAULT_PATH}"
+    return _Database(url, label, embedded=True, started=not was_running)
 
 
 def run_demo(
-    dsn: str | None = None, jobs: int = 200, *, console: Console | None = None
+    dsn: str | None = None,
+    jobs: int = 200,
+    *,
+    console: Console | None = None,
+    stderr: Console | None = None,
+    keep: bool = False,
 ) -> DemoSummary:
     """Migrate, defer ``jobs`` sample jobs, run a worker until all are final, print a summary.
 
-    The database is ``dsn``, else ``PGTQ_DSN``, else the embedded PostgreSQL in ./.pgtq.
+    The database is ``dsn``, else ``PGTQ_DSN``, else the embedded PostgreSQL in ./.pgtq,
+    stopped at the end when the demo started it, unless ``keep``.
     """
     if jobs < 3:
         raise ValueError("the demo needs at least 3 jobs")
     console = console or Console()
-    url, label = _resolve_dsn(dsn, console)
-    app = demo_app(url)
-    with _quiet_worker_log():
-        summary = asyncio.run(_run(app, jobs, console, label or describe(app.url)))
-    console.print(render_summary(summary), soft_wrap=True)
+    database = _resolve_dsn(dsn, console, stderr or Console(stderr=True))
+    try:
+        app = demo_app(database.url)
+        with _quiet_worker_log():
+            summary = asyncio.run(_run(app, jobs, console, database.label))
+        console.print(render_summary(summary), soft_wrap=True)
+    finally:
+        if database.embedded:
+            _leave_embedded(database, keep, console)
     return summary
+
+
+def _leave_embedded(database: _Database, keep: bool, console: Console) -> None:
+    """Stop the embedded server the demo started (unless ``keep``); say what became of it."""
+    from pgtq import embedded
+
+    if database.started and not keep:
+        embedded.stop_embedded()
+        console.print(
+            f"[dim]Stopped {database.label} (`pgtq demo --keep` leaves it running; "
+            "the next command that needs it starts it again).[/]",
+            soft_wrap=True,
+        )
+    else:
+        console.print(
+            f"[dim]{database.label[0].upper()}{database.label[1:]} keeps running: "
+            "`pgtq embedded stop` stops it.[/]",
+            soft_wrap=True,
+        )
 
 
 @contextlib.contextmanager
@@ -261,21 +309,29 @@ async def _stop(worker: asyncio.Task[Any]) -> None:
 
 
 def render_summary(summary: DemoSummary) -> RenderableType:
-    """How the jobs of this run ended, and how fast."""
-    table = Table(min_width=30)
-    table.add_column("status")
-    table.add_column("jobs", justify="right")
+    """How the jobs of this run ended (final states, adding up to the total), the retries
+    apart (a retried job is also counted by how it ended), and how fast."""
+    table = Table(min_width=30, show_footer=True)
     styles = {"succeeded": "green", "failed": "red", "aborted": "yellow", "cancelled": "yellow"}
-    for status in (Status.SUCCEEDED, Status.FAILED, Status.ABORTED, Status.CANCELLED):
-        n = summary.by_status.get(status.value, 0)
-        if n or status in (Status.SUCCEEDED, Status.FAILED):
-            table.add_row(f"[{styles[status.value]}]{status.value}[/]", str(n))
-    table.add_row("[dim]needed a retry[/]", f"[dim]{summary.retried}[/]")
+    rows = [
+        (status.value, summary.by_status.get(status.value, 0))
+        for status in (Status.SUCCEEDED, Status.FAILED, Status.ABORTED, Status.CANCELLED)
+        if summary.by_status.get(status.value, 0) or status in (Status.SUCCEEDED, Status.FAILED)
+    ]
+    table.add_column("final status", footer="total")
+    table.add_column("jobs", justify="right", footer=str(sum(n for _, n in rows)))
+    for status, n in rows:
+        table.add_row(f"[{styles[status]}]{status}[/]", str(n))
+    retried = "job" if summary.retried == 1 else "jobs"
     return Group(
         Text.from_markup(
             f"[bold]pgtq demo[/]: {summary.total} jobs in {summary.elapsed:.2f} s "
             f"([bold]{summary.jobs_per_second:,.0f} jobs/s[/]) on {summary.database}"
         ),
         table,
+        Text(
+            f"Retries: {summary.retried} {retried} needed more than one attempt (each also "
+            "counted above, by its final status)."
+        ),
         Text(f"Inspect the aborted job: pgtq jobs show {summary.aborted_job_id}", style="dim"),
     )

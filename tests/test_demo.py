@@ -1,28 +1,20 @@
-"""``pgtq demo`` and the embedded PostgreSQL it falls back to."""
+"""``pgtq demo`` (on the embedded PostgreSQL: tests/test_embedded.py)."""
 
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from rich.console import Console
-from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 import pgtq
 from pgtq import embedded
 from pgtq.cli import cli
-from pgtq.demo import QUEUE, demo_app, run_demo
-
-ROOT = Path(__file__).resolve().parent.parent
+from pgtq.demo import QUEUE, DemoSummary, demo_app, render_summary, run_demo
 
 
 def quiet() -> Console:
@@ -40,7 +32,7 @@ def test_run_demo_runs_every_job_to_a_final_status(dsn: str, sql: Any) -> None:
     console = quiet()
     summary = run_demo(dsn, jobs=60, console=console)
     assert summary.total == 60
-    assert summary.by_status == {"succeeded": 59, "aborted": 1}
+    assert summary.by_status == {"succeeded": 59, "aborted": 1}  # final states: they add up
     assert summary.retried == 1
     assert summary.elapsed < 10
     assert summary.jobs_per_second > 0
@@ -56,6 +48,38 @@ def test_run_demo_runs_every_job_to_a_final_status(dsn: str, sql: Any) -> None:
     out = console.file.getvalue()  # type: ignore[attr-defined]
     assert "jobs/s" in out
     assert "aborted" in out
+    assert "Retries: 1 job needed more than one attempt" in out
+    assert "embedded" not in out  # a DSN was given: no word about the embedded server
+
+
+@pytest.mark.unit
+def test_the_summary_rows_add_up_to_the_jobs_run_and_retries_are_a_line_apart() -> None:
+    summary = DemoSummary(
+        total=200,
+        by_status={"succeeded": 197, "failed": 1, "aborted": 1, "cancelled": 1},
+        retried=3,
+        elapsed=2.0,
+        database="db",
+        aborted_job_id=7,
+    )
+    console = Console(file=io.StringIO(), width=120)
+    console.print(render_summary(summary))
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    rows = {
+        cells[0]: cells[1]
+        for line in out.splitlines()
+        if len(cells := [c.strip() for c in line.strip("│┃ ").split("│")]) == 2
+        and cells[1].isdigit()
+    }
+    assert rows == {
+        "succeeded": "197",
+        "failed": "1",
+        "aborted": "1",
+        "cancelled": "1",
+        "total": "200",
+    }
+    assert "needed a retry" not in out
+    assert "Retries: 3 jobs needed more than one attempt" in out
 
 
 def test_a_second_run_counts_only_its_own_jobs_and_leaves_other_queues_alone(
@@ -102,66 +126,3 @@ def test_demo_command_without_pgserver_is_one_line(
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1
     assert "pip install 'pgtq[embedded]'" in lines[0]
-
-
-# -- the embedded server (starts a real one: slow) -------------------------------------------
-
-
-@pytest.fixture
-def embedded_dir() -> Iterator[Path]:
-    """A working directory whose ./.pgtq server is stopped and removed at the end.
-
-    Not under pytest's tmp_path: as root, pgserver runs PostgreSQL as another user, and any
-    pytest session starting meanwhile makes /tmp/pytest-of-root private again (mode 0700),
-    which locks that user out of its own data directory.
-    """
-    pytest.importorskip("pgserver")
-    directory = Path(tempfile.mkdtemp(prefix="pgtq-test-embedded-"))
-    try:
-        yield directory
-    finally:
-        embedded.stop_embedded(directory / ".pgtq")
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def _demo_process(cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "PGTQ_DSN"}
-    env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run(
-        [sys.executable, "-m", "pgtq", "demo", "--jobs", "40"],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-@pytest.mark.slow
-def test_demo_on_the_embedded_server_twice(embedded_dir: Path) -> None:
-    first = _demo_process(embedded_dir)
-    assert first.returncode == 0, first.stderr
-    assert "40/40" in first.stdout
-    assert (embedded_dir / ".pgtq" / "PG_VERSION").exists()
-    second = _demo_process(embedded_dir)  # reuses ./.pgtq: the server is still running
-    assert second.returncode == 0, second.stderr
-    assert "40/40" in second.stdout
-    assert "Traceback" not in first.stderr + second.stderr
-
-
-@pytest.mark.slow
-def test_embedded_dsn_is_absolute_and_reused(
-    embedded_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(embedded_dir)
-    first = embedded.embedded_dsn()
-    host = make_url(first).query["host"]
-    assert isinstance(host, str) and os.path.isabs(host)
-    assert embedded.is_initialized()
-    assert embedded.embedded_dsn(embedded_dir / ".pgtq") == first
-    app = pgtq.App(first)
-    try:
-        app.migrate()
-        assert app.jobs.counts() == {}
-    finally:
-        app.close()
