@@ -40,9 +40,9 @@ from sqlalchemy.engine import make_url
 
 import pgtq
 from pgtq import statements
-from pgtq import worker as worker_module
 from pgtq.claims import Claims
 from pgtq.eventloop import new_event_loop
+from pgtq.listener import Listener
 
 DSN = os.environ.get("PGTQ_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -183,7 +183,7 @@ def _worker(dsn: str) -> None:
     notified: list[float] = []
     claims: list[tuple[float, float]] = []
     starts: dict[int, float] = {}
-    on_notify, claim_jobs = worker_module.Worker._on_notify, Claims.claim
+    on_notify, claim_jobs = Listener.on_notify, Claims.claim
 
     def recorded_notify(self: Any, channel: str, payload: str) -> None:
         notified.append(time.time())
@@ -196,7 +196,7 @@ def _worker(dsn: str) -> None:
             claims.append((start, time.time()))
         return got
 
-    worker_module.Worker._on_notify = recorded_notify  # type: ignore[method-assign]
+    Listener.on_notify = recorded_notify  # type: ignore[method-assign]
     Claims.claim = recorded_claim  # type: ignore[method-assign]
     app = pgtq.App(dsn)
 

@@ -29,16 +29,16 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from pgtq import revisions, statements
+from pgtq import revisions
 from pgtq.attempts import Attempts
 from pgtq.claims import CLAIMS_IN_FLIGHT, Claims
 from pgtq.completer import Completer
-from pgtq.connectors import first_line
 from pgtq.errors import ConfigurationError, SchemaNotMigrated
 from pgtq.eventloop import add_stop_signals, run_on_new_loop
 from pgtq.fetcher import Fetcher
 from pgtq.heartbeat import Heartbeat, linger, new_worker_id
 from pgtq.jobs import State
+from pgtq.listener import Listener
 from pgtq.model import Status
 from pgtq.outcomes import (
     JobTimeoutError,
@@ -51,7 +51,7 @@ from pgtq.outcomes import (
     rescue_outcome,
 )
 from pgtq.periodic import run_scheduler
-from pgtq.retry import backoff_delays
+from pgtq.queues import warn_unknown_queues
 from pgtq.runner import JobRunner
 from pgtq.scope import WorkerScope
 from pgtq.threads import ThreadRunner
@@ -195,6 +195,7 @@ class Worker:
     async def _run(self, started: float) -> WorkerStats:
         connector = self.app.async_connector()
         await self._check_schema(connector)
+        await warn_unknown_queues(self.app, self.queues, self.worker_id)  # a typo runs nothing
         threads = None
         if any(not t.is_async for t in self.app.tasks.values()):
             threads = ThreadRunner(self.concurrency, asyncio.get_running_loop(), name="pgtq-job")
@@ -224,6 +225,7 @@ class Worker:
             every_beat=claims.refresh_limits,
             rescued=self._count_rescued,
         )
+        listener = Listener(scope, self._fetcher, attempts, abort_interval=self.abort_interval)
         await heartbeat.register()
         await claims.open()
         self._completer.connection = await connector.dedicated()
@@ -234,9 +236,9 @@ class Worker:
             await heartbeat.rescue()  # jobs a crashed worker left: before claiming anything
             background = [
                 asyncio.create_task(self._completer.run(), name="pgtq-completer"),
-                asyncio.create_task(self._abort_poll_loop(connector), name="pgtq-abort-poller"),
+                asyncio.create_task(listener.poll_aborts(), name="pgtq-abort-poller"),
                 asyncio.create_task(heartbeat.run(), name="pgtq-heartbeat"),
-                asyncio.create_task(self._listen_loop(connector), name="pgtq-listener"),
+                asyncio.create_task(listener.listen(), name="pgtq-listener"),
             ]
             if self.summary_interval:
                 summaries = log_summaries(
@@ -312,57 +314,6 @@ class Worker:
         self._stopping.set()
         if self._fetcher is not None:
             self._fetcher.stop()
-
-    # -- NOTIFYs and abort requests -----------------------------------------------------------
-
-    async def _listen_loop(self, connector: AsyncConnector) -> None:
-        """LISTEN, and LISTEN again after the connection is lost (polling covers the gap)."""
-        assert self._fetcher is not None
-        s = self.app.statements
-        delays = backoff_delays()
-        while True:
-            try:
-                listener = await connector.listen([s.channel, s.abort_channel], self._on_notify)
-            except Exception as exc:
-                delay = next(delays)
-                logger.warning("LISTEN failed (%s); polling, retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            delays = backoff_delays()
-            self._fetcher.look_again()  # jobs may have been deferred while nobody listened
-            try:
-                await listener.lost.wait()
-                logger.warning("the LISTEN connection was lost; reconnecting")
-            finally:
-                await listener.close()
-
-    def _on_notify(self, channel: str, payload: str) -> None:
-        s = self.app.statements
-        if channel == s.channel and self._fetcher is not None:
-            queue, due_in = statements.parse_announcement(payload)
-            if self.queues is None or queue in self.queues:
-                if due_in is None:
-                    self._fetcher.announce()
-                else:
-                    self._fetcher.due_in(due_in)
-        elif channel == s.abort_channel:
-            with contextlib.suppress(ValueError):
-                self._attempts.request_abort(int(payload), "requested")
-
-    async def _abort_poll_loop(self, connector: AsyncConnector) -> None:
-        while True:
-            await asyncio.sleep(self.abort_interval)
-            if not self._attempts.running:
-                continue
-            try:
-                ids = await connector.run(
-                    statements.abort_requested_ids(self.app.statements, self.worker_id)
-                )
-            except Exception as exc:
-                logger.warning("polling for aborted jobs failed: %s", first_line(exc))
-                continue
-            for job_id in ids:
-                self._attempts.request_abort(job_id, "requested")
 
     def _changed(self) -> None:
         self._attempts.changed()

@@ -1,0 +1,86 @@
+"""What a worker hears: NOTIFYs of new jobs (now, or due in n seconds) for the fetcher, and
+abort requests for the attempts, by LISTEN, with polling for aborts as the fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pgtq import statements
+from pgtq.connectors import first_line
+from pgtq.retry import backoff_delays
+
+if TYPE_CHECKING:
+    from pgtq.attempts import Attempts
+    from pgtq.fetcher import Fetcher
+    from pgtq.scope import WorkerScope
+
+logger = logging.getLogger("pgtq.worker")
+
+
+class Listener:
+    """Turns NOTIFYs and abort requests into claims and stopped attempts."""
+
+    def __init__(
+        self, scope: WorkerScope, fetcher: Fetcher, attempts: Attempts, *, abort_interval: float
+    ) -> None:
+        self._scope = scope
+        self._s = scope.app.statements
+        self._fetcher = fetcher
+        self._attempts = attempts
+        self._abort_interval = abort_interval
+
+    async def listen(self) -> None:
+        """LISTEN, and LISTEN again after the connection is lost (polling covers the gap)."""
+        s, delays = self._s, backoff_delays()
+        while True:
+            try:
+                listener = await self._scope.connector.listen(
+                    [s.channel, s.abort_channel], self.on_notify
+                )
+            except Exception as exc:
+                delay = next(delays)
+                logger.warning("LISTEN failed (%s); polling, retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            delays = backoff_delays()
+            self._fetcher.look_again()  # jobs may have been deferred while nobody listened
+            try:
+                await listener.lost.wait()
+                logger.warning("the LISTEN connection was lost; reconnecting")
+            finally:
+                await listener.close()
+
+    def on_notify(self, channel: str, payload: str) -> None:
+        if channel == self._s.channel:
+            queue, due_in = statements.parse_announcement(payload)
+            queues = self._scope.queues
+            if queues is None or queue in queues:
+                if due_in is None:
+                    self._fetcher.announce()
+                else:
+                    self._fetcher.due_in(due_in)
+        elif channel == self._s.abort_channel:
+            with contextlib.suppress(ValueError):
+                self._attempts.request_abort(int(payload), "requested")
+
+    async def poll_aborts(self) -> None:
+        """Every ``abort_interval``, while jobs run: the abort requests LISTEN may have missed."""
+        worker_id: Callable[[], str] = self._scope.worker_id
+        while True:
+            await asyncio.sleep(self._abort_interval)
+            if not self._attempts.running:
+                continue
+            try:
+                ids = await self._scope.connector.run(
+                    statements.abort_requested_ids(self._s, worker_id())
+                )
+            except Exception as exc:
+                logger.warning("polling for aborted jobs failed: %s", first_line(exc))
+                continue
+            for job_id in ids:
+                self._attempts.request_abort(job_id, "requested")
