@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from pgtq.tasks import Task
 
 __all__ = [
+    "SUCCEEDED_NONE",
     "JobTimeoutError",
     "Outcome",
     "OutcomeNotWritable",
@@ -49,7 +50,7 @@ class Outcome:
 
 _LABELS = {status: "retried" if status is Status.TODO else status.value for status in Status}
 #: The outcome of nearly every job (it returned None): one object, no JSON encoding.
-_SUCCEEDED_NONE = Outcome(Status.SUCCEEDED, result="null")
+SUCCEEDED_NONE = Outcome(Status.SUCCEEDED, result="null")
 
 
 class WorkerLostError(Exception):
@@ -127,7 +128,7 @@ def decide(
     if result is None and exc is None and abort_reason is None:
         limit = task.app.result_max_bytes if task is not None else None
         if limit is None or limit >= len("null"):
-            return _SUCCEEDED_NONE
+            return SUCCEEDED_NONE
     if abort_reason == "shutdown":
         err = error_record(exc or RuntimeError("worker shut down"), with_traceback=False)
         return Outcome(Status.TODO, error=dumps(err), retry_in=0.0)

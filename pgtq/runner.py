@@ -15,12 +15,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pgtq import observers, statements
 from pgtq.jobs import JobContext
 from pgtq.model import ClaimedJob, Status
-from pgtq.outcomes import Outcome, UnknownTaskError, decide, decide_safely
+from pgtq.outcomes import SUCCEEDED_NONE, Outcome, UnknownTaskError, decide, decide_safely
 from pgtq.tasks import Task, call_task
 from pgtq.worklog import log_attempt
 
@@ -48,13 +48,16 @@ class Attempt:
             self.future.cancel()
 
 
-@dataclass(frozen=True, slots=True)
-class Ended:
+class Ended(NamedTuple):
     """How an attempt ended: its outcome, and whether it is written already (a transactional
     task's success commits with the task's own writes)."""
 
     outcome: Outcome
     written: bool = False
+
+
+#: How nearly every job ends (it returned None): made once, not per job.
+_SUCCEEDED = Ended(SUCCEEDED_NONE)
 
 
 class _RollBack(Exception):
@@ -120,7 +123,8 @@ class JobRunner:
             # signals do) and never leave the job ``doing``.
             exc = e
         if ended is None:
-            ended = Ended(decide_safely(task, job, result, exc, ctx.abort_reason()))
+            outcome = decide_safely(task, job, result, exc, ctx.abort_reason())
+            ended = _SUCCEEDED if outcome is SUCCEEDED_NONE else Ended(outcome)
         settle(ended)
         outcome = ended.outcome
         if not watched and outcome.status is Status.SUCCEEDED:
