@@ -15,6 +15,7 @@ import pytest
 import pgtq
 from pgtq import statements
 from tests.conftest import eventually
+from tests.sides import Side
 
 POLL = 120.0  # never reached within a test's deadline
 
@@ -54,15 +55,15 @@ async def _registered(sql: Any) -> bool:
 
 
 async def test_a_job_deferred_ahead_while_the_worker_sleeps_starts_when_due(
-    app: pgtq.App, sql: Any, idle_worker: Any
+    app: pgtq.App, sql: Any, idle_worker: Any, side: Side
 ) -> None:
     @app.task
     async def ping() -> None: ...
 
     idle_worker()
     await eventually(lambda: _registered(sql))
-    await ping.defer_async()  # the worker claims it, finds nothing else, and sleeps
-    job_id = await ping.configure(schedule_in=1.0).defer_async()
+    await side.defer(ping)  # the worker claims it, finds nothing else, and sleeps
+    job_id = await side.defer(ping.configure(schedule_in=1.0))
     await eventually(lambda: _succeeded(app, job_id), timeout=15)
     assert 0 <= lateness(sql, job_id) < 5
 
@@ -80,27 +81,34 @@ async def test_a_job_scheduled_before_the_worker_started_starts_when_due(
 
 
 async def test_an_earlier_job_moves_the_wake_up_earlier(
-    app: pgtq.App, sql: Any, idle_worker: Any
+    app: pgtq.App, sql: Any, idle_worker: Any, side: Side
 ) -> None:
     @app.task
     async def ping() -> None: ...
 
-    late = await ping.configure(schedule_in=60.0).defer_async()
+    late = await side.defer(ping.configure(schedule_in=60.0))
     idle_worker()
     await eventually(lambda: _registered(sql))
-    soon = await ping.configure(schedule_in=1.0).defer_async()
+    soon = await side.defer(ping.configure(schedule_in=1.0))
     await eventually(lambda: _succeeded(app, soon), timeout=15)
     job = await app.jobs.get_async(late)
     assert job is not None and job.status == pgtq.Status.TODO
 
 
+@pytest.mark.parametrize("kind", ["async", "sync"])
 async def test_a_retry_starts_when_its_backoff_is_over(
-    app: pgtq.App, sql: Any, idle_worker: Any
+    app: pgtq.App, sql: Any, idle_worker: Any, kind: str
 ) -> None:
-    @app.task(retry=pgtq.Retry(max_attempts=2, base=1.0, jitter=0))
-    async def flaky(ctx: pgtq.JobContext) -> None:
+    def fail_once(ctx: pgtq.JobContext) -> None:
         if ctx.attempt == 1:
             raise RuntimeError("once")
+
+    async def fail_once_async(ctx: pgtq.JobContext) -> None:
+        fail_once(ctx)
+
+    flaky = app.task(name="flaky", retry=pgtq.Retry(max_attempts=2, base=1.0, jitter=0))(
+        fail_once_async if kind == "async" else fail_once
+    )
 
     job_id = await flaky.defer_async()
     idle_worker()
