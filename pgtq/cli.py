@@ -1017,8 +1017,8 @@ def migrate(
         bool,
         typer.Option(
             "--embedded",
-            help="Use the embedded PostgreSQL in ./.pgtq (pgtq[embedded]), created and started "
-            "if need be, instead of a DSN.",
+            help="Use the embedded PostgreSQL in ./.pgtq (the embedded extra), created and "
+            "started if need be, instead of a DSN.",
         ),
     ] = False,
 ) -> None:
@@ -1123,7 +1123,7 @@ def demo(
 # -- pgtq embedded ... ----------------------------------------------------------------------------
 
 embedded_cli = typer.Typer(
-    help="The embedded PostgreSQL in ./.pgtq (pgtq[embedded]): status, stop.",
+    help="The embedded PostgreSQL in ./.pgtq (the embedded extra): status, stop.",
     no_args_is_help=True,
 )
 cli.add_typer(embedded_cli, name="embedded")
