@@ -2,7 +2,8 @@
 Debian's Chromium (``/usr/bin/chromium``; Playwright's own browser download is never used).
 
 Skipped, saying why, only where Playwright or that Chromium is missing (the nox ``tests``
-session installs both when it can).
+session installs both when it can, and says so first; ``PGTQ_NO_SYSTEM_INSTALL=1`` tells it not
+to install Chromium). In CI (``CI`` set) a missing Chromium fails the test: CI installs it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,50 @@ import pytest
 import pgtq
 
 CHROMIUM = "/usr/bin/chromium"
+#: noxfile.py's opt-out of installing Chromium system-wide.
+NO_SYSTEM_INSTALL = "PGTQ_NO_SYSTEM_INSTALL"
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.slow
-
 SQL = Callable[..., list[tuple[Any, ...]]]
+
+
+def without_chromium(environ: Mapping[str, str]) -> tuple[bool, str]:
+    """What the browser test does where Chromium is missing: (fail?, why). It fails in CI,
+    which must run it; elsewhere it skips, saying why (and how to get Chromium)."""
+    missing = f"Debian's chromium is not installed at {CHROMIUM}"
+    if environ.get(NO_SYSTEM_INSTALL, "") not in ("", "0"):
+        why = f"{missing} and {NO_SYSTEM_INSTALL} is set, so `nox -s tests` did not install it"
+    else:
+        why = (
+            f"{missing} (`nox -s tests` installs it with apt-get where it can, unless "
+            f"{NO_SYSTEM_INSTALL}=1)"
+        )
+    if environ.get("CI"):
+        return True, f"{why}: CI must run the browser test"  # never a silent skip there
+    return False, why
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("opt_out", ["1", "yes"])
+def test_the_opt_out_is_named_in_the_skip(opt_out: str) -> None:
+    fail, why = without_chromium({NO_SYSTEM_INSTALL: opt_out})
+    assert not fail
+    assert f"{NO_SYSTEM_INSTALL} is set" in why and CHROMIUM in why
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("environ", [{}, {NO_SYSTEM_INSTALL: "0"}, {NO_SYSTEM_INSTALL: ""}])
+def test_without_the_opt_out_the_skip_says_how_to_get_chromium(environ: dict[str, str]) -> None:
+    fail, why = without_chromium(environ)
+    assert not fail
+    assert "installs it with apt-get" in why and f"{NO_SYSTEM_INSTALL}=1" in why
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("opt_out", ["", "1"])
+def test_ci_fails_without_chromium_opt_out_or_not(opt_out: str) -> None:
+    fail, why = without_chromium({"CI": "true", NO_SYSTEM_INSTALL: opt_out})
+    assert fail and why.endswith("CI must run the browser test")
 
 
 def _free_port() -> int:
@@ -75,6 +115,7 @@ def server(dsn: str, tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
+@pytest.mark.slow
 def test_retry_a_failed_job_from_the_browser(
     server: str, dsn: str, sql: SQL, tmp_path: Path
 ) -> None:
@@ -82,12 +123,9 @@ def test_retry_a_failed_job_from_the_browser(
         "playwright.sync_api", reason="Playwright for Python is not installed"
     )
     if not os.path.exists(CHROMIUM):
-        why = (
-            f"Debian's chromium is not installed at {CHROMIUM} (the nox session installs it "
-            "with apt-get where it can)"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(why + ": CI must run the browser test")  # never a silent skip there
+        fail, why = without_chromium(os.environ)
+        if fail:
+            pytest.fail(why)
         pytest.skip(why)
     expect = sync_api.expect
 
