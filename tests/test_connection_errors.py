@@ -21,6 +21,8 @@ TERMINATE_OTHERS = (
     "SELECT coalesce(array_agg(pid) FILTER (WHERE pg_terminate_backend(pid)), '{}') "
     "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
 )
+# The sessions of the test database (never another database's on a shared server).
+ACTIVITY = "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
 
 DRIVERS = ["psycopg-sync", "asyncpg", "psycopg-async"]
 PATHS = [
@@ -58,7 +60,7 @@ async def _kill_others(sql: Any) -> None:
     assert killed, "the app had no session to kill"
 
     def gone() -> bool:
-        alive = {r[0] for r in sql("SELECT pid FROM pg_stat_activity")}
+        alive = {r[0] for r in sql(ACTIVITY)}
         return not killed & alive
 
     await eventually(gone)

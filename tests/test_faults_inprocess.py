@@ -162,7 +162,10 @@ async def test_the_listener_comes_back_after_its_connection_is_killed(
     worker = asyncio.create_task(app.run_worker_async(fetch_job_polling_interval=60))
 
     def listening() -> bool:
-        rows = sql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'")
+        rows = sql(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+        )
         return bool(rows[0][0])
 
     await eventually(listening)

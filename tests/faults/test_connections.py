@@ -20,6 +20,8 @@ TERMINATE_OTHERS = (
     "SELECT coalesce(array_agg(pid) FILTER (WHERE pg_terminate_backend(pid)), '{}') "
     "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
 )
+# The sessions of the test database (never another database's on a shared server).
+ACTIVITY = "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
 
 
 def _succeeded(sql: Any) -> int:
@@ -40,10 +42,10 @@ async def test_terminating_every_worker_connection_repeatedly_loses_nothing(
     w = workers.start(rescue_after=60.0)
 
     def sessions() -> set[int]:
-        return {r[0] for r in sql("SELECT pid FROM pg_stat_activity")}
+        return {r[0] for r in sql(ACTIVITY)}
 
     def listener_pids() -> set[int]:
-        query = "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN%%'"
+        query = ACTIVITY + " AND query LIKE 'LISTEN%%'"
         return {r[0] for r in sql(query)}
 
     def stuck() -> str:
