@@ -12,6 +12,7 @@ import asyncio
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -159,6 +160,19 @@ async def eventually(
 
 def libpq(url: URL | str) -> str:
     return _libpq(make_url(url))
+
+
+def user_env(**settings: str) -> dict[str, str]:
+    """The environment of a user's shell, for a subprocess: this one less the checkout's
+    (PYTHONPATH, an active virtualenv, pgtq's settings), this interpreter's directory first on
+    PATH (its ``python`` and ``pgtq``), plus ``settings`` (e.g. ``PGTQ_DSN=...``)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("PGTQ_")
+    }
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    return {**env, **settings}
 
 
 class Notifications:
