@@ -10,7 +10,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, Unpack, overload
 
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pgtq import statements
@@ -19,6 +19,7 @@ from pgtq.connectors import (
     SyncConnector,
     create_async_engine_for,
     create_sync_engine,
+    parse_dsn,
 )
 from pgtq.errors import ConfigurationError, InvalidArguments, UnknownTask
 from pgtq.jobs import JobManager
@@ -92,7 +93,7 @@ class App:
             raise ConfigurationError(str(exc)) from None
         if dsn is None and engine is None and async_engine is None:
             dsn = os.environ.get(DSN_ENV) or None
-        self._url: URL | None = make_url(dsn) if dsn is not None else None
+        self._url: URL | None = parse_dsn(dsn) if dsn is not None else None
         self._engine = engine
         self._async_engine = async_engine
         self.connect_timeout = connect_timeout
@@ -195,7 +196,7 @@ class App:
         Engines the app made are disposed of; engines you passed are forgotten, not disposed.
         """
         self.close()
-        self._url = make_url(dsn)
+        self._url = parse_dsn(dsn)
         self._engine = None
         self._async_engine = None
         self._async.clear()

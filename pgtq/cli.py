@@ -972,6 +972,8 @@ def defer(
     # Validates the arguments before any connection is made.
     deferrer.encode([kwargs])
     with _checked(_with_database(app, dsn, app_path, embedded="if-present")):
+        if queue is not None:
+            _warn_unknown_queue(app, deferrer.options.queue)
         job_id = deferrer.defer_many([kwargs])[0]
     if as_json:
         _print_json(job_id)
@@ -980,6 +982,22 @@ def defer(
         f"Deferred {task.name} as job {job_id} on queue {deferrer.options.queue!r}",
         soft_wrap=True,
     )
+
+
+def _warn_unknown_queue(app: App, name: str) -> None:
+    """``defer --queue`` of a queue pgtq does not know stays allowed (a queue to come), but a
+    typo would leave the job waiting forever: say so."""
+    from pgtq.queues import describe_known
+
+    if name in app.queues.declared():
+        return
+    known = app.queues.known()
+    if name not in known:
+        _warn(
+            f"queue {name!r} is unknown: no task declares it and no job is in it "
+            f"({describe_known(known)}); the job waits until a worker takes it: "
+            f"pgtq worker MODULE:APP -q {name}"
+        )
 
 
 @cli.command()
@@ -1095,9 +1113,9 @@ def _check_migrations(app: App, *, pre_only: bool = False) -> None:
         )
         return
     if found != heads:
-        at = ", ".join(sorted(found)) or "not migrated"
+        at = f"is at {', '.join(sorted(found))}" if found else "is not migrated (no revision)"
         raise NotAtHead(
-            f"{where} is at {at}, this pgtq needs {', '.join(sorted(heads))}: run `pgtq migrate`"
+            f"{where} {at}, this pgtq needs {', '.join(sorted(heads))}: run `pgtq migrate`"
         )
     out.print(f"{where} is at head ({', '.join(sorted(heads))})", soft_wrap=True)
 
@@ -1422,8 +1440,21 @@ QueueArgument = Annotated[str, typer.Argument(metavar="QUEUE", help="The queue's
 
 @queues_cli.command("pause")
 @_on_app
-def queues_pause(app: App, name: QueueArgument) -> None:
-    """Stop workers from taking the queue's jobs (running ones finish)."""
+def queues_pause(
+    app: App,
+    name: QueueArgument,
+    create: Annotated[
+        bool,
+        typer.Option(
+            "--create",
+            help="Pause a queue pgtq does not know yet (no task declares it, no job is in it).",
+        ),
+    ] = False,
+) -> None:
+    """Stop workers from taking the queue's jobs (running ones finish). An unknown queue (a
+    typo?) is refused unless --create."""
+    if not create:
+        _require_known_queue(app, name)
     changed = app.queues.pause(name)
     out.print(f"Queue {name!r} " + ("paused" if changed else "was already paused"))
 
@@ -1436,13 +1467,38 @@ def queues_resume(app: App, name: QueueArgument) -> None:
     out.print(f"Queue {name!r} " + ("resumed" if changed else "was not paused"))
 
 
+def _require_known_queue(app: App, name: str) -> None:
+    """A queue no task declares and the database does not know is a typo until --create."""
+    from pgtq.queues import describe_known
+
+    known = app.queues.known()
+    if name not in known:
+        hint = "" if app.tasks else " (--app MODULE:APP adds its tasks' queues)"
+        raise _fail(
+            f"unknown queue {name!r}: no task declares it and no job is in it; "
+            f"{describe_known(known)}{hint}; pass --create to pause it anyway"
+        )
+
+
 @queues_cli.command("list")
 @_on_app
 def queues_list(app: App, as_json: JsonOption = False) -> None:
-    """Queues with waiting or running jobs, and paused ones."""
-    queues = app.queues.list()
+    """Every known queue (declared by the app's tasks, or in the database), idle ones too,
+    with its waiting, running and failed jobs."""
+    queues = app.queues.stats().queues.values()
+    since = {q.name: q.paused_at for q in app.queues.list()}
     if as_json:
-        _print_json(queues)
+        _print_json(
+            [
+                {
+                    "name": q.name,
+                    "paused": q.paused,
+                    "paused_at": since.get(q.name),
+                    "counts": {s.value: n for s, n in q.counts.items()},
+                }
+                for q in queues
+            ]
+        )
         return
     from rich.table import Table
     from rich.text import Text
@@ -1450,12 +1506,15 @@ def queues_list(app: App, as_json: JsonOption = False) -> None:
     table = Table()
     table.add_column("queue", style="bold")
     table.add_column("state")
+    for column in ("waiting", "doing", "failed"):
+        table.add_column(column, justify="right")
     table.add_column("paused since")
     for q in queues:
         state = Text("paused", style="yellow") if q.paused else Text("active", style="green")
-        table.add_row(q.name, state, _when(q.paused_at))
+        counts = (str(q.waiting), str(q.doing), str(q.failed))
+        table.add_row(q.name, state, *counts, _when(since.get(q.name)))
     if not queues:
-        table.add_row(Text("no queue", style="dim"), "", "")
+        table.add_row(Text("no queue", style="dim"), "", "", "", "", "")
     out.print(table)
 
 
@@ -1482,7 +1541,7 @@ def stats(
         raise _fail("--json prints one snapshot: give --json or --watch, not both")
     with _app_for(dsn, app_path, schema) as app:  # a bad DSN or schema fails here, as one line
         title = f"pgtq  ·  {describe(app.url)}  ·  schema {app.schema}"
-        first = app.jobs.stats()
+        first = app.queues.stats()  # every known queue, idle ones too
         if as_json:
             _print_json(_stats_document(first))
             return
@@ -1490,7 +1549,7 @@ def stats(
             out.print(dashboard.render(first, title=title))
             return
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how a dashboard ends
-            dashboard.watch(app.jobs.stats, console=out.console, title=title, interval=interval)
+            dashboard.watch(app.queues.stats, console=out.console, title=title, interval=interval)
 
 
 # -- pgtq healthcheck -----------------------------------------------------------------------------
@@ -1622,6 +1681,7 @@ def web(
     # Before touching the database: an exposed server must not start at all.
     security.check_exposure(host, read_only=read_only, auth=credentials)
     allowed_hosts = security.allowed_hosts_for(host, allowed_host or ())
+    server.check_port(host, port)  # a busy port: one line, before the banner
     with _app_for(dsn, app_path, schema) as app:
         app.jobs.stats()  # a bad DSN or a missing schema fails here, as one line
         config = server.config(

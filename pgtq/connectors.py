@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import select
 import time
 import weakref
@@ -73,7 +74,32 @@ def async_url(url: str | URL) -> URL:
 
 def _check_postgres(u: URL) -> None:
     if u.get_backend_name() not in ("postgresql", "postgres"):
-        raise ConfigurationError(f"pgtq needs a PostgreSQL URL, got {u.drivername!r}")
+        raise ConfigurationError(
+            f"pgtq needs a PostgreSQL URL, got {u.drivername!r}: use the form {DSN_FORM}"
+        )
+
+
+#: The form of a DSN, shown by the errors that refuse one.
+DSN_FORM = "postgresql://user:password@host:5432/dbname"
+
+_PASSWORD = re.compile(r":[^:@/]*@")
+
+
+class InvalidDSN(ConfigurationError, sa_exc.ArgumentError):
+    """A DSN that is no database URL (no scheme, say). A :class:`pgtq.ConfigurationError`,
+    and SQLAlchemy's ``ArgumentError`` as before (code catching that still does)."""
+
+
+def parse_dsn(dsn: str | URL) -> URL:
+    """The URL of a DSN, else :class:`InvalidDSN` showing the form expected (the DSN shown
+    without what looks like its password)."""
+    if isinstance(dsn, URL):
+        return dsn
+    try:
+        return make_url(dsn)
+    except sa_exc.ArgumentError:
+        shown = _PASSWORD.sub(":***@", str(dsn))
+        raise InvalidDSN(f"invalid database URL {shown!r}: use the form {DSN_FORM}") from None
 
 
 def describe(url: URL) -> str:

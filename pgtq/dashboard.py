@@ -132,7 +132,7 @@ def queues_table(
             row.append(Text(sparkline(history.buckets(q.name)[-spark_width:]), style="cyan"))
         table.add_row(*row)
     if not stats.queues:
-        table.add_row(Text("no jobs yet", style="dim"), *[""] * (len(table.columns) - 1))
+        table.add_row(Text("no queue yet", style="dim"), *[""] * (len(table.columns) - 1))
     elif len(stats.queues) > 1:
         oldest = [q.oldest_waiting for q in stats.queues.values() if q.oldest_waiting is not None]
         total: list[RenderableType] = [

@@ -23,8 +23,9 @@ from typing_extensions import TypeVar
 from pgtq import statements
 from pgtq.connectors import execute
 from pgtq.errors import InvalidArguments, JobFailed, JobNotFound, JobTimeout
+from pgtq.health import serves
 from pgtq.model import ClaimedJob, Job, JobEvent, Status
-from pgtq.reports import Stats, Throughput
+from pgtq.reports import STALE_AFTER, Stats, Throughput, WorkerInfo
 
 if TYPE_CHECKING:
     from pgtq.app import App
@@ -123,8 +124,21 @@ def _poll_delays() -> Iterator[float]:
         delay = min(delay * 1.5, 0.25)
 
 
-def _timeout(job_id: int, timeout: float | None) -> JobTimeout:
-    return JobTimeout(f"job {job_id} did not finish within {timeout} s")
+def _timeout(
+    job_id: int, timeout: float | None, job: Job | None, workers: Iterable[WorkerInfo]
+) -> JobTimeout:
+    """``wait``'s timeout, saying the job's state and, when no live worker takes its queue,
+    the likely cause: no worker is running (the first thing a newcomer forgets)."""
+    message = f"job {job_id} did not finish within {timeout} s"
+    if job is None:
+        return JobTimeout(message)
+    message += f" (status {job.status.value}, queue {job.queue!r})"
+    if not any(w.is_alive() and serves(w, job.queue) for w in workers):
+        message += (
+            f": no worker of queue {job.queue!r} beat in the last {STALE_AFTER:.0f} s; is one "
+            f"running? (pgtq worker MODULE:APP)"
+        )
+    return JobTimeout(message)
 
 
 #: ``status=`` of ``list``: a status, its name, or several of them.
@@ -249,11 +263,13 @@ class JobManager(AppOperations):
         timeout = check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         for delay in _poll_delays():
-            outcome = _settle(job_id, self.get(job_id))
+            job = self.get(job_id)
+            outcome = _settle(job_id, job)
             if outcome is not _PENDING:
                 return outcome
             if deadline is not None and time.monotonic() >= deadline:
-                raise _timeout(job_id, timeout)
+                workers = self._run(statements.worker_heartbeats(self._s))
+                raise _timeout(job_id, timeout, job, workers)
             time.sleep(
                 delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
             )
@@ -263,11 +279,13 @@ class JobManager(AppOperations):
         timeout = check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         for delay in _poll_delays():
-            outcome = _settle(job_id, await self.get_async(job_id))
+            job = await self.get_async(job_id)
+            outcome = _settle(job_id, job)
             if outcome is not _PENDING:
                 return outcome
             if deadline is not None and time.monotonic() >= deadline:
-                raise _timeout(job_id, timeout)
+                workers = await self._run_async(statements.worker_heartbeats(self._s))
+                raise _timeout(job_id, timeout, job, workers)
             await asyncio.sleep(
                 delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
             )

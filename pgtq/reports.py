@@ -7,8 +7,8 @@ metrics read them. Like ``pgtq.model`` it imports nothing of pgtq's but the mode
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from pgtq.model import Status
@@ -23,6 +23,7 @@ __all__ = [
     "Throughput",
     "ThroughputBucket",
     "WorkerInfo",
+    "idle_queue",
 ]
 
 #: The statuses ``stats()`` counts. Succeeded jobs are left out on purpose: on a table that
@@ -123,10 +124,24 @@ class Stats:
         """Jobs with a status (one of :data:`COUNTED_STATUSES`), in a queue or in all."""
         return sum(q.counts.get(status, 0) for q in self.queues.values() if queue in (None, q.name))
 
+    def with_queues(self, names: Iterable[str]) -> Stats:
+        """These stats with every queue of ``names`` too, by name: one with no job shows its
+        zero counts (an idle queue is information, not a gap)."""
+        queues = dict(self.queues)
+        for name in names:
+            queues.setdefault(name, idle_queue(name))
+        return replace(self, queues={name: queues[name] for name in sorted(queues)})
+
+
+def idle_queue(name: str) -> QueueStats:
+    """A queue with no job in any of :data:`COUNTED_STATUSES` and none finished lately."""
+    return QueueStats(name=name, counts=dict.fromkeys(COUNTED_STATUSES, 0))
+
 
 @dataclass(frozen=True, slots=True)
 class QueueInfo:
-    """A queue ``app.queues.list()`` knows: paused or resumed once, or holding live jobs."""
+    """A queue ``app.queues.list()`` knows: paused, resumed or limited once, or holding
+    waiting or running jobs (``app.queues.stats()`` shows every known queue with its counts)."""
 
     name: str
     paused: bool

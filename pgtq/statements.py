@@ -1140,9 +1140,11 @@ class Statements:
         )
 
     @cached_property
-    def paused_queues(self) -> sa.Select[Any]:
+    def queue_rows(self) -> sa.Select[Any]:
+        """Every queue the ``queues`` table holds (paused, resumed or limited once): known
+        queues, shown by ``stats()`` with or without jobs; and whether each is paused."""
         q = self.t.queues
-        return sa.select(q.c.name).where(q.c.paused)
+        return sa.select(q.c.name, q.c.paused)
 
     def delete_old(self, statuses: tuple[Status, ...], by_queue: bool) -> sa.Select[Any]:
         """Delete jobs that ended over ``:older_than`` seconds ago with one of ``statuses``,
@@ -1793,7 +1795,7 @@ def stats_queries(s: Statements, window: float) -> tuple[Query[Any], ...]:
         Query(s.queue_counts, {}, lambda r: [tuple(row) for row in r]),
         Query(s.finished_counts, {"window": window}, lambda r: [tuple(row) for row in r]),
         Query(s.workers_running, {}, lambda r: list(r)),
-        Query(s.paused_queues, {}, lambda r: {row[0] for row in r}),
+        Query(s.queue_rows, {}, lambda r: {row[0]: bool(row[1]) for row in r}),
     )
 
 
@@ -1802,9 +1804,10 @@ def to_stats(
     counts: Iterable[tuple[str, str, int, float | None]],
     finished: Iterable[tuple[str, str, int]],
     workers: Rows,
-    paused: set[str],
+    known: Mapping[str, bool],
 ) -> Stats:
-    """Combine the results of ``stats_queries`` (pure)."""
+    """Combine the results of ``stats_queries`` (pure). ``known``: the queues of the
+    ``queues`` table, each paused or not; every one is shown, idle ones with zero counts."""
     per_queue: dict[str, dict[Status, int]] = {}
     oldest: dict[str, float] = {}
     for queue, status, n, age in counts:
@@ -1812,7 +1815,7 @@ def to_stats(
         if age is not None:
             oldest[queue] = max(0.0, age)
     rates = {(queue, task): n / window for queue, task, n in finished if n}
-    names = set(per_queue) | paused | {queue for queue, _ in rates}
+    names = set(per_queue) | set(known) | {queue for queue, _ in rates}
     queues = {}
     for name in sorted(names):
         found = per_queue.get(name, {})
@@ -1822,7 +1825,7 @@ def to_stats(
             counts={status: found.get(status, 0) for status in COUNTED_STATUSES},
             oldest_waiting=oldest.get(name),
             rate=sum(queue_rates) if queue_rates else None,
-            paused=name in paused,
+            paused=known.get(name, False),
         )
     return Stats(window=window, queues=queues, rates=rates, workers=_to_workers(workers))
 

@@ -90,6 +90,19 @@ def test_render_shows_queues_rates_and_workers() -> None:
     assert _row(narrow, "emails") == ["emails", "active", "12", "2", "1", "4.5 s", "3.25"]
 
 
+def test_render_shows_idle_queues_with_zero_counts() -> None:
+    """An idle queue (``Stats.with_queues``: a declared one, say) is a row of zeros, not a gap:
+    no job, and no data for the wait and the rate."""
+    text = text_of(render(sample_stats().with_queues(["reports"])))
+    assert _row(text, "reports")[:7] == ["reports", "active", "0", "0", "0", NO_DATA, NO_DATA]
+    assert [line.split("│")[1].strip() for line in text.splitlines() if "│" in line][:3] == [
+        "emails",
+        "images",
+        "reports",
+    ]
+    assert "no queue yet" in text_of(render(Stats(window=60.0)))
+
+
 def test_sparkline_scales_to_the_largest_and_leaves_gaps_blank() -> None:
     assert sparkline([None, 0.0, 1.0, 2.0, 4.0]) == " ▁▃▅█"
     assert sparkline([0.0, 0.0]) == "▁▁"
@@ -208,6 +221,17 @@ def test_watch_redraws_every_second_in_a_terminal(
         assert term.proc.wait(timeout=10) == 0
     finally:
         app.close()
+
+
+def test_watch_shows_the_apps_idle_queues(dsn: str, terminal: Callable[..., Terminal]) -> None:
+    """With ``--app``, the queues its tasks declare stay on the dashboard with no job at all."""
+    term = terminal("stats", "--watch", "--app", "tests.apps.basic:app")
+    screen = term.wait_for(
+        lambda s: _row(s, "greetings")[:5] == ["greetings", "active", "0", "0", "0"]
+    )
+    assert _row(screen, "default")[:5] == ["default", "active", "0", "0", "0"]
+    term.proc.send_signal(signal.SIGINT)
+    assert term.proc.wait(timeout=10) == 0
 
 
 def test_watch_on_an_unreachable_database_is_one_line(terminal: Callable[..., Terminal]) -> None:

@@ -2,18 +2,53 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import uvicorn
 
+from pgtq.errors import ConfigurationError
 from pgtq.web import asgi
 from pgtq.web.security import Credentials, allowed_hosts_for, check_exposure
 
 if TYPE_CHECKING:
     from pgtq.app import App
 
-__all__ = ["config"]
+__all__ = ["PortUnavailable", "check_port", "config"]
+
+
+class PortUnavailable(ConfigurationError):
+    """``pgtq web`` cannot listen where it was asked (the port is taken, say)."""
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse, in one line, an address the server could not listen on (another process holds
+    the port): checked before the banner, instead of uvicorn's error after it (exit 3). Each
+    address ``host`` names is bound as uvicorn binds it, then released."""
+    if port == 0:  # any free port: nothing to check
+        return
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise PortUnavailable(
+            f"cannot listen on {host!r}: {exc.strerror or exc}: check --host"
+        ) from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                shown = f"[{address[0]}]" if family == socket.AF_INET6 else address[0]
+                taken = " (another server is on it)" if exc.errno == errno.EADDRINUSE else ""
+                raise PortUnavailable(
+                    f"cannot listen on {shown}:{port}: {exc.strerror or exc}{taken}: "
+                    "pass another --port"
+                ) from None
 
 
 def config(

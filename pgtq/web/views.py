@@ -284,7 +284,7 @@ class Dashboard:
     # -- pages -------------------------------------------------------------------------------
 
     async def overview(self, request: Request) -> Response:
-        stats = await self.app.jobs.stats_async()
+        stats = await self.app.queues.stats_async()  # every known queue, idle ones too
         throughput = await self.app.jobs.throughput_async(CHART_WINDOW, CHART_BUCKET)
         deepest = max((q.waiting for q in stats.queues.values()), default=0)
         return self.render(
@@ -315,7 +315,7 @@ class Dashboard:
                 "next_query": query_string(filters, after=page[-1].id) if more else None,
                 "first_query": query_string(filters, after=None) if filters.get("after") else None,
                 "tasks": sorted(self.app.tasks),
-                "queues": sorted({t.defaults.queue for t in self.app.tasks.values()}),
+                "queues": self.app.queues.declared(),
                 "retryable": RETRYABLE,
             },
         )
