@@ -262,7 +262,7 @@ async def test_a_cancelled_defer_async_writes_nothing_and_the_next_one_works(
             lambda: (
                 sql(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE 'WITH inserted AS%%'"
+                    "AND query LIKE 'WITH inserted AS%%' AND datname = current_database()"
                 )
                 == [(1,)]
             )

@@ -411,12 +411,15 @@ async def test_a_dedicated_connection_keeps_its_session_settings(app: pgtq.App, 
     conn = await connector.dedicated(session=("SET application_name = 'pgtq-claims'",))
     try:
         await conn.run(statements.forget_dead_workers(app.statements, 3600.0))
-        named = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgtq-claims'"
+        named = (
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgtq-claims' "
+            "AND datname = current_database()"
+        )
         assert sql(named) == [(1,)]
         (old_pid,) = sql(named.replace("count(*)", "pid"))[0]
         sql(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE application_name = 'pgtq-claims'"
+            "WHERE application_name = 'pgtq-claims' AND datname = current_database()"
         )
         await eventually(lambda: sql(named) == [(0,)])
         # A connection found dead before the statement is sent is replaced at once (nothing
