@@ -149,7 +149,7 @@ async def test_a_pooled_connection_killed_while_idle_is_replaced(
 
     await side.defer(noop)
     killed = sql(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
         "WHERE datname = current_database() AND pid <> pg_backend_pid()"
     )
     assert killed[0][0] >= 1

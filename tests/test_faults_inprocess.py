@@ -169,8 +169,10 @@ async def test_the_listener_comes_back_after_its_connection_is_killed(
         return bool(rows[0][0])
 
     await eventually(listening)
+    # Waits until the backends are gone (pg_terminate_backend only signals otherwise): a
+    # LISTEN seen next is the new one, and no pooled connection is still dying.
     sql(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
         "WHERE datname = current_database() AND pid <> pg_backend_pid()"
     )
     await eventually(listening, timeout=15)

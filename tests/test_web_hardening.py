@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 import pgtq
 import pgtq.web
 from pgtq.cli import cli
-from pgtq.web import security
+from pgtq.web import security, server
 from tests.test_operations import SQL, finish, tasks
 from tests.test_web import client_for, statuses, token
 
@@ -263,8 +263,12 @@ def test_empty_credentials_are_refused_by_the_factory(app: pgtq.App) -> None:
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[uvicorn.Config]]:
     """``pgtq web`` runs for real up to ``uvicorn.Server.run``, which only records its config
-    (no port is opened): the app it would serve is probed through ASGI."""
+    (no port is opened): the app it would serve is probed through ASGI. The busy-port check
+    binds for real, so it is skipped here: these tests name addresses this machine need not
+    have (10.0.0.7) and a port another program may hold; tests/test_queues_messages.py
+    covers it."""
     configs: list[uvicorn.Config] = []
+    monkeypatch.setattr(server, "check_port", lambda host, port: None)
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: configs.append(self.config))
     monkeypatch.delenv("PGTQ_WEB_AUTH", raising=False)
     yield configs
