@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import nox
 
@@ -30,47 +32,96 @@ TEST_DEPS = [
 #: The browser the web dashboard's test drives (Playwright's own download is never used).
 CHROMIUM = "/usr/bin/chromium"
 
-#: Set (to anything but "" or "0") to keep `nox -s tests` inside its own virtualenv: Debian's
-#: chromium is then not installed, and tests/test_web_browser.py skips, naming this variable.
+#: Set (to anything but "" or "0") to keep `nox -s tests` inside its own virtualenv: the
+#: Debian packages below are then not installed, and the tests that need them skip, naming
+#: this variable.
 NO_SYSTEM_INSTALL = "PGTQ_NO_SYSTEM_INSTALL"
 
 
-def _ensure_chromium(session: nox.Session) -> None:
-    """Install Debian's chromium when it is missing, saying so first: it is the one thing the
-    tests install outside the session's virtualenv. ``PGTQ_NO_SYSTEM_INSTALL=1`` skips it; so
-    does a machine without apt-get (or root, or password-less sudo). The browser test then says
-    why it skips; a failed install never fails the session (CI installs chromium itself)."""
-    if os.path.exists(CHROMIUM):
+class DebianPackage(NamedTuple):
+    """A Debian package some tests need: the file it provides, which tests use it, and the
+    service its install may start (stopped and disabled again: the tests start their own)."""
+
+    name: str
+    provides: str
+    used_by: str
+    service: str | None = None
+
+
+#: The only things the tests install outside the session's virtualenv.
+SYSTEM_PACKAGES = (
+    DebianPackage("chromium", CHROMIUM, "the dashboard's browser test (tests/test_web_browser.py)"),
+    DebianPackage(
+        "pgbouncer",
+        "/usr/sbin/pgbouncer",
+        "the PgBouncer tests (tests/test_pgbouncer.py)",
+        service="pgbouncer",
+    ),
+)
+
+
+def _ensure_debian_packages(session: nox.Session, packages: Sequence[DebianPackage]) -> None:
+    """Install the Debian packages that are missing, saying so first: they are the only things
+    the tests install outside the session's virtualenv. ``PGTQ_NO_SYSTEM_INSTALL=1`` skips
+    it; so does a machine without apt-get (or root, or password-less sudo). The tests that
+    need a package then say why they skip; a failed install never fails the session (CI
+    installs the packages itself). A service the install started (pgbouncer's, on port 6432)
+    is stopped and disabled: the tests run their own, on a free port."""
+    missing = [p for p in packages if not os.path.exists(p.provides)]
+    if not missing:
         return
+    names = " ".join(p.name for p in missing)
+    users = "; ".join(f"{p.name}: {p.used_by}" for p in missing)
     if os.environ.get(NO_SYSTEM_INSTALL, "") not in ("", "0"):
         session.log(
-            f"not installing Debian's chromium ({NO_SYSTEM_INSTALL} is set): the dashboard's "
-            "browser test (tests/test_web_browser.py) will be skipped"
+            f"not installing Debian's {names} ({NO_SYSTEM_INSTALL} is set): these tests will "
+            f"be skipped ({users})"
         )
         return
     sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
     if not shutil.which("apt-get") or (sudo and not shutil.which("sudo")):
         session.log(
-            "chromium is missing and cannot be installed here (no apt-get, or not root and no "
-            "sudo): the dashboard's browser test (tests/test_web_browser.py) will be skipped"
+            f"{names} missing and cannot be installed here (no apt-get, or not root and no "
+            f"sudo): these tests will be skipped ({users})"
         )
         return
     session.log(
-        "installing Debian's chromium system-wide for the dashboard's browser test "
-        f"(tests/test_web_browser.py); set {NO_SYSTEM_INSTALL}=1 to skip it"
+        f"installing Debian's {names} system-wide for the tests ({users}); set "
+        f"{NO_SYSTEM_INSTALL}=1 to skip it"
     )
     env = {"DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+    install = ["apt-get", "install", "-y", "-qq", *(p.name for p in missing)]
+    for command in (["apt-get", "update", "-qq"], install):
         session.run(*sudo, *command, external=True, success_codes=range(256), env=env)
-    if not os.path.exists(CHROMIUM):
-        session.log(f"the install left no {CHROMIUM}: the browser test will be skipped")
+    for package in missing:
+        if package.service:
+            _stop_service(session, sudo, package.service)
+        if not os.path.exists(package.provides):
+            session.log(f"the install left no {package.provides}: {package.used_by} will skip")
+
+
+def _stop_service(session: nox.Session, sudo: list[str], service: str) -> None:
+    """Stop the service a package's install started (Debian's pgbouncer enables its unit and
+    starts it where systemd runs), and keep it from starting at boot."""
+    session.log(
+        f"stopping and disabling the {service} service the package's install enabled (the "
+        "tests start their own)"
+    )
+    if os.path.isdir("/run/systemd/system"):  # systemd is running
+        commands = [["systemctl", "disable", "--now", service]]
+    else:  # a container: invoke-rc.d may have started it; systemctl disables offline
+        commands = [["service", service, "stop"]]
+        if shutil.which("systemctl"):
+            commands.append(["systemctl", "disable", service])
+    for command in commands:
+        session.run(*sudo, *command, external=True, success_codes=range(256))
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole suite against real PostgreSQL (PGTQ_TEST_DSN, 127.0.0.1:5432, or pgserver)."""
     session.install("-e", ".[embedded,uvloop,prometheus,otel,web]", *TEST_DEPS)
-    _ensure_chromium(session)
+    _ensure_debian_packages(session, SYSTEM_PACKAGES)
     session.run("pytest", *(session.posargs or ["-q"]))
 
 
