@@ -1293,6 +1293,10 @@ def snapshot(given: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--fleet" in (sys.argv[1:] if argv is None else argv):  # issue 20: benchmarks/fleet.py
+        from benchmarks import fleet
+
+        return fleet.main(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.table:
         records = [json.loads(line) for line in args.table.read_text().splitlines() if line]
