@@ -8,7 +8,7 @@ import inspect
 import os
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Unpack, overload
 
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -17,7 +17,9 @@ from pgtq import statements
 from pgtq.connectors import (
     AsyncConnector,
     SyncConnector,
+    async_url,
     create_async_engine_for,
+    create_listen_engine,
     create_sync_engine,
     parse_dsn,
 )
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 DSN_ENV = "PGTQ_DSN"
+#: Where workers LISTEN when ``App(listen_dsn=...)`` is not given: a DSN, or ``off`` to poll.
+LISTEN_DSN_ENV = "PGTQ_LISTEN_DSN"
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:
@@ -49,6 +53,46 @@ def _where(func: Callable[..., Any]) -> str:
     return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
 
 
+def _check_max_connections(
+    value: int | None, engine: Engine | None, async_engine: AsyncEngine | None
+) -> int | None:
+    """``App(max_connections=...)``: a whole number of at least 1, for engines pgtq makes."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(
+            f"max_connections must be a whole number of at least 1, got {value!r}"
+        )
+    if engine is not None and async_engine is not None:
+        raise ConfigurationError(
+            "max_connections bounds the engines pgtq makes, and both engines are yours: "
+            "size their pools instead (pool_size=..., max_overflow=...)"
+        )
+    return value
+
+
+def _listen_target(listen_dsn: str | URL | Literal[False] | None) -> tuple[URL | None, bool]:
+    """Where workers LISTEN (None: the app's database) and whether they do: the parameter,
+    else ``PGTQ_LISTEN_DSN`` (a DSN, or ``off``)."""
+    if listen_dsn is None:
+        env = os.environ.get(LISTEN_DSN_ENV, "").strip()
+        if not env:
+            return None, True
+        if env.lower() == "off":
+            return None, False
+        listen_dsn = env
+    if listen_dsn is False:
+        return None, False
+    if isinstance(listen_dsn, bool) or not isinstance(listen_dsn, str | URL) or not listen_dsn:
+        raise ConfigurationError(
+            f"listen_dsn takes a DSN (a direct connection to PostgreSQL for LISTEN), or False "
+            f"not to LISTEN (workers then poll), got {listen_dsn!r}"
+        )
+    url = parse_dsn(listen_dsn)
+    async_url(url)  # a PostgreSQL URL, or ConfigurationError now rather than in a worker
+    return url, True
+
+
 class App:
     """Tasks, and the database they are queued in.
 
@@ -56,6 +100,16 @@ class App:
     is derived from the URL (psycopg 3 for sync, asyncpg for async unless the URL names
     psycopg). With none of them, ``PGTQ_DSN`` is read. Engines you pass are yours: pgtq never
     disposes them.
+
+    ``max_connections``: the most connections each engine pgtq makes may open (the sync one,
+    and the async one of each event loop), the enqueue fast path included; an engine you pass
+    is bounded by its own ``pool_size + max_overflow``. A worker's own connections come on
+    top (docs/howto/connections.md).
+
+    ``listen_dsn``: where workers LISTEN for new jobs: a direct connection to PostgreSQL when
+    the DSN goes through PgBouncer in transaction mode; ``False`` not to LISTEN at all (the
+    worker polls every ``fetch_job_polling_interval``). Not given: ``PGTQ_LISTEN_DSN`` (a DSN,
+    or ``off``), else the app's own database.
     """
 
     def __init__(
@@ -70,6 +124,8 @@ class App:
         prepared_statements: bool = True,
         result_max_bytes: int | None = 1_000_000,
         max_args_bytes: int | None = DEFAULT_MAX_ARGS_BYTES,
+        max_connections: int | None = None,
+        listen_dsn: str | URL | Literal[False] | None = None,
     ) -> None:
         #: A task result larger than this (as JSON) fails its job with a clear error: results
         #: live in the jobs table, which must stay small to stay fast. None: no limit.
@@ -96,6 +152,11 @@ class App:
         self._url: URL | None = parse_dsn(dsn) if dsn is not None else None
         self._engine = engine
         self._async_engine = async_engine
+        #: The most connections each engine pgtq makes may open (None: SQLAlchemy's pool
+        #: defaults, see docs/howto/connections.md).
+        self.max_connections = _check_max_connections(max_connections, engine, async_engine)
+        #: Where workers LISTEN (None: the app's own database), and whether they do at all.
+        self.listen_url, self.listens = _listen_target(listen_dsn)
         self.connect_timeout = connect_timeout
         self.statements = statements.statements_for(self.schema)
         self.tasks: dict[str, Task[Any]] = {}
@@ -140,7 +201,10 @@ class App:
                 self._sync = SyncConnector(self._engine, schema=self.schema, owned=False)
             else:
                 engine = create_sync_engine(
-                    self.url, self.connect_timeout, prepared_statements=self.prepared_statements
+                    self.url,
+                    self.connect_timeout,
+                    prepared_statements=self.prepared_statements,
+                    max_connections=self.max_connections,
                 )
                 self._sync = SyncConnector(engine, schema=self.schema, owned=True)
         return self._sync
@@ -150,13 +214,23 @@ class App:
         loop = asyncio.get_running_loop()
         connector = self._async.get(loop)
         if connector is None:
+            listen = None
+            if self.listen_url is not None:
+                listen = create_listen_engine(self.listen_url, self.connect_timeout)
             if self._async_engine is not None:
-                connector = AsyncConnector(self._async_engine, schema=self.schema, owned=False)
+                connector = AsyncConnector(
+                    self._async_engine, schema=self.schema, owned=False, listen_engine=listen
+                )
             else:
                 engine = create_async_engine_for(
-                    self.url, self.connect_timeout, prepared_statements=self.prepared_statements
+                    self.url,
+                    self.connect_timeout,
+                    prepared_statements=self.prepared_statements,
+                    max_connections=self.max_connections,
                 )
-                connector = AsyncConnector(engine, schema=self.schema, owned=True)
+                connector = AsyncConnector(
+                    engine, schema=self.schema, owned=True, listen_engine=listen
+                )
             self._async[loop] = connector
         return connector
 

@@ -199,15 +199,48 @@ def _guard_pool(engine: Engine) -> None:
 _GUARDED: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
+def _pool_args(max_connections: int | None, default: dict[str, int]) -> dict[str, int]:
+    """The pool of an engine pgtq makes: ``max_connections`` in all (none beyond), else the
+    default (SQLAlchemy's own sizes on the sync side)."""
+    if max_connections is None:
+        return default
+    return {"pool_size": max_connections, "max_overflow": 0}
+
+
 def create_sync_engine(
-    url: str | URL, connect_timeout: float, *, prepared_statements: bool = True
+    url: str | URL,
+    connect_timeout: float,
+    *,
+    prepared_statements: bool = True,
+    max_connections: int | None = None,
 ) -> Engine:
     args: dict[str, Any] = {"connect_timeout": max(1, int(connect_timeout))}
     if not prepared_statements:
         args["prepare_threshold"] = None  # psycopg: never prepare (PgBouncer transaction mode)
-    engine = sa.create_engine(sync_url(url), connect_args=args)
+    engine = sa.create_engine(sync_url(url), connect_args=args, **_pool_args(max_connections, {}))
     _guard_pool(engine)
     return engine
+
+
+def _async_connect_args(
+    url: URL, connect_timeout: float, *, prepared_statements: bool = True
+) -> tuple[URL, dict[str, Any]]:
+    """The async URL of ``url`` and the driver's connect arguments."""
+    u = async_url(url)
+    args: dict[str, Any]
+    if u.drivername == ASYNC_DRIVERS["asyncpg"]:
+        args = {"timeout": connect_timeout}
+        name = url.query.get("application_name")
+        if isinstance(name, str) and name:  # asyncpg takes it as a server setting only
+            args["server_settings"] = {"application_name": name}
+        if not prepared_statements:
+            args["statement_cache_size"] = 0  # asyncpg: unnamed statements only
+            u = u.update_query_dict({"prepared_statement_cache_size": "0"})
+    else:
+        args = {"connect_timeout": max(1, int(connect_timeout))}
+        if not prepared_statements:
+            args["prepare_threshold"] = None
+    return u, args
 
 
 def create_async_engine_for(
@@ -216,23 +249,26 @@ def create_async_engine_for(
     *,
     pool_size: int = 10,
     prepared_statements: bool = True,
+    max_connections: int | None = None,
 ) -> AsyncEngine:
     """The async engine pgtq makes; ``prepared_statements=False`` for PgBouncer in transaction
-    mode, where a prepared statement may land on another server connection."""
-    u = async_url(url)
-    args: dict[str, Any]
-    if u.drivername == ASYNC_DRIVERS["asyncpg"]:
-        args = {"timeout": connect_timeout}
-        if not prepared_statements:
-            args["statement_cache_size"] = 0  # asyncpg: unnamed statements only
-            u = u.update_query_dict({"prepared_statement_cache_size": "0"})
-    else:
-        args = {"connect_timeout": max(1, int(connect_timeout))}
-        if not prepared_statements:
-            args["prepare_threshold"] = None
-    engine = create_async_engine(u, pool_size=pool_size, max_overflow=pool_size, connect_args=args)
+    mode, where a prepared statement may land on another server connection. At most
+    ``max_connections`` connections when given, else ``pool_size`` kept and as many again
+    in overflow."""
+    u, args = _async_connect_args(
+        make_url(url), connect_timeout, prepared_statements=prepared_statements
+    )
+    pool = _pool_args(max_connections, {"pool_size": pool_size, "max_overflow": pool_size})
+    engine = create_async_engine(u, connect_args=args, **pool)
     _guard_pool(engine.sync_engine)
     return engine
+
+
+def create_listen_engine(url: str | URL, connect_timeout: float) -> AsyncEngine:
+    """The engine of ``App(listen_dsn=...)``: no pool (a worker's LISTEN connection is opened
+    from it and held for the worker's life; nothing else runs there)."""
+    u, args = _async_connect_args(make_url(url), connect_timeout)
+    return create_async_engine(u, connect_args=args, poolclass=sa.pool.NullPool)
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -612,12 +648,24 @@ class Listener:
 class AsyncConnector:
     """Runs statements on a SQLAlchemy ``AsyncEngine`` (asyncpg, or psycopg async)."""
 
-    def __init__(self, engine: AsyncEngine, *, schema: str, owned: bool) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        schema: str,
+        owned: bool,
+        listen_engine: AsyncEngine | None = None,
+    ) -> None:
         self.engine = engine
         _guard_pool(engine.sync_engine)
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.owned = owned
         self._errors = _Translator(engine.url, schema)
+        # Where listen() connects (App(listen_dsn=...)): pgtq's, disposed by close().
+        self._listen_engine = listen_engine
+        self._listen_errors = (
+            _Translator(listen_engine.url, schema) if listen_engine is not None else self._errors
+        )
         self.driver_sql = DriverSQL(engine.dialect)
         self._on_asyncpg = engine.dialect.driver == "asyncpg"
         # The enqueue fast path's own driver connections (LIFO), at most as many in use at
@@ -699,8 +747,13 @@ class AsyncConnector:
         return await self._errors.acall(go)
 
     async def listen(self, channels: list[str], on_notify: Callable[[str, str], None]) -> Listener:
-        """LISTEN on a connection of its own (taken out of the pool, closed by ``close()``)."""
-        conn, driver = await self._open_detached()
+        """LISTEN on a connection of its own, closed by ``close()``: to the listen DSN when
+        there is one, else taken out of the pool (outside its count: see
+        docs/howto/connections.md)."""
+        if self._listen_engine is not None:
+            conn, driver = await self._open_detached(self._listen_engine, self._listen_errors)
+        else:
+            conn, driver = await self._open_detached()
         listener = Listener(conn)
         try:
             if hasattr(driver, "add_listener"):  # asyncpg
@@ -727,12 +780,15 @@ class AsyncConnector:
             raise
         return listener
 
-    async def _open_detached(self) -> tuple[AsyncConnection, Any]:
-        """A connection taken out of the pool for good, and its driver connection."""
+    async def _open_detached(
+        self, engine: AsyncEngine | None = None, errors: _Translator | None = None
+    ) -> tuple[AsyncConnection, Any]:
+        """A connection taken out of the pool for good (the engine's, else the listen
+        engine's), and its driver connection."""
         try:
-            conn = await self.engine.connect()
+            conn = await (engine or self.engine).connect()
         except Exception as exc:
-            self._errors.raise_opening(exc)
+            (errors or self._errors).raise_opening(exc)
         raw = await conn.get_raw_connection()
         driver = raw.driver_connection
         raw.detach()  # never goes back to the pool: its session state stays its own
@@ -763,6 +819,8 @@ class AsyncConnector:
             await conn.close()
         if self.owned:
             await self.engine.dispose()
+        if self._listen_engine is not None:
+            await self._listen_engine.dispose()
 
 
 class DedicatedConnection:
@@ -865,6 +923,7 @@ __all__ = [
     "async_url",
     "connection_failed",
     "create_async_engine_for",
+    "create_listen_engine",
     "create_sync_engine",
     "first_line",
     "is_data_error",

@@ -35,7 +35,15 @@ class Listener:
         self._abort_interval = abort_interval
 
     async def listen(self) -> None:
-        """LISTEN, and LISTEN again after the connection is lost (polling covers the gap)."""
+        """LISTEN, and LISTEN again after the connection is lost (polling covers the gap).
+        Not at all with ``App(listen_dsn=False)``: the fetcher's polling finds new jobs and
+        :meth:`poll_aborts` the abort requests."""
+        if not self._scope.app.listens:
+            logger.info(
+                "not listening (listen_dsn=False): new jobs are found by polling",
+                extra={"worker": self._scope.worker_id()},
+            )
+            return
         s, delays = self._s, backoff_delays()
         while True:
             try:
