@@ -139,6 +139,13 @@ AppOption = Annotated[
 AppArgument = Annotated[
     str, typer.Argument(metavar="MODULE:APP", help="Where the app is, e.g. myproject.tasks:app.")
 ]
+
+
+def _optional_app(help: str) -> Any:
+    """The ``[MODULE:APP]`` argument of a command that also runs on ``--dsn`` alone."""
+    return typer.Argument(metavar="[MODULE:APP]", help=help)
+
+
 FactoryArgument = Annotated[
     str,
     typer.Argument(
@@ -543,59 +550,54 @@ PrefetchOption = Annotated[
 OneShotOption = Annotated[
     bool, typer.Option("--one-shot", help="Run the jobs that are due, then exit.")
 ]
+
+
+def _seconds(flag: str, help: str, *, least: float = 0.01, finite: bool = True) -> Any:
+    """A worker option taking seconds: at least ``least``, finite unless ``finite`` is False."""
+    return typer.Option(flag, min=least, callback=_finite if finite else None, help=help)
+
+
 FetchIntervalOption = Annotated[
     float | None,
-    typer.Option(
+    _seconds(
         "--fetch-job-polling-interval",
-        min=0.01,
-        callback=_finite,
-        help="Seconds between polls when no NOTIFY arrives (default: 5).",
+        "Seconds between polls when no NOTIFY arrives (default: 5).",
     ),
 ]
 AbortIntervalOption = Annotated[
     float | None,
-    typer.Option(
-        "--abort-job-polling-interval",
-        min=0.01,
-        callback=_finite,
-        help="Seconds between checks for aborted jobs (default: 1).",
+    _seconds(
+        "--abort-job-polling-interval", "Seconds between checks for aborted jobs (default: 1)."
     ),
 ]
 GracefulTimeoutOption = Annotated[
     float | None,
-    typer.Option(
+    _seconds(
         "--shutdown-graceful-timeout",
-        min=0,
-        help="On SIGTERM/SIGINT, seconds running jobs get (default: 30; inf: no limit).",
+        "On SIGTERM/SIGINT, seconds running jobs get (default: 30; inf: no limit).",
+        least=0,
+        finite=False,
     ),
 ]
 HeartbeatOption = Annotated[
     float | None,
-    typer.Option(
-        "--heartbeat-interval",
-        min=0.01,
-        callback=_finite,
-        help="Seconds between the worker's heartbeats (default: 5).",
-    ),
+    _seconds("--heartbeat-interval", "Seconds between the worker's heartbeats (default: 5)."),
 ]
 RescueAfterOption = Annotated[
     float | None,
-    typer.Option(
+    _seconds(
         "--rescue-after",
-        min=0.01,
-        callback=_finite,
-        help="Seconds of silence after which a worker is dead and its running jobs are put "
-        "back by a live one (default: 30; keep it well above --heartbeat-interval).",
+        "Seconds of silence after which a worker is dead and its running jobs are put back by a "
+        "live one (default: 30; keep it well above --heartbeat-interval).",
     ),
 ]
 SummaryIntervalOption = Annotated[
     float | None,
-    typer.Option(
+    _seconds(
         "--summary-interval",
-        min=0,
-        callback=_finite,
-        help="Seconds between the INFO line that sums up the worker's work: jobs/s, failed, "
-        "running (default: 60; 0: never).",
+        "Seconds between the INFO line that sums up the worker's work: jobs/s, failed, running "
+        "(default: 60; 0: never).",
+        least=0,
     ),
 ]
 DeleteJobsOption = Annotated[
@@ -1565,10 +1567,7 @@ def _checked_max_age(value: float) -> float:
 def healthcheck(
     app_path: Annotated[
         str | None,
-        typer.Argument(
-            metavar="[MODULE:APP]",
-            help="Take the database and schema from this app (without it: --dsn's database).",
-        ),
+        _optional_app("Take the database and schema from this app (without it: --dsn's database)."),
     ] = None,
     queue: Annotated[
         list[str] | None,
@@ -1619,9 +1618,8 @@ def healthcheck(
 def web(
     app_path: Annotated[
         str | None,
-        typer.Argument(
-            metavar="[MODULE:APP]",
-            help="The app whose jobs and periodic tasks to show (without it: --dsn's database).",
+        _optional_app(
+            "The app whose jobs and periodic tasks to show (without it: --dsn's database)."
         ),
     ] = None,
     host: Annotated[
@@ -1679,26 +1677,17 @@ def web(
         )
     credentials = security.parse_credentials(auth) if auth is not None else None
     # Before touching the database: an exposed server must not start at all.
-    security.check_exposure(host, read_only=read_only, auth=credentials)
-    allowed_hosts = security.allowed_hosts_for(host, allowed_host or ())
+    site = server.Site(host, port, read_only, credentials, root_path, tuple(allowed_host or ()))
     server.check_port(host, port)  # a busy port: one line, before the banner
     with _app_for(dsn, app_path, schema) as app:
         app.jobs.stats()  # a bad DSN or a missing schema fails here, as one line
-        config = server.config(
-            app,
-            host=host,
-            port=port,
-            read_only=read_only,
-            auth=credentials,
-            root_path=root_path,
-            allowed_hosts=allowed_hosts,
-        )
+        config = site.uvicorn_config(app)
         shown = f"[{host}]" if ":" in host else host
         err.print(
             f"pgtq web: http://{shown}:{port}{root_path}/ "
             f"({'read-only' if read_only else 'with actions'}, "
             f"{'basic auth' if credentials else 'no auth'}, "
-            f"hosts {', '.join(allowed_hosts)}), database {describe(app.url)}",
+            f"hosts {', '.join(site.allowed_hosts)}), database {describe(app.url)}",
             soft_wrap=True,
         )
         uvicorn.Server(config).run()

@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from pgtq.reports import STALE_AFTER, Stats, WorkerInfo
+from pgtq.reports import NO_DATA, STALE_AFTER, Stats, WorkerInfo, duration
 
 __all__ = ["History", "render", "sparkline", "watch"]
 
@@ -28,7 +28,6 @@ TICKS = "▁▂▃▄▅▆▇█"
 BUCKET_SECONDS = 10.0
 SPARK_WIDTH = 30
 ALL = "all queues"
-NO_DATA = "\N{EN DASH}"  # no data, which is not zero
 
 
 @dataclass
@@ -76,16 +75,6 @@ def sparkline(values: list[float | None]) -> str:
     return "".join(chars)
 
 
-def _seconds(value: float | None) -> str:
-    if value is None:
-        return NO_DATA
-    if value < 60:
-        return f"{value:.1f} s"
-    if value < 3600:
-        return f"{value / 60:.1f} min"
-    return f"{value / 3600:.1f} h"
-
-
 def _rate(value: float | None) -> str:
     return NO_DATA if value is None else f"{value:,.1f}" if value >= 10 else f"{value:.2f}"
 
@@ -125,7 +114,7 @@ def queues_table(
             str(q.waiting),
             str(q.doing),
             Text(str(q.failed), style="red" if q.failed else ""),
-            _seconds(q.oldest_waiting),
+            duration(q.oldest_waiting),
             _rate(q.rate),
         ]
         if history is not None:
@@ -141,7 +130,7 @@ def queues_table(
             str(sum(q.waiting for q in stats.queues.values())),
             str(sum(q.doing for q in stats.queues.values())),
             str(sum(q.failed for q in stats.queues.values())),
-            _seconds(max(oldest, default=None)),
+            duration(max(oldest, default=None)),
             _rate(stats.rate()),
         ]
         if history is not None:
@@ -161,7 +150,7 @@ def workers_table(stats: Stats) -> Table:
     table.add_column("running", overflow="fold")
     for w in stats.workers:
         beat = Text(
-            f"{_seconds(w.heartbeat_age)} ago",
+            f"{duration(w.heartbeat_age)} ago",
             style="" if w.is_alive() else "bold red",
         )
         if not w.is_alive():

@@ -15,6 +15,7 @@ from pgtq.model import Status
 
 __all__ = [
     "COUNTED_STATUSES",
+    "NO_DATA",
     "STALE_AFTER",
     "QueueInfo",
     "QueueStats",
@@ -23,8 +24,27 @@ __all__ = [
     "Throughput",
     "ThroughputBucket",
     "WorkerInfo",
+    "duration",
     "idle_queue",
 ]
+
+#: What the dashboards show where there is no data, which is not zero.
+NO_DATA = "\N{EN DASH}"
+
+_UNITS = (("s", 1.0, 60.0), ("min", 60.0, 3600.0), ("h", 3600.0, 86400.0), ("d", 86400.0, None))
+
+
+def duration(seconds: float | None, *, decimals: int = 1) -> str:
+    """A span of seconds as both dashboards show it ("4.5 s", "6.7 min", "2.0 h", "1.5 d"):
+    seconds and minutes with ``decimals``, hours and days with one."""
+    if seconds is None:
+        return NO_DATA
+    for unit, size, limit in _UNITS:
+        if limit is None or seconds < limit:
+            places = decimals if size < 3600 else 1
+            return f"{seconds / size:.{places}f} {unit}"
+    raise AssertionError("unreachable: the last unit has no limit")
+
 
 #: The statuses ``stats()`` counts. Succeeded jobs are left out on purpose: on a table that
 #: keeps its history they are nearly every row, and counting them is a scan of the whole

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -16,7 +17,7 @@ from pgtq.web.security import Credentials, allowed_hosts_for, check_exposure
 if TYPE_CHECKING:
     from pgtq.app import App
 
-__all__ = ["PortUnavailable", "check_port", "config"]
+__all__ = ["PortUnavailable", "Site", "check_port", "config"]
 
 
 class PortUnavailable(ConfigurationError):
@@ -51,6 +52,43 @@ def check_port(host: str, port: int) -> None:
                 ) from None
 
 
+@dataclass(frozen=True)
+class Site:
+    """Where and how the dashboard is served, checked when made, so ``pgtq web`` refuses an
+    exposed server before it touches the database: :class:`~pgtq.web.security.Exposed` for
+    write actions on a non-loopback address without auth, :class:`~pgtq.web.security.HostsNotGiven`
+    on every address (``0.0.0.0``) without ``allowed_hosts``. ``allowed_hosts`` becomes every
+    Host name answered: the loopback names, ``host`` and those given
+    (see :func:`~pgtq.web.security.allowed_hosts_for`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    read_only: bool = False
+    auth: Credentials | None = None
+    root_path: str = ""
+    allowed_hosts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_exposure(self.host, read_only=self.read_only, auth=self.auth)
+        answered = tuple(allowed_hosts_for(self.host, self.allowed_hosts))
+        object.__setattr__(self, "allowed_hosts", answered)
+
+    def uvicorn_config(self, app: App, *, log_level: str = "info") -> uvicorn.Config:
+        """The uvicorn configuration serving ``app``'s dashboard here."""
+        dashboard = asgi(
+            app, read_only=self.read_only, auth=self.auth, allowed_hosts=list(self.allowed_hosts)
+        )
+        return uvicorn.Config(
+            dashboard,
+            host=self.host,
+            port=self.port,
+            root_path=self.root_path,
+            log_level=log_level,
+            proxy_headers=False,
+            server_header=False,
+        )
+
+
 def config(
     app: App,
     *,
@@ -62,19 +100,6 @@ def config(
     log_level: str = "info",
     allowed_hosts: Sequence[str] = (),
 ) -> uvicorn.Config:
-    """The uvicorn configuration of the dashboard; raises :class:`~pgtq.web.security.Exposed`
-    for write actions on a non-loopback address without auth, and
-    :class:`~pgtq.web.security.HostsNotGiven` on every address (``0.0.0.0``) without
-    ``allowed_hosts``. The dashboard answers the loopback names, ``host`` itself and
-    ``allowed_hosts`` (the Host header; see :func:`~pgtq.web.security.allowed_hosts_for`)."""
-    check_exposure(host, read_only=read_only, auth=auth)
-    hosts = allowed_hosts_for(host, allowed_hosts)
-    return uvicorn.Config(
-        asgi(app, read_only=read_only, auth=auth, allowed_hosts=hosts),
-        host=host,
-        port=port,
-        root_path=root_path,
-        log_level=log_level,
-        proxy_headers=False,
-        server_header=False,
-    )
+    """The uvicorn configuration of the dashboard, after :class:`Site`'s checks."""
+    site = Site(host, port, read_only, auth, root_path, tuple(allowed_hosts))
+    return site.uvicorn_config(app, log_level=log_level)

@@ -20,7 +20,7 @@ from starlette.templating import Jinja2Templates
 
 from pgtq.jobs import JobFilter, parse_statuses
 from pgtq.model import Job, Status
-from pgtq.reports import COUNTED_STATUSES, STALE_AFTER
+from pgtq.reports import COUNTED_STATUSES, NO_DATA, STALE_AFTER, duration
 from pgtq.web.charts import throughput_svg
 from pgtq.web.security import LOOPBACK_HOSTS, Csrf, origin_allowed
 
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PAGE_SIZE", "BadRequest", "Dashboard", "job_filter", "job_id_of", "whole_number"]
 
-NO_DATA = "\N{EN DASH}"  # no data, which is not zero
 
 #: The largest job id (a bigint): a bigger number in a URL names no job.
 MAX_ID = 2**63 - 1
@@ -111,15 +110,7 @@ def queue_name(value: object) -> str:
 
 
 def _ago(seconds: float | None) -> str:
-    if seconds is None:
-        return NO_DATA
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
+    return duration(seconds, decimals=0)
 
 
 def _when(value: datetime | None) -> str:
