@@ -323,8 +323,15 @@ def _has_database(app: App) -> bool:
 
 def _use_dsn(app: App, dsn: str | URL | None) -> None:
     """Point a loaded app at the database ``--dsn`` / ``PGTQ_DSN`` names (unless it is there)."""
-    if dsn and not (_has_database(app) and app.url == make_url(dsn)):
-        app.use_dsn(dsn)
+    if dsn and not (_has_database(app) and _same_url(app.url, dsn)):
+        app.use_dsn(dsn)  # a DSN that is no URL fails here, showing the expected form
+
+
+def _same_url(url: URL, dsn: str | URL) -> bool:
+    try:
+        return url == make_url(dsn)
+    except sa_exc.ArgumentError:
+        return False
 
 
 def _embedded_url() -> str:

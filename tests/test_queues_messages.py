@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,6 +53,20 @@ def test_the_cli_says_the_expected_form_of_a_dsn_in_one_line() -> None:
     result = invoke("stats", "--dsn", "localhost/mydb")
     assert result.exit_code == 1
     assert_one_error_line(result.stderr, "'localhost/mydb'", FORM)
+
+
+@pytest.mark.unit
+def test_a_bad_dsn_over_an_apps_own_shows_the_expected_form(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "dsn_app.py").write_text(
+        "import pgtq\napp = pgtq.App('postgresql://localhost/x')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = invoke("stats", "--app", "dsn_app:app", "--dsn", "localhost/mydb")
+    assert result.exit_code == 1
+    assert_one_error_line(result.stderr, "'localhost/mydb'", FORM)
+    assert "Could not parse" not in result.stderr
 
 
 # -- wait: JobTimeout ----------------------------------------------------------------------------
