@@ -20,15 +20,16 @@ table next to it as ``.md``):
     ``--herd-workers`` idle workers on one queue: ``--herd-processes`` processes of
     ``python -m benchmarks.fleet_app herd`` each running its share as independent
     ``app.run_worker_async`` workers (own worker id, claim connections, completer, LISTEN).
-    Once all are registered and listening, one warm-up job, an idle pause (the idle claim
-    rate), then ``--herd-jobs`` jobs deferred one at a time, each once the previous has
-    finished. Pickup latency = the job's ``started_at`` (set by the claim) - the driver's
-    ``time.time()`` just before ``defer``; claims per job = claim statements sent by all the
-    workers between the first defer and shortly after the last job finished (counted in the
-    workers by wrapping ``Claims.claim``; cross-checked with ``pg_stat_statements`` when the
-    server has it loaded, as the private server does); database CPU per job = utime + stime
-    (``/proc/<pid>/stat``) of the benchmark database's backends over the same window (the
-    driver's own backends excluded). Goal: ≤ 2 claims per job.
+    Once all are registered and listening: one warm-up job, an idle pause (``--herd-idle``:
+    the idle claim rate and CPU), then ``--herd-jobs`` jobs deferred one at a time, each once
+    the previous has finished. Pickup latency: the job's ``started_at`` (set by the claim)
+    minus the driver's ``time.time()`` just before ``defer``. Claims per job: the claim
+    statements all the workers sent between the first defer and shortly after the last job
+    finished (counted in the workers by wrapping ``Claims.claim``; cross-checked with
+    ``pg_stat_statements`` when the server has it loaded, as the private server does).
+    Database CPU per job: utime + stime (``/proc/<pid>/stat``) of the benchmark database's
+    backends over the same window (the driver's own backends excluded). Goal: <= 2 claims
+    per job.
 ``cpu``
     A sync task doing ~2 ms of pure-Python work (``k`` calibrated here), ``--cpu-jobs`` of
     them, drained like ``throughput`` by 1 and by 2 separate ``pgtq worker`` processes, and
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -79,7 +81,6 @@ CLAIMS_GOAL = 2.0
 CPU_GOAL = 1.7
 HERD_GAP = 0.02  # between one herd job's end and the next defer
 HERD_SETTLE = 0.3  # after the last herd job: late claims of the herd still count
-HERD_IDLE = 2.0  # the idle pause that gives the idle claim rate
 POLL = 0.002  # the herd driver's poll of its job's row
 DRAIN_POLL = 0.05  # the throughput driver's poll of the unfinished count
 STARTUP_TIMEOUT = 120.0
@@ -375,7 +376,9 @@ class Fleet:
         jobs = len(arguments)
         with self.database() as name:
             dsn = self.server.dsn(name)
+            t0 = time.monotonic()
             self.prepare(name, task, arguments)
+            t1 = time.monotonic()
             real = [dsn if c == "<dsn>" else c for c in command]
             started: list[tuple[subprocess.Popen[str], Path]] = []
             try:
@@ -384,6 +387,7 @@ class Fleet:
                         started.append(self.spawn(real, f"{tag}-{i}"))
                     popen = [p for p, _ in started]
                     seen = self.wait_listening(conn, workers, popen)
+                    t2 = time.monotonic()
                     with self.app_on(name) as app:
                         opened = time.time()
                         app.queues.resume(QUEUE)  # its NOTIFY wakes every worker at once
@@ -400,7 +404,9 @@ class Fleet:
                             raise bench.BenchFailure(f"{tag}: worker {why}, {row} unfinished")
                         time.sleep(DRAIN_POLL)
                     seen_drained = time.time()
+                    t3 = time.monotonic()
                     codes = self.stop(popen, [e for _, e in started])
+                    t4 = time.monotonic()
                     span = conn.execute(
                         "SELECT extract(epoch FROM min(started_at))::float8,"
                         " extract(epoch FROM max(finished_at))::float8 FROM pgtq.jobs"
@@ -435,6 +441,8 @@ class Fleet:
             "jobs_per_worker": shares,
             "exit_codes": codes,
             "at_start": seen,
+            # driver-side seconds: queue and migrate, start-up until all listen, run, stop
+            "phases_s": [round(b - a, 2) for a, b in itertools.pairwise((t0, t1, t2, t3, t4))],
         }
 
     # -- the figures -----------------------------------------------------------------------
@@ -614,7 +622,7 @@ class Fleet:
             driver = self.driver_backends(conn, mine)
             workers = self.backends(conn, driver)
             idle_from, cpu0 = time.time(), cpu_ticks(workers)
-            time.sleep(HERD_IDLE)
+            time.sleep(a.herd_idle)
             idle_to, cpu1 = time.time(), cpu_ticks(workers)
             if pgss:
                 conn.execute("SELECT pg_stat_statements_reset()")
@@ -772,6 +780,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--herd-workers", type=int, default=100)
     p.add_argument("--herd-processes", type=int, default=10)
     p.add_argument("--herd-jobs", type=int, default=50)
+    p.add_argument(
+        "--herd-idle",
+        type=float,
+        default=6.0,
+        help="seconds of the idle pause (the idle claim rate, CPU): over the 5 s polling",
+    )
     p.add_argument("--cpu-jobs", type=int, default=2000)
     p.add_argument("--cpu-ms", type=float, default=2.0, help="pure-Python work per CPU job")
     p.add_argument("--figures", default="throughput,herd,cpu")
