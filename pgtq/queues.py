@@ -28,9 +28,9 @@ if TYPE_CHECKING:
 __all__ = [
     "QueueInfo",
     "QueueManager",
+    "at_worker_start",
     "describe_known",
     "unknown_queues",
-    "warn_unknown_queues",
 ]
 
 #: The worker's logger: the warning about unknown queues is a line of its start.
@@ -44,6 +44,15 @@ class QueueManager(AppOperations):
     def declared(self) -> builtins.list[str]:
         """The queues the app's tasks declare, by name (no I/O)."""
         return sorted({task.defaults.queue for task in self._app.tasks.values()})
+
+    def record_declared(self) -> builtins.list[str]:
+        """Record the declared queues in the database, so what sees only the database
+        (``pgtq stats --dsn``, the dashboards, ``queues list``) shows them while idle. Every
+        worker does it at its start. Returns the queues it added."""
+        return self._run(statements.declare_queues(self._s, self.declared()))
+
+    async def record_declared_async(self) -> builtins.list[str]:
+        return await self._run_async(statements.declare_queues(self._s, self.declared()))
 
     def stats(self, window: float = 60.0) -> Stats:
         """``app.jobs.stats()`` with every known queue: a declared queue with no job, or one
@@ -128,10 +137,14 @@ def describe_known(known: Sequence[str]) -> str:
     return "known queues: " + (", ".join(known) if known else "none yet")
 
 
-async def warn_unknown_queues(app: App, asked: Sequence[str] | None, worker_id: str) -> None:
-    """Once, at a worker's start: a queue it was asked for that no task declares and the
-    database does not know (``-q emial``) runs nothing, ever; say so on one line, naming the
-    known queues. A worker of every queue (``asked`` None) has nothing to check."""
+async def at_worker_start(app: App, asked: Sequence[str] | None, worker_id: str) -> None:
+    """Once, at a worker's start: record the app's declared queues (see
+    :meth:`Queues.record_declared`); then a queue the worker was asked for that no task
+    declares and the database does not know (``-q emial``) runs nothing, ever: say so on one
+    line, naming the known queues. A worker of every queue (``asked`` None) has nothing to
+    check."""
+    if app.queues.declared():
+        await app.queues.record_declared_async()
     if not asked or not unknown_queues(asked, app.queues.declared()):
         return  # the common case costs no query
     known = await app.queues.known_async()

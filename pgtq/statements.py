@@ -1202,6 +1202,20 @@ class Statements:
         return sa.select(sa.func.count(sa.func.pg_notify(self.channel, changed.c.name)))
 
     @cached_property
+    def declare_queues(self) -> ReturningInsert[Any]:
+        """Record queues by name (a worker's tasks' declared queues, at its start), so tools
+        that see only the database list them while idle; a queue already known is left as
+        it is (paused, limits). Returns the names it added."""
+        q = self.t.queues
+        names = sa.select(sa.func.unnest(_array("queue_names", sa.Text())).label("name"))
+        return (
+            pg_insert(q)
+            .from_select([q.c.name], names)
+            .on_conflict_do_nothing(index_elements=[q.c.name])
+            .returning(q.c.name)
+        )
+
+    @cached_property
     def list_queues(self) -> sa.Select[Any]:
         """Queues paused or resumed once, and queues with waiting or running jobs."""
         q, j = self.t.queues, self.jobs
@@ -1878,6 +1892,10 @@ def pause_queue(s: Statements, name: str) -> Query[bool]:
 
 def resume_queue(s: Statements, name: str) -> Query[bool]:
     return Query(s.resume_queue, {"queue_name": name}, lambda r: bool(_one_or_none(r)))
+
+
+def declare_queues(s: Statements, names: Sequence[str]) -> Query[list[str]]:
+    return Query(s.declare_queues, {"queue_names": list(names)}, lambda r: [row[0] for row in r])
 
 
 def list_queues(s: Statements) -> Query[list[QueueInfo]]:

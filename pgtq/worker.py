@@ -51,7 +51,7 @@ from pgtq.outcomes import (
     rescue_outcome,
 )
 from pgtq.periodic import run_scheduler
-from pgtq.queues import warn_unknown_queues
+from pgtq.queues import at_worker_start
 from pgtq.runner import JobRunner
 from pgtq.scope import WorkerScope
 from pgtq.threads import ThreadRunner
@@ -195,7 +195,7 @@ class Worker:
     async def _run(self, started: float) -> WorkerStats:
         connector = self.app.async_connector()
         await self._check_schema(connector)
-        await warn_unknown_queues(self.app, self.queues, self.worker_id)  # a typo runs nothing
+        await at_worker_start(self.app, self.queues, self.worker_id)  # a typo: warned
         threads = None
         if any(not t.is_async for t in self.app.tasks.values()):
             threads = ThreadRunner(self.concurrency, asyncio.get_running_loop(), name="pgtq-job")

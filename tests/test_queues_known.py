@@ -172,6 +172,25 @@ def test_stats_shows_idle_declared_queues(dsn: str) -> None:
     )
 
 
+def test_a_worker_records_its_declared_queues_for_tools_with_only_a_dsn(dsn: str, sql: SQL) -> None:
+    """``pgtq stats --dsn`` sees the database only: idle declared queues show there (and in
+    ``queues list``) once a worker of the app has started; a paused one stays paused."""
+    assert invoke("queues", "pause", "greetings", "--app", APP, dsn=dsn).exit_code == 0
+    before = json.loads(invoke("stats", "--json", dsn=dsn).stdout)["queues"]
+    assert [q["name"] for q in before] == ["greetings"]  # the default queue is not known yet
+    result = invoke("worker", APP, "--one-shot", dsn=dsn)
+    assert result.exit_code == 0, result.output
+    after = {q["name"]: q for q in json.loads(invoke("stats", "--json", dsn=dsn).stdout)["queues"]}
+    assert sorted(after) == ["default", "greetings"]
+    assert after["default"]["counts"] == {s.value: 0 for s in COUNTED_STATUSES}
+    listed = {q["name"]: q for q in json.loads(invoke("queues", "list", "--json", dsn=dsn).stdout)}
+    assert listed["greetings"]["paused"] is True and listed["default"]["paused"] is False
+    assert sql("SELECT name, paused FROM pgtq.queues ORDER BY name") == [
+        ("default", False),
+        ("greetings", True),
+    ]
+
+
 def test_defer_to_a_queue_no_task_declares_warns_and_defers(dsn: str, sql: SQL) -> None:
     result = invoke("defer", APP, "greet", '{"name": "Ada"}', "--queue", "greetngs", dsn=dsn)
     assert result.exit_code == 0, result.output

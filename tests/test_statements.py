@@ -150,6 +150,7 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
     "pause_queue": [lambda: statements.pause_queue(S, "q")],
     "resume_queue": [lambda: statements.resume_queue(S, "q")],
     "list_queues": [lambda: statements.list_queues(S)],
+    "declare_queues": [lambda: statements.declare_queues(S, ["q", "r"])],
     "defer_ticks": [lambda: statements.defer_ticks(S, TickRows.empty())],
     "delete_old_ticks": [lambda: statements.delete_old_ticks(S, 60.0)],
     "throughput": [
