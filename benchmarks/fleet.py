@@ -104,18 +104,16 @@ def figures(args: argparse.Namespace) -> dict[str, Figure]:
         )
         for n in args.processes
     }
-    herd = f"{args.herd_workers} idle workers, {args.herd_jobs} jobs one at a time"
-    found |= {
-        "herd_latency_p50": Figure("herd_latency_p50", f"pickup latency p50, {herd}", "ms"),
-        "herd_latency_p95": Figure("herd_latency_p95", f"pickup latency p95, {herd}", "ms"),
-        "herd_claims_per_job": Figure(
-            "herd_claims_per_job", f"claim statements per job, {herd}", "claims"
-        ),
-        "herd_db_cpu_per_job": Figure("herd_db_cpu_per_job", f"database CPU per job, {herd}", "ms"),
-        "herd_worker_cpu_per_job": Figure(
-            "herd_worker_cpu_per_job", f"worker processes' CPU per job, {herd}", "ms"
-        ),
-    }
+    for w in args.herd_workers:
+        herd = f"{w} idle worker{'s' if w > 1 else ''}, {args.herd_jobs} jobs one at a time"
+        for key, title, unit in (
+            ("latency_p50", "pickup latency p50", "ms"),
+            ("latency_p95", "pickup latency p95", "ms"),
+            ("claims_per_job", "claim statements per job", "claims"),
+            ("db_cpu_per_job", "database CPU per job", "ms"),
+            ("worker_cpu_per_job", "worker processes' CPU per job", "ms"),
+        ):
+            found[f"herd_w{w}_{key}"] = Figure(f"herd_w{w}_{key}", f"{title}, {herd}", unit)
     cpu = f"{args.cpu_jobs:,} sync jobs of ~{args.cpu_ms:g} ms pure Python"
     for n in (1, 2):
         found[f"cpu_separate_p{n}"] = Figure(
@@ -501,10 +499,11 @@ class Fleet:
             self._calibrated_ms = round(min(_timed(spin, self._k) for _ in range(5)) * 1000, 3)
         return self._k
 
-    def herd(self) -> None:
+    def herd(self, workers: int) -> None:
         a = self.args
-        per = -(-a.herd_workers // a.herd_processes)
-        counts = [min(per, a.herd_workers - i * per) for i in range(a.herd_processes)]
+        procs = min(a.herd_processes, workers)
+        per = -(-workers // procs)
+        counts = [min(per, workers - i * per) for i in range(procs)]
         counts = [c for c in counts if c > 0]
         with self.database() as name:
             dsn = self.server.dsn(name)
@@ -520,7 +519,7 @@ class Fleet:
                         command += [str(count), str(a.concurrency), str(logs[i])]
                         started.append(self.spawn(command, f"herd-{i}"))
                     popen = [p for p, _ in started]
-                    seen = self.wait_listening(conn, a.herd_workers, popen)
+                    seen = self.wait_listening(conn, workers, popen)
                     result = self.herd_jobs(name, conn, popen, pgss)
                     self.stop(popen, [e for _, e in started])
                 finally:
@@ -538,7 +537,7 @@ class Fleet:
         latencies = sorted(result["latencies_ms"])
         settings = {
             "jobs": jobs,
-            "workers": a.herd_workers,
+            "workers": workers,
             "processes": len(counts),
             "workers_per_process": counts,
             "concurrency": a.concurrency,
@@ -564,13 +563,18 @@ class Fleet:
             "latency_max_ms": latencies[-1],
             "latency_mean_ms": statistics.fmean(latencies),
         }
-        self.emit("herd_latency_p50", bench.percentile(latencies, 50), settings, extra)
-        self.emit("herd_latency_p95", bench.percentile(latencies, 95), settings, extra)
-        self.emit("herd_claims_per_job", len(inside) / jobs, settings, extra)
-        if result["db_cpu_ms"] is not None:
-            self.emit("herd_db_cpu_per_job", result["db_cpu_ms"] / jobs, settings, extra)
-        if result["worker_cpu_ms"] is not None:
-            self.emit("herd_worker_cpu_per_job", result["worker_cpu_ms"] / jobs, settings, extra)
+        per_job = {
+            "latency_p50": bench.percentile(latencies, 50),
+            "latency_p95": bench.percentile(latencies, 95),
+            "claims_per_job": len(inside) / jobs,
+            "db_cpu_per_job": None if result["db_cpu_ms"] is None else result["db_cpu_ms"] / jobs,
+            "worker_cpu_per_job": None
+            if result["worker_cpu_ms"] is None
+            else result["worker_cpu_ms"] / jobs,
+        }
+        for key, value in per_job.items():
+            if value is not None:
+                self.emit(f"herd_w{workers}_{key}", value, settings, extra)
 
     def stat_statements(self, conn: psycopg.Connection[Any]) -> bool:
         """pg_stat_statements in this database, when the server has it loaded."""
@@ -684,7 +688,8 @@ class Fleet:
             for n in self.args.processes:
                 self.attempt(f"throughput_p{n}", self.throughput, n)
         if "herd" in groups:
-            self.attempt("herd", self.herd)
+            for w in self.args.herd_workers:
+                self.attempt(f"herd_w{w}", self.herd, w)
         if "cpu" in groups:
             ways = ["separate"]
             if "--processes" in (bench.ROOT / "pgtq" / "cli.py").read_text():
@@ -742,15 +747,19 @@ def notes(records: list[dict[str, Any]], values: dict[str, float]) -> list[str]:
             f"throughput: best {rates[best_n]:,.0f} jobs/s at {best_n} process(es); at {top}:"
             f" {ratio:.2f} of the best ({target} the ≥ {THROUGHPUT_GOAL} goal)"
         )
-    if "herd_claims_per_job" in values:
-        claims = values["herd_claims_per_job"]
+    herds = sorted(int(k[6:].split("_")[0]) for k in values if k.endswith("_claims_per_job"))
+    for w in herds:
+        claims = values[f"herd_w{w}_claims_per_job"]
         target = "meets" if claims <= CLAIMS_GOAL else "misses"
-        extra = next(r["extra"] for r in records if r.get("figure") == "fleet_herd_claims_per_job")
+        extra = next(
+            r["extra"] for r in records if r.get("figure") == f"fleet_herd_w{w}_claims_per_job"
+        )
         found.append(
-            f"herd: {claims:.1f} claims per job ({target} the ≤ {CLAIMS_GOAL:g} goal);"
+            f"herd of {w}: {claims:.1f} claims per job ({target} the ≤ {CLAIMS_GOAL:g} goal);"
             f" {extra['claims_that_got_a_job']} of {extra['claims']} claims got a job;"
-            f" idle polling ~{extra['idle_claims_in_window_est']} of them;"
-            f" pg_stat_statements: {extra['pg_stat_statements_claims']}"
+            f" pg_stat_statements counted {extra['pg_stat_statements_claims']}; idle:"
+            f" {extra['idle_claims_per_s']} claims/s, database CPU"
+            f" {extra['db_cpu_idle_ms_per_s']} ms/s"
         )
     for way in ("separate", "processes"):
         one, two = values.get(f"cpu_{way}_p1"), values.get(f"cpu_{way}_p2")
@@ -777,7 +786,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=100_000, help="backlog of the throughput figure")
     p.add_argument("--processes", default="1,2,4,8,16", help="worker processes to try")
     p.add_argument("--concurrency", type=int, default=16, help="per worker")
-    p.add_argument("--herd-workers", type=int, default=100)
+    p.add_argument("--herd-workers", default="1,100", help="herd sizes to try (a baseline first)")
     p.add_argument("--herd-processes", type=int, default=10)
     p.add_argument("--herd-jobs", type=int, default=50)
     p.add_argument(
@@ -794,6 +803,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-snapshot", dest="snapshot", action="store_false")
     args = p.parse_args(argv)
     args.processes = [int(n) for n in args.processes.split(",") if n.strip()]
+    args.herd_workers = [int(n) for n in args.herd_workers.split(",") if n.strip()]
     args.figures = [f.strip() for f in args.figures.split(",") if f.strip()]
     unknown = set(args.figures) - {"throughput", "herd", "cpu"}
     if unknown:

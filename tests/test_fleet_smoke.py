@@ -27,7 +27,16 @@ def test_a_tiny_fleet_run_produces_every_figure(server_url: URL, tmp_path: Path)
         *("--fleet", "--no-snapshot"),
         *("--dsn", server_url.render_as_string(hide_password=False)),
         *("--jobs", "300", "--processes", "1,2"),
-        *("--herd-workers", "4", "--herd-processes", "2", "--herd-jobs", "3", "--herd-idle", "0.3"),
+        *(
+            "--herd-workers",
+            "1,4",
+            "--herd-processes",
+            "2",
+            "--herd-jobs",
+            "3",
+            "--herd-idle",
+            "0.3",
+        ),
         *("--cpu-jobs", "30", "--cpu-ms", "1"),
         *("--out", str(tmp_path)),
     ]
@@ -40,7 +49,7 @@ def test_a_tiny_fleet_run_produces_every_figure(server_url: URL, tmp_path: Path)
     records = {r["figure"]: r for r in map(json.loads, results.read_text().splitlines())}
     herd = {"latency_p50", "latency_p95", "claims_per_job", "db_cpu_per_job"}
     expected = {"fleet_throughput_p1", "fleet_throughput_p2", "fleet_cpu_separate_p1"}
-    expected |= {"fleet_cpu_separate_p2"} | {f"fleet_herd_{h}" for h in herd}
+    expected |= {"fleet_cpu_separate_p2"} | {f"fleet_herd_w{w}_{h}" for h in herd for w in (4,)}
     assert expected <= set(records), sorted(records)
     for record in records.values():
         assert record["value"] >= 0 if "cpu_per_job" in record["figure"] else record["value"] > 0
@@ -50,12 +59,13 @@ def test_a_tiny_fleet_run_produces_every_figure(server_url: URL, tmp_path: Path)
         assert extra["at_start"]["registered"] == n  # the barrier waited for every process
         assert sum(extra["jobs_per_worker"]) == 300
         assert extra["barrier_to_first_claim_s"] >= 0  # no job ran before the barrier opened
-    claims = records["fleet_herd_claims_per_job"]["extra"]
-    assert claims["at_start"]["listening"] >= 4
-    assert claims["claims_that_got_a_job"] == 3  # every job was claimed once, and counted
-    assert records["fleet_herd_claims_per_job"]["value"] >= 1
+    for w in (4,):
+        claims = records[f"fleet_herd_w{w}_claims_per_job"]["extra"]
+        assert claims["at_start"]["listening"] >= w
+        assert claims["claims_that_got_a_job"] == 3  # every job was claimed once, and counted
+        assert records[f"fleet_herd_w{w}_claims_per_job"]["value"] >= 1
     table = results.with_suffix(".md").read_text()
-    for note in ("throughput: best", "herd:", "CPU-bound, separate: 2 / 1 processes"):
+    for note in ("throughput: best", "herd of 4:", "CPU-bound, separate: 2 / 1 processes"):
         assert note in table
 
 
