@@ -25,6 +25,8 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, CursorResult, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import QueuePool
+from sqlalchemy.util import greenlet_spawn
 
 from pgtq.errors import (
     AlreadyEnqueued,
@@ -668,12 +670,10 @@ class AsyncConnector:
         )
         self.driver_sql = DriverSQL(engine.dialect)
         self._on_asyncpg = engine.dialect.driver == "asyncpg"
-        # The enqueue fast path's own driver connections (LIFO), at most as many in use at
-        # once as the engine's pool holds: a pooled checkout through SQLAlchemy's greenlet
-        # bridge costs about as much CPU as the insert itself.
-        self._idle: list[_AsyncpgConnection] = []
-        size = getattr(engine.pool, "size", None)
-        self._slots = asyncio.Semaphore(max(1, size()) if callable(size) else 5)
+        # Where the worker's own connections (claims, completer, LISTEN) are opened: a pool
+        # with the engine's settings and events but none of its connections, so they never
+        # take (or wait for) a place in the app's pool (docs/howto/connections.md).
+        self._own: AsyncEngine | None = None
 
     async def run(self, query: Query[T], connection: AsyncConnection | None = None) -> T:
         """Run one statement: on the caller's connection (errors translated, never retried),
@@ -691,20 +691,29 @@ class AsyncConnector:
         return await self._errors.acall(pooled, retry=True)
 
     async def _run_on_driver(self, query: Query[T]) -> T:
-        """One statement straight on an asyncpg connection (outside a transaction block,
-        asyncpg commits each statement)."""
-        async with self._slots:
-            conn = self._idle.pop() if self._idle else _AsyncpgConnection(self, ping=True)
-            try:
-                result = await conn.run(query)
-            except BaseException as exc:
-                if not _server_error(exc.__cause__ or exc):
-                    await conn.close()  # cancelled mid-statement, or lost: open a new one
-                    raise
-                self._idle.append(conn)
-                raise
-            self._idle.append(conn)
-            return result
+        """One statement straight on a pooled asyncpg connection (outside a transaction
+        block, asyncpg commits each statement): the pool's checkout, not SQLAlchemy's
+        execution, so the engine's ``pool_size + max_overflow`` bounds it with the rest."""
+        return await self._errors.acall(lambda: self._driver_once(query), retry=True)
+
+    async def _driver_once(self, query: Query[T]) -> T:
+        try:
+            raw = await self.engine.raw_connection()
+        except Exception as exc:
+            self._errors.raise_opening(exc)
+        try:
+            rows = await fetch_asyncpg(raw.driver_connection, self.driver_sql, query)
+        except BaseException as exc:
+            if not _server_error(exc):
+                raw.invalidate()  # cancelled mid-statement, or lost: never back to the pool
+            raise
+        finally:
+            pool = self.engine.pool
+            if isinstance(pool, QueuePool) and pool.checkedin() < pool.size():
+                raw.close()  # back in the pool: no I/O (no transaction to roll back)
+            else:
+                await greenlet_spawn(raw.close)  # the pool closes it: I/O, in SQLAlchemy's bridge
+        return query.mapper(rows)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -783,10 +792,15 @@ class AsyncConnector:
     async def _open_detached(
         self, engine: AsyncEngine | None = None, errors: _Translator | None = None
     ) -> tuple[AsyncConnection, Any]:
-        """A connection taken out of the pool for good (the engine's, else the listen
-        engine's), and its driver connection."""
+        """A connection of its own, outside the app's pool (from the listen engine, else
+        with the app engine's settings, see ``_own``), and its driver connection."""
+        if engine is None:
+            if self._own is None:
+                pool = self.engine.sync_engine.pool.recreate()  # same creator and events
+                self._own = create_async_engine(self.engine.url, pool=pool)
+            engine = self._own
         try:
-            conn = await (engine or self.engine).connect()
+            conn = await engine.connect()
         except Exception as exc:
             (errors or self._errors).raise_opening(exc)
         raw = await conn.get_raw_connection()
@@ -802,8 +816,8 @@ class AsyncConnector:
         It runs only queries with a driver form (``Query.driver``; any other raises
         :class:`~pgtq.fastpath.NoDriverForm`). On asyncpg it runs each one's compiled SQL
         straight on the driver, prepared once per connection: no pool checkout, no
-        SQLAlchemy execution per call (pgtq.fastpath). Elsewhere it falls back to the pooled
-        path.
+        SQLAlchemy execution per call (pgtq.fastpath), on a connection opened here, outside
+        the app's pool (reopened after a loss). Elsewhere it falls back to the pooled path.
 
         ``session``: SQL run each time the connection is opened (its settings stay its own);
         ignored on the pooled fallback. ``jsonb_text``: ``jsonb`` values come as text, read
@@ -811,12 +825,20 @@ class AsyncConnector:
         """
         if self.engine.dialect.driver != "asyncpg":
             return _PooledConnection(self)
-        return _AsyncpgConnection(self, session=session, jsonb_text=jsonb_text)
+        conn = _AsyncpgConnection(self, session=session, jsonb_text=jsonb_text)
+        try:
+            # Opened now: a worker holds its connections from its start (a fixed count, and
+            # a server at its connection cap refuses the worker there, not mid-run).
+            await self._errors.acall(conn._ready, retry=True)
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
 
     async def close(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await conn.close()
+        if self._own is not None:
+            await self._own.dispose()  # none of the worker's, detached: only its empty pool
+            self._own = None
         if self.owned:
             await self.engine.dispose()
         if self._listen_engine is not None:
@@ -844,13 +866,13 @@ class _PooledConnection(DedicatedConnection):
 
 
 class _AsyncpgConnection(DedicatedConnection):
-    """A driver connection out of the pool, opened on first use and again after a loss."""
+    """A driver connection of its own (the worker's claims, its completer), outside the
+    app's pool, opened on first use and again after a loss."""
 
     def __init__(
         self,
         connector: AsyncConnector,
         *,
-        ping: bool = False,
         session: tuple[str, ...] = (),
         jsonb_text: bool = False,
     ) -> None:
@@ -859,18 +881,14 @@ class _AsyncpgConnection(DedicatedConnection):
         self._jsonb_text = jsonb_text
         self._conn: AsyncConnection | None = None
         self._driver: Any = None
-        # Pinged before use when idle past PING_AFTER_IDLE, as pooled connections are.
-        self._ping = ping
-        self._used = 0.0
 
     async def _ready(self) -> Any:
         """The driver connection, known alive before anything is sent on it: a new one when
-        there is none, it closed, or it was idle past PING_AFTER_IDLE (when pinged) or has
-        input waiting (the server's goodbye, most likely) and a ping fails."""
+        there is none, it closed, or it has input waiting (the server's goodbye, most
+        likely) and a ping fails."""
         driver = self._driver
         if driver is not None and not driver.is_closed():
-            stale = self._ping and time.monotonic() - self._used >= PING_AFTER_IDLE
-            if not stale and not _pending_input(driver):
+            if not _pending_input(driver):
                 return driver
             try:
                 await driver.execute("SELECT 1")
@@ -896,7 +914,6 @@ class _AsyncpgConnection(DedicatedConnection):
         driver = await self._ready()
         try:
             rows = await fetch_asyncpg(driver, self._connector.driver_sql, query)
-            self._used = time.monotonic()
         except BaseException as exc:
             # Not an error PostgreSQL sent about the statement (lost, cancelled mid-statement,
             # or the driver stuck mid-operation): the connection is in an unknown state, and

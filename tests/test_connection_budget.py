@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -28,6 +30,10 @@ def _named(dsn: str, name: str) -> str:
         .update_query_dict({"application_name": name})
         .render_as_string(hide_password=False)
     )
+
+
+def _plain(dsn: str) -> str:
+    return make_url(dsn).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def _name() -> str:
@@ -136,7 +142,7 @@ async def test_a_worker_that_does_not_listen_finds_jobs_by_polling(dsn: str, sql
         ran.set()
 
     async with _running(app, fetch_job_polling_interval=0.5):
-        await eventually(lambda: _backends(sql, name) >= 3)  # started: claims, completer
+        await eventually(lambda: _backends(sql, name) == 4)  # started: claims, completer, pool
         loop = asyncio.get_running_loop()
         deferred = loop.time()
         await ping.defer_async()
@@ -145,3 +151,169 @@ async def test_a_worker_that_does_not_listen_finds_jobs_by_polling(dsn: str, sql
         assert _listening(sql) == []
     # Found by the next poll: within the interval, plus a claim and the start.
     assert waited < 0.5 + 1.0
+
+
+# -- an app that defers: within the engine's pool ---------------------------------------------
+
+
+class _Peak:
+    """The most backends of one application_name seen at once, sampled on a connection of
+    its own (not counted: another application_name) while the load runs."""
+
+    def __init__(self, dsn: str, name: str) -> None:
+        self._dsn, self._name = dsn, name
+        self.most = 0
+
+    async def during(self, load: Awaitable[Any]) -> Any:
+        conn = await asyncpg.connect(_plain(self._dsn))
+        running = asyncio.ensure_future(load)
+        try:
+            while True:
+                now = await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name = $1 AND backend_type = 'client backend'",
+                    self._name,
+                )
+                self.most = max(self.most, now)
+                if running.done():
+                    return running.result()
+                await asyncio.sleep(0.002)
+        finally:
+            await conn.close()
+
+
+async def _defers_and_reads(app: pgtq.App, defers: int = 20, reads: int = 10) -> None:
+    """Concurrent defers (the fast path) and job reads (SQLAlchemy's pooled path)."""
+
+    @app.task(name="noop")
+    def noop(n: int) -> None: ...
+
+    first = await noop.defer_async(n=-1)
+    await asyncio.gather(
+        *(noop.defer_async(n=i) for i in range(defers)),
+        *(app.jobs.get_async(first) for _ in range(reads)),
+    )
+
+
+def _sync_defers_and_reads(app: pgtq.App, defers: int = 20, reads: int = 10) -> Awaitable[Any]:
+    @app.task(name="noop")
+    def noop(n: int) -> None: ...
+
+    first = noop.defer(n=-1)
+    pool = ThreadPoolExecutor(defers + reads)
+    loop = asyncio.get_running_loop()
+    calls = [loop.run_in_executor(pool, lambda i=i: noop.defer(n=i)) for i in range(defers)]
+    calls += [loop.run_in_executor(pool, app.jobs.get, first) for _ in range(reads)]
+
+    async def all_done() -> None:
+        try:
+            await asyncio.gather(*calls)
+        finally:
+            pool.shutdown()
+
+    return all_done()
+
+
+async def test_async_defers_stay_within_the_users_asyncpg_pool(dsn: str, sql: Sql) -> None:
+    name = _name()
+    url = make_url(dsn).set(drivername="postgresql+asyncpg")
+    engine = create_async_engine(
+        url,
+        pool_size=2,
+        max_overflow=0,
+        connect_args={"server_settings": {"application_name": name}},
+    )
+    app = pgtq.App(async_engine=engine)
+    peak = _Peak(dsn, name)
+    try:
+        await peak.during(_defers_and_reads(app))
+    finally:
+        await app.close_async()
+        await engine.dispose()
+    assert 1 <= peak.most <= 2
+
+
+async def test_async_defers_stay_within_the_users_psycopg_pool(dsn: str, sql: Sql) -> None:
+    name = _name()
+    url = make_url(_named(dsn, name)).set(drivername="postgresql+psycopg")
+    engine = create_async_engine(url, pool_size=2, max_overflow=0)
+    app = pgtq.App(async_engine=engine)
+    peak = _Peak(dsn, name)
+    try:
+        await peak.during(_defers_and_reads(app))
+    finally:
+        await app.close_async()
+        await engine.dispose()
+    assert 1 <= peak.most <= 2
+
+
+async def test_sync_defers_stay_within_the_users_pool(dsn: str, sql: Sql) -> None:
+    name = _name()
+    url = make_url(_named(dsn, name)).set(drivername="postgresql+psycopg")
+    engine = sa.create_engine(url, pool_size=2, max_overflow=0)
+    app = pgtq.App(engine=engine)
+    peak = _Peak(dsn, name)
+    try:
+        await peak.during(_sync_defers_and_reads(app))
+    finally:
+        app.close()
+        engine.dispose()
+    assert 1 <= peak.most <= 2
+
+
+@pytest.mark.parametrize("side", ["sync", "async"])
+async def test_max_connections_bounds_an_app_that_defers(dsn: str, sql: Sql, side: str) -> None:
+    name = _name()
+    app = pgtq.App(_named(dsn, name), max_connections=3)
+    peak = _Peak(dsn, name)
+    try:
+        load = _defers_and_reads(app) if side == "async" else _sync_defers_and_reads(app)
+        await peak.during(load)
+    finally:
+        await app.close_async()
+    assert 1 <= peak.most <= 3
+
+
+# -- a worker: its own connections, plus its app's pool ---------------------------------------
+
+
+async def test_an_idle_worker_holds_its_documented_connections(dsn: str, sql: Sql) -> None:
+    """LISTEN 1 + claims 2 + completer 1, opened at start, plus the pool's one connection that
+    its heartbeat and look-ups share (docs/howto/connections.md)."""
+    from pgtq.claims import CLAIMS_IN_FLIGHT
+
+    name = _name()
+    app = pgtq.App(_named(dsn, name))
+    async with _running(app):
+        await eventually(lambda: _listening(sql) == [name])
+        await eventually(lambda: _backends(sql, name) == 1 + CLAIMS_IN_FLIGHT + 1 + 1)
+
+
+async def test_a_busy_worker_stays_within_its_budget(dsn: str, sql: Sql) -> None:
+    """With max_connections=1 the worker's total is exact: 4 of its own + 1 in the pool, while
+    jobs that defer jobs run, beat and complete."""
+    name = _name()
+    app = pgtq.App(_named(dsn, name), max_connections=1)
+
+    @app.task(name="chain")
+    async def chain(n: int) -> None:
+        if n % 2 == 0:
+            await chain.defer_async(n=n + 1)  # the fast path, inside the worker
+
+    jobs = 200
+    await chain.defer_many_async([{"n": i * 2} for i in range(jobs)])
+    async with _running(app, concurrency=20, heartbeat_interval=0.05):
+        await eventually(lambda: _backends(sql, name) == 5)
+        peak = _Peak(dsn, name)
+
+        async def all_run() -> None:
+            await eventually(
+                lambda: (
+                    sql("SELECT count(*) FROM pgtq.jobs WHERE status = 'succeeded'")
+                    == [(2 * jobs,)]
+                ),
+                timeout=60,
+            )
+
+        await peak.during(all_run())
+    assert peak.most == 5
