@@ -557,6 +557,16 @@ PrefetchOption = Annotated[
 OneShotOption = Annotated[
     bool, typer.Option("--one-shot", help="Run the jobs that are due, then exit.")
 ]
+ProcessesOption = Annotated[
+    int,
+    typer.Option(
+        "--processes",
+        min=1,
+        help="Worker processes, each a full worker (own id, heartbeat, connections) under one "
+        "supervisor that forwards SIGTERM/SIGINT and restarts one that dies: one per core for "
+        "CPU-bound sync tasks (default: 1, this process).",
+    ),
+]
 
 
 def _seconds(flag: str, help: str, *, least: float = 0.01, finite: bool = True) -> Any:
@@ -696,6 +706,7 @@ def worker(
     batch_size: BatchSizeOption = None,
     prefetch: PrefetchOption = None,
     one_shot: OneShotOption = False,
+    processes: ProcessesOption = 1,
     fetch_job_polling_interval: FetchIntervalOption = None,
     abort_job_polling_interval: AbortIntervalOption = None,
     shutdown_graceful_timeout: GracefulTimeoutOption = None,
@@ -725,6 +736,17 @@ def worker(
         raise AppNotFound(
             f"{app_path!r} is not a pgtq.App nor a factory of one (got {type(factory).__name__})"
         )
+    if processes > 1:  # children run this command again, less --processes (pgtq.supervisor)
+        from pgtq import supervisor
+
+        with _logging_to_stderr(
+            log_level.value if log_level is not None else None,
+            log_format.value if log_format is not None else None,
+        ):
+            code = supervisor.run_processes(
+                processes, sys.argv[1:], name=name, metrics_port=metrics_port
+            )
+        raise typer.Exit(code)
     given: dict[str, Any] = {
         "queues": list(queue) if queue else None,
         "concurrency": concurrency,
