@@ -104,8 +104,11 @@ def figures(args: argparse.Namespace) -> dict[str, Figure]:
         )
         for n in args.processes
     }
-    for w in args.herd_workers:
+    for w, variant in itertools.product(args.herd_workers, args.herd_variants):
         herd = f"{w} idle worker{'s' if w > 1 else ''}, {args.herd_jobs} jobs one at a time"
+        if variant == "stagger":
+            herd += f", PROTOTYPE: answers by turns {args.herd_stagger_ms:g} ms apart"
+        prefix = herd_key(w, variant)
         for key, title, unit in (
             ("latency_p50", "pickup latency p50", "ms"),
             ("latency_p95", "pickup latency p95", "ms"),
@@ -113,7 +116,7 @@ def figures(args: argparse.Namespace) -> dict[str, Figure]:
             ("db_cpu_per_job", "database CPU per job", "ms"),
             ("worker_cpu_per_job", "worker processes' CPU per job", "ms"),
         ):
-            found[f"herd_w{w}_{key}"] = Figure(f"herd_w{w}_{key}", f"{title}, {herd}", unit)
+            found[f"{prefix}_{key}"] = Figure(f"{prefix}_{key}", f"{title}, {herd}", unit)
     cpu = f"{args.cpu_jobs:,} sync jobs of ~{args.cpu_ms:g} ms pure Python"
     for n in (1, 2):
         found[f"cpu_separate_p{n}"] = Figure(
@@ -315,7 +318,10 @@ class Fleet:
         return proc, err
 
     def wait_listening(
-        self, conn: psycopg.Connection[Any], workers: int, procs: list[subprocess.Popen[str]]
+        self,
+        conn: psycopg.Connection[Any],
+        workers: int,
+        started: list[tuple[subprocess.Popen[str], Path]],
     ) -> dict[str, int]:
         """Until ``workers`` workers are registered and as many LISTEN connections are open."""
         deadline = time.monotonic() + STARTUP_TIMEOUT * float(self.args.timeout_scale)
@@ -323,7 +329,7 @@ class Fleet:
             row = conn.execute(
                 "SELECT (SELECT count(*) FROM pgtq.workers),"
                 " (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                "  AND query LIKE 'LISTEN%%'),"
+                "  AND query LIKE 'LISTEN%%' AND query NOT LIKE '%%pgtq_herd_taken%%'),"
                 " (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                 "  AND pid <> pg_backend_pid())"
             ).fetchone()
@@ -331,13 +337,15 @@ class Fleet:
             registered, listening, backends = (int(v) for v in row)
             if registered >= workers and listening >= workers:
                 return {"registered": registered, "listening": listening, "backends": backends}
-            dead = [p.returncode for p in procs if p.poll() is not None]
-            if dead:
-                raise bench.BenchFailure(f"a worker process exited before the start: {dead}")
-            if time.monotonic() > deadline:
+            dead = [(p.returncode, err) for p, err in started if p.poll() is not None]
+            late = time.monotonic() > deadline
+            if dead or late:
+                err = dead[0][1] if dead else started[-1][1]
+                tail = err.read_text(errors="replace").strip().splitlines()[-12:]
+                why = f"a worker process exited ({dead[0][0]})" if dead else "timed out"
                 raise bench.BenchFailure(
-                    f"{registered} of {workers} workers registered, {listening} listening"
-                    f" after {STARTUP_TIMEOUT:.0f} s"
+                    f"{why}: {registered} of {workers} workers registered, {listening} listening;"
+                    f" stderr of {err.name}:\n    " + "\n    ".join(tail)
                 )
             time.sleep(0.05)
 
@@ -384,7 +392,7 @@ class Fleet:
                     for i in range(procs):
                         started.append(self.spawn(real, f"{tag}-{i}"))
                     popen = [p for p, _ in started]
-                    seen = self.wait_listening(conn, workers, popen)
+                    seen = self.wait_listening(conn, workers, started)
                     t2 = time.monotonic()
                     with self.app_on(name) as app:
                         opened = time.time()
@@ -499,7 +507,7 @@ class Fleet:
             self._calibrated_ms = round(min(_timed(spin, self._k) for _ in range(5)) * 1000, 3)
         return self._k
 
-    def herd(self, workers: int) -> None:
+    def herd(self, workers: int, variant: str = "plain") -> None:
         a = self.args
         procs = min(a.herd_processes, workers)
         per = -(-workers // procs)
@@ -517,9 +525,12 @@ class Fleet:
                     for i, count in enumerate(counts):
                         command = [sys.executable, "-m", "benchmarks.fleet_app", "herd", dsn]
                         command += [str(count), str(a.concurrency), str(logs[i])]
+                        if variant == "stagger":
+                            base = sum(counts[:i])
+                            command += [str(base), str(workers), str(a.herd_stagger_ms)]
                         started.append(self.spawn(command, f"herd-{i}"))
                     popen = [p for p, _ in started]
-                    seen = self.wait_listening(conn, workers, popen)
+                    seen = self.wait_listening(conn, workers, started)
                     result = self.herd_jobs(name, conn, popen, pgss)
                     self.stop(popen, [e for _, e in started])
                 finally:
@@ -544,6 +555,8 @@ class Fleet:
             "path": "app.run_worker_async, several independent workers per process"
             " (python -m benchmarks.fleet_app herd)",
             "gap_s": HERD_GAP,
+            "variant": variant,
+            **({"stagger_ms": a.herd_stagger_ms} if variant == "stagger" else {}),
         }
         extra = {
             "at_start": seen,
@@ -574,7 +587,7 @@ class Fleet:
         }
         for key, value in per_job.items():
             if value is not None:
-                self.emit(f"herd_w{workers}_{key}", value, settings, extra)
+                self.emit(f"{herd_key(workers, variant)}_{key}", value, settings, extra)
 
     def stat_statements(self, conn: psycopg.Connection[Any]) -> bool:
         """pg_stat_statements in this database, when the server has it loaded."""
@@ -688,8 +701,9 @@ class Fleet:
             for n in self.args.processes:
                 self.attempt(f"throughput_p{n}", self.throughput, n)
         if "herd" in groups:
-            for w in self.args.herd_workers:
-                self.attempt(f"herd_w{w}", self.herd, w)
+            for variant in self.args.herd_variants:
+                for w in self.args.herd_workers:
+                    self.attempt(herd_key(w, variant), self.herd, w, variant)
         if "cpu" in groups:
             ways = ["separate"]
             if "--processes" in (bench.ROOT / "pgtq" / "cli.py").read_text():
@@ -699,6 +713,10 @@ class Fleet:
             for way in ways:
                 for n in (1, 2):
                     self.attempt(f"cpu_{way}_p{n}", self.cpu, n, way)
+
+
+def herd_key(workers: int, variant: str) -> str:
+    return f"herd_w{workers}" + ("" if variant == "plain" else f"_{variant}")
 
 
 def _my_socket_inodes() -> set[str]:
@@ -747,15 +765,16 @@ def notes(records: list[dict[str, Any]], values: dict[str, float]) -> list[str]:
             f"throughput: best {rates[best_n]:,.0f} jobs/s at {best_n} process(es); at {top}:"
             f" {ratio:.2f} of the best ({target} the ≥ {THROUGHPUT_GOAL} goal)"
         )
-    herds = sorted(int(k[6:].split("_")[0]) for k in values if k.endswith("_claims_per_job"))
-    for w in herds:
-        claims = values[f"herd_w{w}_claims_per_job"]
+    herds = [k.removesuffix("_claims_per_job") for k in values if k.endswith("_claims_per_job")]
+    for prefix in herds:
+        claims = values[f"{prefix}_claims_per_job"]
         target = "meets" if claims <= CLAIMS_GOAL else "misses"
         extra = next(
-            r["extra"] for r in records if r.get("figure") == f"fleet_herd_w{w}_claims_per_job"
+            r["extra"] for r in records if r.get("figure") == f"fleet_{prefix}_claims_per_job"
         )
+        what = prefix.removeprefix("herd_w").replace("_stagger", " (stagger PROTOTYPE)")
         found.append(
-            f"herd of {w}: {claims:.1f} claims per job ({target} the ≤ {CLAIMS_GOAL:g} goal);"
+            f"herd of {what}: {claims:.1f} claims per job ({target} the ≤ {CLAIMS_GOAL:g} goal);"
             f" {extra['claims_that_got_a_job']} of {extra['claims']} claims got a job;"
             f" pg_stat_statements counted {extra['pg_stat_statements_claims']}; idle:"
             f" {extra['idle_claims_per_s']} claims/s, database CPU"
@@ -790,6 +809,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--herd-processes", type=int, default=10)
     p.add_argument("--herd-jobs", type=int, default=50)
     p.add_argument(
+        "--herd-variants",
+        default="plain",
+        help="plain (pgtq as it is) and/or stagger (the PROTOTYPE in benchmarks/herd_stagger.py)",
+    )
+    p.add_argument("--herd-stagger-ms", type=float, default=5.0, help="the prototype's turn")
+    p.add_argument(
         "--herd-idle",
         type=float,
         default=6.0,
@@ -804,6 +829,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.processes = [int(n) for n in args.processes.split(",") if n.strip()]
     args.herd_workers = [int(n) for n in args.herd_workers.split(",") if n.strip()]
+    args.herd_variants = [v.strip() for v in args.herd_variants.split(",") if v.strip()]
+    if set(args.herd_variants) - {"plain", "stagger"}:
+        p.error("--herd-variants: plain, stagger")
     args.figures = [f.strip() for f in args.figures.split(",") if f.strip()]
     unknown = set(args.figures) - {"throughput", "herd", "cpu"}
     if unknown:
