@@ -175,9 +175,6 @@ class _Child:
         return self.process is not None or self.due is not None
 
 
-Spawn = Callable[[list[str]], "subprocess.Popen[bytes]"]
-
-
 class Supervisor:
     """Runs ``processes`` children, ``command(index, generation)`` each, until all are done.
 
@@ -191,14 +188,11 @@ class Supervisor:
         command: Callable[[int, int], list[str]],
         processes: int,
         policy: RestartPolicy = RestartPolicy(),
-        *,
-        spawn: Spawn | None = None,
     ) -> None:
         if processes < 1:
             raise ConfigurationError(f"{FLAG} must be at least 1, not {processes}")
         self._command = command
         self._policy = policy
-        self._spawn = spawn or _spawn
         self._children = [_Child(i, due=0.0) for i in range(1, processes + 1)]
         self._forwarded: set[int] = set()
         self._signals: list[int] = []
@@ -321,7 +315,7 @@ class Supervisor:
             child.generation += 1
             child.started = time.monotonic()
             try:
-                child.process = self._spawn(command)
+                child.process = _spawn(command)
             except OSError as exc:
                 logger.error("cannot start worker process %s: %s", child.index, exc)
                 self._exited(child, 1, 0.0, None, child.started)
