@@ -24,7 +24,7 @@ from sqlalchemy.engine import URL, make_url
 
 import pgtq
 
-pytest_plugins = ["tests.sides"]
+pytest_plugins = ["tests.sides", "tests.pgbouncer"]
 
 
 #: The fixtures that reach PostgreSQL (each one depends on ``server_url``): a test marked
