@@ -563,6 +563,40 @@ class Statements:
             sa.func.pg_advisory_xact_lock(sa.func.hashtext(f"pgtq:{self.t.schema}:limits"))
         )
 
+    # -- the planner's statistics of the jobs table (pgtq/statistics.py) ---------------------
+
+    @cached_property
+    def jobs_statistics(self) -> sa.Select[Any]:
+        """How stale the planner's view of the jobs table is: rows changed since its last
+        ANALYZE, the rows that ANALYZE counted (-1: never analyzed), and the seconds since
+        (NULL: never). Catalog reads only: no lock, no scan."""
+        st = sa.table(
+            "pg_stat_user_tables",
+            sa.column("relid"),
+            sa.column("n_mod_since_analyze"),
+            sa.column("last_analyze"),
+            sa.column("last_autoanalyze"),
+            schema="pg_catalog",
+        )
+        pc = sa.table("pg_class", sa.column("oid"), sa.column("reltuples"), schema="pg_catalog")
+        analyzed = sa.func.greatest(st.c.last_analyze, st.c.last_autoanalyze)
+        ago = sa.cast(sa.func.extract("epoch", sa.func.now() - analyzed), sa.Float)
+        return (
+            sa.select(st.c.n_mod_since_analyze, pc.c.reltuples, ago)
+            .select_from(st.join(pc, pc.c.oid == st.c.relid))
+            .where(st.c.relid == sa.cast(sa.literal(f'"{self.t.schema}".jobs'), REGCLASS))
+        )
+
+    @cached_property
+    def analyze_lock(self) -> sa.Select[Any]:
+        """One ANALYZE of the jobs table at a time across the fleet: the others skip it."""
+        key = sa.func.hashtext(f"pgtq:{self.t.schema}:analyze")
+        return sa.select(sa.func.pg_try_advisory_xact_lock(key))
+
+    @cached_property
+    def analyze_jobs(self) -> sa.TextClause:
+        return sa.text(f'ANALYZE "{self.t.schema}".jobs')
+
     @cached_property
     def running_counts(self) -> sa.Select[Any]:
         """Jobs ``doing`` per limited task and queue (keys ``task:x`` / ``queue:y``)."""
@@ -1698,6 +1732,21 @@ def claim_limited(
 
 def limits_lock(s: Statements) -> Query[None]:
     return Query(s.limits_lock, {}, _no_value)
+
+
+def jobs_statistics(s: Statements) -> Query[tuple[int, float, float | None] | None]:
+    def mapper(rows: Rows) -> tuple[int, float, float | None] | None:
+        return (int(rows[0][0]), float(rows[0][1]), rows[0][2]) if rows else None
+
+    return Query(s.jobs_statistics, {}, mapper)
+
+
+def analyze_lock(s: Statements) -> Query[bool]:
+    return Query(s.analyze_lock, {}, lambda rows: bool(rows[0][0]))
+
+
+def analyze_jobs(s: Statements) -> Query[None]:
+    return Query(s.analyze_jobs, {}, _no_value)
 
 
 def running_counts(

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from pgtq import revisions
+from pgtq import revisions, statistics
 from pgtq.attempts import Attempts
 from pgtq.claims import CLAIMS_IN_FLIGHT, Claims
 from pgtq.completer import Completer
@@ -192,6 +192,12 @@ class Worker:
             for remove in removers:
                 remove()
 
+    async def _every_beat(self, claims: Claims, connector: AsyncConnector) -> None:
+        """What a heartbeat refreshes besides the worker's row: the queues' limits, and the
+        planner's statistics of the jobs table (:mod:`pgtq.statistics`)."""
+        await claims.refresh_limits()
+        await statistics.refresh(connector, self.app.statements)
+
     async def _run(self, started: float) -> WorkerStats:
         connector = self.app.async_connector()
         await self._check_schema(connector)
@@ -222,7 +228,7 @@ class Worker:
             interval=self.heartbeat_interval,
             rescue_after=self.rescue_after,
             declared_dead=self._declared_dead,
-            every_beat=claims.refresh_limits,
+            every_beat=lambda: self._every_beat(claims, connector),
             rescued=self._count_rescued,
         )
         listener = Listener(scope, self._fetcher, attempts, abort_interval=self.abort_interval)
@@ -234,6 +240,7 @@ class Worker:
         try:
             await _run_hooks(self.startup_hooks, self.state)
             await heartbeat.rescue()  # jobs a crashed worker left: before claiming anything
+            await statistics.refresh(connector, self.app.statements)  # a bulk-loaded backlog
             background = [
                 asyncio.create_task(self._completer.run(), name="pgtq-completer"),
                 asyncio.create_task(listener.poll_aborts(), name="pgtq-abort-poller"),

@@ -151,6 +151,9 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
     "resume_queue": [lambda: statements.resume_queue(S, "q")],
     "list_queues": [lambda: statements.list_queues(S)],
     "declare_queues": [lambda: statements.declare_queues(S, ["q", "r"])],
+    "jobs_statistics": [lambda: statements.jobs_statistics(S)],
+    "analyze_lock": [lambda: statements.analyze_lock(S)],
+    "analyze_jobs": [lambda: statements.analyze_jobs(S)],
     "defer_ticks": [lambda: statements.defer_ticks(S, TickRows.empty())],
     "delete_old_ticks": [lambda: statements.delete_old_ticks(S, 60.0)],
     "throughput": [
