@@ -147,8 +147,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def private_server(max_connections: int) -> Iterator[str]:
-    """A PostgreSQL of this run's own (see the module's docstring); its URL."""
+def private_server(max_connections: int, **settings: str) -> Iterator[str]:
+    """A PostgreSQL of this run's own (see the module's docstring); its URL. ``settings``
+    override the server's settings below (``autovacuum="on"``, say)."""
     tmp = Path(tempfile.mkdtemp(prefix="pgtq-fleet-pg-"))
     data, port = tmp / "data", _free_port()
     as_user: list[str] = []
@@ -166,6 +167,7 @@ def private_server(max_connections: int) -> Iterator[str]:
         "fsync": "on",
         "synchronous_commit": "on",
         "shared_buffers": "128MB",
+        **settings,
     }
     opts = " ".join(f"-c {k}={v}" for k, v in options.items())
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}

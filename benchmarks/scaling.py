@@ -205,14 +205,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backlog", type=int, default=1_000_000, help="the big backlog")
     parser.add_argument("--small", type=int, default=20_000, help="the small backlog")
     parser.add_argument("--dsn", help="a server to use instead of a private one")
+    parser.add_argument(
+        "--no-autovacuum",
+        dest="autovacuum",
+        action="store_false",
+        help="the private server without autovacuum (default: on, at its default cadence)",
+    )
     args = parser.parse_args(argv)
     if args.dsn:
         asyncio.run(measure(args.dsn, args, private=False))
         return
-    with private_server(max_connections=50) as server_dsn:
-        with psycopg.connect(server_dsn, autocommit=True) as conn:
-            conn.execute("ALTER SYSTEM SET autovacuum = on")  # the default cadence, as shipped
-            conn.execute("SELECT pg_reload_conf()")
+    autovacuum = "on" if args.autovacuum else "off"
+    with private_server(max_connections=50, autovacuum=autovacuum) as server_dsn:
         asyncio.run(measure(server_dsn, args, private=True))
 
 
