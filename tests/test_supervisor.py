@@ -4,10 +4,12 @@ processes, and real worker processes under it: draining, SIGTERM, Ctrl-C, a chil
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -314,3 +316,60 @@ async def test_a_killed_child_is_restarted_and_its_job_rescued(
     assert len(proc.lines("restarting in")) == 1, proc.stderr
     assert len(proc.lines("restarted (pid")) == 1, proc.stderr
     assert sql("SELECT count(*) FROM pgtq.workers") == [(0,)]
+
+
+def socket_ports(pid: int) -> set[int]:
+    """The local TCP ports of the sockets process ``pid`` holds open (Linux /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/net/tcp").exists(), reason="reads Linux's /proc")
+async def test_each_child_holds_its_own_connections_and_the_supervisor_none(
+    sql: SQL, supervisor: Callable[..., Supervised]
+) -> None:
+    """Nothing is inherited: every backend of the test database is held by exactly one
+    process (its client socket found by port among the processes' open sockets), the
+    supervisor holds none, and each child an idle worker's own budget
+    (docs/howto/connections.md)."""
+    from pgtq.claims import CLAIMS_IN_FLIGHT
+
+    proc = supervisor()
+    budget = 1 + CLAIMS_IN_FLIGHT + 1 + 1  # LISTEN, claims, completer, the pool's one
+
+    def held() -> dict[int, list[int]]:
+        """For each backend's client port, the pids (supervisor and children) holding it."""
+        rows = sql(
+            "SELECT client_port FROM pg_stat_activity WHERE datname = current_database() "
+            "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+        owners: dict[int, list[int]] = {port: [] for (port,) in rows}
+        for pid in [proc.proc.pid, *child_pids(sql)]:
+            with contextlib.suppress(FileNotFoundError):  # a child that just exited
+                for port in socket_ports(pid) & owners.keys():
+                    owners[port].append(pid)
+        return owners
+
+    def settled() -> bool:
+        assert proc.proc.poll() is None, proc.stderr
+        per_pid = Counter(pid for pids in held().values() for pid in pids)
+        return len(child_pids(sql)) == 2 and sorted(per_pid.values()) == [budget, budget]
+
+    await eventually(settled, timeout=DEADLINE)
+    owners = held()
+    assert all(len(pids) == 1 for pids in owners.values()), owners  # no socket shared
+    assert proc.proc.pid not in {pid for pids in owners.values() for pid in pids}
+    proc.proc.send_signal(signal.SIGTERM)
+    assert await proc.exit_code() == 0, proc.stderr
