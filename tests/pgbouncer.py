@@ -125,8 +125,7 @@ def _config(server: URL, port: int, directory: Path, pool_mode: str) -> str:
         f"pool_mode = {pool_mode}",
         f"default_pool_size = {POOL_SIZE}",
         "max_client_conn = 500",
-        # Parameters drivers send at startup that PgBouncer does not track itself.
-        "ignore_startup_parameters = extra_float_digits,options,search_path",
+        # No ignore_startup_parameters: psycopg and asyncpg, as pgtq opens them, need none.
         "server_check_delay = 0",
         "query_wait_timeout = 10",  # a pool held by a leak fails fast, not in 120 s
         f"admin_users = {user}",  # SHOW CONFIG, SHOW POOLS on the "pgbouncer" database
