@@ -255,7 +255,7 @@ async def test_a_worker_claims_completes_retries_and_beats(app: pgtq.App, sql: S
 
     def done() -> bool:
         beats.update(r[0] for r in sql("SELECT last_heartbeat FROM pgtq.workers"))
-        counts = dict(sql("SELECT status, count(*) FROM pgtq.jobs GROUP BY 1"))
+        counts = {r[0]: r[1] for r in sql("SELECT status, count(*) FROM pgtq.jobs GROUP BY 1")}
         return counts == {"succeeded": 120, "failed": 1} and len(beats) >= 3
 
     await run_until(worker, done)
