@@ -594,6 +594,13 @@ class Statements:
         return sa.select(sa.func.pg_try_advisory_xact_lock(key))
 
     @cached_property
+    def analyze_wait(self) -> sa.TextClause:
+        """ANALYZE waits this long for the table's lock, then gives up: shorter than
+        ``deadlock_timeout`` (1 s), after which a waiter would cancel an autovacuum of the
+        table (autovacuum yields to conflicting locks), so pgtq never stops one."""
+        return sa.text("SET LOCAL lock_timeout = '200ms'")
+
+    @cached_property
     def analyze_jobs(self) -> sa.TextClause:
         return sa.text(f'ANALYZE "{self.t.schema}".jobs')
 
@@ -1743,6 +1750,10 @@ def jobs_statistics(s: Statements) -> Query[tuple[int, float, float | None] | No
 
 def analyze_lock(s: Statements) -> Query[bool]:
     return Query(s.analyze_lock, {}, lambda rows: bool(rows[0][0]))
+
+
+def analyze_wait(s: Statements) -> Query[None]:
+    return Query(s.analyze_wait, {}, _no_value)
 
 
 def analyze_jobs(s: Statements) -> Query[None]:

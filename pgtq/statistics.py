@@ -9,7 +9,9 @@ drained at 330 jobs/s for its first tenth, 13,000 after (``benchmarks/scaling.py
 scaling.md). Autovacuum fixes it within its naptime (a minute by default) when it is on; a
 worker does it within a heartbeat, on any server: at each beat it reads how many rows changed
 since the last ANALYZE (catalog reads, no scan) and, past :func:`stale`'s threshold, one worker
-of the fleet runs ``ANALYZE`` (a sample of 30,000 rows: milliseconds to a few hundred).
+of the fleet runs ``ANALYZE`` (a sample of 30,000 rows: milliseconds to a few hundred). It
+never waits for, nor cancels, an autovacuum of the table: it gives up when the table's lock is
+not free within 200 ms.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from pgtq import statements
-from pgtq.connectors import execute
+from pgtq.connectors import execute, sqlstate
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
@@ -31,6 +33,7 @@ logger = logging.getLogger("pgtq.worker")
 #: of the rows it counted.
 STALE_ROWS = 1000
 STALE_FRACTION = 0.1
+LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout
 #: An ANALYZE at most this often (seconds): on a busy table rows change faster than the
 #: threshold every few seconds, and the plan does not need a fresher view than that.
 MIN_INTERVAL = 30.0
@@ -57,11 +60,14 @@ async def refresh(connector: AsyncConnector, s: statements.Statements) -> bool:
         def analyze(conn: Connection) -> bool:
             if not execute(conn, statements.analyze_lock(s)):
                 return False  # another worker is at it
+            execute(conn, statements.analyze_wait(s))
             execute(conn, statements.analyze_jobs(s))
             return True
 
         done = await connector.run_in_transaction(analyze)
     except Exception as exc:
+        if sqlstate(exc) == LOCK_NOT_AVAILABLE:
+            return False  # a vacuum (or an ANALYZE of someone else's) has the table: it is seen to
         logger.warning("could not refresh the jobs table's statistics: %s", exc)
         return False
     if done:

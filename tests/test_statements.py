@@ -154,6 +154,7 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
     "jobs_statistics": [lambda: statements.jobs_statistics(S)],
     "analyze_lock": [lambda: statements.analyze_lock(S)],
     "analyze_jobs": [lambda: statements.analyze_jobs(S)],
+    "analyze_wait": [lambda: statements.analyze_wait(S)],
     "defer_ticks": [lambda: statements.defer_ticks(S, TickRows.empty())],
     "delete_old_ticks": [lambda: statements.delete_old_ticks(S, 60.0)],
     "throughput": [

@@ -7,6 +7,7 @@ the table at its start and at its beats once enough rows changed, one worker at 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -134,6 +135,26 @@ async def test_one_worker_at_a_time_analyzes(
     assert await statistics.refresh(connector, app.statements) is False
     assert not analyzed(conn)
     conn.execute(f"SELECT pg_advisory_unlock(({key}))")
+    assert await statistics.refresh(connector, app.statements) is True
+    await app.close_async()
+
+
+async def test_a_vacuum_holding_the_table_is_left_alone(
+    fresh: tuple[pgtq.App, psycopg.Connection[Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lock a (auto)vacuum holds: the ANALYZE gives up within its lock_timeout, quietly,
+    instead of waiting past deadlock_timeout, which would cancel an autovacuum."""
+    app, conn = fresh
+    backlog(app)
+    wait_for_counts(conn, BACKLOG)
+    conn.execute("BEGIN")
+    conn.execute("LOCK TABLE pgtq.jobs IN SHARE UPDATE EXCLUSIVE MODE")
+    connector = app.async_connector()
+    with caplog.at_level(logging.INFO, logger="pgtq.worker"):
+        assert await statistics.refresh(connector, app.statements) is False
+    assert [r.getMessage() for r in caplog.records if r.name == "pgtq.worker"] == []
+    conn.execute("COMMIT")
+    assert not analyzed(conn)
     assert await statistics.refresh(connector, app.statements) is True
     await app.close_async()
 
