@@ -42,6 +42,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 DSN_ENV = "PGTQ_DSN"
 #: Where workers LISTEN when ``App(listen_dsn=...)`` is not given: a DSN, or ``off`` to poll.
 LISTEN_DSN_ENV = "PGTQ_LISTEN_DSN"
+#: Whether engines pgtq makes prepare statements when ``App(prepared_statements=...)`` is not
+#: given: ``off`` behind PgBouncer in transaction mode (so every ``pgtq`` command works there).
+PREPARED_STATEMENTS_ENV = "PGTQ_PREPARED_STATEMENTS"
+_SWITCH = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:
@@ -69,6 +73,21 @@ def _check_max_connections(
             "size their pools instead (pool_size=..., max_overflow=...)"
         )
     return value
+
+
+def _prepared_statements(value: bool | None) -> bool:
+    """``App(prepared_statements=...)``, else ``PGTQ_PREPARED_STATEMENTS`` (on/off), else on."""
+    if value is not None:
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"prepared_statements takes True or False, got {value!r}")
+        return value
+    env = os.environ.get(PREPARED_STATEMENTS_ENV, "").strip().lower()
+    if not env:
+        return True
+    if env not in _SWITCH:
+        given = os.environ[PREPARED_STATEMENTS_ENV]
+        raise ConfigurationError(f"{PREPARED_STATEMENTS_ENV} takes on or off, got {given!r}")
+    return _SWITCH[env]
 
 
 def _listen_target(listen_dsn: str | URL | Literal[False] | None) -> tuple[URL | None, bool]:
@@ -110,6 +129,9 @@ class App:
     the DSN goes through PgBouncer in transaction mode; ``False`` not to LISTEN at all (the
     worker polls every ``fetch_job_polling_interval``). Not given: ``PGTQ_LISTEN_DSN`` (a DSN,
     or ``off``), else the app's own database.
+
+    ``prepared_statements``: False behind PgBouncer in transaction mode. Not given:
+    ``PGTQ_PREPARED_STATEMENTS`` (``on``/``off``), else True.
     """
 
     def __init__(
@@ -121,7 +143,7 @@ class App:
         schema: str = DEFAULT_SCHEMA,
         connect_timeout: float = 10.0,
         middleware: Sequence[Middleware] = (),
-        prepared_statements: bool = True,
+        prepared_statements: bool | None = None,
         result_max_bytes: int | None = 1_000_000,
         max_args_bytes: int | None = DEFAULT_MAX_ARGS_BYTES,
         max_connections: int | None = None,
@@ -138,8 +160,9 @@ class App:
         except InvalidArguments as exc:
             raise ConfigurationError(str(exc)) from None
         #: False behind PgBouncer in transaction mode: engines pgtq makes then never keep
-        #: prepared statements (yours are yours to configure).
-        self.prepared_statements = prepared_statements
+        #: prepared statements (yours are yours to configure). Not given:
+        #: ``PGTQ_PREPARED_STATEMENTS`` (on/off), else True.
+        self.prepared_statements = _prepared_statements(prepared_statements)
         #: App-wide middleware: each wraps the tasks of its own kind (sync or async), outside
         #: a task's own middleware. Applied to tasks registered after it.
         self.middleware = list(middleware)

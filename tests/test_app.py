@@ -174,3 +174,32 @@ async def test_without_prepared_statements_for_pgbouncer(side: Side, dsn: str) -
         raw = await aconn.get_raw_connection()
         assert raw.driver_connection._stmt_cache.get_max_size() == 0  # type: ignore[union-attr]
     await app.close_async()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("env", "expected"), [(None, True), ("off", False), ("OFF", False), ("0", False), ("on", True)]
+)
+def test_prepared_statements_come_from_the_environment_when_not_given(
+    env: str | None, expected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``PGTQ_PREPARED_STATEMENTS``: every ``pgtq`` command given only a DSN works behind
+    PgBouncer in transaction mode (tests/test_pgbouncer.py runs one); the parameter wins."""
+    if env is None:
+        monkeypatch.delenv("PGTQ_PREPARED_STATEMENTS", raising=False)
+    else:
+        monkeypatch.setenv("PGTQ_PREPARED_STATEMENTS", env)
+    assert pgtq.App("postgresql://localhost/x").prepared_statements is expected
+    given = pgtq.App("postgresql://localhost/x", prepared_statements=True)
+    assert given.prepared_statements is True
+
+
+@pytest.mark.unit
+def test_a_bad_prepared_statements_setting_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PGTQ_PREPARED_STATEMENTS", "maybe")
+    with pytest.raises(pgtq.ConfigurationError, match="PGTQ_PREPARED_STATEMENTS takes on or off"):
+        pgtq.App("postgresql://localhost/x")
+    with pytest.raises(pgtq.ConfigurationError, match="prepared_statements takes True or False"):
+        pgtq.App("postgresql://localhost/x", prepared_statements="no")  # type: ignore[arg-type]

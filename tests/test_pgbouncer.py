@@ -418,17 +418,13 @@ async def test_the_dashboard_reads_and_acts(app: pgtq.App, sql: SQL) -> None:
     assert statuses(sql) == {failed: "todo", waiting: "todo"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`pgtq web --dsn URL` (and the other long-running faces given only a DSN) serve "
-    "App(URL) with prepared statements on, and the command line has no switch to turn them "
-    "off: through transaction pooling a page fails once another client holds the server "
-    "connection that prepared its statement. Works with --app pointing at an App made with "
-    "prepared_statements=False. Fix: a PGTQ_PREPARED_STATEMENTS setting read by App (app.py) "
-    "or a --no-prepared-statements option (cli.py)",
-)
-async def test_pgtq_web_given_only_a_dsn(bounced_dsn: str) -> None:
+async def test_pgtq_web_given_only_a_dsn(bounced_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pgtq web --dsn URL` (no --app) serves App(URL): PGTQ_PREPARED_STATEMENTS=off turns
+    prepared statements off there too (a page failed once another client held the server
+    connection that prepared its statement)."""
+    monkeypatch.setenv("PGTQ_PREPARED_STATEMENTS", "off")
     app = pgtq.App(None)
+    assert app.prepared_statements is False
     app.use_dsn(bounced_dsn)  # what `pgtq web --dsn URL` serves, with no --app
     holder = await asyncpg.connect(bounced_dsn, statement_cache_size=0)
     transport = httpx.ASGITransport(app=pgtq.web.asgi(app))
