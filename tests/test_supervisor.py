@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 import pgtq
+from pgtq.cli import cli
 from pgtq.errors import ConfigurationError
 from pgtq.supervisor import Done, GiveUp, Restart, RestartPolicy, Supervisor, child_args
 from tests.apps import supervised
@@ -103,6 +105,22 @@ def test_child_args_refuse_arguments_without_the_flag() -> None:
     # Called from Python (not the command line): sys.argv is not the command's.
     with pytest.raises(ConfigurationError, match="--processes"):
         child_args(["worker", "m:app"], 1)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("bad", ["0", "-1", "two"])
+def test_the_command_refuses_fewer_than_one_process(bad: str) -> None:
+    result = CliRunner().invoke(cli, ["worker", APP, "--processes", bad])
+    assert result.exit_code == 2, result.output
+    assert "--processes" in result.output
+
+
+@pytest.mark.unit
+def test_processes_called_from_python_says_to_use_the_command_line() -> None:
+    # In-process (CliRunner), sys.argv is not the command's: no child could be started.
+    result = CliRunner().invoke(cli, ["worker", APP, "--processes", "2"])
+    assert result.exit_code == 1, result.output
+    assert "use it from the command line" in result.output
 
 
 # -- the supervisor's loop, over trivial processes (no database) ------------------------------
