@@ -803,7 +803,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--fleet", action="store_true", help="(this mode)")
     p.add_argument("--dsn", help="use this server (default: a private one started for the run)")
-    p.add_argument("--max-connections", type=int, default=600, help="the private server's")
+    p.add_argument("--max-connections", type=int, default=1000, help="the private server's")
     p.add_argument("--jobs", type=int, default=100_000, help="backlog of the throughput figure")
     p.add_argument("--processes", default="1,2,4,8,16", help="worker processes to try")
     p.add_argument("--concurrency", type=int, default=16, help="per worker")
