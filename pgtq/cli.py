@@ -352,10 +352,18 @@ def _app_for(
     embedded: Embedded = "if-present",
     check_schema: bool = True,
 ) -> Iterator[App]:
-    """The app a command works on (see :func:`_target_app`), closed when the block ends;
-    its schema checked first (:func:`_require_schema`) unless ``check_schema=False``."""
-    with _checked(_target_app(dsn, app_path, schema, embedded=embedded), check_schema) as app:
-        yield app
+    """The app a command works on , closed when the block ends;
+    its schema checked first (:func:`_require_schema`) unless ``check_schema=False``.
+
+    An app loaded from ``--app`` but given another ``--schema`` is pointed at it for the
+    command (``App.pointed_at``): its tasks and settings (prepared statements, listen DSN,
+    connection cap) stay its own."""
+    app = load_app(app_path) if app_path else App(None, schema=schema or DEFAULT_SCHEMA)
+    with contextlib.ExitStack() as stack:
+        if schema is not None and schema != app.schema:
+            stack.enter_context(app.pointed_at(schema=schema))
+        _with_database(app, dsn, app_path, embedded=embedded)
+        yield stack.enter_context(_checked(app, check_schema))
 
 
 @contextlib.contextmanager
@@ -418,16 +426,6 @@ def _require_schema(app: App) -> None:
     )
     if _state.schema.state == "ahead":
         _warn(_state.schema.message)
-
-
-def _target_app(
-    dsn: str | None, app_path: str | None, schema: str | None, *, embedded: Embedded
-) -> App:
-    """The app a command works on: the one at ``--app``/``MODULE:APP``, or a bare one."""
-    app = load_app(app_path) if app_path else App(None, schema=schema or DEFAULT_SCHEMA)
-    if schema is not None and schema != app.schema:
-        app = App(app.url if _has_database(app) else None, schema=schema)
-    return _with_database(app, dsn, app_path, embedded=embedded)
 
 
 def _with_database(app: App, dsn: str | None, app_path: str | None, *, embedded: Embedded) -> App:

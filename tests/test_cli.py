@@ -7,6 +7,7 @@ in a terminal (one line, no traceback) run ``python -m pgtq`` in a subprocess.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -203,6 +204,19 @@ def test_migrate_another_schema(make_database: Callable[[], URL]) -> None:
     assert result.exit_code == 0, result.output
     assert {"jobs", "workers"} <= _tables(url, "queue_b")
     assert _tables(url, "pgtq") == set()
+
+
+def test_an_app_given_another_schema_keeps_its_tasks_and_settings(
+    make_database: Callable[[], URL],
+) -> None:
+    """``--app X --schema other``: the app pointed at the other schema, not a bare App with
+    the app's URL only (its tasks, so its declared queues, and its settings were lost)."""
+    dsn = make_database().render_as_string(hide_password=False)
+    assert invoke("migrate", "--app", APP, "--schema", "queue_b", dsn=dsn).exit_code == 0
+    result = invoke("queues", "pause", "greetings", "--app", APP, "--schema", "queue_b", dsn=dsn)
+    assert result.exit_code == 0, result.output  # a queue the app's tasks declare
+    listed = invoke("queues", "list", "--schema", "queue_b", "--json", dsn=dsn)
+    assert [q["name"] for q in json.loads(listed.stdout)] == ["greetings"]
 
 
 def test_migrate_takes_the_database_from_an_app(make_database: Callable[[], URL]) -> None:
