@@ -707,11 +707,12 @@ class Fleet:
                 for w in self.args.herd_workers:
                     self.attempt(herd_key(w, variant), self.herd, w, variant)
         if "cpu" in groups:
-            ways = ["separate"]
-            if "--processes" in (bench.ROOT / "pgtq" / "cli.py").read_text():
-                ways.append("processes")
-            else:
-                bench.log("  `pgtq worker --processes` does not exist yet: separate processes only")
+            ways = [w for w in self.args.cpu_ways if w == "separate"]
+            if "processes" in self.args.cpu_ways:
+                if "--processes" in (bench.ROOT / "pgtq" / "cli.py").read_text():
+                    ways.append("processes")
+                else:
+                    bench.log("  `pgtq worker --processes` does not exist: separate processes only")
             for way in ways:
                 for n in (1, 2):
                     self.attempt(f"cpu_{way}_p{n}", self.cpu, n, way)
@@ -824,6 +825,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--cpu-jobs", type=int, default=2000)
     p.add_argument("--cpu-ms", type=float, default=2.0, help="pure-Python work per CPU job")
+    p.add_argument(
+        "--cpu-ways",
+        default="separate,processes",
+        help="separate `pgtq worker` processes, `pgtq worker --processes N` (when it exists)",
+    )
     p.add_argument("--figures", default="throughput,herd,cpu")
     p.add_argument("--timeout-scale", type=float, default=1.0)
     p.add_argument("--out", type=Path, default=bench.RESULTS)
@@ -832,6 +838,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.processes = [int(n) for n in args.processes.split(",") if n.strip()]
     args.herd_workers = [int(n) for n in args.herd_workers.split(",") if n.strip()]
     args.herd_variants = [v.strip() for v in args.herd_variants.split(",") if v.strip()]
+    args.cpu_ways = [w.strip() for w in args.cpu_ways.split(",") if w.strip()]
+    if set(args.cpu_ways) - {"separate", "processes"}:
+        p.error("--cpu-ways: separate, processes")
     if set(args.herd_variants) - {"plain", "stagger"}:
         p.error("--herd-variants: plain, stagger")
     args.figures = [f.strip() for f in args.figures.split(",") if f.strip()]

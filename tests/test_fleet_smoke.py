@@ -37,7 +37,7 @@ def test_a_tiny_fleet_run_produces_every_figure(server_url: URL, tmp_path: Path)
             "--herd-idle",
             "0.3",
         ),
-        *("--cpu-jobs", "30", "--cpu-ms", "1"),
+        *("--cpu-jobs", "30", "--cpu-ms", "1", "--cpu-ways", "separate"),
         *("--out", str(tmp_path)),
     ]
     done = subprocess.run(
