@@ -189,10 +189,14 @@ def private_server(max_connections: int, **settings: str) -> Iterator[str]:
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run(
-            [*as_user, *pg_ctl, "-m", "fast", "-w", "-t", "60", "stop"], check=False, **quiet
-        )  # type: ignore[call-overload]
-        shutil.rmtree(tmp, ignore_errors=True)
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM: clean up still
+        try:
+            subprocess.run(
+                [*as_user, *pg_ctl, "-m", "fast", "-w", "-t", "60", "stop"], check=False, **quiet
+            )  # type: ignore[call-overload]
+            shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # -- what the processes cost ---------------------------------------------------------------
@@ -855,6 +859,9 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.snapshot and not os.environ.get(bench.ORIGIN_ENV) and (bench.ROOT / "pgtq").is_dir():
         return bench.snapshot(argv)
+    # SIGTERM (a `timeout`, CI) unwinds like Ctrl-C: the worker processes are killed and the
+    # private server is stopped and deleted by the finally blocks, not left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with contextlib.ExitStack() as stack:
         url = args.dsn or stack.enter_context(private_server(args.max_connections))
         return measure(args, argv, url)
