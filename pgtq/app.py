@@ -90,13 +90,18 @@ def _prepared_statements(value: bool | None) -> bool:
     return _SWITCH[env]
 
 
-def _listen_target(listen_dsn: str | URL | Literal[False] | None) -> tuple[URL | None, bool]:
+def _listen_target(
+    listen_dsn: str | URL | Literal[False] | None, *, pooled: bool
+) -> tuple[URL | None, bool]:
     """Where workers LISTEN (None: the app's database) and whether they do: the parameter,
-    else ``PGTQ_LISTEN_DSN`` (a DSN, or ``off``)."""
+    else ``PGTQ_LISTEN_DSN`` (a DSN, or ``off``), else the app's database, unless it is
+    ``pooled`` (behind a transaction pooler: ``prepared_statements=False``), where a LISTEN
+    never delivers and leaves the pooled server connection listening for its next client:
+    then not at all (the workers poll)."""
     if listen_dsn is None:
         env = os.environ.get(LISTEN_DSN_ENV, "").strip()
         if not env:
-            return None, True
+            return None, not pooled
         if env.lower() == "off":
             return None, False
         listen_dsn = env
@@ -128,7 +133,8 @@ class App:
     ``listen_dsn``: where workers LISTEN for new jobs: a direct connection to PostgreSQL when
     the DSN goes through PgBouncer in transaction mode; ``False`` not to LISTEN at all (the
     worker polls every ``fetch_job_polling_interval``). Not given: ``PGTQ_LISTEN_DSN`` (a DSN,
-    or ``off``), else the app's own database.
+    or ``off``), else the app's own database, but not with ``prepared_statements=False``
+    (behind a transaction pooler, where LISTEN never delivers): the workers poll then.
 
     ``prepared_statements``: False behind PgBouncer in transaction mode. Not given:
     ``PGTQ_PREPARED_STATEMENTS`` (``on``/``off``), else True.
@@ -179,7 +185,9 @@ class App:
         #: defaults, see docs/howto/connections.md).
         self.max_connections = _check_max_connections(max_connections, engine, async_engine)
         #: Where workers LISTEN (None: the app's own database), and whether they do at all.
-        self.listen_url, self.listens = _listen_target(listen_dsn)
+        self.listen_url, self.listens = _listen_target(
+            listen_dsn, pooled=not self.prepared_statements
+        )
         self.connect_timeout = connect_timeout
         self.statements = statements.statements_for(self.schema)
         self.tasks: dict[str, Task[Any]] = {}

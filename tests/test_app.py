@@ -203,3 +203,19 @@ def test_a_bad_prepared_statements_setting_names_the_variable(
         pgtq.App("postgresql://localhost/x")
     with pytest.raises(pgtq.ConfigurationError, match="prepared_statements takes True or False"):
         pgtq.App("postgresql://localhost/x", prepared_statements="no")  # type: ignore[arg-type]
+
+
+@pytest.mark.unit
+def test_behind_a_transaction_pooler_workers_listen_only_on_a_listen_dsn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``prepared_statements=False`` (PgBouncer in transaction mode): no LISTEN on the app's
+    DSN, where it never delivers; the workers poll, or LISTEN on ``listen_dsn``."""
+    monkeypatch.delenv("PGTQ_LISTEN_DSN", raising=False)
+    dsn = "postgresql://localhost:6432/x"
+    assert pgtq.App(dsn).listens is True
+    assert pgtq.App(dsn, prepared_statements=False).listens is False
+    direct = pgtq.App(dsn, prepared_statements=False, listen_dsn="postgresql://localhost/x")
+    assert direct.listens is True and direct.listen_url is not None
+    monkeypatch.setenv("PGTQ_LISTEN_DSN", "postgresql://localhost/x")
+    assert pgtq.App(dsn, prepared_statements=False).listens is True

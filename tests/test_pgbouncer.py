@@ -546,12 +546,16 @@ async def _pickup(app: pgtq.App, dsn: str, idle: Idle, **worker: Any) -> tuple[f
         await direct.close()
 
 
-async def test_a_worker_listening_through_pgbouncer_hears_nothing_and_polls(
+async def test_a_worker_behind_pgbouncer_without_listen_dsn_polls(
     app: pgtq.App, dsn: str, heard: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """LISTEN through transaction pooling succeeds and never delivers: the LISTEN ran on a
-    server connection that went back to the pool at once. A worker without ``listen_dsn``
-    finds the job by polling (``fetch_job_polling_interval``), not sooner."""
+    """LISTEN through transaction pooling succeeds and never delivers (the LISTEN ran on a
+    server connection that went back to the pool at once), and leaves that server connection
+    listening: its notifications then reach PgBouncer while no client is linked ("got packet
+    'A' from server when not linked"), and once hung the next client of that connection in
+    this suite. So with ``prepared_statements=False`` and no ``listen_dsn`` a worker does not
+    LISTEN: it finds the job by polling (``fetch_job_polling_interval``), not sooner."""
+    assert app.listens is False
     interval = 1.0
     idle = Idle(monkeypatch)
     notified, picked, polled = await _pickup(app, dsn, idle, fetch_job_polling_interval=interval)
