@@ -232,12 +232,14 @@ class Worker:
             rescued=self._count_rescued,
         )
         listener = Listener(scope, self._fetcher, attempts, abort_interval=self.abort_interval)
-        await heartbeat.register()
-        await claims.open()
-        self._completer.connection = await connector.dedicated()
         background: list[asyncio.Task[None]] = []
-        logger.info("worker %s started", self.worker_id, extra={"worker": self.worker_id})
         try:
+            # Inside the ``try``: a worker cancelled while it opens its connections closes
+            # them and leaves no row behind. Registered last, once it can work.
+            await claims.open()
+            self._completer.connection = await connector.dedicated()
+            await heartbeat.register()
+            logger.info("worker %s started", self.worker_id, extra={"worker": self.worker_id})
             await _run_hooks(self.startup_hooks, self.state)
             await heartbeat.rescue()  # jobs a crashed worker left: before claiming anything
             await statistics.refresh(connector, self.app.statements)  # a bulk-loaded backlog
