@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from pgtq.jobs import JobContext
 from pgtq.model import ClaimedJob
-from pgtq.outcomes import Outcome, aborted_on_request
+from pgtq.outcomes import Outcome, aborted_on_request, frees_jobs
 from pgtq.runner import Attempt, Ended, JobRunner
 
 if TYPE_CHECKING:
@@ -103,6 +103,9 @@ class Attempts:
                 return
             if ended is not None:
                 self._count(ended.outcome)
+                # Written with the attempt (in the task's transaction): may free jobs now.
+                self.changed(claimable=frees_jobs(attempt.job, ended.outcome))
+                return
         self.changed()
 
     def write(self, job: ClaimedJob, outcome: Outcome) -> None:
@@ -113,9 +116,10 @@ class Attempts:
         self._count(outcome)
         self.changed()
 
-    def changed(self) -> None:
+    def changed(self, *, claimable: bool = False) -> None:
+        """Something ended: tell the fetch loop (``claimable``: see ``Fetcher.changed``)."""
         if self.fetcher is not None:
-            self.fetcher.changed()
+            self.fetcher.changed(claimable=claimable)
 
     def request_abort(self, job_id: int, reason: str) -> None:
         """Stop a running attempt; a held job aborted on request ends without running."""

@@ -83,14 +83,15 @@ class Claims:
             await conn.close()
 
     @property
-    def _limited(self) -> bool:
+    def limited(self) -> bool:
+        """Fleet-wide limits apply: a job that ends may free a limit's slot for others."""
         return bool(self._task_limits or self._queue_limits or self._keycaps)
 
     @property
     def depth(self) -> int:
         """One claim at a time under fleet-wide limits (those claims take a lock anyway) and
         for a serial worker: two claims in flight may run on the server in either order."""
-        return 1 if self._limited or self._serial else len(self._connections)
+        return 1 if self.limited or self._serial else len(self._connections)
 
     @property
     def recovering(self) -> bool:
@@ -101,7 +102,7 @@ class Claims:
         keeps at most one claim out on each); None when the claim failed."""
         conn = self._free.pop()
         try:
-            if self._limited:
+            if self.limited:
                 claimed = await self._connector.run_in_transaction(
                     functools.partial(self._claim_under_limits, limit=limit)
                 )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pgtq import statements
 from pgtq.connectors import first_line, is_data_error
 from pgtq.model import ClaimedJob, Status, dumps, error_record
-from pgtq.outcomes import Outcome, OutcomeNotWritable
+from pgtq.outcomes import Outcome, OutcomeNotWritable, frees_jobs
 from pgtq.retry import backoff_delays
 
 if TYPE_CHECKING:
@@ -34,12 +34,15 @@ class Completer:
         s: statements.Statements,
         worker_id: Callable[[], str],
         delete_statuses: tuple[str, ...],
-        on_written: Callable[[], None],
+        on_written: Callable[[bool], None],
     ) -> None:
         self._s = s
         self._worker_id = worker_id  # a function: a worker declared dead goes on under a new id
         self._delete_statuses = delete_statuses
+        # Called once what was buffered is written; True if that may have made other jobs
+        # claimable (see :func:`pgtq.outcomes.frees_jobs`).
         self._on_written = on_written
+        self._frees = False
         self.connection: DedicatedConnection | None = None
         self._outcomes = statements.Outcomes.empty()
         self._flush = asyncio.Event()  # outcomes wait to be written
@@ -65,6 +68,8 @@ class Completer:
         self._outcomes.append(
             job.id, job.attempts, outcome.value, outcome.result, outcome.error, outcome.retry_in
         )
+        if not self._frees and frees_jobs(job, outcome):
+            self._frees = True
         self._flush.set()
 
     async def run(self) -> None:
@@ -114,7 +119,8 @@ class Completer:
                         delay,
                     )
                     await asyncio.sleep(delay)
-        self._on_written()
+        frees, self._frees = self._frees, False
+        self._on_written(frees)
 
     async def _write_each(self, batch: statements.Outcomes) -> None:
         """Write a batch that PostgreSQL refused one outcome at a time: the outcome it refuses
@@ -163,9 +169,7 @@ class Completer:
             logger.error("job %s is left to the rescue: %s", single.ids[0], again)
 
     def _query(self, outcomes: statements.Outcomes) -> statements.Query[list[int]]:
-        return statements.complete_jobs(
-            self._s, self._worker_id(), outcomes, self._delete_statuses
-        )
+        return statements.complete_jobs(self._s, self._worker_id(), outcomes, self._delete_statuses)
 
     def _merge_back(self, batch: statements.Outcomes) -> None:
         """Put a batch that was not written back in front of what came in meanwhile."""

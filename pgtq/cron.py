@@ -402,7 +402,6 @@ def retention(periodic_tasks: Sequence[PeriodicTask]) -> timedelta:
     return max(TICK_RETENTION, 2 * longest)
 
 
-
 def sleep_time(periodic_tasks: Sequence[PeriodicTask], now: datetime) -> float:
     """Seconds until the next tick of any schedule, at most ``MAX_SLEEP``."""
     within = timedelta(seconds=MAX_SLEEP)

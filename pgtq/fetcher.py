@@ -9,6 +9,13 @@ connection of its own: the server runs one claim while the worker runs the other
 It sleeps on one event, rung by whatever may give it work: a NOTIFY of new jobs (heeded only
 while it has room), a job that ended or outcomes written, a stop. An idle worker also wakes
 when the earliest job scheduled ahead becomes due, and at the polling interval.
+
+It claims only when a claim may find work: at its start, after a NOTIFY, while claims come
+back full, when written outcomes may have made jobs claimable (a job with a lock ended, a
+job went back to waiting, or fleet-wide limits), at a timed wake-up, and (without ``wait``)
+once idle, to see that nothing is left. A job that merely ended frees a slot for the jobs it
+holds: it is not a reason to ask the server again. So an idle worker sends one claim per job
+it is woken for, not three.
 """
 
 from __future__ import annotations
@@ -100,8 +107,13 @@ class Fetcher:
         self._stopping = stopping
         self._inflight: deque[_Claim] = deque()
         self._last_full = False  # the last claim came back full: more may be waiting
+        # The same, kept across sleeps (``_last_full`` is reset on waking: one claim first):
+        # a slot freed while a backlog waits is worth a claim.
+        self._backlog = False
         self._bell = asyncio.Event()
-        self._new_jobs = False  # a NOTIFY announced new jobs since the last claim
+        # A claim may find work: a NOTIFY announced jobs, written outcomes may have made some
+        # claimable, or a timed wake-up; cleared by each claim sent.
+        self._worth_claiming = True
         self._changed = False  # a job finished or outcomes were written since the loop looked
         self._wants_jobs = False  # asleep with room: a NOTIFY rings the bell
         # When the earliest job scheduled ahead becomes due (loop time): an idle worker wakes
@@ -115,7 +127,7 @@ class Fetcher:
 
     def announce(self) -> None:
         """New jobs are due (a NOTIFY): claim if there is room."""
-        self._new_jobs = True
+        self._worth_claiming = True
         if self._wants_jobs:
             self._bell.set()
 
@@ -134,9 +146,13 @@ class Fetcher:
         self._timed = True
         self.announce()
 
-    def changed(self) -> None:
-        """A job ended or outcomes were written: there may be room, or a retry due."""
+    def changed(self, *, claimable: bool = False) -> None:
+        """A job ended or outcomes were written: there may be room for held jobs.
+        ``claimable``: the outcomes written may have made jobs claimable (a lock released, a
+        job back to waiting, a limit's slot freed): claim again."""
         self._changed = True
+        if claimable:
+            self._worth_claiming = True
         self._bell.set()
 
     def stop(self) -> None:
@@ -163,9 +179,10 @@ class Fetcher:
                     claimed = await asyncio.shield(settled.task)
                     self._inflight.popleft()
                     if claimed is None:
+                        self._worth_claiming = True
                         continue  # the claim failed and was waited out: try again
                     got = claimed
-                    self._last_full = len(got) == settled.asked
+                    self._last_full = self._backlog = len(got) == settled.asked
                     self._holder.hold(got)
                     self._holder.start()
                     if got:
@@ -202,15 +219,18 @@ class Fetcher:
         )
 
     def _send(self) -> None:
-        """Send claims while there is room: one, and more while full batches come back (up to
-        the source's depth: one under fleet-wide limits and for a serial worker, which keeps
-        strict priority order)."""
+        """Send claims while there is room and one may find work: one, and more while full
+        batches come back (up to the source's depth: one under fleet-wide limits and for a
+        serial worker, which keeps strict priority order)."""
+        checking_drained = not self._wait and not self._inflight and self._holder.idle()
+        if not (self._worth_claiming or self._backlog or checking_drained):
+            return
         room = self._holder.room() - sum(c.asked for c in self._inflight)
         depth = self._source.depth
         loop = asyncio.get_running_loop()
         while room > 0 and len(self._inflight) < depth and (not self._inflight or self._last_full):
             asked = claim_size(room, self._batch_size)
-            self._new_jobs = False
+            self._worth_claiming = False
             idle = self._holder.idle()
             self._inflight.append(_Claim(loop.create_task(self._source.claim(asked)), asked, idle))
             room -= asked
@@ -229,7 +249,7 @@ class Fetcher:
     async def _sleep_until_work(self, *, room: bool) -> None:
         """Wait for a NOTIFY, a free slot, a stop, the next scheduled job's due time, or the
         polling interval."""
-        if self._changed or (room and self._new_jobs) or self._stopping.is_set():
+        if self._changed or (room and self._worth_claiming) or self._stopping.is_set():
             return  # it came while the loop was busy
         loop = asyncio.get_running_loop()
         self._bell.clear()
@@ -241,6 +261,7 @@ class Fetcher:
                     until_due = self._wake_at - loop.time()
                     if until_due <= 0:
                         self._wake_at, self._timed = None, True
+                        self._worth_claiming = True
                         return
                     timeout = min(timeout, until_due)
                 try:
@@ -250,9 +271,10 @@ class Fetcher:
                     if until_due is not None and until_due <= timeout:
                         self._wake_at = None
                     self._timed = True  # the polling interval, or a job's due time: look
+                    self._worth_claiming = True
                     return
                 rescheduled, self._rescheduled = self._rescheduled, False
-                woken = self._changed or self._new_jobs or self._stopping.is_set()
+                woken = self._changed or self._worth_claiming or self._stopping.is_set()
                 if not rescheduled or woken:
                     return
                 self._bell.clear()  # only the wake-up moved: sleep again, until then

@@ -26,6 +26,7 @@ __all__ = [
     "aborted_on_request",
     "decide",
     "decide_safely",
+    "frees_jobs",
     "rescue_outcome",
 ]
 
@@ -46,6 +47,12 @@ class Outcome:
     def __post_init__(self) -> None:
         object.__setattr__(self, "value", self.status.value)
         object.__setattr__(self, "label", _LABELS[self.status])
+
+
+def frees_jobs(job: ClaimedJob, outcome: Outcome) -> bool:
+    """Whether writing ``outcome`` may make other jobs claimable: the job held a lock (its
+    next holder waits for it), or it goes back to waiting (a retry, a release)."""
+    return job.lock is not None or outcome.status is Status.TODO
 
 
 _LABELS = {status: "retried" if status is Status.TODO else status.value for status in Status}

@@ -234,4 +234,3 @@ class JobRunner:
             self.app.statements, self._worker_id(), single, self._delete_statuses
         )
         return outcome, query
-

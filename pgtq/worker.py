@@ -160,7 +160,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._hurry = asyncio.Event()  # a second signal: stop waiting for running jobs
         self._completer = Completer(
-            app.statements, self._id, self._delete_statuses, on_written=self._changed
+            app.statements, self._id, self._delete_statuses, on_written=self._written
         )
         self._attempts = Attempts(
             app,
@@ -324,8 +324,11 @@ class Worker:
         if self._fetcher is not None:
             self._fetcher.stop()
 
-    def _changed(self) -> None:
-        self._attempts.changed()
+    def _written(self, frees: bool) -> None:
+        """Outcomes were written: jobs may be claimable if they freed some, or if a limit's
+        slot may have freed (fleet-wide limits)."""
+        limited = self._claims is not None and self._claims.limited
+        self._attempts.changed(claimable=frees or limited)
 
     def _count(self, outcome: Outcome) -> None:
         self.stats.processed += 1

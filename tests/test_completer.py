@@ -63,7 +63,7 @@ def job(n: int) -> ClaimedJob:
 
 def completer(conn: FakeConnection) -> tuple[Completer, list[int]]:
     told: list[int] = []
-    c = Completer(S, lambda: "w1", (), on_written=lambda: told.append(1))
+    c = Completer(S, lambda: "w1", (), on_written=lambda frees: told.append(int(frees)))
     c.connection = conn  # type: ignore[assignment]
     return c, told
 
@@ -76,7 +76,28 @@ async def test_writes_what_is_buffered_in_one_statement() -> None:
     assert len(c) == 5 and not c.idle
     await c.write(give_up_after=None)
     assert conn.written == [(n, "succeeded") for n in range(5)] and conn.writes == 1
-    assert c.idle and told == [1]
+    assert c.idle and told == [0]  # nothing they wrote can have freed another job
+
+
+@pytest.mark.parametrize(
+    ("lock", "outcome", "frees"),
+    [
+        (None, Outcome(Status.SUCCEEDED, result="null"), 0),
+        ("acct-1", Outcome(Status.SUCCEEDED, result="null"), 1),  # its lock's next job
+        (None, Outcome(Status.TODO, error="{}", retry_in=0.0), 1),  # a retry, waiting again
+    ],
+)
+async def test_it_says_when_what_it_wrote_may_have_freed_other_jobs(
+    lock: str | None, outcome: Outcome, frees: int
+) -> None:
+    """The fetch loop claims after a write only then (an idle worker: one claim a job)."""
+    c, told = completer(FakeConnection())
+    c.add(job(1)._replace(lock=lock), outcome)
+    c.add(job(2), Outcome(Status.SUCCEEDED, result="null"))
+    await c.write(give_up_after=None)
+    c.add(job(3), Outcome(Status.SUCCEEDED, result="null"))
+    await c.write(give_up_after=None)
+    assert told == [frees, 0]
 
 
 async def test_a_lost_write_is_kept_and_tried_again_in_order() -> None:

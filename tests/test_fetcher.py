@@ -216,6 +216,57 @@ async def test_stopping_settles_the_claims_still_out_and_holds_their_jobs() -> N
     assert [j.id for j in holder.running + holder.held] == list(range(10))
 
 
+async def test_an_idle_worker_claims_once_per_job_it_is_woken_for() -> None:
+    """A job that ends frees a slot, nothing more: no claim after it unless something says
+    jobs may wait (a NOTIFY, a full claim, outcomes that freed jobs). It was three claims a
+    job: one for the job, one when it ended, one when its outcome was written."""
+    source, holder = Queue(0), Slots(concurrency=4, prefetch=4)
+    f = fetcher(source, holder, wait=True)
+    run = asyncio.create_task(f.run())
+    await _until(lambda: source.asked == [8] and not source.out)  # the start's claim
+    for n in range(5):
+        source.waiting.append(job(n))
+        f.announce()
+        await _until(lambda n=n: holder.done == list(range(n + 1)))  # type: ignore[misc]
+        f.changed()  # its outcome written: it freed nothing
+    await asyncio.sleep(0.01)  # (a claim would be sent at once: give it the chance)
+    assert len(source.asked) == 1 + 5
+    f._stopping.set()
+    f.stop()
+    await asyncio.wait_for(run, 5)
+
+
+async def test_outcomes_that_free_jobs_ring_a_claim() -> None:
+    """A lock released or a job back to waiting: the jobs behind it are claimable without
+    any NOTIFY, so the worker claims."""
+    source, holder = Queue(0), Slots(concurrency=1, prefetch=0)
+    f = fetcher(source, holder, wait=True)
+    run = asyncio.create_task(f.run())
+    await _until(lambda: len(source.asked) == 1 and not source.out)
+    source.waiting.append(job(9))  # claimable now, announced by nobody
+    f.changed(claimable=True)
+    await _until(lambda: holder.done == [9])
+    f._stopping.set()
+    f.stop()
+    await asyncio.wait_for(run, 5)
+
+
+async def test_a_backlog_is_claimed_again_as_running_jobs_end() -> None:
+    """A full claim means more may wait: each freed slot is worth a claim, across sleeps."""
+    source, holder = Queue(9), Slots(concurrency=2, prefetch=0)
+    holder.hold_on = True
+    f = fetcher(source, holder, wait=True, batch=2)
+    run = asyncio.create_task(f.run())
+    for _ in range(5):
+        await _until(lambda: bool(holder.running) and not source.out)
+        await asyncio.sleep(0)
+        holder.finish_all()
+    await _until(lambda: holder.done == list(range(9)))
+    f._stopping.set()
+    f.stop()
+    await asyncio.wait_for(run, 5)
+
+
 def test_claim_sizes() -> None:
     assert claim_size(100, 20) == 20
     assert claim_size(19, 20) == 16
