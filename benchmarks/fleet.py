@@ -278,15 +278,10 @@ class Fleet:
     # -- helpers ---------------------------------------------------------------------------
 
     def limit(self, jobs: int) -> float:
-        return (60.0 + jobs / 200.0) * float(self.args.timeout_scale)
+        return bench.phase_timeout(jobs, self.args.timeout_scale)
 
-    @contextlib.contextmanager
-    def database(self) -> Iterator[str]:
-        name = self.server.fresh()
-        try:
-            yield name
-        finally:
-            self.server.drop(name)
+    def database(self) -> contextlib.AbstractContextManager[str]:
+        return self.server.database()
 
     @contextlib.contextmanager
     def app_on(self, name: str) -> Iterator[Any]:

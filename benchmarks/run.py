@@ -174,8 +174,22 @@ class BenchFailure(Exception):
 # -- the database server -------------------------------------------------------------------
 
 
+def phase_timeout(jobs: int, scale: float) -> float:
+    """A phase's time limit: generous (200 jobs/s and a minute), never unbounded."""
+    return (60.0 + jobs / 200.0) * float(scale)
+
+
 class Server:
     """Creates and drops this run's databases; every statement has a timeout."""
+
+    @contextlib.contextmanager
+    def database(self) -> Iterator[str]:
+        """A fresh, empty database for one measurement, dropped after it."""
+        name = self.fresh()
+        try:
+            yield name
+        finally:
+            self.drop(name)
 
     def __init__(self, url: str, run_id: str) -> None:
         self.url = make_url(url).set(drivername="postgresql")
@@ -503,17 +517,10 @@ class Run:
     # -- helpers ---------------------------------------------------------------------------
 
     def timeout(self, jobs: int) -> float:
-        """A phase's time limit: generous (200 jobs/s and a minute), never unbounded."""
-        return (60.0 + jobs / 200.0) * float(self.args.timeout_scale)
+        return phase_timeout(jobs, self.args.timeout_scale)
 
-    @contextlib.contextmanager
-    def database(self) -> Iterator[str]:
-        """A fresh, empty database for one measurement, dropped after it."""
-        name = self.server.fresh()
-        try:
-            yield name
-        finally:
-            self.server.drop(name)
+    def database(self) -> contextlib.AbstractContextManager[str]:
+        return self.server.database()
 
     def install(self, adapter: Adapter, name: str) -> None:
         dsn = self.server.dsn(name)

@@ -29,6 +29,8 @@ import psycopg
 import pytest
 from sqlalchemy.engine import URL, make_url
 
+from tests.system_packages import without_package
+
 BINARY = "/usr/sbin/pgbouncer"
 
 #: Server connections per (database, user) pair: more than one worker and an app need at
@@ -71,24 +73,11 @@ class PgBouncer:
 
 
 #: noxfile.py's opt-out of installing Debian packages system-wide.
-NO_SYSTEM_INSTALL = "PGTQ_NO_SYSTEM_INSTALL"
 
 
 def without_pgbouncer(environ: Mapping[str, str]) -> tuple[bool, str]:
-    """What the PgBouncer tests do where the binary is missing: (fail?, why). They fail in CI,
-    which must run them (.ci/run installs the package); elsewhere they skip, saying why and
-    how to get it."""
-    missing = f"Debian's pgbouncer is not installed at {BINARY}"
-    if environ.get(NO_SYSTEM_INSTALL, "") not in ("", "0"):
-        why = f"{missing} and {NO_SYSTEM_INSTALL} is set, so `nox -s tests` did not install it"
-    else:
-        why = (
-            f"{missing} (`nox -s tests` installs it with apt-get where it can, unless "
-            f"{NO_SYSTEM_INSTALL}=1)"
-        )
-    if environ.get("CI"):
-        return True, f"{why}: CI must run the PgBouncer tests"  # never a silent skip there
-    return False, why
+    """(fail?, why) where pgbouncer is missing (:func:`tests.system_packages.without_package`)."""
+    return without_package("pgbouncer", BINARY, "the PgBouncer tests", environ)
 
 
 def _free_port() -> int:

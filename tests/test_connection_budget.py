@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import pgtq
 from tests.conftest import eventually
@@ -214,29 +214,20 @@ def _sync_defers_and_reads(app: pgtq.App, defers: int = 20, reads: int = 10) -> 
     return all_done()
 
 
-async def test_async_defers_stay_within_the_users_asyncpg_pool(dsn: str, sql: Sql) -> None:
-    name = _name()
-    url = make_url(dsn).set(drivername="postgresql+asyncpg")
-    engine = create_async_engine(
-        url,
-        pool_size=2,
-        max_overflow=0,
-        connect_args={"server_settings": {"application_name": name}},
-    )
-    app = pgtq.App(async_engine=engine)
-    peak = _Peak(dsn, name)
-    try:
-        await peak.during(_defers_and_reads(app))
-    finally:
-        await app.close_async()
-        await engine.dispose()
-    assert 1 <= peak.most <= 2
-
-
-async def test_async_defers_stay_within_the_users_psycopg_pool(dsn: str, sql: Sql) -> None:
-    name = _name()
+def _users_async_engine(dsn: str, driver: str, name: str) -> AsyncEngine:
+    """The user's AsyncEngine, pool_size=2 and no overflow, its backends named ``name``."""
+    if driver == "asyncpg":
+        url = make_url(dsn).set(drivername="postgresql+asyncpg")
+        named = {"server_settings": {"application_name": name}}
+        return create_async_engine(url, pool_size=2, max_overflow=0, connect_args=named)
     url = make_url(_named(dsn, name)).set(drivername="postgresql+psycopg")
-    engine = create_async_engine(url, pool_size=2, max_overflow=0)
+    return create_async_engine(url, pool_size=2, max_overflow=0)
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_async_defers_stay_within_the_users_pool(dsn: str, sql: Sql, driver: str) -> None:
+    name = _name()
+    engine = _users_async_engine(dsn, driver, name)
     app = pgtq.App(async_engine=engine)
     peak = _Peak(dsn, name)
     try:

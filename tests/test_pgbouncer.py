@@ -37,8 +37,9 @@ from pgtq.cli import cli
 from pgtq.fetcher import Fetcher
 from pgtq.worker import Worker
 from tests.conftest import eventually, libpq
-from tests.pgbouncer import BINARY, NO_SYSTEM_INSTALL, PgBouncer, without_pgbouncer
+from tests.pgbouncer import BINARY, PgBouncer, without_pgbouncer
 from tests.sides import Side
+from tests.system_packages import NO_SYSTEM_INSTALL
 
 SQL = Callable[..., list[tuple[Any, ...]]]
 

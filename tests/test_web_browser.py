@@ -21,29 +21,17 @@ import httpx
 import pytest
 
 import pgtq
+from tests.system_packages import NO_SYSTEM_INSTALL, without_package
 
 CHROMIUM = "/usr/bin/chromium"
-#: noxfile.py's opt-out of installing Chromium system-wide.
-NO_SYSTEM_INSTALL = "PGTQ_NO_SYSTEM_INSTALL"
 ROOT = Path(__file__).resolve().parent.parent
 
 SQL = Callable[..., list[tuple[Any, ...]]]
 
 
 def without_chromium(environ: Mapping[str, str]) -> tuple[bool, str]:
-    """What the browser test does where Chromium is missing: (fail?, why). It fails in CI,
-    which must run it; elsewhere it skips, saying why (and how to get Chromium)."""
-    missing = f"Debian's chromium is not installed at {CHROMIUM}"
-    if environ.get(NO_SYSTEM_INSTALL, "") not in ("", "0"):
-        why = f"{missing} and {NO_SYSTEM_INSTALL} is set, so `nox -s tests` did not install it"
-    else:
-        why = (
-            f"{missing} (`nox -s tests` installs it with apt-get where it can, unless "
-            f"{NO_SYSTEM_INSTALL}=1)"
-        )
-    if environ.get("CI"):
-        return True, f"{why}: CI must run the browser test"  # never a silent skip there
-    return False, why
+    """(fail?, why) where chromium is missing (:func:`tests.system_packages.without_package`)."""
+    return without_package("chromium", CHROMIUM, "the browser test", environ)
 
 
 @pytest.mark.unit
