@@ -93,9 +93,7 @@ async def test_a_job_rescued_max_rescues_times_fails_on_the_next_loss(
     def fragile() -> None: ...
 
     job_id = await fragile.defer_async()
-    rescuer = Heartbeat(
-        WorkerScope(app, app.async_connector(), lambda: "rescuer"), rescue_after=60
-    )
+    rescuer = Heartbeat(WorkerScope(app, app.async_connector(), lambda: "rescuer"), rescue_after=60)
     for n in range(3):  # claimed by a worker that dies, three times
         sql(
             "INSERT INTO pgtq.workers (id, hostname, pid, last_heartbeat) "

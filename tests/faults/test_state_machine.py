@@ -294,6 +294,7 @@ class JobMachine(RuleBasedStateMachine):
     @rule()
     def rescue(self) -> None:
         """A live worker's rescue path: forget the silent workers, put back their jobs."""
+
         async def go() -> int:
             scope = WorkerScope(self.app, self.app.async_connector(), lambda: "rescuer")
             rescuer = Heartbeat(scope, rescue_after=60.0)
