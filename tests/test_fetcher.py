@@ -139,9 +139,7 @@ async def test_never_claims_more_than_the_room() -> None:
     await asyncio.sleep(0.01)
     assert len(holder.running) + len(holder.held) == 6  # concurrency + prefetch, no more
     assert sum(source.asked) == 6
-    f._stopping.set()
-    f.stop()
-    await asyncio.wait_for(run, 5)
+    await _stop(f, run)
 
 
 async def test_not_drained_while_a_job_runs_even_if_a_claim_comes_back_empty() -> None:
@@ -182,9 +180,7 @@ async def test_asleep_it_wakes_for_a_notify_only_with_room() -> None:
             break
         await asyncio.sleep(0.001)
     assert holder.done == [1] and len(source.asked) > claims
-    f._stopping.set()
-    f.stop()
-    await asyncio.wait_for(run, 5)
+    await _stop(f, run)
 
 
 async def test_a_job_due_soon_wakes_it_before_the_polling_interval() -> None:
@@ -195,9 +191,7 @@ async def test_a_job_due_soon_wakes_it_before_the_polling_interval() -> None:
     source.waiting.append(job(3))
     f.due_in(0.05)  # the polling interval is an hour
     await _until(lambda: holder.done == [3])
-    f._stopping.set()
-    f.stop()
-    await asyncio.wait_for(run, 5)
+    await _stop(f, run)
 
 
 async def test_stopping_settles_the_claims_still_out_and_holds_their_jobs() -> None:
@@ -231,9 +225,7 @@ async def test_an_idle_worker_claims_once_per_job_it_is_woken_for() -> None:
         f.changed()  # its outcome written: it freed nothing
     await asyncio.sleep(0.01)  # (a claim would be sent at once: give it the chance)
     assert len(source.asked) == 1 + 5
-    f._stopping.set()
-    f.stop()
-    await asyncio.wait_for(run, 5)
+    await _stop(f, run)
 
 
 async def test_outcomes_that_free_jobs_ring_a_claim() -> None:
@@ -246,9 +238,7 @@ async def test_outcomes_that_free_jobs_ring_a_claim() -> None:
     source.waiting.append(job(9))  # claimable now, announced by nobody
     f.changed(claimable=True)
     await _until(lambda: holder.done == [9])
-    f._stopping.set()
-    f.stop()
-    await asyncio.wait_for(run, 5)
+    await _stop(f, run)
 
 
 async def test_a_backlog_is_claimed_again_as_running_jobs_end() -> None:
@@ -262,15 +252,20 @@ async def test_a_backlog_is_claimed_again_as_running_jobs_end() -> None:
         await asyncio.sleep(0)
         holder.finish_all()
     await _until(lambda: holder.done == list(range(9)))
-    f._stopping.set()
-    f.stop()
-    await asyncio.wait_for(run, 5)
+    await _stop(f, run)
 
 
 def test_claim_sizes() -> None:
     assert claim_size(100, 20) == 20
     assert claim_size(19, 20) == 16
     assert claim_size(1, 20) == 1
+
+
+async def _stop(f: Fetcher, run: asyncio.Task[None]) -> None:
+    """Stop a fetcher that waits for work, and see its loop end."""
+    f._stopping.set()
+    f.stop()
+    await asyncio.wait_for(run, 5)
 
 
 async def _until(check: Callable[[], bool], deadline: float = 5.0) -> None:
