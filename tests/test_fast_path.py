@@ -4,6 +4,7 @@ driver form, whatever the driver."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -141,3 +142,31 @@ def test_a_mapper_written_against_a_result_does_not_type_check(tmp_path: Path) -
     assert len(errors) == 3, failed.stdout
     assert sum("Result[Any]" in e for e in errors) == 2, errors
     assert any("rowcount" in e for e in errors), errors
+
+
+# -- the connection a defer keeps for the next one ------------------------------------------------
+
+
+async def test_sequential_defers_reuse_one_pooled_connection_and_hold_none_after(
+    app: pgtq.App,
+) -> None:
+    """A checkout costs a third of a ``defer_async``: one that follows at once reuses the
+    connection; the loop's next step gives it back, so none is held idle, and pgtq's own
+    pooled statements take it back first (the pool never grows for them)."""
+    from sqlalchemy import event
+
+    @app.task
+    async def noop() -> None: ...
+
+    engine = app.async_connector().engine
+    checkouts: list[int] = []
+    event.listen(engine.sync_engine.pool, "checkout", lambda *_: checkouts.append(1))
+    ids = [await noop.defer_async() for _ in range(50)]
+    assert len(checkouts) <= 2  # not one a defer
+    await asyncio.sleep(0)  # the loop's next step
+    assert engine.pool.checkedout() == 0  # given back: none held idle
+    for job_id in ids[:10]:  # a pooled statement right after a defer: the same connection
+        await noop.defer_async()
+        assert (await app.jobs.get_async(job_id)).id == job_id
+    assert engine.pool.checkedout() == 0 and engine.pool.size() >= 1
+    assert engine.pool.checkedin() == 1  # one connection served them all
