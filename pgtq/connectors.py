@@ -680,6 +680,7 @@ class AsyncConnector:
         # (``_give_back``), so it is never held idle and no other user of the pool waits on it.
         self._kept: Any = None
         self._give_back_soon = False
+        self._closing: set[asyncio.Task[Any]] = set()  # check-ins with I/O, referenced till done
 
     async def run(self, query: Query[T], connection: AsyncConnection | None = None) -> T:
         """Run one statement: on the caller's connection (errors translated, never retried),
@@ -738,7 +739,9 @@ class AsyncConnector:
             if self._checks_in_quietly():
                 raw.close()
             else:
-                asyncio.get_running_loop().create_task(greenlet_spawn(raw.close))
+                task = asyncio.get_running_loop().create_task(greenlet_spawn(raw.close))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     def _checks_in_quietly(self) -> bool:
         """A connection back in the pool stays open: no I/O (no transaction to roll back)."""
