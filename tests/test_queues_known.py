@@ -214,3 +214,18 @@ async def test_the_web_overview_shows_idle_declared_queues(app: pgtq.App) -> Non
     assert page.status_code == 200
     assert "/jobs?queue=emails" in page.text and "/jobs?queue=images" in page.text
     assert "No queue yet" not in page.text
+
+
+async def test_record_declared_adds_only_new_queues_and_keeps_a_pause(
+    app: pgtq.App, side: Side, sql: SQL
+) -> None:
+    """Both twins: the declared queues go into the queues table once; a paused one stays
+    paused (what a worker does at its start)."""
+    tasks(app)
+    assert await side.call(app.queues, "pause", "emails") is True
+    assert await side.call(app.queues, "record_declared") == ["images"]
+    assert await side.call(app.queues, "record_declared") == []
+    assert sql("SELECT name, paused FROM pgtq.queues ORDER BY name") == [
+        ("emails", True),
+        ("images", False),
+    ]

@@ -69,6 +69,17 @@ def backlog(app: pgtq.App) -> None:
 async def noop() -> None: ...
 
 
+@pytest.fixture
+def loaded(
+    fresh: tuple[pgtq.App, psycopg.Connection[Any]],
+) -> tuple[pgtq.App, psycopg.Connection[Any]]:
+    """``fresh``, with BACKLOG jobs deferred and counted in pg_stat_user_tables."""
+    app, conn = fresh
+    backlog(app)
+    wait_for_counts(conn, BACKLOG)
+    return app, conn
+
+
 def claim_plan(app: pgtq.App, conn: psycopg.Connection[Any]) -> str:
     compiled = app.statements.claim(None, 100).compile(dialect=postgresql.dialect())
     params = {**compiled.params, "me": "w"}
@@ -105,11 +116,9 @@ def wait_for_counts(conn: psycopg.Connection[Any], changed: int) -> None:
 
 
 async def test_a_bulk_loaded_backlog_is_analyzed_once_and_then_planned_in_index_order(
-    fresh: tuple[pgtq.App, psycopg.Connection[Any]],
+    loaded: tuple[pgtq.App, psycopg.Connection[Any]],
 ) -> None:
-    app, conn = fresh
-    backlog(app)
-    wait_for_counts(conn, BACKLOG)
+    app, conn = loaded
     assert "Sort" in claim_plan(app, conn)  # the plan a stale view gives: every job sorted
     assert not analyzed(conn)
     connector = app.async_connector()
@@ -123,12 +132,10 @@ async def test_a_bulk_loaded_backlog_is_analyzed_once_and_then_planned_in_index_
 
 
 async def test_one_worker_at_a_time_analyzes(
-    fresh: tuple[pgtq.App, psycopg.Connection[Any]],
+    loaded: tuple[pgtq.App, psycopg.Connection[Any]],
 ) -> None:
     """Another worker holding the analyze lock: this one skips, and does it once it is free."""
-    app, conn = fresh
-    backlog(app)
-    wait_for_counts(conn, BACKLOG)
+    app, conn = loaded
     key = "SELECT hashtext('pgtq:pgtq:analyze')"
     conn.execute(f"SELECT pg_advisory_lock(({key}))")
     connector = app.async_connector()
@@ -140,13 +147,11 @@ async def test_one_worker_at_a_time_analyzes(
 
 
 async def test_a_vacuum_holding_the_table_is_left_alone(
-    fresh: tuple[pgtq.App, psycopg.Connection[Any]], caplog: pytest.LogCaptureFixture
+    loaded: tuple[pgtq.App, psycopg.Connection[Any]], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The lock a (auto)vacuum holds: the ANALYZE gives up within its lock_timeout, quietly,
     instead of waiting past deadlock_timeout, which would cancel an autovacuum."""
-    app, conn = fresh
-    backlog(app)
-    wait_for_counts(conn, BACKLOG)
+    app, conn = loaded
     conn.execute("BEGIN")
     conn.execute("LOCK TABLE pgtq.jobs IN SHARE UPDATE EXCLUSIVE MODE")
     connector = app.async_connector()
@@ -160,11 +165,9 @@ async def test_a_vacuum_holding_the_table_is_left_alone(
 
 
 def test_a_worker_analyzes_a_bulk_loaded_backlog_at_its_start(
-    fresh: tuple[pgtq.App, psycopg.Connection[Any]],
+    loaded: tuple[pgtq.App, psycopg.Connection[Any]],
 ) -> None:
-    app, conn = fresh
-    backlog(app)
-    wait_for_counts(conn, BACKLOG)
+    app, conn = loaded
     app.run_worker(concurrency=100, wait=False)
     assert analyzed(conn)
     assert conn.execute("SELECT count(*) FROM pgtq.jobs WHERE status = 'succeeded'").fetchone() == (
