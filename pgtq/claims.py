@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from pgtq.completer import Completer
     from pgtq.connectors import DedicatedConnection
     from pgtq.scope import WorkerScope
+    from pgtq.turns import Answer
 
 logger = logging.getLogger("pgtq.worker")
 
@@ -42,6 +43,7 @@ class Claims:
         holding: Callable[[], Iterable[int]],
         completer: Completer,
         stopping: asyncio.Event,
+        claimed: Callable[[int], None] = lambda jobs: None,
     ) -> None:
         app = self._app = scope.app
         self._s = app.statements
@@ -52,6 +54,7 @@ class Claims:
         self._holding = holding  # the ids of the jobs the worker runs or holds
         self._completer = completer
         self._stopping = stopping
+        self._claimed = claimed  # counts each claim that came back, with its jobs
         self._connections: list[DedicatedConnection] = []
         self._free: list[DedicatedConnection] = []
         self._delays = backoff_delays()
@@ -97,21 +100,23 @@ class Claims:
     def recovering(self) -> bool:
         return self._reconcile or self._unclaimable
 
-    async def claim(self, limit: int) -> list[ClaimedJob] | None:
+    async def claim(self, limit: int, answer: Answer | None = None) -> list[ClaimedJob] | None:
         """Claim up to ``limit`` jobs on a free claim connection (there is one: the fetch loop
-        keeps at most one claim out on each); None when the claim failed."""
+        keeps at most one claim out on each); None when the claim failed. ``answer``: the
+        announcements it answers, told to the other workers by the claim (:mod:`pgtq.turns`)."""
         conn = self._free.pop()
         try:
             if self.limited:
                 claimed = await self._connector.run_in_transaction(
-                    functools.partial(self._claim_under_limits, limit=limit)
+                    functools.partial(self._claim_under_limits, limit=limit, answer=answer)
                 )
             else:
                 worker_id = self._worker_id()
                 claimed = await conn.run(
-                    statements.claim_jobs(self._s, worker_id, self._queues, limit)
+                    statements.claim_jobs(self._s, worker_id, self._queues, limit, answer)
                 )
             self._delays = backoff_delays()
+            self._claimed(len(claimed))
             return claimed
         except Exception as exc:
             if sqlstate(exc) == "23505" and "jobs_lock_doing_idx" in str(exc):
@@ -135,7 +140,9 @@ class Claims:
         finally:
             self._free.append(conn)
 
-    def _claim_under_limits(self, conn: Connection, *, limit: int) -> list[ClaimedJob]:
+    def _claim_under_limits(
+        self, conn: Connection, *, limit: int, answer: Answer | None
+    ) -> list[ClaimedJob]:
         """The claim when limits apply: one transaction under the limits lock, so the counts
         read here hold until the claimed jobs are ``doing``. Runs on a sync Connection (the
         async connector runs it through SQLAlchemy's greenlet bridge)."""
@@ -154,7 +161,7 @@ class Claims:
         buckets = execute(conn, statements.read_buckets(s, rated)) if rated else {}
         allow = allowances(limits, running, buckets)
         query = statements.claim_limited(
-            s, self._worker_id(), self._queues, limit, allow, self._keycaps
+            s, self._worker_id(), self._queues, limit, allow, self._keycaps, answer
         )
         claimed = execute(conn, query)
         if rated and claimed:

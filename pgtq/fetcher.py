@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pgtq.model import ClaimedJob
+from pgtq.turns import Answer
 
 logger = logging.getLogger("pgtq.worker")
 
@@ -44,8 +45,9 @@ class Source(Protocol):
     def recovering(self) -> bool:
         """A claim failed: no new claim until :meth:`recover` has run with none out."""
 
-    async def claim(self, limit: int) -> list[ClaimedJob] | None:
-        """Claim up to ``limit`` jobs; None when the claim failed (and was waited out)."""
+    async def claim(self, limit: int, answer: Answer | None = None) -> list[ClaimedJob] | None:
+        """Claim up to ``limit`` jobs; None when the claim failed (and was waited out).
+        ``answer``: the announcements it answers, for the other workers (:mod:`pgtq.turns`)."""
 
     async def recover(self) -> bool:
         """Clean up after a failed claim; False when that could not be done yet."""
@@ -122,6 +124,8 @@ class Fetcher:
         self._wake_at: float | None = None
         self._timed = True  # the next idle moment asks when a job is due next
         self._rescheduled = False  # the wake-up moved earlier while the loop slept
+        # Announcements it is this worker's turn to answer: the next claim tells the others.
+        self._answer: Answer | None = None
 
     # -- what rings the bell ----------------------------------------------------------------
 
@@ -130,6 +134,16 @@ class Fetcher:
         self._worth_claiming = True
         if self._wants_jobs:
             self._bell.set()
+
+    def answer(self, answer: Answer) -> None:
+        """It is this worker's turn to claim announced jobs (:mod:`pgtq.turns`): claim, and
+        let the claim tell the others. A worker without room lets its turn pass: the next
+        worker's comes."""
+        if self._room() <= 0:
+            self._worth_claiming = True  # as for any NOTIFY: claim once there is room
+            return
+        self._answer = answer if self._answer is None else self._answer.merge(answer)
+        self.announce()
 
     def due_in(self, seconds: float) -> None:
         """A job becomes due in ``seconds``: be awake then at the latest."""
@@ -225,15 +239,21 @@ class Fetcher:
         checking_drained = not self._wait and not self._inflight and self._holder.idle()
         if not (self._worth_claiming or self._backlog or checking_drained):
             return
-        room = self._holder.room() - sum(c.asked for c in self._inflight)
+        room = self._room()
         depth = self._source.depth
         loop = asyncio.get_running_loop()
         while room > 0 and len(self._inflight) < depth and (not self._inflight or self._last_full):
             asked = claim_size(room, self._batch_size)
             self._worth_claiming = False
             idle = self._holder.idle()
-            self._inflight.append(_Claim(loop.create_task(self._source.claim(asked)), asked, idle))
+            answer, self._answer = self._answer, None
+            claim = loop.create_task(self._source.claim(asked, answer))
+            self._inflight.append(_Claim(claim, asked, idle))
             room -= asked
+
+    def _room(self) -> int:
+        """Slots for jobs not yet asked for by a claim in flight."""
+        return self._holder.room() - sum(c.asked for c in self._inflight)
 
     async def _look_ahead(self) -> None:
         """Ask when the earliest job scheduled ahead becomes due."""

@@ -1,5 +1,6 @@
-"""What a worker hears: NOTIFYs of new jobs (now, or due in n seconds) for the fetcher, and
-abort requests for the attempts, by LISTEN, with polling for aborts as the fallback.
+"""What a worker hears: NOTIFYs of new jobs (now, or due in n seconds) for the fetcher (by
+turns, :mod:`pgtq.turns`, when they name their jobs), other workers' taken notices, and abort
+requests for the attempts, by LISTEN, with polling for aborts as the fallback.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from typing import TYPE_CHECKING
 from pgtq import statements
 from pgtq.connectors import first_line
 from pgtq.retry import backoff_delays
+from pgtq.turns import parse_taken
 
 if TYPE_CHECKING:
     from pgtq.attempts import Attempts
     from pgtq.fetcher import Fetcher
     from pgtq.scope import WorkerScope
+    from pgtq.turns import Turns
 
 logger = logging.getLogger("pgtq.worker")
 
@@ -26,11 +29,18 @@ class Listener:
     """Turns NOTIFYs and abort requests into claims and stopped attempts."""
 
     def __init__(
-        self, scope: WorkerScope, fetcher: Fetcher, attempts: Attempts, *, abort_interval: float
+        self,
+        scope: WorkerScope,
+        fetcher: Fetcher,
+        turns: Turns,
+        attempts: Attempts,
+        *,
+        abort_interval: float,
     ) -> None:
         self._scope = scope
         self._s = scope.app.statements
         self._fetcher = fetcher
+        self._turns = turns
         self._attempts = attempts
         self._abort_interval = abort_interval
 
@@ -48,7 +58,7 @@ class Listener:
         while True:
             try:
                 listener = await self._scope.connector.listen(
-                    [s.channel, s.abort_channel], self.on_notify
+                    [s.channel, s.taken_channel, s.abort_channel], self.on_notify
                 )
             except Exception as exc:
                 delay = next(delays)
@@ -65,13 +75,17 @@ class Listener:
 
     def on_notify(self, channel: str, payload: str) -> None:
         if channel == self._s.channel:
-            queue, due_in = statements.parse_announcement(payload)
+            heard = statements.parse_announcement(payload)
             queues = self._scope.queues
-            if queues is None or queue in queues:
-                if due_in is None:
-                    self._fetcher.announce()
+            if queues is None or heard.queue in queues:
+                if heard.due_in is not None:
+                    self._fetcher.due_in(heard.due_in)
+                elif heard.first is not None:
+                    self._turns.heard(heard.queue, heard.first, heard.jobs)
                 else:
-                    self._fetcher.due_in(due_in)
+                    self._fetcher.announce()
+        elif channel == self._s.taken_channel:
+            self._turns.taken(parse_taken(payload))
         elif channel == self._s.abort_channel:
             with contextlib.suppress(ValueError):
                 self._attempts.request_abort(int(payload), "requested")

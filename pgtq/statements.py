@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from functools import cache, cached_property
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, REGCLASS
@@ -44,6 +44,9 @@ from pgtq.reports import (
 )
 from pgtq.schema import HISTORY_TRIGGERS, Tables, notify_channel, tables_for
 
+if TYPE_CHECKING:
+    from pgtq.turns import Answer
+
 T = TypeVar("T")
 
 #: A statement's rows as every mapper gets them, whatever ran it: positional, never a
@@ -52,6 +55,9 @@ T = TypeVar("T")
 #: are rows too, so one mapper serves the pooled path and the driver fast path alike.
 Row = Sequence[Any]
 Rows = Sequence[Row]
+#: A claim: the update itself, or the update in a select that also tells the other workers
+#: (:meth:`Statements.answering`).
+Claim = ReturningUpdate[Any] | sa.Select[Any]
 
 
 def _status(status: Status) -> sa.ColumnElement[str]:
@@ -204,7 +210,8 @@ class Statements:
         self.jobs = tables.jobs
         self.channel = notify_channel(tables.schema)
         self.abort_channel = self.channel + "_abort"
-        self._claims: dict[tuple[str, int], ReturningUpdate[Any]] = {}
+        self.taken_channel = self.channel + "_taken"
+        self._claims: dict[tuple[str, int, bool], Claim] = {}
 
     # -- enqueue ---------------------------------------------------------------------------
 
@@ -264,24 +271,36 @@ class Statements:
         self, inserted: sa.CTE, queue: sa.ColumnElement[str], at: sa.ColumnElement[Any]
     ) -> sa.Select[Any]:
         """Select the inserted ids, sending one NOTIFY on the jobs' channel (``at``: their
-        schedule, the same expression they were inserted with). Its payload is their queue
-        when they are due, else :func:`scheduled_payload`: ``@<seconds until due> <queue>``, so
-        an idle worker moves its wake-up earlier instead of finding them at its next poll.
-        PostgreSQL folds identical notifications of a transaction into one, so a transaction
-        that defers many due jobs sends one per queue."""
+        schedule, the same expression they were inserted with). When they are due its payload
+        names them, ``#<first id>:<count> <queue>``, so idle workers answer by turns
+        (:mod:`pgtq.turns`); else it is ``@<seconds until due> <queue>``, so an idle worker
+        moves its wake-up earlier instead of finding them at its next poll
+        (:func:`parse_announcement`). Nothing is sent when nothing was inserted."""
         until = sa.cast(sa.func.extract("epoch", at - sa.func.now()), sa.Text)
-        payload = sa.case(
-            (_due(at), queue),
-            else_=sa.literal("@", sa.Text) + until + sa.literal(" ", sa.Text) + queue,
+
+        def text(value: str) -> sa.ColumnElement[str]:
+            return sa.literal(value, sa.Text)
+
+        named = (
+            text("#")
+            + sa.cast(sa.func.min(inserted.c.id), sa.Text)
+            + text(":")
+            + sa.cast(sa.func.count(), sa.Text)
         )
-        sent = sa.select(sa.func.pg_notify(self._channel, payload).label("sent"))
+        payload = sa.case((_due(at), named), else_=text("@") + until) + text(" ") + queue
+        sent = (
+            sa.select(sa.func.pg_notify(self._channel, payload).label("sent"))
+            .select_from(inserted)
+            .having(sa.func.count() > 0)
+        )
         announced = sent.cte("announced")
         return sa.select(inserted.c.id).select_from(inserted.outerjoin(announced, sa.true()))
 
     # -- claim -----------------------------------------------------------------------------
 
-    def claim(self, queues: Sequence[str] | None, limit: int) -> ReturningUpdate[Any]:
-        """The claim of up to ``limit`` jobs, its limit written into the SQL.
+    def claim(self, queues: Sequence[str] | None, limit: int, *, answering: bool = False) -> Claim:
+        """The claim of up to ``limit`` jobs, its limit written into the SQL; ``answering``:
+        the claim that answers an announcement, telling the other workers (:meth:`answering`).
 
         A parameter there would cost a new plan at every claim: PostgreSQL cannot cost a
         generic plan for ``LIMIT $n``, so it plans each execution afresh (twice the time of a
@@ -290,11 +309,42 @@ class Statements:
         or a few of these statements.
         """
         kind = "all" if not queues else "one" if len(queues) == 1 else "some"
-        key = (kind, limit)
+        key = (kind, limit, answering)
         statement = self._claims.get(key)
         if statement is None:
-            statement = self._claims[key] = self._claim_statement(queues=kind, limit=limit)
+            statement = self._claim_statement(queues=kind, limit=limit)
+            if answering:
+                statement = self.answering(statement)
+            self._claims[key] = statement
         return statement
+
+    def answering(self, claim: ReturningUpdate[Any]) -> sa.Select[Any]:
+        """``claim``, sending one NOTIFY that tells the other idle workers of the queue what
+        is left of the announcements it answers (:mod:`pgtq.turns`), in the claim's own
+        statement (as a second statement, the notice came too late: 9 claims a job).
+
+        When it took fewer jobs than ``:asked`` (it took all that were claimable) or at least
+        the ``:named`` jobs announced, the others drop their turns: ``:taken`` (the first ids
+        answered) on the taken channel. Otherwise more may wait: ``:more`` (the queue) on the
+        jobs' channel, which every idle worker answers at once.
+        """
+        claimed = claim.cte("claimed")
+        n = sa.func.count()
+        took_all = sa.or_(
+            n < sa.bindparam("asked", type_=sa.Integer),
+            n >= sa.bindparam("named", type_=sa.Integer),
+        )
+        taken = sa.literal_column(f"'{self.taken_channel}'", sa.Text)
+        notice = sa.func.pg_notify(
+            sa.case((took_all, taken), else_=self._channel),
+            sa.case(
+                (took_all, sa.bindparam("taken", type_=sa.Text)),
+                else_=sa.bindparam("more", type_=sa.Text),
+            ),
+        )
+        told = sa.select(notice.label("told")).select_from(claimed).cte("told")
+        columns = [claimed.c[name] for name in ClaimedJob._fields]
+        return sa.select(*columns).select_from(claimed.outerjoin(told, sa.true()))
 
     def _claimable(self, queues: str) -> list[sa.ColumnElement[bool]]:
         """What makes a job claimable now: waiting, due, its lock free, its queue not paused,
@@ -385,16 +435,18 @@ class Statements:
         ).cte("picked")
         return self._take(picked)
 
-    def claim_limited(self, queues: Sequence[str] | None) -> ReturningUpdate[Any]:
-        return self._claim_limited_some if queues else self._claim_limited_all
-
-    @cached_property
-    def _claim_limited_all(self) -> ReturningUpdate[Any]:
-        return self._claim_limited_statement(queues="all")
-
-    @cached_property
-    def _claim_limited_some(self) -> ReturningUpdate[Any]:
-        return self._claim_limited_statement(queues="some")
+    def claim_limited(self, queues: Sequence[str] | None, *, answering: bool = False) -> Claim:
+        """The claim under fleet-wide limits (its limit a parameter); ``answering``: see
+        :meth:`claim`."""
+        kind = "some" if queues else "all"
+        key = ("limited " + kind, 0, answering)
+        statement = self._claims.get(key)
+        if statement is None:
+            statement = self._claim_limited_statement(queues=kind)
+            if answering:
+                statement = self.answering(statement)
+            self._claims[key] = statement
+        return statement
 
     def _claim_limited_statement(self, *, queues: str) -> ReturningUpdate[Any]:
         """The claim under fleet-wide limits (run under the limits advisory lock).
@@ -1033,6 +1085,12 @@ class Statements:
         return sa.delete(w).where(w.c.last_heartbeat < silent_since).returning(w.c.id)
 
     @cached_property
+    def roster(self) -> sa.Select[Any]:
+        """The registered workers and their queues: whose turn it is (:mod:`pgtq.turns`)."""
+        w = self.t.workers
+        return sa.select(w.c.id, w.c.queues)
+
+    @cached_property
     def orphaned_jobs(self) -> sa.Select[Any]:
         """Running jobs whose worker has no row: it died, or was declared dead.
 
@@ -1508,14 +1566,27 @@ def get_job(s: Statements, job_id: int) -> Query[Job | None]:
 
 
 def claim_jobs(
-    s: Statements, worker_id: str, queues: Sequence[str] | None, limit: int
+    s: Statements,
+    worker_id: str,
+    queues: Sequence[str] | None,
+    limit: int,
+    answer: Answer | None = None,
 ) -> Query[list[ClaimedJob]]:
+    """Claim up to ``limit`` jobs; ``answer``: the announcements this claim answers, told to
+    the other workers in the same statement (:mod:`pgtq.turns`)."""
     params: dict[str, Any] = {"me": worker_id}
     if queues and len(queues) == 1:
         params["only_queue"] = queues[0]
     elif queues:
         params["queues"] = list(queues)
-    return Query(s.claim(queues, limit), params, claimed_in_order, driver=True)
+    _answering(params, limit, answer)
+    statement = s.claim(queues, limit, answering=answer is not None)
+    return Query(statement, params, claimed_in_order, driver=True)
+
+
+def _answering(params: dict[str, Any], limit: int, answer: Answer | None) -> None:
+    if answer is not None:
+        params.update(asked=limit, named=answer.count, taken=answer.payload, more=answer.queue)
 
 
 @dataclass(slots=True)
@@ -1648,16 +1719,32 @@ def abort_requested_ids(s: Statements, worker_id: str) -> Query[list[int]]:
     return Query(s.abort_requested, {"me": worker_id}, _id_list)
 
 
-def parse_announcement(payload: str) -> tuple[str, float | None]:
-    """A NOTIFY on the jobs' channel: (queue, None) for jobs due now, (queue, seconds until
-    due) for jobs scheduled ahead (``@<seconds> <queue>``, sent by ``insert_jobs``)."""
-    if payload.startswith("@"):
+class Announcement(NamedTuple):
+    """A NOTIFY on the jobs' channel (sent by ``insert_jobs``)."""
+
+    queue: str
+    #: Seconds until the jobs are due (``@<seconds> <queue>``); None: due now.
+    due_in: float | None = None
+    #: The first job id and the number of jobs of an insert due now (``#<id>:<count> <queue>``):
+    #: idle workers answer it by turns (:mod:`pgtq.turns`). None: a bare ``<queue>`` (a retry,
+    #: a resumed queue, a periodic tick, an older pgtq, or "more may wait"): everyone answers.
+    first: int | None = None
+    jobs: int = 0
+
+
+def parse_announcement(payload: str) -> Announcement:
+    """Read a NOTIFY on the jobs' channel; a payload of neither marked form is a queue name."""
+    mark = payload[:1]
+    if mark in ("@", "#"):
         head, _, queue = payload[1:].partition(" ")
         try:
-            return queue, float(head)
+            if mark == "@":
+                return Announcement(queue, due_in=float(head))
+            first, _, count = head.partition(":")
+            return Announcement(queue, first=int(first), jobs=int(count))
         except ValueError:
             pass
-    return payload, None
+    return Announcement(payload)
 
 
 def next_due_in(s: Statements, queues: Sequence[str] | None) -> Query[float | None]:
@@ -1722,6 +1809,7 @@ def claim_limited(
     limit: int,
     allow: Mapping[str, int],
     keycaps: Mapping[str, int],
+    answer: Answer | None = None,
 ) -> Query[list[ClaimedJob]]:
     params: dict[str, Any] = {
         "me": worker_id,
@@ -1734,7 +1822,9 @@ def claim_limited(
     }
     if queues:
         params["queues"] = list(queues)
-    return Query(s.claim_limited(queues), params, claimed_in_order)
+    _answering(params, limit, answer)
+    statement = s.claim_limited(queues, answering=answer is not None)
+    return Query(statement, params, claimed_in_order)
 
 
 def limits_lock(s: Statements) -> Query[None]:
@@ -1802,6 +1892,11 @@ def forget_dead_workers(s: Statements, after: float) -> Query[list[str]]:
     return Query(
         s.forget_dead_workers, {"after": after}, lambda rows: [r[0] for r in rows], driver=True
     )
+
+
+def roster(s: Statements) -> Query[list[tuple[str, list[str] | None]]]:
+    """The registered workers (ids, queues): dead ones are gone after each beat's rescue."""
+    return Query(s.roster, {}, lambda rows: [(r[0], r[1]) for r in rows])
 
 
 def orphaned_jobs(s: Statements) -> Query[list[tuple[str, ClaimedJob, int]]]:

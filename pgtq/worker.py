@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from pgtq import revisions, statistics
+from pgtq import revisions, statements, statistics
 from pgtq.attempts import Attempts
 from pgtq.claims import CLAIMS_IN_FLIGHT, Claims
 from pgtq.completer import Completer
@@ -55,6 +55,7 @@ from pgtq.queues import at_worker_start
 from pgtq.runner import JobRunner
 from pgtq.scope import WorkerScope
 from pgtq.threads import ThreadRunner
+from pgtq.turns import Turns
 from pgtq.worklog import log_summaries
 
 if TYPE_CHECKING:
@@ -101,6 +102,10 @@ class WorkerStats:
     processed: int = 0
     by_status: Counter[str] = field(default_factory=Counter)
     elapsed: float = 0.0
+    #: Claim statements sent, and how many of them came back with no job (an idle fleet's
+    #: cost: see ``pgtq.turns``).
+    claims: int = 0
+    empty_claims: int = 0
 
 
 class Worker:
@@ -174,6 +179,7 @@ class Worker:
         # Made when the run starts (they need its connector, its thread pool).
         self._claims: Claims | None = None
         self._fetcher: Fetcher | None = None
+        self._turns: Turns | None = None
 
     def _id(self) -> str:
         return self.worker_id
@@ -192,11 +198,17 @@ class Worker:
             for remove in removers:
                 remove()
 
-    async def _every_beat(self, claims: Claims, connector: AsyncConnector) -> None:
-        """What a heartbeat refreshes besides the worker's row: the queues' limits, and the
-        planner's statistics of the jobs table (:mod:`pgtq.statistics`)."""
+    async def _every_beat(self, claims: Claims, turns: Turns, connector: AsyncConnector) -> None:
+        """What a heartbeat refreshes besides the worker's row: the queues' limits, the live
+        workers (whose turn it is to claim, :mod:`pgtq.turns`), and the planner's statistics
+        of the jobs table (:mod:`pgtq.statistics`)."""
         await claims.refresh_limits()
+        await self._read_roster(turns, connector)
         await statistics.refresh(connector, self.app.statements)
+
+    async def _read_roster(self, turns: Turns, connector: AsyncConnector) -> None:
+        roster = await connector.run(statements.roster(self.app.statements))
+        turns.roster = roster
 
     async def _run(self, started: float) -> WorkerStats:
         connector = self.app.async_connector()
@@ -214,6 +226,7 @@ class Worker:
             holding=attempts.ids,
             completer=self._completer,
             stopping=self._stopping,
+            claimed=self._count_claim,
         )
         self._fetcher = attempts.fetcher = Fetcher(
             claims,
@@ -228,10 +241,13 @@ class Worker:
             interval=self.heartbeat_interval,
             rescue_after=self.rescue_after,
             declared_dead=self._declared_dead,
-            every_beat=lambda: self._every_beat(claims, connector),
+            every_beat=lambda: self._every_beat(claims, turns, connector),
             rescued=self._count_rescued,
         )
-        listener = Listener(scope, self._fetcher, attempts, abort_interval=self.abort_interval)
+        turns = self._turns = Turns(scope.worker_id, self._fetcher.answer)
+        listener = Listener(
+            scope, self._fetcher, turns, attempts, abort_interval=self.abort_interval
+        )
         background: list[asyncio.Task[None]] = []
         try:
             # Inside the ``try``: a worker cancelled while it opens its connections closes
@@ -242,6 +258,7 @@ class Worker:
             logger.info("worker %s started", self.worker_id, extra={"worker": self.worker_id})
             await _run_hooks(self.startup_hooks, self.state)
             await heartbeat.rescue()  # jobs a crashed worker left: before claiming anything
+            await self._read_roster(turns, connector)
             await statistics.refresh(connector, self.app.statements)  # a bulk-loaded backlog
             background = [
                 asyncio.create_task(self._completer.run(), name="pgtq-completer"),
@@ -272,6 +289,7 @@ class Worker:
                 raise
             await self._shutdown()
         finally:
+            turns.close()
             for bg in background:
                 bg.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -333,6 +351,10 @@ class Worker:
     def _count(self, outcome: Outcome) -> None:
         self.stats.processed += 1
         self.stats.by_status[outcome.label] += 1
+
+    def _count_claim(self, jobs: int) -> None:
+        self.stats.claims += 1
+        self.stats.empty_claims += not jobs
 
     def _count_rescued(self, rescued: int) -> None:
         self.stats.by_status["rescued"] += rescued

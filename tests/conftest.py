@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy.engine import URL, make_url
 
 import pgtq
+from pgtq.statements import Announcement, parse_announcement
 
 pytest_plugins = ["tests.sides", "tests.pgbouncer"]
 
@@ -185,18 +186,22 @@ class Notifications:
         self.conn.execute(f'LISTEN "{channel}"')
         self.marker = marker
 
-    async def until_marker(self) -> list[str]:
+    async def until_marker(self) -> list[Announcement]:
         await self.marker.defer_async()
 
-        def read() -> list[str]:
-            seen: list[str] = []
+        def read() -> list[Announcement]:
+            seen: list[Announcement] = []
             for n in self.conn.notifies(timeout=10):
-                if n.payload == "marker":
+                heard = parse_announcement(n.payload)
+                if heard.queue == "marker":
                     return seen
-                seen.append(n.payload)
+                seen.append(heard)
             raise AssertionError(f"the marker's NOTIFY did not come (got {seen})")
 
         return await asyncio.to_thread(read)
+
+    async def queues_until_marker(self) -> list[str]:
+        return [heard.queue for heard in await self.until_marker()]
 
 
 @pytest.fixture

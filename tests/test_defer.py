@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 import pgtq
 from pgtq import statements
 from pgtq.connectors import async_url, sync_url
+from pgtq.statements import Announcement
 from tests.conftest import Notifications
 from tests.sides import Side
 
@@ -176,22 +177,23 @@ async def test_defer_in_the_callers_transaction(
 async def test_the_insert_notifies_once_per_call_when_due(
     side: Side, tasks: Any, notifications: Notifications
 ) -> None:
-    """pgtq's insert sends its own NOTIFY (no trigger since pgtq_0006): the queue's name,
-    once for a whole defer_many; jobs not due yet say when they will be (``@<seconds> <queue>``),
-    so an idle worker wakes then."""
-    await side.defer(tasks["send_email"], to="a")
-    assert await notifications.until_marker() == ["emails"]
-    await side.defer_many(tasks["resize"], [{"image_id": i} for i in range(50)])
-    assert await notifications.until_marker() == ["default"]
+    """pgtq's insert sends its own NOTIFY (no trigger since pgtq_0006), once for a whole
+    defer_many: jobs due now are named (``#<first id>:<count> <queue>``) so idle workers
+    answer by turns; jobs not due yet say when they will be (``@<seconds> <queue>``), so an
+    idle worker wakes then."""
+    one = await side.defer(tasks["send_email"], to="a")
+    assert await notifications.until_marker() == [Announcement("emails", first=one, jobs=1)]
+    many = await side.defer_many(tasks["resize"], [{"image_id": i} for i in range(50)])
+    assert await notifications.until_marker() == [Announcement("default", first=min(many), jobs=50)]
     later = tasks["send_email"].configure(schedule_in=timedelta(hours=1))
     await side.defer(later, to="a")
     await side.defer_many(later, [{"to": "b"}, {"to": "c"}])
-    ahead = [statements.parse_announcement(p) for p in await notifications.until_marker()]
-    assert [queue for queue, _ in ahead] == ["emails", "emails"]
-    assert all(seconds is not None and 3590 < seconds <= 3600 for _, seconds in ahead)
+    ahead = await notifications.until_marker()
+    assert [(a.queue, a.first) for a in ahead] == [("emails", None), ("emails", None)]
+    assert all(a.due_in is not None and 3590 < a.due_in <= 3600 for a in ahead)
     due = tasks["send_email"].configure(queue="bulk", schedule_at=datetime.now(UTC))
     await side.defer(due, to="a")
-    assert await notifications.until_marker() == ["bulk"]
+    assert await notifications.queues_until_marker() == ["bulk"]
 
 
 @pytest.mark.parametrize("commit", [True, False], ids=["commit", "rollback"])
@@ -214,7 +216,7 @@ async def test_a_job_in_the_callers_transaction_notifies_at_its_commit(
             assert await notifications.until_marker() == []
             await (aconn.commit() if commit else aconn.rollback())
         await aengine.dispose()
-    assert await notifications.until_marker() == (["emails"] if commit else [])
+    assert await notifications.queues_until_marker() == (["emails"] if commit else [])
 
 
 async def test_wrong_kind_of_connection_is_a_clear_error(
@@ -312,7 +314,6 @@ async def test_one_insert_statement_serves_one_job_and_many(
     """Every defer is one statement: shared options as scalars, the arguments as one JSON
     array split in PostgreSQL; the ids come back in the order of the arguments, and what is
     stored is what was given."""
-    from pgtq import statements
 
     task = tasks["send_email"]
     new = task.configure(queue="q", priority=3).encode([{"to": "a"}, {"to": "b"}])

@@ -13,6 +13,7 @@ import pytest
 
 from pgtq.fetcher import Fetcher, claim_size
 from pgtq.model import ClaimedJob
+from pgtq.turns import Answer
 
 pytestmark = pytest.mark.unit
 
@@ -34,9 +35,11 @@ class Queue:
         self.fail = fail_first
         self.recoveries = 0
         self.gate: asyncio.Event | None = None  # set: claims wait for it
+        self.answers: list[Answer | None] = []
 
-    async def claim(self, limit: int) -> list[ClaimedJob] | None:
+    async def claim(self, limit: int, answer: Answer | None = None) -> list[ClaimedJob] | None:
         self.asked.append(limit)
+        self.answers.append(answer)
         self.out += 1
         self.most_out = max(self.most_out, self.out)
         try:
@@ -252,6 +255,35 @@ async def test_a_backlog_is_claimed_again_as_running_jobs_end() -> None:
         await asyncio.sleep(0)
         holder.finish_all()
     await _until(lambda: holder.done == list(range(9)))
+    await _stop(f, run)
+
+
+async def test_the_claim_that_answers_a_turn_carries_the_answer() -> None:
+    """Its turn (pgtq.turns): the next claim tells the others; later claims do not."""
+    source, holder = Queue(0), Slots(concurrency=2, prefetch=0)
+    f = fetcher(source, holder, wait=True)
+    run = asyncio.create_task(f.run())
+    await _until(lambda: len(source.asked) == 1 and not source.out)  # the start's claim
+    source.waiting.append(job(5))
+    f.answer(Answer((5,), 1, "default"))
+    await _until(lambda: holder.done == [5])
+    assert source.answers == [None, Answer((5,), 1, "default")]
+    await _stop(f, run)
+
+
+async def test_a_worker_without_room_lets_its_turn_pass_and_claims_later() -> None:
+    """No room: no answer (the next turn's worker claims), but a claim once room frees."""
+    source, holder = Queue(1), Slots(concurrency=1, prefetch=0)
+    holder.hold_on = True
+    f = fetcher(source, holder, wait=True)
+    run = asyncio.create_task(f.run())
+    await _until(lambda: bool(holder.running) and not source.out)
+    source.waiting.append(job(8))
+    f.answer(Answer((8,), 1, "default"))
+    holder.hold_on = False
+    holder.finish_all()
+    await _until(lambda: holder.done == [0, 8])
+    assert not any(source.answers)
     await _stop(f, run)
 
 

@@ -298,7 +298,7 @@ async def test_deferred_ticks_wake_the_workers_of_their_queues(
 
     now = utc(2024, 5, 1, 12, 0, 0)
     assert await side.call(periodic, "defer_due_ticks", app, now=now)  # a few ticks each
-    assert sorted(await notifications.until_marker()) == ["beats", "default"]
+    assert sorted(await notifications.queues_until_marker()) == ["beats", "default"]
     assert await side.call(periodic, "defer_due_ticks", app, now=now) == []  # all deferred
     assert await notifications.until_marker() == []
 

@@ -119,7 +119,10 @@ async def test_a_retry_starts_when_its_backoff_is_over(
 
 
 def test_announcements_parse() -> None:
-    assert statements.parse_announcement("emails") == ("emails", None)
-    assert statements.parse_announcement("@1.25 emails") == ("emails", 1.25)
-    assert statements.parse_announcement("@-0.5 a b") == ("a b", -0.5)
-    assert statements.parse_announcement("@soon emails") == ("@soon emails", None)
+    parse, heard = statements.parse_announcement, statements.Announcement
+    assert parse("emails") == heard("emails")
+    assert parse("@1.25 emails") == heard("emails", due_in=1.25)
+    assert parse("@-0.5 a b") == heard("a b", due_in=-0.5)
+    assert parse("@soon emails") == heard("@soon emails")
+    assert parse("#42:3 a b") == heard("a b", first=42, jobs=3)
+    assert parse("#42 emails") == heard("#42 emails")  # not the named form: a queue's name

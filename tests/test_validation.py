@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import pgtq
-from pgtq import statements
 from pgtq import validation as v
 from pgtq.connectors import async_url, sync_url
 from tests.conftest import Notifications
@@ -378,11 +377,12 @@ async def test_a_delay_of_zero_or_less_is_announced_as_due(
 
     await side.defer(sink.configure(schedule_in=0))
     await side.defer(sink.configure(schedule_in=-10, queue="r"))
-    assert await notifications.until_marker() == ["q", "r"]
+    due = await notifications.until_marker()
+    assert [(a.queue, a.due_in, a.jobs) for a in due] == [("q", None, 1), ("r", None, 1)]
     await side.defer(sink.configure(schedule_in=0.5))  # announced with its delay
-    ahead = [statements.parse_announcement(p) for p in await notifications.until_marker()]
-    assert [queue for queue, _ in ahead] == ["q"]
-    assert ahead[0][1] is not None and 0.4 < ahead[0][1] <= 0.5
+    ahead = await notifications.until_marker()
+    assert [a.queue for a in ahead] == ["q"]
+    assert ahead[0].due_in is not None and 0.4 < ahead[0].due_in <= 0.5
 
 
 # -- (b) the property: refused and nothing written, or a job a worker finishes -------------------
