@@ -104,11 +104,9 @@ def figures(args: argparse.Namespace) -> dict[str, Figure]:
         )
         for n in args.processes
     }
-    for w, variant in itertools.product(args.herd_workers, args.herd_variants):
+    for w in args.herd_workers:
         herd = f"{w} idle worker{'s' if w > 1 else ''}, {args.herd_jobs} jobs one at a time"
-        if variant == "stagger":
-            herd += f", PROTOTYPE: answers by turns {args.herd_stagger_ms:g} ms apart"
-        prefix = herd_key(w, variant)
+        prefix = herd_key(w)
         for key, title, unit in (
             ("latency_p50", "pickup latency p50", "ms"),
             ("latency_p95", "pickup latency p95", "ms"),
@@ -508,7 +506,7 @@ class Fleet:
             self._calibrated_ms = round(min(_timed(spin, self._k) for _ in range(5)) * 1000, 3)
         return self._k
 
-    def herd(self, workers: int, variant: str = "plain") -> None:
+    def herd(self, workers: int) -> None:
         a = self.args
         procs = min(a.herd_processes, workers)
         per = -(-workers // procs)
@@ -526,9 +524,6 @@ class Fleet:
                     for i, count in enumerate(counts):
                         command = [sys.executable, "-m", "benchmarks.fleet_app", "herd", dsn]
                         command += [str(count), str(a.concurrency), str(logs[i])]
-                        if variant == "stagger":
-                            base = sum(counts[:i])
-                            command += [str(base), str(workers), str(a.herd_stagger_ms)]
                         started.append(self.spawn(command, f"herd-{i}"))
                     popen = [p for p, _ in started]
                     seen = self.wait_listening(conn, workers, started)
@@ -556,8 +551,6 @@ class Fleet:
             "path": "app.run_worker_async, several independent workers per process"
             " (python -m benchmarks.fleet_app herd)",
             "gap_s": HERD_GAP,
-            "variant": variant,
-            **({"stagger_ms": a.herd_stagger_ms} if variant == "stagger" else {}),
         }
         extra = {
             "at_start": seen,
@@ -588,7 +581,7 @@ class Fleet:
         }
         for key, value in per_job.items():
             if value is not None:
-                self.emit(f"{herd_key(workers, variant)}_{key}", value, settings, extra)
+                self.emit(f"{herd_key(workers)}_{key}", value, settings, extra)
 
     def stat_statements(self, conn: psycopg.Connection[Any]) -> bool:
         """pg_stat_statements in this database, when the server has it loaded."""
@@ -702,9 +695,8 @@ class Fleet:
             for n in self.args.processes:
                 self.attempt(f"throughput_p{n}", self.throughput, n)
         if "herd" in groups:
-            for variant in self.args.herd_variants:
-                for w in self.args.herd_workers:
-                    self.attempt(herd_key(w, variant), self.herd, w, variant)
+            for w in self.args.herd_workers:
+                self.attempt(herd_key(w), self.herd, w)
         if "cpu" in groups:
             ways = [w for w in self.args.cpu_ways if w == "separate"]
             if "processes" in self.args.cpu_ways:
@@ -717,8 +709,8 @@ class Fleet:
                     self.attempt(f"cpu_{way}_p{n}", self.cpu, n, way)
 
 
-def herd_key(workers: int, variant: str) -> str:
-    return f"herd_w{workers}" + ("" if variant == "plain" else f"_{variant}")
+def herd_key(workers: int) -> str:
+    return f"herd_w{workers}"
 
 
 def _my_socket_inodes() -> set[str]:
@@ -774,7 +766,7 @@ def notes(records: list[dict[str, Any]], values: dict[str, float]) -> list[str]:
         extra = next(
             r["extra"] for r in records if r.get("figure") == f"fleet_{prefix}_claims_per_job"
         )
-        what = prefix.removeprefix("herd_w").replace("_stagger", " (stagger PROTOTYPE)")
+        what = prefix.removeprefix("herd_w")
         found.append(
             f"herd of {what}: {claims:.1f} claims per job ({target} the ≤ {CLAIMS_GOAL:g} goal);"
             f" {extra['claims_that_got_a_job']} of {extra['claims']} claims got a job;"
@@ -811,12 +803,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--herd-processes", type=int, default=10)
     p.add_argument("--herd-jobs", type=int, default=50)
     p.add_argument(
-        "--herd-variants",
-        default="plain",
-        help="plain (pgtq as it is) and/or stagger (the PROTOTYPE in benchmarks/herd_stagger.py)",
-    )
-    p.add_argument("--herd-stagger-ms", type=float, default=5.0, help="the prototype's turn")
-    p.add_argument(
         "--herd-idle",
         type=float,
         default=6.0,
@@ -836,12 +822,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.processes = [int(n) for n in args.processes.split(",") if n.strip()]
     args.herd_workers = [int(n) for n in args.herd_workers.split(",") if n.strip()]
-    args.herd_variants = [v.strip() for v in args.herd_variants.split(",") if v.strip()]
     args.cpu_ways = [w.strip() for w in args.cpu_ways.split(",") if w.strip()]
     if set(args.cpu_ways) - {"separate", "processes"}:
         p.error("--cpu-ways: separate, processes")
-    if set(args.herd_variants) - {"plain", "stagger"}:
-        p.error("--herd-variants: plain, stagger")
     args.figures = [f.strip() for f in args.figures.split(",") if f.strip()]
     unknown = set(args.figures) - {"throughput", "herd", "cpu"}
     if unknown:

@@ -50,28 +50,19 @@ def _count_claims(log: list[list[float]]) -> None:
 
     original = Claims.claim
 
-    async def claim(self: Claims, limit: int) -> Any:
-        got = await original(self, limit)
+    async def claim(self: Claims, limit: int, answer: Any = None) -> Any:
+        got = await original(self, limit, answer)
         log.append([time.time(), limit, -1 if got is None else len(got)])
         return got
 
     Claims.claim = claim  # type: ignore[method-assign]
 
 
-async def _herd(
-    dsn: str, workers: int, concurrency: int, out: str, stagger: list[str] | None = None
-) -> None:
+async def _herd(dsn: str, workers: int, concurrency: int, out: str) -> None:
     log: list[list[float]] = []
     _count_claims(log)
     app.use_dsn(dsn)
     ids = [f"herd-{os.getpid()}-{i}" for i in range(workers)]
-    turns = None
-    if stagger:  # the prototype of benchmarks/herd_stagger.py: BASE TOTAL DELTA_MS
-        from benchmarks.herd_stagger import Stagger
-
-        turns = Stagger(dsn, int(stagger[0]), int(stagger[1]), float(stagger[2]))
-        await turns.open(ids)
-        turns.install()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -94,19 +85,14 @@ async def _herd(
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await app.close_async()
-    if turns is not None:
-        await turns.close()
     Path(out).write_text(json.dumps(log))  # noqa: ASYNC240 - the loop has nothing else to do
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) not in (6, 9) or argv[1] != "herd":
-        raise SystemExit(
-            "usage: python -m benchmarks.fleet_app herd DSN WORKERS CONCURRENCY OUT"
-            " [BASE TOTAL DELTA_MS]"
-        )
+    if len(argv) != 6 or argv[1] != "herd":
+        raise SystemExit("usage: python -m benchmarks.fleet_app herd DSN WORKERS CONCURRENCY OUT")
     dsn, workers, concurrency, out = argv[2:6]
-    asyncio.run(_herd(dsn, int(workers), int(concurrency), out, argv[6:] or None))
+    asyncio.run(_herd(dsn, int(workers), int(concurrency), out))
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ class Claims:
     async def claim(self, limit: int, answer: Answer | None = None) -> list[ClaimedJob] | None:
         """Claim up to ``limit`` jobs on a free claim connection (there is one: the fetch loop
         keeps at most one claim out on each); None when the claim failed. ``answer``: the
-        announcements it answers, told to the other workers by the claim (:mod:`pgtq.turns`)."""
+        announcements it answers (:mod:`pgtq.turns`): if more wait, the claim calls the others."""
         conn = self._free.pop()
         try:
             if self.limited:

@@ -124,7 +124,7 @@ class Fetcher:
         self._wake_at: float | None = None
         self._timed = True  # the next idle moment asks when a job is due next
         self._rescheduled = False  # the wake-up moved earlier while the loop slept
-        # Announcements it is this worker's turn to answer: the next claim tells the others.
+        # Announcements it is this worker's turn to answer: the next claim carries them.
         self._answer: Answer | None = None
 
     # -- what rings the bell ----------------------------------------------------------------
@@ -135,15 +135,15 @@ class Fetcher:
         if self._wants_jobs:
             self._bell.set()
 
-    def answer(self, answer: Answer) -> None:
-        """It is this worker's turn to claim announced jobs (:mod:`pgtq.turns`): claim, and
-        let the claim tell the others. A worker without room lets its turn pass: the next
-        worker's comes."""
-        if self._room() <= 0:
-            self._worth_claiming = True  # as for any NOTIFY: claim once there is room
-            return
-        self._answer = answer if self._answer is None else self._answer.merge(answer)
+    def answer(self, answer: Answer) -> bool:
+        """It is this worker's turn to claim announced jobs (:mod:`pgtq.turns`): claim, with
+        what the claim needs to call the others if more wait. False: no room, the turn is
+        to be passed on (the worker still claims once it has room, as for any NOTIFY)."""
         self.announce()
+        if self._room() <= 0:
+            return False
+        self._answer = answer if self._answer is None else self._answer.merge(answer)
+        return True
 
     def due_in(self, seconds: float) -> None:
         """A job becomes due in ``seconds``: be awake then at the latest."""

@@ -1,6 +1,6 @@
 """What a worker hears: NOTIFYs of new jobs (now, or due in n seconds) for the fetcher (by
-turns, :mod:`pgtq.turns`, when they name their jobs), other workers' taken notices, and abort
-requests for the attempts, by LISTEN, with polling for aborts as the fallback.
+turns when they name their jobs, :mod:`pgtq.turns`), and abort requests for the attempts, by
+LISTEN, with polling for aborts as the fallback.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING
 from pgtq import statements
 from pgtq.connectors import first_line
 from pgtq.retry import backoff_delays
-from pgtq.turns import parse_taken
+from pgtq.turns import Answer, Roster, whose_turn
 
 if TYPE_CHECKING:
     from pgtq.attempts import Attempts
     from pgtq.fetcher import Fetcher
     from pgtq.scope import WorkerScope
-    from pgtq.turns import Turns
 
 logger = logging.getLogger("pgtq.worker")
 
@@ -32,7 +31,6 @@ class Listener:
         self,
         scope: WorkerScope,
         fetcher: Fetcher,
-        turns: Turns,
         attempts: Attempts,
         *,
         abort_interval: float,
@@ -40,7 +38,9 @@ class Listener:
         self._scope = scope
         self._s = scope.app.statements
         self._fetcher = fetcher
-        self._turns = turns
+        #: The registered workers, refreshed at each heartbeat: whose turn an announcement is.
+        self.roster: Roster = ()
+        self._passing: set[asyncio.Task[None]] = set()
         self._attempts = attempts
         self._abort_interval = abort_interval
 
@@ -58,7 +58,7 @@ class Listener:
         while True:
             try:
                 listener = await self._scope.connector.listen(
-                    [s.channel, s.taken_channel, s.abort_channel], self.on_notify
+                    [s.channel, s.abort_channel], self.on_notify
                 )
             except Exception as exc:
                 delay = next(delays)
@@ -81,14 +81,30 @@ class Listener:
                 if heard.due_in is not None:
                     self._fetcher.due_in(heard.due_in)
                 elif heard.first is not None:
-                    self._turns.heard(heard.queue, heard.first, heard.jobs)
+                    self._heard_named(heard.queue, heard.first, heard.jobs)
                 else:
                     self._fetcher.announce()
-        elif channel == self._s.taken_channel:
-            self._turns.taken(parse_taken(payload))
         elif channel == self._s.abort_channel:
             with contextlib.suppress(ValueError):
                 self._attempts.request_abort(int(payload), "requested")
+
+    def _heard_named(self, queue: str, first: int, jobs: int) -> None:
+        """Jobs named by their insert: claim if it is this worker's turn (or everyone's); a
+        worker whose turn it is but has no room passes it on to every other worker."""
+        me = self._scope.worker_id()
+        turn = whose_turn(self.roster, me, queue, first)
+        if turn is None:
+            self._fetcher.announce()
+        elif turn == me and not self._fetcher.answer(Answer(jobs, queue)):
+            task = asyncio.create_task(self._pass_on(queue))
+            self._passing.add(task)
+            task.add_done_callback(self._passing.discard)
+
+    async def _pass_on(self, queue: str) -> None:
+        try:
+            await self._scope.connector.run(statements.announce(self._s, queue))
+        except Exception as exc:  # polling finds the jobs
+            logger.debug("passing on a turn failed: %s", first_line(exc))
 
     async def poll_aborts(self) -> None:
         """Every ``abort_interval``, while jobs run: the abort requests LISTEN may have missed."""

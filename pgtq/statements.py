@@ -55,7 +55,7 @@ T = TypeVar("T")
 #: are rows too, so one mapper serves the pooled path and the driver fast path alike.
 Row = Sequence[Any]
 Rows = Sequence[Row]
-#: A claim: the update itself, or the update in a select that also tells the other workers
+#: A claim: the update itself, or the update in a select that may call the other workers
 #: (:meth:`Statements.answering`).
 Claim = ReturningUpdate[Any] | sa.Select[Any]
 
@@ -210,7 +210,6 @@ class Statements:
         self.jobs = tables.jobs
         self.channel = notify_channel(tables.schema)
         self.abort_channel = self.channel + "_abort"
-        self.taken_channel = self.channel + "_taken"
         self._claims: dict[tuple[str, int, bool], Claim] = {}
 
     # -- enqueue ---------------------------------------------------------------------------
@@ -300,7 +299,7 @@ class Statements:
 
     def claim(self, queues: Sequence[str] | None, limit: int, *, answering: bool = False) -> Claim:
         """The claim of up to ``limit`` jobs, its limit written into the SQL; ``answering``:
-        the claim that answers an announcement, telling the other workers (:meth:`answering`).
+        the claim that answers an announcement, calling the others if more wait (:meth:`answering`).
 
         A parameter there would cost a new plan at every claim: PostgreSQL cannot cost a
         generic plan for ``LIMIT $n``, so it plans each execution afresh (twice the time of a
@@ -319,32 +318,27 @@ class Statements:
         return statement
 
     def answering(self, claim: ReturningUpdate[Any]) -> sa.Select[Any]:
-        """``claim``, sending one NOTIFY that tells the other idle workers of the queue what
-        is left of the announcements it answers (:mod:`pgtq.turns`), in the claim's own
-        statement (as a second statement, the notice came too late: 9 claims a job).
-
-        When it took fewer jobs than ``:asked`` (it took all that were claimable) or at least
-        the ``:named`` jobs announced, the others drop their turns: ``:taken`` (the first ids
-        answered) on the taken channel. Otherwise more may wait: ``:more`` (the queue) on the
-        jobs' channel, which every idle worker answers at once.
-        """
+        """``claim``, announcing ``:queue`` again in the bare form (which every idle worker
+        answers, :mod:`pgtq.turns`) when it took all it ``:asked`` for and the announcements
+        it answers ``:named`` more: a burst drains on the whole fleet, not on the one worker
+        whose turn it was. In the claim's own statement: no round trip more."""
         claimed = claim.cte("claimed")
         n = sa.func.count()
-        took_all = sa.or_(
-            n < sa.bindparam("asked", type_=sa.Integer),
-            n >= sa.bindparam("named", type_=sa.Integer),
+        more = sa.and_(
+            n >= sa.bindparam("asked", type_=sa.Integer),
+            n < sa.bindparam("named", type_=sa.Integer),
         )
-        taken = sa.literal_column(f"'{self.taken_channel}'", sa.Text)
-        notice = sa.func.pg_notify(
-            sa.case((took_all, taken), else_=self._channel),
-            sa.case(
-                (took_all, sa.bindparam("taken", type_=sa.Text)),
-                else_=sa.bindparam("more", type_=sa.Text),
-            ),
-        )
-        told = sa.select(notice.label("told")).select_from(claimed).cte("told")
+        again = sa.func.pg_notify(self._channel, sa.bindparam("announce_queue", type_=sa.Text))
+        told = sa.select(again.label("told")).select_from(claimed).having(more).cte("told")
         columns = [claimed.c[name] for name in ClaimedJob._fields]
         return sa.select(*columns).select_from(claimed.outerjoin(told, sa.true()))
+
+    @cached_property
+    def announce(self) -> sa.Select[Any]:
+        """Announce ``:queue`` in the bare form: every idle worker of it claims (a turn passed
+        on, :mod:`pgtq.turns`)."""
+        queue = sa.bindparam("announce_queue", type_=sa.Text)
+        return sa.select(sa.func.pg_notify(self._channel, queue))
 
     def _claimable(self, queues: str) -> list[sa.ColumnElement[bool]]:
         """What makes a job claimable now: waiting, due, its lock free, its queue not paused,
@@ -1572,8 +1566,8 @@ def claim_jobs(
     limit: int,
     answer: Answer | None = None,
 ) -> Query[list[ClaimedJob]]:
-    """Claim up to ``limit`` jobs; ``answer``: the announcements this claim answers, told to
-    the other workers in the same statement (:mod:`pgtq.turns`)."""
+    """Claim up to ``limit`` jobs; ``answer``: the announcements this claim answers, whose
+    queue it announces again if more wait (:meth:`Statements.answering`)."""
     params: dict[str, Any] = {"me": worker_id}
     if queues and len(queues) == 1:
         params["only_queue"] = queues[0]
@@ -1586,7 +1580,11 @@ def claim_jobs(
 
 def _answering(params: dict[str, Any], limit: int, answer: Answer | None) -> None:
     if answer is not None:
-        params.update(asked=limit, named=answer.count, taken=answer.payload, more=answer.queue)
+        params.update(asked=limit, named=answer.jobs, announce_queue=answer.queue)
+
+
+def announce(s: Statements, queue: str) -> Query[None]:
+    return Query(s.announce, {"announce_queue": queue}, _no_value)
 
 
 @dataclass(slots=True)

@@ -1,113 +1,61 @@
 """Idle workers answer a NOTIFY of new jobs by turns, not all at once (the thundering herd).
 
-Every insert announces its jobs on the queue's channel. Were every idle worker of the queue to
-claim at once, a job deferred to 100 idle workers would cost 100 claims, 99 of them empty
-(`docs/scaling.md`). Instead the announcement names its jobs (``#<first id>:<count> <queue>``,
-:func:`pgtq.statements.parse_announcement`), and each worker knows the live workers of the
-queue from its heartbeat (the *roster*). The worker at turn 0 for that first id claims at once;
-the one at turn *t* claims *t* times :data:`TURN` later, and after :data:`TURNS` turns every idle
-worker left claims, unless a *taken* notice came first. The answering claim sends that notice
-in its own statement (:meth:`pgtq.statements.Statements.answering`): "taken" when it
-took every job the announcement named (or all that were claimable), or, when more may wait, the
-plain announcement of the queue, which every idle worker answers at once (a burst drains on
-the whole fleet).
+Every insert announces its jobs on the jobs' channel. Were every idle worker of the queue to
+claim at once, a job deferred to 100 idle workers would cost 100 claims, 99 of them empty.
+Instead the announcement names its jobs (``#<first id>:<count> <queue>``,
+:func:`pgtq.statements.parse_announcement`), each worker knows the registered workers of the
+queue from its heartbeat (the *roster*), and only the worker whose turn it is claims: the
+first id modulo their number, so successive announcements go to successive workers.
 
-Turns cost latency only when the worker whose turn it is cannot answer (busy, or not
-listening): :data:`TURN` per such worker, then everyone. Correctness never depends on them:
-claims stay atomic, a stale roster gives two workers one turn (one more claim) or a turn to
-nobody (one more :data:`TURN`), and polling finds whatever a lost notice left.
+No "taken" notice: PostgreSQL 15 wakes every listening backend of the database for every
+NOTIFY, whatever its channel, and that wake-up of 100 backends costs the server more than
+100 empty claims (measured: docs/scaling.md). So the others never hear whether the job was
+taken, and do not need to:
+
+- the worker whose turn it is and has no room passes the turn on: it announces the queue
+  again in the bare form, which every idle worker answers at once (the herd, but only then);
+- when its claim comes back full and the announcement named more jobs than it asked for,
+  the claim itself announces the queue in the bare form (a burst drains on the whole fleet);
+- a turn that falls to a worker that died (its row stays until it is rescued) or does not
+  listen is found by the fleet's polling: each worker polls every
+  ``fetch_job_polling_interval``, so N workers look every interval / N on average.
+
+With fewer than :data:`MIN_FLEET` workers on the queue, every worker answers every
+announcement: a few empty claims cost less than a job left to polling.
+
+Correctness never depends on turns: claims stay atomic (``SKIP LOCKED``), and a stale roster
+gives a turn to two workers (one more claim) or, for a worker the others do not know yet, to
+one they know.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-#: Seconds between two turns: longer than a claim and its notice take on a busy machine, short
-#: enough that a busy worker at turn 0 costs little pickup latency.
-TURN = 0.010
-#: After this many turns without a taken notice, every idle worker of the queue claims.
-TURNS = 3
+#: Turns apply from this many registered workers of a queue; below it, everyone answers.
+MIN_FLEET = 4
 
-#: Live workers: their ids and the queues they serve (None: every queue).
+#: Registered workers: their ids and the queues they serve (None: every queue).
 Roster = Sequence[tuple[str, Sequence[str] | None]]
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """What an answering claim tells the others: the announcements it answers (their first
-    ids), how many jobs they named, and the queue to announce again if more may wait."""
+    """What the answering claim needs: how many jobs the announcements it answers named, and
+    their queue, announced again (bare) when it came back full and more may wait."""
 
-    tokens: tuple[int, ...]
-    count: int
+    jobs: int
     queue: str
 
     def merge(self, other: Answer) -> Answer:
-        return Answer(self.tokens + other.tokens, self.count + other.count, self.queue)
-
-    @property
-    def payload(self) -> str:
-        """The taken notice's payload: the first ids answered, space-separated."""
-        return " ".join(map(str, self.tokens))
+        return Answer(self.jobs + other.jobs, self.queue)
 
 
-def turn(roster: Roster, me: str, queue: str, token: int) -> int:
-    """This worker's turn (0: at once) for the announcement of ``queue`` whose first job id is
-    ``token``: workers of the queue ordered by id, the first turn at ``token`` modulo their
-    number, so successive announcements start at successive workers."""
+def whose_turn(roster: Roster, me: str, queue: str, first: int) -> str | None:
+    """The worker whose turn it is to claim the announcement of ``queue`` whose first job id
+    is ``first``; None when everyone answers (fewer than :data:`MIN_FLEET` workers)."""
     members = sorted({wid for wid, queues in roster if queues is None or queue in queues} | {me})
-    return (members.index(me) - token) % len(members)
-
-
-def parse_taken(payload: str) -> list[int]:
-    """The first ids a taken notice answers (anything else in it is ignored)."""
-    return [int(part) for part in payload.split() if part.isdigit()]
-
-
-class Turns:
-    """One worker's turns: when to answer an announcement, and the turns taken meanwhile."""
-
-    def __init__(
-        self,
-        me: Callable[[], str],
-        answer: Callable[[Answer], None],
-        *,
-        turn_seconds: float = TURN,
-        turns: int = TURNS,
-    ) -> None:
-        self._me = me
-        self._answer = answer  # the fetcher: claim now, telling the others
-        self._turn_seconds = turn_seconds
-        self._turns = turns
-        self.roster: Roster = ()
-        self._waiting: dict[int, asyncio.TimerHandle] = {}
-
-    def heard(self, queue: str, token: int, count: int) -> None:
-        """An announcement of ``count`` jobs from id ``token`` on ``queue``: answer at once,
-        or at this worker's turn unless another worker took them first."""
-        answer = Answer((token,), count, queue)
-        t = min(turn(self.roster, self._me(), queue, token), self._turns)
-        if t == 0:
-            self._answer(answer)
-            return
-        if token in self._waiting:
-            return
-        loop = asyncio.get_running_loop()
-        self._waiting[token] = loop.call_later(t * self._turn_seconds, self._due, answer)
-
-    def taken(self, tokens: Iterable[int]) -> None:
-        """Another worker answered these announcements: drop this worker's turns for them."""
-        for token in tokens:
-            handle = self._waiting.pop(token, None)
-            if handle is not None:
-                handle.cancel()
-
-    def _due(self, answer: Answer) -> None:
-        self._waiting.pop(answer.tokens[0], None)
-        self._answer(answer)
-
-    def close(self) -> None:
-        for handle in self._waiting.values():
-            handle.cancel()
-        self._waiting.clear()
+    if len(members) < MIN_FLEET:
+        return None
+    return members[first % len(members)]

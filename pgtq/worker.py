@@ -55,7 +55,6 @@ from pgtq.queues import at_worker_start
 from pgtq.runner import JobRunner
 from pgtq.scope import WorkerScope
 from pgtq.threads import ThreadRunner
-from pgtq.turns import Turns
 from pgtq.worklog import log_summaries
 
 if TYPE_CHECKING:
@@ -179,7 +178,7 @@ class Worker:
         # Made when the run starts (they need its connector, its thread pool).
         self._claims: Claims | None = None
         self._fetcher: Fetcher | None = None
-        self._turns: Turns | None = None
+        self._listener: Listener | None = None
 
     def _id(self) -> str:
         return self.worker_id
@@ -198,17 +197,19 @@ class Worker:
             for remove in removers:
                 remove()
 
-    async def _every_beat(self, claims: Claims, turns: Turns, connector: AsyncConnector) -> None:
+    async def _every_beat(
+        self, claims: Claims, listener: Listener, connector: AsyncConnector
+    ) -> None:
         """What a heartbeat refreshes besides the worker's row: the queues' limits, the live
         workers (whose turn it is to claim, :mod:`pgtq.turns`), and the planner's statistics
         of the jobs table (:mod:`pgtq.statistics`)."""
         await claims.refresh_limits()
-        await self._read_roster(turns, connector)
+        await self._read_roster(listener, connector)
         await statistics.refresh(connector, self.app.statements)
 
-    async def _read_roster(self, turns: Turns, connector: AsyncConnector) -> None:
+    async def _read_roster(self, listener: Listener, connector: AsyncConnector) -> None:
         roster = await connector.run(statements.roster(self.app.statements))
-        turns.roster = roster
+        listener.roster = roster
 
     async def _run(self, started: float) -> WorkerStats:
         connector = self.app.async_connector()
@@ -241,12 +242,11 @@ class Worker:
             interval=self.heartbeat_interval,
             rescue_after=self.rescue_after,
             declared_dead=self._declared_dead,
-            every_beat=lambda: self._every_beat(claims, turns, connector),
+            every_beat=lambda: self._every_beat(claims, listener, connector),
             rescued=self._count_rescued,
         )
-        turns = self._turns = Turns(scope.worker_id, self._fetcher.answer)
-        listener = Listener(
-            scope, self._fetcher, turns, attempts, abort_interval=self.abort_interval
+        listener = self._listener = Listener(
+            scope, self._fetcher, attempts, abort_interval=self.abort_interval
         )
         background: list[asyncio.Task[None]] = []
         try:
@@ -258,7 +258,7 @@ class Worker:
             logger.info("worker %s started", self.worker_id, extra={"worker": self.worker_id})
             await _run_hooks(self.startup_hooks, self.state)
             await heartbeat.rescue()  # jobs a crashed worker left: before claiming anything
-            await self._read_roster(turns, connector)
+            await self._read_roster(listener, connector)
             await statistics.refresh(connector, self.app.statements)  # a bulk-loaded backlog
             background = [
                 asyncio.create_task(self._completer.run(), name="pgtq-completer"),
@@ -289,7 +289,6 @@ class Worker:
                 raise
             await self._shutdown()
         finally:
-            turns.close()
             for bg in background:
                 bg.cancel()
             await asyncio.gather(*background, return_exceptions=True)

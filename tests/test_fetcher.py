@@ -265,21 +265,21 @@ async def test_the_claim_that_answers_a_turn_carries_the_answer() -> None:
     run = asyncio.create_task(f.run())
     await _until(lambda: len(source.asked) == 1 and not source.out)  # the start's claim
     source.waiting.append(job(5))
-    f.answer(Answer((5,), 1, "default"))
+    assert f.answer(Answer(1, "default"))
     await _until(lambda: holder.done == [5])
-    assert source.answers == [None, Answer((5,), 1, "default")]
+    assert source.answers == [None, Answer(1, "default")]
     await _stop(f, run)
 
 
 async def test_a_worker_without_room_lets_its_turn_pass_and_claims_later() -> None:
-    """No room: no answer (the next turn's worker claims), but a claim once room frees."""
+    """No room: the turn is to be passed on (False), and the worker claims once room frees."""
     source, holder = Queue(1), Slots(concurrency=1, prefetch=0)
     holder.hold_on = True
     f = fetcher(source, holder, wait=True)
     run = asyncio.create_task(f.run())
     await _until(lambda: bool(holder.running) and not source.out)
     source.waiting.append(job(8))
-    f.answer(Answer((8,), 1, "default"))
+    assert not f.answer(Answer(1, "default"))
     holder.hold_on = False
     holder.finish_all()
     await _until(lambda: holder.done == [0, 8])
