@@ -56,7 +56,7 @@ T = TypeVar("T")
 Row = Sequence[Any]
 Rows = Sequence[Row]
 #: A claim: the update itself, or the update in a select that may call the other workers
-#: (:meth:`Statements.answering`).
+#: (:meth:`Statements._answering`).
 Claim = ReturningUpdate[Any] | sa.Select[Any]
 
 
@@ -297,9 +297,10 @@ class Statements:
 
     # -- claim -----------------------------------------------------------------------------
 
-    def claim(self, queues: Sequence[str] | None, limit: int, *, answering: bool = False) -> Claim:
+    def claim(self, queues: Sequence[str] | None, limit: int, answering: bool = False) -> Claim:
         """The claim of up to ``limit`` jobs, its limit written into the SQL; ``answering``:
-        the claim that answers an announcement, calling the others if more wait (:meth:`answering`).
+        the claim that answers an announcement, calling the others if more wait
+        (:meth:`_answering`).
 
         A parameter there would cost a new plan at every claim: PostgreSQL cannot cost a
         generic plan for ``LIMIT $n``, so it plans each execution afresh (twice the time of a
@@ -313,11 +314,11 @@ class Statements:
         if statement is None:
             statement = self._claim_statement(queues=kind, limit=limit)
             if answering:
-                statement = self.answering(statement)
+                statement = self._answering(statement)
             self._claims[key] = statement
         return statement
 
-    def answering(self, claim: ReturningUpdate[Any]) -> sa.Select[Any]:
+    def _answering(self, claim: ReturningUpdate[Any]) -> sa.Select[Any]:
         """``claim``, announcing ``:queue`` again in the bare form (which every idle worker
         answers, :mod:`pgtq.turns`) when it took all it ``:asked`` for and the announcements
         it answers ``:named`` more: a burst drains on the whole fleet, not on the one worker
@@ -429,7 +430,7 @@ class Statements:
         ).cte("picked")
         return self._take(picked)
 
-    def claim_limited(self, queues: Sequence[str] | None, *, answering: bool = False) -> Claim:
+    def claim_limited(self, queues: Sequence[str] | None, answering: bool = False) -> Claim:
         """The claim under fleet-wide limits (its limit a parameter); ``answering``: see
         :meth:`claim`."""
         kind = "some" if queues else "all"
@@ -438,7 +439,7 @@ class Statements:
         if statement is None:
             statement = self._claim_limited_statement(queues=kind)
             if answering:
-                statement = self.answering(statement)
+                statement = self._answering(statement)
             self._claims[key] = statement
         return statement
 
@@ -1567,7 +1568,7 @@ def claim_jobs(
     answer: Answer | None = None,
 ) -> Query[list[ClaimedJob]]:
     """Claim up to ``limit`` jobs; ``answer``: the announcements this claim answers, whose
-    queue it announces again if more wait (:meth:`Statements.answering`)."""
+    queue it announces again if more wait (:meth:`Statements._answering`)."""
     params: dict[str, Any] = {"me": worker_id}
     if queues and len(queues) == 1:
         params["only_queue"] = queues[0]

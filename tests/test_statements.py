@@ -27,6 +27,7 @@ from sqlalchemy.sql.elements import BindParameter
 from pgtq import statements
 from pgtq.model import Status
 from pgtq.statements import ListKey, NewJobs, Outcomes, Query, Statements, TickRows
+from pgtq.turns import Answer
 
 pytestmark = pytest.mark.unit
 
@@ -39,8 +40,11 @@ EVERY_LIST_FILTER = ListKey(
     queue=True, statuses=(Status.TODO,), task=True, lock=True, after=True, search=True
 )
 BUILDER_ARGS: dict[str, list[tuple[Any, ...]]] = {
-    "claim": [(queues, n) for queues in (None, ["a"], ["a", "b"]) for n in (1, 20)],
-    "claim_limited": [(None,), (["a"],), (["a", "b"],)],
+    "claim": [
+        *((queues, n) for queues in (None, ["a"], ["a", "b"]) for n in (1, 20)),
+        *((queues, 20, True) for queues in (None, ["a"], ["a", "b"])),  # answering a turn
+    ],
+    "claim_limited": [(None,), (["a"],), (["a", "b"],), (None, True), (["a"], True)],
     "fail_unclaimable": [(False,), (True,)],
     "list_jobs": [(ListKey(),), (EVERY_LIST_FILTER,), (ListKey(after=True, newest_first=True),)],
     "delete_old": [((Status.SUCCEEDED,), False), ((Status.SUCCEEDED, Status.FAILED), True)],
@@ -92,6 +96,7 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
         lambda: statements.claim_jobs(S, "w", None, 20),
         lambda: statements.claim_jobs(S, "w", ["a"], 20),
         lambda: statements.claim_jobs(S, "w", ["a", "b"], 20),
+        lambda: statements.claim_jobs(S, "w", ["a"], 20, Answer(40, "a")),
     ],
     "complete_jobs": [
         lambda: statements.complete_jobs(S, "w", _outcomes()),
@@ -124,7 +129,10 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
     "claim_limited": [
         lambda: statements.claim_limited(S, "w", None, 20, {"task:t": 1}, {"t": 2}),
         lambda: statements.claim_limited(S, "w", ["a"], 20, {}, {}),
+        lambda: statements.claim_limited(S, "w", None, 20, {}, {}, Answer(40, "a")),
     ],
+    "roster": [lambda: statements.roster(S)],
+    "announce": [lambda: statements.announce(S, "q")],
     "limits_lock": [lambda: statements.limits_lock(S)],
     "running_counts": [lambda: statements.running_counts(S, ["t"], ["q"])],
     "read_buckets": [lambda: statements.read_buckets(S, ["task:t"])],
