@@ -189,9 +189,9 @@ def _worker(dsn: str) -> None:
         notified.append(time.time())
         on_notify(self, channel, payload)
 
-    async def recorded_claim(self: Any, limit: int) -> Any:
+    async def recorded_claim(self: Any, limit: int, answer: Any = None) -> Any:
         start = time.time()
-        got = await claim_jobs(self, limit)
+        got = await claim_jobs(self, limit, answer)
         if got:
             claims.append((start, time.time()))
         return got

@@ -494,11 +494,11 @@ class Idle:
         self.looked: list[float] = []  # LISTEN (re)established: the fetcher looks again
         claim, look_again = Claims.claim, Fetcher.look_again
 
-        async def recorded_claim(claims: Claims, limit: int) -> Any:
+        async def recorded_claim(claims: Claims, limit: int, answer: Any = None) -> Any:
             self.out += 1
             sent = time.monotonic()
             try:
-                got = await claim(claims, limit)
+                got = await claim(claims, limit, answer)
             finally:
                 self.out -= 1
             self.claims.append((sent, len(got or ())))
