@@ -27,6 +27,7 @@ from sqlalchemy.engine import URL, Engine
 import pgtq
 from pgtq import migrations
 from pgtq.schema import InvalidSchemaName, notify_channel, tables_for
+from pgtq.statements import parse_announcement
 from tests.conftest import libpq
 from tests.sides import Side
 
@@ -303,7 +304,7 @@ async def test_defer_notifies_its_schemas_channel(side: Side, engine: Engine, sc
         payloads = [n.payload for n in listener.notifies(timeout=10, stop_after=1)]
     await app.close_async()
     app.close()
-    assert payloads == ["emails"]
+    assert [parse_announcement(p).queue for p in payloads] == ["emails"]
 
 
 # -- inside a user's own Alembic project ----------------------------------------------------------
