@@ -2,7 +2,11 @@
 its own, so claims and a completion write are in flight at the same time.
 
 Every outcome gathered since the last write goes out in one guarded statement: a job that
-is no longer this worker's (rescued meanwhile) is left alone. A write that fails is kept and
+is no longer this worker's (rescued meanwhile) is left alone. While other jobs still run, a
+write waits up to :data:`GATHER` seconds for a batch's worth: a worker of many in a fleet
+finishes jobs one by one, and writing each alone cost the server a statement a job (16
+processes drained at 0.6 of 2, bare SQL at 0.8-0.9). A worker with nothing else running
+writes at once. A write that fails is kept and
 tried again; nothing is dropped. An outcome PostgreSQL refuses fails its own job only.
 """
 
@@ -25,6 +29,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pgtq.worker")
 
+#: How long a write waits for more outcomes while other jobs run (at most; it goes as soon as
+#: a batch's worth is buffered or nothing else runs).
+GATHER = 0.005
+
 
 class Completer:
     """The outcomes waiting to be written, and the loop that writes them."""
@@ -35,8 +43,13 @@ class Completer:
         worker_id: Callable[[], str],
         delete_statuses: tuple[str, ...],
         on_written: Callable[[bool], None],
+        *,
+        batch: int = 1,
+        running: Callable[[], bool] = lambda: False,
     ) -> None:
         self._s = s
+        self._batch = batch  # a write waits for this many outcomes while others run
+        self._running = running  # other jobs still run: more outcomes are coming
         self._worker_id = worker_id  # a function: a worker declared dead goes on under a new id
         self._delete_statuses = delete_statuses
         # Called once what was buffered is written; True if that may have made other jobs
@@ -73,10 +86,23 @@ class Completer:
         self._flush.set()
 
     async def run(self) -> None:
-        """Write whatever is buffered, whenever something is."""
+        """Write whatever is buffered, whenever something is (gathered first)."""
         while True:
             await self._flush.wait()
+            await self._gather()
             await self.write(give_up_after=None)
+
+    async def _gather(self) -> None:
+        """Wait up to :data:`GATHER` for a batch's worth of outcomes, while jobs still run."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + GATHER
+        while len(self._outcomes) < self._batch and self._running():
+            self._flush.clear()
+            try:
+                async with asyncio.timeout_at(until):
+                    await self._flush.wait()
+            except TimeoutError:
+                return
 
     async def write(self, give_up_after: float | None) -> None:
         """Write what is buffered; on failure keep it and try again (nothing is dropped).

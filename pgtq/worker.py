@@ -164,7 +164,12 @@ class Worker:
         self._stopping = asyncio.Event()
         self._hurry = asyncio.Event()  # a second signal: stop waiting for running jobs
         self._completer = Completer(
-            app.statements, self._id, self._delete_statuses, on_written=self._written
+            app.statements,
+            self._id,
+            self._delete_statuses,
+            on_written=self._written,
+            batch=self.batch_size,
+            running=lambda: bool(self._attempts.running),
         )
         self._attempts = Attempts(
             app,

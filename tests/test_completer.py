@@ -142,3 +142,38 @@ async def test_a_shutdown_gives_up_after_its_deadline_and_keeps_the_rest() -> No
     c.add(job(1), Outcome(Status.SUCCEEDED, result="null"))
     await asyncio.wait_for(c.write(give_up_after=0.05), 5)
     assert conn.written == [] and c.ids == [1]  # left to the rescue once the worker is gone
+
+
+async def test_while_jobs_run_a_write_waits_briefly_for_a_batch() -> None:
+    """Outcomes that trickle in while other jobs run go out together (a batch's worth, or
+    what came within GATHER); with nothing else running, an outcome goes out at once."""
+    conn = FakeConnection()
+    running = {"jobs": True}
+    c = Completer(
+        S, lambda: "w1", (), on_written=lambda frees: None, batch=3, running=lambda: running["jobs"]
+    )
+    c.connection = conn  # type: ignore[assignment]
+    c_run = asyncio.create_task(c.run())
+    for n in range(3):
+        c.add(job(n), Outcome(Status.SUCCEEDED, result="null"))
+        await asyncio.sleep(0)  # the loop looks at each
+    await _until(lambda: c.idle)
+    assert conn.writes == 1 and len(conn.written) == 3  # one write for the three
+    running["jobs"] = False
+    c.add(job(9), Outcome(Status.SUCCEEDED, result="null"))
+    await _until(lambda: c.idle)
+    assert conn.writes == 2
+    running["jobs"] = True
+    c.add(job(10), Outcome(Status.SUCCEEDED, result="null"))  # alone: out after GATHER
+    await _until(lambda: c.idle)
+    assert conn.writes == 3
+    c_run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await c_run
+
+
+async def _until(check: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met"
+        await asyncio.sleep(0.001)
