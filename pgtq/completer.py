@@ -13,6 +13,7 @@ tried again; nothing is dropped. An outcome PostgreSQL refuses fails its own job
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -59,6 +60,7 @@ class Completer:
         self.connection: DedicatedConnection | None = None
         self._outcomes = statements.Outcomes.empty()
         self._flush = asyncio.Event()  # outcomes wait to be written
+        self._enough = asyncio.Event()  # a batch's worth waits: a gathering write goes
         #: Held while a write is out: while it is free, every outcome is in :attr:`ids` or
         #: written.
         self.lock = asyncio.Lock()
@@ -84,6 +86,8 @@ class Completer:
         if not self._frees and frees_jobs(job, outcome):
             self._frees = True
         self._flush.set()
+        if len(self._outcomes) >= self._batch:
+            self._enough.set()
 
     async def run(self) -> None:
         """Write whatever is buffered, whenever something is (gathered first)."""
@@ -93,16 +97,14 @@ class Completer:
             await self.write(give_up_after=None)
 
     async def _gather(self) -> None:
-        """Wait up to :data:`GATHER` for a batch's worth of outcomes, while jobs still run."""
-        loop = asyncio.get_running_loop()
-        until = loop.time() + GATHER
-        while len(self._outcomes) < self._batch and self._running():
-            self._flush.clear()
-            try:
-                async with asyncio.timeout_at(until):
-                    await self._flush.wait()
-            except TimeoutError:
-                return
+        """Wait up to :data:`GATHER` for a batch's worth of outcomes, while jobs still run.
+        One wake-up, when the batch is there: not one per outcome (that cost the hot path)."""
+        if len(self._outcomes) >= self._batch or not self._running():
+            return
+        self._enough.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(GATHER):
+                await self._enough.wait()
 
     async def write(self, give_up_after: float | None) -> None:
         """Write what is buffered; on failure keep it and try again (nothing is dropped).

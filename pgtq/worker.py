@@ -241,7 +241,6 @@ class Worker:
             fetch_interval=self.fetch_interval,
             wait=self.wait,
             stopping=self._stopping,
-            top_up=max(1, min(self.batch_size, self.prefetch) // 2),
         )
         heartbeat = Heartbeat(
             scope,
