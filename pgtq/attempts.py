@@ -60,9 +60,6 @@ class Attempts:
         for job in jobs:
             self.held[job.id] = job
 
-    def waiting(self) -> int:
-        return len(self.held)
-
     def idle(self) -> bool:
         """Nothing running or held, and every outcome written."""
         return not self.running and not self.held and self._completer.idle

@@ -72,9 +72,6 @@ class Holder(Protocol):
         """Nothing running, held or waiting to be written: a claim sent now sees every job
         this worker could still make due (a retry)."""
 
-    def waiting(self) -> int:
-        """Held jobs not started yet (claimed ahead of free slots: the prefetch)."""
-
 
 @dataclass(frozen=True, slots=True)
 class _Claim:
@@ -103,14 +100,10 @@ class Fetcher:
         fetch_interval: float,
         wait: bool,
         stopping: asyncio.Event,
-        top_up: int = 1,
     ) -> None:
         self._source = source
         self._holder = holder
         self._batch_size = batch_size
-        # A backlog is claimed again once this much room is free, while held jobs keep the
-        # slots busy: not one claim per job that ends.
-        self._top_up = top_up
         self._fetch_interval = fetch_interval
         self._wait = wait
         self._stopping = stopping
@@ -247,12 +240,6 @@ class Fetcher:
         if not (self._worth_claiming or self._backlog or checking_drained):
             return
         room = self._room()
-        if (
-            room < self._top_up
-            and self._holder.waiting()
-            and not (self._worth_claiming or checking_drained)
-        ):
-            return  # a backlog, and held jobs to run meanwhile: claim more at once, later
         depth = self._source.depth
         loop = asyncio.get_running_loop()
         while room > 0 and len(self._inflight) < depth and (not self._inflight or self._last_full):

@@ -94,14 +94,6 @@ class Slots:
     def idle(self) -> bool:
         return not self.running and not self.held
 
-    def waiting(self) -> int:
-        return len(self.held)
-
-    def finish_one(self) -> None:
-        self.done.append(self.running.pop(0).id)
-        assert self.fetcher is not None
-        self.fetcher.changed()
-
     def finish_all(self) -> None:
         self.done += [j.id for j in self.running]
         self.running.clear()
@@ -109,9 +101,7 @@ class Slots:
         self.fetcher.changed()
 
 
-def fetcher(
-    source: Queue, holder: Slots, *, wait: bool = False, batch: int = 10, top_up: int = 1
-) -> Fetcher:
+def fetcher(source: Queue, holder: Slots, *, wait: bool = False, batch: int = 10) -> Fetcher:
     f = Fetcher(
         source,
         holder,
@@ -119,7 +109,6 @@ def fetcher(
         fetch_interval=3600.0,  # never the reason a test goes on
         wait=wait,
         stopping=asyncio.Event(),
-        top_up=top_up,
     )
     holder.fetcher = f
     return f
@@ -295,22 +284,6 @@ async def test_a_worker_without_room_lets_its_turn_pass_and_claims_later() -> No
     holder.finish_all()
     await _until(lambda: holder.done == [0, 8])
     assert not any(source.answers)
-    await _stop(f, run)
-
-
-async def test_a_backlog_is_topped_up_in_batches_while_held_jobs_keep_the_slots_busy() -> None:
-    """Slow jobs and a backlog: not one claim per job that ends, but one per ``top_up`` freed
-    slots, as long as held (prefetched) jobs are there to start meanwhile."""
-    source, holder = Queue(50), Slots(concurrency=2, prefetch=4)
-    holder.hold_on = True
-    f = fetcher(source, holder, wait=True, batch=4, top_up=2)
-    run = asyncio.create_task(f.run())
-    await _until(lambda: source.asked == [4, 2] and not source.out)  # 2 running, 4 held
-    holder.finish_one()  # a held job starts in its slot: one slot of room, held jobs left
-    await asyncio.sleep(0.01)  # (a claim would be sent at once: give it the chance)
-    assert source.asked == [4, 2]
-    holder.finish_one()  # two slots of room: one claim for both
-    await _until(lambda: source.asked == [4, 2, 2] and not source.out)
     await _stop(f, run)
 
 
