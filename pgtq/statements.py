@@ -280,17 +280,14 @@ class Statements:
         def text(value: str) -> sa.ColumnElement[str]:
             return sa.literal(value, sa.Text)
 
-        named = (
-            text("#")
-            + sa.cast(sa.func.min(inserted.c.id), sa.Text)
-            + text(":")
-            + sa.cast(sa.func.count(), sa.Text)
-        )
+        # Any id of the insert names it (a turn's token): the first row's, read alone (an
+        # aggregate over a thousand rows cost a defer_many ~4 %); the count is the caller's.
+        first = sa.select(inserted.c.id).limit(sa.literal_column("1")).scalar_subquery()
+        count = sa.bindparam(new_param("count"), type_=sa.Integer)
+        named = text("#") + sa.cast(first, sa.Text) + text(":") + sa.cast(count, sa.Text)
         payload = sa.case((_due(at), named), else_=text("@") + until) + text(" ") + queue
-        sent = (
-            sa.select(sa.func.pg_notify(self._channel, payload).label("sent"))
-            .select_from(inserted)
-            .having(sa.func.count() > 0)
+        sent = sa.select(sa.func.pg_notify(self._channel, payload).label("sent")).where(
+            first.is_not(None)
         )
         announced = sent.cte("announced")
         return sa.select(inserted.c.id).select_from(inserted.outerjoin(announced, sa.true()))
@@ -1545,6 +1542,7 @@ class NewJobs:
             "new_queueing_lock": self.queueing_lock,
             "new_concurrency_key": self.concurrency_key,
             "new_trace_context": self.trace_context,
+            "new_count": self.count,
         }
 
 
