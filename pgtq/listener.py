@@ -40,7 +40,7 @@ class Listener:
         self._fetcher = fetcher
         #: The registered workers, refreshed at each heartbeat: whose turn an announcement is.
         self.roster: Roster = ()
-        self._passing: set[asyncio.Task[None]] = set()
+        self._passing: dict[str, asyncio.Task[None]] = {}  # pass-ons in flight, by queue
         self._attempts = attempts
         self._abort_interval = abort_interval
 
@@ -96,15 +96,24 @@ class Listener:
         if turn is None:
             self._fetcher.announce()
         elif turn == me and not self._fetcher.answer(Answer(jobs, queue)):
-            task = asyncio.create_task(self._pass_on(queue))
-            self._passing.add(task)
-            task.add_done_callback(self._passing.discard)
+            self._pass_on(queue)
 
-    async def _pass_on(self, queue: str) -> None:
-        try:
-            await self._scope.connector.run(statements.announce(self._s, queue))
-        except Exception as exc:  # polling finds the jobs
-            logger.debug("passing on a turn failed: %s", first_line(exc))
+    def _pass_on(self, queue: str) -> None:
+        """Announce ``queue`` again, bare: every idle worker claims. Each pass-on wakes every
+        listener (a NOTIFY, like the insert's): one at a time per queue, so a busy worker
+        whose turns come faster than a round trip sends one for them all."""
+        if queue in self._passing:
+            return
+
+        async def announce() -> None:
+            try:
+                await self._scope.connector.run(statements.announce(self._s, queue))
+            except Exception as exc:  # polling finds the jobs
+                logger.debug("passing on a turn failed: %s", first_line(exc))
+            finally:
+                del self._passing[queue]
+
+        self._passing[queue] = asyncio.create_task(announce())
 
     async def poll_aborts(self) -> None:
         """Every ``abort_interval``, while jobs run: the abort requests LISTEN may have missed."""
