@@ -137,10 +137,11 @@ class Fetcher:
 
     def answer(self, answer: Answer) -> bool:
         """It is this worker's turn to claim announced jobs (:mod:`pgtq.turns`): claim, with
-        what the claim needs to call the others if more wait. False: no room, the turn is
-        to be passed on (the worker still claims once it has room, as for any NOTIFY)."""
+        what the claim needs to call the others if more wait. False: no room, or stopping
+        (it claims no more): the turn is to be passed on (a worker without room still claims
+        once it has some, as for any NOTIFY)."""
         self.announce()
-        if self._room() <= 0:
+        if self._room() <= 0 or self._stopping.is_set():
             return False
         self._answer = answer if self._answer is None else self._answer.merge(answer)
         return True

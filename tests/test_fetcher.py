@@ -307,3 +307,14 @@ async def _until(check: Callable[[], bool], deadline: float = 5.0) -> None:
             return
         await asyncio.sleep(0.001)
     raise AssertionError("the condition never held")
+
+
+async def test_a_stopping_worker_lets_its_turn_pass() -> None:
+    """It claims no more: the turn goes to the others (False: pass it on)."""
+    source, holder = Queue(0), Slots(concurrency=2, prefetch=0)
+    f = fetcher(source, holder, wait=True)
+    run = asyncio.create_task(f.run())
+    await _until(lambda: len(source.asked) == 1 and not source.out)
+    f._stopping.set()
+    assert not f.answer(Answer(1, "default"))
+    await _stop(f, run)
