@@ -88,6 +88,13 @@ class Listener:
             with contextlib.suppress(ValueError):
                 self._attempts.request_abort(int(payload), "requested")
 
+    async def read_roster(self) -> None:
+        """Read the registered workers (at start and at each heartbeat): whose turn a named
+        announcement is. Not for a worker that does not listen."""
+        if self._scope.app.listens:
+            roster = await self._scope.connector.run(statements.roster(self._s))
+            self.roster = roster
+
     def _heard_named(self, queue: str, first: int, jobs: int) -> None:
         """Jobs named by their insert: claim if it is this worker's turn (or everyone's); a
         worker whose turn it is but has no room passes it on to every other worker."""

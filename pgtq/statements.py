@@ -280,8 +280,8 @@ class Statements:
         def text(value: str) -> sa.ColumnElement[str]:
             return sa.literal(value, sa.Text)
 
-        # Any id of the insert names it (a turn's token): the first row's, read alone (an
-        # aggregate over a thousand rows cost a defer_many ~4 %); the count is the caller's.
+        # Any id of the insert names it (a turn's token): the first row's, read alone rather
+        # than an aggregate over every inserted row; the count is the caller's.
         first = sa.select(inserted.c.id).limit(sa.literal_column("1")).scalar_subquery()
         count = sa.bindparam(new_param("count"), type_=sa.Integer)
         named = text("#") + sa.cast(first, sa.Text) + text(":") + sa.cast(count, sa.Text)
@@ -306,13 +306,18 @@ class Statements:
         or a few of these statements.
         """
         kind = "all" if not queues else "one" if len(queues) == 1 else "some"
-        key = (kind, limit, answering)
+        return self._claim_variant(
+            (kind, limit, answering), lambda: self._claim_statement(queues=kind, limit=limit)
+        )
+
+    def _claim_variant(
+        self, key: tuple[str, int, bool], build: Callable[[], ReturningUpdate[Any]]
+    ) -> Claim:
+        """A claim statement, built once per key; the answering variant wraps it."""
         statement = self._claims.get(key)
         if statement is None:
-            statement = self._claim_statement(queues=kind, limit=limit)
-            if answering:
-                statement = self._answering(statement)
-            self._claims[key] = statement
+            built = build()
+            statement = self._claims[key] = self._answering(built) if key[2] else built
         return statement
 
     def _answering(self, claim: ReturningUpdate[Any]) -> sa.Select[Any]:
@@ -431,14 +436,9 @@ class Statements:
         """The claim under fleet-wide limits (its limit a parameter); ``answering``: see
         :meth:`claim`."""
         kind = "some" if queues else "all"
-        key = ("limited " + kind, 0, answering)
-        statement = self._claims.get(key)
-        if statement is None:
-            statement = self._claim_limited_statement(queues=kind)
-            if answering:
-                statement = self._answering(statement)
-            self._claims[key] = statement
-        return statement
+        return self._claim_variant(
+            ("limited " + kind, 0, answering), lambda: self._claim_limited_statement(queues=kind)
+        )
 
     def _claim_limited_statement(self, *, queues: str) -> ReturningUpdate[Any]:
         """The claim under fleet-wide limits (run under the limits advisory lock).
@@ -1572,12 +1572,12 @@ def claim_jobs(
         params["only_queue"] = queues[0]
     elif queues:
         params["queues"] = list(queues)
-    _answering(params, limit, answer)
+    _answer_params(params, limit, answer)
     statement = s.claim(queues, limit, answering=answer is not None)
     return Query(statement, params, claimed_in_order, driver=True)
 
 
-def _answering(params: dict[str, Any], limit: int, answer: Answer | None) -> None:
+def _answer_params(params: dict[str, Any], limit: int, answer: Answer | None) -> None:
     if answer is not None:
         params.update(asked=limit, named=answer.jobs, announce_queue=answer.queue)
 
@@ -1819,7 +1819,7 @@ def claim_limited(
     }
     if queues:
         params["queues"] = list(queues)
-    _answering(params, limit, answer)
+    _answer_params(params, limit, answer)
     statement = s.claim_limited(queues, answering=answer is not None)
     return Query(statement, params, claimed_in_order)
 

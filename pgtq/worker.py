@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from pgtq import revisions, statements, statistics
+from pgtq import revisions, statistics
 from pgtq.attempts import Attempts
 from pgtq.claims import CLAIMS_IN_FLIGHT, Claims
 from pgtq.completer import Completer
@@ -209,12 +209,8 @@ class Worker:
         workers (whose turn it is to claim, :mod:`pgtq.turns`), and the planner's statistics
         of the jobs table (:mod:`pgtq.statistics`)."""
         await claims.refresh_limits()
-        await self._read_roster(listener, connector)
+        await listener.read_roster()
         await statistics.refresh(connector, self.app.statements)
-
-    async def _read_roster(self, listener: Listener, connector: AsyncConnector) -> None:
-        roster = await connector.run(statements.roster(self.app.statements))
-        listener.roster = roster
 
     async def _run(self, started: float) -> WorkerStats:
         connector = self.app.async_connector()
@@ -263,7 +259,7 @@ class Worker:
             logger.info("worker %s started", self.worker_id, extra={"worker": self.worker_id})
             await _run_hooks(self.startup_hooks, self.state)
             await heartbeat.rescue()  # jobs a crashed worker left: before claiming anything
-            await self._read_roster(listener, connector)
+            await listener.read_roster()
             await statistics.refresh(connector, self.app.statements)  # a bulk-loaded backlog
             background = [
                 asyncio.create_task(self._completer.run(), name="pgtq-completer"),
