@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
+
 import pgtq
 from pgtq.worker import Worker
 from tests.conftest import eventually
@@ -61,22 +63,29 @@ def total(workers: list[Worker], count: Callable[[Worker], int]) -> int:
     return sum(count(w) for w in workers)
 
 
-async def test_idle_workers_answer_each_job_by_turns(app: pgtq.App, sql: Any) -> None:
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_idle_workers_answer_each_job_by_turns(app: pgtq.App, sql: Any, kind: str) -> None:
+    """Sync tasks (threads) and async ones: one claim a job either way."""
     ran: list[int] = []
-    finished = asyncio.Event()
 
-    @app.task(queue="q")
-    async def ping(n: int) -> None:
-        ran.append(n)
-        finished.set()
+    if kind == "sync":
+
+        @app.task(queue="q", name="ping")
+        def ping_sync(n: int) -> None:
+            ran.append(n)
+
+    else:
+
+        @app.task(queue="q", name="ping")
+        async def ping_async(n: int) -> None:
+            ran.append(n)
+
+    ping = app.tasks["ping"]
 
     async with fleet(app, sql, 5, concurrency=2) as workers:
         before = total(workers, lambda w: w.stats.claims)
         for n in range(JOBS):
-            finished.clear()
-            await ping.defer_async(n=n)
-            await asyncio.wait_for(finished.wait(), 10)
-        await eventually(lambda: total(workers, lambda w: w.stats.processed) == JOBS)
+            await app.jobs.wait_async(await ping.defer_async(n=n), timeout=10)
         claims = total(workers, lambda w: w.stats.claims) - before
     assert ran == list(range(JOBS))  # each once
     # One claim a job: the worker whose turn it is. Without turns: five a job.
