@@ -217,8 +217,9 @@ class Claims:
         self._reconcile = False
         if released:
             logger.warning(
-                "released %s job(s) claimed by a claim whose reply was lost",
+                "released %s job(s) claimed by a claim whose reply was lost: %s",
                 len(released),
+                ", ".join(map(str, released)),
                 extra={"worker": self._worker_id()},
             )
         return True

@@ -408,6 +408,12 @@ class Worker:
         ids = self._attempts.take_held()
         try:
             await self._claims.release(ids)
+            logger.info(
+                "gave back %s unstarted job(s): %s",
+                len(ids),
+                ", ".join(map(str, ids)),
+                extra={"worker": self.worker_id},
+            )
         except Exception:
             # Still ours and ``doing``: a rescue puts them back once this worker is gone.
             logger.exception("releasing %s unstarted jobs failed", len(ids))
