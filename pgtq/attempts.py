@@ -49,6 +49,8 @@ class Attempts:
         self.held: dict[int, ClaimedJob] = {}  # claimed, not started yet (in claim order)
         self.runner: JobRunner | None = None  # set when the run starts
         self.fetcher: Fetcher | None = None  # told when an attempt ends
+        #: No other worker can have declared this one dead (the heartbeat's lease).
+        self.leased: Callable[[], bool] = lambda: True
 
     # -- the fetcher's Holder -----------------------------------------------------------------
 
@@ -65,7 +67,12 @@ class Attempts:
         return not self.running and not self.held and self._completer.idle
 
     def start(self) -> None:
-        """Run held jobs while there are free slots; the rest wait."""
+        """Run held jobs while there are free slots; the rest wait. None starts while the
+        worker's lease is out (see :mod:`pgtq.heartbeat`): after a long pause its jobs may have
+        been rescued and be running elsewhere; the beat that finds out drops them or
+        renews the lease (and calls :meth:`changed`)."""
+        if not self.held or len(self.running) >= self.concurrency or not self.leased():
+            return
         while self.held and len(self.running) < self.concurrency:
             job_id = next(iter(self.held))
             self._start(self.held.pop(job_id))

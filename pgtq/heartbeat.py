@@ -3,13 +3,17 @@ fresh, and the rescue of the jobs of workers that stopped beating.
 
 A worker silent for ``rescue_after`` seconds is dead: any live worker puts its running jobs
 back (:func:`pgtq.outcomes.rescue_outcome`). A worker that finds it was declared dead (a long
-pause, a partition) drops what it runs and goes on under a new id. A worker that stopped
+pause, a partition) drops what it runs and goes on under a new id. Until it knows, its
+*lease* tells it whether it may have been: ``rescue_after`` seconds from the sending of its
+last acknowledged beat, it starts no held job (they may be running elsewhere by now) and
+beats at once to find out. A worker that stopped
 while attempts ignored the shutdown keeps beating until they end (:func:`linger`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -51,6 +55,7 @@ class Heartbeat:
         declared_dead: Callable[[], Awaitable[None]] = _nothing,
         every_beat: Callable[[], Awaitable[None]] = _nothing,
         rescued: Callable[[int], None] = lambda count: None,
+        renewed: Callable[[], None] = lambda: None,
     ) -> None:
         self._app = scope.app
         self._s = scope.app.statements
@@ -62,28 +67,64 @@ class Heartbeat:
         self._declared_dead = declared_dead  # the worker drops its attempts, takes a new id
         self._every_beat = every_beat  # what else is refreshed at each beat (queue limits)
         self._rescued = rescued  # counts them in the worker's stats
+        self._renewed = renewed  # the lease is renewed: held jobs may start
+        #: (monotonic) Until then no other worker can have declared this one dead: its last
+        #: acknowledged beat was sent less than ``rescue_after`` seconds before.
+        self._lease_until = 0.0
+        self._beat_now = asyncio.Event()  # the lease ran out: beat without waiting
+
+    def leased(self) -> bool:
+        """True while no other worker can have declared this one dead; when not, a beat
+        goes out at once (it renews the lease, or finds the worker was declared dead)."""
+        if time.monotonic() < self._lease_until:
+            return True
+        self._beat_now.set()
+        return False
 
     async def register(self) -> None:
         query = statements.register_worker(
             self._s, self._worker_id(), socket.gethostname(), os.getpid(), self._queues
         )
+        sent = time.monotonic()
         await self._connector.run(query)
+        self._lease_until = sent + self._rescue_after
 
     async def unregister(self) -> None:
         await self._connector.run(statements.unregister_worker(self._s, self._worker_id()))
 
     async def run(self) -> None:
-        """Beat, and rescue the jobs of workers that stopped beating."""
+        """Beat every ``interval``, and at once when the lease ran out. Nothing else runs in
+        this loop: a slow rescue or ANALYZE (:meth:`keep_house`) must not delay a beat, or a
+        busy worker is declared dead while it works."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._beat_now.wait()
+            asked = self._beat_now.is_set()  # held jobs wait for this beat
+            self._beat_now.clear()
+            try:
+                sent = time.monotonic()
+                if await self._connector.run(statements.heartbeat(self._s, self._worker_id())):
+                    self._lease_until = sent + self._rescue_after
+                else:
+                    await self._declared_dead()
+                    await self.register()
+                    asked = True
+                if asked:
+                    self._renewed()
+            except Exception as exc:
+                logger.warning("heartbeat failed: %s", exc)
+
+    async def keep_house(self) -> None:
+        """Every ``interval``: rescue the jobs of workers that stopped beating, and refresh
+        what the worker reads from the database (``every_beat``)."""
         while True:
             await asyncio.sleep(self.interval)
             try:
-                if not await self._connector.run(statements.heartbeat(self._s, self._worker_id())):
-                    await self._declared_dead()
-                    await self.register()
                 await self.rescue()
                 await self._every_beat()
             except Exception as exc:
-                logger.warning("heartbeat or rescue failed: %s", exc)
+                logger.warning("rescue or refresh failed: %s", exc)
 
     async def rescue(self) -> int:
         """Put back the running jobs of dead workers (see :func:`rescue_outcome`); the count."""

@@ -67,6 +67,15 @@ class _RollBack(Exception):
         self.ended = ended
 
 
+def _begin(ctx: JobContext, fn: Callable[..., Any], *args: Any) -> Any:
+    """In the task's thread: a call stopped before a thread took it up (a shutdown, a worker
+    that found it was declared dead, a timeout) does not begin, as if the task had seen
+    ``ctx.should_abort()`` at once. Its job may be running elsewhere by now."""
+    if ctx.should_abort():
+        return None
+    return fn(*args)
+
+
 class JobRunner:
     """Runs attempts for one worker (its app, thread pool, connector and id)."""
 
@@ -178,14 +187,14 @@ class JobRunner:
             # A sync task cannot be interrupted: shield it so a cancel (shutdown) waits for the
             # thread, which sees ctx.should_abort() turn true.
             if call is not None:
-                future = self._threads.submit(call, task, ctx, job)
+                future = self._threads.submit(_begin, ctx, call, task, ctx, job)
             elif observers.installed():
                 # Observers (tracing) keep state in context variables: run the task in a copy
                 # of this task's context so its span is the current one in the thread too.
                 run = contextvars.copy_context().run
-                future = self._threads.submit(run, call_task, task, ctx, job.args)
+                future = self._threads.submit(run, _begin, ctx, call_task, task, ctx, job.args)
             else:
-                future = self._threads.submit(call_task, task, ctx, job.args)
+                future = self._threads.submit(_begin, ctx, call_task, task, ctx, job.args)
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             ctx.request_abort("shutdown")
@@ -198,9 +207,12 @@ class JobRunner:
 
     # -- transactional tasks: the task's writes and its job's success commit together --------
 
-    async def _in_transaction(self, task: Task[Any], ctx: JobContext, job: ClaimedJob) -> Ended:
+    async def _in_transaction(
+        self, task: Task[Any], ctx: JobContext, job: ClaimedJob
+    ) -> Ended | None:
+        """None: a sync call stopped before it began (its outcome follows the stop)."""
         if not task.is_async:
-            ended: Ended = await self._call_sync(task, ctx, job, self._sync_in_transaction)
+            ended: Ended | None = await self._call_sync(task, ctx, job, self._sync_in_transaction)
             return ended
         async with self._connector.transaction() as conn:
             ctx.connection = conn

@@ -245,7 +245,9 @@ class Worker:
             declared_dead=self._declared_dead,
             every_beat=lambda: self._every_beat(claims, listener, connector),
             rescued=self._count_rescued,
+            renewed=attempts.changed,
         )
+        attempts.leased = heartbeat.leased
         listener = self._listener = Listener(
             scope, self._fetcher, attempts, abort_interval=self.abort_interval
         )
@@ -265,6 +267,7 @@ class Worker:
                 asyncio.create_task(self._completer.run(), name="pgtq-completer"),
                 asyncio.create_task(listener.poll_aborts(), name="pgtq-abort-poller"),
                 asyncio.create_task(heartbeat.run(), name="pgtq-heartbeat"),
+                asyncio.create_task(heartbeat.keep_house(), name="pgtq-housekeeping"),
                 asyncio.create_task(listener.listen(), name="pgtq-listener"),
             ]
             if self.summary_interval:

@@ -374,3 +374,75 @@ async def test_the_worker_sums_up_what_it_did_in_one_info_line(
                 await worker
     line = next(r for r in caplog.records if "5 succeeded; 1 running" in r.getMessage())
     assert line.levelno == logging.INFO and line.getMessage().startswith("5 job(s) in ")
+
+
+async def test_a_slow_refresh_never_delays_the_heartbeat(app: pgtq.App, sql: Any) -> None:
+    """The beat has its own loop: a rescue or ANALYZE that takes longer than ``rescue_after``
+    (here a refresh that hangs) must not let the worker's row go stale, or the fleet declares
+    a busy worker dead and runs its jobs again (seen on a loaded machine)."""
+    hanging = asyncio.Event()
+
+    async def refresh_that_hangs() -> None:
+        hanging.set()
+        await asyncio.sleep(3600)
+
+    heartbeat = Heartbeat(
+        WorkerScope(app, app.async_connector(), lambda: "busy"),
+        interval=0.05,
+        rescue_after=0.5,
+        every_beat=refresh_that_hangs,
+    )
+    await heartbeat.register()
+    loops = [asyncio.create_task(heartbeat.run()), asyncio.create_task(heartbeat.keep_house())]
+    try:
+        await asyncio.wait_for(hanging.wait(), 10)
+        seen = sql("SELECT last_heartbeat FROM pgtq.workers WHERE id = 'busy'")[0][0]
+
+        def beat_again() -> bool:
+            rows = sql("SELECT last_heartbeat > %s FROM pgtq.workers WHERE id = 'busy'", seen)
+            return bool(rows and rows[0][0])
+
+        for _ in range(3):  # beats go on while the refresh hangs
+            await eventually(beat_again, timeout=5)
+            seen = sql("SELECT last_heartbeat FROM pgtq.workers WHERE id = 'busy'")[0][0]
+        assert heartbeat.leased()
+    finally:
+        for loop in loops:
+            loop.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+
+
+async def test_held_jobs_wait_for_the_lease_and_start_once_a_beat_renews_it(
+    app: pgtq.App, sql: Any
+) -> None:
+    """Past ``rescue_after`` since its last acknowledged beat (a pause), a worker starts no
+    held job: they may have been rescued. ``leased()`` asks for a beat at once; the beat
+    renews the lease (the worker was not declared dead) and the held jobs start."""
+    renewed = asyncio.Event()
+    heartbeat = Heartbeat(
+        WorkerScope(app, app.async_connector(), lambda: "paused"),
+        interval=3600,  # only the lease's own request makes it beat
+        rescue_after=0.2,
+        renewed=renewed.set,
+    )
+    await heartbeat.register()
+    assert heartbeat.leased()
+    beats = asyncio.create_task(heartbeat.run())
+    try:
+        await eventually(lambda: not heartbeat.leased(), timeout=5)  # the lease runs out
+        await asyncio.wait_for(renewed.wait(), 5)  # the beat it asked for went out at once
+        assert heartbeat.leased()
+    finally:
+        beats.cancel()
+        await asyncio.gather(beats, return_exceptions=True)
+
+
+def test_a_sync_call_stopped_before_a_thread_took_it_does_not_begin(app: pgtq.App) -> None:
+    """A sync attempt stopped while its call waited for a thread (the worker shut down, or
+    found it was declared dead) never runs its task: its job may be running elsewhere."""
+    ran: list[str] = []
+    ctx = pgtq.JobContext(job_id=1, task_name="t", queue="q", attempt=1, worker_id="w", app=app)
+    assert runner_module._begin(ctx, ran.append, "first") is None and ran == ["first"]
+    ctx.request_abort("shutdown")
+    assert runner_module._begin(ctx, ran.append, "second") is None
+    assert ran == ["first"]

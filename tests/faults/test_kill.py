@@ -126,6 +126,55 @@ async def test_sigkill_mid_batch_five_times_loses_no_job(
 
 
 @pytest.mark.slow
+async def test_a_paused_worker_starts_none_of_the_jobs_it_held_once_declared_dead(
+    dsn: str, sql: Any, workers: Workers
+) -> None:
+    """A worker frozen past ``rescue_after`` while it holds claimed jobs (prefetched, not
+    started) has them rescued. When it thaws, its lease has run out: it must not start them
+    (another worker may run them by now) before a beat tells it whether it was declared dead.
+    Without the lease, the job that ended as it thawed freed a slot, and a held job started
+    under the dead id: its run was written nowhere and ran again (the doubled run the fault
+    suite once saw on a loaded machine)."""
+    app = script.build(dsn)
+    first = app.get_task("sleepy").defer(seconds=0.3)
+    held = app.get_task("sleepy").defer_many([{"seconds": 0.0}] * 4)
+    app.close()
+    frozen = workers.start(concurrency=1, prefetch=4, batch_size=5)
+    await until(lambda: _running_in(frozen) == {first}, timeout=20, what="the first job running")
+    frozen_id = _worker_id(sql, frozen)
+    assert frozen_id is not None
+    await until(lambda: _doing(sql, frozen_id) == {first, *held}, timeout=10, what="4 held")
+    frozen.send(signal.SIGSTOP)  # the first job's 0.3 s run ends while it is frozen
+    await until(
+        lambda: sql(
+            "SELECT count(*) FROM pgtq.workers WHERE pid = %s "
+            "AND last_heartbeat < now() - interval '1.2 seconds'",
+            frozen.pid,
+        )[0][0],
+        timeout=10,
+        what="the frozen worker silent past rescue_after",
+    )
+    rescuer = workers.start(queues=["elsewhere"], wait=False)
+    assert await rescuer.exit_code(timeout=20) == 0
+    assert _status_counts(sql) == {"todo": 5}
+    frozen.send(signal.SIGCONT)
+    await until(
+        lambda: _status_counts(sql) == {"succeeded": 5},
+        timeout=20,
+        what=lambda: f"the 5 jobs succeeded (now {_status_counts(sql)}): {workers.diagnose()}",
+    )
+    frozen.send(signal.SIGTERM)
+    assert await frozen.exit_code(timeout=15) == 0
+    starts = Counter(r.job_id for r in frozen.runs() if r.event == "start")
+    assert {job_id: starts[job_id] for job_id in held} == dict.fromkeys(held, 1), (
+        f"held jobs started under the dead id: {frozen.runs()}"
+    )
+    # Each held job ran once, as the attempt claimed after the worker registered again.
+    attempts = dict(sql("SELECT id, attempts FROM pgtq.jobs WHERE id = ANY(%s)", held))
+    assert attempts == dict.fromkeys(held, 2)
+
+
+@pytest.mark.slow
 async def test_a_paused_worker_declared_dead_never_runs_a_job_twice_at_once(
     dsn: str, sql: Any, workers: Workers
 ) -> None:
