@@ -371,9 +371,11 @@ async def test_a_sync_task_that_ignores_the_abort_still_ends_aborted(
     side: Side, app: pgtq.App
 ) -> None:
     started, release = threading.Event(), threading.Event()
+    contexts: list[pgtq.JobContext] = []
 
     @app.task
-    def stubborn() -> str:
+    def stubborn(ctx: pgtq.JobContext) -> str:
+        contexts.append(ctx)
         started.set()
         release.wait(30)  # never looks at ctx.should_abort()
         return "finished anyway"
@@ -383,6 +385,9 @@ async def test_a_sync_task_that_ignores_the_abort_still_ends_aborted(
     await eventually(started.is_set)
     assert await side.abort(app, job_id) == pgtq.Status.DOING
     await eventually(lambda: _abort_seen(app, job_id))
+    # The worker has seen it (what the task ignores): a request it has not seen yet when the
+    # task returns cannot change the outcome (on a loaded machine that happened here).
+    await eventually(contexts[0].should_abort)
     release.set()
     with pytest.raises(pgtq.JobFailed) as info:
         await side.wait(app, job_id)
