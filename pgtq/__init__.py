@@ -16,6 +16,7 @@ from pgtq.errors import (
     SchemaNotMigrated,
     SchemaTooNew,
     SchemaTooOld,
+    UnknownSchedule,
     UnknownTask,
 )
 from pgtq.factories import AppFactory, open_app, open_app_async
@@ -54,6 +55,7 @@ __all__ = [
     "State",
     "Status",
     "Task",
+    "UnknownSchedule",
     "UnknownTask",
     "__version__",
     "open_app",

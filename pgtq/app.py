@@ -26,13 +26,14 @@ from pgtq.connectors import (
 from pgtq.errors import ConfigurationError, InvalidArguments, UnknownTask
 from pgtq.jobs import JobManager
 from pgtq.queues import QueueManager
+from pgtq.schedules import PeriodicManager
 from pgtq.schema import DEFAULT_SCHEMA, InvalidSchemaName, validate_schema_name
 from pgtq.tasks import Middleware, Task, TaskOptions, check_task_options
 from pgtq.validation import DEFAULT_MAX_ARGS_BYTES, check_max_args_bytes
 
 if TYPE_CHECKING:
     from pgtq.blueprints import Blueprint
-    from pgtq.cron import PeriodicTask, ScheduleOptions
+    from pgtq.cron import PeriodicTask
     from pgtq.migrations import Phase
     from pgtq.periodic import CleanupOptions
     from pgtq.worker import WorkerStats
@@ -202,6 +203,9 @@ class App:
         self.periodic_tasks: list[PeriodicTask] = []
         self.jobs = JobManager(self)
         self.queues = QueueManager(self)
+        #: ``@app.periodic(cron=...)`` declares a schedule; ``app.periodic.list()``,
+        #: ``pause``, ``resume`` and ``run_now`` (and their ``_async`` twins) steer them.
+        self.periodic = PeriodicManager(self)
         self._sync: SyncConnector | None = None
         # An asyncpg connection belongs to the event loop that opened it, so an app-owned
         # async engine is made per loop (a worker thread's loop, a test's loop, ...).
@@ -477,24 +481,6 @@ class App:
         ``namespace:name`` (aliases too) when a namespace is given. All or nothing: a clash
         registers none of them."""
         blueprint.register_on(self, namespace=namespace)
-
-    def periodic(self, **schedule: Unpack[ScheduleOptions]) -> Callable[[Task[Any]], Task[Any]]:
-        """Defer a task at each tick of a cron schedule (``@app.periodic(cron=...)`` above
-        ``@app.task(...)``); each tick is deferred once, however many workers run.
-
-        ``schedule``: :class:`pgtq.cron.ScheduleOptions` (cron, periodic_id, timezone,
-        max_delay, kwargs). The task gets ``timestamp`` (the tick, in epoch seconds) and
-        ``kwargs``. A bad cron expression raises ``ConfigurationError`` naming it.
-        """
-        from pgtq import periodic
-
-        periodic.check_schedule(schedule)  # a bad expression fails here, where it is written
-
-        def declare(task: Task[Any]) -> Task[Any]:
-            periodic.declare(self, task, **schedule)
-            return task
-
-        return declare
 
     def add_cleanup_task(self, **options: Unpack[CleanupOptions]) -> Task[Any]:
         """Register the builtin periodic task ``pgtq.cleanup``: at each tick it deletes jobs

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from pgtq.reports import Stats
+    from pgtq.reports import PeriodicInfo, Stats
     from pgtq.revisions import SchemaStatus
 
 __all__ = ["AppNotFound", "cli", "load_app", "load_object", "main"]
@@ -74,6 +74,10 @@ jobs_cli = typer.Typer(help="Inspect and control jobs.", no_args_is_help=True)
 cli.add_typer(jobs_cli, name="jobs")
 queues_cli = typer.Typer(help="Pause and resume queues.", no_args_is_help=True)
 cli.add_typer(queues_cli, name="queues")
+periodic_cli = typer.Typer(
+    help="List the periodic schedules; pause, resume or run one now.", no_args_is_help=True
+)
+cli.add_typer(periodic_cli, name="periodic")
 
 
 class _Output:
@@ -1545,6 +1549,126 @@ def queues_list(app: App, as_json: JsonOption = False) -> None:
     if not queues:
         table.add_row(Text("no queue", style="dim"), "", "", "", "", "")
     out.print(table)
+
+
+# -- pgtq periodic ... ----------------------------------------------------------------------------
+# Schedules are declared in code: every command takes the app (MODULE:APP), like `pgtq defer`.
+
+TaskArgument = Annotated[
+    str, typer.Argument(metavar="TASK", help="The periodic task's name (or an alias).")
+]
+PeriodicIdOption = Annotated[
+    str,
+    typer.Option(
+        "--id",
+        metavar="PERIODIC_ID",
+        help="Which schedule of the task: its periodic_id (default: the one without).",
+    ),
+]
+
+
+def _schedule_name(app: App, task_name: str, periodic_id: str) -> str:
+    """``periodic task 'report' ('eu')``, the schedule checked first (UnknownSchedule)."""
+    from pgtq.cron import describe as describe_schedule
+
+    schedule = app.periodic.get(task_name, periodic_id=periodic_id)
+    return describe_schedule(schedule.name, schedule.periodic_id)
+
+
+@periodic_cli.command("list")
+def periodic_list(
+    app_path: AppArgument,
+    as_json: JsonOption = False,
+    dsn: DsnOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """The app's schedules: cron, state, next tick, last tick, last run now."""
+    with _app_for(dsn, app_path, schema) as app:
+        schedules = app.periodic.list()
+    if as_json:
+        _print_json(schedules)
+        return
+    out.print(periodic_table(schedules))
+
+
+def periodic_table(schedules: list[PeriodicInfo]) -> Table:
+    """Schedules as rows: what ``pgtq periodic list`` prints (``--json`` has every field)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table()
+    table.add_column("schedule", style="bold")
+    table.add_column("cron")
+    table.add_column("state")
+    table.add_column("next tick")
+    table.add_column("last tick / run now")
+    for p in schedules:
+        name = p.task_name + (f" ({p.periodic_id})" if p.periodic_id else "")
+        cron = p.cron + ("" if p.timezone == "UTC" else f" {p.timezone}")
+        state = Text("paused", style="yellow") if p.paused else Text("active", style="green")
+        if p.paused and p.paused_at is not None:
+            state.append(f" since {_when(p.paused_at)}")
+        last = [f"{_when(p.last_tick)} (job {p.last_job_id})"] if p.last_tick else []
+        if p.run_now_at is not None:
+            last.append(f"run now {_when(p.run_now_at)} (job {p.run_now_job_id})")
+        next_tick = _when(p.next_tick) or "none within 9 years"
+        table.add_row(Text(name), Text(cron), state, next_tick, "\n".join(last))
+    if not schedules:
+        table.add_row(Text("no periodic task: @app.periodic(cron=...)", style="dim"), *[""] * 4)
+    return table
+
+
+@periodic_cli.command("pause")
+def periodic_pause(
+    app_path: AppArgument,
+    task_name: TaskArgument,
+    periodic_id: PeriodicIdOption = "",
+    dsn: DsnOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """Stop every scheduler from deferring the schedule's ticks (until `periodic resume`)."""
+    with _app_for(dsn, app_path, schema) as app:
+        name = _schedule_name(app, task_name, periodic_id)
+        changed = app.periodic.pause(task_name, periodic_id=periodic_id)
+    what = "paused: its ticks are not deferred until it is resumed"
+    out.print(f"{name[0].upper()}{name[1:]} {what if changed else 'was already paused'}")
+
+
+@periodic_cli.command("resume")
+def periodic_resume(
+    app_path: AppArgument,
+    task_name: TaskArgument,
+    periodic_id: PeriodicIdOption = "",
+    dsn: DsnOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """Defer the schedule's ticks again, from now on (the ticks it missed are not deferred)."""
+    with _app_for(dsn, app_path, schema) as app:
+        name = _schedule_name(app, task_name, periodic_id)
+        changed = app.periodic.resume(task_name, periodic_id=periodic_id)
+    what = "resumed (the ticks it missed while paused are not deferred)"
+    out.print(f"{name[0].upper()}{name[1:]} {what if changed else 'was not paused'}")
+
+
+@periodic_cli.command("run-now")
+def periodic_run_now(
+    app_path: AppArgument,
+    task_name: TaskArgument,
+    periodic_id: PeriodicIdOption = "",
+    as_json: JsonOption = False,
+    dsn: DsnOption = None,
+    schema: SchemaOption = None,
+) -> None:
+    """Defer one job of the schedule now, paused or not (--json: just its id); the scheduled
+    ticks go on as before."""
+    with _app_for(dsn, app_path, schema) as app:
+        name = _schedule_name(app, task_name, periodic_id)
+        queue = app.periodic.get(task_name, periodic_id=periodic_id).task.defaults.queue
+        job_id = app.periodic.run_now(task_name, periodic_id=periodic_id)
+    if as_json:
+        _print_json(job_id)
+        return
+    out.print(f"Deferred {name} now as job {job_id} on queue {queue!r}", soft_wrap=True)
 
 
 # -- pgtq stats -----------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ __all__ = [
     "cron_ticks",
     "describe",
     "due_ticks",
+    "next_ticks",
     "retention",
     "schedule",
     "sleep_time",
@@ -69,6 +70,9 @@ DEFAULT_MAX_DELAY = timedelta(minutes=10)
 #: The scheduler wakes at least this often (seconds), whatever the schedules: a wall clock
 #: that jumps, or a daily cron, never leaves it asleep for long.
 MAX_SLEEP = 10.0
+#: How far ahead :func:`next_ticks` looks at most: 9 years hold two ticks of a cron of 29
+#: February even across a century year that skips it (2100).
+NEXT_TICKS_HORIZON = timedelta(days=366 * 9)
 #: ``periodic_ticks`` rows are kept at least this long (and at least twice the largest
 #: ``max_delay``, so a tick a scheduler may still try to defer is always remembered).
 TICK_RETENTION = timedelta(days=1)
@@ -373,6 +377,21 @@ def due_ticks(
         found.extend(Tick(periodic, at) for at in periodic.ticks(start, now))
     found.sort(key=lambda t: (t.at, t.periodic.name, t.periodic.periodic_id))
     return found
+
+
+def next_ticks(periodic: PeriodicTask, after: datetime, count: int) -> list[datetime]:
+    """The schedule's first ``count`` ticks after ``after`` (UTC, sorted), within
+    :data:`NEXT_TICKS_HORIZON`. It looks a minute ahead first, then twice as far each time, so
+    a per-second schedule never computes a year of ticks, nor a yearly one thousands of
+    windows."""
+    found: list[datetime] = []
+    start, window = _utc(after), timedelta(minutes=1)
+    limit = start + NEXT_TICKS_HORIZON
+    while len(found) < count and start < limit:
+        end = min(start + window, limit)
+        found.extend(periodic.ticks(start, end))
+        start, window = end, window * 2
+    return found[:count]
 
 
 def tick_rows(ticks: Iterable[Tick]) -> statements.TickRows:

@@ -41,6 +41,10 @@ class UnknownTask(PgtqError, LookupError):
     """No task of that name is registered on the app."""
 
 
+class UnknownSchedule(PgtqError, LookupError):
+    """The app declares no periodic schedule of that task and periodic id."""
+
+
 class InvalidArguments(PgtqError, TypeError):
     """A task was deferred with arguments it cannot take or that do not serialize to JSON."""
 

@@ -166,7 +166,8 @@ def upgrade(
     """Upgrade pgtq's schema on ``connection``, inside the caller's transaction (not committed).
 
     ``phase="pre"`` applies the pending revisions up to (not including) the first pending
-    *post* revision: what a new release needs while workers of the previous one still run.
+    *post* revision: what a new release needs while workers of the previous one still run
+    (on a fresh schema, every revision: no worker runs there yet).
     ``phase="post"`` applies the rest (everything pending). ``None``: both. Returns the
     revisions applied, oldest first.
 
@@ -232,11 +233,12 @@ def pre_target(
     """In a user's Alembic project: the pgtq revision to give ``alembic upgrade`` for the *pre*
     phase of a rolling upgrade (``alembic upgrade heads`` is the *post* phase).
 
-    It is the last pending revision of pgtq's branch before the first pending post one, or
-    the current pgtq revision when no pre revision is pending (upgrading to it changes
-    nothing). ``config`` is the project's ``Config`` or the path of its ``alembic.ini``;
-    without ``connection`` it connects to the config's ``sqlalchemy.url``. The version table
-    is read as Alembic's default (``alembic_version``); pass the names your ``env.py`` sets.
+    It is the last pending revision of pgtq's branch before the first pending post one (the
+    branch's head when none of it is applied yet), or the current pgtq revision when no pre
+    revision is pending (upgrading to it changes nothing). ``config`` is the project's
+    ``Config`` or the path of its ``alembic.ini``; without ``connection`` it connects to the
+    config's ``sqlalchemy.url``. The version table is read as Alembic's default
+    (``alembic_version``); pass the names your ``env.py`` sets.
     Raises :class:`MigrationPhaseError` when a pending post revision comes before a pending
     pre one.
     """
@@ -311,8 +313,15 @@ def _between(script: ScriptDirectory, upper: set[str], lower: set[str]) -> list[
 
 
 def _pre_target(script: ScriptDirectory, found: set[str]) -> str | None:
-    """The last pending revision before the first pending post one (None: none pending)."""
+    """The last pending revision before the first pending post one (None: none pending).
+
+    On a fresh schema (``found`` empty) that is the last revision: no worker of any release
+    runs on tables that do not exist yet, so a post revision removes nothing anyone uses
+    (and stopping before it would leave the pre revisions after it out of reach).
+    """
     todo = _pending(script, found)
+    if not found:
+        return todo[-1].revision if todo else None
     target: str | None = None
     for i, rev in enumerate(todo):
         if phase_of(rev) == "post":

@@ -8,6 +8,8 @@ DST, due ticks; its names are re-exported here). This module does the I/O:
 Exactly once, however many schedulers run: deferring a tick inserts its row into
 ``periodic_ticks`` (primary key: task name, periodic id, tick) with ``ON CONFLICT DO
 NOTHING``, and the same statement inserts the job only for a tick row it really inserted.
+The same statement skips the ticks of paused schedules (``app.periodic.pause``, in
+:mod:`pgtq.schedules`).
 """
 
 from __future__ import annotations
@@ -165,13 +167,15 @@ async def _pause(seconds: float, stop: asyncio.Event | None) -> None:
 async def run_scheduler(app: App, *, stop: asyncio.Event | None = None) -> None:
     """Defer the app's periodic tasks' ticks as they come, until ``stop`` is set or cancelled.
 
-    Every worker may run it: each tick is deferred once however many run. On start it looks
-    back each schedule's ``max_delay``; then each round defers, in one statement, the ticks
-    since its last successful round that are not older than ``max_delay``, and sleeps until
-    the next tick (at most ``MAX_SLEEP`` s). A database error is logged and the round is
-    tried again after a backoff (the ticks it missed are deferred then, if still young
-    enough). Once an hour it forgets ``periodic_ticks`` rows older than a day (or twice the
-    largest ``max_delay``).
+    Every worker may run it: each tick is deferred once however many run. On start it gives
+    each schedule its row of run-time state (see :mod:`pgtq.schedules`) and looks back each
+    schedule's ``max_delay``; then each round defers, in one statement, the ticks since its
+    last successful round that are not older than ``max_delay``, and sleeps until the next
+    tick (at most ``MAX_SLEEP`` s). That statement skips the ticks of paused schedules: it
+    reads their state itself, so a pause costs no round trip. A database error is logged and
+    the round is tried again after a backoff (the ticks it missed are deferred then, if still
+    young enough). Once an hour it forgets ``periodic_ticks`` rows older than a day (or twice
+    the largest ``max_delay``).
     """
     periodic_tasks = list(app.periodic_tasks)
     if not periodic_tasks:
@@ -179,6 +183,10 @@ async def run_scheduler(app: App, *, stop: asyncio.Event | None = None) -> None:
         return
     keep = retention(periodic_tasks)
     longest = max(p.max_delay for p in periodic_tasks)
+    register = statements.register_schedules(
+        app.statements, [(p.name, p.periodic_id) for p in periodic_tasks]
+    )
+    registered = False
     since: datetime | None = None
     delays = backoff_delays(first=RETRY_FIRST, cap=RETRY_CAP)
     failures = 0
@@ -192,6 +200,9 @@ async def run_scheduler(app: App, *, stop: asyncio.Event | None = None) -> None:
         pause: float | None = None
         window = longest if since is None else min(now - since, longest)
         try:
+            if not registered:  # once: a pause is then an update the tick statement waits for
+                await app.async_connector().run(register)
+                registered = True
             if window > _BIG_WINDOW:  # many ticks to compute: off the event loop
                 ticks = await asyncio.to_thread(due_ticks, periodic_tasks, now=now, since=since)
             else:

@@ -17,9 +17,11 @@ __all__ = [
     "COUNTED_STATUSES",
     "NO_DATA",
     "STALE_AFTER",
+    "PeriodicInfo",
     "QueueInfo",
     "QueueStats",
     "RunningJob",
+    "ScheduleState",
     "Stats",
     "Throughput",
     "ThroughputBucket",
@@ -196,3 +198,51 @@ class Throughput:
 
     def count(self, status: Status) -> int:
         return sum(b.counts.get(status, 0) for b in self.buckets)
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleState:
+    """What the database holds about one periodic schedule (``app.periodic.list()`` adds
+    what the code declares): its run-time state (pgtq_0007) and its last tick."""
+
+    task_name: str
+    periodic_id: str
+    paused: bool = False
+    #: Since when it is paused (None when it is not).
+    paused_at: datetime | None = None
+    #: When it was last resumed: ticks before it are never deferred (no backfill).
+    resumed_at: datetime | None = None
+    #: The last ``run_now``: when, and the job it deferred.
+    run_now_at: datetime | None = None
+    run_now_job_id: int | None = None
+    #: The last tick a scheduler deferred (within the ticks' retention), and its job.
+    last_tick: datetime | None = None
+    last_job_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodicInfo:
+    """A schedule of the app, as ``app.periodic.list()`` reports it: what the code declares
+    (cron, time zone, the next ticks, computed here) and what the database holds (paused,
+    the last tick, the last run now)."""
+
+    task_name: str
+    periodic_id: str
+    cron: str
+    #: The cron's time zone (an IANA name, or the tzinfo's text).
+    timezone: str
+    #: The schedule's next ticks (UTC), whether or not it is paused.
+    next_ticks: tuple[datetime, ...]
+    paused: bool
+    paused_at: datetime | None
+    resumed_at: datetime | None
+    last_tick: datetime | None
+    last_job_id: int | None
+    run_now_at: datetime | None
+    run_now_job_id: int | None
+    #: The fixed keyword arguments of each job (``timestamp`` is added per tick).
+    kwargs: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def next_tick(self) -> datetime | None:
+        return self.next_ticks[0] if self.next_ticks else None

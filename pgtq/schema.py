@@ -53,6 +53,7 @@ class Tables:
     job_events: sa.Table
     job_history: sa.TableClause
     periodic_ticks: sa.Table
+    periodic_schedules: sa.Table
     limit_buckets: sa.Table
 
 
@@ -184,6 +185,22 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         sa.Column("tick_at", sa.DateTime(timezone=True), primary_key=True),
         sa.Column("job_id", sa.BigInteger, nullable=True),
     )
+    # -- periodic control (pgtq_0007): what operators decide about a schedule at run time -----
+    # One row per schedule (keyed like ``periodic_ticks``), read by every scheduler in the
+    # statement that defers the ticks. ``resumed_at``: ticks before it are never deferred
+    # (a resumed schedule does not backfill). ``run_now_*``: the last ``run_now``, whose job
+    # is no tick (it takes no ``periodic_ticks`` row, so it never hides a scheduled tick).
+    periodic_schedules = sa.Table(
+        "periodic_schedules",
+        metadata,
+        sa.Column("task_name", sa.Text, primary_key=True),
+        sa.Column("periodic_id", sa.Text, primary_key=True, server_default=""),
+        sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Column("paused_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("resumed_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("run_now_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("run_now_job_id", sa.BigInteger, nullable=True),
+    )
     # Token buckets of the rate limits (``queue:<name>`` or ``task:<name>``).
     limit_buckets = sa.Table(
         "limit_buckets",
@@ -240,6 +257,7 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         job_events=job_events,
         job_history=job_history,
         periodic_ticks=periodic_ticks,
+        periodic_schedules=periodic_schedules,
         limit_buckets=limit_buckets,
     )
 

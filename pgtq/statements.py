@@ -37,6 +37,7 @@ from pgtq.reports import (
     QueueInfo,
     QueueStats,
     RunningJob,
+    ScheduleState,
     Stats,
     Throughput,
     ThroughputBucket,
@@ -1326,16 +1327,10 @@ class Statements:
     # its row in ``periodic_ticks`` is inserted ON CONFLICT DO NOTHING, and its job only
     # when that row was really inserted.
 
-    @cached_property
-    def defer_ticks(self) -> sa.Select[Any]:
-        """Defer many periodic ticks in one statement, each at most once however many
-        schedulers race for it; selects the ticks this statement deferred, with their jobs.
-
-        Inserts jobs as ``todo`` (like ``insert_jobs``, same columns) and notifies each
-        queue that got a due job. Each tick's job id is drawn from the jobs' identity
-        sequence first, so the tick row records it in the same insert that claims the tick.
-        """
-        j, p = self.jobs, self.t.periodic_ticks
+    def _due_ticks(self) -> sa.CTE:
+        """The ticks of the parameters (a :class:`TickRows`), each with a job id drawn from
+        the jobs' identity sequence first (materialized: it calls nextval and is read more
+        than once), so the row that records a tick names its job in the same statement."""
         columns = (
             *INSERT_COLUMNS,
             ("periodic_id", sa.Text()),
@@ -1349,29 +1344,22 @@ class Statements:
         sequence = sa.func.pg_get_serial_sequence(
             sa.literal_column(f"'{self.t.schema}.jobs'"), sa.literal_column("'id'")
         )
-        # Materialized (it calls nextval and is read twice): one id per tick.
-        due = sa.select(rows, sa.func.nextval(sequence).label("job_id")).cte("due")
-        claimed = (
-            pg_insert(p)
-            .from_select(
-                ["task_name", "periodic_id", "tick_at", "job_id"],
-                sa.select(due.c.task_name, due.c.periodic_id, due.c.tick_at, due.c.job_id),
-            )
-            .on_conflict_do_nothing(index_elements=[p.c.task_name, p.c.periodic_id, p.c.tick_at])
-            .returning(p.c.task_name, p.c.periodic_id, p.c.tick_at, p.c.job_id)
-            .cte("claimed")
-        )
+        return sa.select(rows, sa.func.nextval(sequence).label("job_id")).cte("due")
+
+    def _insert_tick_jobs(self, due: sa.CTE, taken: sa.CTE | None) -> tuple[sa.CTE, sa.CTE]:
+        """Insert the jobs of the ``due`` ticks (those whose ids ``taken`` returns, if given),
+        as ``todo`` (like ``insert_jobs``, same columns), and notify each queue that got a due
+        job: the ``inserted`` and ``sent`` CTEs."""
+        j = self.jobs
         values = (
             sa.cast(due.c[n], JSONB) if n in JSON_COLUMNS else due.c[n] for n, _ in INSERT_COLUMNS
         )
+        rows = sa.select(due.c.job_id, *values)
+        if taken is not None:
+            rows = rows.select_from(taken.join(due, due.c.job_id == taken.c.job_id))
         inserted = (
             sa.insert(j)
-            .from_select(
-                ["id", *(name for name, _ in INSERT_COLUMNS)],
-                sa.select(claimed.c.job_id, *values).select_from(
-                    claimed.join(due, due.c.job_id == claimed.c.job_id)
-                ),
-            )
+            .from_select(["id", *(name for name, _ in INSERT_COLUMNS)], rows)
             .returning(j.c.id, j.c.queue, j.c.scheduled_at)
             .cte("inserted")
         )
@@ -1382,13 +1370,182 @@ class Statements:
             .subquery("due_queues")
         )
         notify = sa.func.pg_notify(self._channel, queues.c.queue)
-        sent = sa.select(sa.func.count(notify)).cte("sent")
+        return inserted, sa.select(sa.func.count(notify)).cte("sent")
+
+    @cached_property
+    def defer_ticks(self) -> sa.Select[Any]:
+        """Defer many periodic ticks in one statement, each at most once however many
+        schedulers race for it; selects the ticks this statement deferred, with their jobs.
+
+        A tick of a paused schedule, or one before the schedule was last resumed (a resumed
+        schedule does not backfill), is skipped: the schedules' state (``periodic_schedules``,
+        pgtq_0007) is read here, in the statement every scheduler runs anyway, so a pause
+        holds for the whole fleet at no extra round trip. It is read ``FOR SHARE``: a pause
+        (an update of that row) waits for a statement that read the row before it, and a
+        statement that comes to the row while a pause is pending waits and reads the paused
+        row. So once ``pause`` returns, no scheduler defers a tick of that schedule (the
+        schedulers register their schedules' rows when they start, so the pause is an
+        update; see :meth:`register_schedules`).
+        """
+        p, state = self.t.periodic_ticks, self.t.periodic_schedules
+        due = self._due_ticks()
+        held = (
+            sa.select(state.c.task_name, state.c.periodic_id, state.c.paused, state.c.resumed_at)
+            .where(
+                sa.tuple_(state.c.task_name, state.c.periodic_id).in_(
+                    sa.select(due.c.task_name, due.c.periodic_id)
+                )
+            )
+            .with_for_update(read=True)
+            .cte("held")
+        )
+        skipped = sa.exists().where(
+            held.c.task_name == due.c.task_name,
+            held.c.periodic_id == due.c.periodic_id,
+            sa.or_(held.c.paused, due.c.tick_at < held.c.resumed_at),
+        )
+        claimed = (
+            pg_insert(p)
+            .from_select(
+                ["task_name", "periodic_id", "tick_at", "job_id"],
+                sa.select(due.c.task_name, due.c.periodic_id, due.c.tick_at, due.c.job_id).where(
+                    ~skipped
+                ),
+            )
+            .on_conflict_do_nothing(index_elements=[p.c.task_name, p.c.periodic_id, p.c.tick_at])
+            .returning(p.c.task_name, p.c.periodic_id, p.c.tick_at, p.c.job_id)
+            .cte("claimed")
+        )
+        inserted, sent = self._insert_tick_jobs(due, claimed)
         return (
             sa.select(claimed.c.task_name, claimed.c.periodic_id, claimed.c.tick_at, inserted.c.id)
             .select_from(
                 claimed.join(inserted, inserted.c.id == claimed.c.job_id).join(sent, sa.true())
             )
             .order_by(claimed.c.tick_at, claimed.c.task_name, claimed.c.periodic_id)
+        )
+
+    # -- periodic control (pgtq_0007): the run-time state of each schedule --------------------
+    # ``:schedule_task`` / ``:schedule_id`` name one schedule, never ``:task_name`` /
+    # ``:periodic_id`` (columns these statements write: see the module's docstring).
+
+    def _schedule_is(self, table: sa.Table) -> sa.ColumnElement[bool]:
+        return sa.and_(
+            table.c.task_name == sa.bindparam("schedule_task", type_=sa.Text),
+            table.c.periodic_id == sa.bindparam("schedule_id", type_=sa.Text),
+        )
+
+    @cached_property
+    def register_schedules(self) -> ReturningInsert[Any]:
+        """Give each schedule a row (a scheduler's schedules, when it starts), so that a pause
+        is an update the tick statement's ``FOR SHARE`` waits for; a row already there is
+        left as it is. Returns the schedules it added."""
+        state = self.t.periodic_schedules
+        keys = sa.select(
+            sa.func.unnest(_array("schedule_tasks", sa.Text())).label("task_name"),
+            sa.func.unnest(_array("schedule_ids", sa.Text())).label("periodic_id"),
+        )
+        return (
+            pg_insert(state)
+            .from_select([state.c.task_name, state.c.periodic_id], keys)
+            .on_conflict_do_nothing(index_elements=[state.c.task_name, state.c.periodic_id])
+            .returning(state.c.task_name, state.c.periodic_id)
+        )
+
+    @cached_property
+    def pause_schedule(self) -> ReturningInsert[Any]:
+        """Mark a schedule paused (no scheduler defers its ticks); returns a row if it changed."""
+        state = self.t.periodic_schedules
+        insert = pg_insert(state).values(
+            task_name=sa.bindparam("schedule_task", type_=sa.Text),
+            periodic_id=sa.bindparam("schedule_id", type_=sa.Text),
+            paused=True,
+            paused_at=sa.func.now(),
+        )
+        return insert.on_conflict_do_update(
+            index_elements=[state.c.task_name, state.c.periodic_id],
+            set_={"paused": True, "paused_at": sa.func.now()},
+            where=~state.c.paused,
+        ).returning(state.c.task_name)
+
+    @cached_property
+    def resume_schedule(self) -> ReturningUpdate[Any]:
+        """Unpause a schedule from now on: ``resumed_at`` keeps the ticks it skipped from ever
+        being deferred. Returns a row if it changed."""
+        state = self.t.periodic_schedules
+        return (
+            sa.update(state)
+            .where(self._schedule_is(state), state.c.paused)
+            .values(paused=False, paused_at=sa.null(), resumed_at=sa.func.now())
+            .returning(state.c.task_name)
+        )
+
+    @cached_property
+    def run_schedule_now(self) -> sa.Select[Any]:
+        """Defer one job of a schedule now (one :class:`TickRows` row: its tick is the
+        moment asked), paused or not, and record it in the schedule's row (``run_now_at``,
+        ``run_now_job_id``); selects the job's id. It takes no ``periodic_ticks`` row: it is
+        no tick, and a tick row at that instant would make the schedulers skip a scheduled
+        tick that falls on it."""
+        state = self.t.periodic_schedules
+        due = self._due_ticks()
+        inserted, sent = self._insert_tick_jobs(due, None)
+        insert = pg_insert(state)
+        recorded = (
+            insert.from_select(
+                ["task_name", "periodic_id", "run_now_at", "run_now_job_id"],
+                sa.select(
+                    due.c.task_name, due.c.periodic_id, due.c.tick_at, inserted.c.id
+                ).select_from(due.join(inserted, inserted.c.id == due.c.job_id)),
+            )
+            .on_conflict_do_update(
+                index_elements=[state.c.task_name, state.c.periodic_id],
+                set_={
+                    "run_now_at": insert.excluded.run_now_at,
+                    "run_now_job_id": insert.excluded.run_now_job_id,
+                },
+            )
+            .returning(state.c.run_now_job_id)
+            .cte("recorded")
+        )
+        return sa.select(recorded.c.run_now_job_id).select_from(recorded.join(sent, sa.true()))
+
+    @cached_property
+    def schedule_states(self) -> sa.Select[Any]:
+        """The state of each schedule named by ``:schedule_tasks`` / ``:schedule_ids`` (none
+        recorded: NULLs) and its last tick (a backward scan of ``periodic_ticks``' primary
+        key per schedule)."""
+        state, ticks = self.t.periodic_schedules, self.t.periodic_ticks
+        keys = (
+            sa.func.unnest(_array("schedule_tasks", sa.Text()), _array("schedule_ids", sa.Text()))
+            .table_valued(sa.column("task_name", sa.Text), sa.column("periodic_id", sa.Text))
+            .render_derived("schedules")
+        )
+        last = (
+            sa.select(ticks.c.tick_at, ticks.c.job_id)
+            .where(ticks.c.task_name == keys.c.task_name, ticks.c.periodic_id == keys.c.periodic_id)
+            .order_by(ticks.c.tick_at.desc())
+            .limit(sa.literal_column("1"))
+            .lateral("last_tick")
+        )
+        return sa.select(
+            keys.c.task_name,
+            keys.c.periodic_id,
+            sa.func.coalesce(state.c.paused, sa.false()),
+            state.c.paused_at,
+            state.c.resumed_at,
+            state.c.run_now_at,
+            state.c.run_now_job_id,
+            last.c.tick_at,
+            last.c.job_id,
+        ).select_from(
+            keys.outerjoin(
+                state,
+                sa.and_(
+                    state.c.task_name == keys.c.task_name,
+                    state.c.periodic_id == keys.c.periodic_id,
+                ),
+            ).outerjoin(last, sa.true())
         )
 
     @cached_property
@@ -2095,6 +2252,40 @@ def defer_ticks(s: Statements, rows: TickRows) -> Query[list[DeferredTick]]:
 
 def delete_old_ticks(s: Statements, older_than: float) -> Query[int]:
     return Query(s.delete_old_ticks, {"older_than": older_than}, lambda r: int(_one_or_none(r)))
+
+
+def _schedule(task_name: str, periodic_id: str) -> dict[str, Any]:
+    return {"schedule_task": task_name, "schedule_id": periodic_id}
+
+
+def register_schedules(s: Statements, keys: Sequence[tuple[str, str]]) -> Query[int]:
+    params = {"schedule_tasks": [k[0] for k in keys], "schedule_ids": [k[1] for k in keys]}
+    return Query(s.register_schedules, params, _count)
+
+
+def pause_schedule(s: Statements, task_name: str, periodic_id: str) -> Query[bool]:
+    return Query(s.pause_schedule, _schedule(task_name, periodic_id), bool)
+
+
+def resume_schedule(s: Statements, task_name: str, periodic_id: str) -> Query[bool]:
+    return Query(s.resume_schedule, _schedule(task_name, periodic_id), bool)
+
+
+def run_schedule_now(s: Statements, rows: TickRows) -> Query[int]:
+    """One tick row: the job ``run_now`` defers (``rows`` of one schedule, one instant)."""
+    return Query(s.run_schedule_now, rows.as_params(), lambda r: int(_one_or_none(r)))
+
+
+def schedule_states(
+    s: Statements, keys: Sequence[tuple[str, str]]
+) -> Query[dict[tuple[str, str], ScheduleState]]:
+    """The state and last tick of each schedule (task name, periodic id) asked for."""
+
+    def mapper(rows: Rows) -> dict[tuple[str, str], ScheduleState]:
+        return {(r[0], r[1]): ScheduleState(*r) for r in rows}
+
+    params = {"schedule_tasks": [k[0] for k in keys], "schedule_ids": [k[1] for k in keys]}
+    return Query(s.schedule_states, params, mapper)
 
 
 # == web dashboard (pgtq.web): reads behind its pages ============================================

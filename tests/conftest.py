@@ -116,6 +116,7 @@ def dsn(migrated_url: URL) -> str:
     with psycopg.connect(_libpq(migrated_url), autocommit=True) as conn:
         conn.execute(
             "TRUNCATE pgtq.jobs, pgtq.workers, pgtq.queues, pgtq.job_events, pgtq.periodic_ticks, "
+            "pgtq.periodic_schedules, "
             "pgtq.limit_buckets RESTART IDENTITY"
         )
     return migrated_url.render_as_string(hide_password=False)

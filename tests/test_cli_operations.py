@@ -296,3 +296,67 @@ def test_worker_serves_metrics(dsn: str, sql: SQL) -> None:
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     assert f"metrics on http://127.0.0.1:{port}/metrics" in stderr
+
+
+# -- periodic ---------------------------------------------------------------------------------
+
+SCHEDULED = "tests.apps.scheduled:app"
+
+
+def test_periodic_pause_resume_run_now_and_list(dsn: str, sql: SQL) -> None:
+    listing = invoke("periodic", "list", SCHEDULED, dsn=dsn)
+    assert listing.exit_code == 0, listing.output
+    for fragment in ("report (eu)", "report (us)", "Europe/Paris", "0 9 * * *", "*/5 * * * *"):
+        assert fragment in listing.stdout, listing.stdout
+    assert listing.stdout.count("active") == 3
+    paused = invoke("periodic", "pause", SCHEDULED, "report", "--id", "eu", dsn=dsn)
+    assert paused.exit_code == 0, paused.output
+    assert "Periodic task 'report' ('eu') paused" in paused.stdout
+    again = invoke("periodic", "pause", SCHEDULED, "report", "--id", "eu", dsn=dsn)
+    assert "was already paused" in again.stdout
+    assert sql("SELECT task_name, periodic_id, paused FROM pgtq.periodic_schedules") == [
+        ("report", "eu", True)
+    ]
+    assert "paused since" in invoke("periodic", "list", SCHEDULED, dsn=dsn).stdout
+    assert sql("SELECT count(*) FROM pgtq.jobs") == [(0,)]  # pausing defers nothing
+
+    ran = invoke("periodic", "run-now", SCHEDULED, "report", "--id", "eu", dsn=dsn)
+    assert ran.exit_code == 0, ran.output
+    [(job_id, queue, args)] = sql("SELECT id, queue, args FROM pgtq.jobs")
+    assert f"as job {job_id} on queue 'reports'" in ran.stdout
+    assert queue == "reports" and args["region"] == "eu"
+    assert as_json(dsn, "periodic", "run-now", SCHEDULED, "tick") == job_id + 1
+    [report_us, report_eu, tick] = as_json(dsn, "periodic", "list", SCHEDULED)
+    assert report_eu["run_now_job_id"] == job_id and tick["run_now_job_id"] == job_id + 1
+    assert report_us["run_now_job_id"] is None
+
+    resumed = invoke("periodic", "resume", SCHEDULED, "report", "--id", "eu", dsn=dsn)
+    assert "Periodic task 'report' ('eu') resumed" in resumed.stdout
+    assert "was not paused" in invoke("periodic", "resume", SCHEDULED, "tick", dsn=dsn).stdout
+
+
+def test_periodic_list_json(dsn: str) -> None:
+    assert invoke("periodic", "pause", SCHEDULED, "tick", dsn=dsn).exit_code == 0
+    us, eu, tick = as_json(dsn, "periodic", "list", SCHEDULED)
+    assert (us["task_name"], us["periodic_id"], us["timezone"]) == (
+        "report",
+        "us",
+        "America/New_York",
+    )
+    assert (eu["periodic_id"], eu["kwargs"], eu["paused"]) == ("eu", {"region": "eu"}, False)
+    assert tick["paused"] and tick["paused_at"] and tick["cron"] == "*/5 * * * *"
+    assert len(tick["next_ticks"]) == 3
+    first = datetime.fromisoformat(tick["next_ticks"][0])
+    assert first.minute % 5 == 0 and first.second == 0 and first > datetime.now(UTC)
+    assert tick["last_tick"] is None and tick["run_now_job_id"] is None
+
+
+def test_periodic_commands_refuse_an_unknown_schedule(dsn: str, sql: SQL) -> None:
+    for command in ("pause", "resume", "run-now"):
+        result = invoke("periodic", command, SCHEDULED, "report", "--id", "asia", dsn=dsn)
+        assert result.exit_code == 1
+        assert_one_error_line(result.stderr, "'report' ('asia')", "periodic task 'report' ('eu')")
+    result = invoke("periodic", "pause", SCHEDULED, "nightly", dsn=dsn)
+    assert_one_error_line(result.stderr, "'nightly'")
+    assert sql("SELECT count(*) FROM pgtq.periodic_schedules") == [(0,)]
+    assert sql("SELECT count(*) FROM pgtq.jobs") == [(0,)]

@@ -167,15 +167,27 @@ async def test_pre_then_post_on_a_schema_of_the_previous_release(
         eng.dispose()
 
 
-def test_on_an_empty_schema_pre_stops_before_the_first_post(
+def test_on_an_empty_schema_pre_applies_every_revision(
     versions: Callable[..., Path], engine: Engine
 ) -> None:
-    # pgtq's own revisions: pgtq_0006 (post) drops the insert trigger that the previous
-    # release's enqueuers rely on, so pre stops right before it.
-    assert REAL_HEAD == "pgtq_0006"
-    assert upgrade(engine, phase="pre") == REAL_REVISIONS[:-1]
-    assert at(engine) == {REAL_REVISIONS[-2]}
-    assert upgrade(engine, phase="post") == ["pgtq_0006"]
+    # No worker of any release runs on a schema that does not exist yet: pre applies the post
+    # revision pgtq_0006 too, else the pre revision after it (pgtq_0007) would be out of reach
+    # and a fresh deployment's `migrate --pre` would leave its new workers behind.
+    assert REAL_REVISIONS.index("pgtq_0006") < REAL_REVISIONS.index("pgtq_0007")
+    assert upgrade(engine, phase="pre") == REAL_REVISIONS
+    assert at(engine) == {REAL_HEAD}
+    assert upgrade(engine, phase="post") == []
+
+
+def test_pre_on_the_release_before_pgtq_0006_names_its_pending_post_revision(
+    engine: Engine,
+) -> None:
+    # A schema of the release before pgtq_0006's: its post revision stands before pgtq_0007.
+    upgrade(engine, revision="pgtq_0005")
+    with pytest.raises(migrations.MigrationPhaseError, match=r"pgtq_0006.*pgtq_0007"):
+        upgrade(engine, phase="pre")
+    assert at(engine) == {"pgtq_0005"}
+    assert upgrade(engine, phase="post") == REAL_REVISIONS[REAL_REVISIONS.index("pgtq_0006") :]
 
 
 def test_plain_upgrade_applies_both_phases(versions: Callable[..., Path], engine: Engine) -> None:
@@ -290,6 +302,7 @@ def test_pre_target_in_a_user_project(
 def test_pre_target_on_an_empty_project_database(
     tmp_path: Path, make_database: Callable[[], URL]
 ) -> None:
-    # pgtq's own revisions only: the last pre one is the one before pgtq_0006 (post).
+    # pgtq's own revisions only, none applied: every one is pre (see
+    # test_on_an_empty_schema_pre_applies_every_revision).
     ini = make_user_project(tmp_path / "project", make_database(), str(migrations.VERSIONS_DIR))
-    assert migrations.pre_target(ini) == REAL_REVISIONS[-2]
+    assert migrations.pre_target(ini) == REAL_HEAD

@@ -49,6 +49,7 @@ PGTQ_TABLES = {
     "job_events",
     "jobs",
     "limit_buckets",
+    "periodic_schedules",
     "periodic_ticks",
     "queues",
     "workers",

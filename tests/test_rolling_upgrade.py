@@ -22,6 +22,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,13 @@ def sync_job(ctx: pgtq.JobContext, n: int) -> int:
 async def async_job(ctx: pgtq.JobContext, n: int) -> int:
     record(ctx.job_id, n)
     return n
+
+
+# Every worker runs the scheduler: both releases' schedulers race for each tick.
+@app.periodic(cron="* * * * * *", max_delay=5)
+@app.periodic(cron="* * * * * *", periodic_id="witness", max_delay=5)
+@app.task(queue="beats")
+def beat(timestamp: int) -> None: ...
 """
 
 DEFER_SCRIPT = """
@@ -241,10 +249,25 @@ def test_rolling_upgrade_from_the_previous_release(
             new.defer(200, 40)  # batch C
             wait_until(lambda: all_final(sql) and count_jobs(sql) == 120, old_worker, new_worker)
 
+            # Both releases' schedulers ran beside the new table (pgtq_0007): the new one
+            # registered its schedules there, and no tick was deferred twice.
+            assert sql("SELECT task_name, periodic_id FROM pgtq.periodic_schedules ORDER BY 2") == [
+                ("beat", ""),
+                ("beat", "witness"),
+            ]
+            assert sql("SELECT count(*) FROM pgtq.jobs WHERE task_name = 'beat'")[0][0] > 0
+
             # The old release leaves (SIGTERM, graceful); the new one goes on alone.
             stop(old_worker)
             new.defer(300, 40)  # batch D: only the new worker is left to run it
             wait_until(lambda: all_final(sql) and count_jobs(sql) == 160, new_worker)
+            # Now every scheduler reads pgtq_0007's state: a pause holds for the fleet.
+            new.run("-m", "pgtq", "periodic", "pause", "rolling_app:app", "beat")
+            paused = datetime.now(UTC)
+            wait_until(
+                lambda: last_tick(sql, "witness") >= paused + timedelta(seconds=2), new_worker
+            )
+            assert last_tick(sql, "") <= paused
 
             # Post, once the old release is gone: what only the old release needed goes
             # (pgtq_0006: the insert trigger its enqueuers relied on).
@@ -267,9 +290,21 @@ def test_rolling_upgrade_from_the_previous_release(
         engine.dispose()
 
     # Nothing lost, nothing run twice.
-    statuses = sql("SELECT status, count(*) FROM pgtq.jobs GROUP BY status")
+    statuses = sql(f"SELECT status, count(*) FROM pgtq.jobs WHERE {BATCHES} GROUP BY status")
     assert statuses == [("succeeded", 170)]
-    assert sql("SELECT count(*) FROM pgtq.jobs WHERE result::int IS NULL") == [(0,)]
+    assert sql(f"SELECT count(*) FROM pgtq.jobs WHERE {BATCHES} AND result::int IS NULL") == [(0,)]
+    # Each tick of each schedule became one job, whichever release's scheduler deferred it.
+    assert sql(
+        "SELECT count(*) FROM pgtq.jobs WHERE task_name = 'beat' "
+        "AND NOT EXISTS (SELECT FROM pgtq.periodic_ticks t WHERE t.job_id = jobs.id)"
+    ) == [(0,)]
+    assert (
+        sql(
+            "SELECT t.periodic_id, j.args->>'timestamp' FROM pgtq.periodic_ticks t "
+            "JOIN pgtq.jobs j ON j.id = t.job_id GROUP BY 1, 2 HAVING count(*) > 1"
+        )
+        == []
+    )
     runs = sql("SELECT job_id, count(*) FROM rolling_runs GROUP BY job_id HAVING count(*) <> 1")
     assert runs == [], "a job ran more than once"
     assert sql("SELECT count(DISTINCT job_id) FROM rolling_runs") == [(170,)]
@@ -280,15 +315,25 @@ def test_rolling_upgrade_from_the_previous_release(
     by_release = dict(sql("SELECT release, count(*) FROM rolling_runs GROUP BY release"))
     assert by_release.get("old", 0) > 0 and by_release.get("new", 0) >= 50, by_release
     # Both releases' deferrals ran on both kinds of task.
-    assert sql("SELECT count(DISTINCT task_name) FROM pgtq.jobs") == [(2,)]
+    assert sql(f"SELECT count(DISTINCT task_name) FROM pgtq.jobs WHERE {BATCHES}") == [(2,)]
+
+
+#: The jobs the test defers in batches (not the periodic ticks, which come all along).
+BATCHES = "task_name IN ('sync_job', 'async_job')"
 
 
 def count_jobs(sql: Callable[..., list[tuple[Any, ...]]]) -> int:
-    return int(sql("SELECT count(*) FROM pgtq.jobs")[0][0])
+    return int(sql(f"SELECT count(*) FROM pgtq.jobs WHERE {BATCHES}")[0][0])
 
 
 def all_final(sql: Callable[..., list[tuple[Any, ...]]]) -> bool:
-    return sql("SELECT count(*) FROM pgtq.jobs WHERE status IN ('todo', 'doing')") == [(0,)]
+    waiting = f"SELECT count(*) FROM pgtq.jobs WHERE {BATCHES} AND status IN ('todo', 'doing')"
+    return sql(waiting) == [(0,)]
+
+
+def last_tick(sql: Callable[..., list[tuple[Any, ...]]], periodic_id: str) -> datetime:
+    rows = sql("SELECT max(tick_at) FROM pgtq.periodic_ticks WHERE periodic_id = %s", periodic_id)
+    return rows[0][0] or datetime.min.replace(tzinfo=UTC)
 
 
 def wait_until(check: Callable[[], bool], *workers: subprocess.Popen[str]) -> None:

@@ -16,7 +16,7 @@ from sqlalchemy.engine import URL, Engine
 from typer.testing import CliRunner
 
 import pgtq
-from pgtq import migrations
+from pgtq import migrations, revisions
 from pgtq.cli import cli
 from pgtq.errors import SchemaTooNew, SchemaTooOld
 from tests.sides import Side
@@ -83,11 +83,18 @@ def test_at_head_is_current(engine: Engine) -> None:
         assert migrations.schema_state(conn, "pgtq") == "current"
 
 
-def test_pending_post_revisions_are_current(engine: Engine) -> None:
-    """After `pgtq migrate --pre`, the new release runs before its post revisions."""
+def test_pending_post_revisions_are_current(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After `pgtq migrate --pre`, the new release runs before its post revisions. (pgtq's
+    only post revision, pgtq_0006, has a pre one after it: a release whose newest revision is
+    a post one is played by adding one to the manifest.)"""
     with engine.begin() as conn:
-        migrations.upgrade(conn, "pgtq", phase="pre")
+        migrations.upgrade(conn, "pgtq", phase="pre")  # a fresh schema: every revision
     assert status(engine).state == "current"
+    monkeypatch.setattr(revisions, "REVISIONS", (*revisions.REVISIONS, ("pgtq_9998", "post")))
+    found = status(engine)
+    assert (found.state, found.needed, found.message) == ("current", (), "")
 
 
 def test_a_pending_pre_revision_is_behind(engine: Engine) -> None:

@@ -165,6 +165,11 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
     "analyze_wait": [lambda: statements.analyze_wait(S)],
     "defer_ticks": [lambda: statements.defer_ticks(S, TickRows.empty())],
     "delete_old_ticks": [lambda: statements.delete_old_ticks(S, 60.0)],
+    "register_schedules": [lambda: statements.register_schedules(S, [("t", ""), ("t", "eu")])],
+    "pause_schedule": [lambda: statements.pause_schedule(S, "t", "eu")],
+    "resume_schedule": [lambda: statements.resume_schedule(S, "t", "eu")],
+    "run_schedule_now": [lambda: statements.run_schedule_now(S, TickRows.empty())],
+    "schedule_states": [lambda: statements.schedule_states(S, [("t", "")])],
     "throughput": [
         lambda: statements.throughput(S, 3600.0, 60.0),
         lambda: statements.throughput(S, 3600.0, 60.0, queue="q"),

@@ -399,6 +399,58 @@ async def test_pause_and_resume_a_queue(app: pgtq.App, client: httpx.AsyncClient
     assert nameless.status_code == 400
 
 
+async def test_pause_resume_and_run_a_periodic_schedule_now(
+    app: pgtq.App, client: httpx.AsyncClient, sql: SQL
+) -> None:
+    @app.periodic(cron="0 4 * * *", periodic_id="nightly", kwargs={"full": True})
+    @app.task(queue="backups")
+    def backup(timestamp: int, full: bool) -> None: ...
+
+    csrf = await token(client, "/periodic")
+    page = (await client.get("/periodic")).text
+    assert 'action="/periodic/pause"' in page and 'action="/periodic/run-now"' in page
+    assert 'name="periodic_id" value="nightly"' in page and "active" in page
+    schedule = {"csrf_token": csrf, "task": "backup", "periodic_id": "nightly"}
+
+    done = await client.post("/periodic/pause", data=schedule)
+    assert (
+        done.status_code == 303 and done.headers["location"] == "/periodic?notice=schedule-paused"
+    )
+    [info] = await app.periodic.list_async()
+    assert info.paused
+    page = (await client.get(done.headers["location"])).text
+    assert "Schedule paused" in page and '<span class="status paused">paused</span>' in page
+    assert 'action="/periodic/resume"' in page and 'action="/periodic/pause"' not in page
+    again = await client.post("/periodic/pause", data=schedule)
+    assert again.headers["location"] == "/periodic?notice=schedule-already-paused"
+
+    ran = await client.post("/periodic/run-now", data=schedule)
+    [(job_id, queue)] = sql("SELECT id, queue FROM pgtq.jobs")
+    assert ran.status_code == 303 and ran.headers["location"] == f"/jobs/{job_id}?notice=run-now"
+    assert queue == "backups"
+    assert f"Job {job_id} deferred now" in (await client.get(ran.headers["location"])).text
+    assert f'href="/jobs/{job_id}">job {job_id}</a>' in (await client.get("/periodic")).text
+
+    done = await client.post("/periodic/resume", data=schedule)
+    assert done.headers["location"] == "/periodic?notice=schedule-resumed"
+    assert not (await app.periodic.list_async())[0].paused
+    again = await client.post("/periodic/resume", data=schedule)
+    assert again.headers["location"] == "/periodic?notice=schedule-not-paused"
+
+    unknown = await client.post("/periodic/pause", data={**schedule, "periodic_id": "weekly"})
+    assert unknown.status_code == 404 and "(&#39;weekly&#39;)" in unknown.text
+    nameless = await client.post("/periodic/pause", data={"csrf_token": csrf})
+    assert nameless.status_code == 400
+    nul = await client.post("/periodic/pause", data={**schedule, "task": "back\x00up"})
+    assert nul.status_code == 400
+    forged = await client.post("/periodic/run-now", data={**schedule, "csrf_token": "wrong"})
+    assert forged.status_code == 403
+    for action in ("pause", "resume", "run-now"):
+        assert (await client.get(f"/periodic/{action}?task=backup")).status_code == 405
+    assert sql("SELECT count(*) FROM pgtq.jobs") == [(1,)]
+    assert not (await app.periodic.list_async())[0].paused
+
+
 async def test_actions_need_the_csrf_token_of_their_cookie(
     app: pgtq.App, client: httpx.AsyncClient, sql: SQL
 ) -> None:
@@ -466,6 +518,11 @@ async def test_get_never_changes_anything(
 
 async def test_read_only_shows_no_action_and_refuses_every_post(app: pgtq.App, sql: SQL) -> None:
     send, _ = tasks(app)
+
+    @app.periodic(cron="0 4 * * *", periodic_id="nightly")
+    @app.task
+    def backup(timestamp: int) -> None: ...
+
     job_id = await send.defer_async(to="a")
     finish(sql, [job_id], "failed")
     async with client_for(pgtq.web.asgi(app, read_only=True)) as client:
@@ -483,8 +540,17 @@ async def test_read_only_shows_no_action_and_refuses_every_post(app: pgtq.App, s
                 f"/queues/{action}", data={"csrf_token": csrf, "queue": "emails"}
             )
             assert refused.status_code == 403
+        page = await client.get("/periodic")
+        assert "<form" not in page.text and "nightly" in page.text
+        for action in ("pause", "resume", "run-now"):
+            refused = await client.post(
+                f"/periodic/{action}",
+                data={"csrf_token": csrf, "task": "backup", "periodic_id": "nightly"},
+            )
+            assert refused.status_code == 403 and "read-only" in refused.text
     assert statuses(sql) == {job_id: "failed"}
     assert await app.queues.list_async() == []
+    assert sql("SELECT count(*) FROM pgtq.periodic_schedules") == [(0,)]
 
 
 def basic(user: str, password: str) -> dict[str, str]:

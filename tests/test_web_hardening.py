@@ -1,5 +1,6 @@
 """The web dashboard against hostile requests (issue 16): the Host allow-list that blocks DNS
-rebinding, the Origin check on actions, 400 (never 500) for bad numbers and queue names, and
+rebinding, the Origin check on actions, 400 (never 500) for bad numbers, queue names and
+schedule names, and
 empty credentials refused instead of read as "no auth".
 
 Requests go through httpx's ASGITransport into the real app, on the real database; the
@@ -242,6 +243,32 @@ async def test_a_queue_name_is_checked_before_pausing(
     assert await app.queues.list_async() == []
     assert (await post("pause", "é" * 127)).status_code == 303  # 254 bytes
     assert [q.name for q in await app.queues.list_async()] == ["é" * 127]
+
+
+async def test_the_periodic_actions_are_guarded_like_the_others(app: pgtq.App, sql: SQL) -> None:
+    @app.periodic(cron="0 4 * * *")
+    @app.task
+    def backup(timestamp: int) -> None: ...
+
+    async with client_for(pgtq.web.asgi(app)) as client:
+        form = {"csrf_token": await token(client, "/periodic"), "task": "backup"}
+        for action in ("pause", "resume", "run-now"):
+            path = f"/periodic/{action}"
+            rebound = await client.post(path, data=form, headers={"host": "attacker.example"})
+            assert rebound.status_code == 400, path
+            other = await client.post(
+                path, data=form, headers={"origin": "http://attacker.example"}
+            )
+            assert other.status_code == 403, path
+            too_long = await client.post(path, data={**form, "task": "t" * 10_000})
+            assert too_long.status_code == 400 and "at most 1000 bytes" in too_long.text
+            blank = await client.post(path, data={**form, "task": "  "})
+            assert blank.status_code == 400
+        assert sql("SELECT count(*) FROM pgtq.jobs") == [(0,)]
+        assert sql("SELECT count(*) FROM pgtq.periodic_schedules") == [(0,)]
+        done = await client.post("/periodic/pause", data=form)  # no periodic_id: the one without
+        assert done.status_code == 303
+    assert [p.paused for p in await app.periodic.list_async()] == [True]
 
 
 # == empty credentials ===========================================================================

@@ -3,8 +3,9 @@
 ``pgtq web myproject.tasks:app`` serves it; :func:`asgi` builds the ASGI app, to mount in a
 Starlette or FastAPI app of your own (``host.mount("/pgtq", pgtq.web.asgi(app))``), where your
 middleware can guard it. Server-rendered HTML over the async operations API: overview, jobs,
-a job, workers, periodic tasks; and the actions retry, abort, cancel, pause and resume, each a
-CSRF-protected POST, none in read-only mode. Requests whose ``Host`` is not on the
+a job, workers, periodic tasks; and the actions retry, abort, cancel, pause and resume (of a
+queue or a periodic schedule) and run now (a schedule), each a CSRF-protected POST, none in
+read-only mode. Requests whose ``Host`` is not on the
 dashboard's allow-list (loopback names by default) are refused with 400: DNS rebinding.
 """
 
@@ -89,6 +90,10 @@ def asgi(
         *(
             Route(f"/queues/{action}", dashboard.queue_action(action), methods=["POST"])
             for action in ("pause", "resume")
+        ),
+        *(
+            Route(f"/periodic/{action}", dashboard.periodic_action(action), methods=["POST"])
+            for action in ("pause", "resume", "run-now")
         ),
     ]
     web = Starlette(

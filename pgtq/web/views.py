@@ -1,15 +1,15 @@
 """The dashboard's pages and actions: Starlette endpoints over the async operations API.
 
-Reads go through ``app.jobs`` / ``app.queues``' async twins (no SQL here). GET never changes
-anything; every action is a POST that passes the read-only switch and the CSRF check first,
-then redirects (303) to a page that shows what happened.
+Reads go through ``app.jobs`` / ``app.queues`` / ``app.periodic``'s async twins (no SQL
+here). GET never changes anything; every action is a POST that passes the read-only switch
+and the CSRF check first, then redirects (303) to a page that shows what happened.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlencode
 
@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
+from pgtq.errors import UnknownSchedule
 from pgtq.jobs import JobFilter, parse_statuses
 from pgtq.model import Job, Status
 from pgtq.reports import COUNTED_STATUSES, NO_DATA, STALE_AFTER, duration
@@ -26,7 +27,6 @@ from pgtq.web.security import LOOPBACK_HOSTS, Csrf, origin_allowed
 
 if TYPE_CHECKING:
     from pgtq.app import App
-    from pgtq.periodic import PeriodicTask
 
 __all__ = ["PAGE_SIZE", "BadRequest", "Dashboard", "job_filter", "job_id_of", "whole_number"]
 
@@ -42,8 +42,8 @@ REFRESH_MIN, REFRESH_MAX = 2, 3600
 MAX_QUEUE_BYTES = 255
 #: The overview's chart: the last hour, a bar a minute.
 CHART_WINDOW, CHART_BUCKET = 3600.0, 60.0
-#: How far ahead the periodic page looks for a schedule's next tick (nearest first).
-_HORIZONS = (timedelta(minutes=1), timedelta(hours=1), timedelta(days=1), timedelta(days=400))
+#: The longest task name or periodic id the periodic actions take, in UTF-8 bytes.
+MAX_SCHEDULE_BYTES = 1000
 
 #: What a finished action says, by the code in the redirect (no user text is echoed back).
 NOTICES = {
@@ -57,6 +57,11 @@ NOTICES = {
     "already-paused": "The queue was already paused.",
     "resumed": "Queue resumed.",
     "not-paused": "The queue was not paused.",
+    "schedule-paused": "Schedule paused: no scheduler defers its ticks until it is resumed.",
+    "schedule-already-paused": "The schedule was already paused.",
+    "schedule-resumed": "Schedule resumed: the ticks it missed while paused are not deferred.",
+    "schedule-not-paused": "The schedule was not paused.",
+    "run-now": "Job {id} deferred now by its periodic schedule (run now).",
 }
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -177,14 +182,16 @@ def query_string(filters: JobFilter, **changes: Any) -> str:
     return urlencode({k: v for k, v in values.items() if v is not None})
 
 
-def next_tick(periodic: PeriodicTask, now: datetime) -> datetime | None:
-    """The schedule's next tick, looking a minute ahead first: a per-second schedule must not
-    make a year's list of ticks."""
-    for horizon in _HORIZONS:
-        found = periodic.next_tick(now, horizon)
-        if found is not None:
-            return found
-    return None
+def form_text(value: object, what: str, *, empty: bool = False) -> str:
+    """A task name or periodic id from a form: text, no NUL, at most
+    :data:`MAX_SCHEDULE_BYTES` bytes (not empty unless ``empty``); else BadRequest."""
+    if not isinstance(value, str) or (not empty and not value.strip()):
+        raise BadRequest(f"Which schedule? The form has no {what}.")
+    if "\x00" in value:
+        raise BadRequest(f"A {what} cannot contain a NUL character.")
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_SCHEDULE_BYTES:
+        raise BadRequest(f"A {what} is at most {MAX_SCHEDULE_BYTES} bytes of UTF-8.")
+    return value
 
 
 class Dashboard:
@@ -346,9 +353,9 @@ class Dashboard:
         )
 
     async def periodic(self, request: Request) -> Response:
+        schedules = await self.app.periodic.list_async()
         now = datetime.now(UTC)
-        schedules = [(p, next_tick(p, now)) for p in self.app.periodic_tasks]
-        schedules.sort(key=lambda s: (s[1] is None, s[1] or now, s[0].name))
+        schedules.sort(key=lambda p: (p.next_tick is None, p.next_tick or now, p.task_name))
         return self.render(
             request, "periodic.html", {"page": "periodic", "schedules": schedules, "now": now}
         )
@@ -394,6 +401,14 @@ class Dashboard:
 
         return endpoint
 
+    def periodic_action(self, action: str) -> Endpoint:
+        """The endpoint of ``pause``, ``resume`` or ``run-now`` of a periodic schedule."""
+
+        async def endpoint(request: Request) -> Response:
+            return await self._periodic_action(request, action)
+
+        return endpoint
+
     async def _job_action(self, request: Request, action: str) -> Response:
         refused = await self._refusal(request)
         if refused is not None:
@@ -424,3 +439,25 @@ class Dashboard:
         else:
             notice = "resumed" if await self.app.queues.resume_async(name) else "not-paused"
         return RedirectResponse(f"{self.base(request)}/?notice={notice}", status_code=303)
+
+    async def _periodic_action(self, request: Request, action: str) -> Response:
+        refused = await self._refusal(request)
+        if refused is not None:
+            return refused
+        form = await request.form()
+        task = form_text(form.get("task"), "task name")  # BadRequest: 400
+        periodic_id = form_text(form.get("periodic_id", ""), "periodic id", empty=True)
+        base, periodic = self.base(request), self.app.periodic
+        try:
+            if action == "run-now":
+                job_id = await periodic.run_now_async(task, periodic_id=periodic_id)
+                return RedirectResponse(f"{base}/jobs/{job_id}?notice=run-now", status_code=303)
+            if action == "pause":
+                done = await periodic.pause_async(task, periodic_id=periodic_id)
+                notice = "schedule-paused" if done else "schedule-already-paused"
+            else:
+                done = await periodic.resume_async(task, periodic_id=periodic_id)
+                notice = "schedule-resumed" if done else "schedule-not-paused"
+        except UnknownSchedule as exc:
+            return self.error(request, 404, str(exc))
+        return RedirectResponse(f"{base}/periodic?notice={notice}", status_code=303)
