@@ -960,7 +960,13 @@ def _checked_ids(values: list[int] | None) -> list[int] | None:
 
 JobIdsArgument = Annotated[
     list[int] | None,
-    typer.Argument(metavar="[ID]...", callback=_checked_ids, show_default=False),
+    typer.Argument(
+        metavar="[ID]...",
+        callback=_checked_ids,
+        show_default=False,
+        help="Job ids (with filters: those of them the filters select). One id alone: that "
+        "job, no question asked.",
+    ),
 ]
 
 
