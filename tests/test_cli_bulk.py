@@ -127,3 +127,24 @@ def test_list_takes_the_same_filters(dsn: str, sql: SQL) -> None:
     assert [job["id"] for job in json.loads(listed.stdout)] == [b]
     listed = invoke("jobs", "list", "--search", '"A": 1', "--json", dsn=dsn)
     assert [job["id"] for job in json.loads(listed.stdout)] == [b, a]
+
+
+def test_the_confirmed_action_changes_only_the_jobs_shown(
+    dsn: str, sql: SQL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job that matches the filters only after they were shown is left alone: what was
+    confirmed is what may change."""
+    (shown,) = jobs(dsn, sql, "failed")
+
+    def confirm_while_another_fails(text: str, **options: Any) -> bool:
+        sql("INSERT INTO pgtq.jobs (task_name, status) VALUES ('add', 'failed') RETURNING id")
+        return True
+
+    monkeypatch.setattr("pgtq.cli.typer.confirm", confirm_while_another_fails)
+    result = invoke("jobs", "retry", "--status", "failed", dsn=dsn)
+    assert result.exit_code == 0, result.output
+    assert "1 job(s) retried" in result.stdout
+    assert sql("SELECT id, status FROM pgtq.jobs ORDER BY id") == [
+        (shown, "todo"),
+        (shown + 1, "failed"),
+    ]
