@@ -220,6 +220,21 @@ async def test_before_and_since_filter_on_the_creation_time(
     assert [job.id for job in listed] == [recent, new]
 
 
+async def test_a_retry_that_would_double_a_queueing_lock_changes_nothing(
+    app: pgtq.App, side: Side, sql: SQL
+) -> None:
+    """As ``retry`` does: one statement, so one conflict refuses it whole (AlreadyEnqueued)."""
+    send, _ = tasks(app)
+    other = await side.defer(send, to="x")
+    locked = await side.defer(send.configure(queueing_lock="user-1"), to="a")
+    set_status(sql, [other, locked], "failed")
+    waiting = await side.defer(send.configure(queueing_lock="user-1"), to="b")
+    with pytest.raises(pgtq.AlreadyEnqueued):
+        await many(side, app, "retry", status="failed")
+    assert statuses(sql) == {other: "failed", locked: "failed", waiting: "todo"}
+    assert await many(side, app, "retry", status="failed", ids=[other]) == [other]
+
+
 async def test_an_empty_id_list_selects_nothing(app: pgtq.App, side: Side, sql: SQL) -> None:
     send, _ = tasks(app)
     job = await side.defer(send, to="a")
