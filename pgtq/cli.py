@@ -36,7 +36,7 @@ from pgtq import logs
 from pgtq.app import DSN_ENV, App
 from pgtq.connectors import describe
 from pgtq.errors import ConfigurationError, JobNotFound, PgtqError
-from pgtq.jobs import JobFilter
+from pgtq.jobs import JobSelection
 from pgtq.model import Job, Status
 from pgtq.schema import DEFAULT_SCHEMA
 
@@ -901,14 +901,15 @@ def _check_text(path: str, text: str, what: str) -> None:
         )
 
 
-def parse_datetime(text: str) -> datetime:
-    """``--at``: an ISO 8601 date and time; without an offset it is the local time."""
+def parse_datetime(text: str, flag: str = "--at") -> datetime:
+    """``--at``, ``--before``, ``--since``: an ISO 8601 date and time; without an offset it is
+    the local time."""
     try:
         value = datetime.fromisoformat(text)
         return value if value.tzinfo is not None else value.astimezone()
     except (ValueError, OverflowError):
         raise _InvalidJson(
-            f"--at {text!r} is not an ISO 8601 date and time, such as 2030-01-31T09:30 "
+            f"{flag} {text!r} is not an ISO 8601 date and time, such as 2030-01-31T09:30 "
             "or 2030-01-31T09:30:00+01:00"
         ) from None
 
@@ -955,6 +956,22 @@ def _checked_after(value: int | None) -> int | None:
 
 
 JobIdArgument = Annotated[int, typer.Argument(metavar="ID", callback=_checked_id)]
+
+
+def _checked_ids(values: list[int] | None) -> list[int] | None:
+    return None if values is None else [_checked_id(value) for value in values]
+
+
+JobIdsArgument = Annotated[
+    list[int] | None,
+    typer.Argument(
+        metavar="[ID]...",
+        callback=_checked_ids,
+        show_default=False,
+        help="Job ids (with filters: those of them the filters select). One id alone: that "
+        "job, no question asked.",
+    ),
+]
 
 
 def _checked_limit(value: int) -> int:
@@ -1338,41 +1355,76 @@ def jobs_show(
     out.print(job_table(job, traceback=traceback))
 
 
-@jobs_cli.command("abort")
-@_on_app
-def jobs_abort(app: App, job_id: JobIdArgument) -> None:
-    """Cancel a waiting job, or ask a running one to stop."""
-    status = app.jobs.abort(job_id)
-    if status is None:
-        ended = _existing_job(app, job_id).status.value
-        raise PgtqError(f"job {job_id} already ended ({ended}): nothing to abort")
-    what = "cancelled" if status is Status.CANCELLED else "asked to stop (running)"
-    out.print(f"Job {job_id} {what}")
+# Which jobs: the filters of `jobs list` and of the controls (retry, cancel, abort, delete),
+# each declared once, read into one JobSelection by _selection.
+QueueFilter = Annotated[str | None, typer.Option("--queue", "-q", help="Only this queue.")]
+StatusFilter = Annotated[
+    list[str] | None,
+    typer.Option("--status", "-s", help="Only this status (repeat for several)."),
+]
+TaskFilter = Annotated[str | None, typer.Option("--task", "-t", help="Only this task.")]
+LockFilter = Annotated[str | None, typer.Option("--lock", help="Only jobs with this lock.")]
+SearchFilter = Annotated[
+    str | None,
+    typer.Option(
+        "--search", help="Only jobs whose arguments, as JSON text, contain this (any case)."
+    ),
+]
+BeforeFilter = Annotated[
+    str | None,
+    typer.Option(
+        "--before",
+        metavar="TIME",
+        help="Only jobs created before this ISO 8601 time (local without an offset).",
+    ),
+]
+SinceFilter = Annotated[
+    str | None,
+    typer.Option(
+        "--since",
+        metavar="TIME",
+        help="Only jobs created at or after this ISO 8601 time (local without an offset).",
+    ),
+]
 
 
-@jobs_cli.command("retry")
-@_on_app
-def jobs_retry(app: App, job_id: JobIdArgument) -> None:
-    """Put a failed, aborted or cancelled job back in its queue."""
-    if not app.jobs.retry(job_id):
-        raise PgtqError(
-            f"job {job_id} is {_existing_job(app, job_id).status.value}: only failed, aborted "
-            "or cancelled jobs can be retried"
-        )
-    out.print(f"Job {job_id} is waiting again")
+def _selection(
+    *,
+    ids: list[int] | None = None,
+    queue: str | None,
+    status: list[str] | None,
+    task: str | None,
+    lock: str | None,
+    search: str | None,
+    before: str | None,
+    since: str | None,
+) -> JobSelection:
+    """The filters given on the command line (those not given left out), checked by
+    ``app.jobs`` as any caller's are."""
+    given: dict[str, Any] = {
+        "ids": ids or None,
+        "queue": queue,
+        "status": status or None,
+        "task": task,
+        "lock": lock,
+        "search": search,
+        "before": None if before is None else parse_datetime(before, "--before"),
+        "since": None if since is None else parse_datetime(since, "--since"),
+    }
+    return cast(JobSelection, {name: value for name, value in given.items() if value is not None})
 
 
 @jobs_cli.command("list")
 @_on_app
 def jobs_list(
     app: App,
-    queue: Annotated[str | None, typer.Option("--queue", "-q", help="Only this queue.")] = None,
-    status: Annotated[
-        list[str] | None,
-        typer.Option("--status", "-s", help="Only this status (repeat for several)."),
-    ] = None,
-    task: Annotated[str | None, typer.Option("--task", "-t", help="Only this task.")] = None,
-    lock: Annotated[str | None, typer.Option(help="Only jobs with this lock.")] = None,
+    queue: QueueFilter = None,
+    status: StatusFilter = None,
+    task: TaskFilter = None,
+    lock: LockFilter = None,
+    search: SearchFilter = None,
+    before: BeforeFilter = None,
+    since: SinceFilter = None,
     limit: Annotated[
         int,
         typer.Option("--limit", "-n", min=1, callback=_checked_limit, help="At most this many."),
@@ -1387,16 +1439,16 @@ def jobs_list(
     as_json: JsonOption = False,
 ) -> None:
     """List jobs, newest first, as a table (page with --after; --json: an array of jobs)."""
-    filters = JobFilter(
+    selection = _selection(
         queue=queue,
-        status=status or None,
+        status=status,
         task=task,
         lock=lock,
-        limit=limit,
-        after=after,
-        newest_first=not oldest_first,
+        search=search,
+        before=before,
+        since=since,
     )
-    jobs = app.jobs.list(**filters)
+    jobs = app.jobs.list(**selection, limit=limit, after=after, newest_first=not oldest_first)
     if as_json:
         _print_json(jobs)
         return
@@ -1455,15 +1507,171 @@ def jobs_table(jobs: list[Job]) -> Table:
     return table
 
 
-@jobs_cli.command("cancel")
-@_on_app
-def jobs_cancel(app: App, job_id: JobIdArgument) -> None:
-    """Cancel a waiting job (a running one is stopped with `jobs abort`)."""
+# -- the controls: one job by id, or every job the filters select ---------------------------
+
+
+def _abort_one(app: App, job_id: int) -> None:
+    status = app.jobs.abort(job_id)
+    if status is None:
+        ended = _existing_job(app, job_id).status.value
+        raise PgtqError(f"job {job_id} already ended ({ended}): nothing to abort")
+    what = "cancelled" if status is Status.CANCELLED else "asked to stop (running)"
+    out.print(f"Job {job_id} {what}")
+
+
+def _retry_one(app: App, job_id: int) -> None:
+    if not app.jobs.retry(job_id):
+        raise PgtqError(
+            f"job {job_id} is {_existing_job(app, job_id).status.value}: only failed, aborted "
+            "or cancelled jobs can be retried"
+        )
+    out.print(f"Job {job_id} is waiting again")
+
+
+def _cancel_one(app: App, job_id: int) -> None:
     if not app.jobs.cancel(job_id):
         job = _existing_job(app, job_id)
         hint = ": use `pgtq jobs abort` to stop it" if job.status is Status.DOING else ""
         raise PgtqError(f"job {job_id} is {job.status.value}, not waiting{hint}")
     out.print(f"Job {job_id} cancelled")
+
+
+def _delete_one(app: App, job_id: int) -> None:
+    if not app.jobs.delete_many(ids=[job_id]):
+        job = _existing_job(app, job_id)  # JobNotFound, else it is running
+        raise PgtqError(f"job {job_id} is {job.status.value}: abort it (`pgtq jobs abort`) first")
+    out.print(f"Job {job_id} deleted")
+
+
+@dataclass(frozen=True)
+class _Control:
+    """A control as the command line shows it."""
+
+    one: Callable[[App, int], None]
+    past: str  # "retried": what became of the jobs
+    help: str
+
+
+_CONTROLS: dict[str, _Control] = {
+    "retry": _Control(
+        _retry_one, "retried", "Put failed, aborted or cancelled jobs back in their queue."
+    ),
+    "cancel": _Control(
+        _cancel_one, "cancelled", "Cancel waiting jobs (running ones are stopped with `abort`)."
+    ),
+    "abort": _Control(_abort_one, "aborted", "Cancel waiting jobs, and ask running ones to stop."),
+    "delete": _Control(
+        _delete_one, "deleted", "Delete waiting or ended jobs and their history (never running)."
+    ),
+}
+
+#: How many of the jobs a control would change it shows before asking.
+PREVIEW_ROWS = 10
+
+AllFlag = Annotated[
+    bool,
+    typer.Option("--all", help="With no ID nor filter: every job the command acts on."),
+]
+YesFlag = Annotated[
+    bool, typer.Option("--yes", "-y", help="Act without showing the jobs and asking first.")
+]
+DryRunFlag = Annotated[
+    bool, typer.Option("--dry-run", help="Show the jobs it would change, and change nothing.")
+]
+
+
+def _control_command(action: str) -> None:
+    """``pgtq jobs ACTION``: one job by id (as before), or every job the ids and filters
+    select, shown and confirmed first (``--yes``: not asked)."""
+    control = _CONTROLS[action]
+
+    def command(
+        app: App,
+        ids: JobIdsArgument = None,
+        queue: QueueFilter = None,
+        status: StatusFilter = None,
+        task: TaskFilter = None,
+        lock: LockFilter = None,
+        search: SearchFilter = None,
+        before: BeforeFilter = None,
+        since: SinceFilter = None,
+        every: AllFlag = False,
+        yes: YesFlag = False,
+        dry_run: DryRunFlag = False,
+        as_json: JsonOption = False,
+    ) -> None:
+        selection = _selection(
+            ids=ids,
+            queue=queue,
+            status=status,
+            task=task,
+            lock=lock,
+            search=search,
+            before=before,
+            since=since,
+        )
+        if ids and len(ids) == 1 and len(selection) == 1 and not (every or dry_run or as_json):
+            control.one(app, ids[0])  # one job: its own messages, as always
+            return
+        if not selection and not every:
+            raise _fail(
+                f"which jobs? Give job ids or a filter (--status, --task, --queue, --before, "
+                f"...), or --all for every job `{action}` acts on"
+            )
+        _control(app, action, selection, every=every, yes=yes, dry_run=dry_run, as_json=as_json)
+
+    command.__name__ = f"jobs_{action}"
+    command.__doc__ = control.help
+    jobs_cli.command(action)(_on_app(command))
+
+
+def _control(
+    app: App,
+    action: str,
+    selection: JobSelection,
+    *,
+    every: bool,
+    yes: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Show the jobs ``action`` would change, ask, then change at most those (one that
+    changed meanwhile is skipped by the statement's own WHERE); with ``--yes``, one statement."""
+    run = getattr(app.jobs, f"{action}_many")
+    control = _CONTROLS[action]
+    if yes and not dry_run:
+        done: list[int] = run(all=every, **selection)
+        _report(action, done, as_json)
+        return
+    would: list[int] = run(all=every, dry_run=True, **selection)
+    shown = err if as_json else out  # --json: stdout holds the one document
+    if would:
+        shown.print(f"{len(would)} job(s) to {action}:")
+        first = app.jobs.list(ids=would[:PREVIEW_ROWS], limit=PREVIEW_ROWS)
+        shown.print(jobs_table(first))
+        if len(would) > PREVIEW_ROWS:
+            shown.print(f"… and {len(would) - PREVIEW_ROWS} more")
+    if dry_run or not would:
+        if as_json:
+            _print_json(would)
+        elif not would:
+            out.print(f"No job to {action}")
+        return
+    if not typer.confirm(f"{action.capitalize()} these {len(would)} job(s)?", err=as_json):
+        raise _fail(f"not confirmed: no job {control.past}")
+    # The jobs shown (among the command's own ids, if any), still matching the filters.
+    _report(action, run(**{**selection, "ids": would}), as_json)
+
+
+def _report(action: str, done: list[int], as_json: bool) -> None:
+    if as_json:
+        _print_json(done)
+    else:
+        out.print(f"{len(done)} job(s) {_CONTROLS[action].past}")
+
+
+for _action in _CONTROLS:
+    _control_command(_action)
 
 
 # -- pgtq queues ... ------------------------------------------------------------------------------

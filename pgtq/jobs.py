@@ -14,7 +14,7 @@ import operator
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypedDict, Unpack, cast
 
 from sqlalchemy.engine import Connection
@@ -30,7 +30,17 @@ from pgtq.reports import STALE_AFTER, Stats, Throughput, WorkerInfo
 if TYPE_CHECKING:
     from pgtq.app import App
 
-__all__ = ["InvalidFilter", "Job", "JobContext", "JobFilter", "JobManager", "OldJobs", "Status"]
+__all__ = [
+    "InvalidFilter",
+    "Job",
+    "JobContext",
+    "JobFilter",
+    "JobManager",
+    "JobSelection",
+    "NoFilter",
+    "OldJobs",
+    "Status",
+]
 
 
 class State:
@@ -148,25 +158,44 @@ StatusFilter = Status | str | Iterable[Status | str] | None
 DEFAULT_LIMIT = 100
 
 
-class JobFilter(TypedDict, total=False):
-    """Which jobs ``app.jobs.list`` / ``list_async`` return, declared once: both take
-    ``**filters: Unpack[JobFilter]``, and ``pgtq jobs list`` and the web dashboard build one.
-    A filter left out, or None, does not filter; every one given must match.
+#: ``before=`` / ``since=``: an instant (timezone-aware), or how long ago (a ``timedelta`` or
+#: seconds, counted on the database's clock).
+Moment = datetime | timedelta | float
 
-    ``status``: one status (or its name) or several. ``limit``: a page of at most this many
-    (default :data:`DEFAULT_LIMIT`). ``after``: the last id of the previous page (keyset
-    pagination; with ``newest_first``, pages go from the newest job back). ``search``: jobs
-    whose arguments, as JSON text, contain it (ignoring case).
+
+class JobSelection(TypedDict, total=False):
+    """Which jobs, declared once: the filters of ``app.jobs.list`` and of the bulk controls
+    (``retry_many``, ``cancel_many``, ``abort_many``, ``delete_many``), which ``pgtq jobs`` and
+    the web dashboard build too. A filter left out, or None, does not filter; every one given
+    must match.
+
+    ``ids``: jobs with one of these ids. ``status``: one status (or its name) or several.
+    ``search``: jobs whose arguments, as JSON text, contain it (ignoring case). ``before`` /
+    ``since``: created before / at or after an instant, or that long ago (:data:`Moment`).
     """
 
+    ids: Iterable[int] | None
     queue: str | None
     status: StatusFilter
     task: str | None
     lock: str | None
+    search: str | None
+    before: Moment | None
+    since: Moment | None
+
+
+class JobFilter(JobSelection, total=False):
+    """One page of the jobs a :class:`JobSelection` selects: what ``app.jobs.list`` /
+    ``list_async`` take as ``**filters: Unpack[JobFilter]``.
+
+    ``limit``: a page of at most this many (default :data:`DEFAULT_LIMIT`). ``after``: the last
+    id of the previous page (keyset pagination; with ``newest_first``, pages go from the
+    newest job back).
+    """
+
     limit: int
     after: int | None
     newest_first: bool
-    search: str | None
 
 
 class OldJobs(TypedDict, total=False):
@@ -294,9 +323,10 @@ class JobManager(AppOperations):
     # == operations: list, stats, clean-up, cancel ===============================================
 
     def list(self, **filters: Unpack[JobFilter]) -> builtins.list[Job]:
-        """One page of jobs matching every filter given (:class:`JobFilter`: ``queue``,
-        ``status``, ``task``, ``lock``, ``limit=100``, ``after``, ``newest_first=False``,
-        ``search``), in id order.
+        """One page of jobs matching every filter given (:class:`JobFilter`: ``ids``,
+        ``queue``, ``status``, ``task``, ``lock``, ``search``, ``before``, ``since``,
+        ``limit=100``, ``after``, ``newest_first=False``), in id order: the same filters as
+        the bulk controls', so a list previews what one would change.
 
         Keyset pagination: pass the last id of a page as ``after`` to get the next one.
         No index serves a search: it reads the jobs the other filters select, in page order,
@@ -359,12 +389,71 @@ class JobManager(AppOperations):
     async def cancel_async(self, job_id: int) -> bool:
         return await self._run_async(_by_id(statements.cancel_job, self._s, job_id))
 
+    # == bulk controls: one statement each, over the jobs a JobSelection selects ===============
+    # Each acts on the jobs its single-id twin would (statements.ACTS_ON) and returns the ids
+    # it changed, in order. ``dry_run``: the ids it would change now, changing nothing. With
+    # no filter at all it raises NoFilter, unless ``all=True`` says every job is meant.
+
+    def retry_many(
+        self, *, all: bool = False, dry_run: bool = False, **filters: Unpack[JobSelection]
+    ) -> builtins.list[int]:
+        """Put the failed, aborted and cancelled jobs selected back to ``todo``, due now,
+        waking the workers of their queues: incident work (``status="failed", task=...,
+        since=...``)."""
+        return self._run(_bulk_query(self._s, "retry", filters, all, dry_run))
+
+    async def retry_many_async(
+        self, *, all: bool = False, dry_run: bool = False, **filters: Unpack[JobSelection]
+    ) -> builtins.list[int]:
+        return await self._run_async(_bulk_query(self._s, "retry", filters, all, dry_run))
+
+    def cancel_many(
+        self, *, all: bool = False, dry_run: bool = False, **filters: Unpack[JobSelection]
+    ) -> builtins.list[int]:
+        """Cancel the waiting jobs selected; running ones are left alone (:meth:`abort_many`)."""
+        return self._run(_bulk_query(self._s, "cancel", filters, all, dry_run))
+
+    async def cancel_many_async(
+        self, *, all: bool = False, dry_run: bool = False, **filters: Unpack[JobSelection]
+    ) -> builtins.list[int]:
+        return await self._run_async(_bulk_query(self._s, "cancel", filters, all, dry_run))
+
+    def abort_many(
+        self, *, all: bool = False, dry_run: bool = False, **filters: Unpack[JobSelection]
+    ) -> builtins.list[int]:
+        """Cancel the waiting jobs selected at once and ask the running ones to stop: their
+        workers end them ``aborted`` (a job that ends first keeps its outcome)."""
+        return self._run(_bulk_query(self._s, "abort", filters, all, dry_run))
+
+    async def abort_many_async(
+        self, *, all: bool = False, dry_run: bool = False, **filters: Unpack[JobSelection]
+    ) -> builtins.list[int]:
+        return await self._run_async(_bulk_query(self._s, "abort", filters, all, dry_run))
+
+    def delete_many(
+        self, *, all: bool = False, dry_run: bool = False, **filters: Unpack[JobSelection]
+    ) -> builtins.list[int]:
+        """Delete the jobs selected, waiting or ended, with their history; never a running
+        one (abort it first): ``status="doing"`` raises InvalidFilter, and a job a worker
+        claims meanwhile is skipped."""
+        return self._run(_bulk_query(self._s, "delete", filters, all, dry_run))
+
+    async def delete_many_async(
+        self, *, all: bool = False, dry_run: bool = False, **filters: Unpack[JobSelection]
+    ) -> builtins.list[int]:
+        return await self._run_async(_bulk_query(self._s, "delete", filters, all, dry_run))
+
 
 class InvalidFilter(InvalidArguments, ValueError):
     """An argument of ``app.jobs`` or ``app.queues`` (a job id, a filter of ``list``, an age,
     a window, a queue name) cannot be used as given; the message names it. Raised before
     anything is sent to the database, the same on the sync and async sides. A
     :class:`pgtq.InvalidArguments`, and a ``ValueError``."""
+
+
+class NoFilter(InvalidFilter):
+    """A bulk control (``retry_many``, ``delete_many``, ...) was given no filter: it would act
+    on every job. Pass ``ids=`` or a filter, or ``all=True`` to mean every job."""
 
 
 # == argument checks: the one pure place the twins of app.jobs and app.queues share ==========
@@ -493,19 +582,94 @@ def _list_query(
         after = check_integer("after", after)
         if not ID_RANGE[0] <= after <= ID_RANGE[1]:
             raise InvalidFilter(f"after must be a job id (a bigint), got {after}")
-    text = {name: _optional_text(name, filters.get(name)) for name in _TEXT_FILTERS}
     return statements.list_jobs(
         s,
-        statuses=parse_statuses(filters.get("status")),
+        check_selection(filters),
         limit=limit,
         after=after,
         newest_first=bool(filters.get("newest_first", False)),
+    )
+
+
+#: The filters of :class:`JobSelection` that are text, checked alike.
+_TEXT_FILTERS = ("queue", "task", "lock", "search")
+
+
+def check_selection(filters: Mapping[str, Any]) -> statements.Selection:
+    """The :class:`JobSelection` in ``filters`` (other keys ignored), each filter checked:
+    InvalidFilter names a bad one. Every face's filters pass here, once."""
+    text = {name: _optional_text(name, filters.get(name)) for name in _TEXT_FILTERS}
+    text["search"] = text["search"] or None  # an empty search matches every job
+    statuses = parse_statuses(filters.get("status"))
+    return statements.Selection(
+        ids=check_ids(filters.get("ids")),
+        statuses=tuple(statuses) if statuses else None,  # [] filters nothing, as in list
+        before=check_moment("before", filters.get("before")),
+        since=check_moment("since", filters.get("since")),
         **text,
     )
 
 
-#: The filters of :class:`JobFilter` that are text, checked alike.
-_TEXT_FILTERS = ("queue", "task", "lock", "search")
+def check_ids(ids: object) -> tuple[int, ...] | None:
+    """``ids=``: None, or a collection of job ids (an id outside the bigint range is no job's,
+    so it is dropped: it selects nothing, as for any id no job has)."""
+    if ids is None:
+        return None
+    if isinstance(ids, str | bytes | Mapping) or not isinstance(ids, Iterable):
+        raise InvalidFilter(f"ids must be a collection of job ids, got {ids!r}")
+    checked = (check_integer("ids", i) for i in ids)
+    return tuple(sorted({i for i in checked if ID_RANGE[0] <= i <= ID_RANGE[1]}))
+
+
+def check_moment(name: str, value: object) -> datetime | float | None:
+    """``before=`` / ``since=``: a timezone-aware datetime (a naive one is ambiguous: whose
+    local time?), or how long ago as seconds or a timedelta (:func:`check_seconds`)."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.utcoffset() is None:
+            raise InvalidFilter(
+                f"{name} must be timezone-aware (a naive datetime is ambiguous), got {value!r}: "
+                "e.g. datetime(..., tzinfo=UTC)"
+            )
+        return value
+    if not isinstance(value, timedelta | numbers.Real) or isinstance(value, bool):
+        raise InvalidFilter(
+            f"{name} must be a timezone-aware datetime, a timedelta or seconds ago, got {value!r}"
+        )
+    return check_seconds(name, value)
+
+
+def _bulk_query(
+    s: statements.Statements,
+    action: statements.Action,
+    filters: Mapping[str, Any],
+    every: object,
+    dry_run: object,
+) -> statements.Query[builtins.list[int]]:
+    """The bulk ``action`` on the jobs ``filters`` select, every argument checked first."""
+    method = f"{action}_many"
+    _refuse_unknown(method, filters, JobSelection.__optional_keys__)
+    for name, flag in (("all", every), ("dry_run", dry_run)):
+        if not isinstance(flag, bool):
+            raise InvalidFilter(f"{name} must be True or False, got {flag!r}")
+    selection = check_selection(filters)
+    acts_on = statements.ACTS_ON[action]
+    outside = [st.value for st in selection.statuses or () if st not in acts_on]
+    if outside:
+        takes = ", ".join(st.value for st in acts_on)
+        hint = (
+            ": a running job is aborted (abort_many), never deleted" if "doing" in outside else ""
+        )
+        raise InvalidFilter(
+            f"status {', '.join(outside)}: {method} acts only on jobs that are {takes}{hint}"
+        )
+    if selection.is_empty and not every:
+        raise NoFilter(
+            f"{method} was given no filter, so it would act on every job: pass ids=, a filter "
+            "(status=, task=, queue=, before=, ...), or all=True to mean every job"
+        )
+    return statements.bulk_jobs(s, action, selection, preview=dry_run is True)
 
 
 #: At most this many buckets in a ``throughput``: a chart's width, not a table dump.

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from functools import cache, cached_property
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, REGCLASS
@@ -71,6 +71,19 @@ TODO, DOING = _status(Status.TODO), _status(Status.DOING)
 SUCCEEDED, FAILED = _status(Status.SUCCEEDED), _status(Status.FAILED)
 CANCELLED, ABORTED = _status(Status.CANCELLED), _status(Status.ABORTED)
 ONE_SECOND: sa.ColumnElement[Any] = sa.literal_column("interval '1 second'")
+
+#: A control of jobs, by one id or in bulk (``retry_many``, ...).
+Action = Literal["retry", "cancel", "abort", "delete"]
+
+#: The statuses each control acts on: the one truth of its statement by id, its bulk form and
+#: its preview (``dry_run``). Delete takes every status but ``doing``: a running job is
+#: aborted, never deleted under its worker.
+ACTS_ON: dict[Action, tuple[Status, ...]] = {
+    "retry": (Status.FAILED, Status.ABORTED, Status.CANCELLED),
+    "cancel": (Status.TODO,),
+    "abort": (Status.TODO, Status.DOING),
+    "delete": tuple(s for s in Status if s is not Status.DOING),
+}
 
 
 @dataclass(slots=True)
@@ -906,17 +919,25 @@ class Statements:
             changed.join(sent, sa.true())
         )
 
+    def _acting_on(self, action: Action) -> sa.ColumnElement[bool]:
+        """The jobs ``action`` may change (:data:`ACTS_ON`), statuses as literals."""
+        return self.jobs.c.status.in_([_status(s) for s in ACTS_ON[action]])
+
+    def _one_job(self) -> sa.ColumnElement[bool]:
+        """The WHERE of a control by id: ``:job_id``."""
+        return self.jobs.c.id == sa.bindparam("job_id", type_=sa.BigInteger)
+
     @cached_property
     def abort(self) -> sa.Select[Any]:
+        return self._abort(self._one_job())
+
+    def _abort(self, *where: sa.ColumnElement[bool]) -> sa.Select[Any]:
         """``todo → cancelled`` at once; a ``doing`` job gets ``abort_requested`` and a NOTIFY."""
         j = self.jobs
         was_todo = j.c.status == TODO
         changed = (
             sa.update(j)
-            .where(
-                j.c.id == sa.bindparam("job_id", type_=sa.BigInteger),
-                sa.or_(j.c.status == TODO, j.c.status == DOING),
-            )
+            .where(*where, self._acting_on("abort"))
             .values(
                 status=sa.case((was_todo, CANCELLED), else_=j.c.status),
                 abort_requested=sa.case((was_todo, j.c.abort_requested), else_=sa.true()),
@@ -931,14 +952,15 @@ class Statements:
 
     @cached_property
     def retry(self) -> sa.Select[Any]:
-        """``failed | aborted | cancelled → todo``, due now, with a NOTIFY to wake a worker."""
+        return self._retry(self._one_job())
+
+    def _retry(self, *where: sa.ColumnElement[bool]) -> sa.Select[Any]:
+        """``failed | aborted | cancelled → todo``, due now, with a NOTIFY to wake a worker
+        (the same payload for each job of a queue: PostgreSQL sends it once a transaction)."""
         j = self.jobs
         changed = (
             sa.update(j)
-            .where(
-                j.c.id == sa.bindparam("job_id", type_=sa.BigInteger),
-                sa.or_(j.c.status == FAILED, j.c.status == ABORTED, j.c.status == CANCELLED),
-            )
+            .where(*where, self._acting_on("retry"))
             .values(
                 status=TODO,
                 scheduled_at=sa.null(),
@@ -1113,26 +1135,47 @@ class Statements:
     def _built(self) -> dict[tuple[Any, ...], Any]:
         return {}
 
+    def _selected(self, key: SelectionKey) -> list[sa.ColumnElement[bool]]:
+        """The WHERE of the filters in ``key`` (values: :meth:`Selection.params`), shared by
+        the list and the bulk controls: a filter is written once, here. No parameter is named
+        like a column (``only_queue``, not ``queue``): the bulk forms update ``jobs``."""
+        j = self.jobs
+        where: list[sa.ColumnElement[bool]] = []
+        if key.ids:
+            where.append(j.c.id == sa.any_(_array("only_ids", sa.BigInteger())))
+        if key.queue:
+            where.append(j.c.queue == sa.bindparam("only_queue", type_=sa.Text))
+        if key.statuses:
+            where.append(j.c.status.in_([_status(s) for s in key.statuses]))
+        if key.task:
+            where.append(j.c.task_name == sa.bindparam("only_task", type_=sa.Text))
+        if key.lock:
+            where.append(j.c.lock == sa.bindparam("only_lock", type_=sa.Text))
+        if key.search:
+            # A substring of the arguments' JSON text (``%``, ``_`` and ``\\`` escaped by
+            # ``Selection.params``): no index can serve it, so it filters the rows the other
+            # filters (and a list's id order) lead to.
+            pattern = sa.bindparam("search", type_=sa.Text)
+            where.append(sa.cast(j.c.args, sa.Text).ilike(pattern, escape="\\"))
+        # Created before / since: an instant given (``at``), or seconds before the server's
+        # clock (``ago``), the clock every other age in pgtq counts on.
+        for bound, name in ((key.before, "before"), (key.since, "since")):
+            if bound is None:
+                continue
+            at: sa.ColumnElement[Any] = (
+                sa.bindparam(f"{name}_at", type_=sa.DateTime(timezone=True))
+                if bound == "at"
+                else sa.func.now() - sa.bindparam(f"{name}_ago", type_=sa.Float) * ONE_SECOND
+            )
+            where.append(j.c.created_at < at if name == "before" else j.c.created_at >= at)
+        return where
+
     def list_jobs(self, key: ListKey) -> sa.Select[Any]:
         """Jobs matching the filters in ``key``, in id order, one page (keyset on id)."""
         found = self._built.get(("list", key))
         if found is None:
             j = self.jobs
-            where: list[sa.ColumnElement[bool]] = []
-            if key.queue:
-                where.append(j.c.queue == sa.bindparam("queue", type_=sa.Text))
-            if key.statuses:
-                where.append(j.c.status.in_([_status(s) for s in key.statuses]))
-            if key.task:
-                where.append(j.c.task_name == sa.bindparam("task", type_=sa.Text))
-            if key.lock:
-                where.append(j.c.lock == sa.bindparam("lock", type_=sa.Text))
-            if key.search:
-                # A substring of the arguments' JSON text (``%``, ``_`` and ``\\`` escaped by
-                # ``list_jobs``): no index can serve it, so it filters the rows the other
-                # filters and the id order lead to, and stops at a page of matches.
-                pattern = sa.bindparam("search", type_=sa.Text)
-                where.append(sa.cast(j.c.args, sa.Text).ilike(pattern, escape="\\"))
+            where = self._selected(key)
             after = sa.bindparam("after", type_=sa.BigInteger)
             if key.after:
                 where.append(j.c.id < after if key.newest_first else j.c.id > after)
@@ -1257,15 +1300,46 @@ class Statements:
         return found
 
     @cached_property
-    def cancel(self) -> sa.Update:
+    def cancel(self) -> ReturningUpdate[Any]:
+        return self._cancel(self._one_job())
+
+    def _cancel(self, *where: sa.ColumnElement[bool]) -> ReturningUpdate[Any]:
         """``todo → cancelled``; a running job is left alone (that is ``abort``)."""
         j = self.jobs
         return (
             sa.update(j)
-            .where(j.c.id == sa.bindparam("job_id", type_=sa.BigInteger), j.c.status == TODO)
+            .where(*where, self._acting_on("cancel"))
             .values(status=CANCELLED, finished_at=sa.func.now())
             .returning(j.c.id)
         )
+
+    def _delete(self, *where: sa.ColumnElement[bool]) -> sa.Select[Any]:
+        """Delete jobs, never a running one (:data:`ACTS_ON`), and their history; select their
+        ids. A job a worker claims meanwhile is skipped: PostgreSQL checks the WHERE again on
+        the row the claim committed, and ``doing`` fails it."""
+        j, events = self.jobs, self.t.job_events
+        gone = sa.delete(j).where(*where, self._acting_on("delete")).returning(j.c.id).cte("gone")
+        history = sa.delete(events).where(events.c.job_id.in_(sa.select(gone.c.id))).cte("history")
+        return sa.select(gone.c.id).add_cte(history)
+
+    def bulk(self, action: Action, key: SelectionKey, preview: bool = False) -> Any:
+        """``action`` on every job the filters of ``key`` select, selecting the ids it changed;
+        ``preview``: only select the ids it would change now (the same WHERE)."""
+        found = self._built.get(("bulk", action, key, preview))
+        if found is None:
+            where = self._selected(key)
+            if preview:
+                found = sa.select(self.jobs.c.id).where(*where, self._acting_on(action))
+            else:
+                build = {
+                    "retry": self._retry,
+                    "cancel": self._cancel,
+                    "abort": self._abort,
+                    "delete": self._delete,
+                }[action]
+                found = build(*where)
+            self._built["bulk", action, key, preview] = found
+        return found
 
     @cached_property
     def pause_queue(self) -> sa.Insert:
@@ -2068,48 +2142,111 @@ def unregister_worker(s: Statements, worker_id: str) -> Query[int]:
 
 
 @dataclass(frozen=True, slots=True)
-class ListKey:
-    """Which filters a ``list_jobs`` statement has (their values are parameters)."""
+class SelectionKey:
+    """Which filters select the jobs of a statement (their values are parameters; statuses
+    are literals, so the partial indexes match). ``before``/``since``: ``"at"`` an instant,
+    ``"ago"`` seconds before now."""
 
+    ids: bool = False
     queue: bool = False
     statuses: tuple[Status, ...] | None = None
     task: bool = False
     lock: bool = False
+    search: bool = False
+    before: Literal["at", "ago"] | None = None
+    since: Literal["at", "ago"] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListKey(SelectionKey):
+    """Which filters a ``list_jobs`` statement has: a selection, and its page."""
+
     after: bool = False
     newest_first: bool = False
-    search: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """The checked values of the filters that select jobs (None: not filtered), for a list or
+    a bulk control. A new filter is a field here, its flag in :class:`SelectionKey` and its
+    clause in ``Statements._selected``."""
+
+    ids: tuple[int, ...] | None = None
+    queue: str | None = None
+    statuses: tuple[Status, ...] | None = None
+    task: str | None = None
+    lock: str | None = None
+    search: str | None = None
+    #: Created before this instant, or this many seconds ago.
+    before: datetime | float | None = None
+    #: Created at or after this instant, or this many seconds ago.
+    since: datetime | float | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        """No filter at all: it selects every job."""
+        return not any(self._flags().values())
+
+    def key(self) -> SelectionKey:
+        return SelectionKey(**self._flags())
+
+    def _flags(self) -> dict[str, Any]:
+        def bound(value: datetime | float | None) -> Literal["at", "ago"] | None:
+            return None if value is None else "at" if isinstance(value, datetime) else "ago"
+
+        return {
+            "ids": self.ids is not None,
+            "queue": self.queue is not None,
+            "statuses": tuple(sorted(set(self.statuses))) if self.statuses else None,
+            "task": self.task is not None,
+            "lock": self.lock is not None,
+            "search": bool(self.search),
+            "before": bound(self.before),
+            "since": bound(self.since),
+        }
+
+    def params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        if self.ids is not None:
+            params["only_ids"] = list(self.ids)
+        for name in ("queue", "task", "lock"):
+            value = getattr(self, name)
+            if value is not None:
+                params["only_" + name] = value
+        if self.search:
+            params["search"] = "%" + _like_literal(self.search) + "%"
+        for name in ("before", "since"):
+            value = getattr(self, name)
+            if value is not None:
+                suffix = "at" if isinstance(value, datetime) else "ago"
+                params[f"{name}_{suffix}"] = value
+        return params
 
 
 def list_jobs(
     s: Statements,
+    selection: Selection = Selection(),
     *,
-    queue: str | None = None,
-    statuses: Sequence[Status] | None = None,
-    task: str | None = None,
-    lock: str | None = None,
     limit: int = 100,
     after: int | None = None,
     newest_first: bool = False,
-    search: str | None = None,
 ) -> Query[list[Job]]:
-    """``search``: jobs whose arguments' JSON text contains it, ignoring case (taken
-    literally: LIKE's wildcards in it are escaped)."""
-    key = ListKey(
-        queue=queue is not None,
-        statuses=tuple(sorted(set(statuses))) if statuses else None,
-        task=task is not None,
-        lock=lock is not None,
-        after=after is not None,
-        newest_first=newest_first,
-        search=bool(search),
-    )
-    params: dict[str, Any] = {"limit": limit}
-    for name, value in (("queue", queue), ("task", task), ("lock", lock), ("after", after)):
-        if value is not None:
-            params[name] = value
-    if search:
-        params["search"] = "%" + _like_literal(search) + "%"
+    """One page of the jobs ``selection`` selects (its ``search`` taken literally: LIKE's
+    wildcards in it are escaped)."""
+    key = ListKey(**selection._flags(), after=after is not None, newest_first=newest_first)
+    params: dict[str, Any] = {**selection.params(), "limit": limit}
+    if after is not None:
+        params["after"] = after
     return Query(s.list_jobs(key), params, lambda r: [to_job(row) for row in r])
+
+
+def bulk_jobs(
+    s: Statements, action: Action, selection: Selection, preview: bool = False
+) -> Query[list[int]]:
+    """``action`` on every job ``selection`` selects: the ids it changed, in order
+    (``preview``: the ids it would change now, changing nothing)."""
+    statement = s.bulk(action, selection.key(), preview)
+    return Query(statement, selection.params(), _id_list)
 
 
 def stats_queries(s: Statements, window: float) -> tuple[Query[Any], ...]:

@@ -132,14 +132,17 @@ def test_both_twins_take_the_one_filter() -> None:
         [_, filters] = inspect.signature(method).parameters.values()
         assert filters.kind is inspect.Parameter.VAR_KEYWORD
     assert JobFilter.__optional_keys__ == {
+        "ids",
         "queue",
         "status",
         "task",
         "lock",
+        "search",
+        "before",
+        "since",
         "limit",
         "after",
         "newest_first",
-        "search",
     }
 
 

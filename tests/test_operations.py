@@ -20,7 +20,7 @@ import pgtq
 from pgtq.jobs import InvalidFilter
 from pgtq.model import Status
 from pgtq.reports import COUNTED_STATUSES, Stats
-from pgtq.statements import ListKey, statements_for
+from pgtq.statements import ListKey, SelectionKey, statements_for
 from tests.conftest import eventually, libpq
 from tests.sides import Side
 
@@ -338,6 +338,15 @@ PLAN_CASES = {
     "rates": (S.finished_counts, {"window": 60.0}),
     "delete old": (S.delete_old((Status.SUCCEEDED,), False), {"older_than": 86400.0}),
     "list failed": (S.list_jobs(ListKey(statuses=(Status.FAILED,))), {"limit": 50}),
+    # The bulk controls: by ids, by status (their partial indexes), and every job they take.
+    "abort by ids": (S.bulk("abort", SelectionKey(ids=True)), {"only_ids": [1, 2, 3]}),
+    "delete by ids": (S.bulk("delete", SelectionKey(ids=True)), {"only_ids": [1, 2, 3]}),
+    "retry failed of a task": (
+        S.bulk("retry", SelectionKey(statuses=(Status.FAILED,), task=True)),
+        {"only_task": "t"},
+    ),
+    "retry all": (S.bulk("retry", SelectionKey()), {}),
+    "cancel all": (S.bulk("cancel", SelectionKey()), {}),
 }
 
 

@@ -26,7 +26,17 @@ from sqlalchemy.sql.elements import BindParameter
 
 from pgtq import statements
 from pgtq.model import Status
-from pgtq.statements import ListKey, NewJobs, Outcomes, Query, Statements, TickRows
+from pgtq.statements import (
+    ACTS_ON,
+    ListKey,
+    NewJobs,
+    Outcomes,
+    Query,
+    Selection,
+    SelectionKey,
+    Statements,
+    TickRows,
+)
 from pgtq.turns import Answer
 
 pytestmark = pytest.mark.unit
@@ -37,7 +47,36 @@ TABLES = S.t.jobs.metadata.tables  # "pgtq.jobs", ...
 #: Every variant of the builders that take arguments (the worker's claims for all, one and
 #: several queues, every filter of a list, ...).
 EVERY_LIST_FILTER = ListKey(
-    queue=True, statuses=(Status.TODO,), task=True, lock=True, after=True, search=True
+    ids=True,
+    queue=True,
+    statuses=(Status.TODO,),
+    task=True,
+    lock=True,
+    search=True,
+    before="at",
+    since="ago",
+    after=True,
+)
+#: Every filter of a selection, the other form of each bound.
+EVERY_FILTER = SelectionKey(
+    ids=True,
+    queue=True,
+    statuses=(Status.FAILED,),
+    task=True,
+    lock=True,
+    search=True,
+    before="ago",
+    since="at",
+)
+EVERY_SELECTION = Selection(
+    ids=(1, 2),
+    queue="q",
+    statuses=(Status.FAILED,),
+    task="t",
+    lock="l",
+    search="x",
+    before=60.0,
+    since=datetime(2024, 1, 1, tzinfo=UTC),
 )
 BUILDER_ARGS: dict[str, list[tuple[Any, ...]]] = {
     "claim": [
@@ -48,6 +87,12 @@ BUILDER_ARGS: dict[str, list[tuple[Any, ...]]] = {
     "fail_unclaimable": [(False,), (True,)],
     "list_jobs": [(ListKey(),), (EVERY_LIST_FILTER,), (ListKey(after=True, newest_first=True),)],
     "delete_old": [((Status.SUCCEEDED,), False), ((Status.SUCCEEDED, Status.FAILED), True)],
+    "bulk": [
+        (action, key, preview)
+        for action in ACTS_ON
+        for key in (SelectionKey(), EVERY_FILTER)
+        for preview in (False, True)
+    ],
     "throughput": [(False,), (True,)],
     "set_history": [(True,), (False,)],
 }
@@ -145,9 +190,12 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
     "unregister_worker": [lambda: statements.unregister_worker(S, "w")],
     "list_jobs": [
         lambda: statements.list_jobs(S),
-        lambda: statements.list_jobs(
-            S, queue="q", statuses=[Status.TODO], task="t", lock="l", after=1, search="x"
-        ),
+        lambda: statements.list_jobs(S, EVERY_SELECTION, after=1, newest_first=True),
+    ],
+    "bulk_jobs": [
+        *(lambda a=a: statements.bulk_jobs(S, a, EVERY_SELECTION) for a in ACTS_ON),
+        lambda: statements.bulk_jobs(S, "delete", Selection(ids=(1,)), preview=True),
+        lambda: statements.bulk_jobs(S, "retry", Selection()),
     ],
     "stats_queries": [lambda: statements.stats_queries(S, 60.0)],
     "delete_old_jobs": [

@@ -79,6 +79,8 @@ def asgi(
     routes = [
         Route("/", dashboard.page(dashboard.overview), name="overview"),
         Route("/jobs", dashboard.page(dashboard.jobs), name="jobs"),
+        # Before /jobs/{job_id}/...: "many" is no job id.
+        Route("/jobs/many", dashboard.jobs_action, methods=["POST"]),
         # A string: Starlette's int convertor fails (500) on a number of thousands of digits.
         Route("/jobs/{job_id}", dashboard.page(dashboard.job), name="job"),
         Route("/workers", dashboard.page(dashboard.workers), name="workers"),

@@ -8,8 +8,8 @@ and the CSRF check first, then redirects (303) to a page that shows what happene
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlencode
 
@@ -19,7 +19,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
 from pgtq.errors import UnknownSchedule
-from pgtq.jobs import JobFilter, parse_statuses
+from pgtq.jobs import JobFilter, JobSelection, parse_statuses
 from pgtq.model import Job, Status
 from pgtq.reports import COUNTED_STATUSES, NO_DATA, STALE_AFTER, duration
 from pgtq.web.charts import throughput_svg
@@ -28,7 +28,15 @@ from pgtq.web.security import LOOPBACK_HOSTS, Csrf, origin_allowed
 if TYPE_CHECKING:
     from pgtq.app import App
 
-__all__ = ["PAGE_SIZE", "BadRequest", "Dashboard", "job_filter", "job_id_of", "whole_number"]
+__all__ = [
+    "PAGE_SIZE",
+    "BadRequest",
+    "Dashboard",
+    "job_filter",
+    "job_id_of",
+    "job_selection",
+    "whole_number",
+]
 
 
 #: The largest job id (a bigint): a bigger number in a URL names no job.
@@ -53,6 +61,10 @@ NOTICES = {
     "not-aborted": "Job {id} had already ended: nothing to abort.",
     "cancelled": "Job {id} cancelled.",
     "not-cancelled": "Job {id} was not cancelled: only a waiting job can be (abort a running one).",
+    "many-retried": "{n} job(s) retried: waiting again (todo).",
+    "many-cancelled": "{n} job(s) cancelled.",
+    "many-aborted": "{n} job(s) aborted: waiting ones cancelled, running ones asked to stop.",
+    "many-deleted": "{n} job(s) deleted (a running job never is: abort it first).",
     "paused": "Queue paused: workers take none of its jobs until it is resumed.",
     "already-paused": "The queue was already paused.",
     "resumed": "Queue resumed.",
@@ -67,6 +79,17 @@ NOTICES = {
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 RETRYABLE = frozenset({Status.FAILED, Status.ABORTED, Status.CANCELLED})
+
+#: The controls the jobs list applies to the jobs ticked, or to every job its filter matches
+#: (``app.jobs.<action>_many_async``), and what each did (the notice's code).
+BULK_ACTIONS = {
+    "retry": "many-retried",
+    "cancel": "many-cancelled",
+    "abort": "many-aborted",
+    "delete": "many-deleted",
+}
+#: The most jobs one form may tick (a page shows :data:`PAGE_SIZE`).
+MAX_TICKED = 1000
 
 
 class BadRequest(Exception):
@@ -158,20 +181,35 @@ def templates() -> Jinja2Templates:
 FILTER_PARAMS = {"queue": "queue", "status": "status", "task": "task", "q": "search"}
 
 
-def job_filter(request: Request) -> JobFilter:
-    """The jobs page's query string, checked, as the filter of the page it asks for: one of
-    :data:`PAGE_SIZE` jobs, newest first, after the ``after`` id (one status at most)."""
-    q = request.query_params
+def job_selection(values: Mapping[str, Any]) -> JobSelection:
+    """The jobs page's filters (:data:`FILTER_PARAMS`) in a query string or a form, checked:
+    the jobs the page lists, and those "all matching" acts on (one status at most)."""
     found: dict[str, Any] = {}
     for param, key in FILTER_PARAMS.items():
-        value = q.get(param, "").replace("\x00", "").strip()  # PostgreSQL text holds no NUL
-        if value:
+        value = values.get(param)
+        value = value.replace("\x00", "").strip() if isinstance(value, str) else ""
+        if value:  # PostgreSQL text holds no NUL
             found[key] = value
     statuses = parse_statuses(found.get("status"))  # InvalidFilter: 400
     if statuses:
         found["status"] = statuses[0]
-    found["after"] = whole_number(q.get("after"), "after (a job id)")
+    return cast(JobSelection, found)
+
+
+def job_filter(request: Request) -> JobFilter:
+    """The jobs page's query string, checked, as the filter of the page it asks for: one of
+    :data:`PAGE_SIZE` jobs, newest first, after the ``after`` id (one status at most)."""
+    found: dict[str, Any] = dict(job_selection(request.query_params))
+    found["after"] = whole_number(request.query_params.get("after"), "after (a job id)")
     return cast(JobFilter, {**found, "limit": PAGE_SIZE, "newest_first": True})
+
+
+def ticked_ids(values: Sequence[object]) -> list[int]:
+    """The job ids ticked in the jobs list's form, each a whole number (else 400)."""
+    if len(values) > MAX_TICKED:
+        raise BadRequest(f"At most {MAX_TICKED} jobs can be ticked at once: use all matching.")
+    ids = [whole_number(str(v), "a ticked job id", low=1) for v in values]
+    return [i for i in ids if i is not None]
 
 
 def query_string(filters: JobFilter, **changes: Any) -> str:
@@ -234,7 +272,7 @@ class Dashboard:
             "read_only": self.read_only,
             "csrf_field": self.csrf.FIELD,
             "csrf_token": token,
-            "notice": notice.format(id=request.path_params.get("job_id")) if notice else None,
+            "notice": self.notice(request, notice) if notice else None,
             "refresh": refresh,
             "statuses": list(Status),
             "Status": Status,
@@ -244,6 +282,14 @@ class Dashboard:
         if new:
             self.csrf.set_cookie(request, response, token)
         return response
+
+    def notice(self, request: Request, text: str) -> str:
+        """The notice with its job id, or its count (``?n=``: a number, else left out)."""
+        try:
+            count = whole_number(request.query_params.get("n"), "n")
+        except BadRequest:
+            count = None
+        return text.format(id=request.path_params.get("job_id"), n="?" if count is None else count)
 
     def refresh(self, request: Request) -> int | None:
         """``?refresh=N``: reload every N seconds (raises :class:`BadRequest` when out of range)."""
@@ -315,6 +361,13 @@ class Dashboard:
                 "tasks": sorted(self.app.tasks),
                 "queues": self.app.queues.declared(),
                 "retryable": RETRYABLE,
+                "bulk_actions": list(BULK_ACTIONS),
+                # The list's filter, posted with the form: what "all matching" acts on.
+                "filter_fields": {
+                    param: getattr(value, "value", value)
+                    for param, key in FILTER_PARAMS.items()
+                    if (value := filters.get(key)) is not None
+                },
             },
         )
 
@@ -427,6 +480,34 @@ class Dashboard:
             notice = "cancelled" if done else "not-cancelled"
         target = f"{self.base(request)}/jobs/{job_id}?{urlencode({'notice': notice})}"
         return RedirectResponse(target, status_code=303)
+
+    async def jobs_action(self, request: Request) -> Response:
+        """The jobs list's form: ``action`` on the jobs ticked (``ids``), or on every job the
+        list's filter matches (``scope=matching``), in one statement; back to the list,
+        saying how many changed. Refused as every action is (:meth:`_refusal`)."""
+        refused = await self._refusal(request)
+        if refused is not None:
+            return refused
+        form = await request.form()
+        action = form.get("action")
+        if not isinstance(action, str) or action not in BULK_ACTIONS:
+            raise BadRequest(f"Which action? Use one of {', '.join(BULK_ACTIONS)}.")
+        selection = job_selection(form)  # InvalidFilter: 400
+        many: dict[str, Any]
+        if form.get("scope") == "matching":
+            # Chosen on purpose: with no filter, every job the action takes.
+            many = {**selection, "all": True}
+        else:
+            ids = ticked_ids(form.getlist("ids"))
+            if not ids:
+                raise BadRequest("No job ticked: tick some jobs, or choose all matching.")
+            many = {"ids": ids}
+        run = getattr(self.app.jobs, f"{action}_many_async")
+        done: list[int] = await run(**many)
+        query = query_string(
+            cast(JobFilter, selection), notice=BULK_ACTIONS[action], n=len(done), after=None
+        )
+        return RedirectResponse(f"{self.base(request)}/jobs?{query}", status_code=303)
 
     async def _queue_action(self, request: Request, action: str) -> Response:
         refused = await self._refusal(request)
