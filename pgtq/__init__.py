@@ -21,6 +21,7 @@ from pgtq.errors import (
 from pgtq.factories import AppFactory, open_app, open_app_async
 from pgtq.jobs import Job, JobContext, JobManager, State, Status
 from pgtq.model import JobEvent
+from pgtq.outcomes import Discard, Snooze
 from pgtq.retry import Retry
 from pgtq.tasks import Deferrer, Task
 
@@ -38,6 +39,7 @@ __all__ = [
     "ConfigurationError",
     "DatabaseUnreachable",
     "Deferrer",
+    "Discard",
     "InvalidArguments",
     "Job",
     "JobContext",
@@ -51,6 +53,7 @@ __all__ = [
     "SchemaNotMigrated",
     "SchemaTooNew",
     "SchemaTooOld",
+    "Snooze",
     "State",
     "Status",
     "Task",

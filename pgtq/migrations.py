@@ -232,10 +232,11 @@ def pre_target(
     """In a user's Alembic project: the pgtq revision to give ``alembic upgrade`` for the *pre*
     phase of a rolling upgrade (``alembic upgrade heads`` is the *post* phase).
 
-    It is the last pending revision of pgtq's branch before the first pending post one, or
-    the current pgtq revision when no pre revision is pending (upgrading to it changes
-    nothing). ``config`` is the project's ``Config`` or the path of its ``alembic.ini``;
-    without ``connection`` it connects to the config's ``sqlalchemy.url``. The version table
+    It is the last pending revision of pgtq's branch before the first pending post one (on a
+    database without pgtq's tables: the last one), or the current pgtq revision when no pre
+    revision is pending (upgrading to it changes nothing). ``config`` is the project's
+    ``Config`` or the path of its ``alembic.ini``; without ``connection`` it connects to the
+    config's ``sqlalchemy.url``. The version table
     is read as Alembic's default (``alembic_version``); pass the names your ``env.py`` sets.
     Raises :class:`MigrationPhaseError` when a pending post revision comes before a pending
     pre one.
@@ -311,8 +312,12 @@ def _between(script: ScriptDirectory, upper: set[str], lower: set[str]) -> list[
 
 
 def _pre_target(script: ScriptDirectory, found: set[str]) -> str | None:
-    """The last pending revision before the first pending post one (None: none pending)."""
+    """The last pending revision before the first pending post one (None: none pending).
+    On a schema with none of pgtq's revisions, every one: no worker of an older release can
+    be running on tables that do not exist yet."""
     todo = _pending(script, found)
+    if not found:
+        return todo[-1].revision if todo else None
     target: str | None = None
     for i, rev in enumerate(todo):
         if phase_of(rev) == "post":

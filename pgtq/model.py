@@ -55,8 +55,8 @@ class Job:
 @dataclass(frozen=True, slots=True)
 class JobEvent:
     """One status change of a job, from ``job_events`` (``deferred``, ``started``,
-    ``succeeded``, ``failed``, ``retried``, ``rescued``, ``released``, ``aborted``,
-    ``cancelled``). ``error`` is the failed attempt's error record."""
+    ``succeeded``, ``failed``, ``retried``, ``rescued``, ``released``, ``snoozed``,
+    ``aborted``, ``cancelled``). ``error`` is the failed attempt's error record."""
 
     job_id: int
     type: str
@@ -64,6 +64,14 @@ class JobEvent:
     attempt: int
     worker_id: str | None
     error: dict[str, Any] | None
+
+
+#: The status an outcome of ``raise pgtq.Snooze(...)`` is written with: the completion
+#: statement turns it into ``todo`` with the attempt given back (``complete_snoozing``).
+SNOOZED = "snoozed"
+#: Snoozes a job may take: the next one fails it (a task that snoozes forever would never
+#: end, and its ``todo`` row would never be cleaned up).
+MAX_SNOOZES = 100
 
 
 class ClaimedJob(NamedTuple):

@@ -10,17 +10,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pgtq.model import ClaimedJob, Status, dumps, error_record, unstorable_json
+from pgtq.model import (
+    MAX_SNOOZES,
+    SNOOZED,
+    ClaimedJob,
+    Status,
+    dumps,
+    error_record,
+    unstorable_json,
+)
 
 if TYPE_CHECKING:
     from pgtq.tasks import Task
 
 __all__ = [
+    "MAX_SNOOZES",
+    "SNOOZED",
     "SUCCEEDED_NONE",
+    "Discard",
     "JobTimeoutError",
     "Outcome",
     "OutcomeNotWritable",
     "ResultTooLarge",
+    "Snooze",
     "UnknownTaskError",
     "WorkerLostError",
     "aborted_on_request",
@@ -39,14 +51,57 @@ class Outcome:
     result: str | None = None
     error: str | None = None
     retry_in: float | None = None
+    #: A :class:`Snooze`: back to ``todo`` after ``retry_in``, the attempt given back.
+    snooze: bool = False
     # Derived once here, not per job on the hot path (an enum's ``value`` and ``hash`` are
     # Python-level calls): the status as written, and the label stats and logs use.
     value: str = field(init=False, repr=False, compare=False)
     label: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "value", self.status.value)
-        object.__setattr__(self, "label", _LABELS[self.status])
+        object.__setattr__(self, "value", SNOOZED if self.snooze else self.status.value)
+        object.__setattr__(self, "label", SNOOZED if self.snooze else _LABELS[self.status])
+
+
+class Snooze(Exception):
+    """Raise it in a task for "not yet": the job waits ``seconds`` and runs again (a 429 with
+    Retry-After, an external system still busy). The attempt is given back: it does not
+    count toward the retry budget, and ``ctx.attempt`` is the same next time. A job
+    snoozes at most :data:`MAX_SNOOZES` times; the next one fails it.
+
+    A bad ``seconds`` (negative, not a finite number) raises :class:`TypeError` or
+    :class:`ValueError` here, in the task: that fails the attempt like any error.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = snooze_seconds(seconds)
+        super().__init__(f"snoozed for {self.seconds:g} s")
+
+
+#: The longest snooze (about 31 years): a timestamp past PostgreSQL's range would make the
+#: job's outcome unwritable.
+MAX_SNOOZE_SECONDS = 1e9
+
+
+def snooze_seconds(seconds: object) -> float:
+    """``seconds`` checked: a number from 0 to :data:`MAX_SNOOZE_SECONDS`."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"Snooze(seconds) takes a number of seconds, got {seconds!r}")
+    if not 0 <= seconds <= MAX_SNOOZE_SECONDS:
+        raise ValueError(
+            f"Snooze(seconds) must be from 0 to {MAX_SNOOZE_SECONDS:g}, got {seconds!r}"
+        )
+    return float(seconds)
+
+
+class Discard(Exception):
+    """Raise it in a task when running the job again cannot help (a deleted account, an
+    argument that will never be valid): the job ends ``failed`` now, whatever its retry
+    policy, with ``reason`` as its error."""
+
+    def __init__(self, reason: str = "discarded by the task") -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def frees_jobs(job: ClaimedJob, outcome: Outcome) -> bool:
@@ -165,7 +220,11 @@ def decide(
             )
             return Outcome(Status.FAILED, error=dumps(error_record(big, with_traceback=False)))
         return Outcome(Status.SUCCEEDED, result=encoded)
+    if isinstance(exc, Snooze):  # checked again: task code may have changed it since
+        return Outcome(Status.TODO, retry_in=snooze_seconds(exc.seconds), snooze=True)
     err_json = dumps(error_record(exc))
+    if isinstance(exc, Discard):
+        return Outcome(Status.FAILED, error=err_json)
     if task is not None:
         delay = task.retry.delay(job.attempts, exc)
         if delay is not None:

@@ -78,6 +78,8 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         # pgtq_0004: the deferring span's trace context (W3C traceparent), when tracing is on.
         sa.Column("trace_context", JSONB, nullable=True),
         sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        # Times the job was snoozed (``raise pgtq.Snooze``): its attempts were given back.
+        sa.Column("snoozes", sa.Integer, nullable=False, server_default="0"),
         sa.Column("worker_id", sa.Text, nullable=True),
         sa.Column("abort_requested", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("result", JSONB, nullable=True),

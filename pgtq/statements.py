@@ -19,6 +19,7 @@ added to it) and fails on such a name, or on a parameter the statement does not 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
@@ -31,7 +32,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.dml import ReturningDelete, ReturningInsert, ReturningUpdate
 
-from pgtq.model import ClaimedJob, Job, JobEvent, Status
+from pgtq.model import MAX_SNOOZES, SNOOZED, ClaimedJob, Job, JobEvent, Status
 from pgtq.reports import (
     COUNTED_STATUSES,
     QueueInfo,
@@ -70,6 +71,21 @@ TODO, DOING = _status(Status.TODO), _status(Status.DOING)
 SUCCEEDED, FAILED = _status(Status.SUCCEEDED), _status(Status.FAILED)
 CANCELLED, ABORTED = _status(Status.CANCELLED), _status(Status.ABORTED)
 ONE_SECOND: sa.ColumnElement[Any] = sa.literal_column("interval '1 second'")
+#: An outcome of ``raise Snooze(...)`` (see ``complete_snoozing``); never a job's status.
+SNOOZED_OUTCOME: sa.ColumnElement[str] = sa.literal_column(f"'{SNOOZED}'", sa.Text)
+#: The error of the snooze past the bound. A literal (quotes doubled), not a parameter: the
+#: completion runs on the driver with its own parameters only.
+_SNOOZED_TOO_OFTEN: sa.ColumnElement[Any] = sa.literal_column(
+    "'{}'::jsonb".format(
+        json.dumps(
+            {
+                "type": "SnoozeLimit",
+                "message": f"the job snoozed {MAX_SNOOZES} times (the most a job may)",
+            }
+        ).replace("'", "''")
+    )
+)
+_MAX_SNOOZES = sa.literal_column(str(MAX_SNOOZES), sa.Integer)
 
 
 @dataclass(slots=True)
@@ -766,9 +782,24 @@ class Statements:
         return self._complete_update(self._outcomes())
 
     @cached_property
+    def complete_snoozing(self) -> ReturningUpdate[Any]:
+        """``complete`` for a batch that holds a snooze (status ``snoozed``): that job goes
+        back to ``todo`` after ``retry_in`` with its attempt given back and one more snooze
+        counted, or fails past :data:`MAX_SNOOZES`. A variant, so the batches of every
+        other job run the plain statement."""
+        return self._complete_update(self._outcomes(), snoozing=True)
+
+    @cached_property
     def complete_deleting(self) -> sa.Select[Any]:
         """``complete``, except that jobs ending in one of ``:delete_statuses`` are deleted
         (a worker's ``delete_jobs`` option), with the same guard."""
+        return self._complete_deleting(snoozing=False)
+
+    @cached_property
+    def complete_deleting_snoozing(self) -> sa.Select[Any]:
+        return self._complete_deleting(snoozing=True)
+
+    def _complete_deleting(self, *, snoozing: bool) -> sa.Select[Any]:
         j = self.jobs
         u = self._outcomes()
         deleting = u.c.status == sa.any_(_array("delete_statuses", sa.Text()))
@@ -786,7 +817,7 @@ class Statements:
             )
             .cte("deleted")
         )
-        updated = self._complete_update(u, ~deleting).cte("updated")
+        updated = self._complete_update(u, ~deleting, snoozing=snoozing).cte("updated")
         found = sa.union_all(sa.select(deleted.c.id), sa.select(updated.c.id)).subquery()
         return found.select().add_cte(self._history_of_deleted(deleted))
 
@@ -862,18 +893,36 @@ class Statements:
         j = self.jobs
         return (j.c.status == DOING, j.c.worker_id == sa.bindparam("me", type_=sa.Text))
 
-    def _complete_update(self, u: Any, *where: sa.ColumnElement[bool]) -> ReturningUpdate[Any]:
+    def _complete_update(
+        self, u: Any, *where: sa.ColumnElement[bool], snoozing: bool = False
+    ) -> ReturningUpdate[Any]:
         j = self.jobs
+        back = u.c.status.in_([TODO, SNOOZED_OUTCOME]) if snoozing else u.c.status == TODO
         # A retry of a job whose abort was requested ends it ``aborted``: never run again.
-        aborted_retry = sa.and_(u.c.status == TODO, j.c.abort_requested)
-        retrying = sa.and_(u.c.status == TODO, ~j.c.abort_requested)
+        aborted_retry = sa.and_(back, j.c.abort_requested)
+        status: sa.ColumnElement[Any] = sa.case((aborted_retry, ABORTED), else_=u.c.status)
+        error: sa.ColumnElement[Any] = sa.cast(u.c.error, JSONB)
+        snoozed: dict[str, Any] = {}
+        retrying = sa.and_(back, ~j.c.abort_requested)
+        if snoozing:
+            over = sa.and_(u.c.status == SNOOZED_OUTCOME, j.c.snoozes >= _MAX_SNOOZES)
+            retrying = sa.and_(retrying, ~over)
+            given_back = sa.case((sa.and_(u.c.status == SNOOZED_OUTCOME, retrying), 1), else_=0)
+            status = sa.case(
+                (aborted_retry, ABORTED), (over, FAILED), (back, TODO), else_=u.c.status
+            )
+            error = sa.case((over, _SNOOZED_TOO_OFTEN), else_=error)
+            snoozed = {
+                "attempts": j.c.attempts - given_back,
+                "snoozes": j.c.snoozes + given_back,
+            }
         return (
             sa.update(j)
             .where(j.c.id == u.c.id, *self._held_by_worker(), self._same_attempt(u), *where)
             .values(
-                status=sa.case((aborted_retry, ABORTED), else_=u.c.status),
+                status=status,
                 result=sa.cast(u.c.result, JSONB),
-                error=sa.cast(u.c.error, JSONB),
+                error=error,
                 abort_requested=sa.false(),
                 worker_id=sa.case((retrying, sa.null()), else_=j.c.worker_id),
                 scheduled_at=sa.case(
@@ -881,6 +930,7 @@ class Statements:
                     else_=j.c.scheduled_at,
                 ),
                 finished_at=sa.case((retrying, sa.null()), else_=sa.func.clock_timestamp()),
+                **snoozed,
             )
             .returning(j.c.id)
         )
@@ -1650,10 +1700,12 @@ def complete_jobs(
     }
     _same_lengths("Outcomes", arrays)
     params: dict[str, Any] = {"me": worker_id, **arrays}
+    snoozing = SNOOZED in outcomes.statuses  # rare: a variant, not a CASE
     if delete_statuses:
         params["delete_statuses"] = list(delete_statuses)
-        return Query(s.complete_deleting, params, _id_list, driver=True)
-    return Query(s.complete, params, _id_list, driver=True)
+        deleting = s.complete_deleting_snoozing if snoozing else s.complete_deleting
+        return Query(deleting, params, _id_list, driver=True)
+    return Query(s.complete_snoozing if snoozing else s.complete, params, _id_list, driver=True)
 
 
 def release_jobs(s: Statements, worker_id: str, ids: Sequence[int]) -> Query[list[int]]:

@@ -31,6 +31,8 @@ from tests.test_migrations import make_user_project
 #: pgtq's own revisions, oldest first; the synthetic ones below stack on the newest.
 REAL_REVISIONS = [r.revision for r in reversed(list(migrations._script().walk_revisions()))]
 REAL_HEAD = REAL_REVISIONS[-1]
+#: pgtq's first post revision (it dropped the insert trigger); pre revisions follow it.
+FIRST_POST = "pgtq_0006"
 
 SYNTHETIC = {
     "syn_0005": ("pre", "op.add_column('jobs', sa.Column('note', sa.Text()), schema=schema)",
@@ -167,15 +169,28 @@ async def test_pre_then_post_on_a_schema_of_the_previous_release(
         eng.dispose()
 
 
-def test_on_an_empty_schema_pre_stops_before_the_first_post(
+def test_on_an_empty_schema_pre_applies_everything(
     versions: Callable[..., Path], engine: Engine
 ) -> None:
-    # pgtq's own revisions: pgtq_0006 (post) drops the insert trigger that the previous
-    # release's enqueuers rely on, so pre stops right before it.
-    assert REAL_HEAD == "pgtq_0006"
-    assert upgrade(engine, phase="pre") == REAL_REVISIONS[:-1]
-    assert at(engine) == {REAL_REVISIONS[-2]}
-    assert upgrade(engine, phase="post") == ["pgtq_0006"]
+    # No pgtq table yet, so no worker of an older release can be running: the post revisions
+    # are as safe as the pre ones.
+    assert upgrade(engine, phase="pre") == REAL_REVISIONS
+    assert at(engine) == {REAL_HEAD}
+
+
+def test_pre_stops_at_a_post_revision_of_an_unfinished_release(
+    versions: Callable[..., Path], engine: Engine
+) -> None:
+    # pgtq_0006 (post) dropped the insert trigger that the release before it relied on, and
+    # pre revisions came after it. A schema whose rollout of that release never finished
+    # cannot take the later pre revisions alone: nothing is applied, the error says why.
+    post = REAL_REVISIONS.index(FIRST_POST)
+    upgrade(engine, revision=REAL_REVISIONS[post - 1])
+    with pytest.raises(migrations.MigrationPhaseError, match=FIRST_POST):
+        upgrade(engine, phase="pre")
+    assert at(engine) == {REAL_REVISIONS[post - 1]}
+    assert upgrade(engine, revision=FIRST_POST) == [FIRST_POST]  # that release, finished
+    assert upgrade(engine, phase="pre") == REAL_REVISIONS[post + 1 :]  # then the next one
 
 
 def test_plain_upgrade_applies_both_phases(versions: Callable[..., Path], engine: Engine) -> None:
@@ -290,6 +305,6 @@ def test_pre_target_in_a_user_project(
 def test_pre_target_on_an_empty_project_database(
     tmp_path: Path, make_database: Callable[[], URL]
 ) -> None:
-    # pgtq's own revisions only: the last pre one is the one before pgtq_0006 (post).
+    # pgtq's own revisions only, none applied: nothing older can run, so every one.
     ini = make_user_project(tmp_path / "project", make_database(), str(migrations.VERSIONS_DIR))
-    assert migrations.pre_target(ini) == REAL_REVISIONS[-2]
+    assert migrations.pre_target(ini) == REAL_HEAD

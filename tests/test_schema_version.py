@@ -16,7 +16,7 @@ from sqlalchemy.engine import URL, Engine
 from typer.testing import CliRunner
 
 import pgtq
-from pgtq import migrations
+from pgtq import migrations, revisions
 from pgtq.cli import cli
 from pgtq.errors import SchemaTooNew, SchemaTooOld
 from tests.sides import Side
@@ -83,11 +83,18 @@ def test_at_head_is_current(engine: Engine) -> None:
         assert migrations.schema_state(conn, "pgtq") == "current"
 
 
-def test_pending_post_revisions_are_current(engine: Engine) -> None:
-    """After `pgtq migrate --pre`, the new release runs before its post revisions."""
-    with engine.begin() as conn:
-        migrations.upgrade(conn, "pgtq", phase="pre")
+def test_pending_post_revisions_are_current(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After `pgtq migrate --pre`, the new release runs before its post revisions: a schema
+    whose only pending revisions are post ones is current. (pgtq's newest revision is a pre
+    one today: it is made a post one here.)"""
+    newest, _ = revisions.REVISIONS[-1]
+    monkeypatch.setattr(revisions, "REVISIONS", (*revisions.REVISIONS[:-1], (newest, "post")))
+    migrate_to(engine, REVISIONS[-2][0])
     assert status(engine).state == "current"
+    monkeypatch.undo()
+    assert status(engine).state == "behind"
 
 
 def test_a_pending_pre_revision_is_behind(engine: Engine) -> None:
