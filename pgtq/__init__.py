@@ -22,7 +22,7 @@ from pgtq.factories import AppFactory, open_app, open_app_async
 from pgtq.jobs import Job, JobContext, JobManager, State, Status
 from pgtq.model import JobEvent
 from pgtq.outcomes import Discard, Snooze
-from pgtq.retry import Retry
+from pgtq.retry import Retry, RetryDecision
 from pgtq.tasks import Deferrer, Task
 
 __version__ = "0.1.0"
@@ -50,6 +50,7 @@ __all__ = [
     "JobTimeout",
     "PgtqError",
     "Retry",
+    "RetryDecision",
     "SchemaNotMigrated",
     "SchemaTooNew",
     "SchemaTooOld",

@@ -19,6 +19,7 @@ from pgtq.model import (
     error_record,
     unstorable_json,
 )
+from pgtq.validation import check_delay
 
 if TYPE_CHECKING:
     from pgtq.tasks import Task
@@ -53,6 +54,8 @@ class Outcome:
     retry_in: float | None = None
     #: A :class:`Snooze`: back to ``todo`` after ``retry_in``, the attempt given back.
     snooze: bool = False
+    #: A retry that moves the job: (queue, priority), None for either that stays.
+    move: tuple[str | None, int | None] | None = None
     # Derived once here, not per job on the hot path (an enum's ``value`` and ``hash`` are
     # Python-level calls): the status as written, and the label stats and logs use.
     value: str = field(init=False, repr=False, compare=False)
@@ -69,29 +72,13 @@ class Snooze(Exception):
     count toward the retry budget, and ``ctx.attempt`` is the same next time. A job
     snoozes at most :data:`MAX_SNOOZES` times; the next one fails it.
 
-    A bad ``seconds`` (negative, not a finite number) raises :class:`TypeError` or
-    :class:`ValueError` here, in the task: that fails the attempt like any error.
+    A bad ``seconds`` (not a number from 0 to about 100 years) raises
+    :class:`pgtq.InvalidArguments` here, in the task: an error of the attempt like any other.
     """
 
     def __init__(self, seconds: float) -> None:
-        self.seconds = snooze_seconds(seconds)
+        self.seconds = check_delay("Snooze(seconds)", seconds)
         super().__init__(f"snoozed for {self.seconds:g} s")
-
-
-#: The longest snooze (about 31 years): a timestamp past PostgreSQL's range would make the
-#: job's outcome unwritable.
-MAX_SNOOZE_SECONDS = 1e9
-
-
-def snooze_seconds(seconds: object) -> float:
-    """``seconds`` checked: a number from 0 to :data:`MAX_SNOOZE_SECONDS`."""
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise TypeError(f"Snooze(seconds) takes a number of seconds, got {seconds!r}")
-    if not 0 <= seconds <= MAX_SNOOZE_SECONDS:
-        raise ValueError(
-            f"Snooze(seconds) must be from 0 to {MAX_SNOOZE_SECONDS:g}, got {seconds!r}"
-        )
-    return float(seconds)
 
 
 class Discard(Exception):
@@ -221,14 +208,16 @@ def decide(
             return Outcome(Status.FAILED, error=dumps(error_record(big, with_traceback=False)))
         return Outcome(Status.SUCCEEDED, result=encoded)
     if isinstance(exc, Snooze):  # checked again: task code may have changed it since
-        return Outcome(Status.TODO, retry_in=snooze_seconds(exc.seconds), snooze=True)
+        return Outcome(
+            Status.TODO, retry_in=check_delay("Snooze(seconds)", exc.seconds), snooze=True
+        )
     err_json = dumps(error_record(exc))
     if isinstance(exc, Discard):
         return Outcome(Status.FAILED, error=err_json)
     if task is not None:
-        delay = task.retry.delay(job.attempts, exc)
-        if delay is not None:
-            return Outcome(Status.TODO, error=err_json, retry_in=delay)
+        decision = task.retry.decide(job.attempts, exc)
+        if decision is not None:
+            return Outcome(Status.TODO, error=err_json, retry_in=decision.delay, move=decision.move)
     return Outcome(Status.FAILED, error=err_json)
 
 

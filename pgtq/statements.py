@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from functools import cache, cached_property
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar, cast
@@ -227,6 +227,7 @@ class Statements:
         self.channel = notify_channel(tables.schema)
         self.abort_channel = self.channel + "_abort"
         self._claims: dict[tuple[str, int, bool], Claim] = {}
+        self._completions: dict[tuple[bool, Rare], Any] = {}
 
     # -- enqueue ---------------------------------------------------------------------------
 
@@ -782,26 +783,32 @@ class Statements:
         return self._complete_update(self._outcomes())
 
     @cached_property
-    def complete_snoozing(self) -> ReturningUpdate[Any]:
-        """``complete`` for a batch that holds a snooze (status ``snoozed``): that job goes
-        back to ``todo`` after ``retry_in`` with its attempt given back and one more snooze
-        counted, or fails past :data:`MAX_SNOOZES`. A variant, so the batches of every
-        other job run the plain statement."""
-        return self._complete_update(self._outcomes(), snoozing=True)
-
-    @cached_property
     def complete_deleting(self) -> sa.Select[Any]:
         """``complete``, except that jobs ending in one of ``:delete_statuses`` are deleted
         (a worker's ``delete_jobs`` option), with the same guard."""
-        return self._complete_deleting(snoozing=False)
+        return self._complete_deleting(Rare())
 
-    @cached_property
-    def complete_deleting_snoozing(self) -> sa.Select[Any]:
-        return self._complete_deleting(snoozing=True)
+    def completion(self, deleting: bool, rare: Rare) -> Any:
+        """The completion statement a batch needs. Nearly every batch takes ``complete`` (or
+        ``complete_deleting``); a batch with a rare outcome takes a variant, built once:
+        ``rare.snoozing`` (a ``snoozed`` outcome: back to ``todo`` with its attempt given
+        back and one more snooze counted, or ``failed`` past :data:`MAX_SNOOZES`),
+        ``rare.moving`` (a retry into another queue or at another priority, from
+        ``:queues`` and ``:priorities``). So those cost the other batches nothing."""
+        if not rare:
+            return self.complete_deleting if deleting else self.complete
+        key = (deleting, rare)
+        found = self._completions.get(key)
+        if found is None:
+            u = self._outcomes(rare)
+            found = self._completions[key] = (
+                self._complete_deleting(rare) if deleting else self._complete_update(u, rare=rare)
+            )
+        return found
 
-    def _complete_deleting(self, *, snoozing: bool) -> sa.Select[Any]:
+    def _complete_deleting(self, rare: Rare) -> sa.Select[Any]:
         j = self.jobs
-        u = self._outcomes()
+        u = self._outcomes(rare)
         deleting = u.c.status == sa.any_(_array("delete_statuses", sa.Text()))
         deleted = (
             sa.delete(j)
@@ -817,7 +824,7 @@ class Statements:
             )
             .cte("deleted")
         )
-        updated = self._complete_update(u, ~deleting, snoozing=snoozing).cte("updated")
+        updated = self._complete_update(u, ~deleting, rare=rare).cte("updated")
         found = sa.union_all(sa.select(deleted.c.id), sa.select(updated.c.id)).subquery()
         return found.select().add_cte(self._history_of_deleted(deleted))
 
@@ -869,8 +876,8 @@ class Statements:
         rows = sa.select(*events.c).where(history_on)
         return e.insert().from_select(columns, rows).cte("stored")
 
-    def _outcomes(self) -> Any:
-        columns = (
+    def _outcomes(self, rare: Rare | None = None) -> Any:
+        columns: tuple[tuple[str, str, sa.types.TypeEngine[Any]], ...] = (
             ("ids", "id", sa.BigInteger()),
             ("outcome_attempts", "attempt", sa.Integer()),
             ("statuses", "status", sa.Text()),
@@ -878,6 +885,8 @@ class Statements:
             ("errors", "error", sa.Text()),
             ("retry_in", "retry_in", sa.Float()),
         )
+        if rare is not None and rare.moving:
+            columns += (("queues", "queue", sa.Text()), ("priorities", "priority", sa.Integer()))
         return (
             sa.func.unnest(*(_array(param, kind) for param, _, kind in columns))
             .table_valued(*(sa.column(name, kind) for _, name, kind in columns))
@@ -894,15 +903,16 @@ class Statements:
         return (j.c.status == DOING, j.c.worker_id == sa.bindparam("me", type_=sa.Text))
 
     def _complete_update(
-        self, u: Any, *where: sa.ColumnElement[bool], snoozing: bool = False
+        self, u: Any, *where: sa.ColumnElement[bool], rare: Rare | None = None
     ) -> ReturningUpdate[Any]:
         j = self.jobs
+        snoozing = rare is not None and rare.snoozing
         back = u.c.status.in_([TODO, SNOOZED_OUTCOME]) if snoozing else u.c.status == TODO
         # A retry of a job whose abort was requested ends it ``aborted``: never run again.
         aborted_retry = sa.and_(back, j.c.abort_requested)
         status: sa.ColumnElement[Any] = sa.case((aborted_retry, ABORTED), else_=u.c.status)
         error: sa.ColumnElement[Any] = sa.cast(u.c.error, JSONB)
-        snoozed: dict[str, Any] = {}
+        snoozed: dict[str, Any] = {}  # the columns only a rare outcome writes
         retrying = sa.and_(back, ~j.c.abort_requested)
         if snoozing:
             over = sa.and_(u.c.status == SNOOZED_OUTCOME, j.c.snoozes >= _MAX_SNOOZES)
@@ -916,6 +926,13 @@ class Statements:
                 "attempts": j.c.attempts - given_back,
                 "snoozes": j.c.snoozes + given_back,
             }
+        if rare is not None and rare.moving:
+            snoozed["queue"] = sa.case(
+                (retrying, sa.func.coalesce(u.c.queue, j.c.queue)), else_=j.c.queue
+            )
+            snoozed["priority"] = sa.case(
+                (retrying, sa.func.coalesce(u.c.priority, j.c.priority)), else_=j.c.priority
+            )
         return (
             sa.update(j)
             .where(j.c.id == u.c.id, *self._held_by_worker(), self._same_attempt(u), *where)
@@ -1636,6 +1653,16 @@ def announce(s: Statements, queue: str) -> Query[None]:
     return Query(s.announce, {"announce_queue": queue}, _no_value)
 
 
+class Rare(NamedTuple):
+    """The rare outcomes a batch holds, each needing a variant of the completion statement."""
+
+    snoozing: bool = False
+    moving: bool = False
+
+    def __bool__(self) -> bool:
+        return self.snoozing or self.moving
+
+
 @dataclass(slots=True)
 class Outcomes:
     """Finished attempts waiting to be written, as parallel arrays (one ``complete`` each)."""
@@ -1646,6 +1673,8 @@ class Outcomes:
     results: list[str | None]
     errors: list[str | None]
     retry_in: list[float | None]
+    #: Retries that move their job: id → (queue, priority), None for either that stays.
+    moves: dict[int, tuple[str | None, int | None]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> Outcomes:
@@ -1700,12 +1729,14 @@ def complete_jobs(
     }
     _same_lengths("Outcomes", arrays)
     params: dict[str, Any] = {"me": worker_id, **arrays}
-    snoozing = SNOOZED in outcomes.statuses  # rare: a variant, not a CASE
+    rare = Rare(snoozing=SNOOZED in outcomes.statuses, moving=bool(outcomes.moves))
+    if rare.moving:
+        stay = (None, None)
+        params["queues"] = [outcomes.moves.get(i, stay)[0] for i in outcomes.ids]
+        params["priorities"] = [outcomes.moves.get(i, stay)[1] for i in outcomes.ids]
     if delete_statuses:
         params["delete_statuses"] = list(delete_statuses)
-        deleting = s.complete_deleting_snoozing if snoozing else s.complete_deleting
-        return Query(deleting, params, _id_list, driver=True)
-    return Query(s.complete_snoozing if snoozing else s.complete, params, _id_list, driver=True)
+    return Query(s.completion(bool(delete_statuses), rare), params, _id_list, driver=True)
 
 
 def release_jobs(s: Statements, worker_id: str, ids: Sequence[int]) -> Query[list[int]]:

@@ -19,7 +19,7 @@ from pgtq import observers, statements, validation
 from pgtq.errors import ConfigurationError, InvalidArguments
 from pgtq.limits import Limit, parse_rate
 from pgtq.model import dumps
-from pgtq.retry import Retry, as_retry
+from pgtq.retry import Retry, RetryFunction, as_retry
 
 if TYPE_CHECKING:
     from pgtq.app import App
@@ -40,7 +40,7 @@ class TaskOptions(TypedDict, total=False):
 
     queue: str
     priority: int
-    retry: Retry | int | None
+    retry: Retry | RetryFunction | int | None
     timeout: float | None
     pass_context: bool | None
     middleware: Sequence[Middleware]
@@ -105,7 +105,7 @@ class Task(Generic[R]):
         name: str,
         queue: str = "default",
         priority: int = 0,
-        retry: Retry | int | None = None,
+        retry: Retry | RetryFunction | int | None = None,
         timeout: float | None = None,
         pass_context: bool | None = None,
         middleware: Sequence[Middleware] = (),

@@ -146,6 +146,21 @@ def schedule_seconds(value: object) -> float:
     return max(seconds, 0.0)
 
 
+def check_delay(field: str, value: object) -> float:
+    """A delay a task or its retry policy decides (``Snooze(seconds)``,
+    ``RetryDecision(delay=...)``): a finite number of seconds from 0 to
+    :data:`SCHEDULE_HORIZON`, so the time it gives stays in PostgreSQL's range."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise InvalidArguments(f"{field}: must be a number of seconds, got {type(value).__name__}")
+    seconds = float(value)
+    if not 0 <= seconds <= _HORIZON_SECONDS:  # also false for NaN
+        raise InvalidArguments(
+            f"{field}: must be from 0 to {SCHEDULE_HORIZON.days // 365} years in seconds, "
+            f"got {value!r}"
+        )
+    return seconds
+
+
 def check_max_args_bytes(value: object) -> int | None:
     """``App(max_args_bytes=...)``: None (no cap) or a positive int."""
     if value is None:

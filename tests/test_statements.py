@@ -26,7 +26,7 @@ from sqlalchemy.sql.elements import BindParameter
 
 from pgtq import statements
 from pgtq.model import Status
-from pgtq.statements import ListKey, NewJobs, Outcomes, Query, Statements, TickRows
+from pgtq.statements import ListKey, NewJobs, Outcomes, Query, Rare, Statements, TickRows
 from pgtq.turns import Answer
 
 pytestmark = pytest.mark.unit
@@ -50,6 +50,12 @@ BUILDER_ARGS: dict[str, list[tuple[Any, ...]]] = {
     "delete_old": [((Status.SUCCEEDED,), False), ((Status.SUCCEEDED, Status.FAILED), True)],
     "throughput": [(False,), (True,)],
     "set_history": [(True,), (False,)],
+    "completion": [
+        (deleting, Rare(snoozing, moving))
+        for deleting in (False, True)
+        for snoozing in (False, True)
+        for moving in (False, True)
+    ],
 }
 #: Attributes of ``Statements`` that are not statements.
 NOT_STATEMENTS = {"job_columns", "_built", "_channel"}
@@ -87,6 +93,15 @@ def _outcomes() -> Outcomes:
     return outcomes
 
 
+def _rare_outcomes() -> Outcomes:
+    """A snooze and a retry that moves its job: the completion's variants."""
+    outcomes = _outcomes()
+    outcomes.append(2, 1, "snoozed", None, None, 5.0)
+    outcomes.add(3, Status.TODO, None, "{}", 0.0, attempt=1)
+    outcomes.moves[3] = ("slow", None)
+    return outcomes
+
+
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 #: Every query function of ``pgtq.statements``, each with calls covering its variants.
 QUERIES: dict[str, list[Callable[[], Any]]] = {
@@ -101,6 +116,8 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
     "complete_jobs": [
         lambda: statements.complete_jobs(S, "w", _outcomes()),
         lambda: statements.complete_jobs(S, "w", _outcomes(), ("succeeded",)),
+        lambda: statements.complete_jobs(S, "w", _rare_outcomes()),
+        lambda: statements.complete_jobs(S, "w", _rare_outcomes(), ("succeeded",)),
     ],
     "release_jobs": [lambda: statements.release_jobs(S, "w", [1])],
     "release_unknown_jobs": [lambda: statements.release_unknown_jobs(S, "w", [1])],
