@@ -20,7 +20,7 @@ from pgtq.errors import (
 )
 from pgtq.factories import AppFactory, open_app, open_app_async
 from pgtq.jobs import Job, JobContext, JobManager, State, Status
-from pgtq.model import JobEvent
+from pgtq.model import Deferred, JobEvent
 from pgtq.outcomes import Discard, Snooze
 from pgtq.retry import Retry, RetryDecision
 from pgtq.tasks import Deferrer, Task
@@ -38,6 +38,7 @@ __all__ = [
     "BlueprintTask",
     "ConfigurationError",
     "DatabaseUnreachable",
+    "Deferred",
     "Deferrer",
     "Discard",
     "InvalidArguments",

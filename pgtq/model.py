@@ -66,6 +66,25 @@ class JobEvent:
     error: dict[str, Any] | None
 
 
+class Deferred(int):
+    """The id ``defer`` returns for a job with a ``queueing_lock``: an ``int``, and whether
+    it is the id of a job that was already waiting with that key (``duplicate``), which
+    ``on_conflict="skip"`` kept or ``"replace"`` updated, rather than of a new one."""
+
+    duplicate: bool
+
+    def __new__(cls, job_id: int, duplicate: bool = False) -> Deferred:
+        deferred = super().__new__(cls, job_id)
+        deferred.duplicate = duplicate
+        return deferred
+
+    def __repr__(self) -> str:
+        return f"Deferred({int(self)}, duplicate={self.duplicate})"
+
+    def __str__(self) -> str:  # an id in a URL or a log line reads as the number
+        return int.__repr__(self)
+
+
 #: The status an outcome of ``raise pgtq.Snooze(...)`` is written with: the completion
 #: statement turns it into ``todo`` with the attempt given back (``complete_snoozing``).
 SNOOZED = "snoozed"

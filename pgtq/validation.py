@@ -146,6 +146,21 @@ def schedule_seconds(value: object) -> float:
     return max(seconds, 0.0)
 
 
+#: What a defer with a ``queueing_lock`` does when a job with that key is already waiting.
+ON_CONFLICT = ("raise", "skip", "replace")
+
+
+def check_on_conflict(value: object, queueing_lock: str | None) -> str:
+    """``configure(on_conflict=...)``: one of :data:`ON_CONFLICT`, and only with a key."""
+    if value not in ON_CONFLICT:
+        raise InvalidArguments(
+            f"on_conflict: must be one of {', '.join(ON_CONFLICT)}, got {value!r}"
+        )
+    if value != "raise" and queueing_lock is None:
+        raise InvalidArguments(f"on_conflict: {value!r} needs a queueing_lock to conflict on")
+    return str(value)
+
+
 def check_delay(field: str, value: object) -> float:
     """A delay a task or its retry policy decides (``Snooze(seconds)``,
     ``RetryDecision(delay=...)``): a finite number of seconds from 0 to

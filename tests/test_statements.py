@@ -106,6 +106,10 @@ NOW = datetime(2024, 1, 1, tzinfo=UTC)
 #: Every query function of ``pgtq.statements``, each with calls covering its variants.
 QUERIES: dict[str, list[Callable[[], Any]]] = {
     "insert_jobs": [lambda: statements.insert_jobs(S, _new_jobs())],
+    "insert_keyed_job": [
+        lambda: statements.insert_keyed_job(S, _new_jobs(), replace=False),
+        lambda: statements.insert_keyed_job(S, _new_jobs(), replace=True),
+    ],
     "get_job": [lambda: statements.get_job(S, 1)],
     "claim_jobs": [
         lambda: statements.claim_jobs(S, "w", None, 20),
