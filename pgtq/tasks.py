@@ -82,6 +82,9 @@ class JobOptions:
     #: :class:`AlreadyEnqueued`, ``skip`` (its id comes back), or ``replace`` its arguments,
     #: schedule and priority with this job's.
     on_conflict: OnConflict = "raise"
+    #: Seconds: the ``queueing_lock`` is unique per period of this length (whatever the
+    #: job's status but failed or ended early), not only among waiting jobs.
+    unique_for: float | None = None
     concurrency_key: str | None = None
 
 
@@ -195,6 +198,7 @@ class Task(Generic[R]):
         lock: str | None = None,
         queueing_lock: str | None = None,
         on_conflict: OnConflict = "raise",
+        unique_for: timedelta | float | None = None,
         concurrency_key: str | None = None,
     ) -> Deferrer:
         """Job options for the jobs deferred through the returned :class:`Deferrer`, each
@@ -216,7 +220,12 @@ class Task(Generic[R]):
             concurrency_key=validation.check_key("concurrency_key", concurrency_key),
         )
         checked = validation.check_on_conflict(on_conflict, options.queueing_lock)
-        options = replace(options, on_conflict=cast(OnConflict, checked))
+        period = (
+            None
+            if unique_for is None
+            else validation.check_unique_for(unique_for, options.queueing_lock)
+        )
+        options = replace(options, on_conflict=cast(OnConflict, checked), unique_for=period)
         return Deferrer(self, options)
 
     def _plain(self) -> Deferrer:
@@ -353,8 +362,13 @@ class Deferrer:
         return statements.insert_jobs(self.task.app.statements, new)
 
     def _keyed(self, new: statements.NewJobs) -> statements.Query[tuple[int, bool] | None]:
-        replace = self.options.on_conflict == "replace"
-        return statements.insert_keyed_job(self.task.app.statements, new, replace=replace)
+        o = self.options
+        return statements.insert_keyed_job(
+            self.task.app.statements,
+            new,
+            replace=o.on_conflict == "replace",
+            unique_for=o.unique_for,
+        )
 
     def defer(self, *args: Any, connection: Connection | None = None, **kwargs: Any) -> int:
         """:meth:`Task.defer` with this deferrer's options."""
@@ -404,16 +418,17 @@ class Deferrer:
         """What a defer with a key returns, per position of its call (the one job inserted,
         then its duplicates), or the error its ``on_conflict`` says."""
         o = self.options
-        if row is None:  # replace met a waiting job of another task holding the key
+        held = "in this period" if o.unique_for is not None else "while it waits"
+        if row is None:  # replace met a job it may not replace
             raise AlreadyEnqueued(
-                f"queueing_lock {o.queueing_lock!r}: held by a waiting job of another task, "
-                f"which on_conflict='replace' leaves alone"
+                f"queueing_lock {o.queueing_lock!r}: held by a job of another task or one no "
+                "longer waiting, which on_conflict='replace' leaves alone"
             )
         job_id, fresh = row
         if not fresh and o.on_conflict == "raise":
             raise AlreadyEnqueued(
-                f"queueing_lock {o.queueing_lock!r}: job {job_id} is already waiting with "
-                "this key (configure(on_conflict='skip') returns its id instead)",
+                f"queueing_lock {o.queueing_lock!r}: job {job_id} holds this key {held} "
+                "(configure(on_conflict='skip') returns its id instead)",
                 job_id=job_id,
             )
         first = Deferred(job_id, duplicate=not fresh)

@@ -161,6 +161,21 @@ def check_on_conflict(value: object, queueing_lock: str | None) -> str:
     return str(value)
 
 
+def check_unique_for(value: object, queueing_lock: str | None) -> float:
+    """``configure(unique_for=...)``: a period (seconds or a timedelta) over zero and within
+    :data:`SCHEDULE_HORIZON`, and only with a ``queueing_lock`` (the key it makes unique)."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, Real):
+        raise InvalidArguments(
+            f"unique_for: must be a timedelta or a number of seconds, got {type(value).__name__}"
+        )
+    if not 0 < float(seconds) <= _HORIZON_SECONDS:  # also false for NaN
+        raise InvalidArguments(f"unique_for: must be a period over zero, got {value!r}")
+    if queueing_lock is None:
+        raise InvalidArguments("unique_for: needs a queueing_lock, the key it makes unique")
+    return float(seconds)
+
+
 def check_delay(field: str, value: object) -> float:
     """A delay a task or its retry policy decides (``Snooze(seconds)``,
     ``RetryDecision(delay=...)``): a finite number of seconds from 0 to

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -36,7 +36,9 @@ async def test_raise_names_the_waiting_job(side: Side, refresh: Any, sql: Any) -
     keyed = refresh.configure(queueing_lock="feed-1")
     first = await defer(side, keyed, feed="1")
     assert isinstance(first, pgtq.Deferred) and not first.duplicate
-    with pytest.raises(pgtq.AlreadyEnqueued, match=f"job {first} is already waiting") as caught:
+    with pytest.raises(
+        pgtq.AlreadyEnqueued, match=f"job {first} holds this key while it waits"
+    ) as caught:
         await defer(side, keyed, feed="1", reason="again")
     assert caught.value.job_id == first
     assert sql("SELECT id, args->>'reason' FROM pgtq.jobs") == [(first, None)]
@@ -170,3 +172,70 @@ def test_a_deferred_id_reads_as_its_number() -> None:
     deferred = pgtq.Deferred(42, duplicate=True)
     assert deferred == 42 and str(deferred) == f"{deferred}" == "42" and deferred.duplicate
     assert repr(deferred) == "Deferred(42, duplicate=True)"
+
+
+# -- unique_for: one job per key and period ------------------------------------------------
+
+
+async def test_unique_for_holds_the_key_for_the_period_whatever_the_status(
+    side: Side, refresh: Any, sql: Any
+) -> None:
+    daily = refresh.configure(queueing_lock="digest", unique_for=timedelta(days=3650))
+    first = await defer(side, daily, feed="1")
+    sql("UPDATE pgtq.jobs SET status = 'succeeded' WHERE id = %s", first)  # it ran
+    with pytest.raises(pgtq.AlreadyEnqueued, match="holds this key in this period") as caught:
+        await defer(side, daily, feed="1")
+    assert caught.value.job_id == first
+    skipping = refresh.configure(
+        queueing_lock="digest", unique_for=timedelta(days=3650), on_conflict="skip"
+    )
+    again = await defer(side, skipping, feed="1")
+    assert (again, again.duplicate) == (first, True)
+    with pytest.raises(pgtq.AlreadyEnqueued, match="no longer waiting"):  # it ran: not replaced
+        await defer(
+            side,
+            refresh.configure(
+                queueing_lock="digest", unique_for=timedelta(days=3650), on_conflict="replace"
+            ),
+            feed="2",
+        )
+    # A failed or cancelled job frees its period's key.
+    sql("UPDATE pgtq.jobs SET status = 'failed' WHERE id = %s", first)
+    fresh = await defer(side, daily, feed="1")
+    assert fresh != first and not fresh.duplicate
+    assert sql("SELECT count(*) FROM pgtq.jobs WHERE queueing_lock IS NOT NULL") == [(0,)]
+
+
+async def test_unique_for_makes_a_new_job_in_the_next_period(
+    side: Side, refresh: Any, sql: Any
+) -> None:
+    every_second = refresh.configure(queueing_lock="tick", unique_for=1, on_conflict="skip")
+
+    def period() -> int:
+        return int(sql("SELECT floor(extract(epoch FROM now()))::bigint")[0][0])
+
+    started = period()
+    first = await defer(side, every_second, feed="1")
+    deadline = asyncio.get_running_loop().time() + 10
+    while period() == started:  # the server's clock enters the next period
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    second = await defer(side, every_second, feed="1")
+    assert second != first and not second.duplicate
+    keys = [k for (k,) in sql("SELECT unique_key FROM pgtq.jobs ORDER BY id")]
+    assert len(keys) == 2 and all(k.startswith("tick@") for k in keys) and keys[0] != keys[1]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"unique_for": 60}, "unique_for: needs a queueing_lock"),
+        ({"unique_for": 0, "queueing_lock": "k"}, "unique_for: must be a period over zero"),
+        ({"unique_for": "1h", "queueing_lock": "k"}, "unique_for: must be a timedelta"),
+    ],
+)
+def test_unique_for_is_checked_when_configured(
+    refresh: Any, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(pgtq.InvalidArguments, match=message):
+        refresh.configure(**options)

@@ -26,7 +26,16 @@ from sqlalchemy.sql.elements import BindParameter
 
 from pgtq import statements
 from pgtq.model import Status
-from pgtq.statements import ListKey, NewJobs, Outcomes, Query, Rare, Statements, TickRows
+from pgtq.statements import (
+    Conflict,
+    ListKey,
+    NewJobs,
+    Outcomes,
+    Query,
+    Rare,
+    Statements,
+    TickRows,
+)
 from pgtq.turns import Answer
 
 pytestmark = pytest.mark.unit
@@ -50,6 +59,11 @@ BUILDER_ARGS: dict[str, list[tuple[Any, ...]]] = {
     "delete_old": [((Status.SUCCEEDED,), False), ((Status.SUCCEEDED, Status.FAILED), True)],
     "throughput": [(False,), (True,)],
     "set_history": [(True,), (False,)],
+    "insert_keyed": [
+        (Conflict(replace, per_period),)
+        for replace in (False, True)
+        for per_period in (False, True)
+    ],
     "completion": [
         (deleting, Rare(snoozing, moving))
         for deleting in (False, True)
@@ -109,6 +123,7 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
     "insert_keyed_job": [
         lambda: statements.insert_keyed_job(S, _new_jobs(), replace=False),
         lambda: statements.insert_keyed_job(S, _new_jobs(), replace=True),
+        lambda: statements.insert_keyed_job(S, _new_jobs(), replace=False, unique_for=60.0),
     ],
     "get_job": [lambda: statements.get_job(S, 1)],
     "claim_jobs": [

@@ -1,5 +1,5 @@
-"""Snoozes: a job counts the times its task said "not yet" (``raise pgtq.Snooze``), and its
-history names them.
+"""Job control: a job counts the times its task said "not yet" (``raise pgtq.Snooze``) and
+its history names them; a key can be unique per period (``configure(unique_for=...)``).
 
 Revision ID: pgtq_0008
 Revises: pgtq_0007
@@ -9,8 +9,16 @@ A frozen snapshot, like every pgtq revision: the DDL is written out here, never 
 
 A snooze sends the job back to ``todo`` with its attempt given back, like a release; the new
 ``snoozes`` column counts them (a job snoozes at most ``pgtq.model.MAX_SNOOZES`` times) and
-tells the history trigger to record ``snoozed`` rather than ``released``. Additive: workers
-of the previous release never read the column, and the trigger's other cases are unchanged.
+tells the history trigger to record ``snoozed`` rather than ``released``.
+
+``unique_key`` holds a ``queueing_lock`` with the period it was deferred in
+(``<key>@<period number>``); its unique index keeps one job per key and period, whatever
+the job's status but failed, cancelled or aborted. The index is built with the table locked
+for writes (it is empty, but the build reads the table once): seconds on a table of millions
+of jobs, during which defers wait.
+
+Additive: workers of the previous release never read the columns, and the trigger's other
+cases are unchanged.
 """
 
 from collections.abc import Sequence
@@ -74,9 +82,22 @@ def upgrade() -> None:
         schema=schema,
     )
     op.execute(FUNCTION.format(schema=schema))
+    op.add_column("jobs", sa.Column("unique_key", sa.Text(), nullable=True), schema=schema)
+    op.create_index(
+        "jobs_unique_key_idx",
+        "jobs",
+        ["unique_key"],
+        unique=True,
+        schema=schema,
+        postgresql_where=sa.text(
+            "unique_key IS NOT NULL AND status NOT IN ('failed', 'cancelled', 'aborted')"
+        ),
+    )
 
 
 def downgrade() -> None:
     schema = revision_schema()
+    op.drop_index("jobs_unique_key_idx", table_name="jobs", schema=schema)
+    op.drop_column("jobs", "unique_key", schema=schema)
     op.execute(PREVIOUS_FUNCTION.format(schema=schema))
     op.drop_column("jobs", "snoozes", schema=schema)
