@@ -21,8 +21,9 @@ from pgtq.errors import (
 )
 from pgtq.factories import AppFactory, open_app, open_app_async
 from pgtq.jobs import Job, JobContext, JobManager, State, Status
-from pgtq.model import JobEvent
-from pgtq.retry import Retry
+from pgtq.model import Deferred, JobEvent
+from pgtq.outcomes import Discard, Snooze
+from pgtq.retry import Retry, RetryDecision
 from pgtq.tasks import Deferrer, Task
 
 __version__ = "0.1.0"
@@ -38,7 +39,9 @@ __all__ = [
     "BlueprintTask",
     "ConfigurationError",
     "DatabaseUnreachable",
+    "Deferred",
     "Deferrer",
+    "Discard",
     "InvalidArguments",
     "Job",
     "JobContext",
@@ -49,9 +52,11 @@ __all__ = [
     "JobTimeout",
     "PgtqError",
     "Retry",
+    "RetryDecision",
     "SchemaNotMigrated",
     "SchemaTooNew",
     "SchemaTooOld",
+    "Snooze",
     "State",
     "Status",
     "Task",

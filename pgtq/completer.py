@@ -83,6 +83,8 @@ class Completer:
         self._outcomes.append(
             job.id, job.attempts, outcome.value, outcome.result, outcome.error, outcome.retry_in
         )
+        if outcome.move is not None:  # a retry into another queue or priority (rare)
+            self._outcomes.moves[job.id] = outcome.move
         if not self._frees and frees_jobs(job, outcome):
             self._frees = True
         self._flush.set()
@@ -203,6 +205,7 @@ class Completer:
         """Put a batch that was not written back in front of what came in meanwhile."""
         for mine, newer in zip(_columns(batch), _columns(self._outcomes), strict=True):
             mine.extend(newer)
+        batch.moves.update(self._outcomes.moves)
         self._outcomes = batch
 
 
@@ -218,4 +221,8 @@ def _columns(outcomes: statements.Outcomes) -> tuple[list[Any], ...]:
 
 
 def _rows(outcomes: statements.Outcomes, start: int, stop: int) -> statements.Outcomes:
-    return statements.Outcomes(*(column[start:stop] for column in _columns(outcomes)))
+    ids, attempts, statuses, results, errors, retry_in = (
+        column[start:stop] for column in _columns(outcomes)
+    )
+    moves = {i: outcomes.moves[i] for i in ids if i in outcomes.moves}
+    return statements.Outcomes(ids, attempts, statuses, results, errors, retry_in, moves)

@@ -50,7 +50,12 @@ class InvalidArguments(PgtqError, TypeError):
 
 
 class AlreadyEnqueued(PgtqError):
-    """A job with the same ``queueing_lock`` is already waiting."""
+    """A job with the same ``queueing_lock`` is already waiting: ``job_id`` is its id (None
+    when it could not be told)."""
+
+    def __init__(self, message: str, job_id: int | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
 
 
 class JobNotFound(PgtqError, LookupError):

@@ -55,8 +55,8 @@ class Job:
 @dataclass(frozen=True, slots=True)
 class JobEvent:
     """One status change of a job, from ``job_events`` (``deferred``, ``started``,
-    ``succeeded``, ``failed``, ``retried``, ``rescued``, ``released``, ``aborted``,
-    ``cancelled``). ``error`` is the failed attempt's error record."""
+    ``succeeded``, ``failed``, ``retried``, ``rescued``, ``released``, ``snoozed``,
+    ``aborted``, ``cancelled``). ``error`` is the failed attempt's error record."""
 
     job_id: int
     type: str
@@ -64,6 +64,33 @@ class JobEvent:
     attempt: int
     worker_id: str | None
     error: dict[str, Any] | None
+
+
+class Deferred(int):
+    """The id ``defer`` returns for a job with a ``queueing_lock``: an ``int``, and whether
+    it is the id of a job that was already waiting with that key (``duplicate``), which
+    ``on_conflict="skip"`` kept or ``"replace"`` updated, rather than of a new one."""
+
+    duplicate: bool
+
+    def __new__(cls, job_id: int, duplicate: bool = False) -> Deferred:
+        deferred = super().__new__(cls, job_id)
+        deferred.duplicate = duplicate
+        return deferred
+
+    def __repr__(self) -> str:
+        return f"Deferred({int(self)}, duplicate={self.duplicate})"
+
+    def __str__(self) -> str:  # an id in a URL or a log line reads as the number
+        return int.__repr__(self)
+
+
+#: The status an outcome of ``raise pgtq.Snooze(...)`` is written with: the completion
+#: statement turns it into ``todo`` with the attempt given back (``complete_snoozing``).
+SNOOZED = "snoozed"
+#: Snoozes a job may take: the next one fails it (a task that snoozes forever would never
+#: end, and its ``todo`` row would never be cleaned up).
+MAX_SNOOZES = 100
 
 
 class ClaimedJob(NamedTuple):

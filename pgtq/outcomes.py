@@ -10,17 +10,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pgtq.model import ClaimedJob, Status, dumps, error_record, unstorable_json
+from pgtq.model import (
+    MAX_SNOOZES,
+    SNOOZED,
+    ClaimedJob,
+    Status,
+    dumps,
+    error_record,
+    unstorable_json,
+)
+from pgtq.validation import check_delay
 
 if TYPE_CHECKING:
     from pgtq.tasks import Task
 
 __all__ = [
+    "MAX_SNOOZES",
+    "SNOOZED",
     "SUCCEEDED_NONE",
+    "Discard",
     "JobTimeoutError",
     "Outcome",
     "OutcomeNotWritable",
     "ResultTooLarge",
+    "Snooze",
     "UnknownTaskError",
     "WorkerLostError",
     "aborted_on_request",
@@ -39,14 +52,43 @@ class Outcome:
     result: str | None = None
     error: str | None = None
     retry_in: float | None = None
+    #: A :class:`Snooze`: back to ``todo`` after ``retry_in``, the attempt given back.
+    snooze: bool = False
+    #: A retry that moves the job: (queue, priority), None for either that stays.
+    move: tuple[str | None, int | None] | None = None
     # Derived once here, not per job on the hot path (an enum's ``value`` and ``hash`` are
     # Python-level calls): the status as written, and the label stats and logs use.
     value: str = field(init=False, repr=False, compare=False)
     label: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "value", self.status.value)
-        object.__setattr__(self, "label", _LABELS[self.status])
+        object.__setattr__(self, "value", SNOOZED if self.snooze else self.status.value)
+        object.__setattr__(self, "label", SNOOZED if self.snooze else _LABELS[self.status])
+
+
+class Snooze(Exception):
+    """Raise it in a task for "not yet": the job waits ``seconds`` and runs again (a 429 with
+    Retry-After, an external system still busy). The attempt is given back: it does not
+    count toward the retry budget, and ``ctx.attempt`` is the same next time. A job
+    snoozes at most :data:`MAX_SNOOZES` times; the next one fails it.
+
+    A bad ``seconds`` (not a number from 0 to about 100 years) raises
+    :class:`pgtq.InvalidArguments` here, in the task: an error of the attempt like any other.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = check_delay("Snooze(seconds)", seconds)
+        super().__init__(f"snoozed for {self.seconds:g} s")
+
+
+class Discard(Exception):
+    """Raise it in a task when running the job again cannot help (a deleted account, an
+    argument that will never be valid): the job ends ``failed`` now, whatever its retry
+    policy, with ``reason`` as its error."""
+
+    def __init__(self, reason: str = "discarded by the task") -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def frees_jobs(job: ClaimedJob, outcome: Outcome) -> bool:
@@ -165,11 +207,17 @@ def decide(
             )
             return Outcome(Status.FAILED, error=dumps(error_record(big, with_traceback=False)))
         return Outcome(Status.SUCCEEDED, result=encoded)
+    if isinstance(exc, Snooze):  # checked again: task code may have changed it since
+        return Outcome(
+            Status.TODO, retry_in=check_delay("Snooze(seconds)", exc.seconds), snooze=True
+        )
     err_json = dumps(error_record(exc))
+    if isinstance(exc, Discard):
+        return Outcome(Status.FAILED, error=err_json)
     if task is not None:
-        delay = task.retry.delay(job.attempts, exc)
-        if delay is not None:
-            return Outcome(Status.TODO, error=err_json, retry_in=delay)
+        decision = task.retry.decide(job.attempts, exc)
+        if decision is not None:
+            return Outcome(Status.TODO, error=err_json, retry_in=decision.delay, move=decision.move)
     return Outcome(Status.FAILED, error=err_json)
 
 

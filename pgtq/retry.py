@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pgtq.validation import check_delay, check_priority, check_queue
+
 Backoff = Literal["exponential", "linear", "fixed"]
 
 
@@ -36,6 +38,11 @@ class Retry:
         if self.base < 0 or self.max_delay < 0 or not 0 <= self.jitter <= 1:
             raise ValueError("Retry: base and max_delay must be >= 0, jitter within [0, 1]")
 
+    def decide(self, attempt: int, exc: BaseException) -> RetryDecision | None:
+        """The :class:`RetryDecision` after a failed ``attempt`` (None: it was the last)."""
+        delay = self.delay(attempt, exc)
+        return None if delay is None else RetryDecision(delay)
+
     def delay(
         self, attempt: int, exc: BaseException, rand: Callable[[], float] = random.random
     ) -> float | None:
@@ -54,17 +61,66 @@ class Retry:
         return min(self.max_delay, low + low * self.jitter * rand())
 
 
+@dataclass(frozen=True, slots=True)
+class RetryDecision:
+    """Run a failed job again after ``delay`` seconds, in ``queue`` and at ``priority`` when
+    given (else where it was): what a retry policy written as a function may return, as
+    well as a bare delay. Checked here: a bad value is an error of the policy, which fails
+    the attempt without retry (pgtq.outcomes.decide_safely)."""
+
+    delay: float
+    queue: str | None = None
+    priority: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "delay", check_delay("RetryDecision(delay)", self.delay))
+        if self.queue is not None:
+            object.__setattr__(self, "queue", check_queue(self.queue))
+        if self.priority is not None:
+            object.__setattr__(self, "priority", check_priority(self.priority))
+
+    @property
+    def move(self) -> tuple[str | None, int | None] | None:
+        """The queue and priority to move the job to (None: it stays where it is)."""
+        if self.queue is None and self.priority is None:
+            return None
+        return self.queue, self.priority
+
+
+#: A retry policy as a function: ``(attempt, exception) -> seconds | RetryDecision | None``
+#: (None: no more attempts).
+RetryFunction = Callable[[int, BaseException], "float | RetryDecision | None"]
+
+
+@dataclass(frozen=True)
+class RetryByFunction:
+    """``@app.task(retry=function)``: the function decides after each failed attempt."""
+
+    function: RetryFunction
+    #: Not known in advance: the function decides (logs say "attempt 3", not "3 of 5").
+    max_attempts: int | None = None
+
+    def decide(self, attempt: int, exc: BaseException) -> RetryDecision | None:
+        decided = self.function(attempt, exc)
+        if decided is None or isinstance(decided, RetryDecision):
+            return decided
+        return RetryDecision(decided)
+
+
 NO_RETRY = Retry(max_attempts=1)
 
 
-def as_retry(value: Retry | int | None) -> Retry:
-    """``retry=5`` is shorthand for ``Retry(max_attempts=5)``; None means a single attempt."""
+def as_retry(value: Retry | RetryFunction | int | None) -> Retry | RetryByFunction:
+    """``retry=5`` is shorthand for ``Retry(max_attempts=5)``; None means a single attempt;
+    a function is a policy of its own (:class:`RetryByFunction`)."""
     if value is None:
         return NO_RETRY
     if isinstance(value, Retry):
         return value
+    if callable(value):
+        return RetryByFunction(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"retry must be a pgtq.Retry or an int, got {value!r}")
+        raise TypeError(f"retry must be a pgtq.Retry, an int or a function, got {value!r}")
     return Retry(max_attempts=value)
 
 

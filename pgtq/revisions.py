@@ -31,6 +31,7 @@ REVISIONS: tuple[tuple[str, Phase], ...] = (
     ("pgtq_0005", "pre"),
     ("pgtq_0006", "post"),
     ("pgtq_0007", "pre"),
+    ("pgtq_0008", "pre"),
 )
 
 #: The table where Alembic records pgtq's revisions (in pgtq's schema).

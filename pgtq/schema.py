@@ -28,6 +28,13 @@ class InvalidSchemaName(ValueError):
     """The schema name is not a plain lower-case PostgreSQL identifier."""
 
 
+#: The predicates of the keys' partial unique indexes (an ON CONFLICT names them to find its
+#: arbiter index): a waiting job holds its ``queueing_lock``; a job of a period holds its
+#: ``unique_key`` unless it failed or ended early.
+QUEUEING_LOCK_HELD = "status = 'todo' AND queueing_lock IS NOT NULL"
+UNIQUE_KEY_HELD = "unique_key IS NOT NULL AND status NOT IN ('failed', 'cancelled', 'aborted')"
+
+
 def validate_schema_name(name: str) -> str:
     """Accept only plain identifiers, so the name is safe in DDL, channel names and URLs."""
     if not isinstance(name, str) or not _IDENTIFIER.match(name) or name.startswith("pg_"):
@@ -74,11 +81,15 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         sa.Column("scheduled_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("lock", sa.Text, nullable=True),
         sa.Column("queueing_lock", sa.Text, nullable=True),
+        # ``<queueing_lock>@<period number>`` of a job deferred with ``unique_for``.
+        sa.Column("unique_key", sa.Text, nullable=True),
         # pgtq_0004: jobs sharing a key run at most ``cap`` at a time (a lock is cap 1).
         sa.Column("concurrency_key", sa.Text, nullable=True),
         # pgtq_0004: the deferring span's trace context (W3C traceparent), when tracing is on.
         sa.Column("trace_context", JSONB, nullable=True),
         sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        # Times the job was snoozed (``raise pgtq.Snooze``): its attempts were given back.
+        sa.Column("snoozes", sa.Integer, nullable=False, server_default="0"),
         sa.Column("worker_id", sa.Text, nullable=True),
         sa.Column("abort_requested", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("result", JSONB, nullable=True),
@@ -117,7 +128,14 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
             "jobs_queueing_lock_todo_idx",
             "queueing_lock",
             unique=True,
-            postgresql_where=sa.text("status = 'todo' AND queueing_lock IS NOT NULL"),
+            postgresql_where=sa.text(QUEUEING_LOCK_HELD),
+        ),
+        # At most one job per key and period (``unique_for``) that did not fail or end early.
+        sa.Index(
+            "jobs_unique_key_idx",
+            "unique_key",
+            unique=True,
+            postgresql_where=sa.text(UNIQUE_KEY_HELD),
         ),
         # The jobs a worker holds: abort polling and rescue look them up.
         sa.Index(

@@ -19,8 +19,9 @@ added to it) and fails on such a name, or on a parameter the statement does not 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from functools import cache, cached_property
 from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, TypeVar, cast
@@ -31,7 +32,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.dml import ReturningDelete, ReturningInsert, ReturningUpdate
 
-from pgtq.model import ClaimedJob, Job, JobEvent, Status
+from pgtq.model import MAX_SNOOZES, SNOOZED, ClaimedJob, Job, JobEvent, Status
 from pgtq.reports import (
     COUNTED_STATUSES,
     QueueInfo,
@@ -43,7 +44,14 @@ from pgtq.reports import (
     ThroughputBucket,
     WorkerInfo,
 )
-from pgtq.schema import HISTORY_TRIGGERS, Tables, notify_channel, tables_for
+from pgtq.schema import (
+    HISTORY_TRIGGERS,
+    QUEUEING_LOCK_HELD,
+    UNIQUE_KEY_HELD,
+    Tables,
+    notify_channel,
+    tables_for,
+)
 
 if TYPE_CHECKING:
     from pgtq.turns import Answer
@@ -71,6 +79,21 @@ TODO, DOING = _status(Status.TODO), _status(Status.DOING)
 SUCCEEDED, FAILED = _status(Status.SUCCEEDED), _status(Status.FAILED)
 CANCELLED, ABORTED = _status(Status.CANCELLED), _status(Status.ABORTED)
 ONE_SECOND: sa.ColumnElement[Any] = sa.literal_column("interval '1 second'")
+#: An outcome of ``raise Snooze(...)`` (see ``complete_snoozing``); never a job's status.
+SNOOZED_OUTCOME: sa.ColumnElement[str] = sa.literal_column(f"'{SNOOZED}'", sa.Text)
+#: The error of the snooze past the bound. A literal (quotes doubled), not a parameter: the
+#: completion runs on the driver with its own parameters only.
+_SNOOZED_TOO_OFTEN: sa.ColumnElement[Any] = sa.literal_column(
+    "'{}'::jsonb".format(
+        json.dumps(
+            {
+                "type": "SnoozeLimit",
+                "message": f"the job snoozed {MAX_SNOOZES} times (the most a job may)",
+            }
+        ).replace("'", "''")
+    )
+)
+_MAX_SNOOZES = sa.literal_column(str(MAX_SNOOZES), sa.Integer)
 
 #: A control of jobs, by one id or in bulk (``retry_many``, ...).
 Action = Literal["retry", "cancel", "abort", "delete"]
@@ -225,11 +248,28 @@ class Statements:
         self.channel = notify_channel(tables.schema)
         self.abort_channel = self.channel + "_abort"
         self._claims: dict[tuple[str, int, bool], Claim] = {}
+        self._completions: dict[tuple[bool, Rare], Any] = {}
+        self._keyed: dict[Conflict, sa.Select[Any]] = {}
 
     # -- enqueue ---------------------------------------------------------------------------
 
     @cached_property
     def insert_jobs(self) -> sa.Select[Any]:
+        return self._insert_jobs(None)
+
+    def insert_keyed(self, conflict: Conflict) -> sa.Select[Any]:
+        """``insert_jobs`` of a job with a key: the job holding it (a waiting one with the
+        same ``queueing_lock``, or with ``conflict.per_period`` any job of the key's current
+        period that did not fail or was not cancelled) is kept, and its id comes back with
+        ``fresh`` false. With ``conflict.replace``, the job holding it takes the new job's
+        arguments, schedule and priority if it is a waiting job of the same task (a
+        debounce), else no row comes back. Built once per variant."""
+        found = self._keyed.get(conflict)
+        if found is None:
+            found = self._keyed[conflict] = self._insert_jobs(conflict)
+        return found
+
+    def _insert_jobs(self, conflict: Conflict | None) -> sa.Select[Any]:
         """Insert the jobs of one ``defer`` or ``defer_many`` call: the options they share as
         scalars, their arguments as one JSON array that PostgreSQL splits. One JSON text is
         encoded in one call and sent as one value: a thousand jobs go in ~30 % faster than
@@ -261,19 +301,60 @@ class Statements:
             type_=sa.DateTime(timezone=True),
         )
         values: list[sa.ColumnElement[Any]] = []
+        per_period = conflict is not None and conflict.per_period
         for name, kind in INSERT_COLUMNS:
             value = (
                 rows.c.value
                 if name == "args"
                 else at
                 if name == "scheduled_at"
+                else sa.null()
+                if name == "queueing_lock" and per_period  # the key goes to unique_key
                 else sa.bindparam(new_param(name), type_=kind)
             )
             values.append(sa.cast(value, JSONB) if name == "trace_context" else value)
         columns = [name for name, _ in INSERT_COLUMNS]
+        if per_period:  # the key and the period it falls in, on the server's clock
+            period = sa.func.floor(
+                sa.func.extract("epoch", sa.func.now()) / sa.bindparam("unique_for", type_=sa.Float)
+            )
+            key = sa.bindparam(new_param("queueing_lock"), type_=sa.Text)
+            values.append(
+                key + sa.literal("@", sa.Text) + sa.cast(sa.cast(period, sa.BigInteger), sa.Text)
+            )
+            columns.append("unique_key")
         select = sa.select(*values).select_from(rows)
-        inserted = sa.insert(j).from_select(columns, select).returning(j.c.id).cte("inserted")
-        return self._announce(inserted, sa.bindparam(new_param("queue"), type_=sa.Text), at)
+        queue = sa.bindparam(new_param("queue"), type_=sa.Text)
+        if conflict is None:
+            inserted = sa.insert(j).from_select(columns, select).returning(j.c.id).cte("inserted")
+            return self._announce(inserted, queue, at)
+        # A job with a queueing_lock: ON CONFLICT against the waiting job holding the key, which
+        # it returns (the update is what makes RETURNING give an existing row, also one
+        # committed after this statement's snapshot), with whether the row is new.
+        upsert = pg_insert(j).from_select(columns, select)
+        new = upsert.excluded
+        key_column = "unique_key" if per_period else "queueing_lock"
+        changes: dict[str, Any] = (
+            {"args": new.args, "scheduled_at": new.scheduled_at, "priority": new.priority}
+            if conflict.replace
+            else {key_column: new[key_column]}
+        )
+        keyed = upsert.on_conflict_do_update(
+            index_elements=[key_column],
+            index_where=sa.text(UNIQUE_KEY_HELD if per_period else QUEUEING_LOCK_HELD),
+            set_=changes,
+            # Replace only a waiting job of the same task: a key is unique across tasks, and
+            # a job of the period may have run already.
+            where=(
+                sa.and_(j.c.task_name == new.task_name, j.c.status == TODO)
+                if conflict.replace
+                else None
+            ),
+        )
+        fresh = sa.literal_column("xmax = '0'::xid", sa.Boolean).label("fresh")
+        inserted = keyed.returning(j.c.id, fresh).cte("inserted")
+        kept_only = None if conflict.replace else inserted.c.fresh
+        return self._announce(inserted, queue, at, inserted.c.fresh, announced_if=kept_only)
 
     @property
     def _channel(self) -> sa.ColumnElement[str]:
@@ -281,7 +362,12 @@ class Statements:
         return sa.literal_column(f"'{self.channel}'", sa.Text)
 
     def _announce(
-        self, inserted: sa.CTE, queue: sa.ColumnElement[str], at: sa.ColumnElement[Any]
+        self,
+        inserted: sa.CTE,
+        queue: sa.ColumnElement[str],
+        at: sa.ColumnElement[Any],
+        *more: sa.ColumnElement[Any],
+        announced_if: sa.ColumnElement[bool] | None = None,
     ) -> sa.Select[Any]:
         """Select the inserted ids, sending one NOTIFY on the jobs' channel (``at``: their
         schedule, the same expression they were inserted with). When they are due its payload
@@ -296,7 +382,10 @@ class Statements:
 
         # Any id of the insert names it (a turn's token): the first row's, read alone rather
         # than an aggregate over every inserted row; the count is the caller's.
-        first = sa.select(inserted.c.id).limit(sa.literal_column("1")).scalar_subquery()
+        ids = sa.select(inserted.c.id)
+        if announced_if is not None:  # a kept duplicate wakes nobody: nothing new is due
+            ids = ids.where(announced_if)
+        first = ids.limit(sa.literal_column("1")).scalar_subquery()
         count = sa.bindparam(new_param("count"), type_=sa.Integer)
         named = text("#") + sa.cast(first, sa.Text) + text(":") + sa.cast(count, sa.Text)
         payload = sa.case((_due(at), named), else_=text("@") + until) + text(" ") + queue
@@ -304,7 +393,7 @@ class Statements:
             first.is_not(None)
         )
         announced = sent.cte("announced")
-        return sa.select(inserted.c.id).select_from(inserted.outerjoin(announced, sa.true()))
+        return sa.select(inserted.c.id, *more).select_from(inserted.outerjoin(announced, sa.true()))
 
     # -- claim -----------------------------------------------------------------------------
 
@@ -783,8 +872,29 @@ class Statements:
     def complete_deleting(self) -> sa.Select[Any]:
         """``complete``, except that jobs ending in one of ``:delete_statuses`` are deleted
         (a worker's ``delete_jobs`` option), with the same guard."""
+        return self._complete_deleting(Rare())
+
+    def completion(self, deleting: bool, rare: Rare) -> Any:
+        """The completion statement a batch needs. Nearly every batch takes ``complete`` (or
+        ``complete_deleting``); a batch with a rare outcome takes a variant, built once:
+        ``rare.snoozing`` (a ``snoozed`` outcome: back to ``todo`` with its attempt given
+        back and one more snooze counted, or ``failed`` past :data:`MAX_SNOOZES`),
+        ``rare.moving`` (a retry into another queue or at another priority, from
+        ``:queues`` and ``:priorities``). So those cost the other batches nothing."""
+        if not rare:
+            return self.complete_deleting if deleting else self.complete
+        key = (deleting, rare)
+        found = self._completions.get(key)
+        if found is None:
+            u = self._outcomes(rare)
+            found = self._completions[key] = (
+                self._complete_deleting(rare) if deleting else self._complete_update(u, rare=rare)
+            )
+        return found
+
+    def _complete_deleting(self, rare: Rare) -> sa.Select[Any]:
         j = self.jobs
-        u = self._outcomes()
+        u = self._outcomes(rare)
         deleting = u.c.status == sa.any_(_array("delete_statuses", sa.Text()))
         deleted = (
             sa.delete(j)
@@ -800,7 +910,7 @@ class Statements:
             )
             .cte("deleted")
         )
-        updated = self._complete_update(u, ~deleting).cte("updated")
+        updated = self._complete_update(u, ~deleting, rare=rare).cte("updated")
         found = sa.union_all(sa.select(deleted.c.id), sa.select(updated.c.id)).subquery()
         return found.select().add_cte(self._history_of_deleted(deleted))
 
@@ -852,8 +962,8 @@ class Statements:
         rows = sa.select(*events.c).where(history_on)
         return e.insert().from_select(columns, rows).cte("stored")
 
-    def _outcomes(self) -> Any:
-        columns = (
+    def _outcomes(self, rare: Rare | None = None) -> Any:
+        columns: tuple[tuple[str, str, sa.types.TypeEngine[Any]], ...] = (
             ("ids", "id", sa.BigInteger()),
             ("outcome_attempts", "attempt", sa.Integer()),
             ("statuses", "status", sa.Text()),
@@ -861,6 +971,8 @@ class Statements:
             ("errors", "error", sa.Text()),
             ("retry_in", "retry_in", sa.Float()),
         )
+        if rare is not None and rare.moving:
+            columns += (("queues", "queue", sa.Text()), ("priorities", "priority", sa.Integer()))
         return (
             sa.func.unnest(*(_array(param, kind) for param, _, kind in columns))
             .table_valued(*(sa.column(name, kind) for _, name, kind in columns))
@@ -876,18 +988,44 @@ class Statements:
         j = self.jobs
         return (j.c.status == DOING, j.c.worker_id == sa.bindparam("me", type_=sa.Text))
 
-    def _complete_update(self, u: Any, *where: sa.ColumnElement[bool]) -> ReturningUpdate[Any]:
+    def _complete_update(
+        self, u: Any, *where: sa.ColumnElement[bool], rare: Rare | None = None
+    ) -> ReturningUpdate[Any]:
         j = self.jobs
+        snoozing = rare is not None and rare.snoozing
+        back = u.c.status.in_([TODO, SNOOZED_OUTCOME]) if snoozing else u.c.status == TODO
         # A retry of a job whose abort was requested ends it ``aborted``: never run again.
-        aborted_retry = sa.and_(u.c.status == TODO, j.c.abort_requested)
-        retrying = sa.and_(u.c.status == TODO, ~j.c.abort_requested)
+        aborted_retry = sa.and_(back, j.c.abort_requested)
+        status: sa.ColumnElement[Any] = sa.case((aborted_retry, ABORTED), else_=u.c.status)
+        error: sa.ColumnElement[Any] = sa.cast(u.c.error, JSONB)
+        snoozed: dict[str, Any] = {}  # the columns only a rare outcome writes
+        retrying = sa.and_(back, ~j.c.abort_requested)
+        if snoozing:
+            over = sa.and_(u.c.status == SNOOZED_OUTCOME, j.c.snoozes >= _MAX_SNOOZES)
+            retrying = sa.and_(retrying, ~over)
+            given_back = sa.case((sa.and_(u.c.status == SNOOZED_OUTCOME, retrying), 1), else_=0)
+            status = sa.case(
+                (aborted_retry, ABORTED), (over, FAILED), (back, TODO), else_=u.c.status
+            )
+            error = sa.case((over, _SNOOZED_TOO_OFTEN), else_=error)
+            snoozed = {
+                "attempts": j.c.attempts - given_back,
+                "snoozes": j.c.snoozes + given_back,
+            }
+        if rare is not None and rare.moving:
+            snoozed["queue"] = sa.case(
+                (retrying, sa.func.coalesce(u.c.queue, j.c.queue)), else_=j.c.queue
+            )
+            snoozed["priority"] = sa.case(
+                (retrying, sa.func.coalesce(u.c.priority, j.c.priority)), else_=j.c.priority
+            )
         return (
             sa.update(j)
             .where(j.c.id == u.c.id, *self._held_by_worker(), self._same_attempt(u), *where)
             .values(
-                status=sa.case((aborted_retry, ABORTED), else_=u.c.status),
+                status=status,
                 result=sa.cast(u.c.result, JSONB),
-                error=sa.cast(u.c.error, JSONB),
+                error=error,
                 abort_requested=sa.false(),
                 worker_id=sa.case((retrying, sa.null()), else_=j.c.worker_id),
                 scheduled_at=sa.case(
@@ -895,6 +1033,7 @@ class Statements:
                     else_=j.c.scheduled_at,
                 ),
                 finished_at=sa.case((retrying, sa.null()), else_=sa.func.clock_timestamp()),
+                **snoozed,
             )
             .returning(j.c.id)
         )
@@ -1782,6 +1921,23 @@ def insert_jobs(s: Statements, new: NewJobs) -> Query[list[int]]:
     return Query(s.insert_jobs, new.as_params(), _id_list, driver=True)
 
 
+def insert_keyed_job(
+    s: Statements, new: NewJobs, *, replace: bool, unique_for: float | None = None
+) -> Query[tuple[int, bool] | None]:
+    """A job with a ``queueing_lock`` (unique among waiting jobs, or per period of
+    ``unique_for`` seconds): (its id, new) or (the id of the job holding the key, not new);
+    None when ``replace`` met a job it may not replace."""
+
+    def mapper(rows: Rows) -> tuple[int, bool] | None:
+        return (rows[0][0], bool(rows[0][1])) if rows else None
+
+    params = new.as_params()
+    if unique_for is not None:
+        params["unique_for"] = unique_for
+    statement = s.insert_keyed(Conflict(replace, unique_for is not None))
+    return Query(statement, params, mapper, driver=True)
+
+
 def get_job(s: Statements, job_id: int) -> Query[Job | None]:
     def mapper(rows: Rows) -> Job | None:
         return to_job(rows[0]) if rows else None
@@ -1817,6 +1973,23 @@ def announce(s: Statements, queue: str) -> Query[None]:
     return Query(s.announce, {"announce_queue": queue}, _no_value)
 
 
+class Conflict(NamedTuple):
+    """What a keyed insert does when the key is held (``Statements.insert_keyed``)."""
+
+    replace: bool = False  # update the holding job (else keep it)
+    per_period: bool = False  # the key is unique per period (``unique_for``), in unique_key
+
+
+class Rare(NamedTuple):
+    """The rare outcomes a batch holds, each needing a variant of the completion statement."""
+
+    snoozing: bool = False
+    moving: bool = False
+
+    def __bool__(self) -> bool:
+        return self.snoozing or self.moving
+
+
 @dataclass(slots=True)
 class Outcomes:
     """Finished attempts waiting to be written, as parallel arrays (one ``complete`` each)."""
@@ -1827,6 +2000,8 @@ class Outcomes:
     results: list[str | None]
     errors: list[str | None]
     retry_in: list[float | None]
+    #: Retries that move their job: id → (queue, priority), None for either that stays.
+    moves: dict[int, tuple[str | None, int | None]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> Outcomes:
@@ -1881,10 +2056,14 @@ def complete_jobs(
     }
     _same_lengths("Outcomes", arrays)
     params: dict[str, Any] = {"me": worker_id, **arrays}
+    rare = Rare(snoozing=SNOOZED in outcomes.statuses, moving=bool(outcomes.moves))
+    if rare.moving:
+        stay = (None, None)
+        params["queues"] = [outcomes.moves.get(i, stay)[0] for i in outcomes.ids]
+        params["priorities"] = [outcomes.moves.get(i, stay)[1] for i in outcomes.ids]
     if delete_statuses:
         params["delete_statuses"] = list(delete_statuses)
-        return Query(s.complete_deleting, params, _id_list, driver=True)
-    return Query(s.complete, params, _id_list, driver=True)
+    return Query(s.completion(bool(delete_statuses), rare), params, _id_list, driver=True)
 
 
 def release_jobs(s: Statements, worker_id: str, ids: Sequence[int]) -> Query[list[int]]:

@@ -10,16 +10,16 @@ import inspect
 from collections.abc import Awaitable, Callable, Iterable, KeysView, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, cast
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pgtq import observers, statements, validation
-from pgtq.errors import ConfigurationError, InvalidArguments
+from pgtq.errors import AlreadyEnqueued, ConfigurationError, InvalidArguments
 from pgtq.limits import Limit, parse_rate
-from pgtq.model import dumps
-from pgtq.retry import Retry, as_retry
+from pgtq.model import Deferred, dumps
+from pgtq.retry import Retry, RetryFunction, as_retry
 
 if TYPE_CHECKING:
     from pgtq.app import App
@@ -40,7 +40,7 @@ class TaskOptions(TypedDict, total=False):
 
     queue: str
     priority: int
-    retry: Retry | int | None
+    retry: Retry | RetryFunction | int | None
     timeout: float | None
     pass_context: bool | None
     middleware: Sequence[Middleware]
@@ -63,6 +63,10 @@ def check_task_options(name: str, options: Mapping[str, Any]) -> None:
         )
 
 
+#: ``configure(on_conflict=...)``: see :attr:`JobOptions.on_conflict`.
+OnConflict = Literal["raise", "skip", "replace"]
+
+
 @dataclass(frozen=True, slots=True)
 class JobOptions:
     """What ``configure()`` can change for the jobs it defers."""
@@ -74,6 +78,13 @@ class JobOptions:
     schedule_in: float | None = None
     lock: str | None = None
     queueing_lock: str | None = None
+    #: With a ``queueing_lock``, when a job with that key waits already: ``raise``
+    #: :class:`AlreadyEnqueued`, ``skip`` (its id comes back), or ``replace`` its arguments,
+    #: schedule and priority with this job's.
+    on_conflict: OnConflict = "raise"
+    #: Seconds: the ``queueing_lock`` is unique per period of this length (whatever the
+    #: job's status but failed or ended early), not only among waiting jobs.
+    unique_for: float | None = None
     concurrency_key: str | None = None
 
 
@@ -105,7 +116,7 @@ class Task(Generic[R]):
         name: str,
         queue: str = "default",
         priority: int = 0,
-        retry: Retry | int | None = None,
+        retry: Retry | RetryFunction | int | None = None,
         timeout: float | None = None,
         pass_context: bool | None = None,
         middleware: Sequence[Middleware] = (),
@@ -186,6 +197,8 @@ class Task(Generic[R]):
         schedule_in: timedelta | float | None = None,
         lock: str | None = None,
         queueing_lock: str | None = None,
+        on_conflict: OnConflict = "raise",
+        unique_for: timedelta | float | None = None,
         concurrency_key: str | None = None,
     ) -> Deferrer:
         """Job options for the jobs deferred through the returned :class:`Deferrer`, each
@@ -206,6 +219,13 @@ class Task(Generic[R]):
             queueing_lock=validation.check_key("queueing_lock", queueing_lock),
             concurrency_key=validation.check_key("concurrency_key", concurrency_key),
         )
+        checked = validation.check_on_conflict(on_conflict, options.queueing_lock)
+        period = (
+            None
+            if unique_for is None
+            else validation.check_unique_for(unique_for, options.queueing_lock)
+        )
+        options = replace(options, on_conflict=cast(OnConflict, checked), unique_for=period)
         return Deferrer(self, options)
 
     def _plain(self) -> Deferrer:
@@ -291,9 +311,19 @@ class Deferrer:
         self.options = options
 
     def encode(self, arguments: Iterable[Mapping[str, Any]]) -> statements.NewJobs:
-        """Check and encode jobs before anything is written: the one place defer decides."""
+        """Check and encode jobs before anything is written: the one place defer decides.
+
+        With a ``queueing_lock`` at most one job of the call can wait: ``raise`` refuses a
+        call of several, ``skip`` inserts the first, ``replace`` the last (the newest wins)."""
         o = self.options
         checked = [self._checked(kwargs) for kwargs in arguments]
+        if o.queueing_lock is not None and len(checked) > 1:
+            if o.on_conflict == "raise":
+                raise InvalidArguments(
+                    f"queueing_lock: {len(checked)} jobs with one key, of which at most one "
+                    "may wait: defer one, or configure(on_conflict='skip' or 'replace')"
+                )
+            checked = checked[-1:] if o.on_conflict == "replace" else checked[:1]
         carrier = observers.trace_context()
         return statements.NewJobs(
             queue=o.queue,
@@ -331,34 +361,78 @@ class Deferrer:
     def _insert(self, new: statements.NewJobs) -> statements.Query[list[int]]:
         return statements.insert_jobs(self.task.app.statements, new)
 
+    def _keyed(self, new: statements.NewJobs) -> statements.Query[tuple[int, bool] | None]:
+        o = self.options
+        return statements.insert_keyed_job(
+            self.task.app.statements,
+            new,
+            replace=o.on_conflict == "replace",
+            unique_for=o.unique_for,
+        )
+
     def defer(self, *args: Any, connection: Connection | None = None, **kwargs: Any) -> int:
         """:meth:`Task.defer` with this deferrer's options."""
         _no_positional(self.task, args)
-        return self.task.app.sync.run(self._insert(self.encode([kwargs])), connection)[0]
+        new = self.encode([kwargs])
+        if new.queueing_lock is not None:
+            return self._settle(self.task.app.sync.run(self._keyed(new), connection), 1)[0]
+        return self.task.app.sync.run(self._insert(new), connection)[0]
 
     async def defer_async(
         self, *args: Any, connection: AsyncConnection | None = None, **kwargs: Any
     ) -> int:
         """:meth:`Task.defer_async` with this deferrer's options."""
         _no_positional(self.task, args)
-        query = self._insert(self.encode([kwargs]))
-        return (await self.task.app.async_connector().run(query, connection))[0]
+        new = self.encode([kwargs])
+        run = self.task.app.async_connector().run
+        if new.queueing_lock is not None:
+            return self._settle(await run(self._keyed(new), connection), 1)[0]
+        return (await run(self._insert(new), connection))[0]
 
     def defer_many(
         self, arguments: Iterable[Mapping[str, Any]], *, connection: Connection | None = None
     ) -> list[int]:
         """:meth:`Task.defer_many` with this deferrer's options."""
-        new = self.encode(arguments)
-        return self.task.app.sync.run(self._insert(new), connection) if new.count else []
+        jobs = list(arguments)
+        new = self.encode(jobs)
+        if not new.count:
+            return []
+        if new.queueing_lock is not None:
+            return self._settle(self.task.app.sync.run(self._keyed(new), connection), len(jobs))
+        return self.task.app.sync.run(self._insert(new), connection)
 
     async def defer_many_async(
         self, arguments: Iterable[Mapping[str, Any]], *, connection: AsyncConnection | None = None
     ) -> list[int]:
         """:meth:`Task.defer_many_async` with this deferrer's options."""
-        new = self.encode(arguments)
+        jobs = list(arguments)
+        new = self.encode(jobs)
         if not new.count:
             return []
-        return await self.task.app.async_connector().run(self._insert(new), connection)
+        run = self.task.app.async_connector().run
+        if new.queueing_lock is not None:
+            return self._settle(await run(self._keyed(new), connection), len(jobs))
+        return await run(self._insert(new), connection)
+
+    def _settle(self, row: tuple[int, bool] | None, positions: int) -> list[int]:
+        """What a defer with a key returns, per position of its call (the one job inserted,
+        then its duplicates), or the error its ``on_conflict`` says."""
+        o = self.options
+        held = "in this period" if o.unique_for is not None else "while it waits"
+        if row is None:  # replace met a job it may not replace
+            raise AlreadyEnqueued(
+                f"queueing_lock {o.queueing_lock!r}: held by a job of another task or one no "
+                "longer waiting, which on_conflict='replace' leaves alone"
+            )
+        job_id, fresh = row
+        if not fresh and o.on_conflict == "raise":
+            raise AlreadyEnqueued(
+                f"queueing_lock {o.queueing_lock!r}: job {job_id} holds this key {held} "
+                "(configure(on_conflict='skip') returns its id instead)",
+                job_id=job_id,
+            )
+        first = Deferred(job_id, duplicate=not fresh)
+        return [first, *(Deferred(job_id, duplicate=True) for _ in range(positions - 1))]
 
 
 #: ``middleware(ctx, call_next)``: runs around a task; ``call_next()`` runs the rest of the

@@ -146,6 +146,51 @@ def schedule_seconds(value: object) -> float:
     return max(seconds, 0.0)
 
 
+#: What a defer with a ``queueing_lock`` does when a job with that key is already waiting.
+ON_CONFLICT = ("raise", "skip", "replace")
+
+
+def check_on_conflict(value: object, queueing_lock: str | None) -> str:
+    """``configure(on_conflict=...)``: one of :data:`ON_CONFLICT`, and only with a key."""
+    if value not in ON_CONFLICT:
+        raise InvalidArguments(
+            f"on_conflict: must be one of {', '.join(ON_CONFLICT)}, got {value!r}"
+        )
+    if value != "raise" and queueing_lock is None:
+        raise InvalidArguments(f"on_conflict: {value!r} needs a queueing_lock to conflict on")
+    return str(value)
+
+
+def check_unique_for(value: object, queueing_lock: str | None) -> float:
+    """``configure(unique_for=...)``: a period (seconds or a timedelta) over zero and within
+    :data:`SCHEDULE_HORIZON`, and only with a ``queueing_lock`` (the key it makes unique)."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, Real):
+        raise InvalidArguments(
+            f"unique_for: must be a timedelta or a number of seconds, got {type(value).__name__}"
+        )
+    if not 0 < float(seconds) <= _HORIZON_SECONDS:  # also false for NaN
+        raise InvalidArguments(f"unique_for: must be a period over zero, got {value!r}")
+    if queueing_lock is None:
+        raise InvalidArguments("unique_for: needs a queueing_lock, the key it makes unique")
+    return float(seconds)
+
+
+def check_delay(field: str, value: object) -> float:
+    """A delay a task or its retry policy decides (``Snooze(seconds)``,
+    ``RetryDecision(delay=...)``): a finite number of seconds from 0 to
+    :data:`SCHEDULE_HORIZON`, so the time it gives stays in PostgreSQL's range."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise InvalidArguments(f"{field}: must be a number of seconds, got {type(value).__name__}")
+    seconds = float(value)
+    if not 0 <= seconds <= _HORIZON_SECONDS:  # also false for NaN
+        raise InvalidArguments(
+            f"{field}: must be from 0 to {SCHEDULE_HORIZON.days // 365} years in seconds, "
+            f"got {value!r}"
+        )
+    return seconds
+
+
 def check_max_args_bytes(value: object) -> int | None:
     """``App(max_args_bytes=...)``: None (no cap) or a positive int."""
     if value is None:

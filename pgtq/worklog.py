@@ -42,7 +42,8 @@ def log_attempt(
     )
     if not logger.isEnabledFor(level):
         return
-    of = f" of {task.retry.max_attempts}" if task is not None else ""
+    most = task.retry.max_attempts if task is not None else None
+    of = f" of {most}" if most is not None else ""
     extra: dict[str, Any] = {
         "job_id": job.id,
         "task": job.task_name,

@@ -28,10 +28,12 @@ from pgtq import statements
 from pgtq.model import Status
 from pgtq.statements import (
     ACTS_ON,
+    Conflict,
     ListKey,
     NewJobs,
     Outcomes,
     Query,
+    Rare,
     Selection,
     SelectionKey,
     Statements,
@@ -95,6 +97,17 @@ BUILDER_ARGS: dict[str, list[tuple[Any, ...]]] = {
     ],
     "throughput": [(False,), (True,)],
     "set_history": [(True,), (False,)],
+    "insert_keyed": [
+        (Conflict(replace, per_period),)
+        for replace in (False, True)
+        for per_period in (False, True)
+    ],
+    "completion": [
+        (deleting, Rare(snoozing, moving))
+        for deleting in (False, True)
+        for snoozing in (False, True)
+        for moving in (False, True)
+    ],
 }
 #: Attributes of ``Statements`` that are not statements.
 NOT_STATEMENTS = {"job_columns", "_built", "_channel"}
@@ -132,10 +145,24 @@ def _outcomes() -> Outcomes:
     return outcomes
 
 
+def _rare_outcomes() -> Outcomes:
+    """A snooze and a retry that moves its job: the completion's variants."""
+    outcomes = _outcomes()
+    outcomes.append(2, 1, "snoozed", None, None, 5.0)
+    outcomes.add(3, Status.TODO, None, "{}", 0.0, attempt=1)
+    outcomes.moves[3] = ("slow", None)
+    return outcomes
+
+
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 #: Every query function of ``pgtq.statements``, each with calls covering its variants.
 QUERIES: dict[str, list[Callable[[], Any]]] = {
     "insert_jobs": [lambda: statements.insert_jobs(S, _new_jobs())],
+    "insert_keyed_job": [
+        lambda: statements.insert_keyed_job(S, _new_jobs(), replace=False),
+        lambda: statements.insert_keyed_job(S, _new_jobs(), replace=True),
+        lambda: statements.insert_keyed_job(S, _new_jobs(), replace=False, unique_for=60.0),
+    ],
     "get_job": [lambda: statements.get_job(S, 1)],
     "claim_jobs": [
         lambda: statements.claim_jobs(S, "w", None, 20),
@@ -146,6 +173,8 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
     "complete_jobs": [
         lambda: statements.complete_jobs(S, "w", _outcomes()),
         lambda: statements.complete_jobs(S, "w", _outcomes(), ("succeeded",)),
+        lambda: statements.complete_jobs(S, "w", _rare_outcomes()),
+        lambda: statements.complete_jobs(S, "w", _rare_outcomes(), ("succeeded",)),
     ],
     "release_jobs": [lambda: statements.release_jobs(S, "w", [1])],
     "release_unknown_jobs": [lambda: statements.release_unknown_jobs(S, "w", [1])],
