@@ -114,7 +114,12 @@ def _previous_release(tmp: Path) -> tuple[Path, str]:
     script = migrations._script()
     (head,) = migrations.heads()
     newest = Path(script.get_revision(head).path).relative_to(ROOT)  # type: ignore[union-attr]
-    added = _git("log", "--diff-filter=A", "--format=%H", "-n1", "--", str(newest))
+    # Along main's own line (--first-parent): a revision written on a branch lands with its
+    # merge, and the release before it is main just before that merge (with every revision
+    # landed meanwhile), not the branch's own parent.
+    added = _git(
+        "log", "--first-parent", "--diff-filter=A", "--format=%H", "-n1", "--", str(newest)
+    )
     previous = f"{added}^" if added else "HEAD"  # an uncommitted newest revision: HEAD is older
     try:
         _git("rev-parse", "--verify", "--quiet", f"{previous}^{{commit}}")
