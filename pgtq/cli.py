@@ -1835,11 +1835,12 @@ def periodic_pause(
     schema: SchemaOption = None,
 ) -> None:
     """Stop every scheduler from deferring the schedule's ticks (until `periodic resume`)."""
-    with _app_for(dsn, app_path, schema) as app:
-        name = _schedule_name(app, task_name, periodic_id)
-        changed = app.periodic.pause(task_name, periodic_id=periodic_id)
-    what = "paused: its ticks are not deferred until it is resumed"
-    out.print(f"{name[0].upper()}{name[1:]} {what if changed else 'was already paused'}")
+    _steer(
+        (dsn, app_path, schema, task_name, periodic_id),
+        "pause",
+        "paused: its ticks are not deferred until it is resumed",
+        "was already paused",
+    )
 
 
 @periodic_cli.command("resume")
@@ -1851,11 +1852,23 @@ def periodic_resume(
     schema: SchemaOption = None,
 ) -> None:
     """Defer the schedule's ticks again, from now on (the ticks it missed are not deferred)."""
+    _steer(
+        (dsn, app_path, schema, task_name, periodic_id),
+        "resume",
+        "resumed (the ticks it missed while paused are not deferred)",
+        "was not paused",
+    )
+
+
+def _steer(
+    where: tuple[str | None, str, str | None, str, str], action: str, done: str, unchanged: str
+) -> None:
+    """``periodic pause|resume``: ``app.periodic.<action>`` on the schedule, and what it did."""
+    dsn, app_path, schema, task_name, periodic_id = where
     with _app_for(dsn, app_path, schema) as app:
         name = _schedule_name(app, task_name, periodic_id)
-        changed = app.periodic.resume(task_name, periodic_id=periodic_id)
-    what = "resumed (the ticks it missed while paused are not deferred)"
-    out.print(f"{name[0].upper()}{name[1:]} {what if changed else 'was not paused'}")
+        changed = getattr(app.periodic, action)(task_name, periodic_id=periodic_id)
+    out.print(f"{name[0].upper()}{name[1:]} {done if changed else unchanged}")
 
 
 @periodic_cli.command("run-now")
