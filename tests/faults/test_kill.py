@@ -29,6 +29,23 @@ def _doing(sql: Any, worker_id: str) -> set[int]:
     return {r[0] for r in rows}
 
 
+async def _freeze_until_rescued(frozen: WorkerProcess, workers: Workers, sql: Any) -> None:
+    """SIGSTOP ``frozen`` until it is silent past ``rescue_after``, then let a rescuer of
+    another queue rescue its jobs (it rescues at start, claims nothing, and leaves)."""
+    frozen.send(signal.SIGSTOP)
+    await until(
+        lambda: sql(
+            "SELECT count(*) FROM pgtq.workers WHERE pid = %s "
+            "AND last_heartbeat < now() - interval '1.2 seconds'",
+            frozen.pid,
+        )[0][0],
+        timeout=10,
+        what="the frozen worker silent past rescue_after",
+    )
+    rescuer = workers.start(queues=["elsewhere"], wait=False)
+    assert await rescuer.exit_code(timeout=20) == 0
+
+
 def _running_in(w: WorkerProcess) -> set[int]:
     """Jobs whose handler started in ``w`` and has not ended there (per its record)."""
     open_runs: set[tuple[int, int]] = set()
@@ -144,18 +161,7 @@ async def test_a_paused_worker_starts_none_of_the_jobs_it_held_once_declared_dea
     frozen_id = _worker_id(sql, frozen)
     assert frozen_id is not None
     await until(lambda: _doing(sql, frozen_id) == {first, *held}, timeout=10, what="4 held")
-    frozen.send(signal.SIGSTOP)  # the first job's 0.3 s run ends while it is frozen
-    await until(
-        lambda: sql(
-            "SELECT count(*) FROM pgtq.workers WHERE pid = %s "
-            "AND last_heartbeat < now() - interval '1.2 seconds'",
-            frozen.pid,
-        )[0][0],
-        timeout=10,
-        what="the frozen worker silent past rescue_after",
-    )
-    rescuer = workers.start(queues=["elsewhere"], wait=False)
-    assert await rescuer.exit_code(timeout=20) == 0
+    await _freeze_until_rescued(frozen, workers, sql)  # the first job's 0.3 s run ends
     assert _status_counts(sql) == {"todo": 5}
     frozen.send(signal.SIGCONT)
     await until(
@@ -188,19 +194,7 @@ async def test_a_paused_worker_declared_dead_never_runs_a_job_twice_at_once(
     app.close()
     frozen = workers.start(concurrency=10, fetch_job_polling_interval=0.2)
     await until(lambda: len(_running_in(frozen)) == 3, timeout=20, what="3 jobs running")
-    frozen.send(signal.SIGSTOP)
-    await until(
-        lambda: sql(
-            "SELECT count(*) FROM pgtq.workers WHERE pid = %s "
-            "AND last_heartbeat < now() - interval '1.2 seconds'",
-            frozen.pid,
-        )[0][0],
-        timeout=10,
-        what="the frozen worker silent past rescue_after",
-    )
-    # A rescuer of another queue: it rescues at start, claims nothing, and leaves.
-    rescuer = workers.start(queues=["elsewhere"], wait=False)
-    assert await rescuer.exit_code(timeout=20) == 0
+    await _freeze_until_rescued(frozen, workers, sql)
     assert _status_counts(sql) == {"todo": 3}
     frozen.send(signal.SIGCONT)
     await until(
