@@ -129,11 +129,11 @@ class Heartbeat:
     async def rescue(self) -> int:
         """Put back the running jobs of dead workers (see :func:`rescue_outcome`); the count."""
         run = self._connector.run
-        dead = await run(statements.forget_dead_workers(self._s, self._rescue_after))
+        rescuer = self._worker_id()
+        dead = await run(statements.forget_dead_workers(self._s, self._rescue_after, rescuer))
         orphans = await run(statements.orphaned_jobs(self._s))
         if not orphans:
             return 0
-        rescuer = self._worker_id()
         by_worker: dict[str, statements.Outcomes] = {}
         for old_worker, job, rescues in orphans:
             outcome = rescue_outcome(

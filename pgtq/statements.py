@@ -1233,10 +1233,13 @@ class Statements:
 
     @cached_property
     def forget_dead_workers(self) -> ReturningDelete[Any]:
-        """Remove workers silent for ``:after`` seconds: their running jobs become orphans."""
+        """Remove workers silent for ``:after`` seconds: their running jobs become orphans.
+        Never the rescuer itself (``:me``): it is alive, its own beat (a loop of its own) is
+        what decides whether it was declared dead."""
         w = self.t.workers
         silent_since = sa.func.now() - sa.bindparam("after", type_=sa.Float) * ONE_SECOND
-        return sa.delete(w).where(w.c.last_heartbeat < silent_since).returning(w.c.id)
+        me = sa.bindparam("me", type_=sa.Text)
+        return sa.delete(w).where(w.c.last_heartbeat < silent_since, w.c.id != me).returning(w.c.id)
 
     @cached_property
     def roster(self) -> sa.Select[Any]:
@@ -2295,9 +2298,12 @@ def set_queue_limits(
     return Query(s.set_queue_limits, params, _no_value)
 
 
-def forget_dead_workers(s: Statements, after: float) -> Query[list[str]]:
+def forget_dead_workers(s: Statements, after: float, me: str) -> Query[list[str]]:
     return Query(
-        s.forget_dead_workers, {"after": after}, lambda rows: [r[0] for r in rows], driver=True
+        s.forget_dead_workers,
+        {"after": after, "me": me},
+        lambda rows: [r[0] for r in rows],
+        driver=True,
     )
 
 

@@ -50,7 +50,8 @@ async def test_a_dedicated_connection_refuses_a_query_without_a_driver_form(
         await dedicated.run(query)
     # It is a TypeError (a programming error), and the connection still works.
     assert issubclass(NoDriverForm, TypeError)
-    assert await dedicated.run(statements.forget_dead_workers(driver_app.statements, 3600.0)) == []
+    forget = statements.forget_dead_workers(driver_app.statements, 3600.0, "me")
+    assert await dedicated.run(forget) == []
 
 
 async def test_the_worker_s_dedicated_queries_have_a_driver_form(

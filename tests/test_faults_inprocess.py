@@ -446,3 +446,19 @@ def test_a_sync_call_stopped_before_a_thread_took_it_does_not_begin(app: pgtq.Ap
     ctx.request_abort("shutdown")
     assert runner_module._begin(ctx, ran.append, "second") is None
     assert ran == ["first"]
+
+
+async def test_a_worker_never_declares_itself_dead(app: pgtq.App, sql: Any) -> None:
+    """Its rescue (a loop apart from its beat) skips its own row, however old it looks: a
+    worker whose beat is late is alive, and its beat decides (the lease)."""
+    heartbeat = Heartbeat(
+        WorkerScope(app, app.async_connector(), lambda: "me"), interval=3600, rescue_after=1
+    )
+    await heartbeat.register()
+    sql("UPDATE pgtq.workers SET last_heartbeat = now() - interval '1 hour'")
+    sql(
+        "INSERT INTO pgtq.workers (id, hostname, pid, last_heartbeat) "
+        "VALUES ('gone', 'h', 1, now() - interval '1 hour')"
+    )
+    await heartbeat.rescue()
+    assert sql("SELECT id FROM pgtq.workers") == [("me",)]

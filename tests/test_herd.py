@@ -40,6 +40,8 @@ async def fleet(
     ]
     runs = [asyncio.create_task(w.run()) for w in workers]
 
+    seen: list[object] = []
+
     def ready() -> bool:
         listening = sql(
             "SELECT count(*) FROM pg_stat_activity "
@@ -47,11 +49,15 @@ async def fleet(
         )[0][0]
         rosters = [len(w._listener.roster) if w._listener else 0 for w in workers]
         # Each worker's claims at start: its first, and one once it listens (both empty).
-        started = all(w.stats.claims >= 2 for w in workers)
-        return listening == size and rosters == [size] * size and started
+        claims = [w.stats.claims for w in workers]
+        seen[:] = [f"listening {listening}", f"rosters {rosters}", f"claims {claims}"]
+        return listening == size and rosters == [size] * size and min(claims) >= 2
 
     try:
-        await eventually(ready)
+        try:
+            await eventually(ready)
+        except AssertionError as exc:
+            raise AssertionError(f"the fleet never got ready: {seen}") from exc
         yield workers
     finally:
         for w in workers:

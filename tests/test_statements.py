@@ -214,7 +214,7 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
     "queue_limits": [lambda: statements.queue_limits(S)],
     "clear_old_results": [lambda: statements.clear_old_results(S, 60.0)],
     "set_queue_limits": [lambda: statements.set_queue_limits(S, "q", 2, 10.0)],
-    "forget_dead_workers": [lambda: statements.forget_dead_workers(S, 30.0)],
+    "forget_dead_workers": [lambda: statements.forget_dead_workers(S, 30.0, "me")],
     "orphaned_jobs": [lambda: statements.orphaned_jobs(S)],
     "unregister_worker": [lambda: statements.unregister_worker(S, "w")],
     "list_jobs": [

@@ -415,7 +415,7 @@ async def test_a_dedicated_connection_keeps_its_session_settings(app: pgtq.App, 
         pytest.skip("the session settings apply to the asyncpg fast path only")
     conn = await connector.dedicated(session=("SET application_name = 'pgtq-claims'",))
     try:
-        await conn.run(statements.forget_dead_workers(app.statements, 3600.0))
+        await conn.run(statements.forget_dead_workers(app.statements, 3600.0, "me"))
         named = (
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgtq-claims' "
             "AND datname = current_database()"
@@ -431,9 +431,9 @@ async def test_a_dedicated_connection_keeps_its_session_settings(app: pgtq.App, 
         # was sent: safe to run on a new one); one that dies with the statement in flight
         # raises, and the next call opens a new one. Either way it is set up again.
         try:
-            await conn.run(statements.forget_dead_workers(app.statements, 3600.0))
+            await conn.run(statements.forget_dead_workers(app.statements, 3600.0, "me"))
         except pgtq.DatabaseUnreachable:
-            await conn.run(statements.forget_dead_workers(app.statements, 3600.0))
+            await conn.run(statements.forget_dead_workers(app.statements, 3600.0, "me"))
         assert sql(named) == [(1,)]
         assert sql(named.replace("count(*)", "pid")) != [(old_pid,)]
     finally:
