@@ -23,19 +23,10 @@ import pgtq
 from pgtq.jobs import InvalidFilter, JobSelection, NoFilter
 from tests.conftest import eventually, libpq
 from tests.sides import Side
+from tests.test_operations import tasks
 
 SQL = Callable[..., list[tuple[Any, ...]]]
 WAIT = 10.0  # seconds: only a bound for a broken test, never a step of one
-
-
-def tasks(app: pgtq.App) -> tuple[pgtq.Task[Any], pgtq.Task[Any]]:
-    @app.task(queue="emails")
-    def send(to: str) -> None: ...
-
-    @app.task(queue="images")
-    async def resize(n: int) -> None: ...
-
-    return send, resize
 
 
 def set_status(sql: SQL, ids: list[int], status: str) -> None:

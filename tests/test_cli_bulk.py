@@ -5,8 +5,7 @@ alone keeps its own messages."""
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,15 +14,9 @@ from typer.testing import CliRunner
 
 from pgtq.cli import cli
 from tests.test_cli import APP, assert_one_error_line, invoke
+from tests.test_cli_operations import fresh_app_modules  # noqa: F401 (autouse fixture)
 
 SQL = Callable[..., list[tuple[Any, ...]]]
-
-
-@pytest.fixture(autouse=True)
-def fresh_app_modules() -> Iterator[None]:
-    yield
-    for name in [m for m in sys.modules if m.startswith("tests.apps.")]:
-        del sys.modules[name]
 
 
 def answering(answer: str, *args: str, dsn: str) -> Result:
