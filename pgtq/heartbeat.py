@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from pgtq import statements
 from pgtq.outcomes import decide, rescue_outcome
+from pgtq.retry import backoff_delays
 
 if TYPE_CHECKING:
     from pgtq.app import App
@@ -95,7 +96,9 @@ class Heartbeat:
     async def run(self) -> None:
         """Beat every ``interval``, and at once when the lease ran out. Nothing else runs in
         this loop: a slow rescue or ANALYZE (:meth:`keep_house`) must not delay a beat, or a
-        busy worker is declared dead while it works."""
+        busy worker is declared dead while it works. A beat that failed is tried again after a
+        jittered backoff (capped at ``interval``), however often held jobs ask."""
+        delays = backoff_delays(cap=self.interval)
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval):
@@ -110,10 +113,12 @@ class Heartbeat:
                     await self._declared_dead()
                     await self.register()
                     asked = True
+                delays = backoff_delays(cap=self.interval)
                 if asked:
                     self._renewed()
             except Exception as exc:
                 logger.warning("heartbeat failed: %s", exc)
+                await asyncio.sleep(next(delays))  # not a spin while the database is away
 
     async def keep_house(self) -> None:
         """Every ``interval``: rescue the jobs of workers that stopped beating, and refresh

@@ -462,3 +462,27 @@ async def test_a_worker_never_declares_itself_dead(app: pgtq.App, sql: Any) -> N
     )
     await heartbeat.rescue()
     assert sql("SELECT id FROM pgtq.workers") == [("me",)]
+
+
+async def test_held_jobs_asking_for_beats_never_make_the_heartbeat_spin(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With the database away, held jobs ask for a beat at every turn of the fetch loop: the
+    failed beats are tried again after a backoff, not as fast as they are asked for."""
+    down = pgtq.App("postgresql://postgres@127.0.0.1:1/x", connect_timeout=1)
+    heartbeat = Heartbeat(
+        WorkerScope(down, down.async_connector(), lambda: "cut-off"), interval=5, rescue_after=1
+    )
+    beats = asyncio.create_task(heartbeat.run())
+    caplog.set_level(logging.WARNING, logger="pgtq.worker")
+    try:
+        deadline = asyncio.get_running_loop().time() + 1.0
+        while asyncio.get_running_loop().time() < deadline:
+            assert not heartbeat.leased()  # asks for a beat each time
+            await asyncio.sleep(0.001)
+    finally:
+        beats.cancel()
+        await asyncio.gather(beats, return_exceptions=True)
+        down.close()
+    failed = [r for r in caplog.records if "heartbeat failed" in r.getMessage()]
+    assert 1 <= len(failed) <= 6, len(failed)  # backoff from 0.1 s, doubling: ~4 in a second
