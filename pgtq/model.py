@@ -50,6 +50,14 @@ class Job:
     created_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
+    #: ``configure(tags=..., meta=...)``: for people and filters, never read by pgtq.
+    tags: list[str] | None = None
+    meta: dict[str, Any] | None = None
+    #: What the task reported last with ``ctx.set_progress``: ``{"fraction", "message"}``.
+    progress: dict[str, Any] | None = None
+    #: ``configure(timeout=..., max_attempts=...)``: this job's own; None keeps the task's.
+    timeout: float | None = None
+    max_attempts: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

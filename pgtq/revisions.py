@@ -32,6 +32,7 @@ REVISIONS: tuple[tuple[str, Phase], ...] = (
     ("pgtq_0006", "post"),
     ("pgtq_0007", "pre"),
     ("pgtq_0008", "pre"),
+    ("pgtq_0009", "pre"),
 )
 
 #: The table where Alembic records pgtq's revisions (in pgtq's schema).

@@ -99,6 +99,14 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         ),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        # pgtq_0009: ``configure(tags=..., meta=...)``, for people and filters only.
+        sa.Column("tags", sa.ARRAY(sa.Text), nullable=True),
+        sa.Column("meta", JSONB, nullable=True),
+        # pgtq_0009: ``{"fraction": ..., "message": ...}``, the last ``ctx.set_progress``.
+        sa.Column("progress", JSONB, nullable=True),
+        # pgtq_0009: this job's own timeout (seconds) and attempt budget; NULL: the task's.
+        sa.Column("timeout", sa.Float, nullable=True),
+        sa.Column("max_attempts", sa.Integer, nullable=True),
         sa.CheckConstraint(f"status IN ({statuses})", name="jobs_status_check"),
         # The claim indexes hold only waiting jobs: they stay small however many finished
         # jobs the table keeps, and give the claim its order without a sort. One serves a
@@ -142,6 +150,13 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
             "jobs_worker_doing_idx",
             "worker_id",
             postgresql_where=sa.text("status = 'doing'"),
+        ),
+        # The tag filters (``tags @> ...``); untagged jobs stay out of it.
+        sa.Index(
+            "jobs_tags_idx",
+            "tags",
+            postgresql_using="gin",
+            postgresql_where=sa.text("tags IS NOT NULL"),
         ),
     )
     workers = sa.Table(

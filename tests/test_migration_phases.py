@@ -37,8 +37,8 @@ SYNTHETIC = {
                   "op.drop_column('jobs', 'note', schema=schema)"),
     "syn_0006": ("post", "op.drop_column('jobs', 'note', schema=schema)",
                   "op.add_column('jobs', sa.Column('note', sa.Text()), schema=schema)"),
-    "syn_0007": ("pre", "op.add_column('jobs', sa.Column('tags', sa.Text()), schema=schema)",
-                  "op.drop_column('jobs', 'tags', schema=schema)"),
+    "syn_0007": ("pre", "op.add_column('jobs', sa.Column('label', sa.Text()), schema=schema)",
+                  "op.drop_column('jobs', 'label', schema=schema)"),
 }  # fmt: skip
 
 
