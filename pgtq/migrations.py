@@ -404,7 +404,14 @@ def run_env() -> None:
     }
     config = alembic.context.config
     if alembic.context.is_offline_mode():
-        alembic.context.configure(dialect_name="postgresql", literal_binds=True, **options)
+        # ``named``: the script has no parameters, so a ``%`` (in a function's RAISE) stays
+        # itself rather than the ``%%`` the default ``pyformat`` escapes it to.
+        alembic.context.configure(
+            dialect_name="postgresql",
+            dialect_opts={"paramstyle": "named"},
+            literal_binds=True,
+            **options,
+        )
         with alembic.context.begin_transaction():
             for statement in _prologue(schema):
                 alembic.context.execute(statement)
