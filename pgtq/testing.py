@@ -19,7 +19,15 @@ left. A pytest fixture::
         stats = pgtq.testing.drain(jobs_app)
         assert stats.by_status == {"succeeded": 1}
 
-Async code uses ``migrated_schema_async`` and ``drain_async``, their twins.
+To check what code under test deferred without running it, :func:`assert_deferred` finds
+the one job of a task with the given arguments (:func:`deferred`: all of them)::
+
+    def test_signup_defers_a_welcome(jobs_app, client):
+        client.post("/signup", data={"email": "a@example.com"})
+        job = pgtq.testing.assert_deferred(jobs_app, send_welcome, email="a@example.com")
+        assert job.queue == "mail"
+
+Async code uses the ``_async`` twins.
 """
 
 from __future__ import annotations
@@ -35,14 +43,25 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
 
+from pgtq import statements
 from pgtq.app import App
 from pgtq.model import Job, Status
 from pgtq.schema import validate_schema_name
+from pgtq.tasks import Task
 
 if TYPE_CHECKING:
     from pgtq.worker import WorkerStats
 
-__all__ = ["drain", "drain_async", "migrated_schema", "migrated_schema_async"]
+__all__ = [
+    "assert_deferred",
+    "assert_deferred_async",
+    "deferred",
+    "deferred_async",
+    "drain",
+    "drain_async",
+    "migrated_schema",
+    "migrated_schema_async",
+]
 
 #: Quick enough for tests: a retry due in 0.1 s is claimed 0.1 s later at most.
 DRAIN_OPTIONS: dict[str, Any] = {
@@ -122,24 +141,32 @@ def drain(
     queues: Sequence[str] | None = None,
     *,
     retries_within: float = 1.0,
+    include_scheduled: bool = False,
     **options: Any,
 ) -> WorkerStats:
     """Run every due job in this thread, as a worker would, and return the worker's stats.
 
     Jobs falling due within ``retries_within`` seconds (a retry with a short backoff) are
-    waited for and run too; jobs scheduled later stay waiting. ``options`` go to the worker.
+    waited for and run too; jobs scheduled later stay waiting. With ``include_scheduled``,
+    every waiting job runs now, however far ahead it was scheduled or backed off, round
+    after round until a round runs nothing (a job in a paused queue still waits).
+    ``options`` go to the worker.
     """
     total: WorkerStats | None = None
     while True:
-        total = _add(
-            total,
-            app.run_worker(
-                queues=queues,
-                wait=False,
-                install_signal_handlers=False,
-                **{**DRAIN_OPTIONS, **options},
-            ),
+        if include_scheduled:
+            app.sync.run(statements.make_due(app.statements, queues))
+        stats = app.run_worker(
+            queues=queues,
+            wait=False,
+            install_signal_handlers=False,
+            **{**DRAIN_OPTIONS, **options},
         )
+        total = _add(total, stats)
+        if include_scheduled:
+            if not stats.processed:
+                return total
+            continue
         delay = _next_due(app.jobs.list(status=Status.TODO, limit=1000), queues, retries_within)
         if delay is None:
             return total
@@ -151,17 +178,103 @@ async def drain_async(
     queues: Sequence[str] | None = None,
     *,
     retries_within: float = 1.0,
+    include_scheduled: bool = False,
     **options: Any,
 ) -> WorkerStats:
     """:func:`drain` on the running event loop."""
     total: WorkerStats | None = None
     while True:
-        total = _add(
-            total,
-            await app.run_worker_async(queues=queues, wait=False, **{**DRAIN_OPTIONS, **options}),
+        if include_scheduled:
+            await app.async_connector().run(statements.make_due(app.statements, queues))
+        stats = await app.run_worker_async(
+            queues=queues, wait=False, **{**DRAIN_OPTIONS, **options}
         )
+        total = _add(total, stats)
+        if include_scheduled:
+            if not stats.processed:
+                return total
+            continue
         waiting = await app.jobs.list_async(status=Status.TODO, limit=1000)
         delay = _next_due(waiting, queues, retries_within)
         if delay is None:
             return total
         await asyncio.sleep(delay)
+
+
+# -- what was deferred ---------------------------------------------------------------------------
+
+#: Jobs read per page by :func:`deferred`.
+_PAGE = 1000
+
+
+def _task_name(task: Task[Any] | Any | str | None) -> str | None:
+    """A task (or a blueprint's task) or a task's name, as the name jobs carry."""
+    if task is None or isinstance(task, str):
+        return task
+    name = getattr(task, "name", None)
+    if not isinstance(name, str):
+        raise TypeError(f"expected a task or a task's name, got {task!r}")
+    return name
+
+
+def matching(jobs: Sequence[Job], arguments: dict[str, Any]) -> list[Job]:
+    """The jobs whose arguments include every one of ``arguments`` (as JSON gives them
+    back: a tuple was stored as a list)."""
+    return [
+        job
+        for job in jobs
+        if all(key in job.args and job.args[key] == value for key, value in arguments.items())
+    ]
+
+
+def _verdict(task: str | None, arguments: dict[str, Any], jobs: list[Job]) -> Job:
+    found = matching(jobs, arguments)
+    if len(found) == 1:
+        return found[0]
+    what = f"task {task!r}" if task else "any task"
+    shown = "\n".join(f"  job {j.id} {j.task_name} {j.status} {j.args!r}" for j in jobs[:20])
+    more = f"\n  ... and {len(jobs) - 20} more" if len(jobs) > 20 else ""
+    raise AssertionError(
+        f"expected one job of {what} with arguments including {arguments!r}, found "
+        f"{len(found)}; its jobs:\n{shown or '  (none)'}{more}"
+    )
+
+
+def deferred(app: App, task: Task[Any] | Any | str | None = None, /, **arguments: Any) -> list[Job]:
+    """The jobs of ``task`` (a task or its name; None: any), whatever their status, whose
+    arguments include ``arguments``, oldest first: what the code under test deferred."""
+    name = _task_name(task)
+    jobs: list[Job] = []
+    while True:
+        after = jobs[-1].id if jobs else None
+        page = app.jobs.list(task=name, limit=_PAGE, after=after)
+        jobs.extend(page)
+        if len(page) < _PAGE:
+            return matching(jobs, arguments)
+
+
+async def deferred_async(
+    app: App, task: Task[Any] | Any | str | None = None, /, **arguments: Any
+) -> list[Job]:
+    """:func:`deferred` from async code."""
+    name = _task_name(task)
+    jobs: list[Job] = []
+    while True:
+        after = jobs[-1].id if jobs else None
+        page = await app.jobs.list_async(task=name, limit=_PAGE, after=after)
+        jobs.extend(page)
+        if len(page) < _PAGE:
+            return matching(jobs, arguments)
+
+
+def assert_deferred(app: App, task: Task[Any] | Any | str | None, /, **arguments: Any) -> Job:
+    """The one job of ``task`` whose arguments include ``arguments``; an AssertionError
+    listing the task's jobs when there is none, or more than one."""
+    return _verdict(_task_name(task), arguments, deferred(app, task))
+
+
+async def assert_deferred_async(
+    app: App, task: Task[Any] | Any | str | None, /, **arguments: Any
+) -> Job:
+    """:func:`assert_deferred` from async code."""
+    return _verdict(_task_name(task), arguments, await deferred_async(app, task))

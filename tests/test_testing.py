@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 import pgtq
 import pgtq.testing
 from tests.sides import Side
@@ -65,3 +67,57 @@ async def test_migrated_schema_and_drain(dsn: str, sql: SQL, side: Side) -> None
     assert sql("SELECT count(*) FROM pgtq.jobs") == [(0,)]
     assert schema not in schemas(sql) and schemas(sql) == before
     assert app.schema == "pgtq"
+
+
+# -- what was deferred, and draining what is scheduled ahead --------------------------------
+
+
+async def test_assert_deferred_finds_the_one_job_with_these_arguments(
+    app: pgtq.App, side: Side
+) -> None:
+    @app.task(queue="mail")
+    def welcome(email: str, plan: str = "free") -> None: ...
+
+    @app.task
+    def other(email: str) -> None: ...
+
+    await side.defer(welcome, email="a@example.com", plan="pro")
+    await side.defer(welcome, email="b@example.com")
+    await side.defer(other, email="a@example.com")
+
+    async def check(task: Any, /, **arguments: Any) -> Any:
+        return await side.call(pgtq.testing, "assert_deferred", app, task, **arguments)
+
+    job = await check(welcome, email="a@example.com")
+    assert job.args == {"email": "a@example.com", "plan": "pro"} and job.queue == "mail"
+    assert (await check("welcome", email="b@example.com")).args["email"] == "b@example.com"
+    with pytest.raises(AssertionError, match=r"found 2; its jobs:\n  job \d+ welcome"):
+        await check(welcome)  # two jobs match
+    with pytest.raises(AssertionError, match=r"(?s)found 0.*'plan': 'pro'"):
+        await check(welcome, email="b@example.com", plan="pro")
+    found = await side.call(pgtq.testing, "deferred", app, None, email="a@example.com")
+    assert sorted(j.task_name for j in found) == ["other", "welcome"]
+    assert await side.call(pgtq.testing, "deferred", app, other, email="nobody") == []
+
+
+async def test_drain_with_include_scheduled_runs_scheduled_and_backed_off_jobs_now(
+    app: pgtq.App, side: Side
+) -> None:
+    ran: list[str] = []
+
+    @app.task(retry=pgtq.Retry(max_attempts=3, base=3600, jitter=0))
+    def report(name: str) -> None:
+        ran.append(name)
+        if name == "flaky" and ran.count("flaky") < 3:
+            raise RuntimeError("not yet")
+
+    await side.defer(report.configure(schedule_in=3600), name="tomorrow")
+    await side.defer(report, name="flaky")  # retried an hour later, twice
+    await side.defer(report.configure(queue="elsewhere", schedule_in=3600), name="other queue")
+    plain = await side.call(pgtq.testing, "drain", app, ["default"])
+    assert ran == ["flaky"] and plain.by_status == {"retried": 1}  # the rest is ahead
+    stats = await side.call(pgtq.testing, "drain", app, ["default"], include_scheduled=True)
+    assert sorted(ran) == ["flaky", "flaky", "flaky", "tomorrow"]
+    assert stats.by_status == {"retried": 1, "succeeded": 2}
+    waiting = await side.call(app.jobs, "list", status=pgtq.Status.TODO)
+    assert [j.args["name"] for j in waiting] == ["other queue"]  # not a drained queue
