@@ -468,7 +468,9 @@ class Statements:
                 plain.c.queue,
                 plain.c.scheduled_at,
             )
-        upsert = pg_insert(j).from_select(list(values), select)
+        # Keys in one order: two batches sharing keys wait on each other's in that order,
+        # never each on the other (no deadlock while each key takes the same mode in both).
+        upsert = pg_insert(j).from_select(list(values), select.order_by(r.queueing_lock))
         new = upsert.excluded
         key_column = "unique_key" if per_period else "queueing_lock"
         replaced: sa.ColumnElement[bool] = sa.false()
@@ -534,9 +536,15 @@ class Statements:
             .group_by(w.queue)
             .cte("notified")
         )
-        # Scanned, so that its NOTIFYs are sent (a CTE without side effects the planner
-        # sees runs only as far as it is read); one row, so no row of ``written`` doubles.
-        announced = sa.select(sa.func.count().label("sent")).select_from(notified).cte("announced")
+        # Counts what was sent, so that ``notified`` runs to its end; one row, so that no
+        # row of ``written`` doubles. Materialized: inlined, its join (one row, no column
+        # read) would be removed by the planner, and no NOTIFY sent.
+        announced = (
+            sa.select(sa.func.count().label("sent"))
+            .select_from(notified)
+            .cte("announced")
+            .prefix_with("MATERIALIZED")
+        )
         return sa.select(w.kind, w.id, w.key, w.fresh, w.replaced).select_from(
             written.outerjoin(announced, sa.true())
         )
