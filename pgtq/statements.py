@@ -32,7 +32,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.dml import ReturningDelete, ReturningInsert, ReturningUpdate
 
-from pgtq.model import MAX_SNOOZES, SNOOZED, ClaimedJob, Job, JobEvent, Status
+from pgtq.model import MAX_SNOOZES, SNOOZED, ClaimedJob, Job, JobEvent, Status, dumps
 from pgtq.reports import (
     COUNTED_STATUSES,
     QueueInfo,
@@ -2215,7 +2215,7 @@ class EachJobs:
         return cls(
             task_name=task_name,
             trace_context=trace_context,
-            rows=json.dumps(encoded, separators=(",", ":"), allow_nan=False),
+            rows=dumps(encoded),
             modes=tuple(m for m in EACH_MODES if m in modes),
             reports=list(reports),
             plain=plain,
