@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pgtq.errors import ConfigurationError
-from pgtq.tasks import Deferrer, Task, TaskOptions, check_task_options
+from pgtq.tasks import DeferItem, Deferrer, Task, TaskOptions, check_task_options
 
 if TYPE_CHECKING:
     from pgtq.app import App
@@ -127,12 +127,12 @@ class BlueprintTask:
         return await self.task.defer_async(*args, connection=connection, **kwargs)
 
     def defer_many(
-        self, arguments: Iterable[Mapping[str, Any]], *, connection: Connection | None = None
+        self, arguments: Iterable[DeferItem], *, connection: Connection | None = None
     ) -> list[int]:
         return self.task.defer_many(arguments, connection=connection)
 
     async def defer_many_async(
-        self, arguments: Iterable[Mapping[str, Any]], *, connection: AsyncConnection | None = None
+        self, arguments: Iterable[DeferItem], *, connection: AsyncConnection | None = None
     ) -> list[int]:
         return await self.task.defer_many_async(arguments, connection=connection)
 

@@ -980,6 +980,26 @@ def _checked_limit(value: int) -> int:
     return value
 
 
+class OnConflictChoice(enum.StrEnum):
+    RAISE = "raise"
+    SKIP = "skip"
+    REPLACE = "replace"
+
+
+def _parse_meta(text: str | None) -> dict[str, Any] | None:
+    """``--meta``: a JSON object (what else it must be, ``configure(meta=)`` checks)."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise _InvalidJson(f"--meta: not valid JSON ({reason})") from None
+    if not isinstance(value, dict):
+        raise _InvalidJson(f"--meta: must be a JSON object, not a JSON {type(value).__name__}")
+    return value
+
+
 @cli.command()
 def defer(
     app_path: AppArgument,
@@ -992,6 +1012,44 @@ def defer(
     lock: Annotated[str | None, typer.Option(help="Jobs sharing it never run together.")] = None,
     queueing_lock: Annotated[
         str | None, typer.Option(help="At most one waiting job with this key.")
+    ] = None,
+    on_conflict: Annotated[
+        OnConflictChoice,
+        typer.Option(
+            "--on-conflict",
+            case_sensitive=False,
+            help="With --queueing-lock, when a job holds the key: raise (an error), skip (print "
+            "its id) or replace (its arguments, schedule and priority).",
+        ),
+    ] = OnConflictChoice.RAISE,
+    unique_for: Annotated[
+        float | None,
+        typer.Option(
+            "--unique-for",
+            metavar="SECONDS",
+            help="With --queueing-lock: the key is unique per period of this length, whatever "
+            "became of the job (but failed or ended early).",
+        ),
+    ] = None,
+    tags: Annotated[
+        list[str] | None,
+        typer.Option("--tag", metavar="TAG", help="A label for people and filters (repeatable)."),
+    ] = None,
+    meta: Annotated[
+        str | None,
+        typer.Option("--meta", metavar="JSON", help="A JSON object stored with the job."),
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout", metavar="SECONDS", help="This job's own time limit (default: the task's)."
+        ),
+    ] = None,
+    max_attempts: Annotated[
+        int | None,
+        typer.Option(
+            "--max-attempts", help="This job's own attempt budget (default: the task's retry)."
+        ),
     ] = None,
     schedule_in: Annotated[
         float | None, typer.Option("--in", metavar="SECONDS", help="Run no sooner than this.")
@@ -1007,7 +1065,8 @@ def defer(
     as_json: JsonOption = False,
     dsn: DsnOption = None,
 ) -> None:
-    """Defer one job of a task and print its id (--json: just the id, a JSON number)."""
+    """Defer one job of a task and print its id, and whether it is that of a job holding
+    its --queueing-lock already (--json: just the id, a JSON number)."""
     app = load_app(app_path)
     task = app.get_task(task_name)
     kwargs = parse_arguments(arguments)
@@ -1016,8 +1075,14 @@ def defer(
         priority=_checked_priority(priority),
         lock=lock,
         queueing_lock=queueing_lock,
+        on_conflict=on_conflict.value,
+        unique_for=unique_for,
         schedule_in=_checked_seconds(schedule_in),
         schedule_at=parse_datetime(schedule_at) if schedule_at is not None else None,
+        tags=tags or None,
+        meta=_parse_meta(meta),
+        timeout=timeout,
+        max_attempts=max_attempts,
     )
     # Validates the arguments before any connection is made.
     deferrer.encode([kwargs])
@@ -1026,7 +1091,19 @@ def defer(
             _warn_unknown_queue(app, deferrer.options.queue)
         job_id = deferrer.defer_many([kwargs])[0]
     if as_json:
-        _print_json(job_id)
+        _print_json(int(job_id))
+        return
+    if getattr(job_id, "duplicate", False):
+        done = (
+            "its arguments, schedule and priority replaced"
+            if on_conflict is OnConflictChoice.REPLACE
+            else "kept as it is"
+        )
+        out.print(
+            f"Duplicate: job {job_id} holds queueing lock {queueing_lock!r} already, {done} "
+            f"(no new job of {task.name})",
+            soft_wrap=True,
+        )
         return
     out.print(
         f"Deferred {task.name} as job {job_id} on queue {deferrer.options.queue!r}",

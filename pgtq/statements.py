@@ -32,7 +32,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.dml import ReturningDelete, ReturningInsert, ReturningUpdate
 
-from pgtq.model import MAX_SNOOZES, SNOOZED, ClaimedJob, Job, JobEvent, Status
+from pgtq.model import MAX_SNOOZES, SNOOZED, ClaimedJob, Job, JobEvent, Status, dumps
 from pgtq.reports import (
     COUNTED_STATUSES,
     QueueInfo,
@@ -232,6 +232,36 @@ INSERT_COLUMNS: tuple[tuple[str, sa.types.TypeEngine[Any]], ...] = (
 
 JSON_COLUMNS = frozenset({"args", "trace_context"})
 
+#: How ``insert_each`` writes a row (one CTE each): a plain insert, or with a
+#: ``queueing_lock`` that keeps or replaces the job holding it, among waiting jobs or per
+#: period (``unique_for``). Also the order of its CTEs.
+EachMode = Literal["plain", "keep", "replace", "keep_period", "replace_period"]
+EACH_MODES: tuple[EachMode, ...] = ("plain", "keep", "replace", "keep_period", "replace_period")
+#: The fields of a row of ``insert_each``'s JSON array (``jsonb_to_recordset``'s columns):
+#: ``n`` is its position, ``mode`` one of :data:`EACH_MODES`; a field left out is NULL.
+EACH_COLUMNS: tuple[tuple[str, sa.types.TypeEngine[Any]], ...] = (
+    ("n", sa.Integer()),
+    ("mode", sa.Text()),
+    ("queue", sa.Text()),
+    ("priority", sa.Integer()),
+    ("scheduled_at", sa.DateTime(timezone=True)),
+    ("schedule_in", sa.Float()),
+    ("lock", sa.Text()),
+    ("queueing_lock", sa.Text()),
+    ("concurrency_key", sa.Text()),
+    ("unique_for", sa.Float()),
+    ("tags", ARRAY(sa.Text())),
+    ("meta", JSONB()),
+    ("timeout", sa.Float()),
+    ("max_attempts", sa.Integer()),
+    ("args", JSONB()),
+)
+#: What ``on_conflict="replace"`` changes of the job holding the key: the new job's
+#: arguments, schedule and priority (as ``insert_keyed`` does), and those of its tags, meta,
+#: timeout and max_attempts it has (the holder keeps its own where the new job has none).
+REPLACED = ("args", "scheduled_at", "priority")
+REPLACED_IF_GIVEN = ("tags", "meta", "timeout", "max_attempts")
+
 
 def new_param(column: str) -> str:
     """The parameter that carries a new row's ``column`` (never the column's own name: see
@@ -250,6 +280,7 @@ class Statements:
         self._claims: dict[tuple[str, int, bool], Claim] = {}
         self._completions: dict[tuple[bool, Rare], Any] = {}
         self._keyed: dict[Conflict, sa.Select[Any]] = {}
+        self._each: dict[tuple[EachMode, ...], sa.Select[Any]] = {}
 
     # -- enqueue ---------------------------------------------------------------------------
 
@@ -355,6 +386,168 @@ class Statements:
         inserted = keyed.returning(j.c.id, fresh).cte("inserted")
         kept_only = None if conflict.replace else inserted.c.fresh
         return self._announce(inserted, queue, at, inserted.c.fresh, announced_if=kept_only)
+
+    def insert_each(self, modes: tuple[EachMode, ...]) -> sa.Select[Any]:
+        """Insert jobs that each have their own options (a per-job ``defer_many``, or a
+        ``configure()`` with tags, meta, timeout or max_attempts): one row a job in one JSON
+        array (``:new_jobs``, split by ``jsonb_to_recordset``), and one data-modifying CTE
+        per way of writing present in it (``modes``, in :data:`EACH_MODES` order): plain
+        inserts, keyed ones that keep the job holding the key, keyed ones that replace it,
+        and both per period (``unique_key``). Built once per set of modes.
+
+        No keyed row fails: the job holding its key always comes back, new (``fresh``), kept,
+        or given this row's arguments, schedule, priority, tags, meta, timeout and
+        max_attempts (``replaced``) when it is a waiting job of the same task (the update
+        writes every column back as it was otherwise, so that its row still comes back). The
+        caller sends each key at most once (:class:`EachJobs`): no two CTEs touch one row.
+
+        It announces what it wrote itself: one NOTIFY per queue among its new and replaced
+        jobs (not among kept ones), in ``_announce``'s format with the queue's own count,
+        first id and earliest schedule."""
+        found = self._each.get(modes)
+        if found is None:
+            found = self._each[modes] = self._insert_each(modes)
+        return found
+
+    def _insert_each(self, modes: tuple[EachMode, ...]) -> sa.Select[Any]:
+        recordset = (
+            sa.func.jsonb_to_recordset(sa.cast(sa.bindparam("new_jobs", type_=sa.Text), JSONB))
+            .table_valued(*(sa.column(name, kind) for name, kind in EACH_COLUMNS))
+            .render_derived("each_row", with_types=True)
+        )
+        rows = sa.select(recordset).cte("new_rows")
+        written = [self._write_each(rows, mode) for mode in modes]
+        union = (written[0] if len(written) == 1 else sa.union_all(*written)).cte("written")
+        return self._announce_each(union)
+
+    def _write_each(self, rows: sa.CTE, mode: EachMode) -> sa.Select[Any]:
+        """The CTE writing ``insert_each``'s rows of one mode, and what it wrote: ``kind``
+        (``plain``, or the index of the key: ``lock`` / ``period``), ``id``, ``key``,
+        ``fresh``, ``replaced``, ``queue``, ``scheduled_at``."""
+        j, r = self.jobs, rows.c
+        per_period = mode.endswith("_period")
+        task_name = sa.bindparam(new_param("task_name"), type_=sa.Text)
+        values: dict[str, sa.ColumnElement[Any]] = {
+            "queue": r.queue,
+            "task_name": task_name,
+            "args": r.args,
+            "priority": r.priority,
+            "scheduled_at": sa.func.coalesce(
+                r.scheduled_at,
+                sa.func.now() + r.schedule_in * ONE_SECOND,
+                type_=sa.DateTime(timezone=True),
+            ),
+            "lock": r.lock,
+            "queueing_lock": sa.null() if per_period else r.queueing_lock,
+            "concurrency_key": r.concurrency_key,
+            "trace_context": sa.cast(
+                sa.bindparam(new_param("trace_context"), type_=sa.Text), JSONB
+            ),
+            "tags": r.tags,
+            "meta": r.meta,
+            "timeout": r.timeout,
+            "max_attempts": r.max_attempts,
+        }
+        if per_period:  # the key and the period it falls in, on the server's clock
+            period = sa.func.floor(sa.func.extract("epoch", sa.func.now()) / r.unique_for)
+            values["unique_key"] = (
+                r.queueing_lock
+                + _text_literal("@")
+                + sa.cast(sa.cast(period, sa.BigInteger), sa.Text)
+            )
+        select = sa.select(*values.values()).where(r.mode == _text_literal(mode))
+        if mode == "plain":  # ids in the order of the rows: the mapper relies on it
+            insert = sa.insert(j).from_select(list(values), select.order_by(r.n))
+            plain = insert.returning(j.c.id, j.c.queue, j.c.scheduled_at).cte("inserted_plain")
+            return sa.select(
+                _text_literal("plain").label("kind"),
+                plain.c.id,
+                sa.cast(sa.null(), sa.Text).label("key"),
+                sa.true().label("fresh"),
+                sa.false().label("replaced"),
+                plain.c.queue,
+                plain.c.scheduled_at,
+            )
+        # Keys in one order: two batches sharing keys wait on each other's in that order,
+        # never each on the other (no deadlock while each key takes the same mode in both).
+        upsert = pg_insert(j).from_select(list(values), select.order_by(r.queueing_lock))
+        new = upsert.excluded
+        key_column = "unique_key" if per_period else "queueing_lock"
+        replaced: sa.ColumnElement[bool] = sa.false()
+        changes: dict[str, Any] = {key_column: new[key_column]}  # keep: lock it, change nothing
+        if mode.startswith("replace"):
+            # Every column written, as it was unless the holder is a waiting job of this
+            # task: the row comes back whatever it is (no WHERE that would hide it).
+            mine = sa.and_(j.c.task_name == new.task_name, j.c.status == TODO)
+            changes = {c: sa.case((mine, new[c]), else_=j.c[c]) for c in REPLACED}
+            changes.update(
+                (c, sa.case((mine, sa.func.coalesce(new[c], j.c[c])), else_=j.c[c]))
+                for c in REPLACED_IF_GIVEN
+            )
+            replaced = sa.and_(
+                sa.literal_column("xmax <> '0'::xid", sa.Boolean),
+                j.c.task_name == task_name,
+                j.c.status == TODO,
+            )
+        keyed = (
+            upsert.on_conflict_do_update(
+                index_elements=[key_column],
+                index_where=sa.text(UNIQUE_KEY_HELD if per_period else QUEUEING_LOCK_HELD),
+                set_=changes,
+            )
+            .returning(
+                j.c.id,
+                j.c[key_column].label("key"),
+                sa.literal_column("xmax = '0'::xid", sa.Boolean).label("fresh"),
+                replaced.label("replaced"),
+                j.c.queue,
+                j.c.scheduled_at,
+            )
+            .cte(f"inserted_{mode}")
+        )
+        kind = "period" if per_period else "lock"
+        return sa.select(_text_literal(kind).label("kind"), *keyed.c)
+
+    def _announce_each(self, written: sa.CTE) -> sa.Select[Any]:
+        """Select what ``insert_each`` wrote, with one NOTIFY per queue of its new and
+        replaced jobs: ``#<first due id>:<due count> <queue>`` when some are due, else
+        ``@<seconds until the earliest> <queue>`` (the payloads of ``_announce``)."""
+        w = written.c
+        due = _due(w.scheduled_at)
+        count = sa.func.count().filter(due)
+        named = (
+            _text_literal("#")
+            + sa.cast(sa.func.min(w.id).filter(due), sa.Text)
+            + _text_literal(":")
+            + sa.cast(count, sa.Text)
+        )
+        until = sa.func.extract("epoch", sa.func.min(w.scheduled_at) - sa.func.now())
+        payload = (
+            sa.case(
+                (count > sa.literal_column("0", sa.Integer), named),
+                else_=_text_literal("@") + sa.cast(until, sa.Text),
+            )
+            + _text_literal(" ")
+            + w.queue
+        )
+        notified = (
+            sa.select(sa.func.pg_notify(self._channel, payload).label("sent"))
+            .where(sa.or_(w.fresh, w.replaced))
+            .group_by(w.queue)
+            .cte("notified")
+        )
+        # Counts what was sent, so that ``notified`` runs to its end; one row, so that no
+        # row of ``written`` doubles. Materialized: inlined, its join (one row, no column
+        # read) would be removed by the planner, and no NOTIFY sent.
+        announced = (
+            sa.select(sa.func.count().label("sent"))
+            .select_from(notified)
+            .cte("announced")
+            .prefix_with("MATERIALIZED")
+        )
+        return sa.select(w.kind, w.id, w.key, w.fresh, w.replaced).select_from(
+            written.outerjoin(announced, sa.true())
+        )
 
     @property
     def _channel(self) -> sa.ColumnElement[str]:
@@ -1959,6 +2152,131 @@ def insert_keyed_job(
         params["unique_for"] = unique_for
     statement = s.insert_keyed(Conflict(replace, unique_for is not None))
     return Query(statement, params, mapper, driver=True)
+
+
+class EachRow(NamedTuple):
+    """One job of :meth:`Statements.insert_each`, options and arguments checked."""
+
+    mode: EachMode
+    queue: str
+    priority: int
+    args: Mapping[str, Any]
+    scheduled_at: datetime | None = None  # an instant the caller gave
+    schedule_in: float | None = None  # or seconds from the server's now()
+    lock: str | None = None
+    queueing_lock: str | None = None
+    concurrency_key: str | None = None
+    unique_for: float | None = None
+    tags: Sequence[str] | None = None
+    meta: Mapping[str, Any] | None = None
+    timeout: float | None = None
+    max_attempts: int | None = None
+
+    def space(self) -> tuple[str, str] | None:
+        """The key this row holds, in the index that holds it (``lock``: among waiting
+        jobs; ``period``: per period, whatever the period's length), or None without one."""
+        if self.queueing_lock is None:
+            return None
+        return ("period" if self.unique_for is not None else "lock", self.queueing_lock)
+
+
+class Written(NamedTuple):
+    """What ``insert_each`` did for one position of its call: the job's id, whether it is
+    new, and whether it replaced a waiting job's arguments (``on_conflict="replace"``)."""
+
+    id: int
+    fresh: bool
+    replaced: bool = False
+
+
+@dataclass(slots=True)
+class EachJobs:
+    """The parameters of ``insert_each`` and how its rows map back to the positions of the
+    call: made by :meth:`make`, read by :func:`each_written`."""
+
+    task_name: str
+    trace_context: str | None  # JSON
+    rows: str  # JSON: [{"n": ..., "mode": ..., ...}, ...], the written positions only
+    modes: tuple[EachMode, ...]
+    #: Per position of the call, the position whose job it reports (itself when written).
+    reports: list[int]
+    #: The positions of the plain rows, in order (their ids come back in this order).
+    plain: list[int]
+    #: ``EachRow.space()`` → the position written with that key.
+    keyed: dict[tuple[str, str], int]
+
+    @classmethod
+    def make(
+        cls,
+        task_name: str,
+        trace_context: str | None,
+        rows: Sequence[EachRow],
+        reports: Sequence[int],
+    ) -> EachJobs:
+        """``rows``: one per position; ``reports``: per position, the position written for
+        it, each key written once (:func:`pgtq.tasks.resolve_keys`)."""
+        encoded: list[dict[str, Any]] = []
+        modes: set[EachMode] = set()
+        plain: list[int] = []
+        keyed: dict[tuple[str, str], int] = {}
+        for n, row in enumerate(rows):
+            if reports[n] != n:
+                continue
+            space = row.space()
+            if space is None:
+                plain.append(n)
+            elif keyed.setdefault(space, n) != n:
+                raise ValueError(f"EachJobs: the key {space} is written twice")
+            modes.add(row.mode)
+            fields = {"n": n, **{k: v for k, v in row._asdict().items() if v is not None}}
+            if row.scheduled_at is not None:
+                fields["scheduled_at"] = row.scheduled_at.isoformat()
+            encoded.append(fields)
+        return cls(
+            task_name=task_name,
+            trace_context=trace_context,
+            rows=dumps(encoded),
+            modes=tuple(m for m in EACH_MODES if m in modes),
+            reports=list(reports),
+            plain=plain,
+            keyed=keyed,
+        )
+
+    def as_params(self) -> dict[str, Any]:
+        return {
+            "new_jobs": self.rows,
+            "new_task_name": self.task_name,
+            "new_trace_context": self.trace_context,
+        }
+
+
+def each_written(each: EachJobs, rows: Rows) -> list[Written]:
+    """Per position of the call, what ``insert_each`` did (pure): plain rows by ascending
+    id (inserted in position order), keyed ones by their key; a position that reports
+    another one gets that job, as a duplicate."""
+    done: dict[int, Written] = {}
+    plain_ids = sorted(row[1] for row in rows if row[0] == "plain")
+    done.update(zip(each.plain, (Written(i, True) for i in plain_ids), strict=True))
+    for kind, job_id, key, fresh, replaced in rows:
+        if kind == "plain":
+            continue
+        if kind == "period":  # <queueing_lock>@<period number>
+            key = key.rpartition("@")[0]
+        done[each.keyed[kind, key]] = Written(job_id, bool(fresh), bool(replaced))
+    return [
+        done[n] if written == n else Written(done[written].id, False)
+        for n, written in enumerate(each.reports)
+    ]
+
+
+def insert_each_jobs(s: Statements, each: EachJobs) -> Query[list[Written]]:
+    """Jobs with options of their own (:meth:`Statements.insert_each`): per position of the
+    call, what was written for it."""
+
+    def mapper(rows: Rows) -> list[Written]:
+        return each_written(each, rows)
+
+    return Query(s.insert_each(each.modes), each.as_params(), mapper, driver=True)
 
 
 def get_job(s: Statements, job_id: int) -> Query[Job | None]:

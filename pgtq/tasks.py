@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, KeysView, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, cast
 
@@ -86,6 +86,47 @@ class JobOptions:
     #: job's status but failed or ended early), not only among waiting jobs.
     unique_for: float | None = None
     concurrency_key: str | None = None
+    #: Labels for people and filters (repeats dropped, the first kept); None: no tag.
+    tags: tuple[str, ...] | None = None
+    #: A JSON object for people and tools, stored with the job, never read by pgtq.
+    meta: dict[str, Any] | None = None
+    #: This job's own time limit (seconds) and attempt budget; None: the task's.
+    timeout: float | None = None
+    max_attempts: int | None = None
+
+    @property
+    def per_row(self) -> bool:
+        """Has an option only ``insert_each`` writes (tags, meta, timeout, max_attempts)."""
+        return not (
+            self.tags is None
+            and self.meta is None
+            and self.timeout is None
+            and self.max_attempts is None
+        )
+
+
+#: The keyword options of ``configure()``: the options an item of a per-job ``defer_many``
+#: may give (``(kwargs, options)``).
+CONFIGURE_OPTIONS = (
+    "queue",
+    "priority",
+    "schedule_at",
+    "schedule_in",
+    "lock",
+    "queueing_lock",
+    "on_conflict",
+    "unique_for",
+    "concurrency_key",
+    "tags",
+    "meta",
+    "timeout",
+    "max_attempts",
+)
+
+#: An item of ``defer_many``: a mapping of keyword arguments (the jobs take the deferrer's
+#: options), or a ``(kwargs, options)`` pair, ``options`` being ``configure()`` keywords of
+#: this job alone.
+DeferItem = Mapping[str, Any] | tuple[Mapping[str, Any], Mapping[str, Any]]
 
 
 def _wants_context(func: Callable[..., Any]) -> bool:
@@ -200,33 +241,74 @@ class Task(Generic[R]):
         on_conflict: OnConflict = "raise",
         unique_for: timedelta | float | None = None,
         concurrency_key: str | None = None,
+        tags: Sequence[str] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        timeout: timedelta | float | None = None,
+        max_attempts: int | None = None,
     ) -> Deferrer:
         """Job options for the jobs deferred through the returned :class:`Deferrer`, each
         checked here (:mod:`pgtq.validation`): a bad one raises ``InvalidArguments`` naming
         it. ``schedule_in`` counts from the database server's clock when the job is
-        inserted; a negative one means due now."""
-        if schedule_at is not None and schedule_in is not None:
+        inserted; a negative one means due now. ``tags``, ``meta``, ``timeout`` and
+        ``max_attempts`` are stored on each job (``Job.tags``, ...)."""
+        return self.configure_from(
+            {
+                "queue": queue,
+                "priority": priority,
+                "schedule_at": schedule_at,
+                "schedule_in": schedule_in,
+                "lock": lock,
+                "queueing_lock": queueing_lock,
+                "on_conflict": on_conflict,
+                "unique_for": unique_for,
+                "concurrency_key": concurrency_key,
+                "tags": tags,
+                "meta": meta,
+                "timeout": timeout,
+                "max_attempts": max_attempts,
+            }
+        )
+
+    def configure_from(self, given: Mapping[str, Any]) -> Deferrer:
+        """:meth:`configure` with its keywords in a mapping (an option None or left out
+        keeps its default): the one place job options are checked, also those of each item
+        of a per-job ``defer_many``."""
+        unknown = sorted(set(given) - set(CONFIGURE_OPTIONS))
+        if unknown:
+            raise InvalidArguments(
+                f"unknown option(s) {unknown}; configure() takes {', '.join(CONFIGURE_OPTIONS)}"
+            )
+        g = {name: value for name, value in given.items() if value is not None}
+        if "schedule_at" in g and "schedule_in" in g:
             raise InvalidArguments("schedule_at, schedule_in: give one of them, not both")
-        options = replace(
-            self.defaults,
-            queue=self.defaults.queue if queue is None else validation.check_queue(queue),
-            priority=(
-                self.defaults.priority if priority is None else validation.check_priority(priority)
-            ),
-            schedule_at=None if schedule_at is None else validation.check_schedule_at(schedule_at),
-            schedule_in=None if schedule_in is None else validation.schedule_seconds(schedule_in),
-            lock=validation.check_key("lock", lock),
-            queueing_lock=validation.check_key("queueing_lock", queueing_lock),
-            concurrency_key=validation.check_key("concurrency_key", concurrency_key),
+        v = validation
+        queue = v.check_queue(g["queue"]) if "queue" in g else self.defaults.queue
+        priority = v.check_priority(g["priority"]) if "priority" in g else self.defaults.priority
+        schedule_at = v.check_schedule_at(g["schedule_at"]) if "schedule_at" in g else None
+        schedule_in = v.schedule_seconds(g["schedule_in"]) if "schedule_in" in g else None
+        lock = v.check_key("lock", g.get("lock"))
+        queueing_lock = v.check_key("queueing_lock", g.get("queueing_lock"))
+        concurrency_key = v.check_key("concurrency_key", g.get("concurrency_key"))
+        on_conflict = v.check_on_conflict(g.get("on_conflict", "raise"), queueing_lock)
+        unique_for = (
+            v.check_unique_for(g["unique_for"], queueing_lock) if "unique_for" in g else None
         )
-        checked = validation.check_on_conflict(on_conflict, options.queueing_lock)
-        period = (
-            None
-            if unique_for is None
-            else validation.check_unique_for(unique_for, options.queueing_lock)
+        options = JobOptions(
+            queue=queue,
+            priority=priority,
+            schedule_at=schedule_at,
+            schedule_in=schedule_in,
+            lock=lock,
+            queueing_lock=queueing_lock,
+            on_conflict=cast(OnConflict, on_conflict),
+            unique_for=unique_for,
+            concurrency_key=concurrency_key,
+            tags=v.check_tags(g.get("tags")),
+            meta=v.check_meta(g.get("meta"), self.app.max_args_bytes),
+            timeout=v.check_timeout(g["timeout"]) if "timeout" in g else None,
+            max_attempts=(v.check_max_attempts(g["max_attempts"]) if "max_attempts" in g else None),
         )
-        options = replace(options, on_conflict=cast(OnConflict, checked), unique_for=period)
-        return Deferrer(self, options)
+        return Deferrer(self, options, g)
 
     def _plain(self) -> Deferrer:
         """``configure()`` with no options, made once (``dataclasses.replace`` per defer
@@ -249,14 +331,19 @@ class Task(Generic[R]):
         return await self._plain().defer_async(*args, connection=connection, **kwargs)
 
     def defer_many(
-        self, arguments: Iterable[Mapping[str, Any]], *, connection: Connection | None = None
+        self, arguments: Iterable[DeferItem], *, connection: Connection | None = None
     ) -> list[int]:
         """Enqueue one job per mapping of keyword arguments, in one statement; their ids, in
-        order. All or none: one bad mapping refuses the call before anything is written."""
+        order. All or none: one bad mapping refuses the call before anything is written.
+
+        An item may be a ``(kwargs, options)`` pair, ``options`` the ``configure()`` keywords
+        of that job alone (its own key, schedule, tags, ...): the call is then a per-job
+        batch, whose ids are :class:`pgtq.Deferred` s, and in which no key held fails the
+        call (``on_conflict="raise"`` acts as ``"skip"``; see :meth:`Deferrer.encode_each`)."""
         return self._plain().defer_many(arguments, connection=connection)
 
     async def defer_many_async(
-        self, arguments: Iterable[Mapping[str, Any]], *, connection: AsyncConnection | None = None
+        self, arguments: Iterable[DeferItem], *, connection: AsyncConnection | None = None
     ) -> list[int]:
         """:meth:`defer_many` from async code."""
         return await self._plain().defer_many_async(arguments, connection=connection)
@@ -303,27 +390,78 @@ def _no_positional(task: Task[Any], args: tuple[Any, ...]) -> None:
         )
 
 
+def _has_pairs(items: Sequence[Any]) -> bool:
+    """A per-job batch: some item is a ``(kwargs, options)`` pair."""
+    return any(isinstance(item, tuple) for item in items)
+
+
+def resolve_keys(keys: Sequence[tuple[tuple[str, str], bool] | None]) -> list[int]:
+    """Per position of a per-job batch, the position whose job it reports: itself, unless
+    an other position holds the same key (``EachRow.space()``), for which one job is
+    written: the last that replaces (``on_conflict="replace"``), else the first (``skip``
+    and ``raise``). ``keys``: per position, its key and whether it replaces, or None.
+
+    So no two rows of one statement touch one key, and the batch reads as its jobs deferred
+    one after the other: a skip after the first is its duplicate, a replace overrides it."""
+    first: dict[tuple[str, str], int] = {}
+    replacing: dict[tuple[str, str], int] = {}
+    for n, key in enumerate(keys):
+        if key is not None:
+            first.setdefault(key[0], n)
+            if key[1]:
+                replacing[key[0]] = n
+    return [
+        n if key is None else replacing.get(key[0], first[key[0]]) for n, key in enumerate(keys)
+    ]
+
+
+def each_row(kwargs: Mapping[str, Any], o: JobOptions) -> statements.EachRow:
+    """A job of ``insert_each``: its options, and the CTE that writes it."""
+    mode: statements.EachMode = "plain"
+    if o.queueing_lock is not None:
+        mode = "replace" if o.on_conflict == "replace" else "keep"  # raise: keep, then settle
+        if o.unique_for is not None:
+            mode = "replace_period" if mode == "replace" else "keep_period"
+    return statements.EachRow(
+        mode=mode,
+        queue=o.queue,
+        priority=o.priority,
+        args=kwargs,
+        scheduled_at=o.schedule_at,
+        schedule_in=o.schedule_in,
+        lock=o.lock,
+        queueing_lock=o.queueing_lock,
+        concurrency_key=o.concurrency_key,
+        unique_for=o.unique_for,
+        tags=o.tags,
+        meta=o.meta,
+        timeout=o.timeout,
+        max_attempts=o.max_attempts,
+    )
+
+
 class Deferrer:
     """A task with job options fixed: what ``Task.configure()`` returns."""
 
-    def __init__(self, task: Task[Any], options: JobOptions) -> None:
+    def __init__(
+        self, task: Task[Any], options: JobOptions, given: Mapping[str, Any] | None = None
+    ) -> None:
         self.task = task
         self.options = options
+        #: The ``configure()`` keywords it was made with: what the options of an item of a
+        #: per-job ``defer_many`` are laid over.
+        self.given: Mapping[str, Any] = given or {}
+        self._per_row = options.per_row
 
     def encode(self, arguments: Iterable[Mapping[str, Any]]) -> statements.NewJobs:
-        """Check and encode jobs before anything is written: the one place defer decides.
+        """Check and encode jobs before anything is written: the one place defer decides
+        (for jobs sharing options ``insert_jobs`` writes: not tags, meta, timeout or
+        max_attempts, which ``insert_each`` does).
 
         With a ``queueing_lock`` at most one job of the call can wait: ``raise`` refuses a
         call of several, ``skip`` inserts the first, ``replace`` the last (the newest wins)."""
         o = self.options
-        checked = [self._checked(kwargs) for kwargs in arguments]
-        if o.queueing_lock is not None and len(checked) > 1:
-            if o.on_conflict == "raise":
-                raise InvalidArguments(
-                    f"queueing_lock: {len(checked)} jobs with one key, of which at most one "
-                    "may wait: defer one, or configure(on_conflict='skip' or 'replace')"
-                )
-            checked = checked[-1:] if o.on_conflict == "replace" else checked[:1]
+        checked = self._one_key([self._checked(kwargs) for kwargs in arguments])
         carrier = observers.trace_context()
         return statements.NewJobs(
             queue=o.queue,
@@ -338,6 +476,87 @@ class Deferrer:
             args=self._dumps(checked),
             count=len(checked),
         )
+
+    def _one_key(self, checked: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The jobs of a call sharing one ``queueing_lock``: at most one of them may wait."""
+        o = self.options
+        if o.queueing_lock is not None and len(checked) > 1:
+            if o.on_conflict == "raise":
+                raise InvalidArguments(
+                    f"queueing_lock: {len(checked)} jobs with one key, of which at most one "
+                    "may wait: defer one, or configure(on_conflict='skip' or 'replace')"
+                )
+            checked = checked[-1:] if o.on_conflict == "replace" else checked[:1]
+        return checked
+
+    def encode_each(self, items: Sequence[DeferItem], *, batch: bool) -> statements.EachJobs:
+        """Check and encode jobs for ``insert_each``, before anything is written.
+
+        ``batch`` (a per-job ``defer_many``: some item is a ``(kwargs, options)`` pair): each
+        item is its own job, with the options it gives laid over this deferrer's
+        ``configure()`` keywords (``schedule_at`` and ``schedule_in`` as one), checked by
+        :meth:`Task.configure_from`; an error names the item (``item 3: ...``, from 0). A
+        repeated key is written once (:func:`resolve_keys`). Else every job takes this
+        deferrer's options, as :meth:`encode` has them."""
+        if batch:
+            made: dict[int, JobOptions] = {}  # one configure() per options mapping given
+            jobs = [self._item(n, item, made) for n, item in enumerate(items)]
+        else:
+            checked = self._one_key([self._checked(cast(Mapping[str, Any], k)) for k in items])
+            jobs = [(kwargs, self.options) for kwargs in checked]
+        self._check_each([kwargs for kwargs, _ in jobs], batch)
+        rows = [each_row(kwargs, o) for kwargs, o in jobs]
+        keys = [(row.space(), row.mode.startswith("replace")) for row in rows]
+        reports = resolve_keys([None if key is None else (key, r) for key, r in keys])
+        carrier = observers.trace_context()
+        return statements.EachJobs.make(
+            self.task.name, dumps(carrier) if carrier else None, rows, reports
+        )
+
+    def _item(
+        self, n: int, item: DeferItem, made: dict[int, JobOptions]
+    ) -> tuple[dict[str, Any], JobOptions]:
+        """Item ``n`` of a per-job batch: its keyword arguments and options, checked."""
+        try:
+            if not isinstance(item, tuple):
+                return self._checked(item), self.options
+            if len(item) != 2:
+                raise InvalidArguments(
+                    f"a (kwargs, options) pair has two parts, got a tuple of {len(item)}"
+                )
+            kwargs, given = item
+            if not isinstance(given, Mapping):
+                raise InvalidArguments(
+                    f"options: must be a mapping of configure() options, got {type(given).__name__}"
+                )
+            options = made.get(id(given))
+            if options is None:
+                base = dict(self.given)
+                if "schedule_at" in given or "schedule_in" in given:  # one schedule
+                    base.pop("schedule_at", None)
+                    base.pop("schedule_in", None)
+                options = self.task.configure_from({**base, **given}).options
+                made[id(given)] = options
+            return self._checked(kwargs), options
+        except InvalidArguments as exc:
+            raise InvalidArguments(f"item {n}: {exc}") from None
+
+    def _check_each(self, jobs: list[dict[str, Any]], batch: bool) -> None:
+        """The jobs' arguments checked as :meth:`encode` checks them; in a batch, an error
+        names the item."""
+        if not batch:
+            self._dumps(jobs)
+            return
+        limit = self.task.app.max_args_bytes
+        try:
+            validation.encode_arguments(jobs, limit)
+        except InvalidArguments:
+            for n, kwargs in enumerate(jobs):
+                try:
+                    validation.encode_arguments([kwargs], limit)
+                except InvalidArguments as exc:
+                    raise InvalidArguments(f"item {n}: task {self.task.name!r}: {exc}") from None
+            raise
 
     def _checked(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         if type(kwargs) is not dict:  # the common case skips the (slower) ABC check
@@ -370,9 +589,14 @@ class Deferrer:
             unique_for=o.unique_for,
         )
 
+    def _each(self, each: statements.EachJobs) -> statements.Query[list[statements.Written]]:
+        return statements.insert_each_jobs(self.task.app.statements, each)
+
     def defer(self, *args: Any, connection: Connection | None = None, **kwargs: Any) -> int:
         """:meth:`Task.defer` with this deferrer's options."""
         _no_positional(self.task, args)
+        if self._per_row:
+            return self._defer_each([kwargs], False, connection)[0]
         new = self.encode([kwargs])
         if new.queueing_lock is not None:
             return self._settle(self.task.app.sync.run(self._keyed(new), connection), 1)[0]
@@ -383,6 +607,8 @@ class Deferrer:
     ) -> int:
         """:meth:`Task.defer_async` with this deferrer's options."""
         _no_positional(self.task, args)
+        if self._per_row:
+            return (await self._defer_each_async([kwargs], False, connection))[0]
         new = self.encode([kwargs])
         run = self.task.app.async_connector().run
         if new.queueing_lock is not None:
@@ -390,11 +616,14 @@ class Deferrer:
         return (await run(self._insert(new), connection))[0]
 
     def defer_many(
-        self, arguments: Iterable[Mapping[str, Any]], *, connection: Connection | None = None
+        self, arguments: Iterable[DeferItem], *, connection: Connection | None = None
     ) -> list[int]:
         """:meth:`Task.defer_many` with this deferrer's options."""
         jobs = list(arguments)
-        new = self.encode(jobs)
+        batch = _has_pairs(jobs)
+        if batch or self._per_row:
+            return self._defer_each(jobs, batch, connection)
+        new = self.encode(cast(list[Mapping[str, Any]], jobs))
         if not new.count:
             return []
         if new.queueing_lock is not None:
@@ -402,17 +631,55 @@ class Deferrer:
         return self.task.app.sync.run(self._insert(new), connection)
 
     async def defer_many_async(
-        self, arguments: Iterable[Mapping[str, Any]], *, connection: AsyncConnection | None = None
+        self, arguments: Iterable[DeferItem], *, connection: AsyncConnection | None = None
     ) -> list[int]:
         """:meth:`Task.defer_many_async` with this deferrer's options."""
         jobs = list(arguments)
-        new = self.encode(jobs)
+        batch = _has_pairs(jobs)
+        if batch or self._per_row:
+            return await self._defer_each_async(jobs, batch, connection)
+        new = self.encode(cast(list[Mapping[str, Any]], jobs))
         if not new.count:
             return []
         run = self.task.app.async_connector().run
         if new.queueing_lock is not None:
             return self._settle(await run(self._keyed(new), connection), len(jobs))
         return await run(self._insert(new), connection)
+
+    def _defer_each(
+        self, jobs: list[DeferItem], batch: bool, connection: Connection | None
+    ) -> list[int]:
+        each = self.encode_each(jobs, batch=batch)
+        if not each.reports:
+            return []
+        written = self.task.app.sync.run(self._each(each), connection)
+        return self._settle_each(written, len(jobs), batch)
+
+    async def _defer_each_async(
+        self, jobs: list[DeferItem], batch: bool, connection: AsyncConnection | None
+    ) -> list[int]:
+        each = self.encode_each(jobs, batch=batch)
+        if not each.reports:
+            return []
+        written = await self.task.app.async_connector().run(self._each(each), connection)
+        return self._settle_each(written, len(jobs), batch)
+
+    def _settle_each(
+        self, written: list[statements.Written], positions: int, batch: bool
+    ) -> list[int]:
+        """What a defer through ``insert_each`` returns, per position of its call. In a
+        per-job batch nothing fails: a job whose key was held (whatever its
+        ``on_conflict``: ``raise`` acts as ``skip``, and a ``replace`` that may not replace
+        the holder keeps it) reports the holder's id, as a duplicate. Else as
+        :meth:`_settle` (``raise`` raises ``AlreadyEnqueued``)."""
+        if batch:
+            return [Deferred(w.id, duplicate=not w.fresh) for w in written]
+        o = self.options
+        if o.queueing_lock is None:
+            return [w.id for w in written]
+        w = written[0]
+        blocked = o.on_conflict == "replace" and not w.fresh and not w.replaced
+        return self._settle(None if blocked else (w.id, w.fresh), positions)
 
     def _settle(self, row: tuple[int, bool] | None, positions: int) -> list[int]:
         """What a defer with a key returns, per position of its call (the one job inserted,

@@ -12,6 +12,7 @@ No I/O here, and no SQLAlchemy: the checks are plain functions over plain values
 
 from __future__ import annotations
 
+import json
 import math
 import operator
 from collections.abc import Mapping, Sequence
@@ -174,6 +175,88 @@ def check_unique_for(value: object, queueing_lock: str | None) -> float:
     if queueing_lock is None:
         raise InvalidArguments("unique_for: needs a queueing_lock, the key it makes unique")
     return float(seconds)
+
+
+#: Most tags a job may have (``configure(tags=...)``): tags label a job for people and
+#: filters (a GIN index holds them), not a place for data (``meta`` is).
+MAX_TAGS = 50
+
+
+def check_tags(value: object) -> tuple[str, ...] | None:
+    """``configure(tags=...)``: None, or a sequence (not a string) of non-empty strings of at
+    most :data:`KEY_MAX_BYTES` each, at most :data:`MAX_TAGS` of them once repeats are
+    dropped. Repeats are dropped, the first kept (a tag is a label: a repeated one says
+    nothing more); no tag at all is stored as none (NULL: out of the tags' index)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise InvalidArguments(
+            f"tags: must be a list (or tuple) of strings, got {type(value).__name__}"
+            + (": a single tag is written tags=[tag]" if isinstance(value, str) else "")
+        )
+    tags = tuple(
+        dict.fromkeys(_text(f"tags (tag {i})", t, KEY_MAX_BYTES) for i, t in enumerate(value))
+    )
+    if len(tags) > MAX_TAGS:
+        raise InvalidArguments(f"tags: at most {MAX_TAGS} different tags, got {len(tags)}")
+    return tags or None
+
+
+def check_meta(value: object, max_bytes: int | None) -> dict[str, Any] | None:
+    """``configure(meta=...)``: None, or a mapping that encodes as a JSON object ``jsonb``
+    stores, nested at most :data:`ARGS_MAX_DEPTH` deep and at most ``max_bytes`` long (the
+    app's ``max_args_bytes``): the bounds of a job's arguments, for the same reasons. The
+    stored value is the JSON read back (a copy: later changes to the mapping are not stored)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InvalidArguments(
+            f"meta: must be a mapping (a JSON object), got {type(value).__name__}"
+        )
+    try:
+        encoded = dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArguments(f"meta: must be JSON-serializable: {exc}") from None
+    except RecursionError:
+        raise InvalidArguments(f"meta: nested more than {ARGS_MAX_DEPTH} levels deep") from None
+    if (
+        encoded.count("[") + encoded.count("{") > ARGS_MAX_DEPTH
+        and _depth(value, ARGS_MAX_DEPTH + 1) > ARGS_MAX_DEPTH
+    ):
+        raise InvalidArguments(f"meta: nested more than {ARGS_MAX_DEPTH} levels deep")
+    reason = unstorable_json(encoded)
+    if reason:
+        raise InvalidArguments(f"meta: {reason}, which jsonb refuses")
+    if max_bytes is not None and len(encoded) > max_bytes:
+        raise InvalidArguments(
+            f"meta: {len(encoded):,} bytes as JSON, more than the app's max_args_bytes "
+            f"({max_bytes:,})"
+        )
+    decoded: dict[str, Any] = json.loads(encoded)
+    return decoded
+
+
+def check_timeout(value: object) -> float:
+    """``configure(timeout=...)``: this job's own time limit, a timedelta or a number of
+    seconds over zero and within :data:`SCHEDULE_HORIZON` (a bool is no number here)."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, Real):
+        raise InvalidArguments(
+            f"timeout: must be a timedelta or a number of seconds, got {type(value).__name__}"
+        )
+    if not 0 < float(seconds) <= _HORIZON_SECONDS:  # also false for NaN
+        raise InvalidArguments(f"timeout: must be a number of seconds over zero, got {value!r}")
+    return float(seconds)
+
+
+def check_max_attempts(value: object) -> int:
+    """``configure(max_attempts=...)``: this job's own attempt budget, an ``int`` (not a bool,
+    not a float) from 1 to int4's maximum (the column is a PostgreSQL ``integer``)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArguments(f"max_attempts: must be a whole number, got {type(value).__name__}")
+    if not 1 <= value <= PRIORITY_MAX:
+        raise InvalidArguments(f"max_attempts: must be from 1 to {PRIORITY_MAX}, got {value}")
+    return value
 
 
 def check_delay(field: str, value: object) -> float:

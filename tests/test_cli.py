@@ -111,6 +111,63 @@ def test_defer_with_job_options(dsn: str, sql: SQL) -> None:
     assert rows == [("vip", 5, "L", "Q", True)]
 
 
+def test_defer_with_a_key_and_per_job_options(dsn: str, sql: SQL) -> None:
+    """``--tag``, ``--meta``, ``--timeout``, ``--max-attempts`` stored; ``--on-conflict``
+    says what a held ``--queueing-lock`` does, and the output says a duplicate is one."""
+    args = ("defer", APP, "greet", '{"name": "Ada"}', "--queueing-lock", "Q")
+    options = ("--tag", "a", "--tag", "b", "--meta", '{"by": "cli"}', "--timeout", "30")
+    first = invoke(*args, *options, "--max-attempts", "2", dsn=dsn)
+    assert first.exit_code == 0, first.output
+    assert "Deferred greet as job 1 on queue 'greetings'" in first.stdout
+    assert sql("SELECT tags, meta, timeout, max_attempts, queueing_lock FROM pgtq.jobs") == [
+        (["a", "b"], {"by": "cli"}, 30.0, 2, "Q")
+    ]
+    skipped = invoke(*args, "--on-conflict", "skip", dsn=dsn)
+    assert skipped.exit_code == 0, skipped.output
+    assert "Duplicate: job 1 holds queueing lock 'Q' already, kept as it is" in skipped.stdout
+    as_json = invoke(*args, "--on-conflict", "skip", "--json", dsn=dsn)
+    assert as_json.exit_code == 0 and as_json.stdout.strip() == "1"
+    raised = invoke(*args, dsn=dsn)
+    assert raised.exit_code == 1
+    assert_one_error_line(raised.stderr, "job 1 holds this key")
+    replaced = invoke(
+        "defer", APP, "greet", '{"name": "Bob"}', "--queueing-lock", "Q", "--on-conflict",
+        "replace", dsn=dsn,
+    )  # fmt: skip
+    assert replaced.exit_code == 0, replaced.output
+    assert "job 1 holds queueing lock 'Q' already, its arguments" in replaced.stdout
+    period = invoke(
+        "defer", APP, "greet", '{"name": "C"}', "--queueing-lock", "P", "--unique-for", "3600",
+        dsn=dsn,
+    )  # fmt: skip
+    assert period.exit_code == 0, period.output
+    assert sql("SELECT args->>'name', unique_key LIKE 'P@%%' FROM pgtq.jobs ORDER BY id") == [
+        ("Bob", None),
+        ("C", True),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--meta", "[1]"], "--meta: must be a JSON object"),
+        (["--meta", "{"], "--meta: not valid JSON"),
+        (["--max-attempts", "0"], "max_attempts: must be from 1"),
+        (["--timeout", "nan"], "timeout: must be a number of seconds over zero"),
+        (["--tag", ""], "tags (tag 0): must not be empty"),
+        (["--on-conflict", "skip"], "on_conflict: 'skip' needs a queueing_lock"),
+        (["--unique-for", "60"], "unique_for: needs a queueing_lock"),
+    ],
+)
+def test_defer_refuses_bad_job_options_in_one_line(
+    dsn: str, sql: SQL, args: list[str], fragment: str
+) -> None:
+    result = invoke("defer", APP, "greet", '{"name": "Ada"}', *args, dsn=dsn)
+    assert result.exit_code != 0
+    assert_one_error_line(result.stderr, fragment)
+    assert sql("SELECT count(*) FROM pgtq.jobs") == [(0,)]
+
+
 def test_defer_unknown_task_lists_the_known_ones_and_writes_nothing(dsn: str, sql: SQL) -> None:
     proc = run_pgtq("defer", APP, "nope", "{}", dsn=dsn)
     assert proc.returncode == 1

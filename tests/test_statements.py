@@ -102,6 +102,10 @@ BUILDER_ARGS: dict[str, list[tuple[Any, ...]]] = {
         for replace in (False, True)
         for per_period in (False, True)
     ],
+    "insert_each": [
+        *(((mode,),) for mode in statements.EACH_MODES),
+        (statements.EACH_MODES,),
+    ],
     "completion": [
         (deleting, Rare(snoozing, moving))
         for deleting in (False, True)
@@ -139,6 +143,22 @@ def _new_jobs() -> NewJobs:
     return NewJobs("q", "t", 0, None, None, None, None, None, None, "[{}]", 1)
 
 
+def _each_jobs() -> statements.EachJobs:
+    """A batch with a row of every mode."""
+    rows = [
+        statements.EachRow(
+            mode,
+            "q",
+            0,
+            {},
+            queueing_lock=None if mode == "plain" else mode,
+            unique_for=60.0 if mode.endswith("_period") else None,
+        )
+        for mode in statements.EACH_MODES
+    ]
+    return statements.EachJobs.make("t", None, rows, list(range(len(rows))))
+
+
 def _outcomes() -> Outcomes:
     outcomes = Outcomes.empty()
     outcomes.add(1, Status.SUCCEEDED, "null", attempt=1)
@@ -163,6 +183,7 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
         lambda: statements.insert_keyed_job(S, _new_jobs(), replace=True),
         lambda: statements.insert_keyed_job(S, _new_jobs(), replace=False, unique_for=60.0),
     ],
+    "insert_each_jobs": [lambda: statements.insert_each_jobs(S, _each_jobs())],
     "get_job": [lambda: statements.get_job(S, 1)],
     "claim_jobs": [
         lambda: statements.claim_jobs(S, "w", None, 20),

@@ -248,6 +248,104 @@ def test_configure_checks_every_option_without_a_database() -> None:
         task.configure().encode([{1: "a"}])
 
 
+def test_check_tags() -> None:
+    assert v.check_tags(None) is None
+    assert v.check_tags([]) is None  # no tag: none stored (out of the tags' index)
+    assert v.check_tags(("b", "a", "b", "é")) == ("b", "a", "é")  # repeats dropped, in order
+    assert v.check_tags([f"t{i}" for i in range(v.MAX_TAGS)] * 2) is not None
+    for value, message in [
+        ("urgent", "tags: must be a list .*a single tag is written tags=\\[tag\\]"),
+        ({"a"}, "tags: must be a list"),
+        (5, "tags: must be a list"),
+        (["a", ""], "tags \\(tag 1\\): must not be empty"),
+        (["a", 5], "tags \\(tag 1\\): must be a string"),
+        (["k" * (v.KEY_MAX_BYTES + 1)], "tags \\(tag 0\\): at most 1024 bytes"),
+        (["a\x00"], "tags \\(tag 0\\): contains a NUL"),
+        ([f"t{i}" for i in range(v.MAX_TAGS + 1)], f"tags: at most {v.MAX_TAGS} different"),
+    ]:
+        with pytest.raises(pgtq.InvalidArguments, match=f"^{message}"):
+            v.check_tags(value)
+
+
+def test_check_meta() -> None:
+    assert v.check_meta(None, 100) is None
+    given = {"by": "ops", "n": (1, 2)}
+    stored = v.check_meta(given, None)
+    assert stored == {"by": "ops", "n": [1, 2]} and stored is not given  # the JSON, a copy
+    assert v.check_meta(nested_object(v.ARGS_MAX_DEPTH), None) is not None
+    for value, limit, message in [
+        ([1, 2], None, "meta: must be a mapping"),
+        ("{}", None, "meta: must be a mapping"),
+        ({"x": math.nan}, None, "meta: must be JSON-serializable"),
+        ({"x": object()}, None, "meta: must be JSON-serializable"),
+        ({"x": "a\x00"}, None, "meta: it contains a NUL character"),
+        ({"x": "\ud800"}, None, "meta: it contains an unpaired surrogate"),
+        (nested_object(v.ARGS_MAX_DEPTH + 1), None, "meta: nested more than 200"),
+        (nested_object(100_000), None, "meta: nested more than 200"),
+        ({"x": "a" * 100}, 50, "meta: 108 bytes as JSON, more than the app's max_args_bytes"),
+    ]:
+        with pytest.raises(pgtq.InvalidArguments, match=f"^{message}"):
+            v.check_meta(value, limit)
+
+
+def nested_object(depth: int) -> Any:
+    """A JSON object ``depth`` levels deep (an object counts as one, as a job's arguments)."""
+    value: Any = {"x": 0}
+    for _ in range(depth - 1):
+        value = {"x": value}
+    return value
+
+
+def test_check_timeout_and_max_attempts() -> None:
+    assert v.check_timeout(1) == 1.0
+    assert v.check_timeout(timedelta(minutes=2)) == 120.0
+    assert v.check_max_attempts(1) == 1
+    assert v.check_max_attempts(v.PRIORITY_MAX) == 2**31 - 1
+    for value, message in [
+        (0, "timeout: must be a number of seconds over zero"),
+        (-1.5, "timeout: must be a number of seconds over zero"),
+        (math.nan, "timeout: must be a number of seconds over zero"),
+        (math.inf, "timeout: must be a number of seconds over zero"),
+        (timedelta(0), "timeout: must be a number of seconds over zero"),
+        (True, "timeout: must be a timedelta or a number of seconds, got bool"),
+        ("5", "timeout: must be a timedelta or a number of seconds, got str"),
+    ]:
+        with pytest.raises(pgtq.InvalidArguments, match=f"^{message}"):
+            v.check_timeout(value)
+    for value, message in [
+        (0, "max_attempts: must be from 1"),
+        (2**31, "max_attempts: must be from 1"),
+        (True, "max_attempts: must be a whole number, got bool"),
+        (2.0, "max_attempts: must be a whole number, got float"),
+        ("3", "max_attempts: must be a whole number, got str"),
+    ]:
+        with pytest.raises(pgtq.InvalidArguments, match=f"^{message}"):
+            v.check_max_attempts(value)
+
+
+def test_configure_checks_the_per_job_options_by_name() -> None:
+    app = pgtq.App("postgresql://nowhere/db", max_args_bytes=100)
+
+    @app.task()
+    def task(**kwargs: Any) -> None: ...
+
+    for options, field in [
+        ({"tags": "a"}, "tags"),
+        ({"meta": {"x": "a" * 200}}, "meta"),  # bounded by the app's max_args_bytes
+        ({"timeout": 0}, "timeout"),
+        ({"max_attempts": False}, "max_attempts"),
+    ]:
+        with pytest.raises(pgtq.InvalidArguments, match=f"^{field}: "):
+            task.configure(**options)
+    options = task.configure(tags=["a"], meta={"m": 1}, timeout=2, max_attempts=3).options
+    assert (options.tags, options.meta, options.timeout, options.max_attempts) == (
+        ("a",),
+        {"m": 1},
+        2.0,
+        3,
+    )
+
+
 # -- the twins: the same input, the same outcome -------------------------------------------------
 
 BIG = v.DEFAULT_MAX_ARGS_BYTES + 1
@@ -285,6 +383,19 @@ TWIN_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("fine", {"priority": 7, "lock": "é" * 512, "queue": "✉"}, {"x": "\U0001f600"}),
     ("fine scheduled", {"schedule_in": timedelta(hours=1)}, {"x": [1, 2.5, None]}),
     ("fine past", {"schedule_in": -30}, {"x": 10**4000}),
+    ("tags str", {"tags": "a"}, {}),
+    ("tags empty tag", {"tags": ["a", ""]}, {}),
+    ("meta list", {"meta": [1]}, {}),
+    ("meta nan", {"meta": {"x": math.nan}}, {}),
+    ("meta NUL", {"meta": {"x": "\x00"}}, {}),
+    ("timeout 0", {"timeout": 0}, {}),
+    ("max_attempts bool", {"max_attempts": True}, {}),
+    (
+        "fine per-job options",
+        {"tags": ["a", "a", "✉"], "meta": {"k": [1]}, "timeout": 0.5, "max_attempts": 2},
+        {"x": 1},
+    ),
+    ("fine per-job options keyed", {"queueing_lock": "k", "tags": ["a"]}, {"x": 1}),
 ]
 
 
@@ -313,7 +424,7 @@ async def test_both_sides_refuse_or_store_the_same(
             continue
         [row] = sql(
             "SELECT queue, priority, lock, queueing_lock, concurrency_key, args::text, "
-            "scheduled_at - created_at FROM pgtq.jobs"
+            "scheduled_at - created_at, tags, meta, timeout, max_attempts FROM pgtq.jobs"
         )
         outcomes.append(("stored", row))
     assert outcomes[0] == outcomes[1]
