@@ -74,7 +74,7 @@ def test_every_column_is_stored(app: pgtq.App, conn: psycopg.Connection[Any]) ->
     job_id = one(
         conn,
         "SELECT pgtq.defer_job('t', %s, 'q', 7, '2100-01-01T00:00Z', 'l', 'ql', 'raise', 'ck', "
-        "ARRAY['a', 'b'], %s, 2.5, 4)",
+        "ARRAY['a', 'b', 'a'], %s, 2.5, 4)",
         Jsonb({"x": [1]}),
         Jsonb({"tenant": 3}),
     )
@@ -104,6 +104,8 @@ def test_every_column_is_stored(app: pgtq.App, conn: psycopg.Connection[Any]) ->
         ("defer_job('t', on_conflict => 'skip')", "on_conflict"),
         ("defer_job('t', queueing_lock => 'k', on_conflict => 'maybe')", "on_conflict"),
         ("defer_job('t', tags => ARRAY['a', ''])", "tags"),
+        ("defer_job('t', tags => ARRAY(SELECT 't' || i FROM generate_series(1, 51) i))",
+         "tags: at most 50"),
         ("defer_job('t', meta => '3')", "meta"),
         ("defer_job('t', timeout => 0)", "timeout"),
         ("defer_job('t', max_attempts => 0)", "max_attempts"),

@@ -96,12 +96,22 @@ BEGIN
     END IF;
     IF p_tags IS NOT NULL AND (array_position(p_tags, NULL) IS NOT NULL
             OR array_position(p_tags, '') IS NOT NULL
-            OR EXISTS (SELECT FROM unnest(p_tags) t WHERE octet_length(t) > 255)) THEN
-        RAISE EXCEPTION '%: tags: each must be a non-empty text of at most 255 bytes', p_where
+            OR EXISTS (SELECT FROM unnest(p_tags) t WHERE octet_length(t) > 1024)) THEN
+        RAISE EXCEPTION '%: tags: each must be a non-empty text of at most 1024 bytes', p_where
+            USING ERRCODE = '22023';
+    END IF;
+    -- As configure(tags=...): repeats dropped (the first kept), at most 50, none is NULL.
+    p_tags := (SELECT array_agg(t ORDER BY n) FROM (SELECT t, min(n) AS n
+               FROM unnest(p_tags) WITH ORDINALITY AS u(t, n) GROUP BY t) AS d);
+    IF cardinality(p_tags) > 50 THEN
+        RAISE EXCEPTION '%: tags: at most 50, got %', p_where, cardinality(p_tags)
             USING ERRCODE = '22023';
     END IF;
     IF p_meta IS NOT NULL AND jsonb_typeof(p_meta) <> 'object' THEN
         RAISE EXCEPTION '%: meta: must be a JSON object, got %', p_where, jsonb_typeof(p_meta)
+            USING ERRCODE = '22023';
+    ELSIF octet_length(p_meta::text) > 1000000 THEN
+        RAISE EXCEPTION '%: meta: at most 1000000 bytes as JSON', p_where
             USING ERRCODE = '22023';
     END IF;
     IF p_timeout IS NOT NULL AND NOT (p_timeout > 0 AND p_timeout < 'infinity') THEN
