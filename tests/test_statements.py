@@ -207,6 +207,10 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
     "abort_job": [lambda: statements.abort_job(S, 1)],
     "retry_job": [lambda: statements.retry_job(S, 1)],
     "abort_requested_ids": [lambda: statements.abort_requested_ids(S, "w")],
+    "make_due": [
+        lambda: statements.make_due(S, None),
+        lambda: statements.make_due(S, ["a"]),
+    ],
     "next_due_in": [
         lambda: statements.next_due_in(S, None),
         lambda: statements.next_due_in(S, ["a"]),
