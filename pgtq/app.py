@@ -7,8 +7,8 @@ import contextlib
 import inspect
 import os
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, Unpack, overload
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, Unpack, cast, overload
 
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -24,11 +24,11 @@ from pgtq.connectors import (
     parse_dsn,
 )
 from pgtq.errors import ConfigurationError, InvalidArguments, UnknownTask
-from pgtq.jobs import JobManager
+from pgtq.jobs import JobContext, JobManager
 from pgtq.queues import QueueManager
 from pgtq.schedules import PeriodicManager
 from pgtq.schema import DEFAULT_SCHEMA, InvalidSchemaName, validate_schema_name
-from pgtq.tasks import Middleware, Task, TaskOptions, check_task_options
+from pgtq.tasks import Middleware, P, R, Task, TaskDecorator, TaskOptions, check_task_options
 from pgtq.validation import DEFAULT_MAX_ARGS_BYTES, check_max_args_bytes
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from pgtq.periodic import CleanupOptions
     from pgtq.worker import WorkerStats
 
-F = TypeVar("F", bound=Callable[..., Any])
 
 DSN_ENV = "PGTQ_DSN"
 #: Where workers LISTEN when ``App(listen_dsn=...)`` is not given: a DSN, or ``off`` to poll.
@@ -191,7 +190,7 @@ class App:
         )
         self.connect_timeout = connect_timeout
         self.statements = statements.statements_for(self.schema)
-        self.tasks: dict[str, Task[Any]] = {}
+        self.tasks: dict[str, Task[..., Any]] = {}
         #: Old names a job may still carry (``@app.task(aliases=[...])``), each to its task's
         #: name: the worker runs a job deferred under an alias with that task.
         self.aliases: dict[str, str] = {}
@@ -369,8 +368,22 @@ class App:
 
     # -- tasks ------------------------------------------------------------------------------------
 
+    # Typed so that ``Task[P, R]`` carries the function's parameters (a ``JobContext``
+    # first one left out: the worker passes it) and what it returns (awaited, for an
+    # async task): mypy then checks ``defer``'s arguments and ``jobs.wait``'s result.
     @overload
-    def task(self, func: F, /) -> Task[Any]: ...
+    def task(
+        self, func: Callable[Concatenate[JobContext[Any], P], Awaitable[R]], /
+    ) -> Task[P, R]: ...
+
+    @overload
+    def task(self, func: Callable[Concatenate[JobContext[Any], P], R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(self, func: Callable[P, Awaitable[R]], /) -> Task[P, R]: ...
+
+    @overload
+    def task(self, func: Callable[P, R], /) -> Task[P, R]: ...
 
     @overload
     def task(
@@ -379,7 +392,7 @@ class App:
         name: str | None = None,
         aliases: Sequence[str] = (),
         **options: Unpack[TaskOptions],
-    ) -> Callable[[Callable[..., Any]], Task[Any]]: ...
+    ) -> TaskDecorator: ...
 
     def task(  # type: ignore[misc]  # mypy misreads the keyword-only overload
         self,
@@ -389,7 +402,7 @@ class App:
         name: str | None = None,
         aliases: Sequence[str] = (),
         **options: Unpack[TaskOptions],
-    ) -> Task[Any] | Callable[[Callable[..., Any]], Task[Any]]:
+    ) -> Task[..., Any] | TaskDecorator:
         """Register a sync or async function as a task (``@app.task`` or ``@app.task(...)``).
 
         ``options``: :class:`pgtq.tasks.TaskOptions` (queue, priority, retry, timeout, limits,
@@ -399,7 +412,7 @@ class App:
         taken by another task is refused, naming both.
         """
 
-        def register(f: Callable[..., Any]) -> Task[Any]:
+        def register(f: Callable[..., Any]) -> Task[..., Any]:
             task_name = name or f.__name__
             if isinstance(aliases, str):
                 raise ConfigurationError(
@@ -412,12 +425,12 @@ class App:
                 *(m for m in self.middleware if _is_async(m) == _is_async(f)),
                 *options.get("middleware", ()),
             ]
-            task: Task[Any] = Task(self, f, name=task_name, **merged)
+            task: Task[..., Any] = Task(self, f, name=task_name, **merged)
             self.tasks[task_name] = task
             self.aliases.update(dict.fromkeys(aliases, task_name))
             return task
 
-        return register(func) if func is not None else register
+        return register(func) if func is not None else cast(TaskDecorator, register)
 
     def check_task_names(
         self,
@@ -452,14 +465,14 @@ class App:
                 "pass name=... (or namespace=... to add_tasks_from) to tell them apart"
             )
 
-    def lookup_task(self, name: str) -> Task[Any] | None:
+    def lookup_task(self, name: str) -> Task[..., Any] | None:
         """The task a job named ``name`` runs (the worker's lookup): by name, else by alias."""
         task = self.tasks.get(name)
         if task is None and name in self.aliases:
             task = self.tasks.get(self.aliases[name])
         return task
 
-    def get_task(self, name: str) -> Task[Any]:
+    def get_task(self, name: str) -> Task[..., Any]:
         """The task of that name or alias; ``UnknownTask`` (listing the known ones) if none."""
         task = self.lookup_task(name)
         if task is None:
@@ -467,7 +480,7 @@ class App:
             raise UnknownTask(f"no task named {name!r} (known tasks: {known})")
         return task
 
-    def add_task_alias(self, task: Task[Any] | str, alias: str) -> None:
+    def add_task_alias(self, task: Task[..., Any] | str, alias: str) -> None:
         """Let jobs named ``alias`` run ``task`` (a task or a task's name): for a rename
         decided outside the task's module, e.g. a task that moved into a namespace."""
         target = self.get_task(task) if isinstance(task, str) else task
@@ -482,7 +495,7 @@ class App:
         registers none of them."""
         blueprint.register_on(self, namespace=namespace)
 
-    def add_cleanup_task(self, **options: Unpack[CleanupOptions]) -> Task[Any]:
+    def add_cleanup_task(self, **options: Unpack[CleanupOptions]) -> Task[..., Any]:
         """Register the builtin periodic task ``pgtq.cleanup``: at each tick it deletes jobs
         that ended more than ``older_than`` ago (succeeded ones; failed ones with
         ``include_failed``; cancelled and aborted ones with ``include_cancelled``), and with

@@ -65,8 +65,8 @@ class BlueprintTask:
         self.func = func
         #: The name declared on the blueprint (the app's task may be ``namespace:name``).
         self.declared_name = name
-        self._bound: Task[Any] | None = None
-        self._on: weakref.WeakKeyDictionary[App, Task[Any]] = weakref.WeakKeyDictionary()
+        self._bound: Task[..., Any] | None = None
+        self._on: weakref.WeakKeyDictionary[App, Task[..., Any]] = weakref.WeakKeyDictionary()
         self.__doc__ = func.__doc__
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -81,7 +81,7 @@ class BlueprintTask:
         return self._bound is not None
 
     @property
-    def task(self) -> Task[Any]:
+    def task(self) -> Task[..., Any]:
         """The app's task this declaration became (the last app it was added to)."""
         if self._bound is None:
             raise UnboundTask(
@@ -91,7 +91,7 @@ class BlueprintTask:
             )
         return self._bound
 
-    def task_on(self, app: App) -> Task[Any]:
+    def task_on(self, app: App) -> Task[..., Any]:
         """The task this declaration became on ``app`` (``UnboundTask`` if not added there)."""
         task = self._on.get(app)
         if task is None:
@@ -115,7 +115,7 @@ class BlueprintTask:
             )
         return getattr(self._bound, attribute)
 
-    def configure(self, **options: Any) -> Deferrer:
+    def configure(self, **options: Any) -> Deferrer[..., Any]:
         return self.task.configure(**options)
 
     def defer(self, *args: Any, connection: Connection | None = None, **kwargs: Any) -> int:
@@ -287,8 +287,8 @@ class Blueprint:
         # Check every name first, so a clash leaves the app as it was.
         for d, full_name, full_aliases in planned:
             app.check_task_names(full_name, full_aliases, d.target.func)
-        registered: list[tuple[Task[Any], tuple[str, ...]]] = []
-        by_target: dict[BlueprintTask, Task[Any]] = {}
+        registered: list[tuple[Task[..., Any], tuple[str, ...]]] = []
+        by_target: dict[BlueprintTask, Task[..., Any]] = {}
         schedules_before = len(app.periodic_tasks)
         try:
             for d, full_name, full_aliases in planned:

@@ -270,7 +270,7 @@ def describe(name: str, periodic_id: str) -> str:
     return f"periodic task {name!r}" + (f" ({periodic_id!r})" if periodic_id else "")
 
 
-def schedule(task: Task[Any], options: ScheduleOptions) -> PeriodicTask:
+def schedule(task: Task[..., Any], options: ScheduleOptions) -> PeriodicTask:
     """Check a schedule of ``task`` (cron, timezone, ``max_delay``, and that the task takes
     ``timestamp`` and the ``kwargs``) and make it; ``ConfigurationError`` naming what is wrong."""
     info = check_schedule(options)
@@ -314,7 +314,7 @@ def schedule(task: Task[Any], options: ScheduleOptions) -> PeriodicTask:
 class PeriodicTask:
     """A task with a cron schedule: what ``@app.periodic(...)`` declares."""
 
-    task: Task[Any]
+    task: Task[..., Any]
     cron: str
     periodic_id: str
     timezone: tzinfo

@@ -232,7 +232,7 @@ async def _defer_and_watch(app: App, jobs: int, console: Console, database: str)
     long_id = (
         await app.tasks["long_running"].configure(priority=10).defer_async(seconds=LONG_JOB_SECONDS)
     )
-    ids = [long_id, await app.tasks["flaky"].defer_async()]
+    ids: list[int] = [long_id, await app.tasks["flaky"].defer_async()]
     for name, arguments in _demo_arguments(jobs - 2).items():
         ids += await app.tasks[name].defer_many_async(arguments)
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypedDict, Unpack, cast
+from typing import TYPE_CHECKING, Any, Generic, TypedDict, Unpack, cast, overload
 
 from sqlalchemy.engine import Connection
 from typing_extensions import TypeVar
@@ -24,7 +24,7 @@ from pgtq import statements
 from pgtq.connectors import execute
 from pgtq.errors import InvalidArguments, JobFailed, JobNotFound, JobTimeout
 from pgtq.health import serves
-from pgtq.model import ClaimedJob, Job, JobEvent, Status
+from pgtq.model import ClaimedJob, Deferred, Job, JobEvent, Status
 from pgtq.reports import STALE_AFTER, Stats, Throughput, WorkerInfo
 
 if TYPE_CHECKING:
@@ -53,8 +53,16 @@ class State:
     def __repr__(self) -> str:
         return f"State({', '.join(sorted(vars(self)))})"
 
+    if TYPE_CHECKING:  # any attribute, for the type checker too (and no Any in JobContext)
 
-S = TypeVar("S", default=Any)
+        def __getattr__(self, name: str) -> Any: ...
+
+        def __setattr__(self, name: str, value: Any) -> None: ...
+
+
+#: A task's ``ctx.state`` type; ``JobContext`` alone is ``JobContext[State]``, a default with
+#: no ``Any`` in it, so mypy can tell a task's context parameter from its arguments.
+S = TypeVar("S", default=State)
 
 
 @dataclass(eq=False)
@@ -210,6 +218,7 @@ class OldJobs(TypedDict, total=False):
 
 
 Q = TypeVar("Q")
+R = TypeVar("R")
 
 
 class AppOperations:
@@ -287,8 +296,15 @@ class JobManager(AppOperations):
     async def set_history_async(self, enabled: bool) -> None:
         await self._run_async(statements.set_history(self._s, enabled))
 
+    @overload
+    def wait(self, job_id: Deferred[R], timeout: float | None = None) -> R: ...
+
+    @overload
+    def wait(self, job_id: int, timeout: float | None = None) -> Any: ...
+
     def wait(self, job_id: int, timeout: float | None = None) -> Any:
-        """Block until the job is final: its result, or JobFailed; JobTimeout past ``timeout``."""
+        """Block until the job is final: its result, or JobFailed; JobTimeout past ``timeout``.
+        Given what ``task.defer`` returned, mypy types the result as the task's."""
         timeout = check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         for delay in _poll_delays():
@@ -303,6 +319,12 @@ class JobManager(AppOperations):
                 delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
             )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @overload
+    async def wait_async(self, job_id: Deferred[R], timeout: float | None = None) -> R: ...
+
+    @overload
+    async def wait_async(self, job_id: int, timeout: float | None = None) -> Any: ...
 
     async def wait_async(self, job_id: int, timeout: float | None = None) -> Any:
         timeout = check_timeout(timeout)

@@ -10,7 +10,7 @@ import json
 import traceback
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, Self, TypeVar
 
 
 class Status(enum.StrEnum):
@@ -74,14 +74,20 @@ class JobEvent:
     error: dict[str, Any] | None
 
 
-class Deferred(int):
-    """The id ``defer`` returns for a job with a ``queueing_lock``: an ``int``, and whether
-    it is the id of a job that was already waiting with that key (``duplicate``), which
-    ``on_conflict="skip"`` kept or ``"replace"`` updated, rather than of a new one."""
+R = TypeVar("R")
+
+
+class Deferred(int, Generic[R]):
+    """The id ``defer`` returns: an ``int``, and whether it is the id of a job that was
+    already waiting with the same ``queueing_lock`` (``duplicate``), which
+    ``on_conflict="skip"`` kept or ``"replace"`` updated, rather than of a new one.
+
+    Typed with the task's return type, so ``app.jobs.wait(task.defer(...))`` is that type
+    under mypy."""
 
     duplicate: bool
 
-    def __new__(cls, job_id: int, duplicate: bool = False) -> Deferred:
+    def __new__(cls, job_id: int, duplicate: bool = False) -> Self:
         deferred = super().__new__(cls, job_id)
         deferred.duplicate = duplicate
         return deferred

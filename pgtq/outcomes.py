@@ -122,7 +122,9 @@ class JobTimeoutError(Exception):
     """Stored as the error of an attempt that ran past its task's ``timeout``."""
 
 
-def rescue_outcome(task: Task[Any] | None, old_worker: str, rescuer: str, rescues: int) -> Outcome:
+def rescue_outcome(
+    task: Task[..., Any] | None, old_worker: str, rescuer: str, rescues: int
+) -> Outcome:
     """What a rescue writes for a job whose worker died running it: pure.
 
     A lost worker is not a failed job: it goes back to ``todo`` and runs again whatever its
@@ -146,7 +148,7 @@ def rescue_outcome(task: Task[Any] | None, old_worker: str, rescuer: str, rescue
 
 
 def decide_safely(
-    task: Task[Any] | None,
+    task: Task[..., Any] | None,
     job: ClaimedJob,
     result: Any,
     exc: BaseException | None,
@@ -161,7 +163,7 @@ def decide_safely(
 
 
 def decide(
-    task: Task[Any] | None,
+    task: Task[..., Any] | None,
     job: ClaimedJob,
     *,
     result: Any = None,

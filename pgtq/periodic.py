@@ -90,7 +90,7 @@ RETRY_FIRST, RETRY_CAP = 0.5, 30.0
 CLEANUP_TASK_NAME = "pgtq.cleanup"
 
 
-def declare(app: App, task: Task[Any], **options: Unpack[ScheduleOptions]) -> PeriodicTask:
+def declare(app: App, task: Task[..., Any], **options: Unpack[ScheduleOptions]) -> PeriodicTask:
     """Check a schedule and add it to ``app.periodic_tasks`` (what ``app.periodic`` does)."""
     if not isinstance(task, Task):
         raise ConfigurationError(
@@ -279,7 +279,7 @@ def _seconds(value: timedelta | float) -> float:
 
 def add_cleanup_task(
     app: App, *, name: str = CLEANUP_TASK_NAME, **options: Unpack[CleanupOptions]
-) -> Task[Any]:
+) -> Task[..., Any]:
     """Register a periodic task that deletes jobs finished more than ``older_than`` ago
     (:class:`CleanupOptions`).
 

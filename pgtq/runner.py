@@ -37,7 +37,7 @@ class Attempt:
 
     job: ClaimedJob
     ctx: JobContext
-    task: Task[Any] | None
+    task: Task[..., Any] | None
     future: asyncio.Task[None] | None = None
 
     def stop(self, reason: str) -> None:
@@ -149,7 +149,7 @@ class JobRunner:
         except Exception:
             logger.exception("reporting the end of job %s failed", job.id)
 
-    async def _call_async(self, task: Task[Any], ctx: JobContext, job: ClaimedJob) -> Any:
+    async def _call_async(self, task: Task[..., Any], ctx: JobContext, job: ClaimedJob) -> Any:
         coro = call_task(task, ctx, job.args)
         if task.timeout is None:
             return await coro
@@ -170,10 +170,10 @@ class JobRunner:
 
     async def _call_sync(
         self,
-        task: Task[Any],
+        task: Task[..., Any],
         ctx: JobContext,
         job: ClaimedJob,
-        call: Callable[[Task[Any], JobContext, ClaimedJob], Any] | None = None,
+        call: Callable[[Task[..., Any], JobContext, ClaimedJob], Any] | None = None,
     ) -> Any:
         """Run the task (or ``call``, in a transaction) in the thread pool."""
         assert self._threads is not None
@@ -208,7 +208,7 @@ class JobRunner:
     # -- transactional tasks: the task's writes and its job's success commit together --------
 
     async def _in_transaction(
-        self, task: Task[Any], ctx: JobContext, job: ClaimedJob
+        self, task: Task[..., Any], ctx: JobContext, job: ClaimedJob
     ) -> Ended | None:
         """None: a sync call stopped before it began (its outcome follows the stop)."""
         if not task.is_async:
@@ -222,7 +222,7 @@ class JobRunner:
                 raise _RollBack(None)  # rescued or aborted meanwhile: roll back
             return Ended(outcome, written=True)
 
-    def _sync_in_transaction(self, task: Task[Any], ctx: JobContext, job: ClaimedJob) -> Ended:
+    def _sync_in_transaction(self, task: Task[..., Any], ctx: JobContext, job: ClaimedJob) -> Ended:
         """In the task's thread."""
         with self.app.sync.transaction() as conn:
             ctx.connection = conn
@@ -233,7 +233,7 @@ class JobRunner:
             return Ended(outcome, written=True)
 
     def _success(
-        self, task: Task[Any], ctx: JobContext, job: ClaimedJob, result: Any
+        self, task: Task[..., Any], ctx: JobContext, job: ClaimedJob, result: Any
     ) -> tuple[Outcome, statements.Query[list[int]]]:
         """The outcome, and the statement writing it inside the task's transaction; any
         outcome but a success rolls the task's writes back (raises)."""

@@ -35,14 +35,16 @@ __all__ = ["NEXT_TICKS", "PeriodicManager", "TaskRef"]
 NEXT_TICKS = 3
 
 #: What names a schedule's task: the task, or its name (or an alias of it).
-TaskRef = Task[Any] | str
+TaskRef = Task[..., Any] | str
 
 
 class PeriodicManager(AppOperations):
     """``app.periodic``: the ``@app.periodic(cron=...)`` decorator, and the run-time control of
     the schedules it declares. Every twin is one query from ``pgtq.statements``."""
 
-    def __call__(self, **schedule: Unpack[ScheduleOptions]) -> Callable[[Task[Any]], Task[Any]]:
+    def __call__(
+        self, **schedule: Unpack[ScheduleOptions]
+    ) -> Callable[[Task[..., Any]], Task[..., Any]]:
         """Defer a task at each tick of a cron schedule (``@app.periodic(cron=...)`` above
         ``@app.task(...)``); each tick is deferred once, however many workers run.
 
@@ -54,7 +56,7 @@ class PeriodicManager(AppOperations):
 
         periodic.check_schedule(schedule)  # a bad expression fails here, where it is written
 
-        def declare(task: Task[Any]) -> Task[Any]:
+        def declare(task: Task[..., Any]) -> Task[..., Any]:
             periodic.declare(self._app, task, **schedule)
             return task
 

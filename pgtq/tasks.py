@@ -10,7 +10,19 @@ import inspect
 from collections.abc import Awaitable, Callable, Iterable, KeysView, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, cast
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Generic,
+    Literal,
+    ParamSpec,
+    Protocol,
+    TypedDict,
+    TypeVar,
+    cast,
+    overload,
+)
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -25,9 +37,32 @@ if TYPE_CHECKING:
     from pgtq.app import App
     from pgtq.jobs import JobContext
 
+#: A task's keyword arguments (its function's parameters, without a ``JobContext`` first)
+#: and what it returns: ``Task[P, R]``, so mypy checks ``defer``'s arguments.
+P = ParamSpec("P")
 R = TypeVar("R")
 
 RESERVED_ARGUMENTS = frozenset({"connection"})
+
+
+class TaskDecorator(Protocol):
+    """What ``@app.task(...)`` with options returns: it registers a function, typed as the
+    bare ``@app.task`` is (``Task[P, R]``)."""
+
+    @overload
+    def __call__(
+        self, func: Callable[Concatenate[JobContext[Any], P], Awaitable[R]], /
+    ) -> Task[P, R]: ...
+
+    @overload
+    def __call__(self, func: Callable[Concatenate[JobContext[Any], P], R], /) -> Task[P, R]: ...
+
+    @overload
+    def __call__(self, func: Callable[P, Awaitable[R]], /) -> Task[P, R]: ...
+
+    @overload
+    def __call__(self, func: Callable[P, R], /) -> Task[P, R]: ...
+
 
 #: Rescues a job gets by default before a lost worker fails it (``@app.task(max_rescues=)``).
 DEFAULT_MAX_RESCUES = 3
@@ -146,7 +181,7 @@ def _wants_context(func: Callable[..., Any]) -> bool:
     return named or first.name in ("ctx", "context")
 
 
-class Task(Generic[R]):
+class Task(Generic[P, R]):
     """A function registered on an app. Calling it runs it directly; ``defer`` enqueues it."""
 
     def __init__(
@@ -205,7 +240,7 @@ class Task(Generic[R]):
             )
         except InvalidArguments as exc:
             raise ConfigurationError(f"task {name!r}: {exc}") from None
-        self._plain_deferrer: Deferrer | None = None
+        self._plain_deferrer: Deferrer[P, R] | None = None
         clash = RESERVED_ARGUMENTS & set(self.signature.parameters)
         if clash:
             raise ConfigurationError(
@@ -245,7 +280,7 @@ class Task(Generic[R]):
         meta: Mapping[str, Any] | None = None,
         timeout: timedelta | float | None = None,
         max_attempts: int | None = None,
-    ) -> Deferrer:
+    ) -> Deferrer[P, R]:
         """Job options for the jobs deferred through the returned :class:`Deferrer`, each
         checked here (:mod:`pgtq.validation`): a bad one raises ``InvalidArguments`` naming
         it. ``schedule_in`` counts from the database server's clock when the job is
@@ -269,7 +304,7 @@ class Task(Generic[R]):
             }
         )
 
-    def configure_from(self, given: Mapping[str, Any]) -> Deferrer:
+    def configure_from(self, given: Mapping[str, Any]) -> Deferrer[P, R]:
         """:meth:`configure` with its keywords in a mapping (an option None or left out
         keeps its default): the one place job options are checked, also those of each item
         of a per-job ``defer_many``."""
@@ -310,7 +345,7 @@ class Task(Generic[R]):
         )
         return Deferrer(self, options, g)
 
-    def _plain(self) -> Deferrer:
+    def _plain(self) -> Deferrer[P, R]:
         """``configure()`` with no options, made once (``dataclasses.replace`` per defer
         showed in the single-enqueue profile)."""
         plain = self._plain_deferrer
@@ -318,17 +353,31 @@ class Task(Generic[R]):
             plain = self._plain_deferrer = Deferrer(self, self.defaults)
         return plain
 
-    # The task's own defaults; ``configure()`` for anything else.
-    def defer(self, *args: Any, connection: Connection | None = None, **kwargs: Any) -> int:
+    # The task's own defaults; ``configure()`` for anything else. Typed twice: without
+    # ``connection=`` mypy checks the arguments against the task's function; with it (a
+    # keyword a ParamSpec cannot carry beside the task's own), they are not checked.
+    @overload
+    def defer(self, *args: P.args, **kwargs: P.kwargs) -> Deferred[R]: ...
+
+    @overload
+    def defer(self, *args: Any, connection: Connection | None, **kwargs: Any) -> Deferred[R]: ...
+
+    def defer(self, *args: Any, **kwargs: Any) -> Deferred[R]:
         """Enqueue one job with these keyword arguments; its id. ``connection=``: inside
         your transaction (the job exists once you commit)."""
-        return self._plain().defer(*args, connection=connection, **kwargs)
+        return self._plain().defer(*args, **kwargs)
 
+    @overload
+    async def defer_async(self, *args: P.args, **kwargs: P.kwargs) -> Deferred[R]: ...
+
+    @overload
     async def defer_async(
-        self, *args: Any, connection: AsyncConnection | None = None, **kwargs: Any
-    ) -> int:
+        self, *args: Any, connection: AsyncConnection | None, **kwargs: Any
+    ) -> Deferred[R]: ...
+
+    async def defer_async(self, *args: Any, **kwargs: Any) -> Deferred[R]:
         """:meth:`defer` from async code (``connection=``: an ``AsyncConnection``)."""
-        return await self._plain().defer_async(*args, connection=connection, **kwargs)
+        return await self._plain().defer_async(*args, **kwargs)
 
     def defer_many(
         self, arguments: Iterable[DeferItem], *, connection: Connection | None = None
@@ -382,7 +431,7 @@ def _keyword_check(
     return lambda keys: required <= keys and keys <= named
 
 
-def _no_positional(task: Task[Any], args: tuple[Any, ...]) -> None:
+def _no_positional(task: Task[..., Any], args: tuple[Any, ...]) -> None:
     if args:
         raise InvalidArguments(
             f"task {task.name!r} takes keyword arguments only when deferred "
@@ -440,11 +489,16 @@ def each_row(kwargs: Mapping[str, Any], o: JobOptions) -> statements.EachRow:
     )
 
 
-class Deferrer:
+def _deferred(job_id: int) -> Deferred[Any]:
+    """``job_id`` as the :class:`Deferred` ``defer`` returns (a keyed defer made one)."""
+    return job_id if isinstance(job_id, Deferred) else Deferred(job_id)
+
+
+class Deferrer(Generic[P, R]):
     """A task with job options fixed: what ``Task.configure()`` returns."""
 
     def __init__(
-        self, task: Task[Any], options: JobOptions, given: Mapping[str, Any] | None = None
+        self, task: Task[P, R], options: JobOptions, given: Mapping[str, Any] | None = None
     ) -> None:
         self.task = task
         self.options = options
@@ -592,28 +646,44 @@ class Deferrer:
     def _each(self, each: statements.EachJobs) -> statements.Query[list[statements.Written]]:
         return statements.insert_each_jobs(self.task.app.statements, each)
 
-    def defer(self, *args: Any, connection: Connection | None = None, **kwargs: Any) -> int:
+    @overload
+    def defer(self, *args: P.args, **kwargs: P.kwargs) -> Deferred[R]: ...
+
+    @overload
+    def defer(self, *args: Any, connection: Connection | None, **kwargs: Any) -> Deferred[R]: ...
+
+    def defer(self, *args: Any, **kwargs: Any) -> Deferred[R]:
         """:meth:`Task.defer` with this deferrer's options."""
         _no_positional(self.task, args)
+        connection: Connection | None = kwargs.pop("connection", None)
         if self._per_row:
-            return self._defer_each([kwargs], False, connection)[0]
+            return _deferred(self._defer_each([kwargs], False, connection)[0])
         new = self.encode([kwargs])
         if new.queueing_lock is not None:
-            return self._settle(self.task.app.sync.run(self._keyed(new), connection), 1)[0]
-        return self.task.app.sync.run(self._insert(new), connection)[0]
+            return _deferred(
+                self._settle(self.task.app.sync.run(self._keyed(new), connection), 1)[0]
+            )
+        return Deferred(self.task.app.sync.run(self._insert(new), connection)[0])
 
+    @overload
+    async def defer_async(self, *args: P.args, **kwargs: P.kwargs) -> Deferred[R]: ...
+
+    @overload
     async def defer_async(
-        self, *args: Any, connection: AsyncConnection | None = None, **kwargs: Any
-    ) -> int:
+        self, *args: Any, connection: AsyncConnection | None, **kwargs: Any
+    ) -> Deferred[R]: ...
+
+    async def defer_async(self, *args: Any, **kwargs: Any) -> Deferred[R]:
         """:meth:`Task.defer_async` with this deferrer's options."""
         _no_positional(self.task, args)
+        connection: AsyncConnection | None = kwargs.pop("connection", None)
         if self._per_row:
-            return (await self._defer_each_async([kwargs], False, connection))[0]
+            return _deferred((await self._defer_each_async([kwargs], False, connection))[0])
         new = self.encode([kwargs])
         run = self.task.app.async_connector().run
         if new.queueing_lock is not None:
-            return self._settle(await run(self._keyed(new), connection), 1)[0]
-        return (await run(self._insert(new), connection))[0]
+            return _deferred(self._settle(await run(self._keyed(new), connection), 1)[0])
+        return Deferred((await run(self._insert(new), connection))[0])
 
     def defer_many(
         self, arguments: Iterable[DeferItem], *, connection: Connection | None = None
@@ -698,7 +768,7 @@ class Deferrer:
                 "(configure(on_conflict='skip') returns its id instead)",
                 job_id=job_id,
             )
-        first = Deferred(job_id, duplicate=not fresh)
+        first: Deferred[Any] = Deferred(job_id, duplicate=not fresh)
         return [first, *(Deferred(job_id, duplicate=True) for _ in range(positions - 1))]
 
 
@@ -707,7 +777,7 @@ class Deferrer:
 Middleware = Callable[["JobContext", Callable[[], Any]], Any]
 
 
-def call_task(task: Task[Any], ctx: JobContext, args: Mapping[str, Any]) -> Any:
+def call_task(task: Task[..., Any], ctx: JobContext, args: Mapping[str, Any]) -> Any:
     """Call the task through its middleware (an async task returns its coroutine)."""
     if not task.middleware:  # the common case, without the chain's closure
         return _call_function(task, ctx, args)
@@ -720,5 +790,5 @@ def call_task(task: Task[Any], ctx: JobContext, args: Mapping[str, Any]) -> Any:
     return call(0)
 
 
-def _call_function(task: Task[Any], ctx: JobContext, args: Mapping[str, Any]) -> Any:
+def _call_function(task: Task[..., Any], ctx: JobContext, args: Mapping[str, Any]) -> Any:
     return task.func(ctx, **args) if task.pass_context else task.func(**args)

@@ -207,7 +207,7 @@ async def drain_async(
 _PAGE = 1000
 
 
-def _task_name(task: Task[Any] | Any | str | None) -> str | None:
+def _task_name(task: Task[..., Any] | Any | str | None) -> str | None:
     """A task (or a blueprint's task) or a task's name, as the name jobs carry."""
     if task is None or isinstance(task, str):
         return task
@@ -240,7 +240,9 @@ def _verdict(task: str | None, arguments: dict[str, Any], jobs: list[Job]) -> Jo
     )
 
 
-def deferred(app: App, task: Task[Any] | Any | str | None = None, /, **arguments: Any) -> list[Job]:
+def deferred(
+    app: App, task: Task[..., Any] | Any | str | None = None, /, **arguments: Any
+) -> list[Job]:
     """The jobs of ``task`` (a task or its name; None: any), whatever their status, whose
     arguments include ``arguments``, oldest first: what the code under test deferred."""
     name = _task_name(task)
@@ -254,7 +256,7 @@ def deferred(app: App, task: Task[Any] | Any | str | None = None, /, **arguments
 
 
 async def deferred_async(
-    app: App, task: Task[Any] | Any | str | None = None, /, **arguments: Any
+    app: App, task: Task[..., Any] | Any | str | None = None, /, **arguments: Any
 ) -> list[Job]:
     """:func:`deferred` from async code."""
     name = _task_name(task)
@@ -267,14 +269,14 @@ async def deferred_async(
             return matching(jobs, arguments)
 
 
-def assert_deferred(app: App, task: Task[Any] | Any | str | None, /, **arguments: Any) -> Job:
+def assert_deferred(app: App, task: Task[..., Any] | Any | str | None, /, **arguments: Any) -> Job:
     """The one job of ``task`` whose arguments include ``arguments``; an AssertionError
     listing the task's jobs when there is none, or more than one."""
     return _verdict(_task_name(task), arguments, deferred(app, task))
 
 
 async def assert_deferred_async(
-    app: App, task: Task[Any] | Any | str | None, /, **arguments: Any
+    app: App, task: Task[..., Any] | Any | str | None, /, **arguments: Any
 ) -> Job:
     """:func:`assert_deferred` from async code."""
     return _verdict(_task_name(task), arguments, await deferred_async(app, task))

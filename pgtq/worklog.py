@@ -24,7 +24,7 @@ logger = logging.getLogger("pgtq.worker")
 
 def log_attempt(
     job: ClaimedJob,
-    task: Task[Any] | None,
+    task: Task[..., Any] | None,
     outcome: Outcome,
     exc: BaseException | None,
     duration: float | None,

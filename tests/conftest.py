@@ -182,7 +182,7 @@ class Notifications:
     ``marker``) and returns the payloads that arrived before its own: notifications come in
     commit order, so what is not there by then was never sent (no sleep, no timeout guess)."""
 
-    def __init__(self, dsn: str, channel: str, marker: pgtq.Task[Any]) -> None:
+    def __init__(self, dsn: str, channel: str, marker: pgtq.Task[..., Any]) -> None:
         self.conn = psycopg.connect(_libpq(make_url(dsn)), autocommit=True)
         self.conn.execute(f'LISTEN "{channel}"')
         self.marker = marker

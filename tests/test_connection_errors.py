@@ -41,7 +41,7 @@ def _app(dsn: str, driver: str) -> pgtq.App:
     return pgtq.App(dsn)
 
 
-def _enqueue(task: pgtq.Task[Any], path: str, n: int) -> Callable[[], Awaitable[list[int]]]:
+def _enqueue(task: pgtq.Task[..., Any], path: str, n: int) -> Callable[[], Awaitable[list[int]]]:
     async def go() -> list[int]:
         if path == "defer":
             return [await asyncio.to_thread(task.defer, n=n)]

@@ -20,7 +20,7 @@ from tests.sides import Side
 
 
 @pytest.fixture
-def tasks(app: pgtq.App) -> dict[str, pgtq.Task[Any]]:
+def tasks(app: pgtq.App) -> dict[str, pgtq.Task[..., Any]]:
     @app.task(queue="emails", priority=3)
     def send_email(to: str, subject: str = "hi") -> None: ...
 

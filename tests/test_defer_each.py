@@ -23,7 +23,7 @@ from tests.sides import Side
 
 
 @pytest.fixture
-def refresh(app: pgtq.App) -> pgtq.Task[Any]:
+def refresh(app: pgtq.App) -> pgtq.Task[..., Any]:
     @app.task(queue="feeds")
     def refresh_feed(feed: str, reason: str = "") -> None: ...
 

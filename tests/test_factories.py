@@ -21,6 +21,7 @@ import pgtq
 from pgtq import factories
 from pgtq.cli import cli
 from tests.apps import factories as examples
+from tests.mypy_check import TYPING, errors_without_ignores, mypy
 
 ROOT = Path(__file__).resolve().parent.parent
 SQL = Callable[..., list[tuple[Any, ...]]]
@@ -300,29 +301,14 @@ def test_sigterm_stops_the_worker_then_exits_the_context(
 
 @pytest.mark.slow
 def test_app_factory_type_accepts_the_four_forms_and_rejects_others(tmp_path: Path) -> None:
-    usage = ROOT / "tests" / "typing" / "factories_usage.py"
-
-    def mypy(path: Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "mypy", "--strict", "--no-error-summary",
-             "--cache-dir", str(ROOT / ".mypy_cache"), str(path)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )  # fmt: skip
-
+    usage = TYPING / "factories_usage.py"
     checked = mypy(usage)
     # Every form type-checks, and every `type: ignore` on a wrong one is needed (--strict
     # reports an unused one): the wrong factories are rejected.
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
     # Without the ignores, mypy names each wrong factory.
-    bare = tmp_path / "factories_bare.py"
-    bare.write_text(re.sub(r"  # type: ignore\[[a-z-]+\]", "", usage.read_text()))
-    failed = mypy(bare)
-    assert failed.returncode == 1, failed.stdout
-    errors = [line for line in failed.stdout.splitlines() if ": error:" in line]
-    assert len(errors) == 3, failed.stdout
+    errors = errors_without_ignores(usage, tmp_path)
+    assert len(errors) == 3, errors
     assert any('"Callable[[], int]"' in e and '"open_app"' in e for e in errors), errors
     assert sum('"AppFactory"' in e or "App | Callable" in e for e in errors) >= 2, errors

@@ -27,7 +27,7 @@ from tests.sides import Side
 SQL = Callable[..., list[tuple[Any, ...]]]
 
 
-def tasks(app: pgtq.App) -> tuple[pgtq.Task[Any], pgtq.Task[Any]]:
+def tasks(app: pgtq.App) -> tuple[pgtq.Task[..., Any], pgtq.Task[..., Any]]:
     @app.task(queue="emails")
     def send(to: str) -> None: ...
 

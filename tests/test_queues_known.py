@@ -37,7 +37,7 @@ def fresh_app_modules() -> Iterator[None]:
         del sys.modules[name]
 
 
-def tasks(app: pgtq.App) -> tuple[pgtq.Task[Any], pgtq.Task[Any]]:
+def tasks(app: pgtq.App) -> tuple[pgtq.Task[..., Any], pgtq.Task[..., Any]]:
     @app.task(queue="emails")
     def send(to: str) -> None: ...
 

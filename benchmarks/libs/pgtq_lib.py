@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 def _app(
     dsn: str, recorder: Recorder | None = None
-) -> tuple[pgtq.App, pgtq.Task[Any], pgtq.Task[Any]]:
+) -> tuple[pgtq.App, pgtq.Task[..., Any], pgtq.Task[..., Any]]:
     import pgtq
 
     app = pgtq.App(dsn)
@@ -63,7 +63,7 @@ def _sched_app(dsn: str, recorder: StartRecorder | None = None) -> tuple[pgtq.Ap
 
 
 class _Scheduled:
-    def __init__(self, task: pgtq.Task[Any]) -> None:
+    def __init__(self, task: pgtq.Task[..., Any]) -> None:
         self.task = task
 
     async def defer(self, n: int, delay: float | None) -> None:
@@ -74,7 +74,7 @@ class _Scheduled:
 
 
 class _Async:
-    def __init__(self, task: pgtq.Task[Any]) -> None:
+    def __init__(self, task: pgtq.Task[..., Any]) -> None:
         self.task = task
 
     async def batch(self, ns: Sequence[int]) -> None:
@@ -85,7 +85,7 @@ class _Async:
 
 
 class _Sync:
-    def __init__(self, task: pgtq.Task[Any]) -> None:
+    def __init__(self, task: pgtq.Task[..., Any]) -> None:
         self.task = task
 
     def single(self, n: int) -> None:
