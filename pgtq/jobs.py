@@ -168,6 +168,19 @@ def progress_record(fraction: object, message: object, attempt: int) -> dict[str
     return {"fraction": float(fraction), "message": message, "attempt": attempt}
 
 
+def running_progress(job: Job) -> tuple[float, str | None] | None:
+    """The progress a running job's current attempt reported (fraction, message), None if it
+    reported none: what the dashboard and ``pgtq jobs list`` show as a bar. An earlier
+    attempt's record (the job was retried or rescued) is not this attempt's progress."""
+    record = job.progress
+    if job.status is not Status.DOING or not isinstance(record, dict):
+        return None
+    fraction, message = record.get("fraction"), record.get("message")
+    if record.get("attempt", job.attempts) != job.attempts or not isinstance(fraction, int | float):
+        return None
+    return min(max(float(fraction), 0.0), 1.0), message if isinstance(message, str) else None
+
+
 _PENDING = object()
 
 
