@@ -13,7 +13,9 @@ import math
 import threading
 from typing import Any
 
+import psycopg
 import pytest
+from sqlalchemy.dialects import postgresql
 
 import pgtq
 from pgtq import statements
@@ -25,6 +27,7 @@ from pgtq.outcomes import Outcome
 from tests.conftest import eventually
 from tests.sides import Side
 from tests.test_operations import SQL
+from tests.test_plans import OUTCOMES, _nodes, big_db  # noqa: F401 (a fixture)
 
 #: Every change of a job's progress, as PostgreSQL saw it: (job id, fraction).
 PROGRESS_LOG = (
@@ -359,3 +362,45 @@ async def test_a_job_that_never_reports_progress_has_none(app: pgtq.App, side: S
     await side.run_worker(app, wait=False)
     job = await side.get(app, job_id)
     assert job is not None and job.status is Status.SUCCEEDED and job.progress is None
+
+
+# == the plans at 100k rows: as the completion's, by primary key ================================
+
+S = statements.statements_for("pgtq")
+_RUNNING = {
+    "progress_ids": list(range(1, 200, 2)),
+    "progress_attempts": [1] * 100,
+    "progress_values": ['{"fraction": 0.5}'] * 100,
+}
+PROGRESS_PLANS = {
+    "progress alone": (S.set_progress, {"me": "w", **_RUNNING}),
+    "completion with progress": (
+        S.completion(False, statements.Rare(False, False, True, True)),
+        {
+            **OUTCOMES,
+            "outcome_attempts": [1] * 100,
+            "outcome_progress": ['{"fraction": 1.0}'] * 100,
+            **{k: [i + 1 for i in v] if k == "progress_ids" else v for k, v in _RUNNING.items()},
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
+@pytest.mark.parametrize("case", list(PROGRESS_PLANS))
+def test_progress_writes_use_the_primary_key(
+    request: pytest.FixtureRequest, case: str, plan_mode: str
+) -> None:
+    url: str = request.getfixturevalue("big_db")  # tests.test_plans's 100k jobs
+    statement, params = PROGRESS_PLANS[case]
+    compiled = statement.compile(dialect=postgresql.dialect(paramstyle="pyformat"))
+    with psycopg.connect(url) as conn:
+        conn.execute(f"SET plan_cache_mode = {plan_mode}")
+        [(plan,)] = conn.execute(
+            "EXPLAIN (FORMAT JSON) " + compiled.string, {**compiled.params, **params}
+        ).fetchall()
+        conn.rollback()
+    scans = {(n["Node Type"], n.get("Relation Name")) for n in _nodes(plan[0]["Plan"])}
+    assert ("Seq Scan", "jobs") not in scans, scans
+    assert ("Bitmap Heap Scan", "jobs") not in scans, scans
+    assert ("Index Scan", "jobs") in scans, scans
