@@ -44,6 +44,7 @@ class Attempts:
         self._worker_id = worker_id
         self._state = state
         self._completer = completer
+        self._report_progress = completer.set_progress  # ctx.set_progress hands it there
         self._count = count
         self.running: dict[int, Attempt] = {}
         self.held: dict[int, ClaimedJob] = {}  # claimed, not started yet (in claim order)
@@ -86,7 +87,9 @@ class Attempts:
 
     def _start(self, job: ClaimedJob) -> None:
         assert self.runner is not None
-        ctx = JobContext.for_job(job, self._app, self._worker_id(), self._state)
+        ctx = JobContext.for_job(
+            job, self._app, self._worker_id(), self._state, self._report_progress
+        )
         attempt = Attempt(job, ctx, self._app.lookup_task(job.task_name))
         older = self.running.get(job.id)
         if older is not None:

@@ -36,7 +36,7 @@ from pgtq import logs
 from pgtq.app import DSN_ENV, App
 from pgtq.connectors import describe
 from pgtq.errors import ConfigurationError, JobNotFound, PgtqError
-from pgtq.jobs import JobSelection
+from pgtq.jobs import JobSelection, running_progress
 from pgtq.model import Job, Status
 from pgtq.schema import DEFAULT_SCHEMA
 
@@ -1400,6 +1400,9 @@ def job_table(job: Job, *, traceback: bool = False) -> Table:
         ("created at", job.created_at),
         ("started at", job.started_at),
         ("finished at", job.finished_at),
+        ("tags", ", ".join(job.tags) if job.tags else None),
+        ("meta", None if job.meta is None else _json(job.meta)),
+        ("progress", _progress_text(job.progress)),
     ]
     if job.result is not None:
         rows.append(("result", _json(job.result)))
@@ -1441,6 +1444,10 @@ StatusFilter = Annotated[
 ]
 TaskFilter = Annotated[str | None, typer.Option("--task", "-t", help="Only this task.")]
 LockFilter = Annotated[str | None, typer.Option("--lock", help="Only jobs with this lock.")]
+TagFilter = Annotated[
+    list[str] | None,
+    typer.Option("--tag", metavar="TAG", help="Only jobs having this tag (repeat: all of them)."),
+]
 SearchFilter = Annotated[
     str | None,
     typer.Option(
@@ -1472,6 +1479,7 @@ def _selection(
     status: list[str] | None,
     task: str | None,
     lock: str | None,
+    tag: list[str] | None,
     search: str | None,
     before: str | None,
     since: str | None,
@@ -1484,6 +1492,7 @@ def _selection(
         "status": status or None,
         "task": task,
         "lock": lock,
+        "tags": tag or None,
         "search": search,
         "before": None if before is None else parse_datetime(before, "--before"),
         "since": None if since is None else parse_datetime(since, "--since"),
@@ -1499,6 +1508,7 @@ def jobs_list(
     status: StatusFilter = None,
     task: TaskFilter = None,
     lock: LockFilter = None,
+    tag: TagFilter = None,
     search: SearchFilter = None,
     before: BeforeFilter = None,
     since: SinceFilter = None,
@@ -1521,6 +1531,7 @@ def jobs_list(
         status=status,
         task=task,
         lock=lock,
+        tag=tag,
         search=search,
         before=before,
         since=since,
@@ -1553,6 +1564,14 @@ def _when(value: datetime | None) -> str:
     return local.strftime("%H:%M:%S" if local.date() == today else "%Y-%m-%d %H:%M")
 
 
+def _progress_text(record: Any) -> str | None:
+    """A progress record (``ctx.set_progress``) as ``40% message``."""
+    if not isinstance(record, dict) or not isinstance(record.get("fraction"), int | float):
+        return None
+    message = record.get("message")
+    return f"{record['fraction']:.0%}" + (f" {message}" if isinstance(message, str) else "")
+
+
 def jobs_table(jobs: list[Job]) -> Table:
     """Jobs as rows: what ``pgtq jobs list`` prints."""
     from rich.table import Table
@@ -1568,11 +1587,17 @@ def jobs_table(jobs: list[Job]) -> Table:
     table.add_column("since", no_wrap=True)
     for job in jobs:
         status = Text(job.status.value, style=_STATUS_STYLES.get(job.status, ""))
+        progress = running_progress(job)
+        if progress is not None:
+            status.append(f" {progress[0]:.0%}")
         if job.abort_requested:
             status.append(" (abort requested)")
+        task = Text(job.task_name)
+        if job.tags:
+            task.append(" " + " ".join(f"#{tag}" for tag in job.tags), style="dim")
         table.add_row(
             str(job.id),
-            job.task_name,
+            task,
             job.queue,
             status,
             str(job.attempts),
@@ -1669,6 +1694,7 @@ def _control_command(action: str) -> None:
         status: StatusFilter = None,
         task: TaskFilter = None,
         lock: LockFilter = None,
+        tag: TagFilter = None,
         search: SearchFilter = None,
         before: BeforeFilter = None,
         since: SinceFilter = None,
@@ -1683,6 +1709,7 @@ def _control_command(action: str) -> None:
             status=status,
             task=task,
             lock=lock,
+            tag=tag,
             search=search,
             before=before,
             since=since,

@@ -8,13 +8,22 @@ finishes jobs one by one, and writing each alone cost the server a statement a j
 processes drained at 0.6 of 2, bare SQL at 0.8-0.9). A worker with nothing else running
 writes at once. A write that fails is kept and
 tried again; nothing is dropped. An outcome PostgreSQL refuses fails its own job only.
+
+Progress (``ctx.set_progress``) rides along: a task hands its latest record to
+:meth:`Completer.set_progress` (any thread, no I/O, the newest per job kept), and the next
+write takes what is pending: with the outcomes when there are any (one statement: a finishing
+job's last progress in its outcome row, running jobs' in the same statement), else alone at
+most :data:`PROGRESS_INTERVAL` after it was reported. A write with no progress pending runs
+exactly the statement it runs without progress.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -33,6 +42,10 @@ logger = logging.getLogger("pgtq.worker")
 #: How long a write waits for more outcomes while other jobs run (at most; it goes as soon as
 #: a batch's worth is buffered or nothing else runs).
 GATHER = 0.005
+
+#: Progress reported while no outcome is written goes alone at most this long after it was
+#: reported: at most one such write this often per worker, however often its tasks report.
+PROGRESS_INTERVAL = 0.5
 
 
 class Completer:
@@ -64,6 +77,14 @@ class Completer:
         #: Held while a write is out: while it is free, every outcome is in :attr:`ids` or
         #: written.
         self.lock = asyncio.Lock()
+        # Progress: job id -> (attempt, record), the newest only; set from the tasks' threads,
+        # hence its own lock. ``_progress_woken``: the loop was asked to write it (a timer is
+        # pending): the next report need not ask again.
+        self._progress: dict[int, tuple[int, dict[str, Any]]] = {}
+        self._progress_lock = threading.Lock()
+        self._progress_woken = False
+        self._progress_wanted = False  # the interval is over: the next write must take it
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
         return len(self._outcomes)
@@ -91,8 +112,64 @@ class Completer:
         if len(self._outcomes) >= self._batch:
             self._enough.set()
 
+    def set_progress(self, job_id: int, attempt: int, record: dict[str, Any]) -> None:
+        """A task's latest progress (``ctx.set_progress``), from any thread: kept until the
+        next write, replacing what the job reported before. Wakes the loop at most once per
+        :data:`PROGRESS_INTERVAL`, not once a call."""
+        with self._progress_lock:
+            self._progress[job_id] = (attempt, record)
+            if self._progress_woken or self._loop is None:
+                return
+            self._progress_woken = True
+        with contextlib.suppress(RuntimeError):  # the loop closed (a task lingering on)
+            self._loop.call_soon_threadsafe(self._progress_later)
+
+    def _progress_later(self) -> None:
+        assert self._loop is not None
+        self._loop.call_later(PROGRESS_INTERVAL, self._progress_due)
+
+    def _progress_due(self) -> None:
+        """The interval is over: write the pending progress (unless a write took it). The
+        request stands until a write takes it: a write out now may not (see :meth:`write`)."""
+        with self._progress_lock:
+            self._progress_woken = False
+            self._progress_wanted = bool(self._progress)
+        if self._progress_wanted:
+            self._flush.set()
+
+    def _take_progress(self, batch: statements.Outcomes) -> statements.Progress | None:
+        """The pending progress, no longer pending: a job of ``batch`` gets its record in its
+        outcome row (unless it is of another attempt); the others' are returned."""
+        with self._progress_lock:
+            if not self._progress:
+                return None
+            taken, self._progress = self._progress, {}
+            self._progress_wanted = False
+        attempts = dict(zip(batch.ids, batch.attempts, strict=True)) if batch.ids else {}
+        running = statements.Progress([], [], [])
+        for job_id, (attempt, record) in taken.items():
+            if job_id in attempts:
+                if attempts[job_id] in (None, attempt):
+                    batch.progress[job_id] = json.dumps(record)
+                continue
+            running.ids.append(job_id)
+            running.attempts.append(attempt)
+            running.values.append(json.dumps(record))
+        return running if running.ids else None
+
+    def _give_back_progress(self, progress: statements.Progress | None) -> None:
+        """Progress not written: pending again, unless the job reported newer meanwhile."""
+        if progress is None:
+            return
+        with self._progress_lock:
+            for job_id, attempt, value in zip(
+                progress.ids, progress.attempts, progress.values, strict=True
+            ):
+                self._progress.setdefault(job_id, (attempt, json.loads(value)))
+
     async def run(self) -> None:
         """Write whatever is buffered, whenever something is (gathered first)."""
+        self._loop = asyncio.get_running_loop()
         while True:
             await self._flush.wait()
             await self._gather()
@@ -118,21 +195,40 @@ class Completer:
         delays = backoff_delays(first=0.05)
         deadline = None if give_up_after is None else time.monotonic() + give_up_after
         async with self.lock:
-            while self._outcomes:
+            # Progress is taken once a write (the first round trip): one that keeps coming
+            # while outcomes do must not keep this loop going.
+            progress: statements.Progress | None = None
+            take_progress = bool(self._progress)  # unlocked peek: the rest is under the lock
+            # Progress alone frees nothing: the fetch loop is not told (see on_written).
+            outcomes = bool(self._outcomes) or not take_progress
+            while self._outcomes or take_progress:
+                outcomes = outcomes or bool(self._outcomes)
                 self._flush.clear()
                 batch, self._outcomes = self._outcomes, statements.Outcomes.empty()
+                if take_progress:
+                    progress, take_progress = self._take_progress(batch), False
                 try:
                     try:
-                        await self.connection.run(self._query(batch))
+                        if batch or progress is not None:
+                            await self.connection.run(self._query(batch, progress))
                     except Exception as exc:
                         if not is_data_error(exc):
                             raise
-                        await self._write_each(batch)  # find the outcome that cannot be written
+                        # Find the outcome that cannot be written. Running jobs' progress is
+                        # dropped (never refused in practice: pgtq encodes it): their next
+                        # report writes it again.
+                        if progress is not None:
+                            logger.warning("progress of jobs %s not written: %s", progress.ids, exc)
+                            progress = None
+                        await self._write_each(batch)
                 except asyncio.CancelledError:
                     self._merge_back(batch)
+                    self._give_back_progress(progress)
                     raise
                 except Exception as exc:
                     self._merge_back(batch)
+                    self._give_back_progress(progress)
+                    progress, take_progress = None, True  # taken again by the next try
                     if deadline is not None and time.monotonic() >= deadline:
                         logger.error(
                             "could not write %s outcomes before shutting down (%s); their "
@@ -149,8 +245,11 @@ class Completer:
                         delay,
                     )
                     await asyncio.sleep(delay)
-        frees, self._frees = self._frees, False
-        self._on_written(frees)
+            if self._progress_wanted:  # came due during this write, after it took progress
+                self._flush.set()
+        if outcomes:
+            frees, self._frees = self._frees, False
+            self._on_written(frees)
 
     async def _write_each(self, batch: statements.Outcomes) -> None:
         """Write a batch that PostgreSQL refused one outcome at a time: the outcome it refuses
@@ -198,14 +297,21 @@ class Completer:
                 raise
             logger.error("job %s is left to the rescue: %s", single.ids[0], again)
 
-    def _query(self, outcomes: statements.Outcomes) -> statements.Query[list[int]]:
-        return statements.complete_jobs(self._s, self._worker_id(), outcomes, self._delete_statuses)
+    def _query(
+        self, outcomes: statements.Outcomes, progress: statements.Progress | None = None
+    ) -> statements.Query[list[int]]:
+        if not outcomes and progress is not None:
+            return statements.write_progress(self._s, self._worker_id(), progress)
+        return statements.complete_jobs(
+            self._s, self._worker_id(), outcomes, self._delete_statuses, progress
+        )
 
     def _merge_back(self, batch: statements.Outcomes) -> None:
         """Put a batch that was not written back in front of what came in meanwhile."""
         for mine, newer in zip(_columns(batch), _columns(self._outcomes), strict=True):
             mine.extend(newer)
         batch.moves.update(self._outcomes.moves)
+        batch.progress.update(self._outcomes.progress)
         self._outcomes = batch
 
 
@@ -225,4 +331,5 @@ def _rows(outcomes: statements.Outcomes, start: int, stop: int) -> statements.Ou
         column[start:stop] for column in _columns(outcomes)
     )
     moves = {i: outcomes.moves[i] for i in ids if i in outcomes.moves}
-    return statements.Outcomes(ids, attempts, statuses, results, errors, retry_in, moves)
+    progress = {i: outcomes.progress[i] for i in ids if i in outcomes.progress}
+    return statements.Outcomes(ids, attempts, statuses, results, errors, retry_in, moves, progress)

@@ -88,10 +88,18 @@ class JobContext(Generic[S]):
     #: the job (a SQLAlchemy ``Connection`` for a sync task, ``AsyncConnection`` for async).
     connection: Any = field(default=None, repr=False)
     state: S = field(default=cast(Any, None), repr=False)
+    #: Where ``set_progress`` hands its record (the worker's completer); None: only kept here.
+    _report_progress: ProgressSink | None = field(default=None, repr=False)
+    _progress: dict[str, Any] | None = field(default=None, repr=False)
 
     @classmethod
     def for_job(
-        cls, job: ClaimedJob, app: App, worker_id: str, state: Any = None
+        cls,
+        job: ClaimedJob,
+        app: App,
+        worker_id: str,
+        state: Any = None,
+        report_progress: ProgressSink | None = None,
     ) -> JobContext[Any]:
         return cls(
             job_id=job.id,
@@ -102,7 +110,30 @@ class JobContext(Generic[S]):
             app=app,
             args=job.args,
             state=state,
+            _report_progress=report_progress,
         )
+
+    def set_progress(self, fraction: float, message: str | None = None) -> None:
+        """Say how far the task is: ``fraction`` from 0 to 1, and a short ``message``
+        (at most :data:`MAX_PROGRESS_MESSAGE` bytes), shown as ``job.progress`` and in the
+        dashboard. Cheap enough for a loop: the value is handed to the worker, whose next
+        write takes the latest of each job (with the outcomes it writes anyway, else within
+        :data:`pgtq.completer.PROGRESS_INTERVAL`); never a round trip of its own. Callable
+        from a sync task's thread. InvalidArguments for a value out of range."""
+        record = progress_record(fraction, message, self.attempt)
+        self._progress = record
+        if self._report_progress is not None:
+            self._report_progress(self.job_id, self.attempt, record)
+
+    async def set_progress_async(self, fraction: float, message: str | None = None) -> None:
+        """:meth:`set_progress` for an async task (it does no I/O either: it never waits)."""
+        self.set_progress(fraction, message)
+
+    @property
+    def progress(self) -> dict[str, Any] | None:
+        """What ``set_progress`` was last given here (``{"fraction", "message", "attempt"}``),
+        None before: what a test of a task that builds its own context reads."""
+        return self._progress
 
     def should_abort(self) -> bool:
         """True once the job was aborted, timed out, or the worker is shutting down."""
@@ -118,6 +149,44 @@ class JobContext(Generic[S]):
             return False
         self._abort_reason = reason
         return True
+
+
+#: ``report(job_id, attempt, record)``: where a context hands a progress record
+#: (:func:`progress_record`; never changed once handed over).
+ProgressSink = Callable[[int, int, dict[str, Any]], None]
+
+#: The longest ``set_progress`` message, in UTF-8 bytes.
+MAX_PROGRESS_MESSAGE = 1000
+
+
+def progress_record(fraction: object, message: object, attempt: int) -> dict[str, Any]:
+    """``set_progress``'s arguments, checked, as stored in ``jobs.progress``: the attempt that
+    reported it goes with it, so a later attempt's row never shows an earlier one's bar."""
+    if (
+        not isinstance(fraction, numbers.Real)
+        or isinstance(fraction, bool)
+        or not 0.0 <= float(fraction) <= 1.0  # also refuses NaN
+    ):
+        raise InvalidArguments(f"fraction must be a number from 0 to 1, got {fraction!r}")
+    if message is not None:
+        try:
+            check_text("message", message, max_bytes=MAX_PROGRESS_MESSAGE)
+        except InvalidFilter as exc:
+            raise InvalidArguments(str(exc)) from None
+    return {"fraction": float(fraction), "message": message, "attempt": attempt}
+
+
+def running_progress(job: Job) -> tuple[float, str | None] | None:
+    """The progress a running job's current attempt reported (fraction, message), None if it
+    reported none: what the dashboard and ``pgtq jobs list`` show as a bar. An earlier
+    attempt's record (the job was retried or rescued) is not this attempt's progress."""
+    record = job.progress
+    if job.status is not Status.DOING or not isinstance(record, dict):
+        return None
+    fraction, message = record.get("fraction"), record.get("message")
+    if record.get("attempt", job.attempts) != job.attempts or not isinstance(fraction, int | float):
+        return None
+    return min(max(float(fraction), 0.0), 1.0), message if isinstance(message, str) else None
 
 
 _PENDING = object()
@@ -178,8 +247,10 @@ class JobSelection(TypedDict, total=False):
     must match.
 
     ``ids``: jobs with one of these ids. ``status``: one status (or its name) or several.
-    ``search``: jobs whose arguments, as JSON text, contain it (ignoring case). ``before`` /
-    ``since``: created before / at or after an instant, or that long ago (:data:`Moment`).
+    ``tags``: jobs having every one of these tags (``configure(tags=...)``; a list of
+    non-empty strings, served by an index over tagged jobs). ``search``: jobs whose
+    arguments, as JSON text, contain it (ignoring case). ``before`` / ``since``: created
+    before / at or after an instant, or that long ago (:data:`Moment`).
     """
 
     ids: Iterable[int] | None
@@ -187,6 +258,7 @@ class JobSelection(TypedDict, total=False):
     status: StatusFilter
     task: str | None
     lock: str | None
+    tags: Iterable[str] | None
     search: str | None
     before: Moment | None
     since: Moment | None
@@ -346,9 +418,9 @@ class JobManager(AppOperations):
 
     def list(self, **filters: Unpack[JobFilter]) -> builtins.list[Job]:
         """One page of jobs matching every filter given (:class:`JobFilter`: ``ids``,
-        ``queue``, ``status``, ``task``, ``lock``, ``search``, ``before``, ``since``,
-        ``limit=100``, ``after``, ``newest_first=False``), in id order: the same filters as
-        the bulk controls', so a list previews what one would change.
+        ``queue``, ``status``, ``task``, ``lock``, ``tags``, ``search``, ``before``,
+        ``since``, ``limit=100``, ``after``, ``newest_first=False``), in id order: the same
+        filters as the bulk controls', so a list previews what one would change.
 
         Keyset pagination: pass the last id of a page as ``after`` to get the next one.
         No index serves a search: it reads the jobs the other filters select, in page order,
@@ -626,6 +698,7 @@ def check_selection(filters: Mapping[str, Any]) -> statements.Selection:
     return statements.Selection(
         ids=check_ids(filters.get("ids")),
         statuses=tuple(statuses) if statuses else None,  # [] filters nothing, as in list
+        tags=check_tags(filters.get("tags")),
         before=check_moment("before", filters.get("before")),
         since=check_moment("since", filters.get("since")),
         **text,
@@ -641,6 +714,23 @@ def check_ids(ids: object) -> tuple[int, ...] | None:
         raise InvalidFilter(f"ids must be a collection of job ids, got {ids!r}")
     checked = (check_integer("ids", i) for i in ids)
     return tuple(sorted({i for i in checked if ID_RANGE[0] <= i <= ID_RANGE[1]}))
+
+
+def check_tags(tags: object) -> tuple[str, ...] | None:
+    """``tags=``: None, or a collection of non-empty strings (a bare string is refused: is
+    ``"ab"`` one tag or two?); the jobs having all of them. No tag (``[]``) filters nothing."""
+    if tags is None:
+        return None
+    if isinstance(tags, str | bytes | Mapping) or not isinstance(tags, Iterable):
+        hint = f": tags=[{tags!r}]" if isinstance(tags, str) else ""
+        raise InvalidFilter(f"tags must be a list of tags, got {tags!r}{hint}")
+    checked: set[str] = set()
+    for tag in tags:
+        text = check_text("tags", tag)
+        if not text:
+            raise InvalidFilter("tags must be non-empty strings, got ''")
+        checked.add(text)
+    return tuple(sorted(checked)) or None
 
 
 def check_moment(name: str, value: object) -> datetime | float | None:
@@ -689,7 +779,7 @@ def _bulk_query(
     if selection.is_empty and not every:
         raise NoFilter(
             f"{method} was given no filter, so it would act on every job: pass ids=, a filter "
-            "(status=, task=, queue=, before=, ...), or all=True to mean every job"
+            "(status=, task=, queue=, tags=, before=, ...), or all=True to mean every job"
         )
     return statements.bulk_jobs(s, action, selection, preview=dry_run is True)
 

@@ -1073,17 +1073,50 @@ class Statements:
         ``rare.snoozing`` (a ``snoozed`` outcome: back to ``todo`` with its attempt given
         back and one more snooze counted, or ``failed`` past :data:`MAX_SNOOZES`),
         ``rare.moving`` (a retry into another queue or at another priority, from
-        ``:queues`` and ``:priorities``). So those cost the other batches nothing."""
+        ``:queues`` and ``:priorities``), ``rare.progress`` (outcomes carrying their job's
+        last ``ctx.set_progress``, ``:outcome_progress``), ``rare.running`` (the progress of
+        jobs still running, written by the same statement: :meth:`_write_progress`). So
+        those cost the other batches nothing."""
         if not rare:
             return self.complete_deleting if deleting else self.complete
         key = (deleting, rare)
         found = self._completions.get(key)
         if found is None:
             u = self._outcomes(rare)
-            found = self._completions[key] = (
+            found = (
                 self._complete_deleting(rare) if deleting else self._complete_update(u, rare=rare)
             )
+            if rare.running:  # other rows than the outcomes' (the completer sees to it)
+                found = found.add_cte(self._write_progress().cte("progressed"))
+            self._completions[key] = found
         return found
+
+    @cached_property
+    def set_progress(self) -> ReturningUpdate[Any]:
+        """Write the latest progress of running jobs, when no outcome goes with it."""
+        return self._write_progress()
+
+    def _write_progress(self) -> ReturningUpdate[Any]:
+        """``progress`` of each job in ``:progress_ids`` set from ``:progress_values`` (JSON
+        text), only while the attempt ``:progress_attempts`` holds it under this worker: a job
+        rescued, aborted or finished meanwhile is never touched (nor brought back)."""
+        j = self.jobs
+        columns: tuple[tuple[str, str, sa.types.TypeEngine[Any]], ...] = (
+            ("progress_ids", "id", sa.BigInteger()),
+            ("progress_attempts", "attempt", sa.Integer()),
+            ("progress_values", "progress", sa.Text()),
+        )
+        p = (
+            sa.func.unnest(*(_array(param, kind) for param, _, kind in columns))
+            .table_valued(*(sa.column(name, kind) for _, name, kind in columns))
+            .render_derived("reported")
+        )
+        return (
+            sa.update(j)
+            .where(j.c.id == p.c.id, *self._held_by_worker(), j.c.attempts == p.c.attempt)
+            .values(progress=sa.cast(p.c.progress, JSONB))
+            .returning(j.c.id)
+        )
 
     def _complete_deleting(self, rare: Rare) -> sa.Select[Any]:
         j = self.jobs
@@ -1166,6 +1199,8 @@ class Statements:
         )
         if rare is not None and rare.moving:
             columns += (("queues", "queue", sa.Text()), ("priorities", "priority", sa.Integer()))
+        if rare is not None and rare.progress:
+            columns += (("outcome_progress", "progress", sa.Text()),)
         return (
             sa.func.unnest(*(_array(param, kind) for param, _, kind in columns))
             .table_valued(*(sa.column(name, kind) for _, name, kind in columns))
@@ -1212,6 +1247,8 @@ class Statements:
             snoozed["priority"] = sa.case(
                 (retrying, sa.func.coalesce(u.c.priority, j.c.priority)), else_=j.c.priority
             )
+        if rare is not None and rare.progress:  # a job's last progress, or the one it had
+            snoozed["progress"] = sa.func.coalesce(sa.cast(u.c.progress, JSONB), j.c.progress)
         return (
             sa.update(j)
             .where(j.c.id == u.c.id, *self._held_by_worker(), self._same_attempt(u), *where)
@@ -1506,6 +1543,11 @@ class Statements:
             where.append(j.c.task_name == sa.bindparam("only_task", type_=sa.Text))
         if key.lock:
             where.append(j.c.lock == sa.bindparam("only_lock", type_=sa.Text))
+        if key.tags:
+            # ``tags @> :only_tags`` (every tag given): served by ``jobs_tags_idx`` (GIN, over
+            # tagged jobs only; ``@>`` is strict, so the planner proves ``tags IS NOT NULL``).
+            has_all = j.c.tags.op("@>", is_comparison=True)(_array("only_tags", sa.Text()))
+            where.append(has_all)
         if key.search:
             # A substring of the arguments' JSON text (``%``, ``_`` and ``\\`` escaped by
             # ``Selection.params``): no index can serve it, so it filters the rows the other
@@ -2322,13 +2364,20 @@ class Conflict(NamedTuple):
 
 
 class Rare(NamedTuple):
-    """The rare outcomes a batch holds, each needing a variant of the completion statement."""
+    """The rare outcomes a batch holds, each needing a variant of the completion statement
+    (``progress``: outcomes with their job's last progress; ``running``: progress of jobs
+    still running goes with the batch)."""
 
     snoozing: bool = False
     moving: bool = False
+    progress: bool = False
+    running: bool = False
 
     def __bool__(self) -> bool:
-        return self.snoozing or self.moving
+        return self.snoozing or self.moving or self.progress or self.running
+
+
+_NOTHING_RARE = Rare()
 
 
 @dataclass(slots=True)
@@ -2343,6 +2392,8 @@ class Outcomes:
     retry_in: list[float | None]
     #: Retries that move their job: id → (queue, priority), None for either that stays.
     moves: dict[int, tuple[str | None, int | None]] = field(default_factory=dict)
+    #: The last ``ctx.set_progress`` of a finishing job not written yet: id → JSON text.
+    progress: dict[int, str] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> Outcomes:
@@ -2383,10 +2434,42 @@ class Outcomes:
         return len(self.ids)
 
 
+@dataclass(slots=True)
+class Progress:
+    """The latest progress of running jobs, as parallel arrays: the attempt that reported
+    each, and its record as JSON text (:func:`pgtq.jobs.progress_record`)."""
+
+    ids: list[int]
+    attempts: list[int]
+    values: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def as_params(self) -> dict[str, Any]:
+        arrays = {
+            "progress_ids": self.ids,
+            "progress_attempts": self.attempts,
+            "progress_values": self.values,
+        }
+        _same_lengths("Progress", arrays)
+        return arrays
+
+
+def write_progress(s: Statements, worker_id: str, progress: Progress) -> Query[list[int]]:
+    """Write running jobs' progress alone (no outcome waits): the ids it wrote."""
+    return Query(s.set_progress, {"me": worker_id, **progress.as_params()}, _id_list, driver=True)
+
+
 def complete_jobs(
-    s: Statements, worker_id: str, outcomes: Outcomes, delete_statuses: Sequence[str] = ()
+    s: Statements,
+    worker_id: str,
+    outcomes: Outcomes,
+    delete_statuses: Sequence[str] = (),
+    progress: Progress | None = None,
 ) -> Query[list[int]]:
-    """Write outcomes; jobs ending in ``delete_statuses`` are deleted instead."""
+    """Write outcomes; jobs ending in ``delete_statuses`` are deleted instead. ``progress``:
+    of jobs still running (none of the outcomes'), in the same statement."""
     arrays: dict[str, list[Any]] = {
         "ids": outcomes.ids,
         "outcome_attempts": outcomes.attempts,
@@ -2397,11 +2480,19 @@ def complete_jobs(
     }
     _same_lengths("Outcomes", arrays)
     params: dict[str, Any] = {"me": worker_id, **arrays}
-    rare = Rare(snoozing=SNOOZED in outcomes.statuses, moving=bool(outcomes.moves))
+    snoozing = SNOOZED in outcomes.statuses
+    if snoozing or outcomes.moves or outcomes.progress or progress is not None:
+        rare = Rare(snoozing, bool(outcomes.moves), bool(outcomes.progress), progress is not None)
+    else:
+        rare = _NOTHING_RARE  # nearly every batch: no tuple made
     if rare.moving:
         stay = (None, None)
         params["queues"] = [outcomes.moves.get(i, stay)[0] for i in outcomes.ids]
         params["priorities"] = [outcomes.moves.get(i, stay)[1] for i in outcomes.ids]
+    if rare.progress:
+        params["outcome_progress"] = [outcomes.progress.get(i) for i in outcomes.ids]
+    if progress is not None:
+        params.update(progress.as_params())
     if delete_statuses:
         params["delete_statuses"] = list(delete_statuses)
     return Query(s.completion(bool(delete_statuses), rare), params, _id_list, driver=True)
@@ -2680,6 +2771,7 @@ class SelectionKey:
     statuses: tuple[Status, ...] | None = None
     task: bool = False
     lock: bool = False
+    tags: bool = False
     search: bool = False
     before: Literal["at", "ago"] | None = None
     since: Literal["at", "ago"] | None = None
@@ -2704,6 +2796,8 @@ class Selection:
     statuses: tuple[Status, ...] | None = None
     task: str | None = None
     lock: str | None = None
+    #: Jobs having every one of these tags (sorted, no duplicate).
+    tags: tuple[str, ...] | None = None
     search: str | None = None
     #: Created before this instant, or this many seconds ago.
     before: datetime | float | None = None
@@ -2728,6 +2822,7 @@ class Selection:
             "statuses": tuple(sorted(set(self.statuses))) if self.statuses else None,
             "task": self.task is not None,
             "lock": self.lock is not None,
+            "tags": bool(self.tags),
             "search": bool(self.search),
             "before": bound(self.before),
             "since": bound(self.since),
@@ -2741,6 +2836,8 @@ class Selection:
             value = getattr(self, name)
             if value is not None:
                 params["only_" + name] = value
+        if self.tags:
+            params["only_tags"] = list(self.tags)
         if self.search:
             params["search"] = "%" + _like_literal(self.search) + "%"
         for name in ("before", "since"):

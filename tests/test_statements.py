@@ -32,6 +32,7 @@ from pgtq.statements import (
     ListKey,
     NewJobs,
     Outcomes,
+    Progress,
     Query,
     Rare,
     Selection,
@@ -54,6 +55,7 @@ EVERY_LIST_FILTER = ListKey(
     statuses=(Status.TODO,),
     task=True,
     lock=True,
+    tags=True,
     search=True,
     before="at",
     since="ago",
@@ -66,6 +68,7 @@ EVERY_FILTER = SelectionKey(
     statuses=(Status.FAILED,),
     task=True,
     lock=True,
+    tags=True,
     search=True,
     before="ago",
     since="at",
@@ -76,6 +79,7 @@ EVERY_SELECTION = Selection(
     statuses=(Status.FAILED,),
     task="t",
     lock="l",
+    tags=("a", "b"),
     search="x",
     before=60.0,
     since=datetime(2024, 1, 1, tzinfo=UTC),
@@ -107,10 +111,18 @@ BUILDER_ARGS: dict[str, list[tuple[Any, ...]]] = {
         (statements.EACH_MODES,),
     ],
     "completion": [
-        (deleting, Rare(snoozing, moving))
-        for deleting in (False, True)
-        for snoozing in (False, True)
-        for moving in (False, True)
+        *(
+            (deleting, Rare(snoozing, moving))
+            for deleting in (False, True)
+            for snoozing in (False, True)
+            for moving in (False, True)
+        ),
+        # ctx.set_progress: outcomes with their last progress, running jobs' progress, both.
+        *(
+            (deleting, Rare(True, False, progress, running))
+            for deleting in (False, True)
+            for progress, running in ((True, False), (False, True), (True, True))
+        ),
     ],
 }
 #: Attributes of ``Statements`` that are not statements.
@@ -174,6 +186,17 @@ def _rare_outcomes() -> Outcomes:
     return outcomes
 
 
+def _progressing() -> Outcomes:
+    """An outcome with its job's last progress (``ctx.set_progress``)."""
+    outcomes = _outcomes()
+    outcomes.progress[1] = '{"fraction": 1.0, "message": null, "attempt": 1}'
+    return outcomes
+
+
+def _progress() -> Progress:
+    return Progress([2], [1], ['{"fraction": 0.5, "message": "half", "attempt": 1}'])
+
+
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 #: Every query function of ``pgtq.statements``, each with calls covering its variants.
 QUERIES: dict[str, list[Callable[[], Any]]] = {
@@ -196,7 +219,10 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
         lambda: statements.complete_jobs(S, "w", _outcomes(), ("succeeded",)),
         lambda: statements.complete_jobs(S, "w", _rare_outcomes()),
         lambda: statements.complete_jobs(S, "w", _rare_outcomes(), ("succeeded",)),
+        lambda: statements.complete_jobs(S, "w", _progressing(), (), _progress()),
+        lambda: statements.complete_jobs(S, "w", _progressing(), ("succeeded",), _progress()),
     ],
+    "write_progress": [lambda: statements.write_progress(S, "w", _progress())],
     "release_jobs": [lambda: statements.release_jobs(S, "w", [1])],
     "release_unknown_jobs": [lambda: statements.release_unknown_jobs(S, "w", [1])],
     "fail_unclaimable_jobs": [

@@ -7,8 +7,11 @@ Requests go through httpx's ASGITransport into the real app, on the real databas
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import re
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,6 +33,7 @@ from pgtq.reports import Throughput
 from pgtq.statements import statements_for
 from pgtq.web import security
 from pgtq.web.views import PAGE_SIZE
+from tests.conftest import eventually
 from tests.sides import Side
 from tests.test_operations import SQL, finish, finished_jobs, tasks
 
@@ -737,3 +741,135 @@ async def test_a_page_reloads_itself_when_asked(client: httpx.AsyncClient) -> No
         assert page.status_code == 400, bad
         assert "refresh must be a whole number from 2 to 3600" in page.text
         assert 'http-equiv="refresh"' not in page.text
+
+
+# == tags, metadata and progress (issue 21 part 5) ==============================================
+# Tags and meta are written with SQL after defer: switch to configure(tags=, meta=) once it lands.
+
+
+def tag(sql: SQL, job_id: int, tags: list[str], meta: Any = None) -> None:
+    sql(
+        "UPDATE pgtq.jobs SET tags = %s, meta = %s::jsonb WHERE id = %s",
+        tags,
+        None if meta is None else json.dumps(meta),
+        job_id,
+    )
+
+
+async def test_jobs_list_filters_by_tags_and_shows_them_as_chips(
+    app: pgtq.App, client: httpx.AsyncClient, sql: SQL
+) -> None:
+    send, _ = tasks(app)
+    a, b, c = await send.defer_many_async([{"to": "a"}, {"to": "b"}, {"to": "c"}])
+    tag(sql, a, ["eu", "vip"])
+    tag(sql, b, ["eu"])
+    page = await client.get("/jobs?tag=eu")
+    assert job_ids(page.text) == [b, a]
+    assert job_ids((await client.get("/jobs?tag=eu&tag=vip")).text) == [a]
+    assert job_ids((await client.get("/jobs?tag=&tag=")).text) == [c, b, a]  # an empty form
+    # A chip links to its tag's jobs; the form keeps each tag asked for, and one more field.
+    assert '<a class="chip" href="/jobs?tag=vip">vip</a>' in page.text
+    assert '<input name="tag" value="eu">' in page.text
+    assert '<input name="tag" value="" placeholder="any">' in page.text
+    # "All matching" posts the tags with the rest of the filter, and acts on those only.
+    assert '<input type="hidden" name="tag" value="eu">' in page.text
+    form = {"csrf_token": await token(client, "/jobs"), "action": "cancel", "scope": "matching"}
+    done = await client.post("/jobs/many", data={**form, "tag": ["eu", "vip"]})
+    assert done.status_code == 303
+    assert done.headers["location"] == "/jobs?tag=eu&tag=vip&notice=many-cancelled&n=1"
+    assert statuses(sql) == {a: "cancelled", b: "todo", c: "todo"}
+    many = "&".join(f"tag=t{i}" for i in range(21))
+    assert (await client.get("/jobs?" + many)).status_code == 400
+
+
+async def test_job_page_shows_tags_and_metadata(
+    app: pgtq.App, client: httpx.AsyncClient, sql: SQL
+) -> None:
+    send, _ = tasks(app)
+    job_id = await send.defer_async(to="a")
+    tag(sql, job_id, ["eu", "batch 7"], {"customer": 42, "source": "import"})
+    html = (await client.get(f"/jobs/{job_id}")).text
+    assert '<a class="chip" href="/jobs?tag=batch+7">batch 7</a>' in html
+    meta = "{\n  &#34;customer&#34;: 42,\n  &#34;source&#34;: &#34;import&#34;\n}"
+    assert f'<pre id="meta">{meta}</pre>' in html
+    plain = await send.defer_async(to="b")
+    html = (await client.get(f"/jobs/{plain}")).text
+    assert 'id="tags"' not in html and 'id="meta"' not in html
+
+
+async def test_tags_meta_and_progress_messages_are_escaped(
+    app: pgtq.App, client: httpx.AsyncClient, sql: SQL
+) -> None:
+    send, _ = tasks(app)
+    evil = "<script>alert('x')</script>"
+    job_id = await send.defer_async(to="a")
+    tag(sql, job_id, [evil, '"><img src=x onerror=alert(1)>'], {evil: evil})
+    sql(
+        "UPDATE pgtq.jobs SET status = 'doing', attempts = 1, worker_id = 'w', progress = %s "
+        "WHERE id = %s",
+        json.dumps({"fraction": 0.5, "message": evil, "attempt": 1}),
+        job_id,
+    )
+    for path in (f"/jobs/{job_id}", "/jobs", f"/jobs?tag={evil}"):
+        html = (await client.get(path)).text
+        assert "<script>" not in html and "<img" not in html, path
+    html = (await client.get(f"/jobs/{job_id}")).text
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;</a>" in html  # the chip's text
+    assert 'title="&lt;script&gt;' in html  # the progress bar's message
+
+
+async def test_running_jobs_show_their_progress(
+    app: pgtq.App, client: httpx.AsyncClient, sql: SQL
+) -> None:
+    send, _ = tasks(app)
+    running, retried, done = await send.defer_many_async([{"to": "a"}, {"to": "b"}, {"to": "c"}])
+    sql(
+        "UPDATE pgtq.jobs SET status = 'doing', attempts = 2, worker_id = 'w', progress = "
+        "jsonb_build_object('fraction', 0.4, 'message', 'rows', 'attempt', id - %s + 2) "
+        "WHERE id IN (%s, %s)",
+        running,
+        running,
+        retried,
+    )  # ``retried``: the record is of attempt 3, not the one running (2)
+    finish(sql, [done], "succeeded")
+    last = json.dumps({"fraction": 1, "message": "all"})
+    sql("UPDATE pgtq.jobs SET progress = %s WHERE id = %s", last, done)
+    page = (await client.get("/jobs")).text
+    bar = '<progress class="job-progress" max="1" value="0.4" title="rows">40%</progress>'
+    rows = dict(re.findall(r'<tr data-job="(\d+)">(.*?)</tr>', page, re.S))
+    assert bar in rows[str(running)]
+    assert "<progress" not in rows[str(retried)] and "<progress" not in rows[str(done)]
+    assert 'id="live"' in page and 'href="/jobs?refresh=2">follow their progress' in page
+    html = (await client.get(f"/jobs/{running}")).text
+    assert '<dd id="progress">' + bar in html and f'href="/jobs/{running}?refresh=2">follow' in html
+    live = (await client.get(f"/jobs/{running}?refresh=2")).text
+    assert '<meta http-equiv="refresh" content="2">' in live and "follow live" not in live
+    html = (await client.get(f"/jobs/{done}")).text
+    assert '<dt>last progress</dt><dd id="progress">100% all</dd>' in html
+    assert 'id="live"' not in (await client.get("/jobs?status=succeeded")).text
+
+
+async def test_the_dashboard_follows_a_task_reporting_progress(
+    app: pgtq.App, client: httpx.AsyncClient
+) -> None:
+    """Through a real worker: the page shows the bar the task's last report draws."""
+    release = threading.Event()
+
+    @app.task
+    def crunch(ctx: pgtq.JobContext) -> None:
+        for i in range(101):
+            ctx.set_progress(0.4 * i / 100, f"row {i}")
+        release.wait(30)
+
+    job_id = await crunch.defer_async()
+    worker = asyncio.create_task(app.run_worker_async(wait=False))
+    try:
+
+        async def shown() -> bool:
+            html = (await client.get(f"/jobs/{job_id}")).text
+            return 'value="0.4" title="row 100">40%</progress>' in html
+
+        await eventually(shown)
+    finally:
+        release.set()
+        await worker

@@ -151,7 +151,7 @@ def test_retry_a_failed_job_from_the_browser(
             page.get_by_role("navigation").get_by_role("link", name="Jobs").click()
             page.locator("select[name=status]").select_option("failed")
             page.get_by_role("button", name="Filter").click()
-            expect(page).to_have_url(server + "/jobs?queue=&status=failed&task=&q=")
+            expect(page).to_have_url(server + "/jobs?queue=&status=failed&task=&q=&tag=")
             rows = page.locator("#jobs tbody tr")
             expect(rows).to_have_count(1)
             expect(rows.first).to_contain_text("<b>x</b>")  # shown as text, never as markup

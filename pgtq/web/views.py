@@ -19,7 +19,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
 from pgtq.errors import UnknownSchedule
-from pgtq.jobs import JobFilter, JobSelection, parse_statuses
+from pgtq.jobs import JobFilter, JobSelection, parse_statuses, running_progress
 from pgtq.model import Job, Status
 from pgtq.reports import COUNTED_STATUSES, NO_DATA, STALE_AFTER, duration
 from pgtq.web.charts import throughput_svg
@@ -160,6 +160,10 @@ def _json_line(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _percent(fraction: float) -> str:
+    return f"{fraction:.0%}"
+
+
 def _rate(value: float | None) -> str:
     return NO_DATA if value is None else f"{value:.2f}/s"
 
@@ -174,26 +178,55 @@ def templates() -> Jinja2Templates:
     )
     env.filters.update(ago=_ago, when=_when, since=_since, pretty=_json, json_line=_json_line)
     env.filters["rate"] = _rate
+    env.filters["progress"] = running_progress
+    env.filters["percent"] = _percent
     return Jinja2Templates(env=env)
 
 
 #: The jobs page's query string: each parameter's key in :class:`~pgtq.jobs.JobFilter`.
 FILTER_PARAMS = {"queue": "queue", "status": "status", "task": "task", "q": "search"}
+#: ``?tag=a&tag=b``: the jobs having every one of these tags (``tags`` of the filter).
+TAG_PARAM = "tag"
+#: The most tags one filter may ask for.
+MAX_TAGS = 20
+
+
+def _text(value: object) -> str:
+    # PostgreSQL text holds no NUL; an empty field filters nothing.
+    return value.replace("\x00", "").strip() if isinstance(value, str) else ""
 
 
 def job_selection(values: Mapping[str, Any]) -> JobSelection:
-    """The jobs page's filters (:data:`FILTER_PARAMS`) in a query string or a form, checked:
-    the jobs the page lists, and those "all matching" acts on (one status at most)."""
+    """The jobs page's filters (:data:`FILTER_PARAMS`, :data:`TAG_PARAM`) in a query string or
+    a form, checked: the jobs the page lists, and those "all matching" acts on (one status at
+    most)."""
     found: dict[str, Any] = {}
     for param, key in FILTER_PARAMS.items():
-        value = values.get(param)
-        value = value.replace("\x00", "").strip() if isinstance(value, str) else ""
-        if value:  # PostgreSQL text holds no NUL
+        value = _text(values.get(param))
+        if value:
             found[key] = value
     statuses = parse_statuses(found.get("status"))  # InvalidFilter: 400
     if statuses:
         found["status"] = statuses[0]
+    getlist = getattr(values, "getlist", None)  # a query string or a form: repeated
+    given = getlist(TAG_PARAM) if getlist is not None else [values.get(TAG_PARAM)]
+    tags = list(dict.fromkeys(t for t in map(_text, given) if t))
+    if len(tags) > MAX_TAGS:
+        raise BadRequest(f"At most {MAX_TAGS} tags in a filter, got {len(tags)}.")
+    if tags:
+        found["tags"] = tags
     return cast(JobSelection, found)
+
+
+def filter_fields(filters: JobSelection) -> list[tuple[str, str]]:
+    """The filter as (parameter, value) pairs: the hidden fields of a form that acts on "all
+    matching", and the query string of the page it asks for."""
+    fields = [
+        (param, str(getattr(value, "value", value)))
+        for param, key in FILTER_PARAMS.items()
+        if (value := filters.get(key)) is not None
+    ]
+    return fields + [(TAG_PARAM, t) for t in filters.get("tags") or ()]
 
 
 def job_filter(request: Request) -> JobFilter:
@@ -215,9 +248,10 @@ def ticked_ids(values: Sequence[object]) -> list[int]:
 def query_string(filters: JobFilter, **changes: Any) -> str:
     """The query string of the page ``filters`` ask for, with ``changes`` (None drops one)."""
     values: dict[str, Any] = {param: filters.get(key) for param, key in FILTER_PARAMS.items()}
+    values[TAG_PARAM] = list(filters.get("tags") or ()) or None
     values["after"] = filters.get("after")
     values.update(changes)
-    return urlencode({k: v for k, v in values.items() if v is not None})
+    return urlencode({k: v for k, v in values.items() if v is not None}, doseq=True)
 
 
 def form_text(value: object, what: str, *, empty: bool = False) -> str:
@@ -363,11 +397,13 @@ class Dashboard:
                 "retryable": RETRYABLE,
                 "bulk_actions": list(BULK_ACTIONS),
                 # The list's filter, posted with the form: what "all matching" acts on.
-                "filter_fields": {
-                    param: getattr(value, "value", value)
-                    for param, key in FILTER_PARAMS.items()
-                    if (value := filters.get(key)) is not None
-                },
+                "filter_fields": filter_fields(filters),
+                # A running job reports progress: offer to follow it (the page reloading).
+                "live_query": (
+                    query_string(filters, refresh=2)
+                    if any(running_progress(job) for job in page)
+                    else None
+                ),
             },
         )
 
@@ -385,6 +421,7 @@ class Dashboard:
                 "job": job,
                 "events": events,
                 "actions": self._job_actions(job),
+                "live": job.status is Status.DOING,
             },
         )
 
