@@ -26,7 +26,9 @@ from tests.test_operations import SQL, finish, tasks
 
 
 def tag(sql: SQL, job_id: int, *tags: str, meta: dict[str, Any] | None = None) -> None:
-    """What ``configure(tags=..., meta=...)`` will store."""
+    """What ``configure(tags=..., meta=...)`` stores, set after the defer (the filters'
+    tests pick tags per job; ``test_configured_tags_are_what_the_filters_find`` defers
+    them)."""
     sql(
         "UPDATE pgtq.jobs SET tags = %s, meta = %s::jsonb WHERE id = %s",
         list(tags),
@@ -176,3 +178,17 @@ def test_cli_tag_filters_list_and_controls(dsn: str, sql: SQL) -> None:
         assert result.exit_code == 0 and json.loads(result.stdout) == [], result.output
     bad = invoke("jobs", "list", "--tag", "", dsn=dsn)
     assert bad.exit_code != 0 and "tags must be non-empty strings" in bad.stderr
+
+
+async def test_configured_tags_are_what_the_filters_find(app: pgtq.App, side: Side) -> None:
+    send, _ = tasks(app)
+    one = await side.defer(send.configure(tags=["eu", "vip"], meta={"tenant": 7}), to="a")
+    more = await side.defer_many(
+        send, [({"to": "b"}, {"tags": ["eu"]}), {"to": "c"}, ({"to": "d"}, {"tags": ["vip"]})]
+    )
+    found = await side.call(app.jobs, "list", tags=["eu"])
+    assert [j.id for j in found] == [one, more[0]]
+    assert [j.id for j in await side.call(app.jobs, "list", tags=["vip", "eu"])] == [one]
+    assert found[0].meta == {"tenant": 7}
+    cancelled = await side.call(app.jobs, "cancel_many", tags=["vip"])
+    assert sorted(cancelled) == sorted([one, more[2]])

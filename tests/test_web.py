@@ -744,7 +744,8 @@ async def test_a_page_reloads_itself_when_asked(client: httpx.AsyncClient) -> No
 
 
 # == tags, metadata and progress (issue 21 part 5) ==============================================
-# Tags and meta are written with SQL after defer: switch to configure(tags=, meta=) once it lands.
+# Tags and meta are set with SQL after the defer, per job (configure(tags=...) is tested in
+# tests/test_tags.py and tests/test_defer_each.py).
 
 
 def tag(sql: SQL, job_id: int, tags: list[str], meta: Any = None) -> None:
