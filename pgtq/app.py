@@ -28,7 +28,16 @@ from pgtq.jobs import JobContext, JobManager
 from pgtq.queues import QueueManager
 from pgtq.schedules import PeriodicManager
 from pgtq.schema import DEFAULT_SCHEMA, InvalidSchemaName, validate_schema_name
-from pgtq.tasks import Middleware, P, R, Task, TaskDecorator, TaskOptions, check_task_options
+from pgtq.tasks import (
+    EagerRunner,
+    Middleware,
+    P,
+    R,
+    Task,
+    TaskDecorator,
+    TaskOptions,
+    check_task_options,
+)
 from pgtq.validation import DEFAULT_MAX_ARGS_BYTES, check_max_args_bytes
 
 if TYPE_CHECKING:
@@ -165,6 +174,8 @@ class App:
             self.max_args_bytes = check_max_args_bytes(max_args_bytes)
         except InvalidArguments as exc:
             raise ConfigurationError(str(exc)) from None
+        #: ``pgtq.testing.eager``: while set, ``defer`` runs the job at once, in-process.
+        self.eager: EagerRunner | None = None
         #: False behind PgBouncer in transaction mode: engines pgtq makes then never keep
         #: prepared statements (yours are yours to configure). Not given:
         #: ``PGTQ_PREPARED_STATEMENTS`` (on/off), else True.

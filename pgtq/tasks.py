@@ -45,6 +45,19 @@ R = TypeVar("R")
 RESERVED_ARGUMENTS = frozenset({"connection"})
 
 
+class EagerRunner(Protocol):
+    """What ``App.eager`` holds while ``pgtq.testing.eager`` is on: it runs deferred jobs at
+    once, in-process (:class:`pgtq.testing.Eager`)."""
+
+    def run(
+        self, deferrer: Deferrer[..., Any], items: Sequence[DeferItem]
+    ) -> list[Deferred[Any]]: ...
+
+    async def run_async(
+        self, deferrer: Deferrer[..., Any], items: Sequence[DeferItem]
+    ) -> list[Deferred[Any]]: ...
+
+
 class TaskDecorator(Protocol):
     """What ``@app.task(...)`` with options returns: it registers a function, typed as the
     bare ``@app.task`` is (``Task[P, R]``)."""
@@ -612,6 +625,15 @@ class Deferrer(Generic[P, R]):
                     raise InvalidArguments(f"item {n}: task {self.task.name!r}: {exc}") from None
             raise
 
+    def encoded_arguments(self, items: Sequence[DeferItem]) -> str:
+        """The JSON array of these jobs' arguments, each checked as ``defer`` checks it (its
+        options too): what an eager run (``pgtq.testing.eager``) hands the task, decoded."""
+        if self._per_row or _has_pairs(items):
+            self.encode_each(items, batch=_has_pairs(items))
+            kwargs = [item[0] if isinstance(item, tuple) else item for item in items]
+            return self._dumps([self._checked(k) for k in kwargs])
+        return self.encode(cast(list[Mapping[str, Any]], items)).args
+
     def _checked(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         if type(kwargs) is not dict:  # the common case skips the (slower) ABC check
             if not isinstance(kwargs, Mapping):
@@ -656,6 +678,8 @@ class Deferrer(Generic[P, R]):
         """:meth:`Task.defer` with this deferrer's options."""
         _no_positional(self.task, args)
         connection: Connection | None = kwargs.pop("connection", None)
+        if self.task.app.eager is not None:  # pgtq.testing.eager: run it here and now
+            return cast(Deferred[R], self.task.app.eager.run(self, [kwargs])[0])
         if self._per_row:
             return _deferred(self._defer_each([kwargs], False, connection)[0])
         new = self.encode([kwargs])
@@ -677,6 +701,8 @@ class Deferrer(Generic[P, R]):
         """:meth:`Task.defer_async` with this deferrer's options."""
         _no_positional(self.task, args)
         connection: AsyncConnection | None = kwargs.pop("connection", None)
+        if self.task.app.eager is not None:
+            return cast(Deferred[R], (await self.task.app.eager.run_async(self, [kwargs]))[0])
         if self._per_row:
             return _deferred((await self._defer_each_async([kwargs], False, connection))[0])
         new = self.encode([kwargs])
@@ -690,6 +716,8 @@ class Deferrer(Generic[P, R]):
     ) -> list[int]:
         """:meth:`Task.defer_many` with this deferrer's options."""
         jobs = list(arguments)
+        if self.task.app.eager is not None:
+            return list(self.task.app.eager.run(self, jobs))
         batch = _has_pairs(jobs)
         if batch or self._per_row:
             return self._defer_each(jobs, batch, connection)
@@ -705,6 +733,8 @@ class Deferrer(Generic[P, R]):
     ) -> list[int]:
         """:meth:`Task.defer_many_async` with this deferrer's options."""
         jobs = list(arguments)
+        if self.task.app.eager is not None:
+            return list(await self.task.app.eager.run_async(self, jobs))
         batch = _has_pairs(jobs)
         if batch or self._per_row:
             return await self._defer_each_async(jobs, batch, connection)

@@ -34,9 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -45,20 +48,25 @@ from sqlalchemy.engine import URL
 
 from pgtq import statements
 from pgtq.app import App
-from pgtq.model import Job, Status
+from pgtq.errors import ConfigurationError
+from pgtq.jobs import JobContext
+from pgtq.model import Deferred, Job, Status
 from pgtq.schema import validate_schema_name
-from pgtq.tasks import Task
+from pgtq.tasks import DeferItem, Deferrer, Task, call_task
 
 if TYPE_CHECKING:
     from pgtq.worker import WorkerStats
 
 __all__ = [
+    "Eager",
+    "EagerRun",
     "assert_deferred",
     "assert_deferred_async",
     "deferred",
     "deferred_async",
     "drain",
     "drain_async",
+    "eager",
     "migrated_schema",
     "migrated_schema_async",
 ]
@@ -280,3 +288,126 @@ async def assert_deferred_async(
 ) -> Job:
     """:func:`assert_deferred` from async code."""
     return _verdict(_task_name(task), arguments, await deferred_async(app, task))
+
+
+# -- eager: run at defer time, in-process ---------------------------------------------------------
+
+
+@dataclass
+class EagerRun:
+    """One job ``defer`` ran at once under :func:`eager`: its arguments as the task got them
+    (through JSON, as from the database), and its result or the exception it raised."""
+
+    job_id: int
+    task_name: str
+    queue: str
+    args: dict[str, Any]
+    result: Any = None
+    error: BaseException | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.error is None
+
+
+class Eager:
+    """Runs each deferred job at once, in the caller (:func:`eager`); ``runs`` in order."""
+
+    def __init__(self, app: App, *, propagate: bool) -> None:
+        self.app = app
+        self.propagate = propagate
+        self.runs: list[EagerRun] = []
+        self._ids = itertools.count(1)
+
+    def _prepare(self, deferrer: Deferrer[..., Any], items: Sequence[DeferItem]) -> list[EagerRun]:
+        """Check and encode as ``defer`` does, then decode: what the task gets is JSON's."""
+        arguments = json.loads(deferrer.encoded_arguments(items))
+        return [
+            EagerRun(next(self._ids), deferrer.task.name, deferrer.options.queue, args)
+            for args in arguments
+        ]
+
+    def _context(self, run: EagerRun) -> JobContext[Any]:
+        return JobContext(
+            job_id=run.job_id,
+            task_name=run.task_name,
+            queue=run.queue,
+            attempt=1,
+            worker_id="eager",
+            app=self.app,
+            args=run.args,
+        )
+
+    def _ended(self, run: EagerRun, result: Any, error: BaseException | None) -> Deferred[Any]:
+        run.result, run.error = result, error
+        self.runs.append(run)
+        if error is not None and self.propagate:
+            raise error
+        return Deferred(run.job_id)
+
+    def run(self, deferrer: Deferrer[..., Any], items: Sequence[DeferItem]) -> list[Deferred[Any]]:
+        """``defer``/``defer_many``: sync tasks run in this thread, async ones in a loop of
+        their own (not from inside a running loop: use ``defer_async`` there)."""
+        task = deferrer.task
+        if task.is_async and _loop_running():
+            raise ConfigurationError(
+                "pgtq.testing.eager: a sync defer() of an async task inside a running event "
+                "loop cannot run it: use defer_async() there"
+            )
+        ids = []
+        for run in self._prepare(deferrer, items):
+            try:
+                value = call_task(task, self._context(run), run.args)
+                if task.is_async:
+                    value = asyncio.run(value)
+            except Exception as exc:
+                ids.append(self._ended(run, None, exc))
+            else:
+                ids.append(self._ended(run, value, None))
+        return ids
+
+    async def run_async(
+        self, deferrer: Deferrer[..., Any], items: Sequence[DeferItem]
+    ) -> list[Deferred[Any]]:
+        """``defer_async``/``defer_many_async``: async tasks awaited here, sync ones in a
+        thread (as a worker runs them)."""
+        ids = []
+        for run in self._prepare(deferrer, items):
+            task = deferrer.task
+            context = self._context(run)
+            try:
+                if task.is_async:
+                    value = await call_task(task, context, run.args)
+                else:
+                    value = await asyncio.to_thread(call_task, task, context, run.args)
+            except Exception as exc:
+                ids.append(self._ended(run, None, exc))
+            else:
+                ids.append(self._ended(run, value, None))
+        return ids
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def eager(app: App, *, propagate: bool = True) -> Iterator[list[EagerRun]]:
+    """While in this block, ``defer`` and its twins run each job at once, in-process,
+    instead of writing it: the arguments are checked and encoded as ``defer`` does and
+    decoded as a worker does, and the task runs with a bare context (attempt 1, no retry,
+    no timeout, no middleware but the task's own, nothing written to the database). For unit
+    tests of code that defers: lower fidelity than :func:`drain` on a real worker. Yields
+    the list of runs; with ``propagate`` a task's exception is raised from ``defer``."""
+    if app.eager is not None:
+        raise ConfigurationError("pgtq.testing.eager: already on for this app")
+    runner = Eager(app, propagate=propagate)
+    app.eager = runner
+    try:
+        yield runner.runs
+    finally:
+        app.eager = None

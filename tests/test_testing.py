@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -121,3 +122,57 @@ async def test_drain_with_include_scheduled_runs_scheduled_and_backed_off_jobs_n
     assert stats.by_status == {"retried": 1, "succeeded": 2}
     waiting = await side.call(app.jobs, "list", status=pgtq.Status.TODO)
     assert [j.args["name"] for j in waiting] == ["other queue"]  # not a drained queue
+
+
+# -- eager: jobs run at defer time, in-process ----------------------------------------------
+
+
+def test_eager_runs_each_job_at_defer_time_with_its_arguments_through_json(sql: SQL) -> None:
+    app = pgtq.App("postgresql://127.0.0.1:1/never-used")  # eager never connects
+    seen: list[Any] = []
+
+    @app.task
+    def send(ctx: pgtq.JobContext, to: str, tags: tuple[str, ...] = ()) -> str:
+        seen.append((ctx.job_id, ctx.attempt, to, tags))
+        return to.upper()
+
+    @app.task
+    async def fetch(url: str) -> int:
+        await asyncio.sleep(0)
+        return len(url)
+
+    with pgtq.testing.eager(app) as runs:
+        first = send.defer(to="a", tags=("x", "y"))
+        ids = send.defer_many([{"to": "b"}, ({"to": "c"}, {"queueing_lock": "k"})])
+        fetched = fetch.defer(url="https://x")
+    assert [int(first), *ids, int(fetched)] == [1, 2, 3, 4]
+    assert seen[0] == (1, 1, "a", ["x", "y"])  # a tuple comes back as JSON's list
+    assert [r.result for r in runs] == ["A", "B", "C", 9]
+    assert app.eager is None  # off again after the block
+
+
+async def test_eager_checks_arguments_as_defer_does_and_propagates_errors() -> None:
+    app = pgtq.App("postgresql://127.0.0.1:1/never-used")
+
+    @app.task
+    def boom(n: int) -> None:
+        raise ValueError(f"bad {n}")
+
+    @app.task
+    async def later(n: int) -> int:
+        return n
+
+    with pgtq.testing.eager(app) as runs:
+        with pytest.raises(pgtq.InvalidArguments, match="priority"):
+            boom.configure(priority=1.5).defer(n=1)  # type: ignore[arg-type]
+        with pytest.raises(pgtq.InvalidArguments, match="missing a required argument"):
+            await boom.defer_async(m=1)  # type: ignore[call-overload]
+        with pytest.raises(ValueError, match="bad 2"):
+            await boom.defer_async(n=2)  # a sync task, run in a thread
+        assert await later.defer_async(n=3) == 2
+        with pytest.raises(pgtq.ConfigurationError, match="use defer_async"):
+            later.defer(n=4)  # a sync defer of an async task inside a running loop
+    assert [(r.task_name, r.succeeded) for r in runs] == [("boom", False), ("later", True)]
+    with pgtq.testing.eager(app, propagate=False) as quiet:
+        await boom.defer_async(n=5)
+    assert isinstance(quiet[0].error, ValueError)
