@@ -210,7 +210,7 @@ class Completer:
                 try:
                     try:
                         if batch or progress is not None:
-                            await self.connection.run(self._query(batch, progress))
+                            await self._complete(batch, progress)
                     except Exception as exc:
                         if not is_data_error(exc):
                             raise
@@ -267,7 +267,7 @@ class Completer:
     async def _write_alone(self, single: statements.Outcomes) -> None:
         assert self.connection is not None
         try:
-            await self.connection.run(self._query(single))
+            await self._complete(single)
             return
         except Exception as exc:
             if not is_data_error(exc):
@@ -291,19 +291,40 @@ class Completer:
             None,
         )
         try:
-            await self.connection.run(self._query(replacement))
+            await self._complete(replacement)
         except Exception as again:
             if not is_data_error(again):
                 raise
             logger.error("job %s is left to the rescue: %s", single.ids[0], again)
 
-    def _query(
+    async def _complete(
         self, outcomes: statements.Outcomes, progress: statements.Progress | None = None
+    ) -> None:
+        """Write ``outcomes`` (and running jobs' ``progress``): one statement, and a second
+        only for what the first refused (jobs with children: the variant that settles
+        them, ``Rare.releasing``). A batch without such jobs pays one length test."""
+        assert self.connection is not None
+        written = await self.connection.run(self._query(outcomes, progress))
+        rest = statements.refused_outcomes(outcomes, written)
+        if rest is not None:
+            await self.connection.run(self._query(rest, releasing=True))
+
+    def _query(
+        self,
+        outcomes: statements.Outcomes,
+        progress: statements.Progress | None = None,
+        *,
+        releasing: bool = False,
     ) -> statements.Query[list[int]]:
         if not outcomes and progress is not None:
             return statements.write_progress(self._s, self._worker_id(), progress)
         return statements.complete_jobs(
-            self._s, self._worker_id(), outcomes, self._delete_statuses, progress
+            self._s,
+            self._worker_id(),
+            outcomes,
+            self._delete_statuses,
+            progress,
+            releasing=releasing,
         )
 
     def _merge_back(self, batch: statements.Outcomes) -> None:

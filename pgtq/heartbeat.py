@@ -156,6 +156,10 @@ class Heartbeat:
         rescued = 0
         for old_worker, outcomes in by_worker.items():
             done = await run(statements.complete_jobs(self._s, old_worker, outcomes))
+            rest = statements.refused_outcomes(outcomes, done)
+            if rest is not None:  # jobs with children: the variant that settles them
+                query = statements.complete_jobs(self._s, old_worker, rest, releasing=True)
+                done = [*done, *await run(query)]
             rescued += len(done)
         self._rescued(rescued)
         if rescued:
@@ -211,7 +215,10 @@ def linger(
                     beat = time.monotonic()
                     if not sync.run(statements.heartbeat(s, worker_id)):
                         return  # declared dead meanwhile: its jobs were rescued
-            sync.run(statements.complete_jobs(s, worker_id, outcomes))
+            done = sync.run(statements.complete_jobs(s, worker_id, outcomes))
+            rest = statements.refused_outcomes(outcomes, done)
+            if rest is not None:  # jobs with children: the variant that settles them
+                sync.run(statements.complete_jobs(s, worker_id, rest, releasing=True))
             sync.run(statements.unregister_worker(s, worker_id))
             logger.info("the jobs that did not stop have ended; given back")
         except Exception as exc:

@@ -135,6 +135,18 @@ class JobContext(Generic[S]):
         None before: what a test of a task that builds its own context reads."""
         return self._progress
 
+    def parent_results(self) -> dict[int, Any]:
+        """The results of the jobs this one depends on (``depends_on``, a chain's previous
+        job, a chord's members), by id in id order (the order they were deferred in); a
+        parent that did not succeed (an ``on_parent_failure="run"`` edge) gives None. One
+        read, done when called: a job without parents never pays it."""
+        return self.app.sync.run(statements.parent_results(self.app.statements, self.job_id))
+
+    async def parent_results_async(self) -> dict[int, Any]:
+        """:meth:`parent_results` for an async task."""
+        query = statements.parent_results(self.app.statements, self.job_id)
+        return await self.app.async_connector().run(query)
+
     def should_abort(self) -> bool:
         """True once the job was aborted, timed out, or the worker is shutting down."""
         return self._abort_reason is not None
@@ -250,7 +262,8 @@ class JobSelection(TypedDict, total=False):
     ``tags``: jobs having every one of these tags (``configure(tags=...)``; a list of
     non-empty strings, served by an index over tagged jobs). ``search``: jobs whose
     arguments, as JSON text, contain it (ignoring case). ``before`` / ``since``: created
-    before / at or after an instant, or that long ago (:data:`Moment`).
+    before / at or after an instant, or that long ago (:data:`Moment`). ``workflow``: the
+    jobs of one workflow (its id: ``Job.workflow_id``, a handle's ``id``).
     """
 
     ids: Iterable[int] | None
@@ -262,6 +275,7 @@ class JobSelection(TypedDict, total=False):
     search: str | None
     before: Moment | None
     since: Moment | None
+    workflow: int | None
 
 
 class JobFilter(JobSelection, total=False):
@@ -701,8 +715,13 @@ def check_selection(filters: Mapping[str, Any]) -> statements.Selection:
         tags=check_tags(filters.get("tags")),
         before=check_moment("before", filters.get("before")),
         since=check_moment("since", filters.get("since")),
+        workflow=_optional_id("workflow", filters.get("workflow")),
         **text,
     )
+
+
+def _optional_id(name: str, value: object) -> int | None:
+    return None if value is None else check_integer(name, value)
 
 
 def check_ids(ids: object) -> tuple[int, ...] | None:

@@ -20,6 +20,9 @@ class Status(enum.StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     ABORTED = "aborted"
+    #: Waiting for the jobs it depends on (``configure(depends_on=...)``); released to
+    #: ``todo`` by the statement that settles its last parent.
+    BLOCKED = "blocked"
 
     @property
     def is_final(self) -> bool:
@@ -58,6 +61,8 @@ class Job:
     #: ``configure(timeout=..., max_attempts=...)``: this job's own; None keeps the task's.
     timeout: float | None = None
     max_attempts: int | None = None
+    #: The workflow the job is part of (``pgtq.chain``, ``pgtq.group``, ``depends_on``).
+    workflow_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

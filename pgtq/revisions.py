@@ -34,6 +34,7 @@ REVISIONS: tuple[tuple[str, Phase], ...] = (
     ("pgtq_0008", "pre"),
     ("pgtq_0009", "pre"),
     ("pgtq_0010", "pre"),
+    ("pgtq_0011", "pre"),
 )
 
 #: The table where Alembic records pgtq's revisions (in pgtq's schema).

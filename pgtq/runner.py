@@ -217,8 +217,9 @@ class JobRunner:
         async with self._connector.transaction() as conn:
             ctx.connection = conn
             result = await self._call_async(task, ctx, job)
-            outcome, query = self._success(task, ctx, job, result)
-            if not await self._connector.run(query, connection=conn):
+            outcome, query, again = self._success(task, ctx, job, result)
+            run = self._connector.run
+            if not await run(query, connection=conn) and not await run(again, connection=conn):
                 raise _RollBack(None)  # rescued or aborted meanwhile: roll back
             return Ended(outcome, written=True)
 
@@ -227,22 +228,25 @@ class JobRunner:
         with self.app.sync.transaction() as conn:
             ctx.connection = conn
             result = call_task(task, ctx, job.args)
-            outcome, query = self._success(task, ctx, job, result)
-            if not self.app.sync.run(query, connection=conn):
+            outcome, query, again = self._success(task, ctx, job, result)
+            run = self.app.sync.run
+            if not run(query, connection=conn) and not run(again, connection=conn):
                 raise _RollBack(None)  # rescued or aborted meanwhile: roll back
             return Ended(outcome, written=True)
 
     def _success(
         self, task: Task[..., Any], ctx: JobContext, job: ClaimedJob, result: Any
-    ) -> tuple[Outcome, statements.Query[list[int]]]:
-        """The outcome, and the statement writing it inside the task's transaction; any
-        outcome but a success rolls the task's writes back (raises)."""
+    ) -> tuple[Outcome, statements.Query[list[int]], statements.Query[list[int]]]:
+        """The outcome, and the statement writing it inside the task's transaction, then the
+        one writing it if the first did not (a job with children: its children are settled
+        by the same transaction); any outcome but a success rolls the task's writes back
+        (raises)."""
         outcome = decide(task, job, result=result, abort_reason=ctx.abort_reason())
         if outcome.status != Status.SUCCEEDED:
             raise _RollBack(Ended(outcome))
         single = statements.Outcomes.empty()
         single.add(job.id, outcome.status, outcome.result, attempt=job.attempts)
-        query = statements.complete_jobs(
-            self.app.statements, self._worker_id(), single, self._delete_statuses
-        )
-        return outcome, query
+        s, me, deleting = self.app.statements, self._worker_id(), self._delete_statuses
+        query = statements.complete_jobs(s, me, single, deleting)
+        again = statements.complete_jobs(s, me, single, deleting, releasing=True)
+        return outcome, query, again

@@ -19,7 +19,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 DEFAULT_SCHEMA = "pgtq"
 
 #: Every status a job can have. A status changes only in ``pgtq/statements.py``.
-STATUSES = ("todo", "doing", "succeeded", "failed", "cancelled", "aborted")
+#: ``blocked`` (pgtq_0011): waiting for the jobs it depends on (``configure(depends_on=...)``).
+STATUSES = ("todo", "doing", "succeeded", "failed", "cancelled", "aborted", "blocked")
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -62,6 +63,7 @@ class Tables:
     periodic_ticks: sa.Table
     periodic_schedules: sa.Table
     limit_buckets: sa.Table
+    job_dependencies: sa.Table
 
 
 @cache
@@ -107,6 +109,12 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         # pgtq_0009: this job's own timeout (seconds) and attempt budget; NULL: the task's.
         sa.Column("timeout", sa.Float, nullable=True),
         sa.Column("max_attempts", sa.Integer, nullable=True),
+        # pgtq_0011, workflows: on a child, its parents not settled yet (blocked until 0); on
+        # a parent, the edges naming it (NULL on every other job: the completion statement
+        # of jobs without children refuses a row where it is set); the workflow it is of.
+        sa.Column("pending_parents", sa.Integer, nullable=True),
+        sa.Column("children", sa.Integer, nullable=True),
+        sa.Column("workflow_id", sa.BigInteger, nullable=True),
         sa.CheckConstraint(f"status IN ({statuses})", name="jobs_status_check"),
         # The claim indexes hold only waiting jobs: they stay small however many finished
         # jobs the table keeps, and give the claim its order without a sort. One serves a
@@ -158,6 +166,27 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
             postgresql_using="gin",
             postgresql_where=sa.text("tags IS NOT NULL"),
         ),
+    )
+    # -- workflows (pgtq_0011): one row per dependency edge -----------------------------------
+    # The primary key leads with the parent: a finishing parent finds its children by index;
+    # the second index finds a child's parents (``ctx.parent_results``, ``jobs show``).
+    job_dependencies = sa.Table(
+        "job_dependencies",
+        metadata,
+        sa.Column("parent_id", sa.BigInteger, primary_key=True),
+        sa.Column("child_id", sa.BigInteger, primary_key=True),
+        # What the child does when this parent ends failed, cancelled or aborted.
+        sa.Column("on_parent_failure", sa.Text, nullable=False, server_default="cancel"),
+        sa.CheckConstraint(
+            "on_parent_failure IN ('cancel', 'run', 'hold')",
+            name="job_dependencies_on_parent_failure_check",
+        ),
+        sa.Index("job_dependencies_child_idx", "child_id"),
+    )
+    sa.Index(
+        "jobs_workflow_idx",
+        jobs.c.workflow_id,
+        postgresql_where=sa.text("workflow_id IS NOT NULL"),
     )
     workers = sa.Table(
         "workers",
@@ -292,6 +321,7 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         periodic_ticks=periodic_ticks,
         periodic_schedules=periodic_schedules,
         limit_buckets=limit_buckets,
+        job_dependencies=job_dependencies,
     )
 
 

@@ -78,6 +78,27 @@ def _status(status: Status) -> sa.ColumnElement[str]:
 TODO, DOING = _status(Status.TODO), _status(Status.DOING)
 SUCCEEDED, FAILED = _status(Status.SUCCEEDED), _status(Status.FAILED)
 CANCELLED, ABORTED = _status(Status.CANCELLED), _status(Status.ABORTED)
+BLOCKED = _status(Status.BLOCKED)
+#: The statuses that settle a parent's edges (its children's ``pending_parents``).
+ENDED = (SUCCEEDED, FAILED, CANCELLED, ABORTED)
+#: ``configure(depends_on=..., on_parent_failure=...)``: what a child does when a parent
+#: ends failed, cancelled or aborted: ``cancel`` it (and its own blocked descendants), let it
+#: ``run`` (the edge counts as settled), or ``hold`` it blocked until the parent is retried.
+OnParentFailure = Literal["cancel", "run", "hold"]
+ON_PARENT_FAILURE: tuple[OnParentFailure, ...] = ("cancel", "run", "hold")
+_CANCEL_EDGE = sa.literal_column("'cancel'", sa.Text)
+_RUN_EDGE = sa.literal_column("'run'", sa.Text)
+#: The error of a child cancelled because a parent ended badly (a literal: see below).
+_PARENT_FAILED: sa.ColumnElement[Any] = sa.literal_column(
+    "'{}'::jsonb".format(
+        json.dumps(
+            {
+                "type": "ParentFailed",
+                "message": "a job it depends on ended failed, cancelled or aborted",
+            }
+        ).replace("'", "''")
+    )
+)
 ONE_SECOND: sa.ColumnElement[Any] = sa.literal_column("interval '1 second'")
 #: An outcome of ``raise Snooze(...)`` (see ``complete_snoozing``); never a job's status.
 SNOOZED_OUTCOME: sa.ColumnElement[str] = sa.literal_column(f"'{SNOOZED}'", sa.Text)
@@ -103,8 +124,8 @@ Action = Literal["retry", "cancel", "abort", "delete"]
 #: aborted, never deleted under its worker.
 ACTS_ON: dict[Action, tuple[Status, ...]] = {
     "retry": (Status.FAILED, Status.ABORTED, Status.CANCELLED),
-    "cancel": (Status.TODO,),
-    "abort": (Status.TODO, Status.DOING),
+    "cancel": (Status.TODO, Status.BLOCKED),
+    "abort": (Status.TODO, Status.BLOCKED, Status.DOING),
     "delete": tuple(s for s in Status if s is not Status.DOING),
 }
 
@@ -256,6 +277,30 @@ EACH_COLUMNS: tuple[tuple[str, sa.types.TypeEngine[Any]], ...] = (
     ("max_attempts", sa.Integer()),
     ("args", JSONB()),
 )
+#: The fields of a row of ``insert_workflow``'s jobs (``n``: its position in the workflow).
+WORKFLOW_COLUMNS: tuple[tuple[str, sa.types.TypeEngine[Any]], ...] = (
+    ("n", sa.Integer()),
+    ("task_name", sa.Text()),
+    ("queue", sa.Text()),
+    ("priority", sa.Integer()),
+    ("scheduled_at", sa.DateTime(timezone=True)),
+    ("schedule_in", sa.Float()),
+    ("lock", sa.Text()),
+    ("concurrency_key", sa.Text()),
+    ("tags", ARRAY(sa.Text())),
+    ("meta", JSONB()),
+    ("timeout", sa.Float()),
+    ("max_attempts", sa.Integer()),
+    ("args", JSONB()),
+)
+#: The fields of an edge of ``insert_workflow``: ``child`` a position, its parent a position
+#: (``parent``) or an existing job (``parent_id``).
+EDGE_COLUMNS: tuple[tuple[str, sa.types.TypeEngine[Any]], ...] = (
+    ("child", sa.Integer()),
+    ("parent", sa.Integer()),
+    ("parent_id", sa.BigInteger()),
+    ("on_parent_failure", sa.Text()),
+)
 #: What ``on_conflict="replace"`` changes of the job holding the key: the new job's
 #: arguments, schedule and priority (as ``insert_keyed`` does), and those of its tags, meta,
 #: timeout and max_attempts it has (the holder keeps its own where the new job has none).
@@ -386,6 +431,262 @@ class Statements:
         inserted = keyed.returning(j.c.id, fresh).cte("inserted")
         kept_only = None if conflict.replace else inserted.c.fresh
         return self._announce(inserted, queue, at, inserted.c.fresh, announced_if=kept_only)
+
+    @cached_property
+    def insert_workflow(self) -> sa.Select[Any]:
+        """Insert the jobs of a workflow and their dependencies, in one statement: one JSON
+        row a job (``:new_jobs``, each with its own task and options, ``n`` its position),
+        one an edge (``:new_edges``: ``child`` a position, its parent a position ``parent``
+        or an existing job ``parent_id``, and ``on_parent_failure``). The new jobs' ids are
+        taken from the ids' sequence first (in position order), so edges between new jobs
+        are written with them.
+
+        A job with parents not all settled is inserted ``blocked`` with ``pending_parents``
+        counted; the others ``todo``. An existing parent gets ``children`` raised (its row
+        locked: a completion of it waits, then sees ``children`` set and settles through the
+        releasing variant; its status read after the lock is the one counted). An existing
+        parent already succeeded is settled, one failed, cancelled or aborted too on a
+        ``run`` edge, and otherwise left pending: the child waits for the parent's retry.
+        If a parent id names no job, nothing is written (no row comes back).
+
+        ``workflow_id``: the existing parents' workflow (the smallest), else the first
+        parent's id, else the first new job's id; a parent of no workflow joins it.
+        Announces its due ``todo`` jobs, one NOTIFY per queue. Selects the new ids in
+        position order."""
+        j, e = self.jobs, self.t.job_dependencies
+        rows = (
+            sa.select(
+                sa.func.jsonb_to_recordset(sa.cast(sa.bindparam("new_jobs", type_=sa.Text), JSONB))
+                .table_valued(*(sa.column(name, kind) for name, kind in WORKFLOW_COLUMNS))
+                .render_derived("each_row", with_types=True)
+            )
+        ).cte("new_rows")
+        edges = (
+            sa.select(
+                sa.func.jsonb_to_recordset(sa.cast(sa.bindparam("new_edges", type_=sa.Text), JSONB))
+                .table_valued(*(sa.column(name, kind) for name, kind in EDGE_COLUMNS))
+                .render_derived("each_edge", with_types=True)
+            )
+        ).cte("new_edges")
+        sequence = sa.func.pg_get_serial_sequence(
+            _text_literal(f'"{self.t.schema}".jobs'), _text_literal("id")
+        )
+        ids = (
+            sa.select(rows.c.n, sa.func.nextval(sequence).label("id"))
+            .order_by(rows.c.n)
+            .cte("new_ids")
+            .prefix_with("MATERIALIZED")
+        )
+        outside = sa.select(edges.c.parent_id).where(edges.c.parent_id.is_not(None))
+        wanted = sa.select(sa.func.count(sa.distinct(edges.c.parent_id))).scalar_subquery()
+        present = (
+            sa.select(sa.func.count()).select_from(j).where(j.c.id.in_(outside)).scalar_subquery()
+        )
+        ok = sa.select((present == wanted).label("ok")).cte("parents_found")
+        per_parent = (
+            sa.select(edges.c.parent_id, sa.func.count().label("n"))
+            .where(edges.c.parent_id.is_not(None))
+            .group_by(edges.c.parent_id)
+            .subquery("per_parent")
+        )
+        all_found = sa.select(ok.c.ok).scalar_subquery()
+        # The workflow: the existing parents' (named by its first job), else the first new
+        # job's id; parents of none join it.
+        first_id = sa.select(sa.func.min(ids.c.id)).scalar_subquery()
+        workflow = (
+            sa.select(
+                sa.func.coalesce(sa.func.min(sa.func.coalesce(j.c.workflow_id, j.c.id)), first_id)
+            )
+            .where(j.c.id.in_(outside))
+            .cte("workflow")
+        )
+        workflow_id = sa.select(workflow.c[0]).scalar_subquery()
+        marked = (
+            sa.update(j)
+            .where(j.c.id == per_parent.c.parent_id, all_found)
+            .values(
+                children=sa.func.coalesce(j.c.children, 0) + per_parent.c.n,
+                workflow_id=sa.func.coalesce(j.c.workflow_id, workflow_id),
+            )
+            .returning(j.c.id, j.c.status)
+            .cte("marked")
+        )
+        child_ids = ids.alias("child_ids")
+        parent_ids = ids.alias("parent_ids")
+        failed = marked.c.status.in_([FAILED, CANCELLED, ABORTED])
+        settled = sa.or_(
+            marked.c.status == SUCCEEDED,
+            sa.and_(edges.c.on_parent_failure == _RUN_EDGE, failed),
+        )
+        links = (
+            sa.select(
+                child_ids.c.id.label("child_id"),
+                sa.func.coalesce(parent_ids.c.id, edges.c.parent_id).label("parent_id"),
+                edges.c.on_parent_failure,
+                sa.case((edges.c.parent_id.is_(None), sa.true()), else_=~settled).label("pending"),
+            )
+            .select_from(
+                edges.join(child_ids, child_ids.c.n == edges.c.child)
+                .outerjoin(parent_ids, parent_ids.c.n == edges.c.parent)
+                .outerjoin(marked, marked.c.id == edges.c.parent_id)
+            )
+            .cte("links")
+        )
+        linked = (
+            sa.insert(e)
+            .from_select(
+                ["child_id", "parent_id", "on_parent_failure"],
+                sa.select(links.c.child_id, links.c.parent_id, links.c.on_parent_failure).where(
+                    all_found
+                ),
+            )
+            .returning(e.c.child_id)
+            .cte("linked")
+        )
+        pending = (
+            sa.select(
+                links.c.child_id,
+                sa.func.count().filter(links.c.pending).label("n"),
+            )
+            .group_by(links.c.child_id)
+            .subquery("pending")
+        )
+        fan_out = (
+            sa.select(edges.c.parent, sa.func.count().label("n"))
+            .where(edges.c.parent.is_not(None))
+            .group_by(edges.c.parent)
+            .subquery("fan_out")
+        )
+        blocked = sa.func.coalesce(pending.c.n, 0) > 0
+        r = rows.c
+        values: dict[str, sa.ColumnElement[Any]] = {
+            "id": ids.c.id,
+            "queue": r.queue,
+            "task_name": r.task_name,
+            "args": r.args,
+            "priority": r.priority,
+            "scheduled_at": sa.func.coalesce(
+                r.scheduled_at,
+                sa.func.now() + r.schedule_in * ONE_SECOND,
+                type_=sa.DateTime(timezone=True),
+            ),
+            "lock": r.lock,
+            "concurrency_key": r.concurrency_key,
+            "trace_context": sa.cast(
+                sa.bindparam(new_param("trace_context"), type_=sa.Text), JSONB
+            ),
+            "tags": r.tags,
+            "meta": r.meta,
+            "timeout": r.timeout,
+            "max_attempts": r.max_attempts,
+            "status": sa.case((blocked, BLOCKED), else_=TODO),
+            "pending_parents": pending.c.n,
+            "children": fan_out.c.n,
+            "workflow_id": workflow_id,
+        }
+        select = (
+            sa.select(*values.values())
+            .select_from(
+                rows.join(ids, ids.c.n == r.n)
+                .outerjoin(pending, pending.c.child_id == ids.c.id)
+                .outerjoin(fan_out, fan_out.c.parent == r.n)
+            )
+            .where(all_found)
+            .order_by(r.n)
+        )
+        inserted = (
+            sa.insert(j)
+            .from_select(list(values), select)
+            .returning(j.c.id, j.c.queue, j.c.status, j.c.scheduled_at)
+            .cte("inserted")
+        )
+        due = sa.and_(inserted.c.status == TODO, _due(inserted.c.scheduled_at))
+        payload = (
+            _text_literal("#")
+            + sa.cast(sa.func.min(inserted.c.id), sa.Text)
+            + _text_literal(":")
+            + sa.cast(sa.func.count(), sa.Text)
+            + _text_literal(" ")
+            + inserted.c.queue
+        )
+        notified = (
+            sa.select(sa.func.pg_notify(self._channel, payload).label("sent"))
+            .where(due)
+            .group_by(inserted.c.queue)
+            .cte("notified")
+        )
+        announced = (
+            sa.select(sa.func.count().label("sent"))
+            .select_from(notified)
+            .cte("announced")
+            .prefix_with("MATERIALIZED")
+        )
+        edges_written = (
+            sa.select(sa.func.count().label("edges"))
+            .select_from(linked)
+            .cte("edges_written")
+            .prefix_with("MATERIALIZED")
+        )
+        return (
+            sa.select(inserted.c.id, inserted.c.status)
+            .select_from(
+                inserted.outerjoin(announced, sa.true()).outerjoin(edges_written, sa.true())
+            )
+            .order_by(inserted.c.id)
+        )
+
+    @cached_property
+    def parent_results(self) -> sa.Select[Any]:
+        """The parents of ``:job_id`` with their status and result, in id order."""
+        j, e = self.jobs, self.t.job_dependencies
+        return (
+            sa.select(j.c.id, j.c.status, j.c.result)
+            .select_from(e.join(j, j.c.id == e.c.parent_id))
+            .where(e.c.child_id == sa.bindparam("job_id", type_=sa.BigInteger))
+            .order_by(j.c.id)
+        )
+
+    @cached_property
+    def dependencies(self) -> sa.Select[Any]:
+        """The edges of ``:job_id``, both ways: ``(kind, other id, other's task, other's
+        status, on_parent_failure)``, ``kind`` ``parent`` or ``child``, in id order."""
+        j, e = self.jobs, self.t.job_dependencies
+        me = sa.bindparam("job_id", type_=sa.BigInteger)
+        parents = (
+            sa.select(
+                _text_literal("parent").label("kind"),
+                j.c.id,
+                j.c.task_name,
+                j.c.status,
+                e.c.on_parent_failure,
+            )
+            .select_from(e.join(j, j.c.id == e.c.parent_id))
+            .where(e.c.child_id == me)
+        )
+        children = (
+            sa.select(
+                _text_literal("child"),
+                j.c.id,
+                j.c.task_name,
+                j.c.status,
+                e.c.on_parent_failure,
+            )
+            .select_from(e.join(j, j.c.id == e.c.child_id))
+            .where(e.c.parent_id == me)
+        )
+        both = sa.union_all(parents, children).subquery("edges")
+        return sa.select(*both.c).order_by(both.c.kind.desc(), both.c.id)
+
+    @cached_property
+    def workflow_edges(self) -> sa.Select[Any]:
+        """The edges among the jobs of workflow ``:only_workflow``: ``(parent, child)``."""
+        j, e = self.jobs, self.t.job_dependencies
+        return (
+            sa.select(e.c.parent_id, e.c.child_id)
+            .select_from(e.join(j, j.c.id == e.c.child_id))
+            .where(j.c.workflow_id == sa.bindparam("only_workflow", type_=sa.BigInteger))
+            .order_by(e.c.child_id, e.c.parent_id)
+        )
 
     def insert_each(self, modes: tuple[EachMode, ...]) -> sa.Select[Any]:
         """Insert jobs that each have their own options (a per-job ``defer_many``, or a
@@ -1075,17 +1376,23 @@ class Statements:
         ``rare.moving`` (a retry into another queue or at another priority, from
         ``:queues`` and ``:priorities``), ``rare.progress`` (outcomes carrying their job's
         last ``ctx.set_progress``, ``:outcome_progress``), ``rare.running`` (the progress of
-        jobs still running, written by the same statement: :meth:`_write_progress`). So
-        those cost the other batches nothing."""
+        jobs still running, written by the same statement: :meth:`_write_progress`),
+        ``rare.releasing`` (jobs with children, which every other variant refuses:
+        :meth:`_complete_releasing`). So those cost the other batches nothing."""
         if not rare:
             return self.complete_deleting if deleting else self.complete
         key = (deleting, rare)
         found = self._completions.get(key)
         if found is None:
             u = self._outcomes(rare)
-            found = (
-                self._complete_deleting(rare) if deleting else self._complete_update(u, rare=rare)
-            )
+            if rare.releasing:
+                found = self._complete_releasing(u, deleting, rare)
+            else:
+                found = (
+                    self._complete_deleting(rare)
+                    if deleting
+                    else self._complete_update(u, rare=rare)
+                )
             if rare.running:  # other rows than the outcomes' (the completer sees to it)
                 found = found.add_cte(self._write_progress().cte("progressed"))
             self._completions[key] = found
@@ -1118,11 +1425,167 @@ class Statements:
             .returning(j.c.id)
         )
 
-    def _complete_deleting(self, rare: Rare) -> sa.Select[Any]:
+    def _complete_releasing(self, u: Any, deleting: bool, rare: Rare) -> sa.Select[Any]:
+        """The completion of a batch holding jobs with children: a parent that ends
+        (succeeded, failed, aborted) settles its children in the same statement
+        (:meth:`_settling`). Parents are never deleted (``delete_jobs``): their children read
+        their results; the others of the batch are, as in ``complete_deleting``."""
         j = self.jobs
-        u = self._outcomes(rare)
-        deleting = u.c.status == sa.any_(_array("delete_statuses", sa.Text()))
-        deleted = (
+        parts: list[sa.Select[Any]] = []
+        where: list[sa.ColumnElement[bool]] = []
+        deleted: sa.CTE | None = None
+        if deleting:
+            deleting_row = sa.and_(
+                u.c.status == sa.any_(_array("delete_statuses", sa.Text())),
+                j.c.children.is_(None),
+            )
+            deleted = self._deleted(u, deleting_row)
+            parts.append(sa.select(deleted.c.id))
+            where.append(~deleting_row)
+        done = self._complete_update(u, *where, rare=rare).cte("done")
+        parts.insert(0, sa.select(done.c.id))
+        finished = (
+            sa.select(done.c.id, done.c.status, done.c.children)
+            .where(done.c.children.is_not(None), done.c.status.in_(ENDED))
+            .cte("finished")
+        )
+        guard, announced = self._settling(finished)
+        ids = (parts[0] if len(parts) == 1 else sa.union_all(*parts)).subquery("written")
+        found = sa.select(ids.c.id).select_from(
+            ids.outerjoin(announced, sa.true()).outerjoin(guard, sa.true())
+        )
+        if deleted is not None:
+            found = found.add_cte(self._history_of_deleted(deleted))
+        return found
+
+    def _settling(self, finished: sa.CTE) -> tuple[sa.CTE, sa.CTE]:
+        """Settle the children of the jobs in ``finished`` (``id``, ``status``, ``children``:
+        jobs with children that just ended), in the statement that ended them. Returns the
+        guard and the announcement, both one-row CTEs the statement must join (a CTE that no
+        part reads is not run).
+
+        Per edge of a finished parent: success, or a failure on a ``run`` edge, settles it
+        (the child's ``pending_parents`` goes down by one; at 0 the child is released,
+        ``blocked → todo``, and announced); a failure on a ``cancel`` edge cancels the child
+        (``blocked → cancelled``, error ``ParentFailed``) and, through their own ``cancel``
+        edges, its blocked descendants (their ``run`` edges settle); ``hold`` leaves the
+        child blocked (the parent's retry resumes it). Bounded work: the edges of the
+        parents finished, an index read each, and one update per child touched, its row
+        locked in id order (two completions touching the same children never deadlock).
+        The decrement is exact under concurrency: a child whose row another completion
+        changed meanwhile is updated from its newest version (PostgreSQL re-reads a row it
+        waited for), so exactly one statement sees its count reach 0.
+
+        The guard: a child inserted after this statement's snapshot, while its parent was
+        running, bumped the parent's ``children`` but its edge is invisible here; then
+        ``workflow_retry`` fails the statement (SQLSTATE 40001) and the worker writes it
+        again, in a snapshot that sees the edge."""
+        j, e = self.jobs, self.t.job_dependencies
+        ok = finished.c.status == SUCCEEDED
+        hit = (
+            sa.select(
+                e.c.parent_id,
+                e.c.child_id,
+                sa.or_(ok, e.c.on_parent_failure == _RUN_EDGE).label("settles"),
+                sa.and_(~ok, e.c.on_parent_failure == _CANCEL_EDGE).label("cancels"),
+            )
+            .select_from(e.join(finished, e.c.parent_id == finished.c.id))
+            .cte("hit")
+        )
+        doomed = (
+            sa.select(hit.c.child_id.label("id")).where(hit.c.cancels).cte("doomed", recursive=True)
+        )
+        below = e.alias("below")
+        doomed = doomed.union(
+            sa.select(below.c.child_id)
+            .select_from(below.join(doomed, below.c.parent_id == doomed.c.id))
+            .where(below.c.on_parent_failure == _CANCEL_EDGE)
+        )
+        run_below = e.alias("run_below")
+        hits = sa.union_all(
+            sa.select(hit.c.child_id, hit.c.settles, hit.c.cancels),
+            sa.select(run_below.c.child_id, sa.true(), sa.false())
+            .select_from(run_below.join(doomed, run_below.c.parent_id == doomed.c.id))
+            .where(run_below.c.on_parent_failure == _RUN_EDGE),
+            sa.select(doomed.c.id, sa.false(), sa.true()),
+        ).subquery("hits")
+        per_child = (
+            sa.select(
+                hits.c.child_id,
+                sa.func.count().filter(hits.c.settles).label("n"),
+                sa.func.bool_or(hits.c.cancels).label("cancel"),
+            )
+            .group_by(hits.c.child_id)
+            .cte("per_child")
+        )
+        locked = (
+            sa.select(j.c.id)
+            .select_from(j.join(per_child, j.c.id == per_child.c.child_id))
+            .where(j.c.status == BLOCKED)
+            .order_by(j.c.id)
+            .with_for_update(of=j)
+            .cte("locked")
+        )
+        pending = j.c.pending_parents - per_child.c.n
+        cancel = per_child.c.cancel
+        settled = (
+            sa.update(j)
+            .where(j.c.id == per_child.c.child_id, j.c.id == locked.c.id, j.c.status == BLOCKED)
+            .values(
+                pending_parents=pending,
+                status=sa.case((cancel, CANCELLED), (pending <= 0, TODO), else_=BLOCKED),
+                finished_at=sa.case((cancel, sa.func.now()), else_=j.c.finished_at),
+                error=sa.case((cancel, _PARENT_FAILED), else_=j.c.error),
+            )
+            .returning(j.c.id, j.c.status, j.c.queue)
+            .cte("settled")
+        )
+        seen = (
+            sa.select(hit.c.parent_id, sa.func.count().label("n"))
+            .group_by(hit.c.parent_id)
+            .subquery("seen")
+        )
+        missed = (
+            sa.select(
+                sa.func.coalesce(
+                    sa.func.sum(finished.c.children - sa.func.coalesce(seen.c.n, 0)), 0
+                )
+            )
+            .select_from(finished.outerjoin(seen, seen.c.parent_id == finished.c.id))
+            .scalar_subquery()
+        )
+        retry = getattr(sa.func, self.t.schema).workflow_retry
+        guard = (
+            sa.select(retry(sa.cast(missed, sa.BigInteger)).label("missed"))
+            .cte("guard")
+            .prefix_with("MATERIALIZED")
+        )
+        payload = (
+            _text_literal("#")
+            + sa.cast(sa.func.min(settled.c.id), sa.Text)
+            + _text_literal(":")
+            + sa.cast(sa.func.count(), sa.Text)
+            + _text_literal(" ")
+            + settled.c.queue
+        )
+        notified = (
+            sa.select(sa.func.pg_notify(self._channel, payload).label("sent"))
+            .where(settled.c.status == TODO)
+            .group_by(settled.c.queue)
+            .cte("released_notified")
+        )
+        announced = (
+            sa.select(sa.func.count().label("sent"))
+            .select_from(notified)
+            .cte("released_announced")
+            .prefix_with("MATERIALIZED")
+        )
+        return guard, announced
+
+    def _deleted(self, u: Any, deleting: sa.ColumnElement[bool]) -> sa.CTE:
+        """The outcomes' rows that end deleted (a worker's ``delete_jobs``), deleted."""
+        j = self.jobs
+        return (
             sa.delete(j)
             .where(j.c.id == u.c.id, deleting, *self._held_by_worker(), self._same_attempt(u))
             .returning(
@@ -1136,6 +1599,12 @@ class Statements:
             )
             .cte("deleted")
         )
+
+    def _complete_deleting(self, rare: Rare) -> sa.Select[Any]:
+        u = self._outcomes(rare)
+        deleting = u.c.status == sa.any_(_array("delete_statuses", sa.Text()))
+        # A job with children is never deleted here, nor written (``_complete_update``).
+        deleted = self._deleted(u, sa.and_(deleting, self.jobs.c.children.is_(None)))
         updated = self._complete_update(u, ~deleting, rare=rare).cte("updated")
         found = sa.union_all(sa.select(deleted.c.id), sa.select(updated.c.id)).subquery()
         return found.select().add_cte(self._history_of_deleted(deleted))
@@ -1249,9 +1718,21 @@ class Statements:
             )
         if rare is not None and rare.progress:  # a job's last progress, or the one it had
             snoozed["progress"] = sa.func.coalesce(sa.cast(u.c.progress, JSONB), j.c.progress)
+        releasing = rare is not None and rare.releasing
+        # A job with children is written by the releasing variant only, which settles them:
+        # every other variant refuses it (one NULL test a row), and the caller writes it
+        # again with that one (``refused_outcomes``).
+        returning = (j.c.id, j.c.status, j.c.children) if releasing else (j.c.id,)
+        childless = () if releasing else (j.c.children.is_(None),)
         return (
             sa.update(j)
-            .where(j.c.id == u.c.id, *self._held_by_worker(), self._same_attempt(u), *where)
+            .where(
+                j.c.id == u.c.id,
+                *self._held_by_worker(),
+                self._same_attempt(u),
+                *where,
+                *childless,
+            )
             .values(
                 status=status,
                 result=sa.cast(u.c.result, JSONB),
@@ -1265,7 +1746,7 @@ class Statements:
                 finished_at=sa.case((retrying, sa.null()), else_=sa.func.clock_timestamp()),
                 **snoozed,
             )
-            .returning(j.c.id)
+            .returning(*returning)
         )
 
     # -- control ---------------------------------------------------------------------------
@@ -1301,9 +1782,10 @@ class Statements:
         return self._abort(self._one_job())
 
     def _abort(self, *where: sa.ColumnElement[bool]) -> sa.Select[Any]:
-        """``todo → cancelled`` at once; a ``doing`` job gets ``abort_requested`` and a NOTIFY."""
+        """``todo | blocked → cancelled`` at once (a cancelled parent settles its children:
+        :meth:`_settling`); a ``doing`` job gets ``abort_requested`` and a NOTIFY."""
         j = self.jobs
-        was_todo = j.c.status == TODO
+        was_todo = j.c.status.in_([TODO, BLOCKED])
         changed = (
             sa.update(j)
             .where(*where, self._acting_on("abort"))
@@ -1312,11 +1794,26 @@ class Statements:
                 abort_requested=sa.case((was_todo, j.c.abort_requested), else_=sa.true()),
                 finished_at=sa.case((was_todo, sa.func.now()), else_=j.c.finished_at),
             )
-            .returning(j.c.id, j.c.status, j.c.queue, j.c.worker_id)
+            .returning(j.c.id, j.c.status, j.c.queue, j.c.worker_id, j.c.children)
             .cte("changed")
         )
-        return self._notify_each(
+        notified = self._notify_each(
             changed, self.abort_channel, sa.cast(changed.c.id, sa.Text), changed.c.status == DOING
+        )
+        return self._settled_after(changed, notified)
+
+    def _settled_after(self, changed: sa.CTE, select: sa.Select[Any]) -> sa.Select[Any]:
+        """``select`` (over ``changed``: ``id``, ``status``, ``children``) with the children
+        of the jobs it cancelled settled in the same statement (:meth:`_settling`)."""
+        finished = (
+            sa.select(changed.c.id, changed.c.status, changed.c.children)
+            .where(changed.c.children.is_not(None), changed.c.status == CANCELLED)
+            .cte("finished")
+        )
+        guard, announced = self._settling(finished)
+        done = select.subquery("done")
+        return sa.select(*done.c).select_from(
+            done.outerjoin(announced, sa.true()).outerjoin(guard, sa.true())
         )
 
     @cached_property
@@ -1338,10 +1835,28 @@ class Statements:
                 started_at=sa.null(),
                 finished_at=sa.null(),
             )
-            .returning(j.c.id, j.c.status, j.c.queue)
+            .returning(j.c.id, j.c.status, j.c.queue, j.c.children)
             .cte("changed")
         )
-        return self._notify_each(changed, self.channel, changed.c.queue, sa.true())
+        # A retried parent is pending again for its children still blocked on a ``run``
+        # edge (its failure had settled that edge); ``hold`` and ``cancel`` edges were left
+        # pending, so a held child simply waits for this new attempt.
+        e = self.t.job_dependencies
+        again = (
+            sa.select(e.c.child_id, sa.func.count().label("n"))
+            .select_from(e.join(changed, e.c.parent_id == changed.c.id))
+            .where(changed.c.children.is_not(None), e.c.on_parent_failure == _RUN_EDGE)
+            .group_by(e.c.child_id)
+            .subquery("again")
+        )
+        pending = (
+            sa.update(j)
+            .where(j.c.id == again.c.child_id, j.c.status == BLOCKED)
+            .values(pending_parents=j.c.pending_parents + again.c.n)
+            .returning(j.c.id)
+            .cte("pending_again")
+        )
+        return self._notify_each(changed, self.channel, changed.c.queue, sa.true()).add_cte(pending)
 
     @cached_property
     def abort_requested(self) -> sa.Select[Any]:
@@ -1543,6 +2058,8 @@ class Statements:
             where.append(j.c.task_name == sa.bindparam("only_task", type_=sa.Text))
         if key.lock:
             where.append(j.c.lock == sa.bindparam("only_lock", type_=sa.Text))
+        if key.workflow:  # served by jobs_workflow_idx (partial: jobs of a workflow only)
+            where.append(j.c.workflow_id == sa.bindparam("only_workflow", type_=sa.BigInteger))
         if key.tags:
             # ``tags @> :only_tags`` (every tag given): served by ``jobs_tags_idx`` (GIN, over
             # tagged jobs only; ``@>`` is strict, so the planner proves ``tags IS NOT NULL``).
@@ -1697,18 +2214,21 @@ class Statements:
         return found
 
     @cached_property
-    def cancel(self) -> ReturningUpdate[Any]:
+    def cancel(self) -> sa.Select[Any]:
         return self._cancel(self._one_job())
 
-    def _cancel(self, *where: sa.ColumnElement[bool]) -> ReturningUpdate[Any]:
-        """``todo → cancelled``; a running job is left alone (that is ``abort``)."""
+    def _cancel(self, *where: sa.ColumnElement[bool]) -> sa.Select[Any]:
+        """``todo | blocked → cancelled``, the children of a cancelled parent settled
+        (:meth:`_settling`); a running job is left alone (that is ``abort``)."""
         j = self.jobs
-        return (
+        changed = (
             sa.update(j)
             .where(*where, self._acting_on("cancel"))
             .values(status=CANCELLED, finished_at=sa.func.now())
-            .returning(j.c.id)
+            .returning(j.c.id, j.c.status, j.c.children)
+            .cte("changed")
         )
+        return self._settled_after(changed, sa.select(changed.c.id))
 
     def _delete(self, *where: sa.ColumnElement[bool]) -> sa.Select[Any]:
         """Delete jobs, never a running one (:data:`ACTS_ON`), and their history; select their
@@ -2321,6 +2841,66 @@ def insert_each_jobs(s: Statements, each: EachJobs) -> Query[list[Written]]:
     return Query(s.insert_each(each.modes), each.as_params(), mapper, driver=True)
 
 
+@dataclass(slots=True)
+class WorkflowJobs:
+    """The parameters of ``insert_workflow``: its jobs (one JSON object each, with ``n``, its
+    position, and ``task_name``) and edges, as JSON arrays."""
+
+    jobs: str
+    edges: str
+    trace_context: str | None = None
+
+    def as_params(self) -> dict[str, Any]:
+        return {
+            "new_jobs": self.jobs,
+            "new_edges": self.edges,
+            "new_trace_context": self.trace_context,
+        }
+
+
+def insert_workflow(s: Statements, workflow: WorkflowJobs) -> Query[list[int]]:
+    """The new jobs' ids in position order; empty when a parent id names no job (nothing was
+    written)."""
+    return Query(s.insert_workflow, workflow.as_params(), _id_list, driver=True)
+
+
+def parent_results(s: Statements, job_id: int) -> Query[dict[int, Any]]:
+    """The results of the job's parents, by id, in id order (a parent not succeeded: None)."""
+
+    def mapper(rows: Rows) -> dict[int, Any]:
+        return {row[0]: row[2] for row in rows}
+
+    return Query(s.parent_results, {"job_id": job_id}, mapper)
+
+
+class Dependency(NamedTuple):
+    """An edge of a job: its parent or child (``kind``), that job's id, task and status."""
+
+    kind: Literal["parent", "child"]
+    id: int
+    task_name: str
+    status: Status
+    on_parent_failure: str
+
+
+def dependencies(s: Statements, job_id: int) -> Query[list[Dependency]]:
+    """A job's parents, then its children."""
+
+    def mapper(rows: Rows) -> list[Dependency]:
+        return [Dependency(r[0], r[1], r[2], Status(r[3]), r[4]) for r in rows]
+
+    return Query(s.dependencies, {"job_id": job_id}, mapper)
+
+
+def workflow_edges(s: Statements, workflow_id: int) -> Query[list[tuple[int, int]]]:
+    """The edges ``(parent, child)`` among a workflow's jobs."""
+
+    def mapper(rows: Rows) -> list[tuple[int, int]]:
+        return [(r[0], r[1]) for r in rows]
+
+    return Query(s.workflow_edges, {"only_workflow": workflow_id}, mapper)
+
+
 def get_job(s: Statements, job_id: int) -> Query[Job | None]:
     def mapper(rows: Rows) -> Job | None:
         return to_job(rows[0]) if rows else None
@@ -2372,9 +2952,12 @@ class Rare(NamedTuple):
     moving: bool = False
     progress: bool = False
     running: bool = False
+    #: Jobs with children (``jobs.children`` set), which every other variant refuses: this
+    #: one writes them and settles their children in the same statement.
+    releasing: bool = False
 
     def __bool__(self) -> bool:
-        return self.snoozing or self.moving or self.progress or self.running
+        return self.snoozing or self.moving or self.progress or self.running or self.releasing
 
 
 _NOTHING_RARE = Rare()
@@ -2467,9 +3050,13 @@ def complete_jobs(
     outcomes: Outcomes,
     delete_statuses: Sequence[str] = (),
     progress: Progress | None = None,
+    *,
+    releasing: bool = False,
 ) -> Query[list[int]]:
     """Write outcomes; jobs ending in ``delete_statuses`` are deleted instead. ``progress``:
-    of jobs still running (none of the outcomes'), in the same statement."""
+    of jobs still running (none of the outcomes'), in the same statement. The ids written
+    come back: a job with children is not among them unless ``releasing`` (the variant that
+    settles its children); write those again with it (:func:`refused_outcomes`)."""
     arrays: dict[str, list[Any]] = {
         "ids": outcomes.ids,
         "outcome_attempts": outcomes.attempts,
@@ -2481,8 +3068,14 @@ def complete_jobs(
     _same_lengths("Outcomes", arrays)
     params: dict[str, Any] = {"me": worker_id, **arrays}
     snoozing = SNOOZED in outcomes.statuses
-    if snoozing or outcomes.moves or outcomes.progress or progress is not None:
-        rare = Rare(snoozing, bool(outcomes.moves), bool(outcomes.progress), progress is not None)
+    if snoozing or outcomes.moves or outcomes.progress or progress is not None or releasing:
+        rare = Rare(
+            snoozing,
+            bool(outcomes.moves),
+            bool(outcomes.progress),
+            progress is not None,
+            releasing,
+        )
     else:
         rare = _NOTHING_RARE  # nearly every batch: no tuple made
     if rare.moving:
@@ -2496,6 +3089,35 @@ def complete_jobs(
     if delete_statuses:
         params["delete_statuses"] = list(delete_statuses)
     return Query(s.completion(bool(delete_statuses), rare), params, _id_list, driver=True)
+
+
+def refused_outcomes(outcomes: Outcomes, written: Sequence[int]) -> Outcomes | None:
+    """The outcomes a completion did not write (pure): None when it wrote them all (nearly
+    always: one length test). The rest are of jobs with children, or of jobs no longer this
+    worker's (rescued meanwhile): written again with ``complete_jobs(..., releasing=True)``,
+    which settles the former's children and leaves the latter alone."""
+    if len(written) == len(outcomes):
+        return None
+    done = set(written)
+    rest = [i for i, job_id in enumerate(outcomes.ids) if job_id not in done]
+    if not rest:
+        return None
+    picked = Outcomes.empty()
+    for i in rest:
+        job_id = outcomes.ids[i]
+        picked.append(
+            job_id,
+            outcomes.attempts[i],
+            outcomes.statuses[i],
+            outcomes.results[i],
+            outcomes.errors[i],
+            outcomes.retry_in[i],
+        )
+        if job_id in outcomes.moves:
+            picked.moves[job_id] = outcomes.moves[job_id]
+        if job_id in outcomes.progress:
+            picked.progress[job_id] = outcomes.progress[job_id]
+    return picked
 
 
 def release_jobs(s: Statements, worker_id: str, ids: Sequence[int]) -> Query[list[int]]:
@@ -2775,6 +3397,7 @@ class SelectionKey:
     search: bool = False
     before: Literal["at", "ago"] | None = None
     since: Literal["at", "ago"] | None = None
+    workflow: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -2803,6 +3426,8 @@ class Selection:
     before: datetime | float | None = None
     #: Created at or after this instant, or this many seconds ago.
     since: datetime | float | None = None
+    #: The jobs of one workflow (``Job.workflow_id``).
+    workflow: int | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -2826,6 +3451,7 @@ class Selection:
             "search": bool(self.search),
             "before": bound(self.before),
             "since": bound(self.since),
+            "workflow": self.workflow is not None,
         }
 
     def params(self) -> dict[str, Any]:
@@ -2838,6 +3464,8 @@ class Selection:
                 params["only_" + name] = value
         if self.tags:
             params["only_tags"] = list(self.tags)
+        if self.workflow is not None:
+            params["only_workflow"] = self.workflow
         if self.search:
             params["search"] = "%" + _like_literal(self.search) + "%"
         for name in ("before", "since"):

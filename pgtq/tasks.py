@@ -141,6 +141,10 @@ class JobOptions:
     #: This job's own time limit (seconds) and attempt budget; None: the task's.
     timeout: float | None = None
     max_attempts: int | None = None
+    #: The jobs that must succeed first (ids): the job waits ``blocked`` until then.
+    depends_on: tuple[int, ...] | None = None
+    #: What this job does when one of them ends failed, cancelled or aborted.
+    on_parent_failure: statements.OnParentFailure = "cancel"
 
     @property
     def per_row(self) -> bool:
@@ -169,6 +173,8 @@ CONFIGURE_OPTIONS = (
     "meta",
     "timeout",
     "max_attempts",
+    "depends_on",
+    "on_parent_failure",
 )
 
 #: An item of ``defer_many``: a mapping of keyword arguments (the jobs take the deferrer's
@@ -293,12 +299,17 @@ class Task(Generic[P, R]):
         meta: Mapping[str, Any] | None = None,
         timeout: timedelta | float | None = None,
         max_attempts: int | None = None,
+        depends_on: Iterable[int | HasLeaves] | None = None,
+        on_parent_failure: statements.OnParentFailure | None = None,
     ) -> Deferrer[P, R]:
         """Job options for the jobs deferred through the returned :class:`Deferrer`, each
         checked here (:mod:`pgtq.validation`): a bad one raises ``InvalidArguments`` naming
         it. ``schedule_in`` counts from the database server's clock when the job is
         inserted; a negative one means due now. ``tags``, ``meta``, ``timeout`` and
-        ``max_attempts`` are stored on each job (``Job.tags``, ...)."""
+        ``max_attempts`` are stored on each job (``Job.tags``, ...). ``depends_on``: job ids
+        (or workflow handles: their last jobs) that must succeed first; the job waits
+        ``blocked`` until then, and ``on_parent_failure`` (``cancel``, ``run`` or ``hold``)
+        says what it does if one ends failed, cancelled or aborted (see docs/workflows.md)."""
         return self.configure_from(
             {
                 "queue": queue,
@@ -314,6 +325,8 @@ class Task(Generic[P, R]):
                 "meta": meta,
                 "timeout": timeout,
                 "max_attempts": max_attempts,
+                "depends_on": depends_on,
+                "on_parent_failure": on_parent_failure,
             }
         )
 
@@ -355,7 +368,13 @@ class Task(Generic[P, R]):
             meta=v.check_meta(g.get("meta"), self.app.max_args_bytes),
             timeout=v.check_timeout(g["timeout"]) if "timeout" in g else None,
             max_attempts=(v.check_max_attempts(g["max_attempts"]) if "max_attempts" in g else None),
+            depends_on=check_depends_on(g["depends_on"]) if "depends_on" in g else None,
+            on_parent_failure=check_on_parent_failure(g.get("on_parent_failure", "cancel")),
         )
+        if options.depends_on is not None and queueing_lock is not None:
+            raise InvalidArguments(
+                "depends_on: a job with dependencies cannot take a queueing_lock"
+            )
         return Deferrer(self, options, g)
 
     def _plain(self) -> Deferrer[P, R]:
@@ -477,6 +496,62 @@ def resolve_keys(keys: Sequence[tuple[tuple[str, str], bool] | None]) -> list[in
     ]
 
 
+class HasLeaves(Protocol):
+    """A workflow handle: ``depends_on`` waits for its last jobs (``leaves``)."""
+
+    @property
+    def leaves(self) -> tuple[int, ...]: ...
+
+
+def check_depends_on(value: object) -> tuple[int, ...]:
+    """Job ids (or handles with ``leaves``), in order, each once."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise InvalidArguments(
+            f"depends_on: a list of job ids or workflow handles, got {type(value).__name__}"
+        )
+    ids: list[int] = []
+    for item in value:
+        leaves = getattr(item, "leaves", None)
+        found = leaves if leaves is not None else (item,)
+        for job_id in found:
+            if isinstance(job_id, bool) or not isinstance(job_id, int) or job_id <= 0:
+                raise InvalidArguments(f"depends_on: a job id is a positive int, got {job_id!r}")
+            ids.append(int(job_id))
+    if not ids:
+        raise InvalidArguments("depends_on: give at least one job")
+    return tuple(dict.fromkeys(ids))
+
+
+def check_on_parent_failure(value: object) -> statements.OnParentFailure:
+    if value not in statements.ON_PARENT_FAILURE:
+        raise InvalidArguments(
+            f"on_parent_failure: one of {', '.join(statements.ON_PARENT_FAILURE)}, got {value!r}"
+        )
+    return value
+
+
+def workflow_row(
+    n: int, task_name: str, kwargs: Mapping[str, Any], o: JobOptions
+) -> dict[str, Any]:
+    """A job of ``insert_workflow`` as its JSON object (``n``: its position)."""
+    row: dict[str, Any] = {
+        "n": n,
+        "task_name": task_name,
+        "queue": o.queue,
+        "priority": o.priority,
+        "args": kwargs,
+    }
+    for name in ("schedule_in", "lock", "concurrency_key", "tags", "meta", "timeout"):
+        value = getattr(o, name)
+        if value is not None:
+            row[name] = value
+    if o.max_attempts is not None:
+        row["max_attempts"] = o.max_attempts
+    if o.schedule_at is not None:
+        row["scheduled_at"] = o.schedule_at.isoformat()
+    return row
+
+
 def each_row(kwargs: Mapping[str, Any], o: JobOptions) -> statements.EachRow:
     """A job of ``insert_each``: its options, and the CTE that writes it."""
     mode: statements.EachMode = "plain"
@@ -518,7 +593,7 @@ class Deferrer(Generic[P, R]):
         #: The ``configure()`` keywords it was made with: what the options of an item of a
         #: per-job ``defer_many`` are laid over.
         self.given: Mapping[str, Any] = given or {}
-        self._per_row = options.per_row
+        self._per_row = options.per_row or options.depends_on is not None
 
     def encode(self, arguments: Iterable[Mapping[str, Any]]) -> statements.NewJobs:
         """Check and encode jobs before anything is written: the one place defer decides
@@ -746,9 +821,46 @@ class Deferrer(Generic[P, R]):
             return self._settle(await run(self._keyed(new), connection), len(jobs))
         return await run(self._insert(new), connection)
 
+    def encode_dependent(self, items: Sequence[DeferItem]) -> statements.WorkflowJobs:
+        """Jobs with ``depends_on``: one ``insert_workflow`` row each, every one depending on
+        the same parents (checked as ``defer`` checks them)."""
+        o = self.options
+        assert o.depends_on is not None
+        if _has_pairs(items):
+            raise InvalidArguments(
+                "depends_on: a defer_many of (kwargs, options) pairs cannot depend on jobs; "
+                "use pgtq.group(...) or configure(depends_on=...) per call"
+            )
+        checked = [self._checked(cast(Mapping[str, Any], k)) for k in items]
+        self._dumps(checked)
+        rows = [workflow_row(n, self.task.name, kwargs, o) for n, kwargs in enumerate(checked)]
+        edges = [
+            {"child": n, "parent_id": parent, "on_parent_failure": o.on_parent_failure}
+            for n in range(len(rows))
+            for parent in o.depends_on
+        ]
+        carrier = observers.trace_context()
+        return statements.WorkflowJobs(
+            dumps(rows), dumps(edges), dumps(carrier) if carrier else None
+        )
+
+    def _dependent(self, ids: list[int], count: int) -> list[int]:
+        if len(ids) != count:
+            raise InvalidArguments(
+                f"depends_on: no job has one of the ids {list(self.options.depends_on or ())}"
+            )
+        return ids
+
     def _defer_each(
         self, jobs: list[DeferItem], batch: bool, connection: Connection | None
     ) -> list[int]:
+        if self.options.depends_on is not None:
+            if not jobs:
+                return []
+            query = statements.insert_workflow(
+                self.task.app.statements, self.encode_dependent(jobs)
+            )
+            return self._dependent(self.task.app.sync.run(query, connection), len(jobs))
         each = self.encode_each(jobs, batch=batch)
         if not each.reports:
             return []
@@ -758,6 +870,14 @@ class Deferrer(Generic[P, R]):
     async def _defer_each_async(
         self, jobs: list[DeferItem], batch: bool, connection: AsyncConnection | None
     ) -> list[int]:
+        if self.options.depends_on is not None:
+            if not jobs:
+                return []
+            query = statements.insert_workflow(
+                self.task.app.statements, self.encode_dependent(jobs)
+            )
+            ids = await self.task.app.async_connector().run(query, connection)
+            return self._dependent(ids, len(jobs))
         each = self.encode_each(jobs, batch=batch)
         if not each.reports:
             return []

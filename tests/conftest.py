@@ -117,7 +117,7 @@ def dsn(migrated_url: URL) -> str:
         conn.execute(
             "TRUNCATE pgtq.jobs, pgtq.workers, pgtq.queues, pgtq.job_events, pgtq.periodic_ticks, "
             "pgtq.periodic_schedules, "
-            "pgtq.limit_buckets RESTART IDENTITY"
+            "pgtq.limit_buckets, pgtq.job_dependencies RESTART IDENTITY"
         )
     return migrated_url.render_as_string(hide_password=False)
 

@@ -46,6 +46,7 @@ def engine(make_database: Callable[[], URL]) -> Iterator[Engine]:
 
 PGTQ_TABLES = {
     "alembic_version",
+    "job_dependencies",
     "job_events",
     "jobs",
     "limit_buckets",

@@ -221,7 +221,18 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
         lambda: statements.complete_jobs(S, "w", _rare_outcomes(), ("succeeded",)),
         lambda: statements.complete_jobs(S, "w", _progressing(), (), _progress()),
         lambda: statements.complete_jobs(S, "w", _progressing(), ("succeeded",), _progress()),
+        lambda: statements.complete_jobs(S, "w", _outcomes(), releasing=True),
+        lambda: statements.complete_jobs(S, "w", _rare_outcomes(), ("succeeded",), releasing=True),
+        lambda: statements.complete_jobs(S, "w", _progressing(), (), _progress(), releasing=True),
     ],
+    "insert_workflow": [
+        lambda: statements.insert_workflow(
+            S, statements.WorkflowJobs('[{"n": 0, "task_name": "t"}]', "[]")
+        )
+    ],
+    "parent_results": [lambda: statements.parent_results(S, 1)],
+    "dependencies": [lambda: statements.dependencies(S, 1)],
+    "workflow_edges": [lambda: statements.workflow_edges(S, 1)],
     "write_progress": [lambda: statements.write_progress(S, "w", _progress())],
     "release_jobs": [lambda: statements.release_jobs(S, "w", [1])],
     "release_unknown_jobs": [lambda: statements.release_unknown_jobs(S, "w", [1])],

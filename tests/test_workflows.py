@@ -1,0 +1,197 @@
+"""Workflows (issue 24): dependencies, the ``blocked`` status, release by the completion
+statement, failure propagation (cancel, run, hold), retry resuming, ``ctx.parent_results``;
+both sides, against PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import pgtq
+from pgtq.model import Status
+from tests.sides import Side
+from tests.test_operations import SQL
+
+
+def make_tasks(app: pgtq.App, runs: list[tuple[str, Any]]) -> dict[str, Any]:
+    @app.task()
+    def ok(ctx: pgtq.JobContext, n: int = 0) -> int:
+        runs.append(("ok", n))
+        return n
+
+    @app.task(retry=None)
+    def boom(ctx: pgtq.JobContext, n: int = 0) -> None:
+        runs.append(("boom", n))
+        raise RuntimeError("boom")
+
+    @app.task()
+    def gather(ctx: pgtq.JobContext, n: int = 0) -> list[Any]:
+        results = ctx.parent_results()
+        runs.append(("gather", results))
+        return list(results.values())
+
+    @app.task()
+    async def gather_async(ctx: pgtq.JobContext, n: int = 0) -> list[Any]:
+        results = await ctx.parent_results_async()
+        runs.append(("gather_async", results))
+        return list(results.values())
+
+    return {"ok": ok, "boom": boom, "gather": gather, "gather_async": gather_async}
+
+
+async def status(side: Side, app: pgtq.App, job_id: int) -> Status:
+    job = await side.get(app, job_id)
+    assert job is not None
+    return job.status
+
+
+async def test_a_child_waits_blocked_and_runs_after_its_parents(
+    app: pgtq.App, side: Side, sql: SQL
+) -> None:
+    runs: list[tuple[str, Any]] = []
+    t = make_tasks(app, runs)
+    a = await side.defer(t["ok"], n=1)
+    b = await side.defer(t["ok"], n=2)
+    child = await side.defer(t["gather"].configure(depends_on=[a, b]))
+    assert await status(side, app, child) is Status.BLOCKED
+    assert sql("SELECT pending_parents FROM pgtq.jobs WHERE id = %s", child) == [(2,)]
+    assert sql("SELECT children FROM pgtq.jobs WHERE id IN (%s, %s)", a, b) == [(1,), (1,)]
+    await side.run_worker(app, wait=False)
+    assert await status(side, app, child) is Status.SUCCEEDED
+    assert runs[-1] == ("gather", {a: 1, b: 2})
+    (job,) = [j for j in await side.call(app.jobs, "list") if j.id == child]
+    assert job.workflow_id == a
+
+
+async def test_async_task_reads_its_parents_results(app: pgtq.App, side: Side) -> None:
+    runs: list[tuple[str, Any]] = []
+    t = make_tasks(app, runs)
+    a = await side.defer(t["ok"], n=5)
+    child = await side.defer(t["gather_async"].configure(depends_on=[a]))
+    await side.run_worker(app, wait=False)
+    assert await status(side, app, child) is Status.SUCCEEDED
+    assert ("gather_async", {a: 5}) in runs
+
+
+async def test_a_parent_already_succeeded_counts_as_settled(app: pgtq.App, side: Side) -> None:
+    runs: list[tuple[str, Any]] = []
+    t = make_tasks(app, runs)
+    a = await side.defer(t["ok"], n=1)
+    await side.run_worker(app, wait=False)
+    child = await side.defer(t["ok"].configure(depends_on=[a]), n=2)
+    assert await status(side, app, child) is Status.TODO
+
+
+async def test_unknown_parent_writes_nothing(app: pgtq.App, side: Side, sql: SQL) -> None:
+    t = make_tasks(app, [])
+    a = await side.defer(t["ok"])
+    with pytest.raises(pgtq.InvalidArguments, match="depends_on"):
+        await side.defer(t["ok"].configure(depends_on=[a, 10**9]))
+    assert sql("SELECT count(*) FROM pgtq.jobs") == [(1,)]
+    assert sql("SELECT children FROM pgtq.jobs WHERE id = %s", a) == [(None,)]
+
+
+@pytest.mark.parametrize(
+    ("policy", "child_status", "grandchild_status"),
+    [
+        ("cancel", Status.CANCELLED, Status.CANCELLED),
+        ("run", Status.SUCCEEDED, Status.SUCCEEDED),
+        ("hold", Status.BLOCKED, Status.BLOCKED),
+    ],
+)
+async def test_a_failed_parent_propagates_as_its_edge_says(
+    app: pgtq.App,
+    side: Side,
+    policy: pgtq.statements.OnParentFailure,
+    child_status: Status,
+    grandchild_status: Status,
+) -> None:
+    runs: list[tuple[str, Any]] = []
+    t = make_tasks(app, runs)
+    bad = await side.defer(t["boom"])
+    child = await side.defer(t["ok"].configure(depends_on=[bad], on_parent_failure=policy), n=1)
+    grandchild = await side.defer(t["ok"].configure(depends_on=[child]), n=2)
+    await side.run_worker(app, wait=False)
+    assert await status(side, app, bad) is Status.FAILED
+    assert await status(side, app, child) is child_status
+    assert await status(side, app, grandchild) is grandchild_status
+    if policy == "cancel":
+        job = await side.get(app, child)
+        assert job is not None and job.error is not None
+        assert job.error["type"] == "ParentFailed"
+
+
+async def test_retrying_a_failed_parent_resumes_a_held_child(app: pgtq.App, side: Side) -> None:
+    runs: list[tuple[str, Any]] = []
+    t = make_tasks(app, runs)
+    flaky_calls: list[int] = []
+
+    @app.task(retry=None)
+    def flaky() -> str:
+        flaky_calls.append(1)
+        if len(flaky_calls) == 1:
+            raise RuntimeError("first time")
+        return "fine"
+
+    parent = await side.defer(flaky)
+    child = await side.defer(t["gather"].configure(depends_on=[parent], on_parent_failure="hold"))
+    await side.run_worker(app, wait=False)
+    assert await status(side, app, child) is Status.BLOCKED
+    assert await side.retry(app, parent)
+    await side.run_worker(app, wait=False)
+    assert await status(side, app, parent) is Status.SUCCEEDED
+    assert await status(side, app, child) is Status.SUCCEEDED
+    assert runs[-1] == ("gather", {parent: "fine"})
+
+
+async def test_retrying_a_parent_counts_a_run_edge_again(
+    app: pgtq.App, side: Side, sql: SQL
+) -> None:
+    t = make_tasks(app, [])
+    bad = await side.defer(t["boom"])
+    slow = await side.defer(t["ok"].configure(queue="later"))
+    child = await side.defer(t["ok"].configure(depends_on=[bad, slow], on_parent_failure="run"))
+    await side.run_worker(app, wait=False, queues=["default"])
+    assert sql("SELECT status, pending_parents FROM pgtq.jobs WHERE id = %s", child) == [
+        ("blocked", 1)
+    ]
+    assert await side.retry(app, bad)
+    assert sql("SELECT status, pending_parents FROM pgtq.jobs WHERE id = %s", child) == [
+        ("blocked", 2)
+    ]
+
+
+async def test_cancelling_a_parent_cancels_its_blocked_children(app: pgtq.App, side: Side) -> None:
+    t = make_tasks(app, [])
+    parent = await side.defer(t["ok"])
+    child = await side.defer(t["ok"].configure(depends_on=[parent]))
+    held = await side.defer(t["ok"].configure(depends_on=[parent], on_parent_failure="hold"))
+    await side.call(app.jobs, "cancel", parent)
+    assert await status(side, app, child) is Status.CANCELLED
+    assert await status(side, app, held) is Status.BLOCKED
+    await side.abort(app, held)  # a blocked job can be cancelled itself
+    assert await status(side, app, held) is Status.CANCELLED
+
+
+async def test_jobs_without_children_are_written_by_the_plain_statement(
+    app: pgtq.App, side: Side, sql: SQL
+) -> None:
+    """The plain completion refuses a job with children (the worker writes it with the
+    releasing variant): checked on the statements themselves."""
+    s = app.statements
+    t = make_tasks(app, [])
+    parent = await side.defer(t["ok"])
+    await side.defer(t["ok"].configure(depends_on=[parent]))
+    sql(
+        "UPDATE pgtq.jobs SET status = 'doing', worker_id = 'w', attempts = 1 WHERE id = %s", parent
+    )
+    outcomes = pgtq.statements.Outcomes.empty()
+    outcomes.add(parent, Status.SUCCEEDED, "1", attempt=1)
+    written = app.sync.run(pgtq.statements.complete_jobs(s, "w", outcomes))
+    assert written == []
+    rest = pgtq.statements.refused_outcomes(outcomes, written)
+    assert rest is not None and rest.ids == [parent]
+    again = app.sync.run(pgtq.statements.complete_jobs(s, "w", rest, releasing=True))
+    assert again == [parent]
+    assert sql("SELECT status FROM pgtq.jobs ORDER BY id") == [("succeeded",), ("todo",)]
