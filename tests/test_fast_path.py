@@ -5,12 +5,8 @@ driver form, whatever the driver."""
 from __future__ import annotations
 
 import asyncio
-import re
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -19,6 +15,7 @@ import pgtq
 from pgtq import statements
 from pgtq.connectors import DedicatedConnection
 from pgtq.fastpath import NoDriverForm
+from tests.mypy_check import TYPING, errors_without_ignores, mypy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,29 +115,14 @@ async def test_a_job_reads_the_same_by_position_on_every_path(driver_app: pgtq.A
 # -- the type: checked by mypy -------------------------------------------------------------------
 
 
-def _mypy(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-error-summary",
-         "--cache-dir", str(ROOT / ".mypy_cache"), str(path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )  # fmt: skip
-
-
 @pytest.mark.slow
 def test_a_mapper_written_against_a_result_does_not_type_check(tmp_path: Path) -> None:
-    usage = ROOT / "tests" / "typing" / "mappers_usage.py"
-    checked = _mypy(usage)
+    usage = TYPING / "mappers_usage.py"
+    checked = mypy(usage)
     # Every mapper over rows type-checks, and every `type: ignore` is needed.
     assert checked.returncode == 0, checked.stdout + checked.stderr
-
-    bare = tmp_path / "mappers_bare.py"
-    bare.write_text(re.sub(r"  # type: ignore\[[a-z-]+\]", "", usage.read_text()))
-    failed = _mypy(bare)
-    errors: list[Any] = [line for line in failed.stdout.splitlines() if ": error:" in line]
-    assert len(errors) == 3, failed.stdout
+    errors = errors_without_ignores(usage, tmp_path)
+    assert len(errors) == 3, errors
     assert sum("Result[Any]" in e for e in errors) == 2, errors
     assert any("rowcount" in e for e in errors), errors
 
