@@ -25,6 +25,7 @@ from pgtq.model import Deferred, JobEvent
 from pgtq.outcomes import Discard, Snooze
 from pgtq.retry import Retry, RetryDecision
 from pgtq.tasks import Deferrer, Task
+from pgtq.workflows import Chain, Group, Signature, Workflow, chain, group
 
 __version__ = "0.1.0"
 
@@ -37,11 +38,13 @@ __all__ = [
     "AppFactory",
     "Blueprint",
     "BlueprintTask",
+    "Chain",
     "ConfigurationError",
     "DatabaseUnreachable",
     "Deferred",
     "Deferrer",
     "Discard",
+    "Group",
     "InvalidArguments",
     "Job",
     "JobContext",
@@ -56,13 +59,17 @@ __all__ = [
     "SchemaNotMigrated",
     "SchemaTooNew",
     "SchemaTooOld",
+    "Signature",
     "Snooze",
     "State",
     "Status",
     "Task",
     "UnknownSchedule",
     "UnknownTask",
+    "Workflow",
     "__version__",
+    "chain",
+    "group",
     "open_app",
     "open_app_async",
 ]

@@ -36,6 +36,7 @@ from pgtq.retry import Retry, RetryFunction, as_retry
 if TYPE_CHECKING:
     from pgtq.app import App
     from pgtq.jobs import JobContext
+    from pgtq.workflows import Signature
 
 #: A task's keyword arguments (its function's parameters, without a ``JobContext`` first)
 #: and what it returns: ``Task[P, R]``, so mypy checks ``defer``'s arguments.
@@ -376,6 +377,11 @@ class Task(Generic[P, R]):
                 "depends_on: a job with dependencies cannot take a queueing_lock"
             )
         return Deferrer(self, options, g)
+
+    def s(self, **kwargs: Any) -> Signature:
+        """A job of this task not deferred yet, with these arguments and the task's
+        options: a part of ``pgtq.chain(...)`` / ``pgtq.group(...)``."""
+        return self._plain().s(**kwargs)
 
     def _plain(self) -> Deferrer[P, R]:
         """``configure()`` with no options, made once (``dataclasses.replace`` per defer
@@ -820,6 +826,20 @@ class Deferrer(Generic[P, R]):
         if new.queueing_lock is not None:
             return self._settle(await run(self._keyed(new), connection), len(jobs))
         return await run(self._insert(new), connection)
+
+    def s(self, **kwargs: Any) -> Signature:
+        """This job, not deferred: a part of ``pgtq.chain`` / ``pgtq.group``."""
+        from pgtq.workflows import Signature
+
+        return Signature(self, kwargs)
+
+    def workflow_row(self, n: int, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Job ``n`` of a workflow, checked as ``defer`` checks it, as its JSON object."""
+        if self.options.queueing_lock is not None:
+            raise InvalidArguments("a job of a workflow cannot take a queueing_lock")
+        checked = self._checked(kwargs)
+        self._dumps([checked])
+        return workflow_row(n, self.task.name, checked, self.options)
 
     def encode_dependent(self, items: Sequence[DeferItem]) -> statements.WorkflowJobs:
         """Jobs with ``depends_on``: one ``insert_workflow`` row each, every one depending on

@@ -195,3 +195,88 @@ async def test_jobs_without_children_are_written_by_the_plain_statement(
     again = app.sync.run(pgtq.statements.complete_jobs(s, "w", rest, releasing=True))
     assert again == [parent]
     assert sql("SELECT status FROM pgtq.jobs ORDER BY id") == [("succeeded",), ("todo",)]
+
+
+# -- composition: chain, group, then ------------------------------------------------------
+
+
+def test_plan_of_a_chain_of_a_group_and_a_callback() -> None:
+    app = pgtq.App("postgresql://unused/none")
+    t = make_tasks(app, [])
+    ok = t["ok"]
+    p = pgtq.workflows.plan(pgtq.chain(ok.s(n=0), pgtq.group(ok.s(n=1), ok.s(n=2)), ok.s(n=3)))
+    assert [sig.kwargs["n"] for sig in p.jobs] == [0, 1, 2, 3]
+    assert sorted((c, parent) for c, parent, _, _ in p.edges) == [(1, 0), (2, 0), (3, 1), (3, 2)]
+    assert p.leaves == (3,)
+    chord = pgtq.group(ok.s(n=0), ok.s(n=1)).then(ok.configure(on_parent_failure="run").s(n=2))
+    p = pgtq.workflows.plan(chord)
+    assert {policy for *_, policy in p.edges} == {"run"}
+    assert p.leaves == (2,)
+
+
+async def test_chain_runs_in_order_and_passes_results(app: pgtq.App, side: Side, sql: SQL) -> None:
+    runs: list[tuple[str, Any]] = []
+    t = make_tasks(app, runs)
+    flow = pgtq.chain(t["ok"].s(n=1), t["gather"].s(), t["gather"].s())
+    handle = await side.call(flow, "defer")
+    assert len(handle.job_ids) == 3 and handle.id == handle.job_ids[0]
+    assert sql("SELECT status FROM pgtq.jobs ORDER BY id") == [
+        ("todo",),
+        ("blocked",),
+        ("blocked",),
+    ]
+    assert await side.call(handle, "status") == {Status.TODO: 1, Status.BLOCKED: 2}
+    await side.run_worker(app, wait=False)
+    assert await side.call(handle, "wait", timeout=10) == [[1]]
+    first, second, _ = handle.job_ids
+    assert runs == [("ok", 1), ("gather", {first: 1}), ("gather", {second: [1]})]
+    listed = await side.call(app.jobs, "list", workflow=handle.id)
+    assert [j.id for j in listed] == list(handle.job_ids)
+
+
+async def test_group_then_callback_is_a_chord(app: pgtq.App, side: Side) -> None:
+    runs: list[tuple[str, Any]] = []
+    t = make_tasks(app, runs)
+    members = [t["ok"].s(n=i) for i in range(5)]
+    handle = await side.call(pgtq.group(*members).then(t["gather"].s()), "defer")
+    await side.run_worker(app, wait=False)
+    assert await side.call(handle, "wait", timeout=10) == [0, 1, 2, 3, 4]
+    assert [r for r in runs if r[0] == "gather"] == [
+        ("gather", dict(zip(handle.job_ids[:5], range(5), strict=True)))
+    ]
+
+
+async def test_a_group_waits_for_every_member(app: pgtq.App, side: Side) -> None:
+    t = make_tasks(app, [])
+    handle = await side.call(pgtq.group(t["ok"].s(n=1), t["ok"].s(n=2)), "defer")
+    await side.run_worker(app, wait=False)
+    assert await side.call(handle, "wait", timeout=10) == [1, 2]
+
+
+async def test_cancelling_a_workflow_cancels_its_jobs(app: pgtq.App, side: Side) -> None:
+    t = make_tasks(app, [])
+    handle = await side.call(pgtq.chain(t["ok"].s(), t["ok"].s(), t["ok"].s()), "defer")
+    assert sorted(await side.call(handle, "cancel")) == list(handle.job_ids)
+    assert await side.call(handle, "status") == {Status.CANCELLED: 3}
+
+
+async def test_a_workflow_is_one_transaction(app: pgtq.App, side: Side, sql: SQL) -> None:
+    """A bad job anywhere in it: nothing of it is written."""
+    t = make_tasks(app, [])
+    with pytest.raises(pgtq.InvalidArguments, match="job 1 of the workflow"):
+        await side.call(pgtq.chain(t["ok"].s(), t["ok"].s(nope=1)), "defer")
+    with pytest.raises(pgtq.InvalidArguments, match="depends_on"):
+        await side.call(pgtq.chain(t["ok"].s(), t["ok"].configure(depends_on=[10**9]).s()), "defer")
+    assert sql("SELECT count(*) FROM pgtq.jobs") == [(0,)]
+    assert sql("SELECT count(*) FROM pgtq.job_dependencies") == [(0,)]
+
+
+async def test_depends_on_a_workflow_handle_waits_for_its_last_jobs(
+    app: pgtq.App, side: Side
+) -> None:
+    runs: list[tuple[str, Any]] = []
+    t = make_tasks(app, runs)
+    handle = await side.call(pgtq.group(t["ok"].s(n=1), t["ok"].s(n=2)), "defer")
+    after = await side.defer(t["gather"].configure(depends_on=[handle]))
+    await side.run_worker(app, wait=False)
+    assert await side.wait(app, after) == [1, 2]
