@@ -1433,6 +1433,18 @@ def jobs_show(
         _print_json(job)
         return
     out.print(job_table(job, traceback=traceback))
+    if job.workflow_id is not None:
+        from rich.text import Text
+
+        edges = app.jobs.dependencies(job.id)
+        out.print(Text(f"workflow {job.workflow_id}"))
+        for kind, label in (("parent", "parents"), ("child", "children")):
+            mine = [d for d in edges if d.kind == kind]
+            if mine:
+                out.print(Text(f"{label}:"))
+                for d in mine:
+                    policy = "" if d.on_parent_failure == "cancel" else f" [{d.on_parent_failure}]"
+                    out.print(Text(f"  {d.id} {d.task_name} {d.status.value}{policy}"))
 
 
 # Which jobs: the filters of `jobs list` and of the controls (retry, cancel, abort, delete),

@@ -374,6 +374,21 @@ class JobManager(AppOperations):
     async def history_async(self, job_id: int) -> list[JobEvent]:
         return await self._run_async(_by_id(statements.job_history, self._s, job_id))
 
+    def dependencies(self, job_id: int) -> list[statements.Dependency]:
+        """The job's parents (the jobs it depends on), then its children, in id order."""
+        return self._run(_by_id(statements.dependencies, self._s, job_id))
+
+    async def dependencies_async(self, job_id: int) -> list[statements.Dependency]:
+        return await self._run_async(_by_id(statements.dependencies, self._s, job_id))
+
+    def workflow_edges(self, workflow_id: int) -> list[tuple[int, int]]:
+        """The edges ``(parent, child)`` among the jobs of a workflow (``Job.workflow_id``)."""
+        return self._run(statements.workflow_edges(self._s, check_integer("workflow", workflow_id)))
+
+    async def workflow_edges_async(self, workflow_id: int) -> list[tuple[int, int]]:
+        query = statements.workflow_edges(self._s, check_integer("workflow", workflow_id))
+        return await self._run_async(query)
+
     def set_history(self, enabled: bool) -> None:
         """Record history (the default) or not, for every client of the database: off, the
         triggers are disabled and cost nothing. Needs the owner of pgtq's tables."""

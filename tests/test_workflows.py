@@ -280,3 +280,48 @@ async def test_depends_on_a_workflow_handle_waits_for_its_last_jobs(
     after = await side.defer(t["gather"].configure(depends_on=[handle]))
     await side.run_worker(app, wait=False)
     assert await side.wait(app, after) == [1, 2]
+
+
+# -- visible: the dashboard's graph, `pgtq jobs show` --------------------------------------
+
+
+async def test_the_job_page_draws_the_workflow_as_svg(app: pgtq.App) -> None:
+    pytest.importorskip("starlette")
+    from tests.test_web import client_for
+
+    t = make_tasks(app, [])
+    flow = pgtq.group(t["ok"].s(n=1), t["boom"].s()).then(t["gather"].s())
+    handle = await flow.defer_async()
+    await app.run_worker_async(wait=False, install_signal_handlers=False)
+    a, b, callback = handle.job_ids
+    async with client_for(pgtq.web.asgi(app)) as client:
+        html = (await client.get(f"/jobs/{callback}")).text
+        assert '<svg xmlns="http://www.w3.org/2000/svg" class="workflow"' in html
+        assert f'<g class="node succeeded" data-job="{a}">' in html
+        assert f'<g class="node failed" data-job="{b}">' in html
+        assert f'<g class="node cancelled" data-job="{callback}">' in html
+        assert f'data-parent="{a}" data-child="{callback}"' in html
+        assert f'data-parent="{b}" data-child="{callback}"' in html
+        assert "<script" not in html.split('class="card workflow"')[1].split("</div>")[0]
+        listed = (await client.get(f"/jobs?workflow={handle.id}")).text
+        assert all(f"/jobs/{i}" in listed for i in handle.job_ids)
+        plain = await t["ok"].defer_async()
+        assert "workflow-graph" not in (await client.get(f"/jobs/{plain}")).text
+
+
+def test_jobs_show_lists_parents_and_children(dsn: str, sql: SQL) -> None:
+    from tests.test_cli import APP, invoke
+
+    for _ in range(3):
+        assert invoke("defer", APP, "add", '{"a": 1, "b": 2}', dsn=dsn).exit_code == 0
+    sql(
+        "INSERT INTO pgtq.job_dependencies (parent_id, child_id, on_parent_failure) "
+        "VALUES (1, 2, 'cancel'), (2, 3, 'hold')"
+    )
+    sql("UPDATE pgtq.jobs SET workflow_id = 1")
+    result = invoke("jobs", "show", "2", dsn=dsn)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "workflow 1" in out
+    assert out.index("parents:") < out.index("  1 add todo") < out.index("children:")
+    assert "  3 add todo [hold]" in out

@@ -6,12 +6,12 @@ the browser to fetch, and a test can read the bars.
 
 from __future__ import annotations
 
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 from pgtq.model import Status
 from pgtq.reports import Throughput, ThroughputBucket
 
-__all__ = ["throughput_svg"]
+__all__ = ["throughput_svg", "workflow_svg"]
 
 #: Stacked bottom to top, with their colours; cancelled jobs never ran and are not counted.
 SERIES: tuple[tuple[str, tuple[Status, ...], str], ...] = (
@@ -84,3 +84,86 @@ def throughput_svg(throughput: Throughput, width: int = 1120, height: int = 180)
             )
     out.append(Markup("</svg>"))
     return Markup("").join(out)
+
+
+#: A workflow graph's node colours by status.
+STATUS_COLOURS: dict[Status, str] = {
+    Status.BLOCKED: "#9e9e9e",
+    Status.TODO: "#1565c0",
+    Status.DOING: "#6a1b9a",
+    Status.SUCCEEDED: "#2e7d32",
+    Status.FAILED: "#c62828",
+    Status.ABORTED: "#ef8f00",
+    Status.CANCELLED: "#616161",
+}
+#: Past this many jobs the graph is not drawn (the jobs page lists them).
+MAX_GRAPH_JOBS = 300
+NODE_W, NODE_H, GAP_X, GAP_Y = 150, 34, 50, 14
+
+
+def layers(ids: list[int], edges: list[tuple[int, int]]) -> dict[int, int]:
+    """Each job's column: the longest path to it from a job with no parent here (pure)."""
+    known = set(ids)
+    parents: dict[int, list[int]] = {i: [] for i in ids}
+    for parent, child in edges:
+        if parent in known and child in known:
+            parents[child].append(parent)
+    depth: dict[int, int] = {}
+    for job_id in sorted(ids):  # parents have smaller ids: one pass in id order suffices
+        depth[job_id] = 1 + max((depth.get(p, 0) for p in parents[job_id]), default=-1)
+    return depth
+
+
+def workflow_svg(
+    jobs: list[tuple[int, str, Status]], edges: list[tuple[int, int]], current: int, base: str
+) -> Markup | None:
+    """A workflow as a layered graph: one box per job (``(id, task, status)``) in the
+    column of its depth, linking to its page, coloured by status, the ``current`` one
+    outlined; an arrow per edge. None past :data:`MAX_GRAPH_JOBS` jobs."""
+    if not jobs or len(jobs) > MAX_GRAPH_JOBS:
+        return None
+    depth = layers([j[0] for j in jobs], edges)
+    rows: dict[int, int] = {}
+    per_column: dict[int, int] = {}
+    for job_id, _, _ in sorted(jobs):
+        column = depth[job_id]
+        rows[job_id] = per_column.get(column, 0)
+        per_column[column] = rows[job_id] + 1
+    width = (max(per_column) + 1) * (NODE_W + GAP_X) + 8
+    height = max(per_column.values()) * (NODE_H + GAP_Y) + 8
+
+    def at(job_id: int) -> tuple[float, float]:
+        return 4 + depth[job_id] * (NODE_W + GAP_X), 4 + rows[job_id] * (NODE_H + GAP_Y)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="workflow" id="workflow-graph" '
+        f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="workflow graph">',
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" '
+        'markerHeight="6" orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" '
+        'fill="#757575"/></marker></defs>',
+    ]
+    for parent, child in edges:
+        if parent not in depth or child not in depth:
+            continue
+        (x1, y1), (x2, y2) = at(parent), at(child)
+        parts.append(
+            f'<line class="edge" data-parent="{parent}" data-child="{child}" '
+            f'x1="{x1 + NODE_W}" y1="{y1 + NODE_H / 2}" x2="{x2}" y2="{y2 + NODE_H / 2}" '
+            'stroke="#757575" marker-end="url(#arrow)"/>'
+        )
+    for job_id, task, status in jobs:
+        x, y = at(job_id)
+        colour = STATUS_COLOURS.get(status, "#9e9e9e")
+        outline = ' stroke="#000" stroke-width="3"' if job_id == current else ""
+        label = escape(f"#{job_id} {task}")[:40]
+        parts.append(
+            f'<a href="{escape(base)}/jobs/{job_id}"><g class="node {status.value}" '
+            f'data-job="{job_id}"><title>{escape(f"job {job_id} {task}: {status.value}")}'
+            f'</title><rect x="{x}" y="{y}" width="{NODE_W}" height="{NODE_H}" rx="4" '
+            f'fill="{colour}"{outline}/><text x="{x + 6}" y="{y + 14}" fill="#fff" '
+            f'font-size="11">{label}</text><text x="{x + 6}" y="{y + 28}" fill="#fff" '
+            f'font-size="10">{status.value}</text></g></a>'
+        )
+    parts.append("</svg>")
+    return Markup("".join(parts))

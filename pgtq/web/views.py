@@ -22,7 +22,7 @@ from pgtq.errors import UnknownSchedule
 from pgtq.jobs import JobFilter, JobSelection, parse_statuses, running_progress
 from pgtq.model import Job, Status
 from pgtq.reports import COUNTED_STATUSES, NO_DATA, STALE_AFTER, duration
-from pgtq.web.charts import throughput_svg
+from pgtq.web.charts import throughput_svg, workflow_svg
 from pgtq.web.security import LOOPBACK_HOSTS, Csrf, origin_allowed
 
 if TYPE_CHECKING:
@@ -215,6 +215,9 @@ def job_selection(values: Mapping[str, Any]) -> JobSelection:
         raise BadRequest(f"At most {MAX_TAGS} tags in a filter, got {len(tags)}.")
     if tags:
         found["tags"] = tags
+    workflow = whole_number(_text(values.get("workflow")) or None, "workflow (an id)", low=1)
+    if workflow is not None:
+        found["workflow"] = workflow
     return cast(JobSelection, found)
 
 
@@ -250,6 +253,7 @@ def query_string(filters: JobFilter, **changes: Any) -> str:
     values: dict[str, Any] = {param: filters.get(key) for param, key in FILTER_PARAMS.items()}
     values[TAG_PARAM] = list(filters.get("tags") or ()) or None
     values["after"] = filters.get("after")
+    values["workflow"] = filters.get("workflow")
     values.update(changes)
     return urlencode({k: v for k, v in values.items() if v is not None}, doseq=True)
 
@@ -413,6 +417,13 @@ class Dashboard:
         if job_id is None or job is None:
             return self.no_job(request)
         events = await self.app.jobs.history_async(job_id)
+        graph = None
+        if job.workflow_id is not None:
+            members = await self.app.jobs.list_async(workflow=job.workflow_id, limit=1000)
+            edges = await self.app.jobs.workflow_edges_async(job.workflow_id)
+            graph = workflow_svg(
+                [(j.id, j.task_name, j.status) for j in members], edges, job.id, self.base(request)
+            )
         return self.render(
             request,
             "job.html",
@@ -420,6 +431,7 @@ class Dashboard:
                 "page": "jobs",
                 "job": job,
                 "events": events,
+                "graph": graph,
                 "actions": self._job_actions(job),
                 "live": job.status is Status.DOING,
             },
