@@ -30,6 +30,7 @@ def django_url(make_database: Callable[[], URL]) -> Iterator[URL]:
     """The project's database, migrated by ``manage.py migrate`` (in this process)."""
     import django
     from django.core.management import call_command
+    from django.test.utils import setup_test_environment, teardown_test_environment
 
     url = make_database()
     os.environ["DATABASE_URL"] = url.render_as_string(hide_password=False)
@@ -37,8 +38,10 @@ def django_url(make_database: Callable[[], URL]) -> Iterator[URL]:
     if str(PROJECT) not in sys.path:
         sys.path.insert(0, str(PROJECT))
     django.setup()
+    setup_test_environment()  # the test client's response.context, locmem e-mail
     call_command("migrate", verbosity=0)
     yield url
+    teardown_test_environment()
     from django.db import connections
 
     from pgtq.contrib.django.integration import reset_apps

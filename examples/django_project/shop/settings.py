@@ -78,3 +78,5 @@ TASKS = {
 
 # pgtq's own settings (all optional): which database, pgtq's schema, pgtq.App's options.
 PGTQ = {"DATABASE": "default", "SCHEMA": "pgtq", "OPTIONS": {"max_connections": 5}}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
