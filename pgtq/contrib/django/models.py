@@ -7,7 +7,6 @@ Write through pgtq's API, never these models: a status changes in one statement 
 
 from __future__ import annotations
 
-from django.contrib.postgres.fields import ArrayField
 from django.db import models
 
 from pgtq.contrib.django.integration import pgtq_settings
@@ -20,6 +19,16 @@ def table_name(table: str) -> str:
     ``"schema"."table"``."""
     schema = pgtq_settings().get("SCHEMA") or DEFAULT_SCHEMA
     return f'{schema}"."{table}'
+
+
+class TextArray(models.Field):
+    """A PostgreSQL ``text[]`` read as a list (psycopg's own conversion). Not Django's
+    ``ArrayField``, which needs ``django.contrib.postgres`` installed from Django 6."""
+
+    description = "a PostgreSQL text[]"
+
+    def db_type(self, connection: object) -> str:
+        return "text[]"
 
 
 STATUS_CHOICES = [(s.value, s.value) for s in Status]
@@ -46,7 +55,7 @@ class Job(models.Model):
     created_at = models.DateTimeField()
     started_at = models.DateTimeField(null=True)
     finished_at = models.DateTimeField(null=True)
-    tags = ArrayField(models.TextField(), null=True)
+    tags = TextArray(null=True)
     meta = models.JSONField(null=True)
     progress = models.JSONField(null=True)
 
@@ -93,7 +102,7 @@ class Worker(models.Model):
     id = models.TextField(primary_key=True)
     hostname = models.TextField()
     pid = models.IntegerField()
-    queues = ArrayField(models.TextField(), null=True)
+    queues = TextArray(null=True)
     started_at = models.DateTimeField()
     last_heartbeat = models.DateTimeField()
 

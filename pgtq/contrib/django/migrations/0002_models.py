@@ -4,9 +4,9 @@
 
 from typing import ClassVar
 
-import django.contrib.postgres.fields
 from django.db import migrations, models
 
+import pgtq.contrib.django.models
 from pgtq.contrib.django.models import table_name
 
 
@@ -53,9 +53,7 @@ class Migration(migrations.Migration):
                 ("finished_at", models.DateTimeField(null=True)),
                 (
                     "tags",
-                    django.contrib.postgres.fields.ArrayField(
-                        base_field=models.TextField(), null=True, size=None
-                    ),
+                    pgtq.contrib.django.models.TextArray(null=True),
                 ),
                 ("meta", models.JSONField(null=True)),
                 ("progress", models.JSONField(null=True)),
@@ -111,9 +109,7 @@ class Migration(migrations.Migration):
                 ("pid", models.IntegerField()),
                 (
                     "queues",
-                    django.contrib.postgres.fields.ArrayField(
-                        base_field=models.TextField(), null=True, size=None
-                    ),
+                    pgtq.contrib.django.models.TextArray(null=True),
                 ),
                 ("started_at", models.DateTimeField()),
                 ("last_heartbeat", models.DateTimeField()),
