@@ -53,3 +53,24 @@ def test_pgtq_migrate_then_manage_migrate(make_database: Callable[[], URL]) -> N
     again = manage(url, "pgtq", "migrate")
     assert again.returncode == 0, again.stderr
     assert revisions_at(url) == migrations.heads()
+
+
+@pytest.mark.slow
+def test_a_later_pgtq_revision_comes_with_the_next_manage_migrate(
+    make_database: Callable[[], URL],
+) -> None:
+    """Django runs its migration once per database; a pgtq upgrade brings revisions it never
+    saw. Stood in for by a database whose pgtq schema is one revision behind."""
+    url = make_database()
+    assert manage(url, "migrate", "--noinput").returncode == 0
+    engine = sa.create_engine(sync_url(url), poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            migrations.downgrade(conn, "pgtq", "-1")
+    finally:
+        engine.dispose()
+    assert revisions_at(url) != migrations.heads()
+    again = manage(url, "migrate", "--noinput")
+    assert again.returncode == 0, again.stderr
+    assert "No migrations to apply" in again.stdout  # Django's own: nothing new
+    assert revisions_at(url) == migrations.heads()

@@ -12,3 +12,10 @@ class PgtqConfig(AppConfig):
     label = "pgtq"
     verbose_name = "pgtq task queue"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from django.db.models.signals import post_migrate
+
+        from pgtq.contrib.django.operations import after_migrate
+
+        post_migrate.connect(after_migrate, sender=self, dispatch_uid="pgtq-to-head")

@@ -21,6 +21,30 @@ from pgtq.contrib.django.integration import pgtq_settings, url_of
 from pgtq.schema import DEFAULT_SCHEMA
 
 
+def upgrade_pgtq(connection: Any) -> None:
+    """Bring pgtq's schema to head on ``connection``'s database (a Django connection), if it
+    is pgtq's (``PGTQ["DATABASE"]``); a schema at head costs one query."""
+    conf = pgtq_settings()
+    if connection.alias != (conf.get("DATABASE") or "default"):
+        return
+    schema = conf.get("SCHEMA") or DEFAULT_SCHEMA
+    url = conf.get("DSN") or url_of(connection.settings_dict, connection.alias)
+    engine = sa.create_engine(sync_url(url), poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            migrations.upgrade(conn, schema)
+    finally:
+        engine.dispose()
+
+
+def after_migrate(sender: Any, using: str = "default", **kwargs: Any) -> None:
+    """``post_migrate``: a later pgtq brings revisions the Django migration (run once per
+    database) never saw; every ``manage.py migrate`` brings pgtq to head."""
+    from django.db import connections
+
+    upgrade_pgtq(connections[using])
+
+
 class MigratePgtq(Operation):
     """Upgrade pgtq's schema to the revisions this pgtq ships, on the database being migrated
     when it is pgtq's (``PGTQ["DATABASE"]``, default ``"default"``).
@@ -48,13 +72,7 @@ class MigratePgtq(Operation):
         if schema_editor.collect_sql:  # sqlmigrate: the script, not run
             schema_editor.collected_sql.append(migrations.sql(schema))
             return
-        url = conf.get("DSN") or url_of(connection.settings_dict, connection.alias)
-        engine = sa.create_engine(sync_url(url), poolclass=sa.pool.NullPool)
-        try:
-            with engine.begin() as conn:
-                migrations.upgrade(conn, schema)
-        finally:
-            engine.dispose()
+        upgrade_pgtq(connection)
 
     def database_backwards(
         self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any
@@ -69,4 +87,4 @@ class MigratePgtq(Operation):
         return "pgtq_schema"
 
 
-__all__ = ["MigratePgtq"]
+__all__ = ["MigratePgtq", "after_migrate", "upgrade_pgtq"]
