@@ -198,14 +198,14 @@ class DjangoApp(App):
             connector.__class__ = DjangoAsyncConnector
         return connector
 
-    def lookup_task(self, name: str) -> Task[Any] | None:
+    def lookup_task(self, name: str) -> Task[..., Any] | None:
         """By name or alias, else a Django task of that module path (registered now)."""
         task = super().lookup_task(name)
         if task is None and "." in name and not getattr(self._registering, "on", False):
             task = self.django_task(name)
         return task
 
-    def django_task(self, module_path: str) -> Task[Any] | None:
+    def django_task(self, module_path: str) -> Task[..., Any] | None:
         """The pgtq task that runs the Django task at ``module_path``, registered on first
         use; None when the path names no Django task."""
         with self._register_lock:
@@ -220,7 +220,7 @@ class DjangoApp(App):
                 return None
             return self.task_for(obj)
 
-    def task_for(self, django_task: Any) -> Task[Any]:
+    def task_for(self, django_task: Any) -> Task[..., Any]:
         """The pgtq task for a Django task object (named by its module path), registered
         on first use: what the backend defers and the worker runs."""
         name: str = django_task.module_path
