@@ -27,6 +27,10 @@ TEST_DEPS = [
     "httpx>=0.27",
     "mypy>=1.11",  # the typing test of worker factories runs it
     "playwright>=1.40",  # the web dashboard's browser test, driving Debian's Chromium
+    # pgtq.contrib.django (tests/django): Django 5.2 with the django-tasks backport on 3.11
+    # (Django 6's django.tasks needs 3.12), Django 6 where it installs.
+    "django>=5.2",
+    "django-tasks>=0.8; python_version < '3.12'",
 ]
 
 #: The browser the web dashboard's test drives (Playwright's own download is never used).

@@ -316,7 +316,7 @@ async def test_a_running_task_progress_is_seen_live_and_costs_few_writes(
             ctx.set_progress(1.0, "done")
             return "ok"
 
-        task: pgtq.Task[Any] = crunch
+        task: pgtq.Task[..., Any] = crunch
     else:
 
         @app.task
