@@ -88,6 +88,7 @@ OnParentFailure = Literal["cancel", "run", "hold"]
 ON_PARENT_FAILURE: tuple[OnParentFailure, ...] = ("cancel", "run", "hold")
 _CANCEL_EDGE = sa.literal_column("'cancel'", sa.Text)
 _RUN_EDGE = sa.literal_column("'run'", sa.Text)
+_HOLD_EDGE = sa.literal_column("'hold'", sa.Text)
 #: The error of a child cancelled because a parent ended badly (a literal: see below).
 _PARENT_FAILED: sa.ColumnElement[Any] = sa.literal_column(
     "'{}'::jsonb".format(
@@ -1492,22 +1493,33 @@ class Statements:
             .select_from(e.join(finished, e.c.parent_id == finished.c.id))
             .cte("hit")
         )
-        doomed = (
-            sa.select(hit.c.child_id.label("id")).where(hit.c.cancels).cte("doomed", recursive=True)
+        # Below a cancelled child: its own edges, followed down while they cancel (``hold``
+        # edges stop there; ``run`` edges settle). One row an edge, so a child reached by
+        # two edges counts two; each step an index read of the parent's edges.
+        seed = e.alias("seed")
+        reach = (
+            sa.select(
+                seed.c.parent_id,
+                seed.c.child_id,
+                (seed.c.on_parent_failure == _CANCEL_EDGE).label("cancels"),
+            )
+            .select_from(seed.join(hit, seed.c.parent_id == hit.c.child_id))
+            .where(hit.c.cancels, seed.c.on_parent_failure != _HOLD_EDGE)
+            .cte("reach", recursive=True)
         )
         below = e.alias("below")
-        doomed = doomed.union(
-            sa.select(below.c.child_id)
-            .select_from(below.join(doomed, below.c.parent_id == doomed.c.id))
-            .where(below.c.on_parent_failure == _CANCEL_EDGE)
+        reach = reach.union(
+            sa.select(
+                below.c.parent_id,
+                below.c.child_id,
+                (below.c.on_parent_failure == _CANCEL_EDGE).label("cancels"),
+            )
+            .select_from(below.join(reach, below.c.parent_id == reach.c.child_id))
+            .where(reach.c.cancels, below.c.on_parent_failure != _HOLD_EDGE)
         )
-        run_below = e.alias("run_below")
         hits = sa.union_all(
             sa.select(hit.c.child_id, hit.c.settles, hit.c.cancels),
-            sa.select(run_below.c.child_id, sa.true(), sa.false())
-            .select_from(run_below.join(doomed, run_below.c.parent_id == doomed.c.id))
-            .where(run_below.c.on_parent_failure == _RUN_EDGE),
-            sa.select(doomed.c.id, sa.false(), sa.true()),
+            sa.select(reach.c.child_id, ~reach.c.cancels, reach.c.cancels),
         ).subquery("hits")
         per_child = (
             sa.select(
@@ -1518,10 +1530,14 @@ class Statements:
             .group_by(hits.c.child_id)
             .cte("per_child")
         )
+        # ``id = ANY(array)``: the children by primary key, whatever the planner thinks of
+        # the number of blocked jobs (a join let it scan the table for them).
+        children = sa.select(sa.func.array_agg(per_child.c.child_id)).scalar_subquery()
         locked = (
             sa.select(j.c.id)
-            .select_from(j.join(per_child, j.c.id == per_child.c.child_id))
-            .where(j.c.status == BLOCKED)
+            .where(
+                j.c.id == sa.any_(sa.cast(children, ARRAY(sa.BigInteger()))), j.c.status == BLOCKED
+            )
             .order_by(j.c.id)
             .with_for_update(of=j)
             .cte("locked")

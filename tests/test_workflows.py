@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 import pytest
 
 import pgtq
 from pgtq.model import Status
+from tests.conftest import libpq
 from tests.sides import Side
 from tests.test_operations import SQL
 
@@ -325,3 +327,55 @@ def test_jobs_show_lists_parents_and_children(dsn: str, sql: SQL) -> None:
     assert "workflow 1" in out
     assert out.index("parents:") < out.index("  1 add todo") < out.index("children:")
     assert "  3 add todo [hold]" in out
+
+
+async def test_cancel_follows_cancel_edges_down_and_settles_run_edges(
+    app: pgtq.App, side: Side
+) -> None:
+    t = make_tasks(app, [])
+    bad = await side.defer(t["boom"])
+    child = await side.defer(t["ok"].configure(depends_on=[bad]))
+    runs_anyway = await side.defer(t["ok"].configure(depends_on=[child], on_parent_failure="run"))
+    held = await side.defer(t["ok"].configure(depends_on=[child], on_parent_failure="hold"))
+    await side.run_worker(app, wait=False)
+    assert await status(side, app, child) is Status.CANCELLED
+    assert await status(side, app, runs_anyway) is Status.SUCCEEDED
+    assert await status(side, app, held) is Status.BLOCKED
+
+
+def _completion_buffers(app: pgtq.App, t: dict[str, Any], dsn: str, sql: SQL, width: int) -> int:
+    """Shared buffers one parent's completion touches in a ``width``-wide fan-in."""
+    from sqlalchemy.dialects import postgresql
+
+    handle = pgtq.group(*(t["ok"].s() for _ in range(width))).then(t["ok"].s()).defer()
+    parent = handle.job_ids[width // 2]
+    sql(
+        "UPDATE pgtq.jobs SET status = 'doing', worker_id = 'w', attempts = 1 WHERE id = %s", parent
+    )
+    sql("VACUUM ANALYZE pgtq.jobs, pgtq.job_dependencies")
+    outcomes = pgtq.statements.Outcomes.empty()
+    outcomes.add(parent, Status.SUCCEEDED, "1", attempt=1)
+    query = pgtq.statements.complete_jobs(app.statements, "w", outcomes, releasing=True)
+    compiled = query.statement.compile(dialect=postgresql.dialect(paramstyle="pyformat"))
+    values = {**compiled.params, **query.params}
+    with psycopg.connect(libpq(dsn)) as conn:  # rolled back: nothing is written
+        explain = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + compiled.string
+        [(plan,)] = conn.execute(explain, values).fetchall()
+        conn.rollback()
+    top = plan[0]["Plan"]
+    assert sql("SELECT pending_parents FROM pgtq.jobs WHERE id = %s", handle.leaves[0]) == [
+        (width,)
+    ]
+    return int(top["Shared Hit Blocks"] + top["Shared Read Blocks"])
+
+
+async def test_a_wide_fan_in_costs_each_completion_what_a_narrow_one_does(
+    app: pgtq.App, dsn: str, sql: SQL
+) -> None:
+    """No counting of the other parents: one completion of a 10,000-wide fan-in touches
+    about as many buffers as one of a 10-wide one (the child's counter, one edge)."""
+    t = make_tasks(app, [])
+    narrow = _completion_buffers(app, t, dsn, sql, 10)
+    sql("TRUNCATE pgtq.jobs, pgtq.job_dependencies RESTART IDENTITY")
+    wide = _completion_buffers(app, t, dsn, sql, 10_000)
+    assert wide <= narrow + 10, (narrow, wide)
