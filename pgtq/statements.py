@@ -2314,8 +2314,9 @@ def roster(s: Statements) -> Query[list[tuple[str, list[str] | None]]]:
 
 def orphaned_jobs(s: Statements) -> Query[list[tuple[str, ClaimedJob, int]]]:
     """(old worker id, job, rescues so far) of every running job whose worker is gone."""
+    n = len(ClaimedJob._fields)  # then the worker's id and the rescues
     return Query(
-        s.orphaned_jobs, {}, lambda rows: [(r[9], to_claimed(r), int(r[10])) for r in rows]
+        s.orphaned_jobs, {}, lambda rows: [(r[n], to_claimed(r), int(r[n + 1])) for r in rows]
     )
 
 
