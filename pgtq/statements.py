@@ -436,8 +436,7 @@ class Statements:
         )
         again = sa.func.pg_notify(self._channel, sa.bindparam("announce_queue", type_=sa.Text))
         told = sa.select(again.label("told")).select_from(claimed).having(more).cte("told")
-        columns = [claimed.c[name] for name in ClaimedJob._fields]
-        return sa.select(*columns).select_from(claimed.outerjoin(told, sa.true()))
+        return sa.select(*claimed.c).select_from(claimed.outerjoin(told, sa.true()))
 
     @cached_property
     def announce(self) -> sa.Select[Any]:
@@ -470,9 +469,10 @@ class Statements:
             where.append(j.c.queue == sa.any_(_array("queues", sa.Text())))
         return where
 
-    def _take(self, picked: sa.CTE) -> ReturningUpdate[Any]:
+    def _take(self, picked: sa.CTE, *more: sa.ColumnElement[Any]) -> ReturningUpdate[Any]:
         """``todo → doing`` for the picked ids (in no order: ``claimed_in_order`` sorts them,
-        cheaper in Python than a sort node and a CTE around the update)."""
+        cheaper in Python than a sort node and a CTE around the update); ``more``: columns
+        returned after a ``ClaimedJob``'s."""
         j = self.jobs
         # pickup latency: from when the job was due to now (None if never finite)
         waited = sa.cast(sa.func.extract("epoch", sa.func.now() - _due_since(j)), sa.Float)
@@ -487,7 +487,7 @@ class Statements:
                 # lock starts after what it waited for (the history reads this column).
                 started_at=sa.func.clock_timestamp(),
             )
-            .returning(*self._claimed_columns(waited))
+            .returning(*self._claimed_columns(waited), *more)
         )
         return claimed
 
@@ -546,12 +546,20 @@ class Statements:
     def _claim_limited_statement(self, *, queues: str) -> ReturningUpdate[Any]:
         """The claim under fleet-wide limits (run under the limits advisory lock).
 
-        ``:allow_keys`` / ``:allow_n``: how many more jobs each limited task (``task:x``) and
-        queue (``queue:y``) may start (from ``pgtq.limits.allowances``); ``:keycap_tasks`` /
-        ``:keycap_n``: tasks whose jobs sharing a ``concurrency_key`` run at most n at once.
-        Up to ``:scan`` candidates are looked at to fill ``:limit`` slots.
+        ``:allow_keys`` / ``:allow_n``: how many more jobs each limited task (``task:x``),
+        queue (``queue:y``) and key of a task (``key:x#k``, ``pgtq.limits.key_bucket``) may
+        start (from ``pgtq.limits.allowances`` / ``key_allowances``); ``:keycap_tasks`` /
+        ``:keycap_n``: tasks whose jobs sharing a ``concurrency_key`` run at most n at once;
+        ``:keyrate_tasks`` / ``:keyrate_n``: tasks with a ``key_rate_limit``, and the starts
+        a key with no bucket allows (a full bucket). Up to ``:scan`` candidates are looked at
+        to fill ``:limit`` slots. Returns a ``ClaimedJob``'s columns, then the job's
+        ``concurrency_key`` (the key bucket to charge).
         """
         j = self.jobs
+
+        def key_bucket(task: Any, key: Any) -> Any:  # pgtq.limits.key_bucket, in SQL
+            return sa.literal("key:") + task + sa.literal("#") + key
+
         allow = (
             sa.select(
                 sa.func.unnest(_array("allow_keys", sa.Text())).label("key"),
@@ -563,7 +571,16 @@ class Statements:
         queue_key = sa.literal("queue:") + j.c.queue
         candidates = (
             sa.select(j.c.id, j.c.lock, j.c.priority, j.c.task_name, j.c.queue, j.c.concurrency_key)
-            .where(*self._claimable(queues), task_key.not_in(full), queue_key.not_in(full))
+            .where(
+                *self._claimable(queues),
+                task_key.not_in(full),
+                queue_key.not_in(full),
+                # A key whose bucket is empty: its backlog never fills the scan.
+                sa.or_(
+                    j.c.concurrency_key.is_(None),
+                    key_bucket(j.c.task_name, j.c.concurrency_key).not_in(full),
+                ),
+            )
             .order_by(j.c.priority.desc(), j.c.id)
             .limit(sa.bindparam("scan", type_=sa.Integer))
             .with_for_update(skip_locked=True)
@@ -574,6 +591,12 @@ class Statements:
 
         def rank(column: Any, name: str) -> Any:
             return sa.func.row_number().over(partition_by=column, order_by=order).label(name)
+
+        rank_task_key = (
+            sa.func.row_number()
+            .over(partition_by=(c.task_name, c.concurrency_key), order_by=order)
+            .label("rtk")
+        )
 
         ranked = sa.select(
             c.id,
@@ -586,6 +609,7 @@ class Statements:
             rank(c.queue, "rq"),
             rank(c.concurrency_key, "rk"),
             rank(c.lock, "rl"),
+            rank_task_key,
         ).subquery("ranked")
         running = j.alias("running_keys")
         key_running = (
@@ -600,7 +624,13 @@ class Statements:
                 sa.func.unnest(_array("keycap_n", sa.Integer())).label("n"),
             )
         ).subquery("keycaps")
-        at, aq = allow.alias("allow_task"), allow.alias("allow_queue")
+        keyrates = (
+            sa.select(
+                sa.func.unnest(_array("keyrate_tasks", sa.Text())).label("task"),
+                sa.func.unnest(_array("keyrate_n", sa.Integer())).label("n"),
+            )
+        ).subquery("keyrates")
+        at, aq, ak = allow.alias("allow_task"), allow.alias("allow_queue"), allow.alias("allow_key")
         r = ranked.c
         picked = (
             sa.select(r.id)
@@ -609,6 +639,8 @@ class Statements:
                 .outerjoin(aq, aq.c.key == sa.literal("queue:") + r.queue)
                 .outerjoin(keycaps, keycaps.c.task == r.task_name)
                 .outerjoin(key_running, key_running.c.key == r.concurrency_key)
+                .outerjoin(keyrates, keyrates.c.task == r.task_name)
+                .outerjoin(ak, ak.c.key == key_bucket(r.task_name, r.concurrency_key))
             )
             .where(
                 sa.or_(at.c.n.is_(None), r.rt <= at.c.n),
@@ -619,12 +651,17 @@ class Statements:
                     keycaps.c.n.is_(None),
                     r.rk + sa.func.coalesce(key_running.c.n, 0) <= keycaps.c.n,
                 ),
+                sa.or_(
+                    r.concurrency_key.is_(None),
+                    keyrates.c.n.is_(None),
+                    r.rtk <= sa.func.coalesce(ak.c.n, keyrates.c.n),
+                ),
             )
             .order_by(r.priority.desc(), r.id)
             .limit(sa.bindparam("limit", type_=sa.Integer))
             .cte("picked")
         )
-        return self._take(picked)
+        return self._take(picked, j.c.concurrency_key)
 
     def fail_unclaimable(self, by_queue: bool) -> ReturningUpdate[Any]:
         """``todo → failed`` for the waiting jobs whose claim would fail the whole claim,
@@ -775,6 +812,22 @@ class Statements:
         return sa.select(b.c.key, b.c.tokens, elapsed).where(
             b.c.key == sa.any_(_array("keys", sa.Text()))
         )
+
+    @cached_property
+    def read_key_buckets(self) -> sa.Select[Any]:
+        """The key buckets (``key:<task>#...``) of the tasks ``:key_patterns`` name (LIKE
+        patterns): tokens and seconds since written, as :attr:`read_buckets`."""
+        b = self.t.limit_buckets
+        elapsed = sa.func.extract("epoch", sa.func.clock_timestamp() - b.c.updated_at)
+        return sa.select(b.c.key, b.c.tokens, elapsed).where(
+            b.c.key.like(sa.any_(_array("key_patterns", sa.Text())))
+        )
+
+    @cached_property
+    def delete_buckets(self) -> Any:
+        """Drop the buckets ``:full_keys``: refilled to the full, the same as no bucket."""
+        b = self.t.limit_buckets
+        return sa.delete(b).where(b.c.key == sa.any_(_array("full_keys", sa.Text())))
 
     @cached_property
     def write_buckets(self) -> Any:
@@ -2212,6 +2265,22 @@ def set_history(s: Statements, enabled: bool) -> Query[None]:
 # -- limits -----------------------------------------------------------------------------------
 
 
+class LimitedClaim(list[ClaimedJob]):
+    """What a limited claim took: its jobs in start order (a list, as any claim's), and
+    ``concurrency_keys``: the (task, concurrency key) of each one that has a key, the key
+    buckets to charge."""
+
+    concurrency_keys: list[tuple[str, str]]
+
+
+def claimed_with_keys(rows: Rows) -> LimitedClaim:
+    """Rows of the limited claim: a ``ClaimedJob``'s columns, then its ``concurrency_key``."""
+    n = len(ClaimedJob._fields)
+    claimed = LimitedClaim(claimed_in_order([row[:n] for row in rows]))
+    claimed.concurrency_keys = [(row[2], row[n]) for row in rows if row[n] is not None]
+    return claimed
+
+
 def claim_limited(
     s: Statements,
     worker_id: str,
@@ -2220,7 +2289,10 @@ def claim_limited(
     allow: Mapping[str, int],
     keycaps: Mapping[str, int],
     answer: Answer | None = None,
-) -> Query[list[ClaimedJob]]:
+    keyrates: Mapping[str, int] | None = None,
+) -> Query[LimitedClaim]:
+    """``keyrates``: task → the starts a key of it with no bucket allows at once."""
+    keyrates = keyrates or {}
     params: dict[str, Any] = {
         "me": worker_id,
         "limit": limit,
@@ -2229,12 +2301,14 @@ def claim_limited(
         "allow_n": list(allow.values()),
         "keycap_tasks": list(keycaps),
         "keycap_n": list(keycaps.values()),
+        "keyrate_tasks": list(keyrates),
+        "keyrate_n": list(keyrates.values()),
     }
     if queues:
         params["queues"] = list(queues)
     _answer_params(params, limit, answer)
     statement = s.claim_limited(queues, answering=answer is not None)
-    return Query(statement, params, claimed_in_order)
+    return Query(statement, params, claimed_with_keys)
 
 
 def limits_lock(s: Statements) -> Query[None]:
@@ -2276,6 +2350,20 @@ def read_buckets(s: Statements, keys: Sequence[str]) -> Query[dict[str, tuple[fl
         {"keys": list(keys)},
         lambda rows: {row[0]: (float(row[1]), float(row[2])) for row in rows},
     )
+
+
+def read_key_buckets(s: Statements, tasks: Sequence[str]) -> Query[dict[str, tuple[float, float]]]:
+    """Every key bucket of these tasks (``key_rate_limit``), as :func:`read_buckets`."""
+    patterns = [_like_literal(f"key:{task}#") + "%" for task in tasks]
+    return Query(
+        s.read_key_buckets,
+        {"key_patterns": patterns},
+        lambda rows: {row[0]: (float(row[1]), float(row[2])) for row in rows},
+    )
+
+
+def delete_buckets(s: Statements, keys: Sequence[str]) -> Query[None]:
+    return Query(s.delete_buckets, {"full_keys": list(keys)}, _no_value)
 
 
 def write_buckets(s: Statements, tokens: Mapping[str, float]) -> Query[None]:
