@@ -999,20 +999,8 @@ class Statements:
                 sa.case((failed, sa.cast(d.error, JSONB)), else_=sa.cast(sa.null(), JSONB)),
             ),
         ).subquery()
-        trigger = sa.table(
-            "pg_trigger",
-            sa.column("tgrelid"),
-            sa.column("tgname"),
-            sa.column("tgenabled"),
-            schema="pg_catalog",
-        )
-        history_on = sa.exists().where(
-            trigger.c.tgrelid == sa.cast(sa.literal(f'"{self.t.schema}".jobs'), REGCLASS),
-            trigger.c.tgname == HISTORY_TRIGGERS[0],
-            trigger.c.tgenabled != "D",
-        )
         columns = ["job_id", "type", "at", "attempt", "worker_id", "error"]
-        rows = sa.select(*events.c).where(history_on)
+        rows = sa.select(*events.c).where(self._history_on)
         return e.insert().from_select(columns, rows).cte("stored")
 
     def _outcomes(self, rare: Rare | None = None) -> Any:
@@ -1165,6 +1153,104 @@ class Statements:
             .cte("changed")
         )
         return self._notify_each(changed, self.channel, changed.c.queue, sa.true())
+
+    @cached_property
+    def reschedule(self) -> sa.Select[Any]:
+        """A waiting job's new schedule and/or priority (``todo`` stays ``todo``; a job a
+        worker claimed meanwhile is left alone: PostgreSQL checks the WHERE again on the row
+        the claim committed). ``:new_scheduled_at`` (an instant) or ``:new_schedule_in``
+        (seconds from the server's now), NULL both: the schedule stays; ``:new_priority``,
+        NULL: it stays. A new schedule is announced in the insert's format
+        (:func:`parse_announcement`): ``#<id>:1 <queue>`` when due now, so an idle worker
+        takes it by turns, else ``@<seconds> <queue>``, so one sleeping longer wakes then."""
+        j = self.jobs
+        at = sa.bindparam("new_scheduled_at", type_=sa.DateTime(timezone=True))
+        delay = sa.bindparam("new_schedule_in", type_=sa.Float)
+        priority = sa.bindparam("new_priority", type_=sa.Integer)
+        changed = (
+            sa.update(j)
+            .where(self._one_job(), j.c.status == TODO)
+            .values(
+                scheduled_at=sa.func.coalesce(
+                    at, sa.func.now() + delay * ONE_SECOND, j.c.scheduled_at
+                ),
+                priority=sa.func.coalesce(priority, j.c.priority),
+            )
+            .returning(j.c.id, j.c.status, j.c.queue, j.c.scheduled_at)
+            .cte("changed")
+        )
+        c = changed.c
+        until = sa.cast(sa.func.extract("epoch", c.scheduled_at - sa.func.now()), sa.Text)
+        named = sa.literal("#", sa.Text) + sa.cast(c.id, sa.Text) + sa.literal(":1", sa.Text)
+        payload = (
+            sa.case((_due(c.scheduled_at), named), else_=sa.literal("@", sa.Text) + until)
+            + sa.literal(" ", sa.Text)
+            + c.queue
+        )
+        moved = sa.or_(at.is_not(None), delay.is_not(None))
+        return self._notify_each(changed, self.channel, payload, moved)
+
+    @cached_property
+    def fail(self) -> sa.Select[Any]:
+        """``todo → failed`` at once for the job ``:fail_id``, with the error record
+        ``{"type": "Failed", "message": :reason}``; no retry, whatever the task's policy.
+        Selects the job's status as the statement found it and, when it failed it, its id
+        (no row: no such job). A running job is left alone (that is ``abort``), and so is one
+        a worker claims meanwhile.
+
+        While history is on, the job's history is stored (``deferred`` unless stored
+        already, and ``failed`` with its error), so ``job_history`` shows no attempt that
+        never started (the view's events read off a row would show one)."""
+        j, e = self.jobs, self.t.job_events
+        job_id = sa.bindparam("fail_id", type_=sa.BigInteger)
+        found = sa.select(j.c.status).where(j.c.id == job_id).cte("found")
+        error = sa.func.jsonb_build_object(
+            _text_literal("type"),
+            _text_literal("Failed"),
+            _text_literal("message"),
+            sa.bindparam("reason", type_=sa.Text),
+        )
+        changed = (
+            sa.update(j)
+            .where(j.c.id == job_id, j.c.status == TODO)
+            .values(status=FAILED, error=error, finished_at=sa.func.now())
+            .returning(j.c.id, j.c.created_at, j.c.attempts, j.c.error, j.c.finished_at)
+            .cte("changed")
+        )
+        c = changed.c
+        deferred_stored = sa.exists().where(e.c.job_id == c.id, e.c.type == "deferred")
+        no_text, no_json = sa.cast(sa.null(), sa.Text), sa.cast(sa.null(), JSONB)
+        columns = ["job_id", "type", "at", "attempt", "worker_id", "error"]
+        deferred = (c.id, _text_literal("deferred"), c.created_at, sa.literal(0), no_text, no_json)
+        events = sa.union_all(
+            sa.select(*(v.label(n) for v, n in zip(deferred, columns, strict=True))).where(
+                ~deferred_stored
+            ),
+            sa.select(c.id, _text_literal("failed"), c.finished_at, c.attempts, no_text, c.error),
+        ).subquery()
+        stored = e.insert().from_select(columns, sa.select(*events.c).where(self._history_on))
+        return (
+            sa.select(found.c.status, c.id)
+            .select_from(found.outerjoin(changed, sa.true()))
+            .add_cte(stored.cte("stored"))
+        )
+
+    @cached_property
+    def _history_on(self) -> sa.ColumnElement[bool]:
+        """The history triggers are enabled (``set_history``): what a statement that stores
+        events itself checks first."""
+        trigger = sa.table(
+            "pg_trigger",
+            sa.column("tgrelid"),
+            sa.column("tgname"),
+            sa.column("tgenabled"),
+            schema="pg_catalog",
+        )
+        return sa.exists().where(
+            trigger.c.tgrelid == sa.cast(sa.literal(f'"{self.t.schema}".jobs'), REGCLASS),
+            trigger.c.tgname == HISTORY_TRIGGERS[0],
+            trigger.c.tgenabled != "D",
+        )
 
     @cached_property
     def abort_requested(self) -> sa.Select[Any]:
@@ -2176,6 +2262,35 @@ def abort_job(s: Statements, job_id: int) -> Query[Status | None]:
 
 def retry_job(s: Statements, job_id: int) -> Query[bool]:
     return Query(s.retry, {"job_id": job_id}, bool)
+
+
+def reschedule_job(
+    s: Statements,
+    job_id: int,
+    at: datetime | None = None,
+    seconds: float | None = None,
+    priority: int | None = None,
+) -> Query[bool]:
+    """Move a waiting job: to ``at``, or ``seconds`` from the server's now, and/or to
+    ``priority`` (None: that stays). True when it was waiting (:meth:`Statements.reschedule`)."""
+    params = {
+        "job_id": job_id,
+        "new_scheduled_at": at,
+        "new_schedule_in": seconds,
+        "new_priority": priority,
+    }
+    return Query(s.reschedule, params, bool)
+
+
+def fail_job(s: Statements, job_id: int, reason: str) -> Query[tuple[Status | None, bool]]:
+    """(the job's status as found, None: no such job; whether this failed it)."""
+
+    def mapper(rows: Rows) -> tuple[Status | None, bool]:
+        if not rows:
+            return None, False
+        return Status(rows[0][0]), rows[0][1] is not None
+
+    return Query(s.fail, {"fail_id": job_id, "reason": reason}, mapper)
 
 
 def abort_requested_ids(s: Statements, worker_id: str) -> Query[list[int]]:

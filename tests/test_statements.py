@@ -185,6 +185,11 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
     "no_such_job": [lambda: statements.no_such_job(S, statements.get_job(S, 1))],
     "abort_job": [lambda: statements.abort_job(S, 1)],
     "retry_job": [lambda: statements.retry_job(S, 1)],
+    "reschedule_job": [
+        lambda: statements.reschedule_job(S, 1, datetime(2040, 1, 1, tzinfo=UTC), None, 3),
+        lambda: statements.reschedule_job(S, 1, None, 5.0),
+    ],
+    "fail_job": [lambda: statements.fail_job(S, 1, "why")],
     "abort_requested_ids": [lambda: statements.abort_requested_ids(S, "w")],
     "next_due_in": [
         lambda: statements.next_due_in(S, None),
