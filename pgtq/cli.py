@@ -35,8 +35,8 @@ from typer.core import TyperGroup
 from pgtq import logs
 from pgtq.app import DSN_ENV, App
 from pgtq.connectors import describe
-from pgtq.errors import ConfigurationError, JobNotFound, PgtqError
-from pgtq.jobs import JobIsRunning, JobSelection, running_progress
+from pgtq.errors import ConfigurationError, JobIsRunning, JobNotFound, PgtqError
+from pgtq.jobs import JobSelection, running_progress
 from pgtq.model import Job, Status
 from pgtq.schema import DEFAULT_SCHEMA
 

@@ -22,7 +22,13 @@ from typing_extensions import TypeVar
 
 from pgtq import statements, validation
 from pgtq.connectors import execute
-from pgtq.errors import InvalidArguments, JobFailed, JobNotFound, JobTimeout, PgtqError
+from pgtq.errors import (
+    InvalidArguments,
+    JobFailed,
+    JobIsRunning,
+    JobNotFound,
+    JobTimeout,
+)
 from pgtq.health import serves
 from pgtq.model import ERROR_MESSAGE_MAX, ClaimedJob, Deferred, Job, JobEvent, Status
 from pgtq.reports import STALE_AFTER, Stats, Throughput, WorkerInfo
@@ -580,11 +586,6 @@ class InvalidFilter(InvalidArguments, ValueError):
     a window, a queue name) cannot be used as given; the message names it. Raised before
     anything is sent to the database, the same on the sync and async sides. A
     :class:`pgtq.InvalidArguments`, and a ``ValueError``."""
-
-
-class JobIsRunning(PgtqError):
-    """``fail`` was asked of a running job: its worker owns it until it ends. Stop it with
-    ``abort`` (it ends ``aborted``), or let it end."""
 
 
 class NoFilter(InvalidFilter):

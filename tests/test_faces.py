@@ -138,6 +138,7 @@ def test_both_twins_take_the_one_filter() -> None:
         "task",
         "lock",
         "search",
+        "tags",
         "before",
         "since",
         "limit",

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import pgtq
-from pgtq.jobs import JobIsRunning
+from pgtq import JobIsRunning
 from pgtq.statements import Announcement
 from tests.conftest import Notifications, eventually
 from tests.sides import Side
