@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING
 
 from pgtq import statements
 from pgtq.connectors import execute, first_line, is_data_error, sqlstate
-from pgtq.limits import Limit, allowances, bucket_key, charges
+from pgtq.limits import (
+    Limit,
+    allowances,
+    bucket_key,
+    charges,
+    fresh_starts,
+    key_allowances,
+    key_bucket,
+    key_bucket_task,
+)
 from pgtq.model import ClaimedJob
 from pgtq.retry import backoff_delays
 
@@ -69,6 +78,9 @@ class Claims:
         self._keycaps = {
             t.name: t.key_concurrency for t in app.tasks.values() if t.key_concurrency is not None
         }
+        self._key_rates = {
+            t.name: t.key_rate_limit for t in app.tasks.values() if t.key_rate_limit is not None
+        }
         self._queue_limits: dict[str, Limit] = {}
 
     async def open(self) -> None:
@@ -88,7 +100,7 @@ class Claims:
     @property
     def limited(self) -> bool:
         """Fleet-wide limits apply: a job that ends may free a limit's slot for others."""
-        return bool(self._task_limits or self._queue_limits or self._keycaps)
+        return bool(self._task_limits or self._queue_limits or self._keycaps or self._key_rates)
 
     @property
     def depth(self) -> int:
@@ -160,13 +172,32 @@ class Claims:
         rated = [k for k, v in limits.items() if v.rate is not None]
         buckets = execute(conn, statements.read_buckets(s, rated)) if rated else {}
         allow = allowances(limits, running, buckets)
+        key_rates = self._key_rates
+        key_buckets: dict[str, tuple[float, float]] = {}
+        full: list[str] = []
+        if key_rates:
+            key_buckets = execute(conn, statements.read_key_buckets(s, list(key_rates)))
+            key_allow, full = key_allowances(key_rates, key_buckets)
+            allow.update(key_allow)
+        fresh = {name: fresh_starts(limit) for name, limit in key_rates.items()}
         query = statements.claim_limited(
-            s, self._worker_id(), self._queues, limit, allow, self._keycaps, answer
+            s, self._worker_id(), self._queues, limit, allow, self._keycaps, answer, fresh
         )
         claimed = execute(conn, query)
+        keys = claimed.concurrency_keys
+        left: dict[str, float] = {}
         if rated and claimed:
             taken = [k for job in claimed for k in (f"task:{job.task_name}", f"queue:{job.queue}")]
-            execute(conn, statements.write_buckets(s, charges(limits, buckets, taken)))
+            left = charges(limits, buckets, taken)
+        if key_rates and keys:
+            charged = [key_bucket(task, key) for task, key in keys if task in key_rates]
+            per_key = {k: key_rates[key_bucket_task(k)] for k in charged}
+            left.update(charges(per_key, key_buckets, charged))
+        if left:
+            execute(conn, statements.write_buckets(s, left))
+        full = [k for k in full if k not in left]
+        if full:  # refilled: the same as no bucket, so the table keeps only busy keys
+            execute(conn, statements.delete_buckets(s, full))
         return claimed
 
     async def refresh_limits(self) -> None:

@@ -35,7 +35,7 @@ from typer.core import TyperGroup
 from pgtq import logs
 from pgtq.app import DSN_ENV, App
 from pgtq.connectors import describe
-from pgtq.errors import ConfigurationError, JobNotFound, PgtqError
+from pgtq.errors import ConfigurationError, JobIsRunning, JobNotFound, PgtqError
 from pgtq.jobs import JobSelection, running_progress
 from pgtq.model import Job, Status
 from pgtq.schema import DEFAULT_SCHEMA
@@ -1788,6 +1788,72 @@ def _report(action: str, done: list[int], as_json: bool) -> None:
 
 for _action in _CONTROLS:
     _control_command(_action)
+
+
+# -- one waiting job, by id: reschedule, fail ---------------------------------------------------
+
+AtOption = Annotated[
+    str | None,
+    typer.Option(
+        "--at",
+        metavar="DATETIME",
+        help="Run no sooner than this ISO 8601 time (local time unless it has an offset).",
+    ),
+]
+InOption = Annotated[
+    float | None,
+    typer.Option("--in", metavar="SECONDS", help="Run no sooner than this from now (0: now)."),
+]
+PriorityOption = Annotated[int | None, typer.Option("--priority", help="Higher runs first.")]
+ReasonOption = Annotated[
+    str, typer.Option("--reason", help="Why: stored as the job's error message.")
+]
+
+
+@jobs_cli.command("reschedule")
+@_on_app
+def jobs_reschedule(
+    app: App,
+    job_id: JobIdArgument,
+    at: AtOption = None,
+    in_: InOption = None,
+    priority: PriorityOption = None,
+) -> None:
+    """Move a waiting job to another time (--at or --in) and/or priority."""
+    if at is None and in_ is None and priority is None:
+        raise _fail("give --at, --in or --priority: nothing would change")
+    moved = app.jobs.reschedule(
+        job_id,
+        at=None if at is None else parse_datetime(at),
+        in_=_checked_seconds(in_),
+        priority=_checked_priority(priority),
+    )
+    job = _existing_job(app, job_id)
+    if not moved:
+        hint = ": it runs already" if job.status is Status.DOING else ""
+        raise PgtqError(
+            f"job {job_id} is {job.status.value}, not waiting{hint}: only a waiting job can be "
+            "rescheduled"
+        )
+    when = "now" if job.scheduled_at is None else f"at {job.scheduled_at.isoformat()}"
+    out.print(f"Job {job_id} rescheduled: due {when}, priority {job.priority}")
+
+
+@jobs_cli.command("fail")
+@_on_app
+def jobs_fail(app: App, job_id: JobIdArgument, reason: ReasonOption) -> None:
+    """End a waiting job failed now, without running it and without retry."""
+    try:
+        failed = app.jobs.fail(job_id, reason)
+    except JobIsRunning:
+        raise PgtqError(
+            f"job {job_id} is running: fail acts on waiting jobs only; stop it with "
+            f"`pgtq jobs abort {job_id}`"
+        ) from None
+    if not failed:
+        job = _existing_job(app, job_id)
+        raise PgtqError(f"job {job_id} is {job.status.value}, not waiting: nothing to fail")
+    out.print(f"Job {job_id} failed: {reason}")
 
 
 # -- pgtq queues ... ------------------------------------------------------------------------------

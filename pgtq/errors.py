@@ -62,6 +62,11 @@ class JobNotFound(PgtqError, LookupError):
     """No job has that id."""
 
 
+class JobIsRunning(PgtqError):
+    """``fail`` was asked of a running job: its worker owns it until it ends. Stop it with
+    ``abort`` (it ends ``aborted``), or let it end."""
+
+
 class JobFailed(PgtqError):
     """The awaited job ended without success; ``error`` is the stored error record."""
 

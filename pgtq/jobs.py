@@ -20,11 +20,17 @@ from typing import TYPE_CHECKING, Any, Generic, TypedDict, Unpack, cast, overloa
 from sqlalchemy.engine import Connection
 from typing_extensions import TypeVar
 
-from pgtq import statements
+from pgtq import statements, validation
 from pgtq.connectors import execute
-from pgtq.errors import InvalidArguments, JobFailed, JobNotFound, JobTimeout
+from pgtq.errors import (
+    InvalidArguments,
+    JobFailed,
+    JobIsRunning,
+    JobNotFound,
+    JobTimeout,
+)
 from pgtq.health import serves
-from pgtq.model import ClaimedJob, Deferred, Job, JobEvent, Status
+from pgtq.model import ERROR_MESSAGE_MAX, ClaimedJob, Deferred, Job, JobEvent, Status
 from pgtq.reports import STALE_AFTER, Stats, Throughput, WorkerInfo
 
 if TYPE_CHECKING:
@@ -35,6 +41,7 @@ __all__ = [
     "Job",
     "JobContext",
     "JobFilter",
+    "JobIsRunning",
     "JobManager",
     "JobSelection",
     "NoFilter",
@@ -352,6 +359,42 @@ class JobManager(AppOperations):
     async def retry_async(self, job_id: int) -> bool:
         return await self._run_async(_by_id(statements.retry_job, self._s, job_id))
 
+    def reschedule(
+        self,
+        job_id: int,
+        *,
+        at: datetime | None = None,
+        in_: timedelta | float | None = None,
+        priority: int | None = None,
+    ) -> bool:
+        """Move a waiting job: to run no sooner than ``at`` (timezone-aware) or ``in_``
+        (seconds or a timedelta from the database server's now; 0: due now), and/or at
+        another ``priority``; what is not given stays. Idle workers hear of it as of a new
+        job. False if it is not waiting (no such job, running, or ended): a running job is
+        never touched. Every argument is checked first (:class:`pgtq.InvalidArguments`)."""
+        return self._run(_reschedule_query(self._s, job_id, at, in_, priority))
+
+    async def reschedule_async(
+        self,
+        job_id: int,
+        *,
+        at: datetime | None = None,
+        in_: timedelta | float | None = None,
+        priority: int | None = None,
+    ) -> bool:
+        return await self._run_async(_reschedule_query(self._s, job_id, at, in_, priority))
+
+    def fail(self, job_id: int, reason: str) -> bool:
+        """End a waiting job ``failed`` now, without running it, whatever its retry policy,
+        with the error ``{"type": "Failed", "message": reason}`` (incident work: a job that
+        must not run). False if there is no waiting job by that id (none, ended, or taken by a
+        worker as this ran); a running job raises :class:`JobIsRunning`: stop it with
+        :meth:`abort`."""
+        return _failed(job_id, self._run(_fail_query(self._s, job_id, reason)))
+
+    async def fail_async(self, job_id: int, reason: str) -> bool:
+        return _failed(job_id, await self._run_async(_fail_query(self._s, job_id, reason)))
+
     def counts(self) -> dict[tuple[str, Status], int]:
         """Jobs per (queue, status)."""
         return self._run(statements.status_counts(self._s))
@@ -666,6 +709,57 @@ def _by_id(
     if checked is None:
         return statements.no_such_job(s, build(s, 0))
     return build(s, checked)
+
+
+#: The longest ``reason`` of ``fail``, in UTF-8 bytes: an error message's bound.
+REASON_MAX_BYTES = ERROR_MESSAGE_MAX
+
+
+def _renamed(name: str, check: Callable[[Any], Q], value: object) -> Q:
+    """A :mod:`pgtq.validation` check of ``configure``'s field, its error naming ``name``
+    (``reschedule(at=...)`` is ``configure(schedule_at=...)``'s check)."""
+    try:
+        return check(value)
+    except InvalidArguments as exc:
+        field, _, message = str(exc).partition(": ")
+        raise InvalidArguments(f"{name}: {message or field}") from None
+
+
+def _reschedule_query(
+    s: statements.Statements,
+    job_id: object,
+    at: object,
+    in_: object,
+    priority: object,
+) -> statements.Query[bool]:
+    if at is None and in_ is None and priority is None:
+        raise InvalidArguments("reschedule: give at=, in_= or priority= (nothing would change)")
+    if at is not None and in_ is not None:
+        raise InvalidArguments("at, in_: give one of them, not both")
+    when = None if at is None else _renamed("at", validation.check_schedule_at, at)
+    seconds = None if in_ is None else _renamed("in_", validation.schedule_seconds, in_)
+    rank = None if priority is None else validation.check_priority(priority)
+    return _by_id(lambda s, i: statements.reschedule_job(s, i, when, seconds, rank), s, job_id)
+
+
+def _fail_query(
+    s: statements.Statements, job_id: object, reason: object
+) -> statements.Query[tuple[Status | None, bool]]:
+    reason = check_text("reason", reason, max_bytes=REASON_MAX_BYTES)
+    if not reason.strip():
+        raise InvalidFilter("reason must say why the job fails, got an empty text")
+    return _by_id(lambda s, i: statements.fail_job(s, i, reason), s, job_id)
+
+
+def _failed(job_id: int, found: tuple[Status | None, bool]) -> bool:
+    """What ``fail`` returns for what its statement found, or JobIsRunning."""
+    status, failed = found
+    if status is Status.DOING:
+        raise JobIsRunning(
+            f"job {job_id} is running: fail acts on waiting jobs only; stop it with "
+            "abort (it ends aborted), or let it end"
+        )
+    return failed
 
 
 def _counts_of_query(

@@ -1,9 +1,11 @@
-"""Fleet-wide limits: how many jobs a claim may take per task and per queue. Pure, no I/O.
+"""Fleet-wide limits: how many jobs a claim may take per task, per queue and per key of a
+task. Pure, no I/O.
 
 A limited claim runs under one transaction-level advisory lock, so the running counts and
-rate buckets it reads cannot change under it: the worker reads them, :func:`allowances` says
-how many jobs of each task and queue it may start, the claim statement applies that (and the
-per-key caps, which it counts itself), and the buckets are charged for what was taken.
+rate buckets it reads cannot change under it: the worker reads them, :func:`allowances` (and
+:func:`key_allowances` for ``key_rate_limit``) says how many jobs of each task, queue and
+key it may start, the claim statement applies that (and the per-key caps, which it counts
+itself), and the buckets are charged for what was taken.
 """
 
 from __future__ import annotations
@@ -75,6 +77,45 @@ def most_starts(limit: Limit, seconds: float) -> int:
 
 def bucket_key(kind: str, name: str) -> str:
     return f"{kind}:{name}"
+
+
+def key_bucket(task: str, concurrency_key: str) -> str:
+    """The bucket of a task's ``key_rate_limit`` for one ``concurrency_key``:
+    ``key:<task>#<concurrency_key>``. Unambiguous: such a task's name has no ``#`` (checked
+    by ``Task``), and the ``key:`` kind is apart from ``task:`` and ``queue:``. The limited
+    claim builds the same text in SQL to find its allowance."""
+    return f"key:{task}#{concurrency_key}"
+
+
+def key_bucket_task(bucket: str) -> str:
+    """The task a :func:`key_bucket` belongs to."""
+    return bucket.removeprefix("key:").partition("#")[0]
+
+
+def fresh_starts(limit: Limit) -> int:
+    """Starts a bucket never seen (or full again) allows at once: its whole capacity."""
+    return math.floor(limit.capacity + 1e-9)
+
+
+def key_allowances(
+    limits: Mapping[str, Limit], buckets: Mapping[str, tuple[float, float]]
+) -> tuple[dict[str, int], list[str]]:
+    """The key buckets of ``key_rate_limit`` tasks (``limits``: by task name) as the claim
+    takes them: how many more jobs each key still charged may start now, and the buckets that
+    have refilled to the full (a full bucket is one never seen: it is deleted, so the buckets
+    of idle keys do not pile up). A key with no row starts :func:`fresh_starts` at once."""
+    allowed: dict[str, int] = {}
+    full: list[str] = []
+    for key, (tokens, elapsed) in buckets.items():
+        limit = limits.get(key_bucket_task(key))
+        if limit is None:  # a task this worker does not have, or no longer key-limited
+            continue
+        now = refill(tokens, elapsed, limit)
+        if now >= limit.capacity - 1e-9:
+            full.append(key)
+        else:
+            allowed[key] = max(0, math.floor(now + 1e-9))
+    return allowed, full
 
 
 def refill(tokens: float | None, elapsed: float, limit: Limit) -> float:

@@ -129,6 +129,10 @@ class ClaimedJob(NamedTuple):
     lock: str | None
     waited: float | None = None  # seconds from when it was due to its claim
     trace_context: dict[str, str] | None = None
+    #: This job's own ``timeout`` (seconds) and ``max_attempts``, None for nearly every job:
+    #: the task's apply (:func:`pgtq.outcomes.timeout_of`, :func:`pgtq.outcomes.decide`).
+    timeout: float | None = None
+    max_attempts: int | None = None
 
 
 #: Caps of a stored error record, in characters: a task that raises a 10 MB message must

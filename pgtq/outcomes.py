@@ -7,6 +7,7 @@ database.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ __all__ = [
     "decide_safely",
     "frees_jobs",
     "rescue_outcome",
+    "timeout_of",
 ]
 
 
@@ -187,8 +189,7 @@ def decide(
         err = {"type": "Aborted", "message": "the job was aborted on request"}
         return Outcome(Status.ABORTED, error=dumps(err))
     if abort_reason == "timeout":
-        seconds = task.timeout if task is not None else None
-        exc = JobTimeoutError(f"the job ran past its timeout of {seconds} s")
+        exc = JobTimeoutError(f"the job ran past its timeout of {timeout_of(task, job)} s")
     if exc is None:
         # A result that cannot be stored fails the job at once: running it again would not
         # change the result, so the retry policy does not apply.
@@ -217,10 +218,22 @@ def decide(
     if isinstance(exc, Discard):
         return Outcome(Status.FAILED, error=err_json)
     if task is not None:
-        decision = task.retry.decide(job.attempts, exc)
+        # The job's own budget (None for nearly every job) replaces the policy's: a task
+        # without a policy then retries with the default backoff (see pgtq.retry).
+        decision = task.retry.decide(job.attempts, exc, job.max_attempts)
         if decision is not None:
             return Outcome(Status.TODO, error=err_json, retry_in=decision.delay, move=decision.move)
     return Outcome(Status.FAILED, error=err_json)
+
+
+def timeout_of(task: Task[..., Any] | None, job: ClaimedJob) -> float | None:
+    """The seconds an attempt may run: the job's own ``timeout`` when it has a usable one
+    (over zero and finite: a row written by other means may hold anything), else the
+    task's. None: no limit."""
+    own = job.timeout
+    if own is not None and 0 < own < math.inf:  # NaN fails both comparisons
+        return float(own)
+    return task.timeout if task is not None else None
 
 
 def aborted_on_request() -> Outcome:

@@ -38,16 +38,28 @@ class Retry:
         if self.base < 0 or self.max_delay < 0 or not 0 <= self.jitter <= 1:
             raise ValueError("Retry: base and max_delay must be >= 0, jitter within [0, 1]")
 
-    def decide(self, attempt: int, exc: BaseException) -> RetryDecision | None:
-        """The :class:`RetryDecision` after a failed ``attempt`` (None: it was the last)."""
-        delay = self.delay(attempt, exc)
+    def decide(
+        self, attempt: int, exc: BaseException, max_attempts: int | None = None
+    ) -> RetryDecision | None:
+        """The :class:`RetryDecision` after a failed ``attempt`` (None: it was the last).
+
+        ``max_attempts``: the job's own budget (``configure(max_attempts=...)``), which
+        replaces the policy's; the backoff and ``retry_on`` stay the policy's."""
+        delay = self.delay(attempt, exc, max_attempts=max_attempts)
         return None if delay is None else RetryDecision(delay)
 
     def delay(
-        self, attempt: int, exc: BaseException, rand: Callable[[], float] = random.random
+        self,
+        attempt: int,
+        exc: BaseException,
+        rand: Callable[[], float] = random.random,
+        *,
+        max_attempts: int | None = None,
     ) -> float | None:
-        """Seconds before the next attempt, or None when ``attempt`` was the last one."""
-        if attempt >= self.max_attempts or not isinstance(exc, self.retry_on):
+        """Seconds before the next attempt, or None when ``attempt`` was the last one (of
+        ``max_attempts`` when given, else of the policy's)."""
+        most = self.max_attempts if max_attempts is None else max_attempts
+        if attempt >= most or not isinstance(exc, self.retry_on):
             return None
         if self.backoff == "exponential":
             raw = self.base * 2.0 ** (attempt - 1)
@@ -100,7 +112,14 @@ class RetryByFunction:
     #: Not known in advance: the function decides (logs say "attempt 3", not "3 of 5").
     max_attempts: int | None = None
 
-    def decide(self, attempt: int, exc: BaseException) -> RetryDecision | None:
+    def decide(
+        self, attempt: int, exc: BaseException, max_attempts: int | None = None
+    ) -> RetryDecision | None:
+        """The function's decision; ``max_attempts`` (a job's own budget) caps it: past that
+        attempt the job is not retried and the function is not asked. It never makes the
+        function retry a job it would not."""
+        if max_attempts is not None and attempt >= max_attempts:
+            return None
         decided = self.function(attempt, exc)
         if decided is None or isinstance(decided, RetryDecision):
             return decided

@@ -1,5 +1,6 @@
-"""Running one attempt: call its task (async on the loop, sync in a thread), bound it by the
-task's timeout, decide its outcome, and report it (observers, the job's log line).
+"""Running one attempt: call its task (async on the loop, sync in a thread), bound it by its
+timeout (the job's own, else the task's), decide its outcome, and report it (observers,
+the job's log line).
 
 :meth:`JobRunner.run` ends every attempt in exactly one way: an :class:`Ended` (the outcome,
 and whether it is already written, as a transactional task's success is) or ``None`` when
@@ -20,7 +21,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from pgtq import observers, statements
 from pgtq.jobs import JobContext
 from pgtq.model import ClaimedJob, Status
-from pgtq.outcomes import SUCCEEDED_NONE, Outcome, UnknownTaskError, decide, decide_safely
+from pgtq.outcomes import (
+    SUCCEEDED_NONE,
+    Outcome,
+    UnknownTaskError,
+    decide,
+    decide_safely,
+    timeout_of,
+)
 from pgtq.tasks import Task, call_task
 from pgtq.worklog import log_attempt
 
@@ -112,7 +120,9 @@ class JobRunner:
             elif task.transactional:
                 ended = await self._in_transaction(task, ctx, job)
             elif task.is_async:
-                if task.timeout is None:  # the common case, without a coroutine around it
+                # The common case, without a coroutine around it: no timeout, the task's
+                # nor the job's own.
+                if task.timeout is None and job.timeout is None:
                     result = await call_task(task, ctx, job.args)
                 else:
                     result = await self._call_async(task, ctx, job)
@@ -151,7 +161,8 @@ class JobRunner:
 
     async def _call_async(self, task: Task[..., Any], ctx: JobContext, job: ClaimedJob) -> Any:
         coro = call_task(task, ctx, job.args)
-        if task.timeout is None:
+        timeout = timeout_of(task, job)
+        if timeout is None:
             return await coro
         # Not asyncio.timeout: the reason is set before the cancellation is delivered, so a
         # task that catches its CancelledError reads ``ctx.abort_reason() == "timeout"``.
@@ -162,7 +173,7 @@ class JobRunner:
             if ctx.request_abort("timeout"):
                 me.cancel()
 
-        timer = asyncio.get_running_loop().call_later(task.timeout, time_out)
+        timer = asyncio.get_running_loop().call_later(timeout, time_out)
         try:
             return await coro
         finally:
@@ -178,10 +189,9 @@ class JobRunner:
         """Run the task (or ``call``, in a transaction) in the thread pool."""
         assert self._threads is not None
         loop = asyncio.get_running_loop()
+        timeout = timeout_of(task, job)
         timer = (
-            loop.call_later(task.timeout, ctx.request_abort, "timeout")
-            if task.timeout is not None
-            else None
+            loop.call_later(timeout, ctx.request_abort, "timeout") if timeout is not None else None
         )
         try:
             # A sync task cannot be interrupted: shield it so a cancel (shutdown) waits for the

@@ -931,8 +931,7 @@ class Statements:
         )
         again = sa.func.pg_notify(self._channel, sa.bindparam("announce_queue", type_=sa.Text))
         told = sa.select(again.label("told")).select_from(claimed).having(more).cte("told")
-        columns = [claimed.c[name] for name in ClaimedJob._fields]
-        return sa.select(*columns).select_from(claimed.outerjoin(told, sa.true()))
+        return sa.select(*claimed.c).select_from(claimed.outerjoin(told, sa.true()))
 
     @cached_property
     def announce(self) -> sa.Select[Any]:
@@ -965,9 +964,10 @@ class Statements:
             where.append(j.c.queue == sa.any_(_array("queues", sa.Text())))
         return where
 
-    def _take(self, picked: sa.CTE) -> ReturningUpdate[Any]:
+    def _take(self, picked: sa.CTE, *more: sa.ColumnElement[Any]) -> ReturningUpdate[Any]:
         """``todo → doing`` for the picked ids (in no order: ``claimed_in_order`` sorts them,
-        cheaper in Python than a sort node and a CTE around the update)."""
+        cheaper in Python than a sort node and a CTE around the update); ``more``: columns
+        returned after a ``ClaimedJob``'s."""
         j = self.jobs
         # pickup latency: from when the job was due to now (None if never finite)
         waited = sa.cast(sa.func.extract("epoch", sa.func.now() - _due_since(j)), sa.Float)
@@ -982,7 +982,7 @@ class Statements:
                 # lock starts after what it waited for (the history reads this column).
                 started_at=sa.func.clock_timestamp(),
             )
-            .returning(*self._claimed_columns(waited))
+            .returning(*self._claimed_columns(waited), *more)
         )
         return claimed
 
@@ -1041,12 +1041,20 @@ class Statements:
     def _claim_limited_statement(self, *, queues: str) -> ReturningUpdate[Any]:
         """The claim under fleet-wide limits (run under the limits advisory lock).
 
-        ``:allow_keys`` / ``:allow_n``: how many more jobs each limited task (``task:x``) and
-        queue (``queue:y``) may start (from ``pgtq.limits.allowances``); ``:keycap_tasks`` /
-        ``:keycap_n``: tasks whose jobs sharing a ``concurrency_key`` run at most n at once.
-        Up to ``:scan`` candidates are looked at to fill ``:limit`` slots.
+        ``:allow_keys`` / ``:allow_n``: how many more jobs each limited task (``task:x``),
+        queue (``queue:y``) and key of a task (``key:x#k``, ``pgtq.limits.key_bucket``) may
+        start (from ``pgtq.limits.allowances`` / ``key_allowances``); ``:keycap_tasks`` /
+        ``:keycap_n``: tasks whose jobs sharing a ``concurrency_key`` run at most n at once;
+        ``:keyrate_tasks`` / ``:keyrate_n``: tasks with a ``key_rate_limit``, and the starts
+        a key with no bucket allows (a full bucket). Up to ``:scan`` candidates are looked at
+        to fill ``:limit`` slots. Returns a ``ClaimedJob``'s columns, then the job's
+        ``concurrency_key`` (the key bucket to charge).
         """
         j = self.jobs
+
+        def key_bucket(task: Any, key: Any) -> Any:  # pgtq.limits.key_bucket, in SQL
+            return sa.literal("key:") + task + sa.literal("#") + key
+
         allow = (
             sa.select(
                 sa.func.unnest(_array("allow_keys", sa.Text())).label("key"),
@@ -1058,7 +1066,16 @@ class Statements:
         queue_key = sa.literal("queue:") + j.c.queue
         candidates = (
             sa.select(j.c.id, j.c.lock, j.c.priority, j.c.task_name, j.c.queue, j.c.concurrency_key)
-            .where(*self._claimable(queues), task_key.not_in(full), queue_key.not_in(full))
+            .where(
+                *self._claimable(queues),
+                task_key.not_in(full),
+                queue_key.not_in(full),
+                # A key whose bucket is empty: its backlog never fills the scan.
+                sa.or_(
+                    j.c.concurrency_key.is_(None),
+                    key_bucket(j.c.task_name, j.c.concurrency_key).not_in(full),
+                ),
+            )
             .order_by(j.c.priority.desc(), j.c.id)
             .limit(sa.bindparam("scan", type_=sa.Integer))
             .with_for_update(skip_locked=True)
@@ -1069,6 +1086,12 @@ class Statements:
 
         def rank(column: Any, name: str) -> Any:
             return sa.func.row_number().over(partition_by=column, order_by=order).label(name)
+
+        rank_task_key = (
+            sa.func.row_number()
+            .over(partition_by=(c.task_name, c.concurrency_key), order_by=order)
+            .label("rtk")
+        )
 
         ranked = sa.select(
             c.id,
@@ -1081,6 +1104,7 @@ class Statements:
             rank(c.queue, "rq"),
             rank(c.concurrency_key, "rk"),
             rank(c.lock, "rl"),
+            rank_task_key,
         ).subquery("ranked")
         running = j.alias("running_keys")
         key_running = (
@@ -1095,7 +1119,13 @@ class Statements:
                 sa.func.unnest(_array("keycap_n", sa.Integer())).label("n"),
             )
         ).subquery("keycaps")
-        at, aq = allow.alias("allow_task"), allow.alias("allow_queue")
+        keyrates = (
+            sa.select(
+                sa.func.unnest(_array("keyrate_tasks", sa.Text())).label("task"),
+                sa.func.unnest(_array("keyrate_n", sa.Integer())).label("n"),
+            )
+        ).subquery("keyrates")
+        at, aq, ak = allow.alias("allow_task"), allow.alias("allow_queue"), allow.alias("allow_key")
         r = ranked.c
         picked = (
             sa.select(r.id)
@@ -1104,6 +1134,8 @@ class Statements:
                 .outerjoin(aq, aq.c.key == sa.literal("queue:") + r.queue)
                 .outerjoin(keycaps, keycaps.c.task == r.task_name)
                 .outerjoin(key_running, key_running.c.key == r.concurrency_key)
+                .outerjoin(keyrates, keyrates.c.task == r.task_name)
+                .outerjoin(ak, ak.c.key == key_bucket(r.task_name, r.concurrency_key))
             )
             .where(
                 sa.or_(at.c.n.is_(None), r.rt <= at.c.n),
@@ -1114,12 +1146,17 @@ class Statements:
                     keycaps.c.n.is_(None),
                     r.rk + sa.func.coalesce(key_running.c.n, 0) <= keycaps.c.n,
                 ),
+                sa.or_(
+                    r.concurrency_key.is_(None),
+                    keyrates.c.n.is_(None),
+                    r.rtk <= sa.func.coalesce(ak.c.n, keyrates.c.n),
+                ),
             )
             .order_by(r.priority.desc(), r.id)
             .limit(sa.bindparam("limit", type_=sa.Integer))
             .cte("picked")
         )
-        return self._take(picked)
+        return self._take(picked, j.c.concurrency_key)
 
     def fail_unclaimable(self, by_queue: bool) -> ReturningUpdate[Any]:
         """``todo → failed`` for the waiting jobs whose claim would fail the whole claim,
@@ -1270,6 +1307,22 @@ class Statements:
         return sa.select(b.c.key, b.c.tokens, elapsed).where(
             b.c.key == sa.any_(_array("keys", sa.Text()))
         )
+
+    @cached_property
+    def read_key_buckets(self) -> sa.Select[Any]:
+        """The key buckets (``key:<task>#...``) of the tasks ``:key_patterns`` name (LIKE
+        patterns): tokens and seconds since written, as :attr:`read_buckets`."""
+        b = self.t.limit_buckets
+        elapsed = sa.func.extract("epoch", sa.func.clock_timestamp() - b.c.updated_at)
+        return sa.select(b.c.key, b.c.tokens, elapsed).where(
+            b.c.key.like(sa.any_(_array("key_patterns", sa.Text())))
+        )
+
+    @cached_property
+    def delete_buckets(self) -> Any:
+        """Drop the buckets ``:full_keys``: refilled to the full, the same as no bucket."""
+        b = self.t.limit_buckets
+        return sa.delete(b).where(b.c.key == sa.any_(_array("full_keys", sa.Text())))
 
     @cached_property
     def write_buckets(self) -> Any:
@@ -1657,20 +1710,8 @@ class Statements:
                 sa.case((failed, sa.cast(d.error, JSONB)), else_=sa.cast(sa.null(), JSONB)),
             ),
         ).subquery()
-        trigger = sa.table(
-            "pg_trigger",
-            sa.column("tgrelid"),
-            sa.column("tgname"),
-            sa.column("tgenabled"),
-            schema="pg_catalog",
-        )
-        history_on = sa.exists().where(
-            trigger.c.tgrelid == sa.cast(sa.literal(f'"{self.t.schema}".jobs'), REGCLASS),
-            trigger.c.tgname == HISTORY_TRIGGERS[0],
-            trigger.c.tgenabled != "D",
-        )
         columns = ["job_id", "type", "at", "attempt", "worker_id", "error"]
-        rows = sa.select(*events.c).where(history_on)
+        rows = sa.select(*events.c).where(self._history_on)
         return e.insert().from_select(columns, rows).cte("stored")
 
     def _outcomes(self, rare: Rare | None = None) -> Any:
@@ -1873,6 +1914,104 @@ class Statements:
             .cte("pending_again")
         )
         return self._notify_each(changed, self.channel, changed.c.queue, sa.true()).add_cte(pending)
+
+    @cached_property
+    def reschedule(self) -> sa.Select[Any]:
+        """A waiting job's new schedule and/or priority (``todo`` stays ``todo``; a job a
+        worker claimed meanwhile is left alone: PostgreSQL checks the WHERE again on the row
+        the claim committed). ``:new_scheduled_at`` (an instant) or ``:new_schedule_in``
+        (seconds from the server's now), NULL both: the schedule stays; ``:new_priority``,
+        NULL: it stays. A new schedule is announced in the insert's format
+        (:func:`parse_announcement`): ``#<id>:1 <queue>`` when due now, so an idle worker
+        takes it by turns, else ``@<seconds> <queue>``, so one sleeping longer wakes then."""
+        j = self.jobs
+        at = sa.bindparam("new_scheduled_at", type_=sa.DateTime(timezone=True))
+        delay = sa.bindparam("new_schedule_in", type_=sa.Float)
+        priority = sa.bindparam("new_priority", type_=sa.Integer)
+        changed = (
+            sa.update(j)
+            .where(self._one_job(), j.c.status == TODO)
+            .values(
+                scheduled_at=sa.func.coalesce(
+                    at, sa.func.now() + delay * ONE_SECOND, j.c.scheduled_at
+                ),
+                priority=sa.func.coalesce(priority, j.c.priority),
+            )
+            .returning(j.c.id, j.c.status, j.c.queue, j.c.scheduled_at)
+            .cte("changed")
+        )
+        c = changed.c
+        until = sa.cast(sa.func.extract("epoch", c.scheduled_at - sa.func.now()), sa.Text)
+        named = sa.literal("#", sa.Text) + sa.cast(c.id, sa.Text) + sa.literal(":1", sa.Text)
+        payload = (
+            sa.case((_due(c.scheduled_at), named), else_=sa.literal("@", sa.Text) + until)
+            + sa.literal(" ", sa.Text)
+            + c.queue
+        )
+        moved = sa.or_(at.is_not(None), delay.is_not(None))
+        return self._notify_each(changed, self.channel, payload, moved)
+
+    @cached_property
+    def fail(self) -> sa.Select[Any]:
+        """``todo → failed`` at once for the job ``:fail_id``, with the error record
+        ``{"type": "Failed", "message": :reason}``; no retry, whatever the task's policy.
+        Selects the job's status as the statement found it and, when it failed it, its id
+        (no row: no such job). A running job is left alone (that is ``abort``), and so is one
+        a worker claims meanwhile.
+
+        While history is on, the job's history is stored (``deferred`` unless stored
+        already, and ``failed`` with its error), so ``job_history`` shows no attempt that
+        never started (the view's events read off a row would show one)."""
+        j, e = self.jobs, self.t.job_events
+        job_id = sa.bindparam("fail_id", type_=sa.BigInteger)
+        found = sa.select(j.c.status).where(j.c.id == job_id).cte("found")
+        error = sa.func.jsonb_build_object(
+            _text_literal("type"),
+            _text_literal("Failed"),
+            _text_literal("message"),
+            sa.bindparam("reason", type_=sa.Text),
+        )
+        changed = (
+            sa.update(j)
+            .where(j.c.id == job_id, j.c.status == TODO)
+            .values(status=FAILED, error=error, finished_at=sa.func.now())
+            .returning(j.c.id, j.c.created_at, j.c.attempts, j.c.error, j.c.finished_at)
+            .cte("changed")
+        )
+        c = changed.c
+        deferred_stored = sa.exists().where(e.c.job_id == c.id, e.c.type == "deferred")
+        no_text, no_json = sa.cast(sa.null(), sa.Text), sa.cast(sa.null(), JSONB)
+        columns = ["job_id", "type", "at", "attempt", "worker_id", "error"]
+        deferred = (c.id, _text_literal("deferred"), c.created_at, sa.literal(0), no_text, no_json)
+        events = sa.union_all(
+            sa.select(*(v.label(n) for v, n in zip(deferred, columns, strict=True))).where(
+                ~deferred_stored
+            ),
+            sa.select(c.id, _text_literal("failed"), c.finished_at, c.attempts, no_text, c.error),
+        ).subquery()
+        stored = e.insert().from_select(columns, sa.select(*events.c).where(self._history_on))
+        return (
+            sa.select(found.c.status, c.id)
+            .select_from(found.outerjoin(changed, sa.true()))
+            .add_cte(stored.cte("stored"))
+        )
+
+    @cached_property
+    def _history_on(self) -> sa.ColumnElement[bool]:
+        """The history triggers are enabled (``set_history``): what a statement that stores
+        events itself checks first."""
+        trigger = sa.table(
+            "pg_trigger",
+            sa.column("tgrelid"),
+            sa.column("tgname"),
+            sa.column("tgenabled"),
+            schema="pg_catalog",
+        )
+        return sa.exists().where(
+            trigger.c.tgrelid == sa.cast(sa.literal(f'"{self.t.schema}".jobs'), REGCLASS),
+            trigger.c.tgname == HISTORY_TRIGGERS[0],
+            trigger.c.tgenabled != "D",
+        )
 
     @cached_property
     def abort_requested(self) -> sa.Select[Any]:
@@ -3192,6 +3331,35 @@ def retry_job(s: Statements, job_id: int) -> Query[bool]:
     return Query(s.retry, {"job_id": job_id}, bool)
 
 
+def reschedule_job(
+    s: Statements,
+    job_id: int,
+    at: datetime | None = None,
+    seconds: float | None = None,
+    priority: int | None = None,
+) -> Query[bool]:
+    """Move a waiting job: to ``at``, or ``seconds`` from the server's now, and/or to
+    ``priority`` (None: that stays). True when it was waiting (:meth:`Statements.reschedule`)."""
+    params = {
+        "job_id": job_id,
+        "new_scheduled_at": at,
+        "new_schedule_in": seconds,
+        "new_priority": priority,
+    }
+    return Query(s.reschedule, params, bool)
+
+
+def fail_job(s: Statements, job_id: int, reason: str) -> Query[tuple[Status | None, bool]]:
+    """(the job's status as found, None: no such job; whether this failed it)."""
+
+    def mapper(rows: Rows) -> tuple[Status | None, bool]:
+        if not rows:
+            return None, False
+        return Status(rows[0][0]), rows[0][1] is not None
+
+    return Query(s.fail, {"fail_id": job_id, "reason": reason}, mapper)
+
+
 def abort_requested_ids(s: Statements, worker_id: str) -> Query[list[int]]:
     return Query(s.abort_requested, {"me": worker_id}, _id_list)
 
@@ -3284,6 +3452,22 @@ def set_history(s: Statements, enabled: bool) -> Query[None]:
 # -- limits -----------------------------------------------------------------------------------
 
 
+class LimitedClaim(list[ClaimedJob]):
+    """What a limited claim took: its jobs in start order (a list, as any claim's), and
+    ``concurrency_keys``: the (task, concurrency key) of each one that has a key, the key
+    buckets to charge."""
+
+    concurrency_keys: list[tuple[str, str]]
+
+
+def claimed_with_keys(rows: Rows) -> LimitedClaim:
+    """Rows of the limited claim: a ``ClaimedJob``'s columns, then its ``concurrency_key``."""
+    n = len(ClaimedJob._fields)
+    claimed = LimitedClaim(claimed_in_order([row[:n] for row in rows]))
+    claimed.concurrency_keys = [(row[2], row[n]) for row in rows if row[n] is not None]
+    return claimed
+
+
 def claim_limited(
     s: Statements,
     worker_id: str,
@@ -3292,7 +3476,10 @@ def claim_limited(
     allow: Mapping[str, int],
     keycaps: Mapping[str, int],
     answer: Answer | None = None,
-) -> Query[list[ClaimedJob]]:
+    keyrates: Mapping[str, int] | None = None,
+) -> Query[LimitedClaim]:
+    """``keyrates``: task → the starts a key of it with no bucket allows at once."""
+    keyrates = keyrates or {}
     params: dict[str, Any] = {
         "me": worker_id,
         "limit": limit,
@@ -3301,12 +3488,14 @@ def claim_limited(
         "allow_n": list(allow.values()),
         "keycap_tasks": list(keycaps),
         "keycap_n": list(keycaps.values()),
+        "keyrate_tasks": list(keyrates),
+        "keyrate_n": list(keyrates.values()),
     }
     if queues:
         params["queues"] = list(queues)
     _answer_params(params, limit, answer)
     statement = s.claim_limited(queues, answering=answer is not None)
-    return Query(statement, params, claimed_in_order)
+    return Query(statement, params, claimed_with_keys)
 
 
 def limits_lock(s: Statements) -> Query[None]:
@@ -3350,6 +3539,20 @@ def read_buckets(s: Statements, keys: Sequence[str]) -> Query[dict[str, tuple[fl
     )
 
 
+def read_key_buckets(s: Statements, tasks: Sequence[str]) -> Query[dict[str, tuple[float, float]]]:
+    """Every key bucket of these tasks (``key_rate_limit``), as :func:`read_buckets`."""
+    patterns = [_like_literal(f"key:{task}#") + "%" for task in tasks]
+    return Query(
+        s.read_key_buckets,
+        {"key_patterns": patterns},
+        lambda rows: {row[0]: (float(row[1]), float(row[2])) for row in rows},
+    )
+
+
+def delete_buckets(s: Statements, keys: Sequence[str]) -> Query[None]:
+    return Query(s.delete_buckets, {"full_keys": list(keys)}, _no_value)
+
+
 def write_buckets(s: Statements, tokens: Mapping[str, float]) -> Query[None]:
     params = {"keys": list(tokens), "bucket_tokens": list(tokens.values())}
     return Query(s.write_buckets, params, _no_value)
@@ -3386,8 +3589,9 @@ def roster(s: Statements) -> Query[list[tuple[str, list[str] | None]]]:
 
 def orphaned_jobs(s: Statements) -> Query[list[tuple[str, ClaimedJob, int]]]:
     """(old worker id, job, rescues so far) of every running job whose worker is gone."""
+    n = len(ClaimedJob._fields)  # then the worker's id and the rescues
     return Query(
-        s.orphaned_jobs, {}, lambda rows: [(r[9], to_claimed(r), int(r[10])) for r in rows]
+        s.orphaned_jobs, {}, lambda rows: [(r[n], to_claimed(r), int(r[n + 1])) for r in rows]
     )
 
 

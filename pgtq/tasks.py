@@ -97,6 +97,7 @@ class TaskOptions(TypedDict, total=False):
     concurrency: int | None
     rate_limit: str | float | None
     key_concurrency: int | None
+    key_rate_limit: str | float | None
     burst: int | None
     max_rescues: int
 
@@ -220,6 +221,7 @@ class Task(Generic[P, R]):
         concurrency: int | None = None,
         rate_limit: str | float | None = None,
         key_concurrency: int | None = None,
+        key_rate_limit: str | float | None = None,
         burst: int | None = None,
         max_rescues: int = DEFAULT_MAX_RESCUES,
     ) -> None:
@@ -233,14 +235,25 @@ class Task(Generic[P, R]):
         self.max_rescues = max_rescues
         # Fleet-wide limits, enforced in the claim of every worker that has this task: at most
         # ``concurrency`` running, at most ``rate_limit`` starts (``burst`` of them at once),
-        # and at most ``key_concurrency`` running among its jobs sharing a ``concurrency_key``.
+        # and at most ``key_concurrency`` running among its jobs sharing a ``concurrency_key``,
+        # at most ``key_rate_limit`` starts per ``concurrency_key`` (``burst`` of them at once
+        # too: one word for how bursty the task's starts may be, task-wide and per key).
         for label, cap in (("concurrency", concurrency), ("key_concurrency", key_concurrency)):
             if cap is not None and cap < 1:
                 raise ConfigurationError(f"task {name!r}: {label} must be at least 1")
         try:
-            self.limit = Limit(concurrency=concurrency, rate=parse_rate(rate_limit), burst=burst)
+            rate, key_rate = parse_rate(rate_limit), parse_rate(key_rate_limit)
+            own_burst = burst if rate is not None or key_rate is None else None
+            self.limit = Limit(concurrency=concurrency, rate=rate, burst=own_burst)
+            #: ``key_rate_limit``: the bucket of each ``concurrency_key`` (None: none).
+            self.key_rate_limit = None if key_rate is None else Limit(rate=key_rate, burst=burst)
         except ValueError as exc:
             raise ConfigurationError(f"task {name!r}: {exc}") from None
+        if key_rate is not None and "#" in name:
+            raise ConfigurationError(
+                f"task {name!r}: a task with a key_rate_limit has no '#' in its name (it "
+                "separates the task from the key in the name of the key's bucket)"
+            )
         self.key_concurrency = key_concurrency
         #: The task gets ``ctx.connection`` (a ``Connection`` in its thread, or an
         #: ``AsyncConnection``); its writes and its job's success commit together.

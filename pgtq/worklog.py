@@ -42,7 +42,9 @@ def log_attempt(
     )
     if not logger.isEnabledFor(level):
         return
-    most = task.retry.max_attempts if task is not None else None
+    most = job.max_attempts  # the job's own budget, else its task's policy's
+    if most is None and task is not None:
+        most = task.retry.max_attempts
     of = f" of {most}" if most is not None else ""
     extra: dict[str, Any] = {
         "job_id": job.id,

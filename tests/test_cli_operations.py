@@ -116,6 +116,60 @@ def test_jobs_cancel(dsn: str, sql: SQL) -> None:
     assert sql("SELECT status FROM pgtq.jobs ORDER BY id") == [("cancelled",), ("doing",)]
 
 
+def test_jobs_reschedule(dsn: str, sql: SQL) -> None:
+    defer(dsn, "add", '{"a": 1, "b": 2}', "--in", "3600")
+    defer(dsn, "add", '{"a": 1, "b": 2}')
+    sql("UPDATE pgtq.jobs SET status = 'doing', worker_id = 'w' WHERE id = 2")
+    result = invoke("jobs", "reschedule", "1", "--in", "0", "--priority", "7", dsn=dsn)
+    assert result.exit_code == 0, result.output
+    assert "Job 1 rescheduled: due at" in result.stdout and "priority 7" in result.stdout
+    assert sql("SELECT scheduled_at <= now(), priority FROM pgtq.jobs WHERE id = 1") == [(True, 7)]
+    result = invoke("jobs", "reschedule", "1", "--at", "2040-01-31T09:30", dsn=dsn)
+    assert result.exit_code == 0, result.output
+    assert sql("SELECT scheduled_at, priority FROM pgtq.jobs WHERE id = 1") == [
+        (datetime(2040, 1, 31, 9, 30).astimezone(), 7)
+    ]
+    for args, fragment in (
+        (["2", "--in", "0"], "it runs already"),
+        (["9", "--in", "0"], "no job"),
+        (["1"], "give --at, --in or --priority"),
+        (["1", "--at", "soon"], "ISO 8601"),
+        (["1", "--in", "5", "--at", "2040-01-31T09:30"], "not both"),
+        (["1", "--priority", str(2**31)], "--priority"),
+    ):
+        result = invoke("jobs", "reschedule", *args, dsn=dsn)
+        assert result.exit_code == 1, (args, result.output)
+        assert_one_error_line(result.stderr, fragment)
+    assert sql("SELECT status, priority FROM pgtq.jobs ORDER BY id") == [
+        ("todo", 7),
+        ("doing", 0),
+    ]
+
+
+def test_jobs_fail(dsn: str, sql: SQL) -> None:
+    defer(dsn, "add", '{"a": 1, "b": 2}')
+    defer(dsn, "add", '{"a": 1, "b": 2}')
+    sql("UPDATE pgtq.jobs SET status = 'doing', worker_id = 'w' WHERE id = 2")
+    result = invoke("jobs", "fail", "1", "--reason", "bad input file", dsn=dsn)
+    assert result.exit_code == 0, result.output
+    assert "Job 1 failed: bad input file" in result.stdout
+    assert sql("SELECT status, error FROM pgtq.jobs WHERE id = 1") == [
+        ("failed", {"type": "Failed", "message": "bad input file"})
+    ]
+    for args, fragment in (
+        (["1", "--reason", "x"], "failed, not waiting"),
+        (["2", "--reason", "x"], "pgtq jobs abort 2"),
+        (["9", "--reason", "x"], "no job"),
+        (["2", "--reason", ""], "must say why"),
+    ):
+        result = invoke("jobs", "fail", *args, dsn=dsn)
+        assert result.exit_code == 1, (args, result.output)
+        assert_one_error_line(result.stderr, fragment)
+    result = invoke("jobs", "fail", "2", dsn=dsn)
+    assert result.exit_code == 2 and "--reason" in result.output  # required
+    assert sql("SELECT status FROM pgtq.jobs ORDER BY id") == [("failed",), ("doing",)]
+
+
 # -- queues -------------------------------------------------------------------------------------
 
 

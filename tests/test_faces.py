@@ -139,6 +139,7 @@ def test_both_twins_take_the_one_filter() -> None:
         "lock",
         "tags",
         "search",
+        "tags",
         "before",
         "since",
         "workflow",

@@ -21,7 +21,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pgtq
-from pgtq.limits import Limit, allowances, charges, most_starts, parse_rate
+from pgtq.limits import (
+    Limit,
+    allowances,
+    charges,
+    fresh_starts,
+    key_allowances,
+    key_bucket,
+    key_bucket_task,
+    most_starts,
+    parse_rate,
+)
 from pgtq.worker import Worker
 from tests import limits_workload
 from tests.conftest import eventually
@@ -285,3 +295,156 @@ async def test_task_concurrency_in_process(side: Any, app: pgtq.App) -> None:
     assert peak == 1
     statuses = {row.status for row in [await side.get(app, i) for i in range(1, 11)] if row}
     assert statuses == {pgtq.Status.SUCCEEDED}
+
+
+# -- key_rate_limit: a token bucket per concurrency_key of a task ---------------------------
+
+
+@pytest.mark.unit
+def test_key_buckets_and_their_allowances() -> None:
+    limits = {"send": Limit(rate=2.0), "push": Limit(rate=1.0, burst=3)}
+    assert key_bucket("send", "tenant#1") == "key:send#tenant#1"
+    assert key_bucket_task("key:send#tenant#1") == "send"
+    assert fresh_starts(limits["send"]) == 2 and fresh_starts(limits["push"]) == 3
+    buckets = {
+        "key:send#a": (0.2, 0.1),  # 0.4 tokens now: none to start
+        "key:send#b": (0.0, 0.6),  # 1.2: one
+        "key:send#c": (1.5, 1.0),  # full again (2): dropped, the same as no bucket
+        "key:push#a": (0.0, 2.5),  # 2.5 of 3: two
+        "key:gone#a": (0.0, 0.0),  # a task this worker does not have: left alone
+    }
+    allowed, full = key_allowances(limits, buckets)
+    assert allowed == {"key:send#a": 0, "key:send#b": 1, "key:push#a": 2}
+    assert full == ["key:send#c"]
+
+
+@pytest.mark.unit
+def test_key_rate_limit_options() -> None:
+    app = pgtq.App("postgresql://localhost/x")
+
+    @app.task(key_rate_limit="5/s", burst=1)
+    def paced() -> None: ...
+
+    assert paced.key_rate_limit == Limit(rate=5.0, burst=1)
+    assert paced.limit == Limit()  # no task-wide limit: burst is the key buckets'
+
+    @app.task(rate_limit="100/s", key_rate_limit="30/m")
+    def both() -> None: ...
+
+    assert both.limit == Limit(rate=100.0) and both.key_rate_limit == Limit(rate=0.5)
+    with pytest.raises(pgtq.ConfigurationError, match="invalid rate limit"):
+        app.task(key_rate_limit="fast")(lambda: None)
+    with pytest.raises(pgtq.ConfigurationError, match="'#'"):
+        app.task(name="a#b", key_rate_limit="1/s")(lambda: None)
+
+
+def _starts_by_key(sql: Any, task: str) -> dict[str, list[Any]]:
+    by_key: dict[str, list[Any]] = {}
+    for key, at in sql(
+        "SELECT concurrency_key, started_at FROM pgtq.jobs WHERE task_name = %s AND "
+        "started_at IS NOT NULL ORDER BY started_at",
+        task,
+    ):
+        by_key.setdefault(key, []).append(at)
+    return by_key
+
+
+def _within_the_bucket(starts: list[Any], limit: Limit) -> None:
+    """No span of T seconds holds more than ``capacity + rate * T`` starts (the database's
+    clock: ``started_at`` is written by the claim)."""
+    for i, first in enumerate(starts):
+        for j in range(i, len(starts)):
+            span = (starts[j] - first).total_seconds()
+            assert j - i + 1 <= most_starts(limit, span + 1e-3), (i, j, span)
+
+
+async def test_a_key_with_a_backlog_does_not_hold_back_another_key(
+    side: Any, app: pgtq.App, sql: Any
+) -> None:
+    """One key's backlog, far past what a claim scans, waits on its bucket; a job of
+    another key starts at once. The buckets of idle keys are dropped again."""
+    if side.name == "sync":
+
+        @app.task(key_rate_limit="2/s")
+        def send(n: int) -> None:
+            return None
+
+    else:
+
+        @app.task(key_rate_limit="2/s")  # type: ignore[no-redef]
+        async def send(n: int) -> None:
+            return None
+
+    await side.defer_many(send.configure(concurrency_key="busy"), [{"n": i} for i in range(100)])
+    await side.defer(send, n=-1)  # no key: no key bucket either
+    worker = Worker(app, concurrency=4, fetch_job_polling_interval=0.01, summary_interval=None)
+    running = asyncio.create_task(worker.run())
+    try:
+
+        def started(key: str | None) -> int:
+            [(n,)] = sql(
+                "SELECT count(*) FROM pgtq.jobs WHERE started_at IS NOT NULL AND "
+                "concurrency_key IS NOT DISTINCT FROM %s",
+                key,
+            )
+            return int(n)
+
+        await eventually(lambda: started("busy") >= 3 and started(None) == 1)
+        quiet = await side.defer(send.configure(concurrency_key="quiet"), n=0)
+        await side.wait(app, quiet, timeout=10)
+        [(waited, busy_left)] = sql(
+            "SELECT extract(epoch FROM started_at - created_at)::float, (SELECT count(*) FROM "
+            "pgtq.jobs WHERE concurrency_key = 'busy' AND status = 'todo') FROM pgtq.jobs "
+            "WHERE id = %s",
+            quiet,
+        )
+        assert busy_left > 80 and waited < 1.0, (waited, busy_left)
+        await eventually(lambda: sql("SELECT key FROM pgtq.limit_buckets") == [("key:send#busy",)])
+    finally:
+        worker.stop()
+        await running
+    _within_the_bucket(_starts_by_key(sql, "send")["busy"], Limit(rate=2.0))
+
+
+async def test_a_key_rate_holds_across_two_workers(side: Any, app: pgtq.App, sql: Any) -> None:
+    """Two workers claim side by side: each key's starts stay within its bucket, and the
+    keys run side by side (the rate is per key, not the task's)."""
+    if side.name == "sync":
+
+        @app.task(key_rate_limit="5/s")
+        def fetch(n: int) -> None:
+            return None
+
+    else:
+
+        @app.task(key_rate_limit="5/s")  # type: ignore[no-redef]
+        async def fetch(n: int) -> None:
+            return None
+
+    for key in ("a", "b"):
+        await side.defer_many(fetch.configure(concurrency_key=key), [{"n": i} for i in range(15)])
+    workers = [
+        Worker(app, concurrency=8, fetch_job_polling_interval=0.01, summary_interval=None)
+        for _ in range(2)
+    ]
+    running = [asyncio.create_task(w.run()) for w in workers]
+    try:
+        await eventually(
+            lambda: sql("SELECT count(*) FROM pgtq.jobs WHERE status = 'succeeded'") == [(30,)],
+            timeout=30,
+        )
+    finally:
+        for w in workers:
+            w.stop()
+        await asyncio.gather(*running)
+    [(claimers,)] = sql("SELECT count(DISTINCT worker_id) FROM pgtq.jobs")
+    assert claimers == 2  # both workers took jobs
+    starts = _starts_by_key(sql, "fetch")
+    limit = Limit(rate=5.0)
+    for key in ("a", "b"):
+        assert len(starts[key]) == 15
+        _within_the_bucket(starts[key], limit)
+        # The bucket did bind: 5 at once, then 10 more at 5 a second.
+        assert (starts[key][-1] - starts[key][0]).total_seconds() >= 2.0 - 0.05
+    # Side by side: each key started before the other's last start.
+    assert starts["a"][0] < starts["b"][-1] and starts["b"][0] < starts["a"][-1]

@@ -9,7 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pgtq
-from pgtq.retry import as_retry, backoff_delays
+from pgtq.model import ClaimedJob
+from pgtq.outcomes import decide, timeout_of
+from pgtq.retry import RetryByFunction, as_retry, backoff_delays
 
 pytestmark = pytest.mark.unit
 
@@ -90,3 +92,59 @@ def test_no_delay_exceeds_max_delay(
     assert no_jitter is not None
     if no_jitter * (1 + jitter) <= max_delay:
         assert delay >= no_jitter
+
+
+def test_a_jobs_own_budget_replaces_the_policys_max_attempts() -> None:
+    """``configure(max_attempts=...)``: the job's budget, the policy's backoff and retry_on."""
+    err = ValueError("x")
+    policy = pgtq.Retry(max_attempts=3, backoff="linear", base=2, jitter=0)
+    assert [policy.delay(a, err, max_attempts=5) for a in range(1, 6)] == [2, 4, 6, 8, None]
+    assert policy.decide(1, err, max_attempts=1) is None
+    decision = policy.decide(3, err, max_attempts=4)
+    assert decision is not None and decision.delay == 6
+    picky = pgtq.Retry(max_attempts=3, retry_on=(ConnectionError,))
+    assert picky.decide(1, err, max_attempts=10) is None
+    # No policy (a single attempt): a budget retries with the default backoff, Retry()'s.
+    default = as_retry(None).decide(1, err, max_attempts=2)
+    assert default is not None and 1.0 <= default.delay <= 1.1
+
+
+def test_a_jobs_own_budget_caps_a_retry_function() -> None:
+    asked: list[int] = []
+
+    def policy(attempt: int, exc: BaseException) -> float | None:
+        asked.append(attempt)
+        return None if attempt >= 2 else 5.0
+
+    by_function = as_retry(policy)
+    assert isinstance(by_function, RetryByFunction)
+    first = by_function.decide(1, ValueError(), max_attempts=3)
+    assert first is not None and first.delay == 5.0
+    assert by_function.decide(2, ValueError(), max_attempts=3) is None  # the function's no
+    assert by_function.decide(3, ValueError(), max_attempts=3) is None  # not asked at all
+    assert asked == [1, 2]
+
+
+def _claimed(**fields: Any) -> ClaimedJob:
+    return ClaimedJob(1, "default", "t", {}, 1, 0, None)._replace(**fields)
+
+
+def test_the_outcome_follows_the_jobs_own_budget_and_timeout() -> None:
+    app = pgtq.App("postgresql://localhost/x")
+
+    @app.task(retry=pgtq.Retry(max_attempts=2, base=0, jitter=0), timeout=5)
+    def t() -> None: ...
+
+    err = ValueError("x")
+    assert decide(t, _claimed(attempts=2), exc=err).status is pgtq.Status.FAILED
+    assert decide(t, _claimed(attempts=2, max_attempts=3), exc=err).status is pgtq.Status.TODO
+    assert decide(t, _claimed(attempts=1, max_attempts=1), exc=err).status is pgtq.Status.FAILED
+    timed_out = decide(t, _claimed(timeout=0.5, attempts=2), abort_reason="timeout")
+    assert timed_out.status is pgtq.Status.FAILED
+    assert timed_out.error is not None and "timeout of 0.5 s" in timed_out.error
+    assert timeout_of(t, _claimed()) == 5
+    assert timeout_of(t, _claimed(timeout=0.25)) == 0.25
+    assert timeout_of(None, _claimed(timeout=0.25)) == 0.25
+    # A value no defer writes (a row written by other means): the task's applies.
+    for unusable in (0.0, -1.0, float("nan"), float("inf")):
+        assert timeout_of(t, _claimed(timeout=unusable)) == 5
