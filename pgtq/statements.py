@@ -1861,10 +1861,10 @@ class Statements:
 
     def _settled_after(self, changed: sa.CTE, select: sa.Select[Any]) -> sa.Select[Any]:
         """``select`` (over ``changed``: ``id``, ``status``, ``children``) with the children
-        of the jobs it cancelled settled in the same statement (:meth:`_settling`)."""
+        of the jobs it ended settled in the same statement (:meth:`_settling`)."""
         finished = (
             sa.select(changed.c.id, changed.c.status, changed.c.children)
-            .where(changed.c.children.is_not(None), changed.c.status == CANCELLED)
+            .where(changed.c.children.is_not(None), changed.c.status.in_(ENDED))
             .cte("finished")
         )
         guard, announced = self._settling(finished)
@@ -1975,14 +1975,29 @@ class Statements:
             sa.update(j)
             .where(j.c.id == job_id, j.c.status == TODO)
             .values(status=FAILED, error=error, finished_at=sa.func.now())
-            .returning(j.c.id, j.c.created_at, j.c.attempts, j.c.error, j.c.finished_at)
+            .returning(
+                j.c.id,
+                j.c.created_at,
+                j.c.attempts,
+                j.c.error,
+                j.c.finished_at,
+                j.c.status,
+                j.c.children,
+            )
             .cte("changed")
         )
         c = changed.c
         deferred_stored = sa.exists().where(e.c.job_id == c.id, e.c.type == "deferred")
         no_text, no_json = sa.cast(sa.null(), sa.Text), sa.cast(sa.null(), JSONB)
         columns = ["job_id", "type", "at", "attempt", "worker_id", "error"]
-        deferred = (c.id, _text_literal("deferred"), c.created_at, sa.literal(0), no_text, no_json)
+        deferred: tuple[sa.ColumnElement[Any], ...] = (
+            c.id,
+            _text_literal("deferred"),
+            c.created_at,
+            sa.literal(0),
+            no_text,
+            no_json,
+        )
         events = sa.union_all(
             sa.select(*(v.label(n) for v, n in zip(deferred, columns, strict=True))).where(
                 ~deferred_stored
@@ -1990,11 +2005,12 @@ class Statements:
             sa.select(c.id, _text_literal("failed"), c.finished_at, c.attempts, no_text, c.error),
         ).subquery()
         stored = e.insert().from_select(columns, sa.select(*events.c).where(self._history_on))
-        return (
+        failed = (
             sa.select(found.c.status, c.id)
             .select_from(found.outerjoin(changed, sa.true()))
             .add_cte(stored.cte("stored"))
         )
+        return self._settled_after(changed, failed)  # a failed parent settles its children
 
     @cached_property
     def _history_on(self) -> sa.ColumnElement[bool]:

@@ -139,7 +139,6 @@ def test_both_twins_take_the_one_filter() -> None:
         "lock",
         "tags",
         "search",
-        "tags",
         "before",
         "since",
         "workflow",

@@ -379,3 +379,15 @@ async def test_a_wide_fan_in_costs_each_completion_what_a_narrow_one_does(
     sql("TRUNCATE pgtq.jobs, pgtq.job_dependencies RESTART IDENTITY")
     wide = _completion_buffers(app, t, dsn, sql, 10_000)
     assert wide <= narrow + 10, (narrow, wide)
+
+
+async def test_failing_a_waiting_parent_by_hand_settles_its_children(
+    app: pgtq.App, side: Side
+) -> None:
+    t = make_tasks(app, [])
+    parent = await side.defer(t["ok"])
+    child = await side.defer(t["ok"].configure(depends_on=[parent]))
+    runs_anyway = await side.defer(t["ok"].configure(depends_on=[parent], on_parent_failure="run"))
+    assert await side.call(app.jobs, "fail", parent, "no")
+    assert await status(side, app, child) is Status.CANCELLED
+    assert await status(side, app, runs_anyway) is Status.TODO
