@@ -248,11 +248,24 @@ def test_rolling_upgrade_from_the_previous_release(
             # (A release may have none: pgtq_0006's release has only a post revision.)
             assert applied == [rev for rev, phase in pending if phase == "pre"]
 
+            # A blocked job (pgtq_0011, workflows): no worker claims it, the old one
+            # included (its claim takes ``status = 'todo'`` only).
+            blocked = (
+                "INSERT INTO pgtq.jobs (task_name, status, pending_parents) "
+                "SELECT 'never_claimed', 'blocked', 1 RETURNING id"
+            )
+            if "pgtq_0011" in applied:
+                [(blocked_id,)] = sql(blocked)
+
             # Both releases side by side, both deferring.
             new_worker = new.start_worker()
             old.defer(100, 40)  # batch B
             new.defer(200, 40)  # batch C
             wait_until(lambda: all_final(sql) and count_jobs(sql) == 120, old_worker, new_worker)
+            if "pgtq_0011" in applied:
+                assert sql(
+                    "SELECT status, attempts, worker_id FROM pgtq.jobs WHERE id = %s", blocked_id
+                ) == [("blocked", 0, None)]
 
             # Both releases' schedulers ran beside the new table (pgtq_0007): the new one
             # registered its schedules there, and no tick was deferred twice.
