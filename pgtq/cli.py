@@ -1564,6 +1564,7 @@ _STATUS_STYLES = {
     Status.FAILED: "red",
     Status.ABORTED: "yellow",
     Status.CANCELLED: "yellow",
+    Status.BLOCKED: "dim",
 }
 
 

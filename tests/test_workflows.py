@@ -309,6 +309,12 @@ async def test_the_job_page_draws_the_workflow_as_svg(app: pgtq.App) -> None:
         assert all(f"/jobs/{i}" in listed for i in handle.job_ids)
         plain = await t["ok"].defer_async()
         assert "workflow-graph" not in (await client.get(f"/jobs/{plain}")).text
+        waiting = await t["ok"].configure(depends_on=[plain]).defer_async()
+        page = (await client.get(f"/jobs/{waiting}")).text
+        assert (
+            f"/jobs/{waiting}/cancel" in page
+            and f'<g class="node blocked" data-job="{waiting}">' in page
+        )
 
 
 def test_jobs_show_lists_parents_and_children(dsn: str, sql: SQL) -> None:

@@ -440,7 +440,7 @@ class Dashboard:
     def _job_actions(self, job: Job) -> list[str]:
         if job.status in RETRYABLE:
             return ["retry"]
-        if job.status is Status.TODO:
+        if job.status in (Status.TODO, Status.BLOCKED):
             return ["cancel", "abort"]
         if job.status is Status.DOING and not job.abort_requested:
             return ["abort"]
