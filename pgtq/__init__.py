@@ -26,7 +26,7 @@ from pgtq.model import Deferred, JobEvent
 from pgtq.outcomes import Discard, Snooze
 from pgtq.retry import Retry, RetryDecision
 from pgtq.tasks import Deferrer, Task
-from pgtq.workflows import Chain, Group, Signature, Workflow, chain, group
+from pgtq.workflows import Batch, Chain, Group, Signature, Workflow, chain, group
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "AlreadyEnqueued",
     "App",
     "AppFactory",
+    "Batch",
     "Blueprint",
     "BlueprintTask",
     "Chain",

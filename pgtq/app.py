@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from pgtq.migrations import Phase
     from pgtq.periodic import CleanupOptions
     from pgtq.worker import WorkerStats
+    from pgtq.workflows import Batch, Signature
 
 
 DSN_ENV = "PGTQ_DSN"
@@ -376,6 +377,27 @@ class App:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close_async()
+
+    def batch(
+        self,
+        *,
+        on_complete: Task[..., Any] | Signature | None = None,
+        on_failure: Task[..., Any] | Signature | None = None,
+    ) -> Batch:
+        """A batch of jobs deferred over time (``with app.batch(...) as b: b.defer(t.s())``,
+        or ``async with``), whose callbacks run once: ``on_complete`` after every member
+        ended, ``on_failure`` after every member ended if one did not succeed (a task, or
+        ``task.s(...)`` for arguments). See docs/workflows.md."""
+        from pgtq.workflows import Batch, Signature
+
+        def signature(callback: Task[..., Any] | Signature | None) -> Signature | None:
+            if callback is None or isinstance(callback, Signature):
+                return callback
+            return callback.s()
+
+        if on_complete is None and on_failure is None:
+            raise InvalidArguments("app.batch: give on_complete=, on_failure= or both")
+        return Batch(self, signature(on_complete), signature(on_failure))
 
     # -- tasks ------------------------------------------------------------------------------------
 

@@ -115,6 +115,8 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         sa.Column("pending_parents", sa.Integer, nullable=True),
         sa.Column("children", sa.Integer, nullable=True),
         sa.Column("workflow_id", sa.BigInteger, nullable=True),
+        # pgtq_0011: on a batch's callback, how many of its parents ended badly so far.
+        sa.Column("failed_parents", sa.Integer, nullable=True),
         sa.CheckConstraint(f"status IN ({statuses})", name="jobs_status_check"),
         # The claim indexes hold only waiting jobs: they stay small however many finished
         # jobs the table keeps, and give the claim its order without a sort. One serves a
@@ -178,7 +180,7 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         # What the child does when this parent ends failed, cancelled or aborted.
         sa.Column("on_parent_failure", sa.Text, nullable=False, server_default="cancel"),
         sa.CheckConstraint(
-            "on_parent_failure IN ('cancel', 'run', 'hold')",
+            "on_parent_failure IN ('cancel', 'run', 'hold', 'failure')",
             name="job_dependencies_on_parent_failure_check",
         ),
         sa.Index("job_dependencies_child_idx", "child_id"),

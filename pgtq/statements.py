@@ -89,6 +89,10 @@ ON_PARENT_FAILURE: tuple[OnParentFailure, ...] = ("cancel", "run", "hold")
 _CANCEL_EDGE = sa.literal_column("'cancel'", sa.Text)
 _RUN_EDGE = sa.literal_column("'run'", sa.Text)
 _HOLD_EDGE = sa.literal_column("'hold'", sa.Text)
+#: A batch's ``on_failure`` callback: the edge settles whatever the parent's end, and the
+#: callback, once every edge settled, runs only if a parent did not succeed (else it ends
+#: ``cancelled``). Internal: ``configure()`` does not offer it.
+_FAILURE_EDGE = sa.literal_column("'failure'", sa.Text)
 #: The error of a child cancelled because a parent ended badly (a literal: see below).
 _PARENT_FAILED: sa.ColumnElement[Any] = sa.literal_column(
     "'{}'::jsonb".format(
@@ -293,15 +297,22 @@ WORKFLOW_COLUMNS: tuple[tuple[str, sa.types.TypeEngine[Any]], ...] = (
     ("timeout", sa.Float()),
     ("max_attempts", sa.Integer()),
     ("args", JSONB()),
+    # Parents that are no job: a batch's record waits for its close (``held`` 1).
+    ("held", sa.Integer()),
 )
-#: The fields of an edge of ``insert_workflow``: ``child`` a position, its parent a position
+#: The fields of an edge of ``insert_workflow``: its child a position (``child``) or an
+#: existing blocked job (``child_id``: a batch's callback), its parent a position
 #: (``parent``) or an existing job (``parent_id``).
 EDGE_COLUMNS: tuple[tuple[str, sa.types.TypeEngine[Any]], ...] = (
     ("child", sa.Integer()),
     ("parent", sa.Integer()),
     ("parent_id", sa.BigInteger()),
+    ("child_id", sa.BigInteger()),
     ("on_parent_failure", sa.Text()),
 )
+#: The task name of a batch's own record (``app.batch``): a job no worker runs, blocked
+#: while the batch is open, ``succeeded`` once closed (``cancelled`` if its block raised).
+BATCH_TASK = "pgtq.batch"
 #: What ``on_conflict="replace"`` changes of the job holding the key: the new job's
 #: arguments, schedule and priority (as ``insert_keyed`` does), and those of its tags, meta,
 #: timeout and max_attempts it has (the holder keeps its own where the new job has none).
@@ -483,7 +494,30 @@ class Statements:
         present = (
             sa.select(sa.func.count()).select_from(j).where(j.c.id.in_(outside)).scalar_subquery()
         )
-        ok = sa.select((present == wanted).label("ok")).cte("parents_found")
+        targets = sa.select(edges.c.child_id).where(edges.c.child_id.is_not(None))
+        expected = sa.select(sa.func.count(sa.distinct(edges.c.child_id))).scalar_subquery()
+        waiting = (
+            sa.select(sa.func.count())
+            .select_from(j)
+            .where(j.c.id.in_(targets), j.c.status == BLOCKED)
+            .scalar_subquery()
+        )
+        # A batch's member: the batch still open (its record blocked, locked for share: a
+        # close waits for this insert, or this insert sees the batch closed).
+        batch = sa.bindparam("open_batch", type_=sa.BigInteger)
+        batch_open = (
+            sa.select(j.c.id)
+            .where(j.c.id == batch, j.c.status == BLOCKED)
+            .with_for_update(read=True)
+            .cte("batch_open")
+        )
+        ok = sa.select(
+            sa.and_(
+                present == wanted,
+                waiting == expected,
+                sa.or_(batch.is_(None), sa.exists(sa.select(batch_open.c.id))),
+            ).label("ok")
+        ).cte("parents_found")
         per_parent = (
             sa.select(edges.c.parent_id, sa.func.count().label("n"))
             .where(edges.c.parent_id.is_not(None))
@@ -498,7 +532,7 @@ class Statements:
             sa.select(
                 sa.func.coalesce(sa.func.min(sa.func.coalesce(j.c.workflow_id, j.c.id)), first_id)
             )
-            .where(j.c.id.in_(outside))
+            .where(sa.or_(j.c.id.in_(outside), j.c.id.in_(targets)))
             .cte("workflow")
         )
         workflow_id = sa.select(workflow.c[0]).scalar_subquery()
@@ -512,6 +546,21 @@ class Statements:
             .returning(j.c.id, j.c.status)
             .cte("marked")
         )
+        # A batch's callbacks (existing blocked jobs) wait for one more parent each.
+        per_target = (
+            sa.select(edges.c.child_id, sa.func.count().label("n"))
+            .where(edges.c.child_id.is_not(None))
+            .group_by(edges.c.child_id)
+            .subquery("per_target")
+        )
+        # (Nothing reads it: added to the statement, it runs all the same.)
+        attached = (
+            sa.update(j)
+            .where(j.c.id == per_target.c.child_id, j.c.status == BLOCKED, all_found)
+            .values(pending_parents=j.c.pending_parents + per_target.c.n)
+            .returning(j.c.id)
+            .cte("attached")
+        )
         child_ids = ids.alias("child_ids")
         parent_ids = ids.alias("parent_ids")
         failed = marked.c.status.in_([FAILED, CANCELLED, ABORTED])
@@ -521,13 +570,13 @@ class Statements:
         )
         links = (
             sa.select(
-                child_ids.c.id.label("child_id"),
+                sa.func.coalesce(child_ids.c.id, edges.c.child_id).label("child_id"),
                 sa.func.coalesce(parent_ids.c.id, edges.c.parent_id).label("parent_id"),
                 edges.c.on_parent_failure,
                 sa.case((edges.c.parent_id.is_(None), sa.true()), else_=~settled).label("pending"),
             )
             .select_from(
-                edges.join(child_ids, child_ids.c.n == edges.c.child)
+                edges.outerjoin(child_ids, child_ids.c.n == edges.c.child)
                 .outerjoin(parent_ids, parent_ids.c.n == edges.c.parent)
                 .outerjoin(marked, marked.c.id == edges.c.parent_id)
             )
@@ -558,8 +607,11 @@ class Statements:
             .group_by(edges.c.parent)
             .subquery("fan_out")
         )
-        blocked = sa.func.coalesce(pending.c.n, 0) > 0
         r = rows.c
+        waits_for = sa.case(
+            (r.held.is_(None), pending.c.n), else_=sa.func.coalesce(pending.c.n, 0) + r.held
+        )
+        blocked = sa.func.coalesce(waits_for, 0) > 0
         values: dict[str, sa.ColumnElement[Any]] = {
             "id": ids.c.id,
             "queue": r.queue,
@@ -581,7 +633,7 @@ class Statements:
             "timeout": r.timeout,
             "max_attempts": r.max_attempts,
             "status": sa.case((blocked, BLOCKED), else_=TODO),
-            "pending_parents": pending.c.n,
+            "pending_parents": waits_for,
             "children": fan_out.c.n,
             "workflow_id": workflow_id,
         }
@@ -634,7 +686,32 @@ class Statements:
                 inserted.outerjoin(announced, sa.true()).outerjoin(edges_written, sa.true())
             )
             .order_by(inserted.c.id)
+            .add_cte(attached)
         )
+
+    @cached_property
+    def close_batch(self) -> sa.Select[Any]:
+        """Close the batch ``:batch_id``: its record ``blocked → succeeded`` (``cancelled``
+        with ``:batch_failed``, a block that raised), which settles its callbacks' last
+        edge in the same statement (:meth:`_settling`). Selects its id if it was open."""
+        j = self.jobs
+        failed = sa.bindparam("batch_failed", type_=sa.Boolean)
+        changed = (
+            sa.update(j)
+            .where(
+                j.c.id == sa.bindparam("batch_id", type_=sa.BigInteger),
+                j.c.task_name == _text_literal(BATCH_TASK),
+                j.c.status == BLOCKED,
+            )
+            .values(
+                status=sa.case((failed, CANCELLED), else_=SUCCEEDED),
+                finished_at=sa.func.now(),
+                pending_parents=0,
+            )
+            .returning(j.c.id, j.c.status, j.c.children)
+            .cte("changed")
+        )
+        return self._settled_after(changed, sa.select(changed.c.id))
 
     @cached_property
     def parent_results(self) -> sa.Select[Any]:
@@ -643,7 +720,10 @@ class Statements:
         return (
             sa.select(j.c.id, j.c.status, j.c.result)
             .select_from(e.join(j, j.c.id == e.c.parent_id))
-            .where(e.c.child_id == sa.bindparam("job_id", type_=sa.BigInteger))
+            .where(
+                e.c.child_id == sa.bindparam("job_id", type_=sa.BigInteger),
+                j.c.task_name != _text_literal(BATCH_TASK),
+            )
             .order_by(j.c.id)
         )
 
@@ -1540,8 +1620,10 @@ class Statements:
             sa.select(
                 e.c.parent_id,
                 e.c.child_id,
-                sa.or_(ok, e.c.on_parent_failure == _RUN_EDGE).label("settles"),
+                sa.or_(ok, e.c.on_parent_failure.in_([_RUN_EDGE, _FAILURE_EDGE])).label("settles"),
                 sa.and_(~ok, e.c.on_parent_failure == _CANCEL_EDGE).label("cancels"),
+                (~ok).label("failed"),
+                (e.c.on_parent_failure == _FAILURE_EDGE).label("on_failure"),
             )
             .select_from(e.join(finished, e.c.parent_id == finished.c.id))
             .cte("hit")
@@ -1555,6 +1637,7 @@ class Statements:
                 seed.c.parent_id,
                 seed.c.child_id,
                 (seed.c.on_parent_failure == _CANCEL_EDGE).label("cancels"),
+                (seed.c.on_parent_failure == _FAILURE_EDGE).label("on_failure"),
             )
             .select_from(seed.join(hit, seed.c.parent_id == hit.c.child_id))
             .where(hit.c.cancels, seed.c.on_parent_failure != _HOLD_EDGE)
@@ -1566,19 +1649,25 @@ class Statements:
                 below.c.parent_id,
                 below.c.child_id,
                 (below.c.on_parent_failure == _CANCEL_EDGE).label("cancels"),
+                (below.c.on_parent_failure == _FAILURE_EDGE).label("on_failure"),
             )
             .select_from(below.join(reach, below.c.parent_id == reach.c.child_id))
             .where(reach.c.cancels, below.c.on_parent_failure != _HOLD_EDGE)
         )
+        # Below a cancelled child, every parent reached ended badly (``failed`` true).
         hits = sa.union_all(
-            sa.select(hit.c.child_id, hit.c.settles, hit.c.cancels),
-            sa.select(reach.c.child_id, ~reach.c.cancels, reach.c.cancels),
+            sa.select(hit.c.child_id, hit.c.settles, hit.c.cancels, hit.c.failed, hit.c.on_failure),
+            sa.select(
+                reach.c.child_id, ~reach.c.cancels, reach.c.cancels, sa.true(), reach.c.on_failure
+            ),
         ).subquery("hits")
         per_child = (
             sa.select(
                 hits.c.child_id,
                 sa.func.count().filter(hits.c.settles).label("n"),
                 sa.func.bool_or(hits.c.cancels).label("cancel"),
+                sa.func.count().filter(sa.and_(hits.c.settles, hits.c.failed)).label("failures"),
+                sa.func.bool_or(hits.c.on_failure).label("on_failure"),
             )
             .group_by(hits.c.child_id)
             .cte("per_child")
@@ -1597,13 +1686,27 @@ class Statements:
         )
         pending = j.c.pending_parents - per_child.c.n
         cancel = per_child.c.cancel
+        failures = per_child.c.failures
+        # A batch's on_failure callback: released only if some parent did not succeed.
+        none_failed = sa.and_(
+            per_child.c.on_failure,
+            sa.func.coalesce(j.c.failed_parents, 0) + failures == 0,
+        )
+        released = sa.case((none_failed, CANCELLED), else_=TODO)
         settled = (
             sa.update(j)
             .where(j.c.id == per_child.c.child_id, j.c.id == locked.c.id, j.c.status == BLOCKED)
             .values(
                 pending_parents=pending,
-                status=sa.case((cancel, CANCELLED), (pending <= 0, TODO), else_=BLOCKED),
-                finished_at=sa.case((cancel, sa.func.now()), else_=j.c.finished_at),
+                failed_parents=sa.case(
+                    (failures > 0, sa.func.coalesce(j.c.failed_parents, 0) + failures),
+                    else_=j.c.failed_parents,
+                ),
+                status=sa.case((cancel, CANCELLED), (pending <= 0, released), else_=BLOCKED),
+                finished_at=sa.case(
+                    (sa.or_(cancel, sa.and_(pending <= 0, none_failed)), sa.func.now()),
+                    else_=j.c.finished_at,
+                ),
                 error=sa.case((cancel, _PARENT_FAILED), else_=j.c.error),
             )
             .returning(j.c.id, j.c.status, j.c.queue)
@@ -3020,12 +3123,15 @@ class WorkflowJobs:
     jobs: str
     edges: str
     trace_context: str | None = None
+    #: A batch's member: written only while this batch is open.
+    open_batch: int | None = None
 
     def as_params(self) -> dict[str, Any]:
         return {
             "new_jobs": self.jobs,
             "new_edges": self.edges,
             "new_trace_context": self.trace_context,
+            "open_batch": self.open_batch,
         }
 
 
@@ -3033,6 +3139,11 @@ def insert_workflow(s: Statements, workflow: WorkflowJobs) -> Query[list[int]]:
     """The new jobs' ids in position order; empty when a parent id names no job (nothing was
     written)."""
     return Query(s.insert_workflow, workflow.as_params(), _id_list, driver=True)
+
+
+def close_batch(s: Statements, batch_id: int, failed: bool = False) -> Query[bool]:
+    """True when the batch was open (its record blocked) and is now closed."""
+    return Query(s.close_batch, {"batch_id": batch_id, "batch_failed": failed}, bool)
 
 
 def parent_results(s: Statements, job_id: int) -> Query[dict[int, Any]]:

@@ -272,4 +272,143 @@ def _left(deadline: float | None) -> float | None:
     return left
 
 
-__all__ = ["Chain", "Group", "Signature", "Workflow", "chain", "group", "plan"]
+__all__ = ["Batch", "Chain", "Group", "Signature", "Workflow", "chain", "group", "plan"]
+
+
+class Batch:
+    """Jobs deferred over time, with callbacks that run once: ``on_complete`` after every
+    member ended (whatever its end: ``ctx.parent_results()`` has None for a member that did
+    not succeed), ``on_failure`` after every member ended if one did not succeed (else it
+    ends ``cancelled``). The batch stays open until closed (the end of its ``with`` block,
+    or :meth:`close`): a callback waits for the close and for every member.
+
+    Built on the workflows' edges: the batch is a record (a job of task ``pgtq.batch`` no
+    worker runs, :attr:`id`) that is each callback's first parent; each member is one more
+    parent of each callback; closing ends the record, which settles that edge. So the
+    callbacks are released by the statement that settles their last edge, exactly once
+    however many workers finish the last members at once. A block that raises closes the
+    batch as failed (``on_failure`` runs, ``on_complete`` too)."""
+
+    def __init__(
+        self,
+        app: App,
+        on_complete: Signature | None = None,
+        on_failure: Signature | None = None,
+        *,
+        batch_id: int | None = None,
+        callbacks: Mapping[int, str] | None = None,
+    ) -> None:
+        self.app = app
+        self._on_complete, self._on_failure = on_complete, on_failure
+        #: The batch's record (its id names the batch: ``Batch.of(app, id)``).
+        self.id: int | None = batch_id
+        # The callbacks' job ids, each with the policy of its edges (``run``: on_complete,
+        # ``failure``: on_failure).
+        self._callbacks: dict[int, str] = dict(callbacks or {})
+
+    @property
+    def callbacks(self) -> tuple[int, ...]:
+        """The callbacks' job ids (on_complete first)."""
+        return tuple(self._callbacks)
+
+    @classmethod
+    def of(cls, app: App, batch_id: int) -> Batch:
+        """A batch opened elsewhere (another process), to defer more or close it."""
+        return cls(app, batch_id=batch_id, callbacks=_callbacks(app.jobs.dependencies(batch_id)))
+
+    @classmethod
+    async def of_async(cls, app: App, batch_id: int) -> Batch:
+        edges = await app.jobs.dependencies_async(batch_id)
+        return cls(app, batch_id=batch_id, callbacks=_callbacks(edges))
+
+    # -- open ------------------------------------------------------------------------------
+
+    def _opening(self) -> statements.Query[list[int]]:
+        if self.id is not None:
+            raise InvalidArguments(f"batch {self.id} is open already")
+        rows: list[dict[str, Any]] = [
+            {"n": 0, "task_name": statements.BATCH_TASK, "queue": "default", "priority": 0,
+             "args": {}, "held": 1}
+        ]  # fmt: skip
+        edges: list[dict[str, Any]] = []
+        for callback, policy in ((self._on_complete, "run"), (self._on_failure, "failure")):
+            if callback is None:
+                continue
+            n = len(rows)
+            rows.append(callback.deferrer.workflow_row(n, callback.kwargs))
+            edges.append({"child": n, "parent": 0, "on_parent_failure": policy})
+        params = statements.WorkflowJobs(dumps(rows), dumps(edges))
+        return statements.insert_workflow(self.app.statements, params)
+
+    def _opened(self, ids: list[int]) -> Batch:
+        policies = [p for c, p in ((self._on_complete, "run"), (self._on_failure, "failure")) if c]
+        self.id, self._callbacks = ids[0], dict(zip(ids[1:], policies, strict=True))
+        return self
+
+    def open(self, *, connection: Connection | None = None) -> Batch:
+        """Write the batch's record and callbacks (one statement)."""
+        return self._opened(self.app.sync.run(self._opening(), connection))
+
+    async def open_async(self, *, connection: AsyncConnection | None = None) -> Batch:
+        return self._opened(await self.app.async_connector().run(self._opening(), connection))
+
+    def __enter__(self) -> Batch:
+        return self.open() if self.id is None else self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self.close(failed=kind is not None)
+
+    async def __aenter__(self) -> Batch:
+        return await self.open_async() if self.id is None else self
+
+    async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        await self.close_async(failed=kind is not None)
+
+    # -- members ---------------------------------------------------------------------------
+
+    def _member(self, part: Signature) -> tuple[Plan, statements.Query[list[int]]]:
+        if self.id is None:
+            raise InvalidArguments("open the batch first (with app.batch(...) as b)")
+        row = part.deferrer.workflow_row(0, part.kwargs)
+        edges: list[dict[str, Any]] = [
+            {"child": 0, "parent_id": parent, "on_parent_failure": _edge_policy(part, "cancel")}
+            for parent in part.deferrer.options.depends_on or ()
+        ]
+        for callback, policy in self._callbacks.items():
+            edges.append({"child_id": callback, "parent": 0, "on_parent_failure": policy})
+        params = statements.WorkflowJobs(dumps([row]), dumps(edges), open_batch=self.id)
+        return Plan([part], [], (0,)), statements.insert_workflow(self.app.statements, params)
+
+    def defer(self, part: Signature, *, connection: Connection | None = None) -> int:
+        """Defer a member (``task.s(...)``): one statement; InvalidArguments once closed."""
+        _, query = self._member(part)
+        return self._added(self.app.sync.run(query, connection))
+
+    async def defer_async(
+        self, part: Signature, *, connection: AsyncConnection | None = None
+    ) -> int:
+        _, query = self._member(part)
+        return self._added(await self.app.async_connector().run(query, connection))
+
+    def _added(self, ids: list[int]) -> int:
+        if not ids:
+            raise InvalidArguments(f"batch {self.id} is closed: it takes no more jobs")
+        return ids[0]
+
+    # -- close -----------------------------------------------------------------------------
+
+    def close(self, *, failed: bool = False) -> bool:
+        """No more members: the callbacks run once every member ended. False if it was
+        closed already."""
+        assert self.id is not None, "the batch was never opened"
+        return self.app.sync.run(statements.close_batch(self.app.statements, self.id, failed))
+
+    async def close_async(self, *, failed: bool = False) -> bool:
+        assert self.id is not None, "the batch was never opened"
+        query = statements.close_batch(self.app.statements, self.id, failed)
+        return await self.app.async_connector().run(query)
+
+
+def _callbacks(edges: Sequence[statements.Dependency]) -> dict[int, str]:
+    """A batch record's children (its callbacks) with their edges' policy."""
+    return {d.id: d.on_parent_failure for d in edges if d.kind == "child"}

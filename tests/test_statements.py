@@ -231,6 +231,10 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
         )
     ],
     "parent_results": [lambda: statements.parent_results(S, 1)],
+    "close_batch": [
+        lambda: statements.close_batch(S, 1),
+        lambda: statements.close_batch(S, 1, True),
+    ],
     "dependencies": [lambda: statements.dependencies(S, 1)],
     "workflow_edges": [lambda: statements.workflow_edges(S, 1)],
     "write_progress": [lambda: statements.write_progress(S, "w", _progress())],

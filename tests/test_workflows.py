@@ -397,3 +397,79 @@ async def test_failing_a_waiting_parent_by_hand_settles_its_children(
     assert await side.call(app.jobs, "fail", parent, "no")
     assert await status(side, app, child) is Status.CANCELLED
     assert await status(side, app, runs_anyway) is Status.TODO
+
+
+# -- batches --------------------------------------------------------------------------------
+
+
+async def open_batch(side: Side, batch: pgtq.Batch) -> pgtq.Batch:
+    opened: pgtq.Batch = await side.call(batch, "open")
+    return opened
+
+
+async def test_a_batch_runs_on_complete_once_after_its_close_and_members(
+    app: pgtq.App, side: Side, sql: SQL
+) -> None:
+    runs: list[tuple[str, Any]] = []
+    t = make_tasks(app, [])
+
+    @app.task()
+    def done(ctx: pgtq.JobContext, label: str) -> int:
+        results = ctx.parent_results()
+        runs.append((label, results))
+        return len(results)
+
+    b = await open_batch(side, app.batch(on_complete=done.s(label="complete"),
+                                         on_failure=done.s(label="failure")))  # fmt: skip
+    members = [await side.call(b, "defer", t["ok"].s(n=i)) for i in range(3)]
+    await side.run_worker(app, wait=False)
+    # Members done, the batch still open: the callbacks wait.
+    assert sql("SELECT status FROM pgtq.jobs WHERE id = ANY(%s)", list(b.callbacks)) == [
+        ("blocked",),
+        ("blocked",),
+    ]
+    late = await side.call(b, "defer", t["ok"].s(n=3))  # deferred over time
+    assert await side.call(b, "close")
+    assert not await side.call(b, "close")  # once
+    with pytest.raises(pgtq.InvalidArguments, match="closed"):
+        await side.call(b, "defer", t["ok"].s(n=4))
+    await side.run_worker(app, wait=False)
+    complete, failure = b.callbacks
+    assert await status(side, app, complete) is Status.SUCCEEDED
+    assert await status(side, app, failure) is Status.CANCELLED  # nothing failed
+    assert runs == [("complete", dict(zip([*members, late], range(4), strict=True)))]
+    assert await status(side, app, b.id or 0) is Status.SUCCEEDED  # the batch's record
+
+
+async def test_a_failed_member_runs_on_failure_once(app: pgtq.App, side: Side) -> None:
+    runs: list[tuple[str, Any]] = []
+    t = make_tasks(app, runs)
+    b = await open_batch(side, app.batch(on_failure=t["gather"]))
+    await side.call(b, "defer", t["ok"].s(n=1))
+    bad = await side.call(b, "defer", t["boom"].s())
+    await side.call(b, "close")
+    await side.run_worker(app, wait=False)
+    (failure,) = b.callbacks
+    assert await status(side, app, failure) is Status.SUCCEEDED
+    gathered = [r for r in runs if r[0] == "gather"]
+    assert len(gathered) == 1 and gathered[0][1][bad] is None
+
+
+def test_a_batch_block_that_raises_closes_it_failed(app: pgtq.App, sql: SQL) -> None:
+    t = make_tasks(app, [])
+    with pytest.raises(RuntimeError), app.batch(on_failure=t["ok"].s(n=9)) as b:
+        b.defer(t["ok"].s())
+        raise RuntimeError("the block failed")
+    assert sql("SELECT status FROM pgtq.jobs WHERE id = %s", b.id) == [("cancelled",)]
+    reopened = pgtq.Batch.of(app, b.id or 0)
+    assert reopened.callbacks == b.callbacks
+    with pytest.raises(pgtq.InvalidArguments, match="closed"):
+        reopened.defer(t["ok"].s())
+
+
+async def test_async_with_batch(app: pgtq.App) -> None:
+    t = make_tasks(app, [])
+    async with app.batch(on_complete=t["ok"].s(n=7)) as b:
+        await b.defer_async(t["ok"].s(n=1))
+    await app.run_worker_async(wait=False, install_signal_handlers=False)
+    assert await app.jobs.wait_async(b.callbacks[0], timeout=10) == 7

@@ -23,6 +23,8 @@ A frozen snapshot, like every pgtq revision: the DDL is written out here, never 
   with no dependency pays one NULL test. A completion that began before a child of its job
   was added sees more ``children`` than edges, and calls ``workflow_retry`` (SQLSTATE 40001:
   the worker writes it again, and then sees the edge).
+- ``jobs.failed_parents``: on a batch's ``on_failure`` callback, how many parents ended
+  badly so far (its ``failure`` edges settle whatever the end; it runs only if one failed).
 - ``jobs.workflow_id``: the workflow a job belongs to (``jobs.list(workflow=...)``), with a
   partial index over the jobs that have one.
 - The history: a release (``blocked → todo``) is no retry: ``record_job_history`` skips it,
@@ -153,6 +155,7 @@ def upgrade() -> None:
         ("pending_parents", sa.Integer()),
         ("children", sa.Integer()),
         ("workflow_id", sa.BigInteger()),
+        ("failed_parents", sa.Integer()),
     ):
         op.add_column("jobs", sa.Column(name, kind, nullable=True), schema=schema)
     op.create_index(
@@ -169,7 +172,7 @@ def upgrade() -> None:
         sa.Column("on_parent_failure", sa.Text(), nullable=False, server_default="cancel"),
         sa.PrimaryKeyConstraint("parent_id", "child_id", name="job_dependencies_pkey"),
         sa.CheckConstraint(
-            "on_parent_failure IN ('cancel', 'run', 'hold')",
+            "on_parent_failure IN ('cancel', 'run', 'hold', 'failure')",
             name="job_dependencies_on_parent_failure_check",
         ),
         schema=schema,
@@ -188,7 +191,7 @@ def downgrade() -> None:
     op.drop_index("job_dependencies_child_idx", table_name="job_dependencies", schema=schema)
     op.drop_table("job_dependencies", schema=schema)
     op.drop_index("jobs_workflow_idx", table_name="jobs", schema=schema)
-    for name in ("workflow_id", "children", "pending_parents"):
+    for name in ("failed_parents", "workflow_id", "children", "pending_parents"):
         op.drop_column("jobs", name, schema=schema)
     # Blocked jobs cannot stay: they go back to what an old pgtq knows, cancelled.
     op.execute(

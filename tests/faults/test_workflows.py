@@ -1,7 +1,7 @@
-"""Workflows under concurrency (issue 24): 4 worker processes and 10,000 jobs in diamonds and
-wide fan-ins; then a worker SIGKILLed mid-workflow. Checked from the database's history and
-the workers' own records: no child started before every parent succeeded, every job (so
-every chord callback) started exactly once, nothing lost."""
+"""Workflows under concurrency (issue 24): 4 worker processes and 10,000 jobs in diamonds,
+wide fan-ins and a batch; then a worker SIGKILLed mid-workflow. Checked from the database's
+history and the workers' own records: no child started before every parent succeeded, every
+job (so every callback) started exactly once, nothing lost."""
 
 from __future__ import annotations
 
@@ -32,6 +32,20 @@ def _defer_graphs(dsn: str, diamonds: int, fan_ins: int, width: int, task: str) 
             chord = pgtq.group(*(t.s() for _ in range(width))).then(t.s()).defer()
             callbacks.append(chord.leaves[0])
         return callbacks
+    finally:
+        app.close()
+
+
+def _open_batch(dsn: str, members: int, task: str) -> pgtq.Batch:
+    """A batch of ``members`` jobs deferred one by one, then closed: its on_complete must
+    run once, its on_failure never (every member succeeds)."""
+    app = script.build(dsn)
+    t = app.get_task(task)
+    try:
+        with app.batch(on_complete=t.s(n=-1), on_failure=t.s(n=-2)) as b:
+            for n in range(members):
+                b.defer(t.s(n=n))
+        return b
     finally:
         app.close()
 
@@ -74,20 +88,24 @@ def _records_before_parents(workers: Workers, sql: Any) -> list[tuple[int, int]]
 async def test_four_workers_release_every_child_once_after_its_parents(
     dsn: str, sql: Any, workers: Workers
 ) -> None:
-    diamonds, fan_ins, width = 1500, 4, 999  # 6,000 + 4,000 jobs
+    diamonds, fan_ins, width = 1400, 4, 999  # 5,600 + 4,000 jobs, and a batch of 400
     began = time.monotonic()
     callbacks = _defer_graphs(dsn, diamonds, fan_ins, width, "noop_async")
-    total = diamonds * 4 + fan_ins * (width + 1)
+    batch = _open_batch(dsn, 397, "noop_async")  # its record, 397 members, 2 callbacks
+    total = diamonds * 4 + fan_ins * (width + 1) + 400
     assert sql("SELECT count(*) FROM pgtq.jobs") == [(total,)]
     assert _status_counts(sql) == {
-        "todo": diamonds + fan_ins * width,
-        "blocked": diamonds * 3 + fan_ins,
+        "todo": diamonds + fan_ins * width + 397,
+        "blocked": diamonds * 3 + fan_ins + 2,
+        "succeeded": 1,  # the batch's record, closed
     }
+    on_complete, on_failure = batch.callbacks
     deferred = time.monotonic() - began
     for _ in range(4):
         workers.start(concurrency=50, batch_size=50)
+    ended = {"succeeded": total - 1, "cancelled": 1}  # on_failure: nothing failed
     await until(
-        lambda: _status_counts(sql) == {"succeeded": total},
+        lambda: _status_counts(sql) == ended,
         timeout=90,
         what=lambda: f"every job succeeded (now {_status_counts(sql)})\n{workers.diagnose()}",
     )
@@ -100,11 +118,14 @@ async def test_four_workers_release_every_child_once_after_its_parents(
     assert _started_before_parents(sql) == []
     assert _records_before_parents(workers, sql) == []
     starts = Counter(r.job_id for r in workers.runs() if r.event == "start")
-    assert len(starts) == total and set(starts.values()) == {1}, "every job started once"
-    assert all(starts[c] == 1 for c in callbacks), "every callback ran once"
-    assert sql("SELECT count(*) FROM pgtq.jobs WHERE attempts <> 1 OR pending_parents <> 0") == [
-        (0,)
-    ]
+    assert len(starts) == total - 2 and set(starts.values()) == {1}, "every job started once"
+    assert all(starts[c] == 1 for c in [*callbacks, on_complete]), "every callback ran once"
+    assert on_failure not in starts and batch.id not in starts
+    assert sql(
+        "SELECT count(*) FROM pgtq.jobs WHERE (attempts <> 1 OR pending_parents <> 0) "
+        "AND id <> ALL(%s)",
+        [batch.id, on_failure],
+    ) == [(0,)]
     print(f"\n{total} jobs in workflows: deferred in {deferred:.1f} s, ran in {ran:.1f} s")
 
 
