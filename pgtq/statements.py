@@ -1986,7 +1986,8 @@ class Statements:
         j = self.jobs
         changed = (
             sa.update(j)
-            .where(*where, self._acting_on("retry"))
+            # A batch's record is no task: it never goes back to ``todo``.
+            .where(*where, self._acting_on("retry"), j.c.task_name != _text_literal(BATCH_TASK))
             .values(
                 status=TODO,
                 scheduled_at=sa.null(),
@@ -1998,21 +1999,35 @@ class Statements:
             .returning(j.c.id, j.c.status, j.c.queue, j.c.children)
             .cte("changed")
         )
-        # A retried parent is pending again for its children still blocked on a ``run``
-        # edge (its failure had settled that edge); ``hold`` and ``cancel`` edges were left
-        # pending, so a held child simply waits for this new attempt.
+        # A retried parent is pending again for its children still blocked on a ``run`` or
+        # ``failure`` edge (its failure had settled that edge, and counted as a failure for
+        # the latter); ``hold`` and ``cancel`` edges were left pending, so a held child
+        # simply waits for this new attempt.
         e = self.t.job_dependencies
         again = (
-            sa.select(e.c.child_id, sa.func.count().label("n"))
+            sa.select(
+                e.c.child_id,
+                sa.func.count().label("n"),
+                sa.func.count().filter(e.c.on_parent_failure == _FAILURE_EDGE).label("failures"),
+            )
             .select_from(e.join(changed, e.c.parent_id == changed.c.id))
-            .where(changed.c.children.is_not(None), e.c.on_parent_failure == _RUN_EDGE)
+            .where(
+                changed.c.children.is_not(None),
+                e.c.on_parent_failure.in_([_RUN_EDGE, _FAILURE_EDGE]),
+            )
             .group_by(e.c.child_id)
             .subquery("again")
         )
         pending = (
             sa.update(j)
             .where(j.c.id == again.c.child_id, j.c.status == BLOCKED)
-            .values(pending_parents=j.c.pending_parents + again.c.n)
+            .values(
+                pending_parents=j.c.pending_parents + again.c.n,
+                failed_parents=sa.case(
+                    (again.c.failures > 0, j.c.failed_parents - again.c.failures),
+                    else_=j.c.failed_parents,
+                ),
+            )
             .returning(j.c.id)
             .cte("pending_again")
         )

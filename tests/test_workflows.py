@@ -473,3 +473,28 @@ async def test_async_with_batch(app: pgtq.App) -> None:
         await b.defer_async(t["ok"].s(n=1))
     await app.run_worker_async(wait=False, install_signal_handlers=False)
     assert await app.jobs.wait_async(b.callbacks[0], timeout=10) == 7
+
+
+async def test_a_retried_member_that_succeeds_leaves_on_failure_cancelled(
+    app: pgtq.App, side: Side
+) -> None:
+    flaky_calls: list[int] = []
+    t = make_tasks(app, [])
+
+    @app.task(retry=None)
+    def flaky() -> str:
+        flaky_calls.append(1)
+        if len(flaky_calls) == 1:
+            raise RuntimeError("first time")
+        return "fine"
+
+    b = await open_batch(side, app.batch(on_complete=t["ok"].s(n=1), on_failure=t["ok"].s(n=2)))
+    member = await side.call(b, "defer", flaky.s())
+    await side.run_worker(app, wait=False)  # the member fails; the batch is still open
+    assert await side.retry(app, member)
+    assert not await side.retry(app, b.id)  # a batch's record is never retried
+    await side.call(b, "close")
+    await side.run_worker(app, wait=False)
+    complete, failure = b.callbacks
+    assert await status(side, app, complete) is Status.SUCCEEDED
+    assert await status(side, app, failure) is Status.CANCELLED
