@@ -4,6 +4,7 @@ both sides, against PostgreSQL."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import psycopg
@@ -498,3 +499,45 @@ async def test_a_retried_member_that_succeeds_leaves_on_failure_cancelled(
     complete, failure = b.callbacks
     assert await status(side, app, complete) is Status.SUCCEEDED
     assert await status(side, app, failure) is Status.CANCELLED
+
+
+def test_a_child_added_while_its_parent_completes_fails_the_completion_once(
+    app: pgtq.App, sql: SQL
+) -> None:
+    """The completion began (its snapshot taken) before the child's insert committed: it sees
+    the parent's ``children`` raised but not the edge, and fails with SQLSTATE 40001 rather
+    than leave the child blocked; written again, it settles the child."""
+    import threading
+
+    t = make_tasks(app, [])
+    parent = t["ok"].defer()
+    sql(
+        "UPDATE pgtq.jobs SET status = 'doing', worker_id = 'w', attempts = 1 WHERE id = %s", parent
+    )
+    outcomes = pgtq.statements.Outcomes.empty()
+    outcomes.add(parent, Status.SUCCEEDED, "1", attempt=1)
+    completion = pgtq.statements.complete_jobs(app.statements, "w", outcomes, releasing=True)
+    failure: list[BaseException] = []
+
+    def complete() -> None:
+        try:
+            app.sync.run(completion)
+        except BaseException as exc:
+            failure.append(exc)
+
+    with app.sync.transaction() as conn:
+        child = t["ok"].configure(depends_on=[parent]).defer(connection=conn)  # parent locked
+        writer = threading.Thread(target=complete)
+        writer.start()
+        deadline = time.monotonic() + 10
+        while not sql(
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database()"
+        ):
+            assert time.monotonic() < deadline, ("the completion never waited", failure)
+            time.sleep(0.01)
+    writer.join(10)
+    assert len(failure) == 1 and "SerializationFailure" in repr(failure[0]), failure
+    assert sql("SELECT status FROM pgtq.jobs WHERE id = %s", parent) == [("doing",)]
+    assert app.sync.run(completion) == [parent]  # written again: the edge is seen now
+    assert sql("SELECT status FROM pgtq.jobs WHERE id = %s", child) == [("todo",)]
