@@ -1451,7 +1451,14 @@ class Statements:
         deferred_stored = sa.exists().where(e.c.job_id == c.id, e.c.type == "deferred")
         no_text, no_json = sa.cast(sa.null(), sa.Text), sa.cast(sa.null(), JSONB)
         columns = ["job_id", "type", "at", "attempt", "worker_id", "error"]
-        deferred = (c.id, _text_literal("deferred"), c.created_at, sa.literal(0), no_text, no_json)
+        deferred: tuple[sa.ColumnElement[Any], ...] = (
+            c.id,
+            _text_literal("deferred"),
+            c.created_at,
+            sa.literal(0),
+            no_text,
+            no_json,
+        )
         events = sa.union_all(
             sa.select(*(v.label(n) for v, n in zip(deferred, columns, strict=True))).where(
                 ~deferred_stored
