@@ -421,9 +421,16 @@ class ArgumentsDecoder:
         parameter when one cannot be read."""
         if self._unresolved:
             self._unresolved = False
-            again = _decoders(self._func, self._params, self._custom)[0]
+            again, unresolved = _decoders(self._func, self._params, self._custom)
             if len(again) > len(self._decoders):
                 self._decoders = tuple((name, a, d) for name, (a, d) in again.items())
+            if unresolved:
+                logger.warning(
+                    "%s: the annotations of %s cannot be resolved (a name imported only under "
+                    "TYPE_CHECKING, or a class local to a function?): their JSON is passed as is",
+                    getattr(self._func, "__qualname__", self._func),
+                    ", ".join(repr(name) for name in unresolved),
+                )
         decoded = dict(args)
         for name, annotation, decoder in self._decoders:
             if name in decoded:
@@ -439,9 +446,9 @@ class ArgumentsDecoder:
 
 def _decoders(
     func: Callable[..., Any], params: Sequence[str], custom: Mapping[Any, Decoder]
-) -> tuple[dict[str, tuple[Any, Decoder]], bool]:
-    """Per parameter that needs one, its annotation and decoder; and whether some
-    parameter's annotation could not be resolved."""
+) -> tuple[dict[str, tuple[Any, Decoder]], list[str]]:
+    """Per parameter that needs one, its annotation and decoder; and the parameters whose
+    annotation could not be resolved."""
     hints = _hints(func)
     annotated = inspect.get_annotations(func)
     found: dict[str, tuple[Any, Decoder]] = {}
@@ -451,7 +458,7 @@ def _decoders(
         decoder = decoder_for(hints[name], custom)
         if decoder is not None:
             found[name] = (hints[name], decoder)
-    return found, any(name in annotated and name not in hints for name in params)
+    return found, [name for name in params if name in annotated and name not in hints]
 
 
 def arguments_decoder(
@@ -467,9 +474,13 @@ def arguments_decoder(
         if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)
     ]
     custom = dict(decoders or {})
-    found, unresolved = _decoders(func, params, custom)
+    try:
+        found, unresolved = _decoders(func, params, custom)
+    except Exception:  # an exotic callable: its arguments stay JSON, as before
+        logger.debug("%r: no argument decoders", func, exc_info=True)
+        return None
     if not found and not unresolved:
         return None
     if unresolved:
         logger.debug("%r: some annotations are resolved at its first job", func)
-    return ArgumentsDecoder(func, params, custom, found, unresolved)
+    return ArgumentsDecoder(func, params, custom, found, bool(unresolved))
