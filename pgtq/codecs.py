@@ -25,7 +25,7 @@ import types
 import typing
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from datetime import date, datetime, time
+from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from typing import Any, TypeVar, overload
 
@@ -92,7 +92,12 @@ def _builtin(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     pydantic = sys.modules.get("pydantic")
-    if pydantic is not None and isinstance(value, pydantic.BaseModel):
+    # pydantic 2 (``model_dump``); a 1.x model is refused as unknown.
+    if (
+        pydantic is not None
+        and isinstance(value, pydantic.BaseModel)
+        and hasattr(value, "model_dump")
+    ):
         return value.model_dump(mode="json")
     for base, encode in _ENCODERS.items():  # subclasses (pendulum's DateTime, ...)
         if isinstance(value, base):
@@ -167,8 +172,12 @@ def _text(value: Any, what: str) -> str:
 
 
 def _datetime(value: Any) -> datetime:
+    """ISO 8601 text (as pgtq writes it), or a JSON number of epoch seconds, read as an
+    aware UTC datetime (a periodic task's ``timestamp``, SQL's ``extract(epoch ...)``)."""
     if isinstance(value, datetime):
         return value
+    if type(value) is int or type(value) is float:
+        return datetime.fromtimestamp(value, UTC)
     return datetime.fromisoformat(_text(value, "an ISO 8601 date and time (text)"))
 
 
@@ -227,7 +236,12 @@ def _enum(cls: type[enum.Enum]) -> Decoder:
 
 def _pydantic_model(tp: Any) -> bool:
     pydantic = sys.modules.get("pydantic")
-    return pydantic is not None and isinstance(tp, type) and issubclass(tp, pydantic.BaseModel)
+    return (
+        pydantic is not None
+        and isinstance(tp, type)
+        and issubclass(tp, pydantic.BaseModel)
+        and hasattr(tp, "model_validate")  # pydantic 2: a 1.x model is left as JSON
+    )
 
 
 def _optional(inner: Decoder) -> Decoder:

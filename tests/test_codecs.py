@@ -200,6 +200,8 @@ def test_bad_hooks_are_refused_by_the_app() -> None:
         (datetime, "2026-12-03T10:00:00Z", datetime(2026, 12, 3, 10, tzinfo=UTC)),
         (datetime, "2026-12-03T10:00:00", NAIVE),
         (datetime, "2026-12-03", datetime(2026, 12, 3)),
+        (datetime, 1_796_292_000, datetime(2026, 12, 3, 10, tzinfo=UTC)),  # epoch seconds
+        (datetime, 0.5, datetime(1970, 1, 1, 0, 0, 0, 500000, tzinfo=UTC)),
         (date, "2026-12-03", date(2026, 12, 3)),
         (time, "10:30:05+01:00", time(10, 30, 5, tzinfo=timezone(timedelta(hours=1)))),
         (uuid.UUID, str(U), U),
@@ -325,7 +327,7 @@ def test_a_task_decodes_only_what_needs_it() -> None:
     ("args", "message"),
     [
         ({"when": "tomorrow", "n": 1}, r"'when': cannot be read as datetime from 'tomorrow'"),
-        ({"when": 1, "n": 1}, r"'when': .*expected an ISO 8601 date and time \(text\)"),
+        ({"when": ["x"], "n": 1}, r"'when': .*expected an ISO 8601 date and time \(text\)"),
         ({"when": "2026-12-03", "n": 1, "on": "2026-12-03"}, r"'on'.*expected a JSON array"),
     ],
 )
