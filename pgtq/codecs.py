@@ -41,6 +41,7 @@ __all__ = [
     "decode",
     "decoder_for",
     "encode_default",
+    "result_decoder",
 ]
 
 logger = logging.getLogger("pgtq.codecs")
@@ -498,3 +499,16 @@ def arguments_decoder(
     if unresolved:
         logger.debug("%r: some annotations are resolved at its first job", func)
     return ArgumentsDecoder(func, params, custom, found, bool(unresolved))
+
+
+def result_decoder(
+    func: Callable[..., Any], decoders: Mapping[Any, Decoder] | None = None
+) -> Decoder | None:
+    """How ``app.jobs.wait`` reads a task's stored result back as its return annotation
+    (an async task's: what it returns, awaited), or None when the JSON is the value (plain
+    JSON, ``Any``, unannotated, or an annotation that cannot be resolved)."""
+    try:
+        annotation = _hints(func).get("return", Any)
+        return decoder_for(annotation, decoders)
+    except Exception:  # an exotic callable: its result stays JSON, as before
+        return None

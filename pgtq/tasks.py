@@ -264,6 +264,9 @@ class Task(Generic[P, R]):
         self.decode_arguments = codecs.arguments_decoder(
             func, skip_first=self.pass_context, decoders=app.codec.decoders
         )
+        #: Reads its stored result back as its return annotation, for ``app.jobs.wait``
+        #: (None: the JSON is the value).
+        self.decode_result = codecs.result_decoder(func, app.codec.decoders)
         # Checked once here, so a plain ``defer()`` checks only its arguments.
         try:
             validation.check_name("task name", name)

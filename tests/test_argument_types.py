@@ -141,13 +141,47 @@ async def test_builtin_types_reach_the_task_as_their_types(
     assert {name: got[name] for name in arguments} == arguments
     assert got["maybe"] is None
     assert type(got["when"]) is datetime and got["when"].utcoffset() == timedelta(hours=-5)
-    # The result is stored as JSON by the same encoder; wait gives the JSON form.
+    # The result is stored as JSON by the same encoder; -> dict[str, Any]: its JSON form.
     assert result == {
         "done_at": "2026-12-03T11:00:00.250000-05:00",
         "amount": "20.20",
         "plan": "free",
     }
     assert codecs.decode(datetime, result["done_at"]) == AT + timedelta(hours=1)
+
+
+async def test_wait_reads_a_result_back_as_the_return_annotation(
+    side: Side, app: pgtq.App, kind: str
+) -> None:
+    """``wait`` gives a ``-> datetime`` task's result as a datetime (as ``Task[P, R]`` types
+    it); ``get`` gives the stored JSON; a plain annotation's result is its JSON."""
+
+    def when(at: datetime) -> datetime:
+        return at + timedelta(days=1)
+
+    def who(id: uuid.UUID) -> Customer:
+        return Customer(id, Plan.PRO, Address("Lyon", date(2020, 1, 2)), AT)
+
+    def maybe(at: datetime | None) -> datetime | None:
+        return at
+
+    def plain(at: datetime) -> dict[str, Any]:
+        return {"at": at}
+
+    tasks = [register(app, kind, f) for f in (when, who, maybe, plain)]
+    ids = [
+        await side.defer(tasks[0], at=AT),
+        await side.defer(tasks[1], id=U),
+        await side.defer(tasks[2], at=None),
+        await side.defer(tasks[3], at=AT),
+    ]
+    await side.run_worker(app, wait=False)
+    assert await side.wait(app, ids[0]) == AT + timedelta(days=1)
+    assert await side.wait(app, ids[1]) == who(U)
+    assert await side.wait(app, ids[2]) is None
+    assert await side.wait(app, ids[3]) == {"at": AT.isoformat()}
+    job = await side.get(app, ids[0])
+    assert job is not None and job.result == (AT + timedelta(days=1)).isoformat()
 
 
 @pytest.mark.skipif(pydantic is None, reason="pydantic is not installed")
@@ -162,10 +196,10 @@ async def test_a_pydantic_model_reaches_the_task(side: Side, app: pgtq.App, kind
     order = Order(id=U, at=AT, total=Decimal("9.90"))
     job_id = await side.defer(task, order=order, orders=[order])
     await side.run_worker(app, wait=False)
-    result = await side.wait(app, job_id)
+    assert await side.wait(app, job_id) == order  # read back as the return annotation
     assert got == [(order, [order])]
-    assert result == order.model_dump(mode="json")
-    assert codecs.decode(Order, result) == order
+    job = await side.get(app, job_id)
+    assert job is not None and job.result == order.model_dump(mode="json")
 
 
 async def test_a_job_deferred_from_sql_reaches_a_datetime_parameter(
@@ -251,7 +285,9 @@ async def test_app_encoder_and_decoders(side: Side, dsn: str, kind: str, sql: An
             (Money(100), [Money(1)], AT),
             (Money(200), [], AT),
         ]
-        assert await side.wait(app, one) == {"cents": 101}
+        assert await side.wait(app, one) == Money(101)
+        job = await side.get(app, one)
+        assert job is not None and job.result == {"cents": 101}
         with pytest.raises(pgtq.InvalidArguments, match=r"argument 'amount'.*no JSON for object"):
             await side.defer(task, amount=object(), extras=[], when=AT)
     finally:

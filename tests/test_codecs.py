@@ -362,6 +362,22 @@ def test_an_annotation_defined_later_is_resolved_at_the_first_job(
 
 # -- results and the outcome of a decode failure ------------------------------------------------
 
+
+def test_a_result_decoder_follows_the_return_annotation() -> None:
+    async def coro() -> datetime: ...
+
+    def plain() -> dict[str, int]: ...
+
+    def bare():  # type: ignore[no-untyped-def]
+        ...
+
+    decode = codecs.result_decoder(coro)
+    assert decode is not None and decode("2026-12-03T10:00:00Z") == datetime(
+        2026, 12, 3, 10, tzinfo=UTC
+    )
+    assert codecs.result_decoder(plain) is None and codecs.result_decoder(bare) is None
+
+
 JOB = ClaimedJob(1, "default", "t", {}, 1, 0, None)
 
 
