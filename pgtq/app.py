@@ -7,13 +7,14 @@ import contextlib
 import inspect
 import os
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, Unpack, cast, overload
 
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pgtq import statements
+from pgtq.codecs import Codec, Decoder, Encoder
 from pgtq.connectors import (
     AsyncConnector,
     SyncConnector,
@@ -25,6 +26,7 @@ from pgtq.connectors import (
 )
 from pgtq.errors import ConfigurationError, InvalidArguments, UnknownTask
 from pgtq.jobs import JobContext, JobManager
+from pgtq.model import dumps
 from pgtq.queues import QueueManager
 from pgtq.schedules import PeriodicManager
 from pgtq.schema import DEFAULT_SCHEMA, InvalidSchemaName, validate_schema_name
@@ -147,6 +149,12 @@ class App:
 
     ``prepared_statements``: False behind PgBouncer in transaction mode. Not given:
     ``PGTQ_PREPARED_STATEMENTS`` (``on``/``off``), else True.
+
+    ``encoder``: a ``json`` ``default=`` hook for argument, ``meta`` and result values that
+    are neither JSON nor a type pgtq encodes itself (datetime, date, time, UUID, Decimal,
+    Enum, dataclasses, pydantic models); ``decoders``: ``{annotation: function}``, how a
+    worker reads such a value back for a parameter annotated so (laid over pgtq's own).
+    Set them before registering tasks (docs/concepts.md, "Argument types").
     """
 
     def __init__(
@@ -163,6 +171,8 @@ class App:
         max_args_bytes: int | None = DEFAULT_MAX_ARGS_BYTES,
         max_connections: int | None = None,
         listen_dsn: str | URL | Literal[False] | None = None,
+        encoder: Encoder | None = None,
+        decoders: Mapping[Any, Decoder] | None = None,
     ) -> None:
         #: A task result larger than this (as JSON) fails its job with a clear error: results
         #: live in the jobs table, which must stay small to stay fast. None: no limit.
@@ -176,6 +186,12 @@ class App:
             raise ConfigurationError(str(exc)) from None
         #: ``pgtq.testing.eager``: while set, ``defer`` runs the job at once, in-process.
         self.eager: EagerRunner | None = None
+        #: How this app writes JSON (its ``encoder``) and reads arguments back by annotation
+        #: (its ``decoders``): :mod:`pgtq.codecs`.
+        try:
+            self.codec = Codec(dumps, encoder, decoders)
+        except TypeError as exc:
+            raise ConfigurationError(str(exc)) from None
         #: False behind PgBouncer in transaction mode: engines pgtq makes then never keep
         #: prepared statements (yours are yours to configure). Not given:
         #: ``PGTQ_PREPARED_STATEMENTS`` (on/off), else True.

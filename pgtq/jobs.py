@@ -199,12 +199,15 @@ def running_progress(job: Job) -> tuple[float, str | None] | None:
 _PENDING = object()
 
 
-def _settle(job_id: int, job: Job | None) -> Any:
-    """What ``wait`` returns for this state of the job: its result, an error, or _PENDING."""
+def _settle(job_id: int, job: Job | None, app: App) -> Any:
+    """What ``wait`` returns for this state of the job: its result (read back as its task's
+    return annotation: a ``datetime`` for ``-> datetime``), an error, or _PENDING."""
     if job is None:
         raise JobNotFound(f"no job with id {job_id}")
     if job.status == Status.SUCCEEDED:
-        return job.result
+        task = app.lookup_task(job.task_name)
+        decode = None if task is None else task.decode_result
+        return job.result if decode is None or job.result is None else decode(job.result)
     if job.status.is_final:
         raise JobFailed(job_id, job.status.value, job.error)
     return _PENDING
@@ -424,7 +427,7 @@ class JobManager(AppOperations):
         deadline = None if timeout is None else time.monotonic() + timeout
         for delay in _poll_delays():
             job = self.get(job_id)
-            outcome = _settle(job_id, job)
+            outcome = _settle(job_id, job, self._app)
             if outcome is not _PENDING:
                 return outcome
             if deadline is not None and time.monotonic() >= deadline:
@@ -446,7 +449,7 @@ class JobManager(AppOperations):
         deadline = None if timeout is None else time.monotonic() + timeout
         for delay in _poll_delays():
             job = await self.get_async(job_id)
-            outcome = _settle(job_id, job)
+            outcome = _settle(job_id, job, self._app)
             if outcome is not _PENDING:
                 return outcome
             if deadline is not None and time.monotonic() >= deadline:
