@@ -17,7 +17,7 @@ import select
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import psycopg
 import sqlalchemy as sa
@@ -616,6 +616,24 @@ class SyncConnector:
 
     def _call(self, fn: Callable[[Connection], T], conn: Connection) -> T:
         return self._errors.call(lambda: fn(conn))
+
+    def listen_connection(self, url: URL | None, connect_timeout: float) -> psycopg.Connection[Any]:
+        """A psycopg connection of its own for LISTEN, in autocommit, outside the app's pool
+        (its LISTEN registrations never reach the pool's next user): to ``url`` (``App(
+        listen_dsn=...)``), else opened as the engine opens its connections (its creator and
+        events, from a copy of its pool). The caller closes it."""
+        try:
+            if url is None:
+                record = self.engine.pool.recreate().connect()
+                driver = cast("psycopg.Connection[Any]", record.driver_connection)
+                record.detach()
+            else:
+                target = url.set(drivername="postgresql").render_as_string(hide_password=False)
+                driver = psycopg.connect(target, connect_timeout=max(1, round(connect_timeout)))
+            driver.autocommit = True
+        except Exception as exc:
+            self._errors.raise_opening(exc)
+        return driver
 
     def close(self) -> None:
         if self.owned:
