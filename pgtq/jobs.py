@@ -23,12 +23,13 @@ from sqlalchemy.engine import Connection
 from typing_extensions import TypeVar
 
 from pgtq import statements
+from pgtq import watcher as watcher_module
 from pgtq.connectors import execute
 from pgtq.errors import InvalidArguments, JobFailed, JobNotFound, JobTimeout
 from pgtq.health import serves
 from pgtq.model import ClaimedJob, Deferred, Job, JobEvent, Status
 from pgtq.reports import STALE_AFTER, Stats, Throughput, WorkerInfo
-from pgtq.watcher import Pending, Waiter
+from pgtq.watcher import Pending, Waiter, Watcher, read_jobs
 
 if TYPE_CHECKING:
     from pgtq.app import App
@@ -220,26 +221,20 @@ def _wait_ids(job_ids: Iterable[int]) -> builtins.list[int]:
     return ids
 
 
-def _read_query(s: statements.Statements, ids: builtins.list[int]) -> statements.Query[Any]:
-    """One read of the jobs a wait still waits for: ``get`` for one, a list for several."""
-    if len(ids) == 1:
-        one = statements.get_job(s, ids[0])
-        return statements.Query(one.statement, one.params, lambda rows: [one.mapper(rows)])
-    return statements.list_jobs(s, statements.Selection(ids=tuple(ids)), limit=len(ids))
-
-
 def _left(deadline: float | None) -> float | None:
     """Seconds left before ``deadline`` (0.0 once past it), None for no deadline."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def _sleep(listened: bool, delays: Iterator[float], left: float | None) -> float | None:
+def _sleep(watcher: Watcher | None, delays: Iterator[float], left: float | None) -> float | None:
     """How long a waiter sleeps unless woken: until its deadline while the app listens (a
-    NOTIFY, the watcher's re-check or a change of the LISTEN wakes it), else the next of
-    ``wait``'s polling delays."""
-    if listened:
+    NOTIFY, the watcher's re-check or a change of the LISTEN wakes it), up to
+    :data:`~pgtq.watcher.STARTING` while its first LISTEN opens, else the next of ``wait``'s
+    polling delays."""
+    if watcher is not None and watcher.listening:
         return left
-    delay = next(delays)
+    starting = watcher is not None and watcher.starting
+    delay = watcher_module.STARTING if starting else next(delays)
     return delay if left is None else min(delay, left)
 
 
@@ -475,13 +470,17 @@ class JobManager(AppOperations):
         if watcher is not None:
             watcher.register(waiter)
         try:
-            delays, listened = _poll_delays(), False
+            delays = _poll_delays()
             while True:
                 woken.clear()
-                heard = waiter.take()
-                read = pending.to_read(heard if listened else None)
+                heard, delivered = waiter.take()
+                if delivered:
+                    yield from pending.take(pending.to_read({j.id for j in delivered}), delivered)
+                listening = watcher is not None and watcher.listening
+                read = pending.to_read(heard if listening else None)
                 if read:
-                    yield from pending.take(read, self._run(_read_query(self._s, read)))
+                    jobs = self._run(read_jobs(self._s, read))
+                    yield from pending.take(read, jobs)
                 if pending.done:
                     return
                 left = _left(deadline)
@@ -489,8 +488,7 @@ class JobManager(AppOperations):
                     job_id, job = pending.first_pending()
                     workers = self._run(statements.worker_heartbeats(self._s))
                     raise _timeout(job_id, timeout, job, workers)
-                listened = watcher is not None and watcher.listening
-                woken.wait(_sleep(listened, delays, left))
+                woken.wait(_sleep(watcher, delays, left))
         finally:
             if watcher is not None:
                 watcher.unregister(waiter)
@@ -506,15 +504,18 @@ class JobManager(AppOperations):
         if watcher is not None:
             watcher.register(waiter)
         try:
-            delays, listened = _poll_delays(), False
+            delays = _poll_delays()
             while True:
                 woken.clear()
-                heard = waiter.take()
-                read = pending.to_read(heard if listened else None)
+                heard, delivered = waiter.take()
+                if delivered:
+                    for job in pending.take(pending.to_read({j.id for j in delivered}), delivered):
+                        yield job
+                listening = watcher is not None and watcher.listening
+                read = pending.to_read(heard if listening else None)
                 if read:
-                    for job in pending.take(
-                        read, await self._run_async(_read_query(self._s, read))
-                    ):
+                    jobs = await self._run_async(read_jobs(self._s, read))
+                    for job in pending.take(read, jobs):
                         yield job
                 if pending.done:
                     return
@@ -523,9 +524,8 @@ class JobManager(AppOperations):
                     job_id, last = pending.first_pending()
                     workers = await self._run_async(statements.worker_heartbeats(self._s))
                     raise _timeout(job_id, timeout, last, workers)
-                listened = watcher is not None and watcher.listening
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_sleep(listened, delays, left)):
+                    async with asyncio.timeout(_sleep(watcher, delays, left)):
                         await woken.wait()
         finally:
             if watcher is not None:

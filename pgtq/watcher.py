@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pgtq import statements
 from pgtq.connectors import first_line
@@ -46,6 +46,8 @@ RECHECK_INTERVAL = 1.0
 #: The longest a watcher waits for notifications before it looks at its clock (a re-check
 #: due, no waiter left, the app closing): a wake-up of a thread every half second at most.
 TICK = 0.5
+#: A waiter waits this long at most for its watcher's first LISTEN before it polls.
+STARTING = 1.0
 #: The LISTEN connection stays this long after the last waiter left (a web app's waits come
 #: and go: not a connection per request).
 LINGER = 5.0
@@ -57,12 +59,13 @@ class Waiter:
     ``take()`` says what to read: the ids heard, or None for all of them (the first read, a
     :data:`~pgtq.statements.DONE_MANY`, the listener coming up or going down)."""
 
-    __slots__ = ("_everything", "_heard", "_lock", "_wake", "ids")
+    __slots__ = ("_everything", "_heard", "_jobs", "_lock", "_wake", "ids")
 
     def __init__(self, ids: Iterable[int], wake: Callable[[], None]) -> None:
         self.ids = frozenset(ids)
         self._wake = wake
         self._heard: set[int] = set()
+        self._jobs: list[Job] = []
         self._everything = True
         self._lock = threading.Lock()  # heard on the watcher's thread, taken on the waiter's
 
@@ -74,11 +77,18 @@ class Waiter:
                 self._heard.update(ids)
         self._wake()
 
-    def take(self) -> set[int] | None:
+    def deliver(self, jobs: list[Job]) -> None:
+        """Jobs the watcher read for this waiter (a NOTIFY named them): no read of its own."""
         with self._lock:
-            heard, everything = self._heard, self._everything
-            self._heard, self._everything = set(), False
-        return None if everything else heard
+            self._jobs.extend(jobs)
+        self._wake()
+
+    def take(self) -> tuple[set[int] | None, list[Job]]:
+        """What to read (the ids heard, None: all), and the jobs delivered read already."""
+        with self._lock:
+            heard, everything, jobs = self._heard, self._everything, self._jobs
+            self._heard, self._everything, self._jobs = set(), False, []
+        return (None if everything else heard), jobs
 
 
 class Registry:
@@ -129,6 +139,28 @@ class Registry:
         for waiter, heard in woken:
             waiter.hear(heard)
 
+    def watching(self, ids: Iterable[int]) -> list[int]:
+        """Which of ``ids`` a waiter waits for."""
+        with self._lock:
+            return [i for i in ids if i in self._by_id]
+
+    def deliver(self, jobs: Iterable[Job]) -> None:
+        """Hand each waiter the jobs of its ids (read once for all of them)."""
+        with self._lock:
+            given: dict[Waiter, list[Job]] = {}
+            for job in jobs:
+                for w in self._by_id.get(job.id, ()):
+                    given.setdefault(w, []).append(job)
+        for waiter, found in given.items():
+            waiter.deliver(found)
+
+    def wake_all(self) -> None:
+        """Wake every waiter with nothing to read: to look at the watcher's state again."""
+        with self._lock:
+            waiters = list(self._waiters)
+        for waiter in waiters:
+            waiter.hear(())
+
     def watched(self) -> list[int]:
         with self._lock:
             return list(self._by_id)
@@ -156,7 +188,7 @@ class Pending:
         """The ids to read now: those heard of that still pend, or all that pend."""
         return sorted(self.pending if heard is None else self.pending & heard)
 
-    def take(self, read: Sequence[int], jobs: Iterable[Job | None]) -> list[Job]:
+    def take(self, read: Sequence[int], jobs: Sequence[Job | None]) -> list[Job]:
         """The jobs of ``read`` that ended, in the order they finished; JobNotFound for an id
         with no job (as ``wait`` says of one)."""
         found = {job.id: job for job in jobs if job is not None}
@@ -185,6 +217,15 @@ def _finished(job: Job) -> tuple[float, int]:
     return (at.timestamp() if at is not None else float("inf"), job.id)
 
 
+def read_jobs(s: statements.Statements, ids: list[int]) -> statements.Query[list[Job | None]]:
+    """One read of the jobs ``ids``: ``get`` for one, a list for several (both sides)."""
+    if len(ids) == 1:
+        one = statements.get_job(s, ids[0])
+        return statements.Query(one.statement, one.params, lambda rows: [one.mapper(rows)])
+    found = statements.list_jobs(s, statements.Selection(ids=tuple(ids)), limit=len(ids))
+    return cast("statements.Query[list[Job | None]]", found)
+
+
 class Watcher:
     """The registry and the state both watchers share."""
 
@@ -193,23 +234,46 @@ class Watcher:
         self.registry = Registry()
         #: The LISTEN is up: a waiter waits for a NOTIFY rather than polling.
         self.listening = False
+        #: Its first LISTEN is being opened: waiters wait for it (up to :data:`STARTING`)
+        #: rather than poll, so a thousand waiters arriving at once do not poll meanwhile.
+        self.starting = False
         self._closing = False
         self._last_recheck = time.monotonic()
 
     def on_notify(self, _channel: str, payload: str) -> None:
-        self.registry.hear(statements.parse_done(payload))
+        """A NOTIFY of jobs that ended: the watched ones are read once, for all their
+        waiters (:meth:`_read`); ``*``: every waiter reads its own."""
+        ids = statements.parse_done(payload)
+        if ids is None:
+            self.registry.hear(None)
+            return
+        watched = self.registry.watching(ids)
+        if watched:
+            self._read(watched)
+
+    def _read(self, ids: list[int]) -> None:
+        raise NotImplementedError
+
+    def _delivered(self, ids: list[int], jobs: list[Job | None]) -> None:
+        found = [job for job in jobs if job is not None]
+        self.registry.deliver(found)
+        gone = set(ids) - {job.id for job in found}
+        if gone:  # deleted: their waiters read for themselves (and say so)
+            self.registry.hear(sorted(gone))
 
     def unregister(self, waiter: Waiter) -> None:
         self.registry.remove(waiter)
 
     def _up(self) -> None:
-        self.listening = True
-        self._last_recheck = time.monotonic()
-        self.registry.hear(None)  # what ended while nobody listened: read once more
+        """Listening: every waiter waits for NOTIFYs from now on (woken to see it). What
+        ended while nobody listened is the re-check's, which the caller runs next: one
+        statement for all, not a read per waiter."""
+        self.listening, self.starting = True, False
+        self.registry.wake_all()
 
     def _down(self) -> None:
-        if self.listening:
-            self.listening = False
+        if self.listening or self.starting:
+            self.listening = self.starting = False
             self.registry.hear(None)  # poll until it is back
 
     def _should_stop(self) -> bool:
@@ -237,6 +301,7 @@ class SyncWatcher(Watcher):
             self.registry.add(waiter)
             if self._thread is None:
                 self._closing = False
+                self.starting = True
                 self._stop.clear()
                 self._thread = threading.Thread(target=self._run, name="pgtq-watcher", daemon=True)
                 self._thread.start()
@@ -267,6 +332,7 @@ class SyncWatcher(Watcher):
                     except Exception as exc:
                         _close_quietly(conn)
                         conn = None
+                        self._down()
                         delay = next(delays)
                         logger.warning(
                             "LISTEN for waiters failed (%s); retrying in %.1f s",
@@ -277,6 +343,7 @@ class SyncWatcher(Watcher):
                         continue
                     delays = backoff_delays()
                     self._up()
+                    self._recheck()
                 try:
                     for note in conn.notifies(timeout=self._tick()):
                         self.on_notify(note.channel, note.payload)
@@ -291,6 +358,15 @@ class SyncWatcher(Watcher):
         finally:
             self._down()
             _close_quietly(conn)
+
+    def _read(self, ids: list[int]) -> None:
+        try:
+            jobs = self._app.sync.run(read_jobs(self._app.statements, ids))
+        except Exception as exc:
+            logger.debug("reading the jobs that ended failed: %s", first_line(exc))
+            self.registry.hear(ids)  # each waiter reads its own
+            return
+        self._delivered(ids, jobs)
 
     def _recheck(self) -> None:
         self._last_recheck = time.monotonic()
@@ -316,20 +392,45 @@ class AsyncWatcher(Watcher):
     def __init__(self, app: App) -> None:
         super().__init__(app)
         self._task: asyncio.Task[None] | None = None
+        self._to_read: set[int] = set()
+        self._reading: asyncio.Task[None] | None = None
+
+    def _read(self, ids: list[int]) -> None:
+        """Read the named jobs: one read at a time, the NOTIFYs heard meanwhile in the next."""
+        self._to_read.update(ids)
+        if self._reading is None:
+            self._reading = asyncio.get_running_loop().create_task(self._read_all())
+
+    async def _read_all(self) -> None:
+        try:
+            while self._to_read:
+                ids, self._to_read = sorted(self._to_read), set()
+                try:
+                    query = read_jobs(self._app.statements, ids)
+                    jobs = await self._app.async_connector().run(query)
+                except Exception as exc:
+                    logger.debug("reading the jobs that ended failed: %s", first_line(exc))
+                    self.registry.hear(ids)
+                    continue
+                self._delivered(ids, jobs)
+        finally:
+            self._reading = None
 
     def register(self, waiter: Waiter) -> None:
         self.registry.add(waiter)
         if self._task is None:
             self._closing = False
+            self.starting = True
             self._task = asyncio.get_running_loop().create_task(self._run(), name="pgtq-watcher")
 
     async def close(self) -> None:
         self._closing = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        for task in (self._task, self._reading):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        self._task = None
         self._down()
 
     async def _run(self) -> None:
@@ -350,6 +451,7 @@ class AsyncWatcher(Watcher):
                 delays = backoff_delays()
                 self._up()
                 try:
+                    await self._recheck(connector)
                     while not self._should_stop():
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(self._tick()):
