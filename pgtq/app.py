@@ -41,6 +41,7 @@ from pgtq.tasks import (
     check_task_options,
 )
 from pgtq.validation import DEFAULT_MAX_ARGS_BYTES, check_max_args_bytes
+from pgtq.watcher import Watchers
 
 if TYPE_CHECKING:
     from pgtq.blueprints import Blueprint
@@ -155,6 +156,10 @@ class App:
     Enum, dataclasses, pydantic models); ``decoders``: ``{annotation: function}``, how a
     worker reads such a value back for a parameter annotated so (laid over pgtq's own).
     Set them before registering tasks (docs/concepts.md, "Argument types").
+    ``notify_completions``: this app's workers announce the jobs that end (one NOTIFY per
+    completion batch), so ``app.jobs.wait``, ``wait_many`` and ``watch`` wake without
+    polling (their LISTEN goes where ``listen_dsn`` says). False: no NOTIFY; waiters then
+    learn of the end within ``pgtq.watcher.RECHECK_INTERVAL``.
     """
 
     def __init__(
@@ -173,6 +178,7 @@ class App:
         listen_dsn: str | URL | Literal[False] | None = None,
         encoder: Encoder | None = None,
         decoders: Mapping[Any, Decoder] | None = None,
+        notify_completions: bool = True,
     ) -> None:
         #: A task result larger than this (as JSON) fails its job with a clear error: results
         #: live in the jobs table, which must stay small to stay fast. None: no limit.
@@ -216,6 +222,13 @@ class App:
             listen_dsn, pooled=not self.prepared_statements
         )
         self.connect_timeout = connect_timeout
+        if not isinstance(notify_completions, bool):
+            raise ConfigurationError(
+                f"notify_completions takes True or False, got {notify_completions!r}"
+            )
+        #: This app's workers announce the jobs that ended (one NOTIFY per completion
+        #: statement), so ``app.jobs.wait`` and its kin wake without polling.
+        self.notify_completions = notify_completions
         self.statements = statements.statements_for(self.schema)
         self.tasks: dict[str, Task[..., Any]] = {}
         #: Old names a job may still carry (``@app.task(aliases=[...])``), each to its task's
@@ -228,6 +241,8 @@ class App:
         #: The schedules declared with ``@app.periodic`` (run by ``periodic.run_scheduler``).
         self.periodic_tasks: list[PeriodicTask] = []
         self.jobs = JobManager(self)
+        #: The LISTEN of the waiters of ``app.jobs.wait`` & co (pgtq/watcher.py).
+        self.watchers = Watchers(self)
         self.queues = QueueManager(self)
         #: ``@app.periodic(cron=...)`` declares a schedule; ``app.periodic.list()``,
         #: ``pause``, ``resume`` and ``run_now`` (and their ``_async`` twins) steer them.
@@ -363,6 +378,7 @@ class App:
 
     def close(self) -> None:
         """Dispose of the engines pgtq made (never of yours)."""
+        self.watchers.close()
         if self._sync is not None:
             self._sync.close()
             self._sync = None
@@ -377,6 +393,7 @@ class App:
 
     async def close_loop_connector(self) -> None:
         """Dispose of the running loop's async engine (if pgtq made it), before the loop ends."""
+        await self.watchers.close_loop()
         connector = self._async.pop(asyncio.get_running_loop(), None)
         if connector is not None:
             await connector.close()

@@ -95,6 +95,13 @@ _SNOOZED_TOO_OFTEN: sa.ColumnElement[Any] = sa.literal_column(
 )
 _MAX_SNOOZES = sa.literal_column(str(MAX_SNOOZES), sa.Integer)
 
+#: The NOTIFY of jobs that ended names them in at most this many bytes (PostgreSQL refuses a
+#: payload of 8000 or more); past it, :data:`DONE_MANY` says "many ended: re-read".
+DONE_PAYLOAD_MAX = 7999
+#: The payload on the done channel when the ids would not fit.
+DONE_MANY = "*"
+_DONE_MANY: sa.ColumnElement[str] = sa.literal_column(f"'{DONE_MANY}'", sa.Text)
+
 #: A control of jobs, by one id or in bulk (``retry_many``, ...).
 Action = Literal["retry", "cancel", "abort", "delete"]
 
@@ -277,8 +284,10 @@ class Statements:
         self.jobs = tables.jobs
         self.channel = notify_channel(tables.schema)
         self.abort_channel = self.channel + "_abort"
+        #: Where jobs that ended are announced (:meth:`_announce_done`): what waiters hear.
+        self.done_channel = self.channel + "_done"
         self._claims: dict[tuple[str, int, bool], Claim] = {}
-        self._completions: dict[tuple[bool, Rare], Any] = {}
+        self._completions: dict[tuple[bool, Rare, bool], Any] = {}
         self._keyed: dict[Conflict, sa.Select[Any]] = {}
         self._each: dict[tuple[EachMode, ...], sa.Select[Any]] = {}
 
@@ -1105,22 +1114,23 @@ class Statements:
     # -- complete --------------------------------------------------------------------------
 
     @cached_property
-    def complete(self) -> ReturningUpdate[Any]:
+    def complete(self) -> sa.Select[Any]:
         """Write a batch of outcomes in one statement.
 
         ``doing → succeeded | failed | aborted``, or ``doing → todo`` for a retry (``retry_in``
         seconds from now). Guarded by ``status = 'doing' AND worker_id = :me``: a job
-        that was rescued or re-queued meanwhile is never overwritten.
+        that was rescued or re-queued meanwhile is never overwritten. The jobs that ended are
+        announced on the done channel (:meth:`_announce_done`).
         """
-        return self._complete_update(self._outcomes())
+        return cast(sa.Select[Any], self._completion(False, _NOTHING_RARE, quiet=False))
 
     @cached_property
     def complete_deleting(self) -> sa.Select[Any]:
         """``complete``, except that jobs ending in one of ``:delete_statuses`` are deleted
         (a worker's ``delete_jobs`` option), with the same guard."""
-        return self._complete_deleting(Rare())
+        return cast(sa.Select[Any], self._completion(True, _NOTHING_RARE, quiet=False))
 
-    def completion(self, deleting: bool, rare: Rare) -> Any:
+    def completion(self, deleting: bool, rare: Rare, quiet: bool = False) -> Any:
         """The completion statement a batch needs. Nearly every batch takes ``complete`` (or
         ``complete_deleting``); a batch with a rare outcome takes a variant, built once:
         ``rare.snoozing`` (a ``snoozed`` outcome: back to ``todo`` with its attempt given
@@ -1129,20 +1139,66 @@ class Statements:
         ``:queues`` and ``:priorities``), ``rare.progress`` (outcomes carrying their job's
         last ``ctx.set_progress``, ``:outcome_progress``), ``rare.running`` (the progress of
         jobs still running, written by the same statement: :meth:`_write_progress`). So
-        those cost the other batches nothing."""
-        if not rare:
+        those cost the other batches nothing. ``quiet``: without the NOTIFY of the jobs
+        that ended (``App(notify_completions=False)``)."""
+        if not rare and not quiet:
             return self.complete_deleting if deleting else self.complete
-        key = (deleting, rare)
+        key = (deleting, rare, quiet)
         found = self._completions.get(key)
         if found is None:
-            u = self._outcomes(rare)
-            found = (
-                self._complete_deleting(rare) if deleting else self._complete_update(u, rare=rare)
-            )
-            if rare.running:  # other rows than the outcomes' (the completer sees to it)
-                found = found.add_cte(self._write_progress().cte("progressed"))
-            self._completions[key] = found
+            found = self._completions[key] = self._completion(deleting, rare, quiet)
         return found
+
+    def _completion(self, deleting: bool, rare: Rare, quiet: bool) -> Any:
+        u = self._outcomes(rare)
+        found: Any
+        if deleting:
+            found = self._complete_deleting(rare, quiet)
+        elif quiet:
+            found = self._complete_update(u, rare=rare)
+        else:
+            updated = self._complete_update(u, rare=rare, with_status=True).cte("completed")
+            done = self._announce_done(updated, updated.c.status != TODO)
+            found = sa.select(updated.c.id).select_from(updated.outerjoin(done, sa.true()))
+        if rare.running:  # other rows than the outcomes' (the completer sees to it)
+            found = found.add_cte(self._write_progress().cte("progressed"))
+        return found
+
+    def _announce_done(self, ended: sa.CTE, final: sa.ColumnElement[bool]) -> sa.CTE:
+        """One NOTIFY on the done channel for the rows of ``ended`` that are ``final``, none
+        when there is none: the ids, comma-separated (``12,13,20``), or :data:`DONE_MANY` when
+        they would not fit PostgreSQL's 8000-byte payload (every waiter then re-reads). A CTE
+        the caller must join (PostgreSQL skips a plain SELECT CTE nobody reads)."""
+        ids = sa.func.string_agg(sa.cast(ended.c.id, sa.Text), sa.literal_column("','"))
+        payload = sa.case(
+            (sa.func.length(ids) > sa.literal_column(str(DONE_PAYLOAD_MAX)), _DONE_MANY),
+            else_=ids,
+        )
+        return (
+            sa.select(sa.func.pg_notify(self._done_channel, payload).label("sent"))
+            .select_from(ended)
+            .where(final)
+            .having(sa.func.count() > sa.literal_column("0"))
+            .cte("done")
+        )
+
+    @property
+    def _done_channel(self) -> sa.ColumnElement[str]:
+        return sa.literal_column(f"'{self.done_channel}'", sa.Text)
+
+    @cached_property
+    def ended_among(self) -> sa.Select[Any]:
+        """Which of ``:watched`` are not waiting nor running (ended, or no such job): the
+        watcher's safety net, one statement for every waiter of an app, for the jobs that
+        ended with no NOTIFY (:mod:`pgtq.watcher`)."""
+        j = self.jobs
+        w = (
+            sa.func.unnest(_array("watched", sa.BigInteger()))
+            .table_valued(sa.column("id", sa.BigInteger()))
+            .render_derived("watched")
+        )
+        live = sa.exists().where(j.c.id == w.c.id, j.c.status.in_([TODO, DOING]))
+        return sa.select(w.c.id).where(~live)
 
     @cached_property
     def set_progress(self) -> ReturningUpdate[Any]:
@@ -1171,7 +1227,7 @@ class Statements:
             .returning(j.c.id)
         )
 
-    def _complete_deleting(self, rare: Rare) -> sa.Select[Any]:
+    def _complete_deleting(self, rare: Rare, quiet: bool = False) -> sa.Select[Any]:
         j = self.jobs
         u = self._outcomes(rare)
         deleting = u.c.status == sa.any_(_array("delete_statuses", sa.Text()))
@@ -1189,9 +1245,19 @@ class Statements:
             )
             .cte("deleted")
         )
-        updated = self._complete_update(u, ~deleting, rare=rare).cte("updated")
-        found = sa.union_all(sa.select(deleted.c.id), sa.select(updated.c.id)).subquery()
-        return found.select().add_cte(self._history_of_deleted(deleted))
+        updated = self._complete_update(u, ~deleting, rare=rare, with_status=not quiet)
+        updated_rows = updated.cte("updated")
+        history = self._history_of_deleted(deleted)
+        if quiet:
+            found = sa.union_all(sa.select(deleted.c.id), sa.select(updated_rows.c.id)).subquery()
+            return found.select().add_cte(history)
+        # Every deleted job ended (a retry is never deleted); an updated one unless ``todo``.
+        ended = sa.union_all(
+            sa.select(deleted.c.id, deleted.c.status),
+            sa.select(updated_rows.c.id, updated_rows.c.status),
+        ).cte("ended")
+        done = self._announce_done(ended, ended.c.status != TODO)
+        return sa.select(ended.c.id).select_from(ended.outerjoin(done, sa.true())).add_cte(history)
 
     def _history_of_deleted(self, deleted: sa.CTE) -> sa.CTE:
         """The history a deleted job's row can no longer tell, stored while history is on:
@@ -1258,7 +1324,11 @@ class Statements:
         return (j.c.status == DOING, j.c.worker_id == sa.bindparam("me", type_=sa.Text))
 
     def _complete_update(
-        self, u: Any, *where: sa.ColumnElement[bool], rare: Rare | None = None
+        self,
+        u: Any,
+        *where: sa.ColumnElement[bool],
+        rare: Rare | None = None,
+        with_status: bool = False,
     ) -> ReturningUpdate[Any]:
         j = self.jobs
         snoozing = rare is not None and rare.snoozing
@@ -1306,7 +1376,7 @@ class Statements:
                 finished_at=sa.case((retrying, sa.null()), else_=sa.func.clock_timestamp()),
                 **snoozed,
             )
-            .returning(j.c.id)
+            .returning(j.c.id, *([j.c.status] if with_status else []))
         )
 
     # -- control ---------------------------------------------------------------------------
@@ -1317,17 +1387,20 @@ class Statements:
         channel: str,
         payload: sa.ColumnElement[Any],
         when: sa.ColumnElement[bool],
+        ended: sa.ColumnElement[bool] | None = None,
     ) -> sa.Select[Any]:
-        """Select the changed rows, sending one NOTIFY per row that matches ``when``."""
+        """Select the changed rows, sending one NOTIFY per row that matches ``when``, and
+        announcing those that ``ended`` on the done channel (one NOTIFY)."""
         sent = (
             sa.select(sa.func.count(sa.func.pg_notify(channel, payload)).label("sent"))
             .select_from(changed)
             .where(when)
             .cte("sent")
         )
-        return sa.select(changed.c.id, changed.c.status, changed.c.queue).select_from(
-            changed.join(sent, sa.true())
-        )
+        joined = changed.join(sent, sa.true())
+        if ended is not None:
+            joined = joined.outerjoin(self._announce_done(changed, ended), sa.true())
+        return sa.select(changed.c.id, changed.c.status, changed.c.queue).select_from(joined)
 
     def _acting_on(self, action: Action) -> sa.ColumnElement[bool]:
         """The jobs ``action`` may change (:data:`ACTS_ON`), statuses as literals."""
@@ -1357,7 +1430,11 @@ class Statements:
             .cte("changed")
         )
         return self._notify_each(
-            changed, self.abort_channel, sa.cast(changed.c.id, sa.Text), changed.c.status == DOING
+            changed,
+            self.abort_channel,
+            sa.cast(changed.c.id, sa.Text),
+            changed.c.status == DOING,
+            ended=changed.c.status == CANCELLED,
         )
 
     @cached_property
@@ -1843,18 +1920,22 @@ class Statements:
         return found
 
     @cached_property
-    def cancel(self) -> ReturningUpdate[Any]:
+    def cancel(self) -> sa.Select[Any]:
         return self._cancel(self._one_job())
 
-    def _cancel(self, *where: sa.ColumnElement[bool]) -> ReturningUpdate[Any]:
-        """``todo → cancelled``; a running job is left alone (that is ``abort``)."""
+    def _cancel(self, *where: sa.ColumnElement[bool]) -> sa.Select[Any]:
+        """``todo → cancelled``; a running job is left alone (that is ``abort``). The
+        cancelled jobs are announced on the done channel."""
         j = self.jobs
-        return (
+        changed = (
             sa.update(j)
             .where(*where, self._acting_on("cancel"))
             .values(status=CANCELLED, finished_at=sa.func.now())
             .returning(j.c.id)
+            .cte("changed")
         )
+        done = self._announce_done(changed, sa.true())
+        return sa.select(changed.c.id).select_from(changed.outerjoin(done, sa.true()))
 
     def _delete(self, *where: sa.ColumnElement[bool]) -> sa.Select[Any]:
         """Delete jobs, never a running one (:data:`ACTS_ON`), and their history; select their
@@ -1863,7 +1944,8 @@ class Statements:
         j, events = self.jobs, self.t.job_events
         gone = sa.delete(j).where(*where, self._acting_on("delete")).returning(j.c.id).cte("gone")
         history = sa.delete(events).where(events.c.job_id.in_(sa.select(gone.c.id))).cte("history")
-        return sa.select(gone.c.id).add_cte(history)
+        done = self._announce_done(gone, sa.true())  # a waiter of a deleted job stops waiting
+        return sa.select(gone.c.id).select_from(gone.outerjoin(done, sa.true())).add_cte(history)
 
     def bulk(self, action: Action, key: SelectionKey, preview: bool = False) -> Any:
         """``action`` on every job the filters of ``key`` select, selecting the ids it changed;
@@ -2613,9 +2695,11 @@ def complete_jobs(
     outcomes: Outcomes,
     delete_statuses: Sequence[str] = (),
     progress: Progress | None = None,
+    quiet: bool = False,
 ) -> Query[list[int]]:
     """Write outcomes; jobs ending in ``delete_statuses`` are deleted instead. ``progress``:
-    of jobs still running (none of the outcomes'), in the same statement."""
+    of jobs still running (none of the outcomes'), in the same statement. ``quiet``: no
+    NOTIFY of the jobs that ended (``App(notify_completions=False)``)."""
     arrays: dict[str, list[Any]] = {
         "ids": outcomes.ids,
         "outcome_attempts": outcomes.attempts,
@@ -2641,7 +2725,23 @@ def complete_jobs(
         params.update(progress.as_params())
     if delete_statuses:
         params["delete_statuses"] = list(delete_statuses)
-    return Query(s.completion(bool(delete_statuses), rare), params, _id_list, driver=True)
+    return Query(s.completion(bool(delete_statuses), rare, quiet), params, _id_list, driver=True)
+
+
+def ended_among(s: Statements, watched: Iterable[int]) -> Query[list[int]]:
+    """Which of the ``watched`` jobs are neither waiting nor running (ended, or gone)."""
+    return Query(s.ended_among, {"watched": list(watched)}, _id_list)
+
+
+def parse_done(payload: str) -> list[int] | None:
+    """Read a NOTIFY on the done channel: the ids of the jobs that ended, or None for
+    :data:`DONE_MANY` (or a payload this version cannot read): any watched job may have."""
+    if payload == DONE_MANY:
+        return None
+    try:
+        return [int(part) for part in payload.split(",")]
+    except ValueError:
+        return None
 
 
 def release_jobs(s: Statements, worker_id: str, ids: Sequence[int]) -> Query[list[int]]:

@@ -123,6 +123,8 @@ BUILDER_ARGS: dict[str, list[tuple[Any, ...]]] = {
             for deleting in (False, True)
             for progress, running in ((True, False), (False, True), (True, True))
         ),
+        # App(notify_completions=False): no NOTIFY of the jobs that ended.
+        *((deleting, rare, True) for deleting in (False, True) for rare in (Rare(), Rare(True))),
     ],
 }
 #: Attributes of ``Statements`` that are not statements.
@@ -221,7 +223,10 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
         lambda: statements.complete_jobs(S, "w", _rare_outcomes(), ("succeeded",)),
         lambda: statements.complete_jobs(S, "w", _progressing(), (), _progress()),
         lambda: statements.complete_jobs(S, "w", _progressing(), ("succeeded",), _progress()),
+        lambda: statements.complete_jobs(S, "w", _outcomes(), quiet=True),
+        lambda: statements.complete_jobs(S, "w", _outcomes(), ("succeeded",), quiet=True),
     ],
+    "ended_among": [lambda: statements.ended_among(S, [1, 2])],
     "write_progress": [lambda: statements.write_progress(S, "w", _progress())],
     "release_jobs": [lambda: statements.release_jobs(S, "w", [1])],
     "release_unknown_jobs": [lambda: statements.release_unknown_jobs(S, "w", [1])],
