@@ -7,13 +7,14 @@ import contextlib
 import inspect
 import os
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, Unpack, cast, overload
 
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pgtq import statements
+from pgtq.codecs import Codec, Decoder, Encoder
 from pgtq.connectors import (
     AsyncConnector,
     SyncConnector,
@@ -25,6 +26,7 @@ from pgtq.connectors import (
 )
 from pgtq.errors import ConfigurationError, InvalidArguments, UnknownTask
 from pgtq.jobs import JobContext, JobManager
+from pgtq.model import dumps
 from pgtq.queues import QueueManager
 from pgtq.schedules import PeriodicManager
 from pgtq.schema import DEFAULT_SCHEMA, InvalidSchemaName, validate_schema_name
@@ -39,6 +41,7 @@ from pgtq.tasks import (
     check_task_options,
 )
 from pgtq.validation import DEFAULT_MAX_ARGS_BYTES, check_max_args_bytes
+from pgtq.watcher import Watchers
 
 if TYPE_CHECKING:
     from pgtq.blueprints import Blueprint
@@ -148,6 +151,16 @@ class App:
 
     ``prepared_statements``: False behind PgBouncer in transaction mode. Not given:
     ``PGTQ_PREPARED_STATEMENTS`` (``on``/``off``), else True.
+
+    ``encoder``: a ``json`` ``default=`` hook for argument, ``meta`` and result values that
+    are neither JSON nor a type pgtq encodes itself (datetime, date, time, UUID, Decimal,
+    Enum, dataclasses, pydantic models); ``decoders``: ``{annotation: function}``, how a
+    worker reads such a value back for a parameter annotated so (laid over pgtq's own).
+    Set them before registering tasks (docs/concepts.md, "Argument types").
+    ``notify_completions``: this app's workers announce the jobs that end (one NOTIFY per
+    completion batch), so ``app.jobs.wait``, ``wait_many`` and ``watch`` wake without
+    polling (their LISTEN goes where ``listen_dsn`` says). False: no NOTIFY; waiters then
+    learn of the end within ``pgtq.watcher.RECHECK_INTERVAL``.
     """
 
     def __init__(
@@ -164,6 +177,9 @@ class App:
         max_args_bytes: int | None = DEFAULT_MAX_ARGS_BYTES,
         max_connections: int | None = None,
         listen_dsn: str | URL | Literal[False] | None = None,
+        encoder: Encoder | None = None,
+        decoders: Mapping[Any, Decoder] | None = None,
+        notify_completions: bool = True,
     ) -> None:
         #: A task result larger than this (as JSON) fails its job with a clear error: results
         #: live in the jobs table, which must stay small to stay fast. None: no limit.
@@ -177,6 +193,12 @@ class App:
             raise ConfigurationError(str(exc)) from None
         #: ``pgtq.testing.eager``: while set, ``defer`` runs the job at once, in-process.
         self.eager: EagerRunner | None = None
+        #: How this app writes JSON (its ``encoder``) and reads arguments back by annotation
+        #: (its ``decoders``): :mod:`pgtq.codecs`.
+        try:
+            self.codec = Codec(dumps, encoder, decoders)
+        except TypeError as exc:
+            raise ConfigurationError(str(exc)) from None
         #: False behind PgBouncer in transaction mode: engines pgtq makes then never keep
         #: prepared statements (yours are yours to configure). Not given:
         #: ``PGTQ_PREPARED_STATEMENTS`` (on/off), else True.
@@ -201,6 +223,13 @@ class App:
             listen_dsn, pooled=not self.prepared_statements
         )
         self.connect_timeout = connect_timeout
+        if not isinstance(notify_completions, bool):
+            raise ConfigurationError(
+                f"notify_completions takes True or False, got {notify_completions!r}"
+            )
+        #: This app's workers announce the jobs that ended (one NOTIFY per completion
+        #: statement), so ``app.jobs.wait`` and its kin wake without polling.
+        self.notify_completions = notify_completions
         self.statements = statements.statements_for(self.schema)
         self.tasks: dict[str, Task[..., Any]] = {}
         #: Old names a job may still carry (``@app.task(aliases=[...])``), each to its task's
@@ -213,6 +242,8 @@ class App:
         #: The schedules declared with ``@app.periodic`` (run by ``periodic.run_scheduler``).
         self.periodic_tasks: list[PeriodicTask] = []
         self.jobs = JobManager(self)
+        #: The LISTEN of the waiters of ``app.jobs.wait`` & co (pgtq/watcher.py).
+        self.watchers = Watchers(self)
         self.queues = QueueManager(self)
         #: ``@app.periodic(cron=...)`` declares a schedule; ``app.periodic.list()``,
         #: ``pause``, ``resume`` and ``run_now`` (and their ``_async`` twins) steer them.
@@ -348,6 +379,7 @@ class App:
 
     def close(self) -> None:
         """Dispose of the engines pgtq made (never of yours)."""
+        self.watchers.close()
         if self._sync is not None:
             self._sync.close()
             self._sync = None
@@ -362,6 +394,7 @@ class App:
 
     async def close_loop_connector(self) -> None:
         """Dispose of the running loop's async engine (if pgtq made it), before the loop ends."""
+        await self.watchers.close_loop()
         connector = self._async.pop(asyncio.get_running_loop(), None)
         if connector is not None:
             await connector.close()

@@ -60,8 +60,12 @@ class Completer:
         *,
         batch: int = 1,
         running: Callable[[], bool] = lambda: False,
+        notify: bool = True,
     ) -> None:
         self._s = s
+        # Announce the jobs that ended on the done channel (``App(notify_completions=...)``):
+        # what ``app.jobs.wait`` and its kin hear instead of polling.
+        self._quiet = not notify
         self._batch = batch  # a write waits for this many outcomes while others run
         self._running = running  # other jobs still run: more outcomes are coming
         self._worker_id = worker_id  # a function: a worker declared dead goes on under a new id
@@ -324,6 +328,7 @@ class Completer:
             outcomes,
             self._delete_statuses,
             progress,
+            self._quiet,
             releasing=releasing,
         )
 

@@ -17,7 +17,7 @@ import select
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import psycopg
 import sqlalchemy as sa
@@ -616,6 +616,27 @@ class SyncConnector:
 
     def _call(self, fn: Callable[[Connection], T], conn: Connection) -> T:
         return self._errors.call(lambda: fn(conn))
+
+    def listen_connection(self, url: URL | None, connect_timeout: float) -> psycopg.Connection[Any]:
+        """A psycopg connection of its own for LISTEN, in autocommit, outside the app's pool
+        (its LISTEN registrations never reach the pool's next user): to ``url`` (``App(
+        listen_dsn=...)``), else one the engine's pool opens, detached from it at once (its
+        place in the pool is free again). Not from a copy of the pool, as the async side does:
+        a copy's first connection initializes the dialect again, racing the threads that use
+        it. The caller closes it."""
+        try:
+            if url is None:
+                record = self.engine.raw_connection()
+                driver = cast("psycopg.Connection[Any]", record.driver_connection)
+                record.detach()
+            else:
+                target = url.set(drivername="postgresql").render_as_string(hide_password=False)
+                driver = psycopg.connect(target, connect_timeout=max(1, round(connect_timeout)))
+            driver.rollback()  # a checkout's ping may have opened a transaction
+            driver.autocommit = True
+        except Exception as exc:
+            self._errors.raise_opening(exc)
+        return driver
 
     def close(self) -> None:
         if self.owned:

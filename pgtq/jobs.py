@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import math
 import numbers
 import operator
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypedDict, Unpack, cast, overload
@@ -21,6 +23,7 @@ from sqlalchemy.engine import Connection
 from typing_extensions import TypeVar
 
 from pgtq import statements, validation
+from pgtq import watcher as watcher_module
 from pgtq.connectors import execute
 from pgtq.errors import (
     InvalidArguments,
@@ -32,6 +35,7 @@ from pgtq.errors import (
 from pgtq.health import serves
 from pgtq.model import ERROR_MESSAGE_MAX, ClaimedJob, Deferred, Job, JobEvent, Status
 from pgtq.reports import STALE_AFTER, Stats, Throughput, WorkerInfo
+from pgtq.watcher import Pending, Waiter, Watcher, read_jobs
 
 if TYPE_CHECKING:
     from pgtq.app import App
@@ -211,15 +215,49 @@ def running_progress(job: Job) -> tuple[float, str | None] | None:
 _PENDING = object()
 
 
-def _settle(job_id: int, job: Job | None) -> Any:
-    """What ``wait`` returns for this state of the job: its result, an error, or _PENDING."""
+def _settle(job_id: int, job: Job | None, app: App) -> Any:
+    """What ``wait`` returns for this state of the job: its result (read back as its task's
+    return annotation: a ``datetime`` for ``-> datetime``), an error, or _PENDING."""
     if job is None:
         raise JobNotFound(f"no job with id {job_id}")
     if job.status == Status.SUCCEEDED:
-        return job.result
+        task = app.lookup_task(job.task_name)
+        decode = None if task is None else task.decode_result
+        return job.result if decode is None or job.result is None else decode(job.result)
     if job.status.is_final:
         raise JobFailed(job_id, job.status.value, job.error)
     return _PENDING
+
+
+def _wait_ids(job_ids: Iterable[int]) -> builtins.list[int]:
+    """The ids a wait takes, each checked (InvalidFilter for a non-integer); JobNotFound for
+    one outside the ``bigint`` range (no job has it), as ``wait`` says of any unknown id."""
+    if isinstance(job_ids, str | bytes | Mapping) or not isinstance(job_ids, Iterable):
+        raise InvalidFilter(f"job_ids must be a collection of job ids, got {job_ids!r}")
+    ids = []
+    for job_id in job_ids:
+        checked = check_job_id(job_id)
+        if checked is None:
+            raise JobNotFound(f"no job with id {job_id}")
+        ids.append(checked)
+    return ids
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds left before ``deadline`` (0.0 once past it), None for no deadline."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _sleep(watcher: Watcher | None, delays: Iterator[float], left: float | None) -> float | None:
+    """How long a waiter sleeps unless woken: until its deadline while the app listens (a
+    NOTIFY, the watcher's re-check or a change of the LISTEN wakes it), up to
+    :data:`~pgtq.watcher.STARTING` while its first LISTEN opens, else the next of ``wait``'s
+    polling delays."""
+    if watcher is not None and watcher.listening:
+        return left
+    starting = watcher is not None and watcher.starting
+    delay = watcher_module.STARTING if starting else next(delays)
+    return delay if left is None else min(delay, left)
 
 
 def _poll_delays() -> Iterator[float]:
@@ -448,20 +486,10 @@ class JobManager(AppOperations):
 
     def wait(self, job_id: int, timeout: float | None = None) -> Any:
         """Block until the job is final: its result, or JobFailed; JobTimeout past ``timeout``.
-        Given what ``task.defer`` returned, mypy types the result as the task's."""
-        timeout = check_timeout(timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for delay in _poll_delays():
-            job = self.get(job_id)
-            outcome = _settle(job_id, job)
-            if outcome is not _PENDING:
-                return outcome
-            if deadline is not None and time.monotonic() >= deadline:
-                workers = self._run(statements.worker_heartbeats(self._s))
-                raise _timeout(job_id, timeout, job, workers)
-            time.sleep(
-                delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
-            )
+        Given what ``task.defer`` returned, mypy types the result as the task's. Woken by the
+        app's LISTEN when the job ends (polling while it is down: pgtq/watcher.py)."""
+        for job in self._ended(_wait_ids([job_id]), check_timeout(timeout)):
+            return _settle(job_id, job, self._app)
         raise AssertionError("unreachable")  # pragma: no cover
 
     @overload
@@ -471,20 +499,112 @@ class JobManager(AppOperations):
     async def wait_async(self, job_id: int, timeout: float | None = None) -> Any: ...
 
     async def wait_async(self, job_id: int, timeout: float | None = None) -> Any:
-        timeout = check_timeout(timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for delay in _poll_delays():
-            job = await self.get_async(job_id)
-            outcome = _settle(job_id, job)
-            if outcome is not _PENDING:
-                return outcome
-            if deadline is not None and time.monotonic() >= deadline:
-                workers = await self._run_async(statements.worker_heartbeats(self._s))
-                raise _timeout(job_id, timeout, job, workers)
-            await asyncio.sleep(
-                delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
-            )
+        async for job in self._ended_async(_wait_ids([job_id]), check_timeout(timeout)):
+            return _settle(job_id, job, self._app)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def wait_many(self, job_ids: Iterable[int], timeout: float | None = None) -> builtins.list[Any]:
+        """Block until every job is final: their results, in the order of ``job_ids``. As
+        :meth:`wait` does for one job: once all have ended, JobFailed for the first of
+        ``job_ids`` that did not succeed (read the others with :meth:`get`, or use
+        :meth:`watch`); JobNotFound for an id no job has; JobTimeout past ``timeout`` (for
+        them all, naming the first job still pending)."""
+        ids = _wait_ids(job_ids)
+        ended = {job.id: job for job in self._ended(ids, check_timeout(timeout))}
+        return [_settle(job_id, ended[job_id], self._app) for job_id in ids]
+
+    async def wait_many_async(
+        self, job_ids: Iterable[int], timeout: float | None = None
+    ) -> builtins.list[Any]:
+        ids = _wait_ids(job_ids)
+        ended = {job.id: job async for job in self._ended_async(ids, check_timeout(timeout))}
+        return [_settle(job_id, ended[job_id], self._app) for job_id in ids]
+
+    def watch(self, job_ids: Iterable[int], timeout: float | None = None) -> Iterator[Job]:
+        """The jobs as each becomes final (succeeded or not), in the order they finished; a
+        job already final comes at once; each job once. JobNotFound for an id no job has;
+        JobTimeout once ``timeout`` seconds passed with jobs still pending."""
+        return self._ended(_wait_ids(job_ids), check_timeout(timeout))
+
+    def watch_async(
+        self, job_ids: Iterable[int], timeout: float | None = None
+    ) -> AsyncIterator[Job]:
+        """:meth:`watch` for async code (``async for job in app.jobs.watch_async(ids)``): one
+        server-sent event per job, say."""
+        return self._ended_async(_wait_ids(job_ids), check_timeout(timeout))
+
+    def _ended(self, ids: builtins.list[int], timeout: float | None) -> Iterator[Job]:
+        """The sync wait loop: the jobs of ``ids`` as they end. Each wake-up reads only the
+        jobs a NOTIFY named (all of them while polling); :class:`~pgtq.watcher.Pending` is
+        the state both loops share."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = Pending(ids)
+        watcher = self._app.watchers.sync()
+        woken = threading.Event()
+        waiter = Waiter(pending.pending, woken.set)
+        if watcher is not None:
+            watcher.register(waiter)
+        try:
+            delays = _poll_delays()
+            while True:
+                woken.clear()
+                heard, delivered = waiter.take()
+                if delivered:
+                    yield from pending.take(pending.to_read({j.id for j in delivered}), delivered)
+                listening = watcher is not None and watcher.listening
+                read = pending.to_read(heard if listening else None)
+                if read:
+                    jobs = self._run(read_jobs(self._s, read))
+                    yield from pending.take(read, jobs)
+                if pending.done:
+                    return
+                left = _left(deadline)
+                if left == 0.0:
+                    job_id, job = pending.first_pending()
+                    workers = self._run(statements.worker_heartbeats(self._s))
+                    raise _timeout(job_id, timeout, job, workers)
+                woken.wait(_sleep(watcher, delays, left))
+        finally:
+            if watcher is not None:
+                watcher.unregister(waiter)
+
+    async def _ended_async(
+        self, ids: builtins.list[int], timeout: float | None
+    ) -> AsyncIterator[Job]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = Pending(ids)
+        watcher = self._app.watchers.for_loop()
+        woken = asyncio.Event()
+        waiter = Waiter(pending.pending, woken.set)
+        if watcher is not None:
+            watcher.register(waiter)
+        try:
+            delays = _poll_delays()
+            while True:
+                woken.clear()
+                heard, delivered = waiter.take()
+                if delivered:
+                    for job in pending.take(pending.to_read({j.id for j in delivered}), delivered):
+                        yield job
+                listening = watcher is not None and watcher.listening
+                read = pending.to_read(heard if listening else None)
+                if read:
+                    jobs = await self._run_async(read_jobs(self._s, read))
+                    for job in pending.take(read, jobs):
+                        yield job
+                if pending.done:
+                    return
+                left = _left(deadline)
+                if left == 0.0:
+                    job_id, last = pending.first_pending()
+                    workers = await self._run_async(statements.worker_heartbeats(self._s))
+                    raise _timeout(job_id, timeout, last, workers)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_sleep(watcher, delays, left)):
+                        await woken.wait()
+        finally:
+            if watcher is not None:
+                watcher.unregister(waiter)
 
     # == operations: list, stats, clean-up, cancel ===============================================
 

@@ -1,4 +1,5 @@
-"""The job model as plain data: what a row means, with no I/O and no pgtq imports.
+"""The job model as plain data: what a row means, with no I/O and no pgtq imports but the
+pure :mod:`pgtq.codecs` (the wire form of datetimes, UUIDs, ...).
 
 ``statements`` maps rows to these objects, ``jobs`` re-exports them for users.
 """
@@ -11,6 +12,8 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, NamedTuple, Self, TypeVar
+
+from pgtq.codecs import encode_default
 
 
 class Status(enum.StrEnum):
@@ -217,10 +220,12 @@ def _unstorable(value: Any) -> str | None:
     return None
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=encode_default)
 
 
 def dumps(value: Any) -> str:
-    """JSON the way pgtq stores it: strict (no NaN), compact. One encoder, made once:
+    """JSON the way pgtq stores it: strict (no NaN), compact, ASCII, with the wire form of
+    datetime, UUID, Decimal, Enum, dataclasses, ... (:func:`pgtq.codecs.encode_default`, a
+    ``default=`` hook: plain JSON values never reach it). One encoder, made once:
     ``json.dumps`` with options builds a new one per call."""
     return _ENCODER.encode(value)

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pgtq.codecs import ArgumentDecodeError
 from pgtq.model import (
     MAX_SNOOZES,
     SNOOZED,
@@ -192,9 +193,14 @@ def decide(
         exc = JobTimeoutError(f"the job ran past its timeout of {timeout_of(task, job)} s")
     if exc is None:
         # A result that cannot be stored fails the job at once: running it again would not
-        # change the result, so the retry policy does not apply.
+        # change the result, so the retry policy does not apply. The app's encoder writes
+        # it, as it writes arguments (a datetime is its ISO text).
         try:
-            encoded = "null" if result is None else dumps(result)
+            encoded = (
+                "null"
+                if result is None
+                else (task.app.codec.dumps if task is not None else dumps)(result)
+            )
             unstorable = unstorable_json(encoded)
         except Exception as ser:  # TypeError, ValueError, RecursionError, a hostile __iter__
             bad = TypeError(f"the task's return value is not JSON-serializable: {ser!r}")
@@ -215,7 +221,8 @@ def decide(
             Status.TODO, retry_in=check_delay("Snooze(seconds)", exc.seconds), snooze=True
         )
     err_json = dumps(error_record(exc))
-    if isinstance(exc, Discard):
+    # Arguments that cannot be read as their parameters' types never will be: no retry.
+    if isinstance(exc, Discard | ArgumentDecodeError):
         return Outcome(Status.FAILED, error=err_json)
     if task is not None:
         # The job's own budget (None for nearly every job) replaces the policy's: a task

@@ -121,6 +121,13 @@ _SNOOZED_TOO_OFTEN: sa.ColumnElement[Any] = sa.literal_column(
 )
 _MAX_SNOOZES = sa.literal_column(str(MAX_SNOOZES), sa.Integer)
 
+#: The NOTIFY of jobs that ended names them in at most this many bytes (PostgreSQL refuses a
+#: payload of 8000 or more); past it, :data:`DONE_MANY` says "many ended: re-read".
+DONE_PAYLOAD_MAX = 7999
+#: The payload on the done channel when the ids would not fit.
+DONE_MANY = "*"
+_DONE_MANY: sa.ColumnElement[str] = sa.literal_column(f"'{DONE_MANY}'", sa.Text)
+
 #: A control of jobs, by one id or in bulk (``retry_many``, ...).
 Action = Literal["retry", "cancel", "abort", "delete"]
 
@@ -334,8 +341,10 @@ class Statements:
         self.jobs = tables.jobs
         self.channel = notify_channel(tables.schema)
         self.abort_channel = self.channel + "_abort"
+        #: Where jobs that ended are announced (:meth:`_announce_done`): what waiters hear.
+        self.done_channel = self.channel + "_done"
         self._claims: dict[tuple[str, int, bool], Claim] = {}
-        self._completions: dict[tuple[bool, Rare], Any] = {}
+        self._completions: dict[tuple[bool, Rare, bool], Any] = {}
         self._keyed: dict[Conflict, sa.Select[Any]] = {}
         self._each: dict[tuple[EachMode, ...], sa.Select[Any]] = {}
 
@@ -1487,22 +1496,23 @@ class Statements:
     # -- complete --------------------------------------------------------------------------
 
     @cached_property
-    def complete(self) -> ReturningUpdate[Any]:
+    def complete(self) -> sa.Select[Any]:
         """Write a batch of outcomes in one statement.
 
         ``doing → succeeded | failed | aborted``, or ``doing → todo`` for a retry (``retry_in``
         seconds from now). Guarded by ``status = 'doing' AND worker_id = :me``: a job
-        that was rescued or re-queued meanwhile is never overwritten.
+        that was rescued or re-queued meanwhile is never overwritten. The jobs that ended are
+        announced on the done channel (:meth:`_announce_done`).
         """
-        return self._complete_update(self._outcomes())
+        return cast(sa.Select[Any], self._completion(False, _NOTHING_RARE, quiet=False))
 
     @cached_property
     def complete_deleting(self) -> sa.Select[Any]:
         """``complete``, except that jobs ending in one of ``:delete_statuses`` are deleted
         (a worker's ``delete_jobs`` option), with the same guard."""
-        return self._complete_deleting(Rare())
+        return cast(sa.Select[Any], self._completion(True, _NOTHING_RARE, quiet=False))
 
-    def completion(self, deleting: bool, rare: Rare) -> Any:
+    def completion(self, deleting: bool, rare: Rare, quiet: bool = False) -> Any:
         """The completion statement a batch needs. Nearly every batch takes ``complete`` (or
         ``complete_deleting``); a batch with a rare outcome takes a variant, built once:
         ``rare.snoozing`` (a ``snoozed`` outcome: back to ``todo`` with its attempt given
@@ -1512,25 +1522,70 @@ class Statements:
         last ``ctx.set_progress``, ``:outcome_progress``), ``rare.running`` (the progress of
         jobs still running, written by the same statement: :meth:`_write_progress`),
         ``rare.releasing`` (jobs with children, which every other variant refuses:
-        :meth:`_complete_releasing`). So those cost the other batches nothing."""
-        if not rare:
+        :meth:`_complete_releasing`). So those cost the other batches nothing. ``quiet``:
+        without the NOTIFY of the jobs that ended (``App(notify_completions=False)``)."""
+        if not rare and not quiet:
             return self.complete_deleting if deleting else self.complete
-        key = (deleting, rare)
+        key = (deleting, rare, quiet)
         found = self._completions.get(key)
         if found is None:
-            u = self._outcomes(rare)
-            if rare.releasing:
-                found = self._complete_releasing(u, deleting, rare)
-            else:
-                found = (
-                    self._complete_deleting(rare)
-                    if deleting
-                    else self._complete_update(u, rare=rare)
-                )
-            if rare.running:  # other rows than the outcomes' (the completer sees to it)
-                found = found.add_cte(self._write_progress().cte("progressed"))
-            self._completions[key] = found
+            found = self._completions[key] = self._completion(deleting, rare, quiet)
         return found
+
+    def _completion(self, deleting: bool, rare: Rare, quiet: bool) -> Any:
+        u = self._outcomes(rare)
+        found: Any
+        if rare.releasing:
+            found = self._complete_releasing(u, deleting, rare, quiet)
+        elif deleting:
+            found = self._complete_deleting(rare, quiet)
+        elif quiet:
+            found = self._complete_update(u, rare=rare)
+        else:
+            updated = self._complete_update(u, rare=rare, with_status=True).cte("completed")
+            done = self._announce_done(updated, updated.c.status != TODO)
+            found = sa.select(updated.c.id).select_from(updated.outerjoin(done, sa.true()))
+        if rare.running:  # other rows than the outcomes' (the completer sees to it)
+            found = found.add_cte(self._write_progress().cte("progressed"))
+        return found
+
+    def _announce_done(
+        self, ended: sa.CTE, final: sa.ColumnElement[bool], name: str = "done"
+    ) -> sa.CTE:
+        """One NOTIFY on the done channel for the rows of ``ended`` that are ``final``, none
+        when there is none: the ids, comma-separated (``12,13,20``), or :data:`DONE_MANY` when
+        they would not fit PostgreSQL's 8000-byte payload (every waiter then re-reads). A CTE
+        the caller must join (PostgreSQL skips a plain SELECT CTE nobody reads)."""
+        ids = sa.func.string_agg(sa.cast(ended.c.id, sa.Text), sa.literal_column("','"))
+        payload = sa.case(
+            (sa.func.length(ids) > sa.literal_column(str(DONE_PAYLOAD_MAX)), _DONE_MANY),
+            else_=ids,
+        )
+        return (
+            sa.select(sa.func.pg_notify(self._done_channel, payload).label("sent"))
+            .select_from(ended)
+            .where(final)
+            .having(sa.func.count() > sa.literal_column("0"))
+            .cte(name)
+        )
+
+    @property
+    def _done_channel(self) -> sa.ColumnElement[str]:
+        return sa.literal_column(f"'{self.done_channel}'", sa.Text)
+
+    @cached_property
+    def ended_among(self) -> sa.Select[Any]:
+        """Which of ``:watched`` are not waiting nor running (ended, or no such job): the
+        watcher's safety net, one statement for every waiter of an app, for the jobs that
+        ended with no NOTIFY (:mod:`pgtq.watcher`)."""
+        j = self.jobs
+        w = (
+            sa.func.unnest(_array("watched", sa.BigInteger()))
+            .table_valued(sa.column("id", sa.BigInteger()))
+            .render_derived("watched")
+        )
+        live = sa.exists().where(j.c.id == w.c.id, j.c.status.in_([TODO, DOING]))
+        return sa.select(w.c.id).where(~live)
 
     @cached_property
     def set_progress(self) -> ReturningUpdate[Any]:
@@ -1559,7 +1614,9 @@ class Statements:
             .returning(j.c.id)
         )
 
-    def _complete_releasing(self, u: Any, deleting: bool, rare: Rare) -> sa.Select[Any]:
+    def _complete_releasing(
+        self, u: Any, deleting: bool, rare: Rare, quiet: bool = False
+    ) -> sa.Select[Any]:
         """The completion of a batch holding jobs with children: a parent that ends
         (succeeded, failed, aborted) settles its children in the same statement
         (:meth:`_settling`). Parents are never deleted (``delete_jobs``): their children read
@@ -1574,29 +1631,33 @@ class Statements:
                 j.c.children.is_(None),
             )
             deleted = self._deleted(u, deleting_row)
-            parts.append(sa.select(deleted.c.id))
+            parts.append(sa.select(deleted.c.id, deleted.c.status))
             where.append(~deleting_row)
-        done = self._complete_update(u, *where, rare=rare).cte("done")
-        parts.insert(0, sa.select(done.c.id))
+        updated = self._complete_update(u, *where, rare=rare).cte("updated")
+        parts.insert(0, sa.select(updated.c.id, updated.c.status))
         finished = (
-            sa.select(done.c.id, done.c.status, done.c.children)
-            .where(done.c.children.is_not(None), done.c.status.in_(ENDED))
+            sa.select(updated.c.id, updated.c.status, updated.c.children)
+            .where(updated.c.children.is_not(None), updated.c.status.in_(ENDED))
             .cte("finished")
         )
-        guard, announced = self._settling(finished)
-        ids = (parts[0] if len(parts) == 1 else sa.union_all(*parts)).subquery("written")
-        found = sa.select(ids.c.id).select_from(
-            ids.outerjoin(announced, sa.true()).outerjoin(guard, sa.true())
-        )
+        written = (parts[0] if len(parts) == 1 else sa.union_all(*parts)).cte("written")
+        joined: Any = written
+        for cte in self._settling(finished, quiet):
+            joined = joined.outerjoin(cte, sa.true())
+        if not quiet:  # the jobs that ended, on the done channel (as ``complete`` does)
+            ended = self._announce_done(written, written.c.status != TODO)
+            joined = joined.outerjoin(ended, sa.true())
+        found = sa.select(written.c.id).select_from(joined)
         if deleted is not None:
             found = found.add_cte(self._history_of_deleted(deleted))
         return found
 
-    def _settling(self, finished: sa.CTE) -> tuple[sa.CTE, sa.CTE]:
+    def _settling(self, finished: sa.CTE, quiet: bool = False) -> list[sa.CTE]:
         """Settle the children of the jobs in ``finished`` (``id``, ``status``, ``children``:
         jobs with children that just ended), in the statement that ended them. Returns the
-        guard and the announcement, both one-row CTEs the statement must join (a CTE that no
-        part reads is not run).
+        CTEs the statement must join, each of one row at most (a SELECT CTE that no part
+        reads is not run): the released children's NOTIFY, the guard, and (unless
+        ``quiet``) the done channel's NOTIFY of the children it cancelled.
 
         Per edge of a finished parent: success, or a failure on a ``run`` edge, settles it
         (the child's ``pending_parents`` goes down by one; at 0 the child is released,
@@ -1752,7 +1813,11 @@ class Statements:
             .cte("released_announced")
             .prefix_with("MATERIALIZED")
         )
-        return guard, announced
+        joins = [announced, guard]
+        if not quiet:  # children cancelled here ended: announced like any job that ends
+            ended = settled.c.status == CANCELLED
+            joins.append(self._announce_done(settled, ended, name="children_done"))
+        return joins
 
     def _deleted(self, u: Any, deleting: sa.ColumnElement[bool]) -> sa.CTE:
         """The outcomes' rows that end deleted (a worker's ``delete_jobs``), deleted."""
@@ -1772,14 +1837,24 @@ class Statements:
             .cte("deleted")
         )
 
-    def _complete_deleting(self, rare: Rare) -> sa.Select[Any]:
+    def _complete_deleting(self, rare: Rare, quiet: bool = False) -> sa.Select[Any]:
         u = self._outcomes(rare)
         deleting = u.c.status == sa.any_(_array("delete_statuses", sa.Text()))
         # A job with children is never deleted here, nor written (``_complete_update``).
         deleted = self._deleted(u, sa.and_(deleting, self.jobs.c.children.is_(None)))
-        updated = self._complete_update(u, ~deleting, rare=rare).cte("updated")
-        found = sa.union_all(sa.select(deleted.c.id), sa.select(updated.c.id)).subquery()
-        return found.select().add_cte(self._history_of_deleted(deleted))
+        updated = self._complete_update(u, ~deleting, rare=rare, with_status=not quiet)
+        updated_rows = updated.cte("updated")
+        history = self._history_of_deleted(deleted)
+        if quiet:
+            found = sa.union_all(sa.select(deleted.c.id), sa.select(updated_rows.c.id)).subquery()
+            return found.select().add_cte(history)
+        # Every deleted job ended (a retry is never deleted); an updated one unless ``todo``.
+        ended = sa.union_all(
+            sa.select(deleted.c.id, deleted.c.status),
+            sa.select(updated_rows.c.id, updated_rows.c.status),
+        ).cte("ended")
+        done = self._announce_done(ended, ended.c.status != TODO)
+        return sa.select(ended.c.id).select_from(ended.outerjoin(done, sa.true())).add_cte(history)
 
     def _history_of_deleted(self, deleted: sa.CTE) -> sa.CTE:
         """The history a deleted job's row can no longer tell, stored while history is on:
@@ -1846,7 +1921,11 @@ class Statements:
         return (j.c.status == DOING, j.c.worker_id == sa.bindparam("me", type_=sa.Text))
 
     def _complete_update(
-        self, u: Any, *where: sa.ColumnElement[bool], rare: Rare | None = None
+        self,
+        u: Any,
+        *where: sa.ColumnElement[bool],
+        rare: Rare | None = None,
+        with_status: bool = False,
     ) -> ReturningUpdate[Any]:
         j = self.jobs
         snoozing = rare is not None and rare.snoozing
@@ -1882,7 +1961,11 @@ class Statements:
         # A job with children is written by the releasing variant only, which settles them:
         # every other variant refuses it (one NULL test a row), and the caller writes it
         # again with that one (``refused_outcomes``).
-        returning = (j.c.id, j.c.status, j.c.children) if releasing else (j.c.id,)
+        returning = (
+            (j.c.id, j.c.status, j.c.children)
+            if releasing
+            else (j.c.id, *([j.c.status] if with_status else []))
+        )
         childless = () if releasing else (j.c.children.is_(None),)
         return (
             sa.update(j)
@@ -1917,17 +2000,20 @@ class Statements:
         channel: str,
         payload: sa.ColumnElement[Any],
         when: sa.ColumnElement[bool],
+        ended: sa.ColumnElement[bool] | None = None,
     ) -> sa.Select[Any]:
-        """Select the changed rows, sending one NOTIFY per row that matches ``when``."""
+        """Select the changed rows, sending one NOTIFY per row that matches ``when``, and
+        announcing those that ``ended`` on the done channel (one NOTIFY)."""
         sent = (
             sa.select(sa.func.count(sa.func.pg_notify(channel, payload)).label("sent"))
             .select_from(changed)
             .where(when)
             .cte("sent")
         )
-        return sa.select(changed.c.id, changed.c.status, changed.c.queue).select_from(
-            changed.join(sent, sa.true())
-        )
+        joined = changed.join(sent, sa.true())
+        if ended is not None:
+            joined = joined.outerjoin(self._announce_done(changed, ended), sa.true())
+        return sa.select(changed.c.id, changed.c.status, changed.c.queue).select_from(joined)
 
     def _acting_on(self, action: Action) -> sa.ColumnElement[bool]:
         """The jobs ``action`` may change (:data:`ACTS_ON`), statuses as literals."""
@@ -1958,7 +2044,11 @@ class Statements:
             .cte("changed")
         )
         notified = self._notify_each(
-            changed, self.abort_channel, sa.cast(changed.c.id, sa.Text), changed.c.status == DOING
+            changed,
+            self.abort_channel,
+            sa.cast(changed.c.id, sa.Text),
+            changed.c.status == DOING,
+            ended=changed.c.status == CANCELLED,
         )
         return self._settled_after(changed, notified)
 
@@ -1970,11 +2060,11 @@ class Statements:
             .where(changed.c.children.is_not(None), changed.c.status.in_(ENDED))
             .cte("finished")
         )
-        guard, announced = self._settling(finished)
-        done = select.subquery("done")
-        return sa.select(*done.c).select_from(
-            done.outerjoin(announced, sa.true()).outerjoin(guard, sa.true())
-        )
+        done = select.subquery("settling")
+        joined: Any = done
+        for cte in self._settling(finished):
+            joined = joined.outerjoin(cte, sa.true())
+        return sa.select(*done.c).select_from(joined)
 
     @cached_property
     def retry(self) -> sa.Select[Any]:
@@ -2508,7 +2598,8 @@ class Statements:
 
     def _cancel(self, *where: sa.ColumnElement[bool]) -> sa.Select[Any]:
         """``todo | blocked → cancelled``, the children of a cancelled parent settled
-        (:meth:`_settling`); a running job is left alone (that is ``abort``)."""
+        (:meth:`_settling`); a running job is left alone (that is ``abort``). The cancelled
+        jobs are announced on the done channel."""
         j = self.jobs
         changed = (
             sa.update(j)
@@ -2517,7 +2608,9 @@ class Statements:
             .returning(j.c.id, j.c.status, j.c.children)
             .cte("changed")
         )
-        return self._settled_after(changed, sa.select(changed.c.id))
+        done = self._announce_done(changed, sa.true())
+        cancelled = sa.select(changed.c.id).select_from(changed.outerjoin(done, sa.true()))
+        return self._settled_after(changed, cancelled)
 
     def _delete(self, *where: sa.ColumnElement[bool]) -> sa.Select[Any]:
         """Delete jobs, never a running one (:data:`ACTS_ON`), and their history; select their
@@ -2526,7 +2619,8 @@ class Statements:
         j, events = self.jobs, self.t.job_events
         gone = sa.delete(j).where(*where, self._acting_on("delete")).returning(j.c.id).cte("gone")
         history = sa.delete(events).where(events.c.job_id.in_(sa.select(gone.c.id))).cte("history")
-        return sa.select(gone.c.id).add_cte(history)
+        done = self._announce_done(gone, sa.true())  # a waiter of a deleted job stops waiting
+        return sa.select(gone.c.id).select_from(gone.outerjoin(done, sa.true())).add_cte(history)
 
     def bulk(self, action: Action, key: SelectionKey, preview: bool = False) -> Any:
         """``action`` on every job the filters of ``key`` select, selecting the ids it changed;
@@ -3347,12 +3441,14 @@ def complete_jobs(
     outcomes: Outcomes,
     delete_statuses: Sequence[str] = (),
     progress: Progress | None = None,
+    quiet: bool = False,
     *,
     releasing: bool = False,
 ) -> Query[list[int]]:
     """Write outcomes; jobs ending in ``delete_statuses`` are deleted instead. ``progress``:
-    of jobs still running (none of the outcomes'), in the same statement. The ids written
-    come back: a job with children is not among them unless ``releasing`` (the variant that
+    of jobs still running (none of the outcomes'), in the same statement. ``quiet``: no
+    NOTIFY of the jobs that ended (``App(notify_completions=False)``). The ids written come
+    back: a job with children is not among them unless ``releasing`` (the variant that
     settles its children); write those again with it (:func:`refused_outcomes`)."""
     arrays: dict[str, list[Any]] = {
         "ids": outcomes.ids,
@@ -3385,7 +3481,23 @@ def complete_jobs(
         params.update(progress.as_params())
     if delete_statuses:
         params["delete_statuses"] = list(delete_statuses)
-    return Query(s.completion(bool(delete_statuses), rare), params, _id_list, driver=True)
+    return Query(s.completion(bool(delete_statuses), rare, quiet), params, _id_list, driver=True)
+
+
+def ended_among(s: Statements, watched: Iterable[int]) -> Query[list[int]]:
+    """Which of the ``watched`` jobs are neither waiting nor running (ended, or gone)."""
+    return Query(s.ended_among, {"watched": list(watched)}, _id_list)
+
+
+def parse_done(payload: str) -> list[int] | None:
+    """Read a NOTIFY on the done channel: the ids of the jobs that ended, or None for
+    :data:`DONE_MANY` (or a payload this version cannot read): any watched job may have."""
+    if payload == DONE_MANY:
+        return None
+    try:
+        return [int(part) for part in payload.split(",")]
+    except ValueError:
+        return None
 
 
 def refused_outcomes(outcomes: Outcomes, written: Sequence[int]) -> Outcomes | None:

@@ -27,7 +27,7 @@ from typing import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from pgtq import observers, statements, validation
+from pgtq import codecs, observers, statements, validation
 from pgtq.errors import AlreadyEnqueued, ConfigurationError, InvalidArguments
 from pgtq.limits import Limit, parse_rate
 from pgtq.model import Deferred, dumps
@@ -265,6 +265,15 @@ class Task(Generic[P, R]):
         self.pass_context = _wants_context(func) if pass_context is None else pass_context
         self.signature = inspect.signature(func)
         self._accepts = _keyword_check(self.signature, self.pass_context)
+        #: Reads a job's JSON arguments as the parameters' annotated types (a datetime, a
+        #: dataclass, ...); None when every parameter takes its JSON as is: then a job pays
+        #: nothing (:func:`pgtq.codecs.arguments_decoder`).
+        self.decode_arguments = codecs.arguments_decoder(
+            func, skip_first=self.pass_context, decoders=app.codec.decoders
+        )
+        #: Reads its stored result back as its return annotation, for ``app.jobs.wait``
+        #: (None: the JSON is the value).
+        self.decode_result = codecs.result_decoder(func, app.codec.decoders)
         # Checked once here, so a plain ``defer()`` checks only its arguments.
         try:
             validation.check_name("task name", name)
@@ -379,7 +388,7 @@ class Task(Generic[P, R]):
             unique_for=unique_for,
             concurrency_key=concurrency_key,
             tags=v.check_tags(g.get("tags")),
-            meta=v.check_meta(g.get("meta"), self.app.max_args_bytes),
+            meta=v.check_meta(g.get("meta"), self.app.max_args_bytes, self.app.codec.dumps),
             timeout=v.check_timeout(g["timeout"]) if "timeout" in g else None,
             max_attempts=(v.check_max_attempts(g["max_attempts"]) if "max_attempts" in g else None),
             depends_on=check_depends_on(g["depends_on"]) if "depends_on" in g else None,
@@ -666,7 +675,8 @@ class Deferrer(Generic[P, R]):
             checked = self._one_key([self._checked(cast(Mapping[str, Any], k)) for k in items])
             jobs = [(kwargs, self.options) for kwargs in checked]
         self._check_each([kwargs for kwargs, _ in jobs], batch)
-        rows = [each_row(kwargs, o) for kwargs, o in jobs]
+        plain = self.task.app.codec.plain  # the statement's own encoder knows no hook of yours
+        rows = [each_row(plain(kwargs), o) for kwargs, o in jobs]
         keys = [(row.space(), row.mode.startswith("replace")) for row in rows]
         reports = resolve_keys([None if key is None else (key, r) for key, r in keys])
         carrier = observers.trace_context()
@@ -708,13 +718,13 @@ class Deferrer(Generic[P, R]):
         if not batch:
             self._dumps(jobs)
             return
-        limit = self.task.app.max_args_bytes
+        limit, dumps = self.task.app.max_args_bytes, self.task.app.codec.dumps
         try:
-            validation.encode_arguments(jobs, limit)
+            validation.encode_arguments(jobs, limit, dumps)
         except InvalidArguments:
             for n, kwargs in enumerate(jobs):
                 try:
-                    validation.encode_arguments([kwargs], limit)
+                    validation.encode_arguments([kwargs], limit, dumps)
                 except InvalidArguments as exc:
                     raise InvalidArguments(f"item {n}: task {self.task.name!r}: {exc}") from None
             raise
@@ -742,8 +752,9 @@ class Deferrer(Generic[P, R]):
     def _dumps(self, checked: list[dict[str, Any]]) -> str:
         """All the jobs' arguments in one JSON array: one call into the C encoder, then the
         checks of :func:`validation.encode_arguments` (a few substring scans when fine)."""
+        app = self.task.app
         try:
-            return validation.encode_arguments(checked, self.task.app.max_args_bytes)
+            return validation.encode_arguments(checked, app.max_args_bytes, app.codec.dumps)
         except InvalidArguments as exc:
             raise InvalidArguments(f"task {self.task.name!r}: {exc}") from None
 
@@ -974,4 +985,7 @@ def call_task(task: Task[..., Any], ctx: JobContext, args: Mapping[str, Any]) ->
 
 
 def _call_function(task: Task[..., Any], ctx: JobContext, args: Mapping[str, Any]) -> Any:
+    decode = task.decode_arguments
+    if decode is not None:  # a parameter annotated datetime, UUID, a dataclass, ...
+        args = decode(args)  # ArgumentDecodeError: this job's failure, naming the parameter
     return task.func(ctx, **args) if task.pass_context else task.func(**args)

@@ -225,9 +225,15 @@ def _task_name(task: Task[..., Any] | Any | str | None) -> str | None:
     return name
 
 
+def _as_stored(app: App, arguments: dict[str, Any]) -> dict[str, Any]:
+    """``arguments`` as a job stores them (the app's JSON read back: a datetime as its ISO
+    text, a tuple as a list), to compare with what was deferred."""
+    return {key: json.loads(app.codec.dumps(value)) for key, value in arguments.items()}
+
+
 def matching(jobs: Sequence[Job], arguments: dict[str, Any]) -> list[Job]:
-    """The jobs whose arguments include every one of ``arguments`` (as JSON gives them
-    back: a tuple was stored as a list)."""
+    """The jobs whose stored arguments include every one of ``arguments`` (given as
+    stored: see :func:`_as_stored`)."""
     return [
         job
         for job in jobs
@@ -260,7 +266,7 @@ def deferred(
         page = app.jobs.list(task=name, limit=_PAGE, after=after)
         jobs.extend(page)
         if len(page) < _PAGE:
-            return matching(jobs, arguments)
+            return matching(jobs, _as_stored(app, arguments))
 
 
 async def deferred_async(
@@ -274,20 +280,20 @@ async def deferred_async(
         page = await app.jobs.list_async(task=name, limit=_PAGE, after=after)
         jobs.extend(page)
         if len(page) < _PAGE:
-            return matching(jobs, arguments)
+            return matching(jobs, _as_stored(app, arguments))
 
 
 def assert_deferred(app: App, task: Task[..., Any] | Any | str | None, /, **arguments: Any) -> Job:
     """The one job of ``task`` whose arguments include ``arguments``; an AssertionError
     listing the task's jobs when there is none, or more than one."""
-    return _verdict(_task_name(task), arguments, deferred(app, task))
+    return _verdict(_task_name(task), _as_stored(app, arguments), deferred(app, task))
 
 
 async def assert_deferred_async(
     app: App, task: Task[..., Any] | Any | str | None, /, **arguments: Any
 ) -> Job:
     """:func:`assert_deferred` from async code."""
-    return _verdict(_task_name(task), arguments, await deferred_async(app, task))
+    return _verdict(_task_name(task), _as_stored(app, arguments), await deferred_async(app, task))
 
 
 # -- eager: run at defer time, in-process ---------------------------------------------------------

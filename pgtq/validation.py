@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from numbers import Real
 from typing import Any
@@ -202,11 +202,14 @@ def check_tags(value: object) -> tuple[str, ...] | None:
     return tags or None
 
 
-def check_meta(value: object, max_bytes: int | None) -> dict[str, Any] | None:
+def check_meta(
+    value: object, max_bytes: int | None, dumps: Callable[[Any], str] = dumps
+) -> dict[str, Any] | None:
     """``configure(meta=...)``: None, or a mapping that encodes as a JSON object ``jsonb``
     stores, nested at most :data:`ARGS_MAX_DEPTH` deep and at most ``max_bytes`` long (the
     app's ``max_args_bytes``): the bounds of a job's arguments, for the same reasons. The
-    stored value is the JSON read back (a copy: later changes to the mapping are not stored)."""
+    stored value is the JSON read back (a copy: later changes to the mapping are not stored;
+    a datetime is its ISO text, as in arguments). ``dumps``: the app's encoder."""
     if value is None:
         return None
     if not isinstance(value, Mapping):
@@ -215,10 +218,10 @@ def check_meta(value: object, max_bytes: int | None) -> dict[str, Any] | None:
         )
     try:
         encoded = dumps(value)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArguments(f"meta: must be JSON-serializable: {exc}") from None
     except RecursionError:
         raise InvalidArguments(f"meta: nested more than {ARGS_MAX_DEPTH} levels deep") from None
+    except Exception as exc:  # TypeError, ValueError, or whatever a hook of yours raises
+        raise InvalidArguments(f"meta: must be JSON-serializable: {exc}") from None
     if (
         encoded.count("[") + encoded.count("{") > ARGS_MAX_DEPTH
         and _depth(value, ARGS_MAX_DEPTH + 1) > ARGS_MAX_DEPTH
@@ -286,22 +289,26 @@ def check_max_args_bytes(value: object) -> int | None:
 # -- arguments ----------------------------------------------------------------------------------
 
 
-def encode_arguments(jobs: Sequence[Mapping[str, Any]], max_bytes: int | None) -> str:
+def encode_arguments(
+    jobs: Sequence[Mapping[str, Any]],
+    max_bytes: int | None,
+    dumps: Callable[[Any], str] = dumps,
+) -> str:
     """The jobs' keyword arguments as one JSON array, checked: each job's JSON storable by
     ``jsonb``, at most :data:`ARGS_MAX_DEPTH` deep and ``max_bytes`` long.
 
-    The common case costs a few substring scans of the encoded text, in C: only a text that
-    may hold a problem is looked at job by job (to name the job and the value).
+    ``dumps``: the app's encoder (``App(encoder=)``; pgtq's own by default), whose
+    ``default=`` hook writes datetimes, UUIDs, ... (:mod:`pgtq.codecs`): plain JSON values
+    never reach it. The common case costs one C encoder call and a few substring scans of
+    the encoded text: only a text that may hold a problem is looked at job by job (to name
+    the job and the value).
     """
     try:
         encoded = dumps(jobs)
-    except (TypeError, ValueError) as exc:
-        i = _first(jobs, _unencodable)
-        raise InvalidArguments(
-            f"arguments{_job(jobs, i)}: must be JSON-serializable: {exc}"
-        ) from None
     except RecursionError:
         encoded = ""  # deeper than the interpreter allows: the depth check names the job
+    except Exception as exc:  # TypeError, ValueError, or whatever a hook of yours raises
+        raise _unencodable_error(jobs, dumps, exc) from None
     # A job nests at most as deep as it has brackets; the array and each job's own object
     # account for ``len(jobs) + 1`` of them.
     if not encoded or encoded.count("[") + encoded.count("{") - len(jobs) > ARGS_MAX_DEPTH:
@@ -316,7 +323,7 @@ def encode_arguments(jobs: Sequence[Mapping[str, Any]], max_bytes: int | None) -
             if reason:
                 raise InvalidArguments(f"arguments{_job(jobs, i)}: {reason}, which jsonb refuses")
     if max_bytes is not None and len(encoded) > max_bytes + 2:  # ASCII: a char is a byte
-        _check_sizes(jobs, max_bytes)
+        _check_sizes(jobs, max_bytes, dumps)
     return encoded
 
 
@@ -325,16 +332,32 @@ def _job(jobs: Sequence[Any], i: int | None) -> str:
     return f" (job {i} of {len(jobs)})" if i is not None and len(jobs) > 1 else ""
 
 
-def _first(jobs: Sequence[Mapping[str, Any]], bad: Any) -> int | None:
-    return next((i for i, kwargs in enumerate(jobs) if bad(kwargs)), None)
+def _unencodable_error(
+    jobs: Sequence[Mapping[str, Any]], dumps: Callable[[Any], str], exc: Exception
+) -> InvalidArguments:
+    """The error of arguments the encoder refused, naming the job and the argument (only
+    now, on the error path, is each encoded alone)."""
+    for i, kwargs in enumerate(jobs):
+        if not _fails(dumps, kwargs):
+            continue
+        items = kwargs.items() if isinstance(kwargs, Mapping) else ()
+        for name, value in items:
+            error = _fails(dumps, value)
+            if error is not None and not isinstance(error, RecursionError):
+                return InvalidArguments(
+                    f"arguments{_job(jobs, i)}: must be JSON-serializable (argument "
+                    f"{name!r}): {error}"
+                )
+        return InvalidArguments(f"arguments{_job(jobs, i)}: must be JSON-serializable: {exc}")
+    return InvalidArguments(f"arguments: must be JSON-serializable: {exc}")
 
 
-def _unencodable(kwargs: Mapping[str, Any]) -> bool:
+def _fails(dumps: Callable[[Any], str], value: Any) -> Exception | None:
     try:
-        dumps(kwargs)
-    except (TypeError, ValueError, RecursionError):
-        return True
-    return False
+        dumps(value)
+    except Exception as exc:
+        return exc
+    return None
 
 
 def _depth(value: Any, limit: int) -> int:
@@ -361,7 +384,9 @@ def _check_depth(jobs: Sequence[Mapping[str, Any]]) -> None:
             )
 
 
-def _check_sizes(jobs: Sequence[Mapping[str, Any]], max_bytes: int) -> None:
+def _check_sizes(
+    jobs: Sequence[Mapping[str, Any]], max_bytes: int, dumps: Callable[[Any], str]
+) -> None:
     for i, kwargs in enumerate(jobs):
         size = len(dumps(kwargs))
         if size > max_bytes:

@@ -170,6 +170,7 @@ class Worker:
             on_written=self._written,
             batch=self.batch_size,
             running=lambda: bool(self._attempts.running),
+            notify=app.notify_completions,
         )
         self._attempts = Attempts(
             app,

@@ -174,6 +174,6 @@ def test_alembic_project_migrates_its_tables_and_pgtqs(
 
 def test_every_example_is_tested() -> None:
     """A new example needs a test here."""
-    tested = {"flask_app", "fastapi_app", "alembic_project"}
+    tested = {"flask_app", "fastapi_app", "alembic_project", "django_project"}  # tests/django
     found = {p.name for p in EXAMPLES.iterdir() if p.is_dir() and not p.name.startswith("_")}
     assert found == tested

@@ -123,6 +123,8 @@ BUILDER_ARGS: dict[str, list[tuple[Any, ...]]] = {
             for deleting in (False, True)
             for progress, running in ((True, False), (False, True), (True, True))
         ),
+        # App(notify_completions=False): no NOTIFY of the jobs that ended.
+        *((deleting, rare, True) for deleting in (False, True) for rare in (Rare(), Rare(True))),
     ],
 }
 #: Attributes of ``Statements`` that are not statements.
@@ -224,6 +226,12 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
         lambda: statements.complete_jobs(S, "w", _outcomes(), releasing=True),
         lambda: statements.complete_jobs(S, "w", _rare_outcomes(), ("succeeded",), releasing=True),
         lambda: statements.complete_jobs(S, "w", _progressing(), (), _progress(), releasing=True),
+        lambda: statements.complete_jobs(S, "w", _outcomes(), quiet=True),
+        lambda: statements.complete_jobs(S, "w", _outcomes(), ("succeeded",), quiet=True),
+        lambda: statements.complete_jobs(S, "w", _outcomes(), quiet=True, releasing=True),
+        lambda: statements.complete_jobs(
+            S, "w", _outcomes(), ("succeeded",), quiet=True, releasing=True
+        ),
     ],
     "insert_workflow": [
         lambda: statements.insert_workflow(
@@ -237,6 +245,7 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
     ],
     "dependencies": [lambda: statements.dependencies(S, 1)],
     "workflow_edges": [lambda: statements.workflow_edges(S, 1)],
+    "ended_among": [lambda: statements.ended_among(S, [1, 2])],
     "write_progress": [lambda: statements.write_progress(S, "w", _progress())],
     "release_jobs": [lambda: statements.release_jobs(S, "w", [1])],
     "release_unknown_jobs": [lambda: statements.release_unknown_jobs(S, "w", [1])],

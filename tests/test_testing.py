@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -96,6 +97,14 @@ async def test_assert_deferred_finds_the_one_job_with_these_arguments(
         await check(welcome)  # two jobs match
     with pytest.raises(AssertionError, match=r"(?s)found 0.*'plan': 'pro'"):
         await check(welcome, email="b@example.com", plan="pro")
+    when = datetime(2026, 12, 3, 10, tzinfo=UTC)
+
+    @app.task
+    def remind(at: datetime, days: tuple[int, ...]) -> None: ...
+
+    await side.defer(remind, at=when, days=(1, 2))
+    job = await check(remind, at=when, days=(1, 2))  # compared as stored: ISO text, a list
+    assert job.args == {"at": "2026-12-03T10:00:00+00:00", "days": [1, 2]}
     found = await side.call(pgtq.testing, "deferred", app, None, email="a@example.com")
     assert sorted(j.task_name for j in found) == ["other", "welcome"]
     assert await side.call(pgtq.testing, "deferred", app, other, email="nobody") == []

@@ -215,3 +215,37 @@ async def test_pgtq_api_defer_async_on_djangos_connection(project: URL, django_s
     job_id = await count_orders.defer_async(connection=connection)  # type: ignore[arg-type]
     other = await count_orders.defer_async()  # pgtq's own async pool
     assert django_sql("SELECT id FROM pgtq.jobs ORDER BY id") == [(job_id,), (other,)]
+
+
+def test_the_worker_sends_djangos_started_and_finished_signals(project: URL) -> None:
+    from orders.tasks import double, refuse
+
+    from pgtq.contrib.django import app
+    from pgtq.contrib.django.compat import task_finished, task_started
+
+    heard: list[tuple[str, str, str]] = []
+
+    def started(sender: type, task_result: Any, **kwargs: Any) -> None:
+        heard.append(("started", task_result.id, str(task_result.status)))
+
+    def finished(sender: type, task_result: Any, **kwargs: Any) -> None:
+        heard.append(("finished", task_result.id, str(task_result.status)))
+        raise RuntimeError("a receiver's bug is not the job's")
+
+    task_started.connect(started)
+    task_finished.connect(finished)
+    try:
+        ok = double.enqueue(2)
+        bad = refuse.enqueue("no stock")
+        assert pgtq.testing.drain(app).by_status == {"succeeded": 1, "failed": 1}
+    finally:
+        task_started.disconnect(started)
+        task_finished.disconnect(finished)
+    assert sorted(heard) == sorted(
+        [
+            ("started", ok.id, "RUNNING"),
+            ("finished", ok.id, "SUCCESSFUL"),
+            ("started", bad.id, "RUNNING"),
+            ("finished", bad.id, "FAILED"),
+        ]
+    )

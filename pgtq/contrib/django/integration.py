@@ -21,6 +21,7 @@ Django's cursor: one definition of the SQL, no second INSERT, no ``transaction.o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import threading
@@ -241,7 +242,8 @@ def _runner(django_task: Any) -> Callable[..., Any]:
     """The function pgtq runs for a Django task: its ``args`` and ``kwargs`` as stored, a
     ``TaskContext`` first when the task ``takes_context``, the return value made JSON as
     Django's backends make it (a sync one gets :func:`close_django_connections` as every
-    sync task of a :class:`DjangoApp`)."""
+    sync task of a :class:`DjangoApp`). Django's ``task_started`` and ``task_finished`` are
+    sent around each attempt, as a worker of Django's own backends sends them."""
     func = django_task.func
 
     def arguments(ctx: JobContext[Any], args: list[Any], kwargs: dict[str, Any]) -> list[Any]:
@@ -253,17 +255,51 @@ def _runner(django_task: Any) -> Callable[..., Any]:
 
         @functools.wraps(func)
         async def run_async(ctx: JobContext[Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
-            return compat.normalize_json(await func(*arguments(ctx, args, kwargs), **kwargs))
+            running = _started(ctx, django_task, args, kwargs)
+            try:
+                value = compat.normalize_json(await func(*arguments(ctx, args, kwargs), **kwargs))
+            except BaseException:
+                _finished(django_task, running, compat.TaskResultStatus.FAILED)
+                raise
+            _finished(django_task, running, compat.TaskResultStatus.SUCCESSFUL)
+            return value
 
         _drop_wrapped(run_async)
         return run_async
 
     @functools.wraps(func)
     def run_sync(ctx: JobContext[Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
-        return compat.normalize_json(func(*arguments(ctx, args, kwargs), **kwargs))
+        running = _started(ctx, django_task, args, kwargs)
+        try:
+            value = compat.normalize_json(func(*arguments(ctx, args, kwargs), **kwargs))
+        except BaseException:
+            _finished(django_task, running, compat.TaskResultStatus.FAILED)
+            raise
+        _finished(django_task, running, compat.TaskResultStatus.SUCCESSFUL)
+        return value
 
     _drop_wrapped(run_sync)
     return run_sync
+
+
+def _sender(django_task: Any) -> type:
+    """What Django's task signals are sent by: the task's backend class."""
+    return type(compat.task_backends[django_task.backend])
+
+
+def _started(
+    ctx: JobContext[Any], django_task: Any, args: list[Any], kwargs: dict[str, Any]
+) -> Any:
+    running = running_result(ctx, django_task, args, kwargs)
+    compat.task_started.send_robust(_sender(django_task), task_result=running)
+    return running
+
+
+def _finished(django_task: Any, running: Any, status: Any) -> None:
+    """``task_finished`` with the attempt's status (a receiver's error is logged by Django's
+    ``send_robust``, never the job's)."""
+    ended = dataclasses.replace(running, status=status, finished_at=timezone.now())
+    compat.task_finished.send_robust(_sender(django_task), task_result=ended)
 
 
 def close_django_connections(ctx: JobContext[Any], call_next: Callable[[], Any]) -> Any:
@@ -290,8 +326,15 @@ def task_context(
     """Django's ``TaskContext`` for a running pgtq job: its result is RUNNING, its
     ``attempt`` pgtq's attempt number (the worker ids of earlier attempts are not read: a
     query per job; ``get_result`` has them)."""
+    return compat.TaskContext(task_result=running_result(ctx, django_task, args, kwargs))
+
+
+def running_result(
+    ctx: JobContext[Any], django_task: Any, args: list[Any], kwargs: dict[str, Any]
+) -> Any:
+    """Django's ``TaskResult`` of a running pgtq job (RUNNING, started now)."""
     now = timezone.now()
-    result = compat.TaskResult(
+    return compat.TaskResult(
         task=django_task,
         id=str(ctx.job_id),
         status=compat.TaskResultStatus.RUNNING,
@@ -305,7 +348,6 @@ def task_context(
         errors=[],
         worker_ids=[ctx.worker_id] * max(ctx.attempt, 1),
     )
-    return compat.TaskContext(task_result=result)
 
 
 _APPS: dict[str, DjangoApp] = {}
