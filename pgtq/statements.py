@@ -1247,7 +1247,7 @@ class Statements:
         )
         return self._take(picked, j.c.concurrency_key)
 
-    def fail_unclaimable(self, by_queue: bool) -> ReturningUpdate[Any]:
+    def fail_unclaimable(self, by_queue: bool) -> sa.Select[Any]:
         """``todo → failed`` for the waiting jobs whose claim would fail the whole claim,
         each with an ``UnclaimableJob`` error record saying why.
 
@@ -1265,7 +1265,7 @@ class Statements:
         """
         found = self._built.get(("fail_unclaimable", by_queue))
         if found is not None:
-            return cast(ReturningUpdate[Any], found)
+            return cast(sa.Select[Any], found)
         j = self.jobs
         limit, most = INDEXED_VALUE_LIMIT, 2**31 - 1
 
@@ -1319,8 +1319,10 @@ class Statements:
             .where(j.c.id.in_(scanned), j.c.status == TODO)
             .where(sa.or_(*(when for when, _ in reasons)))
             .values(status=FAILED, error=error, finished_at=sa.func.clock_timestamp())
-            .returning(j.c.id)
+            .returning(j.c.id, j.c.status, j.c.children)
+            .cte("changed")
         )
+        found = self._settled_after(found, sa.select(found.c.id))  # a failed parent settles
         self._built["fail_unclaimable", by_queue] = found
         return found
 
@@ -1479,7 +1481,7 @@ class Statements:
     def _release(self, which: sa.ColumnElement[bool]) -> Any:
         j = self.jobs
         aborting = j.c.abort_requested
-        return (
+        changed = (
             sa.update(j)
             .where(which, *self._held_by_worker())
             .values(
@@ -1490,8 +1492,12 @@ class Statements:
                 finished_at=sa.case((aborting, sa.func.now()), else_=sa.null()),
                 abort_requested=sa.false(),
             )
-            .returning(j.c.id)
+            .returning(j.c.id, j.c.status, j.c.children)
+            .cte("changed")
         )
+        # A parent aborted before it started settles its children (not the hot path: a
+        # worker releases jobs when it stops or loses its lease).
+        return self._settled_after(changed, sa.select(changed.c.id))
 
     # -- complete --------------------------------------------------------------------------
 

@@ -541,3 +541,32 @@ def test_a_child_added_while_its_parent_completes_fails_the_completion_once(
     assert sql("SELECT status FROM pgtq.jobs WHERE id = %s", parent) == [("doing",)]
     assert app.sync.run(completion) == [parent]  # written again: the edge is seen now
     assert sql("SELECT status FROM pgtq.jobs WHERE id = %s", child) == [("todo",)]
+
+
+async def test_a_parent_ended_on_its_way_out_settles_its_children(app: pgtq.App, sql: SQL) -> None:
+    """Aborted before it started (a worker gives it back: ``release``), or failed as
+    unclaimable: either end settles the children in the same statement."""
+    s, t = app.statements, make_tasks(app, [])
+    released = t["ok"].defer()
+    child = t["ok"].configure(depends_on=[released]).defer()
+    sql(
+        "UPDATE pgtq.jobs SET status = 'doing', worker_id = 'w', attempts = 1, "
+        "abort_requested = true WHERE id = %s",
+        released,
+    )
+    assert app.sync.run(pgtq.statements.release_jobs(s, "w", [released])) == [released]
+    assert sql(
+        "SELECT status FROM pgtq.jobs WHERE id IN (%s, %s) ORDER BY id", released, child
+    ) == [
+        ("aborted",),
+        ("cancelled",),
+    ]
+    unclaimable = t["ok"].defer()
+    runs = t["ok"].configure(depends_on=[unclaimable], on_parent_failure="run").defer()
+    sql(  # 3,200 bytes that do not compress: over what the claim's index takes
+        "UPDATE pgtq.jobs SET lock = (SELECT string_agg(md5(random()::text), '') "
+        "FROM generate_series(1, 100)) WHERE id = %s",
+        unclaimable,
+    )
+    assert app.sync.run(pgtq.statements.fail_unclaimable_jobs(s)) == [unclaimable]
+    assert sql("SELECT status FROM pgtq.jobs WHERE id = %s", runs) == [("todo",)]
