@@ -185,6 +185,14 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         ),
         sa.Index("job_dependencies_child_idx", "child_id"),
     )
+    # Blocked jobs (waiting for their parents), per queue: the controls and lists that take
+    # blocked jobs (cancel, abort, ``status="blocked"``) read them here, never the table. A
+    # job without dependencies is never in it.
+    sa.Index(
+        "jobs_blocked_idx",
+        jobs.c.queue,
+        postgresql_where=sa.text("status = 'blocked'"),
+    )
     sa.Index(
         "jobs_workflow_idx",
         jobs.c.workflow_id,

@@ -2022,8 +2022,14 @@ class Statements:
         return sa.select(changed.c.id, changed.c.status, changed.c.queue).select_from(joined)
 
     def _acting_on(self, action: Action) -> sa.ColumnElement[bool]:
-        """The jobs ``action`` may change (:data:`ACTS_ON`), statuses as literals."""
-        return self.jobs.c.status.in_([_status(s) for s in ACTS_ON[action]])
+        """The jobs ``action`` may change (:data:`ACTS_ON`), statuses as literals. With
+        ``blocked`` among them, one equality each, ORed: the planner then reads each status
+        from its partial index (``jobs_blocked_idx`` and the claim index, ...); it cannot
+        split an ``IN`` list across partial indexes."""
+        statuses = ACTS_ON[action]
+        if Status.BLOCKED in statuses:
+            return sa.or_(*(self.jobs.c.status == _status(s) for s in statuses))
+        return self.jobs.c.status.in_([_status(s) for s in statuses])
 
     def _one_job(self) -> sa.ColumnElement[bool]:
         """The WHERE of a control by id: ``:job_id``."""

@@ -25,6 +25,8 @@ A frozen snapshot, like every pgtq revision: the DDL is written out here, never 
   the worker writes it again, and then sees the edge).
 - ``jobs.failed_parents``: on a batch's ``on_failure`` callback, how many parents ended
   badly so far (its ``failure`` edges settle whatever the end; it runs only if one failed).
+- ``jobs_blocked_idx``: the blocked jobs per queue (partial: no other job is in it), so the
+  controls that take blocked jobs (cancel, abort, a list by status) never scan the table.
 - ``jobs.workflow_id``: the workflow a job belongs to (``jobs.list(workflow=...)``), with a
   partial index over the jobs that have one.
 - The history: a release (``blocked → todo``) is no retry: ``record_job_history`` skips it,
@@ -159,6 +161,13 @@ def upgrade() -> None:
     ):
         op.add_column("jobs", sa.Column(name, kind, nullable=True), schema=schema)
     op.create_index(
+        "jobs_blocked_idx",
+        "jobs",
+        ["queue"],
+        schema=schema,
+        postgresql_where=sa.text("status = 'blocked'"),
+    )
+    op.create_index(
         "jobs_workflow_idx",
         "jobs",
         ["workflow_id"],
@@ -191,6 +200,7 @@ def downgrade() -> None:
     op.drop_index("job_dependencies_child_idx", table_name="job_dependencies", schema=schema)
     op.drop_table("job_dependencies", schema=schema)
     op.drop_index("jobs_workflow_idx", table_name="jobs", schema=schema)
+    op.drop_index("jobs_blocked_idx", table_name="jobs", schema=schema)
     for name in ("failed_parents", "workflow_id", "children", "pending_parents"):
         op.drop_column("jobs", name, schema=schema)
     # Blocked jobs cannot stay: they go back to what an old pgtq knows, cancelled.
