@@ -2106,15 +2106,21 @@ class Statements:
         # the latter); ``hold`` and ``cancel`` edges were left pending, so a held child
         # simply waits for this new attempt.
         e = self.t.job_dependencies
+        # ``parent_id = ANY(array)``: the edges by their primary key, whatever the planner
+        # thinks of the table (a join let it scan a small one).
+        parents = (
+            sa.select(sa.func.array_agg(changed.c.id))
+            .where(changed.c.children.is_not(None))
+            .scalar_subquery()
+        )
         again = (
             sa.select(
                 e.c.child_id,
                 sa.func.count().label("n"),
                 sa.func.count().filter(e.c.on_parent_failure == _FAILURE_EDGE).label("failures"),
             )
-            .select_from(e.join(changed, e.c.parent_id == changed.c.id))
             .where(
-                changed.c.children.is_not(None),
+                e.c.parent_id == sa.any_(sa.cast(parents, ARRAY(sa.BigInteger()))),
                 e.c.on_parent_failure.in_([_RUN_EDGE, _FAILURE_EDGE]),
             )
             .group_by(e.c.child_id)

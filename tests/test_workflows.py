@@ -570,3 +570,32 @@ async def test_a_parent_ended_on_its_way_out_settles_its_children(app: pgtq.App,
     )
     assert app.sync.run(pgtq.statements.fail_unclaimable_jobs(s)) == [unclaimable]
     assert sql("SELECT status FROM pgtq.jobs WHERE id = %s", runs) == [("todo",)]
+
+
+@pytest.mark.unit
+async def test_the_completer_writes_what_was_refused_with_the_releasing_variant() -> None:
+    """One statement for a batch without jobs with children; the refused rest (here job 2)
+    goes again with ``Rare.releasing``, alone."""
+    from pgtq.completer import Completer
+    from pgtq.model import ClaimedJob
+    from pgtq.outcomes import Outcome
+
+    queries: list[pgtq.statements.Query[Any]] = []
+    refused = {2}
+
+    class Connection:
+        async def run(self, query: pgtq.statements.Query[Any]) -> list[int]:
+            queries.append(query)
+            ids = list(query.params["ids"])
+            plain = query.statement is s.complete  # refuses a job with children
+            return [i for i in ids if i not in refused] if plain else ids
+
+    s = pgtq.statements.statements_for("pgtq")
+    c = Completer(s, lambda: "w", (), on_written=lambda frees: None)
+    c.connection = Connection()  # type: ignore[assignment]
+    for n in (1, 2, 3):
+        c.add(ClaimedJob(n, "t", "default", {}, 1, 0, None), Outcome(Status.SUCCEEDED, "1"))
+    await c.write(give_up_after=None)
+    assert [q.params["ids"] for q in queries] == [[1, 2, 3], [2]]
+    assert queries[0].statement is s.complete
+    assert queries[1].statement is s.completion(False, pgtq.statements.Rare(releasing=True))
