@@ -165,15 +165,22 @@ def check_on_conflict(value: object, queueing_lock: str | None) -> str:
 def check_unique_for(value: object, queueing_lock: str | None) -> float:
     """``configure(unique_for=...)``: a period (seconds or a timedelta) over zero and within
     :data:`SCHEDULE_HORIZON`, and only with a ``queueing_lock`` (the key it makes unique)."""
+    seconds = _period("unique_for", value, "a period over zero")
+    if queueing_lock is None:
+        raise InvalidArguments("unique_for: needs a queueing_lock, the key it makes unique")
+    return seconds
+
+
+def _period(field: str, value: object, what: str) -> float:
+    """Seconds (a number, not a bool) or a timedelta, over zero and within
+    :data:`SCHEDULE_HORIZON`; else ``InvalidArguments`` naming ``field``."""
     seconds = value.total_seconds() if isinstance(value, timedelta) else value
     if isinstance(seconds, bool) or not isinstance(seconds, Real):
         raise InvalidArguments(
-            f"unique_for: must be a timedelta or a number of seconds, got {type(value).__name__}"
+            f"{field}: must be a timedelta or a number of seconds, got {type(value).__name__}"
         )
     if not 0 < float(seconds) <= _HORIZON_SECONDS:  # also false for NaN
-        raise InvalidArguments(f"unique_for: must be a period over zero, got {value!r}")
-    if queueing_lock is None:
-        raise InvalidArguments("unique_for: needs a queueing_lock, the key it makes unique")
+        raise InvalidArguments(f"{field}: must be {what}, got {value!r}")
     return float(seconds)
 
 
@@ -242,14 +249,7 @@ def check_meta(
 def check_timeout(value: object) -> float:
     """``configure(timeout=...)``: this job's own time limit, a timedelta or a number of
     seconds over zero and within :data:`SCHEDULE_HORIZON` (a bool is no number here)."""
-    seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, Real):
-        raise InvalidArguments(
-            f"timeout: must be a timedelta or a number of seconds, got {type(value).__name__}"
-        )
-    if not 0 < float(seconds) <= _HORIZON_SECONDS:  # also false for NaN
-        raise InvalidArguments(f"timeout: must be a number of seconds over zero, got {value!r}")
-    return float(seconds)
+    return _period("timeout", value, "a number of seconds over zero")
 
 
 def check_max_attempts(value: object) -> int:
