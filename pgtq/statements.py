@@ -104,6 +104,7 @@ _PARENT_FAILED: sa.ColumnElement[Any] = sa.literal_column(
         ).replace("'", "''")
     )
 )
+_PARENT_FAILED_TYPE: sa.ColumnElement[str] = sa.literal_column("'ParentFailed'", sa.Text)
 ONE_SECOND: sa.ColumnElement[Any] = sa.literal_column("interval '1 second'")
 #: An outcome of ``raise Snooze(...)`` (see ``complete_snoozing``); never a job's status.
 SNOOZED_OUTCOME: sa.ColumnElement[str] = sa.literal_column(f"'{SNOOZED}'", sa.Text)
@@ -195,6 +196,13 @@ READ_TIME_MAX = datetime(9999, 12, 30, tzinfo=UTC)
 def _time_literal(at: datetime) -> sa.ColumnElement[datetime]:
     # A literal, never a parameter: the read statements stay parameter-for-parameter the same.
     return sa.literal_column(f"timestamptz '{at.isoformat()}'", sa.DateTime(timezone=True))
+
+
+def _opaque(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[bool]:
+    """``condition`` as a CASE, which the planner derives no index condition from: for a
+    status test on rows found by primary key (a partial index on the status would have it
+    read every job of that status instead)."""
+    return sa.case((condition, sa.true()), else_=sa.false())
 
 
 def _text_literal(text: str) -> sa.ColumnElement[str]:
@@ -1658,7 +1666,7 @@ class Statements:
             found = found.add_cte(self._history_of_deleted(deleted))
         return found
 
-    def _settling(self, finished: sa.CTE, quiet: bool = False) -> list[sa.CTE]:
+    def _settling(self, finished: sa.CTE, quiet: bool = False, gone: bool = False) -> list[sa.CTE]:
         """Settle the children of the jobs in ``finished`` (``id``, ``status``, ``children``:
         jobs with children that just ended), in the statement that ended them. Returns the
         CTEs the statement must join, each of one row at most (a SELECT CTE that no part
@@ -1680,24 +1688,55 @@ class Statements:
         The guard: a child inserted after this statement's snapshot, while its parent was
         running, bumped the parent's ``children`` but its edge is invisible here; then
         ``workflow_retry`` fails the statement (SQLSTATE 40001) and the worker writes it
-        again, in a snapshot that sees the edge."""
+        again, in a snapshot that sees the edge.
+
+        A child its parent's failure cancelled keeps counting (``pending_parents``,
+        ``failed_parents``) as its other parents end, so that the failed parent's retry can
+        restore it (:meth:`_retry`); its status stays ``cancelled``.
+
+        ``gone``: the parents in ``finished`` are being deleted (:meth:`_delete`), never to
+        be retried: their ``hold`` edges cancel too, and a parent that ended already settles
+        only those (its other edges settled when it ended)."""
         j, e = self.jobs, self.t.job_dependencies
         ok = finished.c.status == SUCCEEDED
+        cancelling = [_CANCEL_EDGE, _HOLD_EDGE] if gone else [_CANCEL_EDGE]
+        edges = e.join(finished, e.c.parent_id == finished.c.id)
         hit = (
             sa.select(
                 e.c.parent_id,
                 e.c.child_id,
                 sa.or_(ok, e.c.on_parent_failure.in_([_RUN_EDGE, _FAILURE_EDGE])).label("settles"),
-                sa.and_(~ok, e.c.on_parent_failure == _CANCEL_EDGE).label("cancels"),
+                sa.and_(~ok, e.c.on_parent_failure.in_(cancelling)).label("cancels"),
                 (~ok).label("failed"),
                 (e.c.on_parent_failure == _FAILURE_EDGE).label("on_failure"),
             )
-            .select_from(e.join(finished, e.c.parent_id == finished.c.id))
+            .select_from(edges)
+            .where(
+                *(
+                    [
+                        sa.or_(
+                            ~finished.c.ended,
+                            sa.and_(~ok, e.c.on_parent_failure == _HOLD_EDGE),
+                        )
+                    ]
+                    if gone
+                    else []
+                )
+            )
             .cte("hit")
         )
-        # Below a cancelled child: its own edges, followed down while they cancel (``hold``
-        # edges stop there; ``run`` edges settle). One row an edge, so a child reached by
-        # two edges counts two; each step an index read of the parent's edges.
+
+        # Below a child cancelled now (blocked until this statement: one a failure cancelled
+        # before is not gone through twice): its own edges, followed down while they cancel
+        # (``hold`` edges stop there; ``run`` edges settle). One row an edge, so a child
+        # reached by two edges counts two; each step an index read of the parent's edges.
+        # Whether a job is blocked: a subquery a row, read by primary key whatever the
+        # planner thinks of the tables (a join let it scan the jobs for the blocked ones).
+        def is_blocked(job_id: sa.ColumnElement[int]) -> sa.ColumnElement[bool]:
+            status = j.alias("blocked_job")
+            found = sa.select(status.c.status == BLOCKED).where(status.c.id == job_id)
+            return sa.func.coalesce(found.scalar_subquery(), sa.false())
+
         seed = e.alias("seed")
         reach = (
             sa.select(
@@ -1705,11 +1744,15 @@ class Statements:
                 seed.c.child_id,
                 (seed.c.on_parent_failure == _CANCEL_EDGE).label("cancels"),
                 (seed.c.on_parent_failure == _FAILURE_EDGE).label("on_failure"),
+                is_blocked(seed.c.child_id).label("child_blocked"),
             )
-            .select_from(seed.join(hit, seed.c.parent_id == hit.c.child_id))
-            .where(hit.c.cancels, seed.c.on_parent_failure != _HOLD_EDGE)
+            .select_from(hit.join(seed, seed.c.parent_id == hit.c.child_id))
+            .where(
+                hit.c.cancels, is_blocked(hit.c.child_id), seed.c.on_parent_failure != _HOLD_EDGE
+            )
             .cte("reach", recursive=True)
         )
+        # Each edge found carries whether its child is blocked, for the next step.
         below = e.alias("below")
         reach = reach.union(
             sa.select(
@@ -1717,9 +1760,10 @@ class Statements:
                 below.c.child_id,
                 (below.c.on_parent_failure == _CANCEL_EDGE).label("cancels"),
                 (below.c.on_parent_failure == _FAILURE_EDGE).label("on_failure"),
+                is_blocked(below.c.child_id).label("child_blocked"),
             )
             .select_from(below.join(reach, below.c.parent_id == reach.c.child_id))
-            .where(reach.c.cancels, below.c.on_parent_failure != _HOLD_EDGE)
+            .where(reach.c.cancels, reach.c.child_blocked, below.c.on_parent_failure != _HOLD_EDGE)
         )
         # Below a cancelled child, every parent reached ended badly (``failed`` true).
         hits = sa.union_all(
@@ -1742,17 +1786,21 @@ class Statements:
         # ``id = ANY(array)``: the children by primary key, whatever the planner thinks of
         # the number of blocked jobs (a join let it scan the table for them).
         children = sa.select(sa.func.array_agg(per_child.c.child_id)).scalar_subquery()
+        # ``was``: the status as locked (PostgreSQL returns the newest version of a row it
+        # waited for), so a child is cancelled and announced once.
         locked = (
-            sa.select(j.c.id)
+            sa.select(j.c.id, j.c.status.label("was"))
             .where(
-                j.c.id == sa.any_(sa.cast(children, ARRAY(sa.BigInteger()))), j.c.status == BLOCKED
+                j.c.id == sa.any_(sa.cast(children, ARRAY(sa.BigInteger()))),
+                self._waiting_for_parents(j),
             )
             .order_by(j.c.id)
             .with_for_update(of=j)
             .cte("locked")
         )
         pending = j.c.pending_parents - per_child.c.n
-        cancel = per_child.c.cancel
+        blocked = j.c.status == BLOCKED
+        cancel = sa.and_(blocked, per_child.c.cancel)
         failures = per_child.c.failures
         # A batch's on_failure callback: released only if some parent did not succeed.
         none_failed = sa.and_(
@@ -1760,23 +1808,28 @@ class Statements:
             sa.func.coalesce(j.c.failed_parents, 0) + failures == 0,
         )
         released = sa.case((none_failed, CANCELLED), else_=TODO)
+        ends = sa.and_(blocked, pending <= 0)
         settled = (
             sa.update(j)
-            .where(j.c.id == per_child.c.child_id, j.c.id == locked.c.id, j.c.status == BLOCKED)
+            .where(
+                j.c.id == per_child.c.child_id,
+                j.c.id == locked.c.id,
+                self._waiting_for_parents(j),
+            )
             .values(
                 pending_parents=pending,
                 failed_parents=sa.case(
                     (failures > 0, sa.func.coalesce(j.c.failed_parents, 0) + failures),
                     else_=j.c.failed_parents,
                 ),
-                status=sa.case((cancel, CANCELLED), (pending <= 0, released), else_=BLOCKED),
+                status=sa.case((cancel, CANCELLED), (ends, released), else_=j.c.status),
                 finished_at=sa.case(
-                    (sa.or_(cancel, sa.and_(pending <= 0, none_failed)), sa.func.now()),
+                    (sa.or_(cancel, sa.and_(ends, none_failed)), sa.func.now()),
                     else_=j.c.finished_at,
                 ),
                 error=sa.case((cancel, _PARENT_FAILED), else_=j.c.error),
             )
-            .returning(j.c.id, j.c.status, j.c.queue)
+            .returning(j.c.id, j.c.status, j.c.queue, locked.c.was)
             .cte("settled")
         )
         seen = (
@@ -1809,7 +1862,7 @@ class Statements:
         )
         notified = (
             sa.select(sa.func.pg_notify(self._channel, payload).label("sent"))
-            .where(settled.c.status == TODO)
+            .where(settled.c.status == TODO, settled.c.was == BLOCKED)
             .group_by(settled.c.queue)
             .cte("released_notified")
         )
@@ -1819,11 +1872,26 @@ class Statements:
             .cte("released_announced")
             .prefix_with("MATERIALIZED")
         )
-        joins = [announced, guard]
+        # A deleted parent's hits leave out the edges it settled when it ended: no guard.
+        joins = [announced] if gone else [announced, guard]
         if not quiet:  # children cancelled here ended: announced like any job that ends
-            ended = settled.c.status == CANCELLED
+            ended = sa.and_(settled.c.status == CANCELLED, settled.c.was == BLOCKED)
             joins.append(self._announce_done(settled, ended, name="children_done"))
         return joins
+
+    @staticmethod
+    def _waiting_for_parents(j: sa.Table | sa.Alias) -> sa.ColumnElement[bool]:
+        """A child whose parents' ends still count: ``blocked``, or cancelled by a parent's
+        failure (that parent's retry restores it: :meth:`_retry`)."""
+        return _opaque(
+            sa.or_(
+                j.c.status == BLOCKED,
+                sa.and_(
+                    j.c.status == CANCELLED,
+                    j.c.error.op("->>")(_text_literal("type")) == _PARENT_FAILED_TYPE,
+                ),
+            )
+        )
 
     def _deleted(self, u: Any, deleting: sa.ColumnElement[bool]) -> sa.CTE:
         """The outcomes' rows that end deleted (a worker's ``delete_jobs``), deleted."""
@@ -2101,45 +2169,151 @@ class Statements:
             .returning(j.c.id, j.c.status, j.c.queue, j.c.children)
             .cte("changed")
         )
-        # A retried parent is pending again for its children still blocked on a ``run`` or
-        # ``failure`` edge (its failure had settled that edge, and counted as a failure for
-        # the latter); ``hold`` and ``cancel`` edges were left pending, so a held child
-        # simply waits for this new attempt.
-        e = self.t.job_dependencies
-        # ``parent_id = ANY(array)``: the edges by their primary key, whatever the planner
-        # thinks of the table (a join let it scan a small one).
-        parents = (
+        return self._notify_each(changed, self.channel, changed.c.queue, sa.true()).add_cte(
+            self._resumed(changed)
+        )
+
+    def _resumed(self, changed: sa.CTE) -> sa.CTE:
+        """The workflow below the retried jobs of ``changed`` (``id``, ``children``) resumed,
+        in the retry's statement:
+
+        - *restored*: the jobs their failure cancelled (``ParentFailed``, reached over
+          ``cancel`` edges) go back to ``blocked``, their counts kept while they were
+          cancelled (:meth:`_settling`) and right again; except a job that another parent,
+          still ended badly, cancels over a ``cancel`` edge, and what it cancelled below.
+        - *pending again*: a retried or restored job is pending again for its children still
+          waiting on a ``run`` or ``failure`` edge (its failure had settled that edge, and
+          counted as a failure for the latter). ``hold`` and ``cancel`` edges were left
+          pending, so a held child simply waits for the new attempt.
+
+        Bounded by the workflow below the retried jobs: index reads of its edges (by parent,
+        and by child for the restored jobs' other parents). One UPDATE for both, so a job
+        both restored and pending again is written once."""
+        j, e = self.jobs, self.t.job_dependencies
+        # ``= ANY(array)``: the edges by their primary key, whatever the planner thinks of
+        # the table (a join let it scan a small one).
+        retried = sa.cast(
             sa.select(sa.func.array_agg(changed.c.id))
             .where(changed.c.children.is_not(None))
-            .scalar_subquery()
+            .scalar_subquery(),
+            ARRAY(sa.BigInteger()),
         )
-        again = (
+        every_retried = sa.cast(
+            sa.select(
+                sa.func.coalesce(sa.func.array_agg(changed.c.id), sa.literal_column("'{}'"))
+            ).scalar_subquery(),
+            ARRAY(sa.BigInteger()),
+        )
+
+        # A job's status, a subquery a row: read by primary key whatever the planner thinks
+        # of the tables (a join let it scan a status index for every such job).
+        def status_is(job_id: sa.ColumnElement[int], test: Any) -> sa.ColumnElement[bool]:
+            job = j.alias("status_of")
+            found = sa.select(test(job)).where(job.c.id == job_id)
+            return sa.func.coalesce(found.scalar_subquery(), sa.false())
+
+        def by_failure(job: Any) -> sa.ColumnElement[bool]:
+            type_ = job.c.error.op("->>")(_text_literal("type"))
+            return sa.and_(job.c.status == CANCELLED, type_ == _PARENT_FAILED_TYPE)
+
+        def cancelled_below(edge: Any, parent: sa.ColumnElement[bool]) -> sa.Select[Any]:
+            return sa.select(edge.c.child_id.label("id")).where(
+                parent,
+                edge.c.on_parent_failure == _CANCEL_EDGE,
+                status_is(edge.c.child_id, by_failure),
+            )
+
+        first = e.alias("first_edge")
+        reached = cancelled_below(first, first.c.parent_id == sa.any_(retried)).cte(
+            "reached", recursive=True
+        )
+        step = e.alias("next_edge")
+        reached = reached.union(cancelled_below(step, step.c.parent_id == reached.c.id))
+        # Still cancelled by a parent outside the retry: it, and what it cancelled below.
+        other = e.alias("other_edge")
+        still_bad = (
+            sa.select(reached.c.id)
+            .select_from(reached.join(other, other.c.child_id == reached.c.id))
+            .where(
+                other.c.on_parent_failure == _CANCEL_EDGE,
+                status_is(
+                    other.c.parent_id, lambda job: job.c.status.in_([FAILED, CANCELLED, ABORTED])
+                ),
+                other.c.parent_id.not_in(sa.select(reached.c.id)),
+                other.c.parent_id != sa.all_(every_retried),
+            )
+            .cte("kept", recursive=True)
+        )
+        down = e.alias("kept_edge")
+        still_bad = still_bad.union(
+            sa.select(down.c.child_id)
+            .select_from(down.join(still_bad, down.c.parent_id == still_bad.c.id))
+            .where(
+                down.c.on_parent_failure == _CANCEL_EDGE,
+                down.c.child_id.in_(sa.select(reached.c.id)),
+            )
+        )
+        restored = (
+            sa.select(reached.c.id)
+            .where(reached.c.id.not_in(sa.select(still_bad.c.id)))
+            .cte("restored")
+        )
+        again_from = sa.cast(
+            sa.select(sa.func.array_agg(sa.column("id")))
+            .select_from(
+                sa.union_all(
+                    sa.select(changed.c.id).where(changed.c.children.is_not(None)),
+                    sa.select(restored.c.id),
+                ).subquery("again_from")
+            )
+            .scalar_subquery(),
+            ARRAY(sa.BigInteger()),
+        )
+        zero: sa.ColumnElement[int] = sa.literal_column("0")
+        one: sa.ColumnElement[int] = sa.literal_column("1")
+        deltas = sa.union_all(
+            sa.select(restored.c.id, zero.label("n"), zero.label("failures"), sa.true()),
             sa.select(
                 e.c.child_id,
-                sa.func.count().label("n"),
-                sa.func.count().filter(e.c.on_parent_failure == _FAILURE_EDGE).label("failures"),
-            )
-            .where(
-                e.c.parent_id == sa.any_(sa.cast(parents, ARRAY(sa.BigInteger()))),
+                one,
+                sa.case((e.c.on_parent_failure == _FAILURE_EDGE, one), else_=zero),
+                sa.false(),
+            ).where(
+                e.c.parent_id == sa.any_(again_from),
                 e.c.on_parent_failure.in_([_RUN_EDGE, _FAILURE_EDGE]),
+            ),
+        ).subquery("deltas")
+        delta = (
+            sa.select(
+                deltas.c.id,
+                sa.func.sum(deltas.c.n).label("n"),
+                sa.func.sum(deltas.c.failures).label("failures"),
+                sa.func.bool_or(deltas.c[3]).label("restore"),
             )
-            .group_by(e.c.child_id)
-            .subquery("again")
+            .group_by(deltas.c.id)
+            .subquery("delta")
         )
-        pending = (
+        restore = delta.c.restore
+        return (
             sa.update(j)
-            .where(j.c.id == again.c.child_id, j.c.status == BLOCKED)
+            .where(
+                j.c.id == delta.c.id,
+                j.c.id != sa.all_(every_retried),
+                self._waiting_for_parents(j),
+            )
             .values(
-                pending_parents=j.c.pending_parents + again.c.n,
+                pending_parents=j.c.pending_parents + delta.c.n,
                 failed_parents=sa.case(
-                    (again.c.failures > 0, j.c.failed_parents - again.c.failures),
+                    (delta.c.failures > 0, j.c.failed_parents - delta.c.failures),
                     else_=j.c.failed_parents,
                 ),
+                status=sa.case((restore, BLOCKED), else_=j.c.status),
+                finished_at=sa.case((restore, sa.null()), else_=j.c.finished_at),
+                error=sa.case((restore, sa.null()), else_=j.c.error),
             )
             .returning(j.c.id)
-            .cte("pending_again")
+            .cte("resumed")
         )
-        return self._notify_each(changed, self.channel, changed.c.queue, sa.true()).add_cte(pending)
 
     @cached_property
     def reschedule(self) -> sa.Select[Any]:
@@ -2602,11 +2776,14 @@ class Statements:
             where = [j.c.finished_at < before, j.c.status.in_([_status(s) for s in statuses])]
             if by_queue:
                 where.append(j.c.queue == sa.bindparam("only_queue", type_=sa.Text))
-            gone = sa.delete(j).where(*where).returning(j.c.id).cte("gone")
+            gone = (
+                sa.delete(j).where(*where).returning(j.c.id, j.c.status, j.c.children).cte("gone")
+            )
             history = (
                 sa.delete(events).where(events.c.job_id.in_(sa.select(gone.c.id))).cte("history")
             )
-            found = sa.select(sa.func.count()).select_from(gone).add_cte(history)
+            counted = sa.select(sa.func.count().label("n")).select_from(gone).subquery("counted")
+            found = self._forgetting(gone, sa.select(counted.c.n)).add_cte(history)
             self._built["delete_old", statuses, by_queue] = found
         return found
 
@@ -2635,10 +2812,47 @@ class Statements:
         ids. A job a worker claims meanwhile is skipped: PostgreSQL checks the WHERE again on
         the row the claim committed, and ``doing`` fails it."""
         j, events = self.jobs, self.t.job_events
-        gone = sa.delete(j).where(*where, self._acting_on("delete")).returning(j.c.id).cte("gone")
+        gone = (
+            sa.delete(j)
+            .where(*where, self._acting_on("delete"))
+            .returning(j.c.id, j.c.status, j.c.children)
+            .cte("gone")
+        )
         history = sa.delete(events).where(events.c.job_id.in_(sa.select(gone.c.id))).cte("history")
         done = self._announce_done(gone, sa.true())  # a waiter of a deleted job stops waiting
-        return sa.select(gone.c.id).select_from(gone.outerjoin(done, sa.true())).add_cte(history)
+        ids = sa.select(gone.c.id).select_from(gone.outerjoin(done, sa.true()))
+        return self._forgetting(gone, ids).add_cte(history)
+
+    def _forgetting(self, gone: sa.CTE, select: sa.Select[Any]) -> sa.Select[Any]:
+        """``select`` with the edges of the deleted parents in ``gone`` (``id``, ``status``,
+        ``children``) deleted in the same statement, and their children settled first
+        (:meth:`_settling`): a parent deleted before it ended counts as cancelled, and one
+        that ended badly cancels the children it held (nobody can retry it now). The edges
+        naming a deleted child stay until their parent goes (its ``children`` counts them)."""
+        e = self.t.job_dependencies
+        parents = gone.c.children.is_not(None)
+        ended = gone.c.status.in_(ENDED)
+        finished = (
+            sa.select(
+                gone.c.id,
+                sa.case((ended, gone.c.status), else_=CANCELLED).label("status"),
+                gone.c.children,
+                ended.label("ended"),
+            )
+            .where(parents)
+            .cte("finished")
+        )
+        edges = (
+            sa.delete(e)
+            .where(e.c.parent_id.in_(sa.select(gone.c.id).where(parents)))
+            .returning(e.c.parent_id)
+            .cte("edges_gone")
+        )
+        done = select.subquery("forgetting")
+        joined: Any = done
+        for cte in self._settling(finished, gone=True):
+            joined = joined.outerjoin(cte, sa.true())
+        return sa.select(*done.c).select_from(joined).add_cte(edges)
 
     def bulk(self, action: Action, key: SelectionKey, preview: bool = False) -> Any:
         """``action`` on every job the filters of ``key`` select, selecting the ids it changed;

@@ -165,6 +165,145 @@ async def test_retrying_a_parent_counts_a_run_edge_again(
     ]
 
 
+def flaky_task(app: pgtq.App, name: str, fails: int = 1) -> Any:
+    """A task that fails its first ``fails`` runs, then returns ``name``."""
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) <= fails:
+            raise RuntimeError(f"{name} fails")
+        return name
+
+    return app.task(name=name, retry=None)(flaky)
+
+
+def counts(sql: SQL, *ids: int) -> list[tuple[str, int | None]]:
+    return [
+        sql("SELECT status, pending_parents FROM pgtq.jobs WHERE id = %s", job_id)[0]
+        for job_id in ids
+    ]
+
+
+async def test_retrying_a_failed_parent_restores_what_its_failure_cancelled(
+    app: pgtq.App, side: Side, sql: SQL
+) -> None:
+    """A diamond below the parent, and a job it cancelled through a child: all go back to
+    blocked, with their counts, and run in order once the parent succeeds."""
+    runs: list[tuple[str, Any]] = []
+    t = make_tasks(app, runs)
+    parent = await side.defer(flaky_task(app, "parent"))
+    left = await side.defer(t["ok"].configure(depends_on=[parent]), n=1)
+    right = await side.defer(t["ok"].configure(depends_on=[parent]), n=2)
+    join = await side.defer(t["gather"].configure(depends_on=[left, right]))
+    user_cancelled = await side.defer(t["ok"].configure(depends_on=[parent], queue="other"))
+    await side.call(app.jobs, "cancel", user_cancelled)
+    await side.run_worker(app, wait=False)
+    assert counts(sql, left, right, join) == [("cancelled", 1), ("cancelled", 1), ("cancelled", 2)]
+
+    assert await side.retry(app, parent)
+    assert counts(sql, parent, left, right, join) == [
+        ("todo", None),
+        ("blocked", 1),
+        ("blocked", 1),
+        ("blocked", 2),
+    ]
+    assert (await side.get(app, join)).error is None  # type: ignore[union-attr]
+    assert counts(sql, user_cancelled) == [("cancelled", 1)]  # not the failure's doing
+    await side.run_worker(app, wait=False)
+    assert [await status(side, app, i) for i in (parent, left, right, join)] == [
+        Status.SUCCEEDED
+    ] * 4
+    assert sorted(runs[:2]) == [("ok", 1), ("ok", 2)]
+    assert runs[2:] == [("gather", {left: 1, right: 2})]
+
+
+async def test_a_child_keeps_counting_its_parents_while_cancelled(
+    app: pgtq.App, side: Side, sql: SQL
+) -> None:
+    """A parent that succeeds after its sibling's failure cancelled the child is counted,
+    so the failed parent's retry leaves the child waiting for that one alone."""
+    t = make_tasks(app, [])
+    bad = await side.defer(flaky_task(app, "bad"))
+    later = await side.defer(t["ok"].configure(queue="later"))
+    child = await side.defer(t["ok"].configure(depends_on=[bad, later]), n=3)
+    await side.run_worker(app, wait=False, queues=["default"])
+    assert counts(sql, child) == [("cancelled", 2)]
+    await side.run_worker(app, wait=False, queues=["later"])
+    assert counts(sql, child) == [("cancelled", 1)]
+    assert await side.retry(app, bad)
+    assert counts(sql, child) == [("blocked", 1)]
+    await side.run_worker(app, wait=False)
+    assert await status(side, app, child) is Status.SUCCEEDED
+
+
+async def test_a_child_another_failed_parent_cancels_stays_cancelled(
+    app: pgtq.App, side: Side, sql: SQL
+) -> None:
+    """Retrying one of two failed parents leaves their child (and what it cancelled)
+    cancelled; retrying the other then restores both."""
+    t = make_tasks(app, [])
+    one = await side.defer(flaky_task(app, "one"))
+    two = await side.defer(flaky_task(app, "two"))
+    child = await side.defer(t["ok"].configure(depends_on=[one, two]))
+    grandchild = await side.defer(t["ok"].configure(depends_on=[child]))
+    runs_anyway = await side.defer(t["ok"].configure(depends_on=[child], on_parent_failure="run"))
+    await side.run_worker(app, wait=False)
+    assert counts(sql, child, grandchild) == [("cancelled", 2), ("cancelled", 1)]
+    assert await status(side, app, runs_anyway) is Status.SUCCEEDED  # its edge settled once
+
+    assert await side.retry(app, one)
+    assert counts(sql, child, grandchild) == [("cancelled", 2), ("cancelled", 1)]
+    assert await side.retry(app, two)
+    assert counts(sql, one, two, child, grandchild) == [
+        ("todo", None),
+        ("todo", None),
+        ("blocked", 2),
+        ("blocked", 1),
+    ]
+    await side.run_worker(app, wait=False)
+    assert [await status(side, app, i) for i in (child, grandchild, runs_anyway)] == [
+        Status.SUCCEEDED
+    ] * 3
+
+
+async def test_a_bulk_retry_resumes_each_workflow_once(app: pgtq.App, side: Side, sql: SQL) -> None:
+    """``retry_many`` of every failed job: the parents of a shared child retried in one
+    statement restore it once."""
+    t = make_tasks(app, [])
+    one = await side.defer(flaky_task(app, "one"))
+    two = await side.defer(flaky_task(app, "two"))
+    child = await side.defer(t["ok"].configure(depends_on=[one, two]))
+    await side.run_worker(app, wait=False)
+    assert sorted(await side.call(app.jobs, "retry_many", status="failed")) == [one, two]
+    assert counts(sql, child) == [("blocked", 2)]
+    await side.run_worker(app, wait=False)
+    assert await status(side, app, child) is Status.SUCCEEDED
+
+
+async def test_deleting_a_parent_settles_its_children_and_its_edges(
+    app: pgtq.App, side: Side, sql: SQL
+) -> None:
+    """A parent deleted before it ran counts as cancelled (no child waits for it forever);
+    one that failed cancels the children it held; the edges go with their parent."""
+    t = make_tasks(app, [])
+    waiting = await side.defer(t["ok"].configure(queue="never"))
+    child = await side.defer(t["ok"].configure(depends_on=[waiting]))
+    runs_anyway = await side.defer(t["ok"].configure(depends_on=[waiting], on_parent_failure="run"))
+    bad = await side.defer(t["boom"])
+    held = await side.defer(t["ok"].configure(depends_on=[bad], on_parent_failure="hold"))
+    await side.run_worker(app, wait=False, queues=["default"])
+    assert counts(sql, held) == [("blocked", 1)]
+
+    assert await side.call(app.jobs, "delete_many", ids=[waiting]) == [waiting]
+    assert counts(sql, child, runs_anyway) == [("cancelled", 1), ("todo", 0)]
+    assert sql("SELECT count(*) FROM pgtq.job_dependencies WHERE parent_id = %s", waiting) == [(0,)]
+    sql("UPDATE pgtq.jobs SET finished_at = now() - interval '2 days' WHERE id = %s", bad)
+    assert await side.call(app.jobs, "delete_old_jobs", 3600, include_failed=True) == 1
+    assert counts(sql, held) == [("cancelled", 1)]
+    assert sql("SELECT count(*) FROM pgtq.job_dependencies WHERE parent_id = %s", bad) == [(0,)]
+
+
 async def test_cancelling_a_parent_cancels_its_blocked_children(app: pgtq.App, side: Side) -> None:
     t = make_tasks(app, [])
     parent = await side.defer(t["ok"])

@@ -114,6 +114,14 @@ async def test_four_workers_release_every_child_once_after_its_parents(
         what=lambda: f"every job succeeded (now {_status_counts(sql)})\n{workers.diagnose()}",
     )
     ran = time.monotonic() - began - deferred
+    # A worker still starting when the others finished everything would die of the SIGTERM
+    # before its handler is installed: stop each once it registered.
+    pids = [w.pid for w in workers.started]
+    await until(
+        lambda: sql("SELECT count(*) FROM pgtq.workers WHERE pid = ANY(%s)", pids) == [(4,)],
+        timeout=30,
+        what=lambda: f"4 workers registered\n{workers.diagnose()}",
+    )
     for w in workers.started:
         w.send(signal.SIGTERM)
     for w in workers.started:
