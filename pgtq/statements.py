@@ -1598,7 +1598,7 @@ class Statements:
             .table_valued(sa.column("id", sa.BigInteger()))
             .render_derived("watched")
         )
-        live = sa.exists().where(j.c.id == w.c.id, j.c.status.in_([TODO, DOING]))
+        live = sa.exists().where(j.c.id == w.c.id, j.c.status.in_([TODO, DOING, BLOCKED]))
         return sa.select(w.c.id).where(~live)
 
     @cached_property
@@ -2217,7 +2217,7 @@ class Statements:
             return sa.and_(job.c.status == CANCELLED, type_ == _PARENT_FAILED_TYPE)
 
         def cancelled_below(edge: Any, parent: sa.ColumnElement[bool]) -> sa.Select[Any]:
-            return sa.select(edge.c.child_id.label("id")).where(
+            return sa.select(edge.c.parent_id.label("parent"), edge.c.child_id.label("id")).where(
                 parent,
                 edge.c.on_parent_failure == _CANCEL_EDGE,
                 status_is(edge.c.child_id, by_failure),
@@ -2244,17 +2244,14 @@ class Statements:
             )
             .cte("kept", recursive=True)
         )
-        down = e.alias("kept_edge")
+        # Down the edges ``reached`` holds (each a ``cancel`` edge): no read of the table.
+        down = reached.alias("kept_edge")
         still_bad = still_bad.union(
-            sa.select(down.c.child_id)
-            .select_from(down.join(still_bad, down.c.parent_id == still_bad.c.id))
-            .where(
-                down.c.on_parent_failure == _CANCEL_EDGE,
-                down.c.child_id.in_(sa.select(reached.c.id)),
-            )
+            sa.select(down.c.id).select_from(down.join(still_bad, down.c.parent == still_bad.c.id))
         )
         restored = (
             sa.select(reached.c.id)
+            .distinct()
             .where(reached.c.id.not_in(sa.select(still_bad.c.id)))
             .cte("restored")
         )

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy.dialects import postgresql
 
 import pgtq
-from pgtq.statements import ListKey, Rare, statements_for
+from pgtq.statements import ListKey, Rare, SelectionKey, statements_for
 
 
 def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -84,6 +84,13 @@ CASES = {
         "job_dependencies_pkey",
     ),
     "cancel, settling": (S.cancel, {"job_id": 3}, "job_dependencies_pkey"),
+    # A parent's retry restores what its failure cancelled; its deletion settles its children.
+    "retry, restoring": (S.retry, {"job_id": 3}, "job_dependencies_pkey"),
+    "delete, settling": (
+        S.bulk("delete", SelectionKey(ids=True)),
+        {"only_ids": [3, 13]},
+        "job_dependencies_pkey",
+    ),
     "list, one workflow": (
         S.list_jobs(ListKey(workflow=True)),
         {"only_workflow": 1, "limit": 100},
