@@ -35,6 +35,7 @@ REVISIONS: tuple[tuple[str, Phase], ...] = (
     ("pgtq_0009", "pre"),
     ("pgtq_0010", "pre"),
     ("pgtq_0011", "pre"),
+    ("pgtq_0012", "pre"),
 )
 
 #: The table where Alembic records pgtq's revisions (in pgtq's schema).

@@ -64,6 +64,7 @@ class Tables:
     periodic_schedules: sa.Table
     limit_buckets: sa.Table
     job_dependencies: sa.Table
+    watchers: sa.Table
 
 
 @cache
@@ -283,6 +284,18 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
             "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
         ),
     )
+    # -- waiters (pgtq_0012): who listens for the jobs that end ----------------------------------
+    # One row per app side's LISTEN of the done channel (pgtq/watcher.py), kept alive while it
+    # listens: the statements that end jobs send that channel's NOTIFY only while a row is
+    # live, so a burn-down nobody waits for sends none. Unlogged: a crash forgets who listened,
+    # and the watchers write their rows again within ``WATCHER_REFRESH``.
+    watchers = sa.Table(
+        "watchers",
+        metadata,
+        sa.Column("id", sa.Text, primary_key=True),
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+        prefixes=["UNLOGGED"],
+    )
     # -- history (pgtq_0003, pgtq_0005): what a job's row is about to forget --------------------
     # A trigger stores an attempt's start and end when the job goes back to ``todo``; the
     # current attempt is read off the row itself (the ``job_history`` view below merges both).
@@ -332,6 +345,7 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         periodic_schedules=periodic_schedules,
         limit_buckets=limit_buckets,
         job_dependencies=job_dependencies,
+        watchers=watchers,
     )
 
 

@@ -1569,7 +1569,12 @@ class Statements:
         """One NOTIFY on the done channel for the rows of ``ended`` that are ``final``, none
         when there is none: the ids, comma-separated (``12,13,20``), or :data:`DONE_MANY` when
         they would not fit PostgreSQL's 8000-byte payload (every waiter then re-reads). A CTE
-        the caller must join (PostgreSQL skips a plain SELECT CTE nobody reads)."""
+        the caller must join (PostgreSQL skips a plain SELECT CTE nobody reads).
+
+        Only while somebody listens (a live row in ``watchers``, one test a statement): a
+        NOTIFY costs the commit the server's notification queue, which jobs nobody waits for
+        paid at every completion. A waiter that came up after this statement's snapshot
+        re-checks its jobs once it listens (pgtq/watcher.py)."""
         ids = sa.func.string_agg(sa.cast(ended.c.id, sa.Text), sa.literal_column("','"))
         payload = sa.case(
             (sa.func.length(ids) > sa.literal_column(str(DONE_PAYLOAD_MAX)), _DONE_MANY),
@@ -1578,9 +1583,37 @@ class Statements:
         return (
             sa.select(sa.func.pg_notify(self._done_channel, payload).label("sent"))
             .select_from(ended)
-            .where(final)
+            .where(final, self._someone_listens)
             .having(sa.func.count() > sa.literal_column("0"))
             .cte(name)
+        )
+
+    @property
+    def _someone_listens(self) -> sa.ColumnElement[bool]:
+        w = self.t.watchers
+        return sa.exists().where(w.c.expires_at > sa.func.now())
+
+    @cached_property
+    def watcher_up(self) -> sa.Insert:
+        """Say this watcher (``:watcher_id``) listens, for ``:watcher_ttl`` seconds from now
+        (written again before then while it does)."""
+        w = self.t.watchers
+        until = sa.func.now() + sa.bindparam("watcher_ttl", type_=sa.Float) * ONE_SECOND
+        insert = pg_insert(w).values(id=sa.bindparam("watcher_id", type_=sa.Text), expires_at=until)
+        return insert.on_conflict_do_update(
+            index_elements=[w.c.id], set_={"expires_at": insert.excluded.expires_at}
+        )
+
+    @cached_property
+    def watcher_down(self) -> sa.Delete:
+        """This watcher no longer listens; rows of watchers that expired (their process
+        died) go too."""
+        w = self.t.watchers
+        return sa.delete(w).where(
+            sa.or_(
+                w.c.id == sa.bindparam("watcher_id", type_=sa.Text),
+                w.c.expires_at < sa.func.now(),
+            )
         )
 
     @property
@@ -3711,6 +3744,16 @@ def complete_jobs(
     if delete_statuses:
         params["delete_statuses"] = list(delete_statuses)
     return Query(s.completion(bool(delete_statuses), rare, quiet), params, _id_list, driver=True)
+
+
+def watcher_up(s: Statements, watcher_id: str, ttl: float) -> Query[None]:
+    """Say watcher ``watcher_id`` listens for ``ttl`` seconds (see ``Statements.watcher_up``)."""
+    return Query(s.watcher_up, {"watcher_id": watcher_id, "watcher_ttl": ttl}, _no_value)
+
+
+def watcher_down(s: Statements, watcher_id: str) -> Query[None]:
+    """Say watcher ``watcher_id`` no longer listens."""
+    return Query(s.watcher_down, {"watcher_id": watcher_id}, _no_value)
 
 
 def ended_among(s: Statements, watched: Iterable[int]) -> Query[list[int]]:

@@ -14,6 +14,12 @@ NOTIFY: ``release``, ``fail_unclaimable``, a worker with ``notify_completions=Fa
 SQL), for all the waiters at once. The LISTEN ends :data:`LINGER` seconds after the last
 waiter left, or at ``app.close()`` / ``close_async()``.
 
+The completions announce jobs only while somebody listens: a watcher keeps a row of its own
+in ``watchers`` (written when its LISTEN is up, before the re-check that follows, and again
+every :data:`WATCHER_REFRESH`; deleted when it stops). A completion whose snapshot is older
+than that row sends nothing; the re-check after the LISTEN came up, and every
+:data:`RECHECK_INTERVAL` after, finds what it ended.
+
 The state of a wait (:class:`Pending`) and the registry are plain data; only the two watchers
 and the two wait loops in ``pgtq.jobs`` do I/O.
 """
@@ -23,8 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -51,6 +59,13 @@ STARTING = 1.0
 #: The LISTEN connection stays this long after the last waiter left (a web app's waits come
 #: and go: not a connection per request).
 LINGER = 5.0
+#: A watcher's row in ``watchers`` lasts this long unless written again: what a process that
+#: died without deleting it leaves the completions announcing for nothing, at most.
+WATCHER_TTL = 30.0
+#: A listening watcher writes its row again this often.
+WATCHER_REFRESH = 10.0
+#: ``close()`` waits this long at most for the sync watcher's thread to end.
+CLOSE_WAIT = 2.0
 
 
 class Waiter:
@@ -239,6 +254,22 @@ class Watcher:
         self.starting = False
         self._closing = False
         self._last_recheck = time.monotonic()
+        #: This watcher's row in ``watchers``, and when it was last written.
+        self.id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._said_at: float | None = None
+
+    def _say_up(self) -> statements.Query[None]:
+        """The statement saying this watcher listens (run before the re-check)."""
+        self._said_at = time.monotonic()
+        return statements.watcher_up(self._app.statements, self.id, WATCHER_TTL)
+
+    def _say_down(self) -> statements.Query[None]:
+        self._said_at = None
+        return statements.watcher_down(self._app.statements, self.id)
+
+    def _refresh_due(self) -> bool:
+        said = self._said_at
+        return said is not None and time.monotonic() - said >= WATCHER_REFRESH
 
     def on_notify(self, _channel: str, payload: str) -> None:
         """A NOTIFY of jobs that ended: the watched ones are read once, for all their
@@ -307,11 +338,15 @@ class SyncWatcher(Watcher):
                 self._thread.start()
 
     def close(self) -> None:
-        """Stop listening (the thread ends within a tick); waiters left poll."""
+        """Stop listening; waiters left poll. Waits for the thread (a tick at most) so that
+        its row in ``watchers`` is gone before the app's engine is."""
         with self._state:
             self._closing = True
             self._stop.set()
+            thread = self._thread
         self._down()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=CLOSE_WAIT)
 
     def _run(self) -> None:
         delays = backoff_delays()
@@ -342,6 +377,7 @@ class SyncWatcher(Watcher):
                         self._stop.wait(delay)
                         continue
                     delays = backoff_delays()
+                    self._run_quietly(self._say_up(), "saying the watcher listens")
                     self._up()
                     self._recheck()
                 try:
@@ -353,11 +389,22 @@ class SyncWatcher(Watcher):
                     conn = None
                     self._down()
                     continue
+                if self._refresh_due():
+                    self._run_quietly(self._say_up(), "saying the watcher listens")
                 if self._recheck_due():
                     self._recheck()
         finally:
             self._down()
+            if self._said_at is not None:
+                self._run_quietly(self._say_down(), "saying the watcher stopped")
             _close_quietly(conn)
+
+    def _run_quietly(self, query: statements.Query[None], what: str) -> None:
+        """A watcher's own row: a failure costs notifications (the re-checks still run)."""
+        try:
+            self._app.sync.run(query)
+        except Exception as exc:
+            logger.warning("%s failed: %s", what, first_line(exc))
 
     def _read(self, ids: list[int]) -> None:
         try:
@@ -449,6 +496,7 @@ class AsyncWatcher(Watcher):
                     await asyncio.sleep(delay)
                     continue
                 delays = backoff_delays()
+                await self._run_quietly(connector, self._say_up(), "saying the watcher listens")
                 self._up()
                 try:
                     await self._recheck(connector)
@@ -459,16 +507,31 @@ class AsyncWatcher(Watcher):
                         if listener.lost.is_set():
                             logger.warning("the waiters' LISTEN connection was lost")
                             break
+                        if self._refresh_due():
+                            await self._run_quietly(
+                                connector, self._say_up(), "saying the watcher listens"
+                            )
                         if self._recheck_due():
                             await self._recheck(connector)
                 finally:
                     self._down()
                     await listener.close()
+                    if self._said_at is not None:
+                        down = self._say_down()
+                        await self._run_quietly(connector, down, "saying the watcher stopped")
         finally:
             if self._task is asyncio.current_task():
                 self._task = None
                 if not self._closing and len(self.registry):  # came while it was stopping
                     self.register_again()
+
+    @staticmethod
+    async def _run_quietly(connector: Any, query: statements.Query[None], what: str) -> None:
+        """A watcher's own row: a failure costs notifications (the re-checks still run)."""
+        try:
+            await connector.run(query)
+        except Exception as exc:
+            logger.warning("%s failed: %s", what, first_line(exc))
 
     def register_again(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="pgtq-watcher")

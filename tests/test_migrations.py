@@ -53,6 +53,7 @@ PGTQ_TABLES = {
     "periodic_schedules",
     "periodic_ticks",
     "queues",
+    "watchers",
     "workers",
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -73,12 +74,17 @@ def listeners(sql: SQL, app: pgtq.App) -> list[int]:
 
 class Done:
     """A LISTEN on the done channel, read until a marker NOTIFY of our own (notifications
-    come in commit order: what is not there by then was never sent)."""
+    come in commit order: what is not there by then was never sent). It says it listens in
+    ``watchers``, as a watcher does: the completions announce jobs only then."""
 
     def __init__(self, dsn: str, app: pgtq.App) -> None:
         self.channel = app.statements.done_channel
         self.conn = psycopg.connect(libpq(dsn), autocommit=True)
         self.conn.execute(f'LISTEN "{self.channel}"')
+        self.conn.execute(
+            "INSERT INTO pgtq.watchers (id, expires_at) VALUES ('test', now() + interval '1 hour') "
+            "ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at"
+        )
 
     def payloads(self) -> list[str]:
         self.conn.execute("SELECT pg_notify(%s, 'marker')", (self.channel,))
@@ -138,6 +144,56 @@ async def test_deleted_jobs_are_named_too(side: Side, app: pgtq.App, done: Done)
     ids = [await side.defer(ok) for _ in range(3)]
     await side.run_worker(app, wait=False, delete_jobs="always")
     assert {i for p in done.payloads() for i in statements.parse_done(p) or ()} == set(ids)
+
+
+async def test_nothing_is_announced_while_nobody_listens(
+    side: Side, app: pgtq.App, sql: SQL, done: Done
+) -> None:
+    """A burn-down nobody waits for sends no NOTIFY (each costs its commit the server's
+    notification queue): with no live row in ``watchers`` (none, or expired), none."""
+
+    @app.task()
+    def ok() -> None: ...
+
+    sql("UPDATE pgtq.watchers SET expires_at = now() - interval '1 second'")
+    await side.defer(ok)
+    await side.call(app.jobs, "cancel", await side.defer(ok))
+    await side.run_worker(app, wait=False)
+    sql("DELETE FROM pgtq.watchers")
+    await side.defer(ok)
+    await side.run_worker(app, wait=False)
+    assert done.payloads() == []
+    assert sql("SELECT count(*) FROM pgtq.jobs WHERE status IN ('succeeded', 'cancelled')") == [
+        (3,)
+    ]
+
+
+async def test_a_watcher_says_it_listens_while_it_does(side: Side, app: pgtq.App, sql: SQL) -> None:
+    """The watcher's row is there while its LISTEN is up, and gone once it stopped."""
+
+    @app.task()
+    def ok() -> int:
+        return 1
+
+    def rows() -> list[tuple[Any, ...]]:
+        return sql("SELECT id, expires_at > now() FROM pgtq.watchers WHERE id LIKE %s", mine)
+
+    mine = f"{os.getpid()}-%"
+    sql("DELETE FROM pgtq.watchers")
+    job = await side.defer(ok)
+    worker = asyncio.create_task(app.run_worker_async(install_signal_handlers=False))
+    try:
+        assert await side.wait(app, job) == 1
+        [(_, live)] = rows()
+        assert live is True
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+    if side.name == "sync":
+        app.close()  # the thread ends, deleting its row first
+    else:
+        await app.close_loop_connector()
+    assert rows() == []
 
 
 async def test_notify_completions_false_sends_nothing(side: Side, dsn: str, done: Done) -> None:
