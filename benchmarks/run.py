@@ -41,13 +41,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import psycopg
 from sqlalchemy.engine import make_url
 
 from benchmarks.libs import ADAPTERS, get
-from benchmarks.libs.base import Adapter, Kind
+from benchmarks.libs.base import Adapter, Fetch, Kind
+
+if TYPE_CHECKING:
+    from benchmarks.workflows import Shape
 
 ROOT = Path(__file__).resolve().parent.parent
 # A run works on a copy of the tree (see snapshot()); ORIGIN is the checkout it came from.
@@ -74,6 +77,8 @@ RETRY_INTERVAL = 0.050  # between two defers of jobs that fail once
 SCHEDULE_SETTLE = 0.5
 LATENESS_GOAL_MS = 100.0
 CLI_GOAL = 0.9
+#: The workflow group's three ways, one fresh database each (order rotated by the round).
+WORKFLOW_WAYS: list[Shape | Literal["plain"]] = ["chords", "chains", "plain"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,20 @@ FIGURES = [
         "jobs/s",
         "higher",
     ),
+    Figure(
+        "workflow_chords",
+        "burn-down of {jobs} async no-op jobs as chords of 99 + 1 callback,"
+        " `pgtq worker --one-shot -c 100` (whole process)",
+        "jobs/s",
+        "higher",
+    ),
+    Figure(
+        "workflow_chains",
+        "burn-down of {jobs} async no-op jobs as chains of 10,"
+        " `pgtq worker --one-shot -c 100` (whole process)",
+        "jobs/s",
+        "higher",
+    ),
     Figure("sched_p50", "lateness of {jobs} jobs scheduled 0.5 to 3 s ahead, p50", "ms", "lower"),
     Figure("sched_p99", "lateness of {jobs} jobs scheduled 0.5 to 3 s ahead, p99", "ms", "lower"),
     Figure("sched_max", "lateness of {jobs} jobs scheduled 0.5 to 3 s ahead, max", "ms", "lower"),
@@ -144,7 +163,7 @@ FIGURES = [
     Figure("big_peak_rss", "worker peak RSS, {jobs} queued, concurrency 100", "MB", "lower"),
 ]
 FIGURE = {f.key: f for f in FIGURES}
-GROUPS = ("burndown", "enqueue", "latency", "cli", "schedule")
+GROUPS = ("burndown", "enqueue", "latency", "cli", "workflow", "schedule")
 
 
 @dataclass(frozen=True)
@@ -283,6 +302,29 @@ def pgtq_command() -> list[str]:
     """The ``pgtq`` command of this environment (its console script), else ``python -m pgtq``."""
     script = Path(sys.executable).parent / "pgtq"
     return [str(script)] if script.exists() else [sys.executable, "-m", "pgtq"]
+
+
+def cli_command(dsn: str) -> list[str]:
+    """What users run: ``pgtq worker benchmarks.apps:app --one-shot --concurrency 100``."""
+    command = [*pgtq_command(), "worker", "benchmarks.apps:app", "--one-shot"]
+    return [*command, "--concurrency", str(CLI_CONCURRENCY), "--dsn", dsn]
+
+
+def shown_command(command: list[str], dsn: str) -> str:
+    """The command as recorded: the program's name only, the DSN left out."""
+    shown = [c if c != dsn else "<dsn>" for c in command]
+    return shlex.join([Path(shown[0]).name, *shown[1:]])
+
+
+def row_fetcher(conn: psycopg.Connection[Any]) -> Fetch:
+    """The checks' ``fetch``: the one row of a statement, as a tuple."""
+
+    def fetch(sql: str) -> tuple[Any, ...]:
+        row = conn.execute(sql).fetchone()
+        assert row is not None
+        return tuple(row)
+
+    return fetch
 
 
 class Child:
@@ -544,13 +586,7 @@ class Run:
 
     def verify(self, adapter: Adapter, name: str, expect: int) -> list[str]:
         with self.server.connect(name) as conn:
-
-            def fetch(sql: str) -> tuple[Any, ...]:
-                row = conn.execute(sql).fetchone()
-                assert row is not None
-                return tuple(row)
-
-            return adapter.verify(fetch, expect)
+            return adapter.verify(row_fetcher(conn), expect)
 
     def spawn(self, adapter: Adapter, spec: dict[str, Any]) -> Child:
         return Child({"lib": adapter.name, **spec}, self.workdir)
@@ -746,61 +782,37 @@ class Run:
         for way in ways:
             self.whole_process_burndown(adapter, rnd, kind, way)
 
-    def whole_process_burndown(self, adapter: Adapter, rnd: int, kind: Kind, way: str) -> None:
+    def whole_process_burndown(
+        self, adapter: Adapter, rnd: int, kind: Kind, way: str, *, group: str = "cli"
+    ) -> None:
+        """A prefilled queue drained by one whole process (``way``: ``cli`` the command,
+        ``inproc`` its in-process twin); ``group`` says which figure group measured it."""
         figure, jobs = f"{way}_{kind}", self.mode.jobs
-        limit = self.timeout(jobs)
         with self.database() as name:
             dsn = self.server.dsn(name)
             self.install(adapter, name)
             self.fill(adapter, name, kind, jobs)
-            conc = str(CLI_CONCURRENCY)
             if way == "cli":
-                command = [*pgtq_command(), "worker", "benchmarks.apps:app", "--one-shot"]
-                command += ["--concurrency", conc, "--dsn", dsn]
+                command = cli_command(dsn)
             else:
+                conc = str(CLI_CONCURRENCY)
                 command = [sys.executable, "-m", "benchmarks.inprocess", dsn, conc]
-            err_path = self.workdir / f"{figure}-{uuid.uuid4().hex[:8]}.err"
-            with open(err_path, "w") as err:
-                started = time.perf_counter()
-                proc = subprocess.Popen(
-                    command,
-                    cwd=ROOT,
-                    env=child_env(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=err,
-                    text=True,
-                )
-                try:
-                    out, _ = proc.communicate(timeout=limit)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                    raise BenchFailure(f"{figure}: killed after {limit:.0f} s") from None
-                elapsed = time.perf_counter() - started
-            stderr = err_path.read_text(errors="replace")
-            if proc.returncode != 0:
-                tail = "\n".join("    " + line for line in stderr.splitlines()[-15:])
-                raise BenchFailure(f"{figure}: exited {proc.returncode}\n  stderr:\n{tail}")
+            elapsed, out, stderr = self.drain(figure, command, self.timeout(jobs))
             check_integrity(figure, rnd, self.verify(adapter, name, jobs))
-            with self.server.connect(name) as conn:
-                row = conn.execute(
-                    "SELECT extract(epoch FROM max(finished_at) - min(started_at))::float8"
-                    " FROM pgtq.jobs"
-                ).fetchone()
-        shown = [c if c != dsn else "<dsn>" for c in command]
+            span = self.db_span(name)
         settings = {
             "jobs": jobs,
             "kind": kind,
             "concurrency": CLI_CONCURRENCY,
             "way": way,
-            "command": shlex.join([Path(shown[0]).name, *shown[1:]]),
+            "group": group,
+            "command": shown_command(command, dsn),
         }
         extra: dict[str, Any] = {
             "elapsed_s": elapsed,
             # first job's start to last job's end, read off the rows: the burn-down without
             # the process's start-up and exit
-            "db_span_s": row[0] if row else None,
+            "db_span_s": span,
             "stderr_lines": len(stderr.splitlines()),
             "stderr_bytes": len(stderr.encode()),
         }
@@ -808,6 +820,109 @@ class Run:
             with contextlib.suppress(ValueError, IndexError):
                 extra.update(json.loads(out.strip().splitlines()[-1]))
         self.emit(adapter, figure, rnd, jobs / elapsed, settings, extra)
+
+    def drain(self, figure: str, command: list[str], limit: float) -> tuple[float, str, str]:
+        """Run ``command`` to its exit, timed from ``Popen`` (killed after ``limit``): the
+        seconds, its stdout and its stderr. A non-zero exit is a failure."""
+        err_path = self.workdir / f"{figure}-{uuid.uuid4().hex[:8]}.err"
+        with open(err_path, "w") as err:
+            started = time.perf_counter()
+            proc = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=child_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
+            try:
+                out, _ = proc.communicate(timeout=limit)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise BenchFailure(f"{figure}: killed after {limit:.0f} s") from None
+            elapsed = time.perf_counter() - started
+        stderr = err_path.read_text(errors="replace")
+        if proc.returncode != 0:
+            tail = "\n".join("    " + line for line in stderr.splitlines()[-15:])
+            raise BenchFailure(f"{figure}: exited {proc.returncode}\n  stderr:\n{tail}")
+        return elapsed, out, stderr
+
+    def db_span(self, name: str) -> float | None:
+        """The first job's ``started_at`` to the last job's ``finished_at``, in seconds."""
+        with self.server.connect(name) as conn:
+            row = conn.execute(
+                "SELECT extract(epoch FROM max(finished_at) - min(started_at))::float8"
+                " FROM pgtq.jobs"
+            ).fetchone()
+        return row[0] if row else None
+
+    def workflow_figure(self, adapter: Adapter, rnd: int) -> None:
+        """Chords, chains and the plain backlog of as many jobs, each drained by `pgtq worker
+        --one-shot -c 100` as a whole process, each in its own fresh database.
+
+        All three in one group, so the table divides each workflow's rate by the plain one's
+        of the same run; the order rotates with the round (each way first once in 3 rounds).
+        """
+        k = (rnd - 1) % len(WORKFLOW_WAYS)
+        warm_bytecode()
+        for way in WORKFLOW_WAYS[k:] + WORKFLOW_WAYS[:k]:
+            if way == "plain":
+                self.whole_process_burndown(adapter, rnd, "async", "cli", group="workflow")
+            else:
+                self.workflow_burndown(adapter, rnd, way)
+
+    def workflow_burndown(self, adapter: Adapter, rnd: int, shape: Shape) -> None:
+        """Workflows of no-op jobs (deferred untimed) drained by `pgtq worker --one-shot`:
+        timed as :meth:`whole_process_burndown` times the plain backlog, checked as it is
+        and, from the rows, for the order of every edge."""
+        from benchmarks import workflows
+
+        figure, jobs = f"workflow_{shape}", self.mode.jobs
+        with self.database() as name:
+            dsn = self.server.dsn(name)
+            self.install(adapter, name)
+            self.fill_workflows(name, shape, jobs)
+            command = cli_command(dsn)
+            elapsed, _, stderr = self.drain(figure, command, self.timeout(jobs))
+            with self.server.connect(name) as conn:
+                found, facts = workflows.check_drained(row_fetcher(conn), shape, jobs)
+            check_integrity(figure, rnd, self.verify(adapter, name, jobs) + found)
+            span = self.db_span(name)
+        settings = {
+            "jobs": jobs,
+            "kind": "async",
+            "concurrency": CLI_CONCURRENCY,
+            "way": "cli",
+            "group": "workflow",
+            "shape": shape,
+            "width": workflows.WIDTH[shape],
+            **workflows.expected(shape, jobs).as_dict(),
+            "command": shown_command(command, dsn),
+        }
+        extra: dict[str, Any] = {
+            "elapsed_s": elapsed,
+            "db_span_s": span,
+            **facts,
+            "stderr_lines": len(stderr.splitlines()),
+            "stderr_bytes": len(stderr.encode()),
+        }
+        self.emit(adapter, figure, rnd, jobs / elapsed, settings, extra)
+
+    def fill_workflows(self, name: str, shape: Shape, jobs: int) -> None:
+        """Defer the workflows with pgtq's public API (untimed), check that the children wait
+        (``blocked``), then VACUUM ANALYZE the jobs and their edges."""
+        from benchmarks import workflows
+
+        what = f"pgtq workflow fill ({shape})"
+        fill = workflows.defer(self.server.dsn(name), shape, jobs)
+        run_async_with_timeout(fill, self.timeout(jobs), what)
+        with self.server.connect(name, statement_timeout=900) as conn:
+            problems = workflows.check_filled(row_fetcher(conn), shape, jobs)
+            if problems:
+                raise BenchFailure(f"{what}: " + "; ".join(problems))
+            conn.execute("VACUUM (ANALYZE) pgtq.jobs, pgtq.job_dependencies")
 
     def schedule(self, adapter: Adapter, rnd: int, *, retry: bool) -> None:
         """Lateness of jobs scheduled ahead (or of retries after 1 s) on an idle worker."""
@@ -977,11 +1092,13 @@ class Run:
                 groups.append(("enqueue", self.enqueue, always))
             if "latency" in self.args.figures:
                 groups.append(("latency", self.latency, always))
+            only_pgtq: Callable[[Adapter], bool] = lambda a: a.name == "pgtq"  # noqa: E731
             if "cli" in self.args.figures:
-                only_pgtq: Callable[[Adapter], bool] = lambda a: a.name == "pgtq"  # noqa: E731
                 for kind in kinds:
                     cli = functools.partial(self.cli_figure, kind=kind)
                     groups.append((f"cli_{kind}", cli, only_pgtq))
+            if "workflow" in self.args.figures:
+                groups.append(("workflow", self.workflow_figure, only_pgtq))
             if "schedule" in self.args.figures:
                 for retry in (False, True):
                     sched = functools.partial(self.schedule, retry=retry)
@@ -1144,6 +1261,7 @@ def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
             rss = cells["pgtq"] or 0.0
             target = "meets" if rss <= 100 else "misses"
             notes.append(f"pgtq worker peak RSS {rss:.0f} MB ({target} the ≤ 100 MB target)")
+    notes += workflow_notes(records)
     if any(" †" in c for row in rows for c in row):
         notes.append(
             "† PgQueuer 1.6 has no sync entrypoints (a sync one raises TypeError): "
@@ -1151,6 +1269,43 @@ def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
         )
     notes.append(f"medians of {rounds} round(s); ratio > 1 means pgtq is higher")
     return header, rows, notes
+
+
+def workflow_notes(records: list[dict[str, Any]]) -> list[str]:
+    """Each workflow's rate over the plain backlog's, drained by the same command in the same
+    run (the workflow group's own plain measurements, not the cli group's): on the medians,
+    per round, and for the drain alone (first ``started_at`` to last ``finished_at``)."""
+
+    def by_round(figure: str, key: str | None = None) -> dict[int, float]:
+        found: dict[int, float] = {}
+        for r in records:
+            if r.get("figure") != figure or "value" not in r:
+                continue
+            if r.get("settings", {}).get("group", "workflow") != "workflow":
+                continue
+            value = r["value"] if key is None else r.get("extra", {}).get(key)
+            if value:
+                found[r["round"]] = value
+        return found
+
+    plain, plain_span = by_round("cli_async"), by_round("cli_async", "db_span_s")
+    notes = []
+    for shape in ("chords", "chains"):
+        mine = by_round(f"workflow_{shape}")
+        if not mine or not plain:
+            continue
+        ratio = statistics.median(mine.values()) / statistics.median(plain.values())
+        rounds = ", ".join(f"{mine[r] / plain[r]:.2f}" for r in sorted(mine) if r in plain)
+        note = (
+            f"pgtq {shape} / plain burn-down, both `pgtq worker --one-shot -c 100` in this run:"
+            f" {ratio:.2f} (by round: {rounds})"
+        )
+        span = by_round(f"workflow_{shape}", "db_span_s")
+        if span and plain_span:
+            inner = statistics.median(plain_span.values()) / statistics.median(span.values())
+            note += f"; first job's start to last job's end (rows): {inner:.2f}"
+        notes.append(note)
+    return notes
 
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
@@ -1217,7 +1372,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--figures",
         default=",".join(GROUPS),
-        help="comma-separated groups: burndown,enqueue,latency,cli,schedule (default: all)",
+        help="comma-separated groups: burndown,enqueue,latency,cli,workflow,schedule"
+        " (default: all)",
     )
     p.add_argument(
         "--vacuum-every",

@@ -31,6 +31,9 @@ FIGURES = {
     "enqueue_single_sync",
     "latency_p50",
     "latency_p99",
+    "workflow_chords",
+    "workflow_chains",
+    "cli_async",  # the workflow group's plain backlog, beside its chords and chains
 }
 
 
@@ -67,13 +70,19 @@ def test_a_tiny_run_writes_a_json_line_per_measurement(server_url: URL, tmp_path
         server_url,
         tmp_path,
         *("--jobs", "200", "--singles", "50", "--latency-jobs", "10"),
-        *("--figures", "burndown,enqueue,latency"),
+        *("--figures", "burndown,enqueue,latency,workflow"),
     )
 
     assert done.returncode == 0, done.stderr[-4000:]
     (results,) = tmp_path.glob("*.jsonl")
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert {r["figure"] for r in records} == FIGURES
+    # Workflows: 2 chords of 99 + 1, 20 chains of 10, drained by `pgtq worker --one-shot`
+    # (the run itself checks every edge's order from the rows, and fails otherwise).
+    shapes = {r["figure"]: r["settings"] for r in records if r["figure"].startswith("workflow")}
+    assert shapes["workflow_chords"]["edges"] == 198
+    assert shapes["workflow_chains"]["children"] == 180
+    assert "--one-shot" in shapes["workflow_chains"]["command"]
     for record in records:
         assert record["library"] == "pgtq"
         assert record["round"] == 1
@@ -81,7 +90,9 @@ def test_a_tiny_run_writes_a_json_line_per_measurement(server_url: URL, tmp_path
         assert record["unit"] in ("jobs/s", "ms")
         assert record["versions"]["pgtq"]
         assert record["host"]["postgres"]["server_version"]
-    assert "pgtq" in results.with_suffix(".md").read_text()
+    table = results.with_suffix(".md").read_text()
+    assert "pgtq" in table
+    assert "pgtq chords / plain burn-down" in table
 
 
 @pytest.mark.slow
@@ -164,6 +175,41 @@ def test_the_table_puts_medians_and_ratios_side_by_side() -> None:
     # PgQueuer has no sync tasks: its async figure stands in, marked.
     assert rows[1][2:] == ["5", "10 †", "0.50"]
     assert any(note.startswith("†") for note in notes)
+
+
+def test_the_workflow_shapes_count_a_short_last_workflow() -> None:
+    """250 jobs: two chords of 99 + 1 and one of 49 + 1; 25 chains of 10 (9 edges each)."""
+    from benchmarks import workflows
+
+    def shape(kind: workflows.Shape, jobs: int) -> tuple[int, ...]:
+        return tuple(workflows.expected(kind, jobs).as_dict().values())
+
+    assert [len(s) for s in workflows.spans(250, 100)] == [100, 100, 50]
+    # workflows, edges, children, most parents of a child
+    assert shape("chords", 250) == (3, 247, 3, 99)
+    assert shape("chains", 250) == (25, 225, 225, 1)
+    assert shape("chords", 1) == (1, 0, 0, 0)  # a lone job
+
+
+def test_the_workflow_notes_divide_by_the_groups_own_plain_run() -> None:
+    def record(figure: str, rnd: int, value: float, group: str = "workflow") -> dict[str, Any]:
+        settings = {"jobs": 1000, "group": group}
+        return {"library": "pgtq", "figure": figure, "round": rnd, "value": value,
+                "settings": settings, "extra": {"db_span_s": 1000 / value}}  # fmt: skip
+
+    records = [
+        record("cli_async", 1, 100.0),
+        record("cli_async", 2, 200.0),
+        record("cli_async", 1, 1.0, group="cli"),  # the cli group's: not the baseline
+        record("workflow_chords", 1, 50.0),
+        record("workflow_chords", 2, 150.0),
+    ]
+
+    (note,) = bench.workflow_notes(records)
+
+    assert note.startswith("pgtq chords / plain burn-down")
+    assert "0.67 (by round: 0.50, 0.75)" in note
+    assert note.endswith("(rows): 0.56")  # 7.5 s plain / 13.3 s chords, the medians
 
 
 @pytest.mark.slow
