@@ -64,8 +64,6 @@ LINGER = 5.0
 WATCHER_TTL = 30.0
 #: A listening watcher writes its row again this often.
 WATCHER_REFRESH = 10.0
-#: ``close()`` waits this long at most for the sync watcher's thread to end.
-CLOSE_WAIT = 2.0
 
 
 class Waiter:
@@ -338,15 +336,14 @@ class SyncWatcher(Watcher):
                 self._thread.start()
 
     def close(self) -> None:
-        """Stop listening; waiters left poll. Waits for the thread (a tick at most) so that
-        its row in ``watchers`` is gone before the app's engine is."""
+        """Stop listening (the thread ends within a tick); waiters left poll. Its row in
+        ``watchers`` is deleted here, before the app's engine goes (not by the thread)."""
         with self._state:
             self._closing = True
             self._stop.set()
-            thread = self._thread
+            if self._said_at is not None:
+                self._run_quietly(self._say_down(), "saying the watcher stopped")
         self._down()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=CLOSE_WAIT)
 
     def _run(self) -> None:
         delays = backoff_delays()
@@ -377,7 +374,7 @@ class SyncWatcher(Watcher):
                         self._stop.wait(delay)
                         continue
                     delays = backoff_delays()
-                    self._run_quietly(self._say_up(), "saying the watcher listens")
+                    self._say_up_unless_closing()
                     self._up()
                     self._recheck()
                 try:
@@ -390,14 +387,21 @@ class SyncWatcher(Watcher):
                     self._down()
                     continue
                 if self._refresh_due():
-                    self._run_quietly(self._say_up(), "saying the watcher listens")
+                    self._say_up_unless_closing()
                 if self._recheck_due():
                     self._recheck()
         finally:
             self._down()
-            if self._said_at is not None:
-                self._run_quietly(self._say_down(), "saying the watcher stopped")
+            with self._state:  # close() said it already, or the thread stops on its own
+                if self._said_at is not None:
+                    self._run_quietly(self._say_down(), "saying the watcher stopped")
             _close_quietly(conn)
+
+    def _say_up_unless_closing(self) -> None:
+        """Under the state lock: a row written after close() deleted it would outlive it."""
+        with self._state:
+            if not self._closing:
+                self._run_quietly(self._say_up(), "saying the watcher listens")
 
     def _run_quietly(self, query: statements.Query[None], what: str) -> None:
         """A watcher's own row: a failure costs notifications (the re-checks still run)."""

@@ -246,6 +246,8 @@ QUERIES: dict[str, list[Callable[[], Any]]] = {
     "dependencies": [lambda: statements.dependencies(S, 1)],
     "workflow_edges": [lambda: statements.workflow_edges(S, 1)],
     "ended_among": [lambda: statements.ended_among(S, [1, 2])],
+    "watcher_up": [lambda: statements.watcher_up(S, "w1", 30.0)],
+    "watcher_down": [lambda: statements.watcher_down(S, "w1")],
     "write_progress": [lambda: statements.write_progress(S, "w", _progress())],
     "release_jobs": [lambda: statements.release_jobs(S, "w", [1])],
     "release_unknown_jobs": [lambda: statements.release_unknown_jobs(S, "w", [1])],

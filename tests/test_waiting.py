@@ -190,7 +190,7 @@ async def test_a_watcher_says_it_listens_while_it_does(side: Side, app: pgtq.App
         worker.cancel()
         await asyncio.gather(worker, return_exceptions=True)
     if side.name == "sync":
-        app.close()  # the thread ends, deleting its row first
+        app.close()  # deletes the watcher's row, then the engine
     else:
         await app.close_loop_connector()
     assert rows() == []
